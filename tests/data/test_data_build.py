@@ -1,0 +1,169 @@
+"""build_datasets: the bad-row policy, counted truncation and drops, pre-training chunks and packing, the eval
+split, system prompts, and every file format end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.data.chat_fixtures import make_tokenizer
+from tuneforge.configs.schema import DataConfig, DatasetSpec
+from tuneforge.data import IGNORE_INDEX, PackedRow, build_datasets
+from tuneforge.data.templates import CHATML
+from tuneforge.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer(CHATML)
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def qa(question: str, answer: str) -> dict:
+    return {"instruction": question, "output": answer}
+
+
+def config(paths, **kwargs) -> DataConfig:
+    return DataConfig(train=[DatasetSpec(path=p) if isinstance(p, str) else p for p in paths], **kwargs)
+
+
+def bad_file(tmp_path) -> str:
+    rows = [qa("Hi", "Hello"), {"instruction": "No answer"}, qa("Ok", ""), qa("Two?", "2"), {"instruction": 5,
+                                                                                          "output": "x"}]
+    path = tmp_path / "mixed.jsonl"
+    write_jsonl(path, rows)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("{broken json\n")
+    return str(path)
+
+
+def test_bad_rows_raise_one_error_listing_them(tmp_path, tokenizer):
+    path = bad_file(tmp_path)
+    with pytest.raises(DataError) as info:
+        build_datasets(config([path]), tokenizer, "sft")
+    message = str(info.value)
+    assert "4 of 6 data rows are bad" in message
+    assert f"{path}:line 2: field `output`: missing" in message
+    assert f"{path}:line 3: field `output`: empty" in message
+    assert f"{path}:line 5: field `instruction`: expected a string" in message
+    assert f"{path}:line 6: field `<line>`: not valid JSON" in message
+    assert "data.on_error=skip" in message
+    with pytest.raises(DataError, match=r"(?s)line 3.*\.\.\. and 2 more"):
+        build_datasets(config([path], max_errors_shown=2), tokenizer, "sft")
+
+
+def test_skip_counts_and_names_bad_rows(tmp_path, tokenizer):
+    path = bad_file(tmp_path)
+    train, evals, report = build_datasets(config([path], on_error="skip"), tokenizer, "sft")
+    assert len(train) == 2 and evals == []
+    assert report.rows_read == 6
+    assert [b.source for b in report.bad_rows] == [f"{path}:line {n}" for n in (2, 3, 5, 6)]
+    assert "4 bad rows skipped" in report.lines()[1]
+
+
+def test_overlong_rows_are_truncated_or_dropped_and_counted(tmp_path, tokenizer):
+    long_answer = "word " * 60
+    path = write_jsonl(tmp_path / "d.jsonl", [qa("Short?", "Yes."), qa("Long?", long_answer),
+                                              qa("Question " * 40, "Cut away")])
+    train, _, report = build_datasets(config([path], max_length=40), tokenizer, "sft")
+    assert [e.source.rsplit(":", 1)[1] for e in train] == ["line 1", "line 2"]
+    assert all(len(e) <= 40 for e in train)
+    assert report.truncated == [f"{path}:line 2"]
+    assert report.dropped_no_loss == [f"{path}:line 3"]  # its reply started after token 40: nothing to learn
+    train, _, report = build_datasets(config([path], max_length=40, overlong="drop"), tokenizer, "sft")
+    assert len(train) == 1 and report.dropped_overlong == [f"{path}:line 2", f"{path}:line 3"]
+    assert any("truncated" in line for line in build_datasets(config([path], max_length=40), tokenizer,
+                                                               "sft")[2].lines())
+
+
+def test_sft_labels_only_assistant_replies(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [qa("What is two plus two?", "Four.")])
+    (example,), _, _ = build_datasets(config([path]), tokenizer, "sft")
+    labelled = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    assert labelled.strip() == "Four.<|im_end|>"
+    (example,), _, _ = build_datasets(config([path], loss_on="all"), tokenizer, "sft")
+    assert example.labels == example.input_ids
+
+
+def test_system_prompt_is_added_where_missing(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [qa("Hi", "Hello"), {**qa("Hi", "Hello"), "system": "Own."}])
+    train, _, _ = build_datasets(config([path], system="Be brief."), tokenizer, "sft")
+    texts = [tokenizer.decode(e.input_ids) for e in train]
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in texts[0]
+    assert "Own." in texts[1] and "Be brief." not in texts[1]
+
+
+def test_pretraining_chunks_eos_and_packing_by_default(tmp_path, tokenizer):
+    path = tmp_path / "corpus.txt"
+    path.write_text("A short document.\n\n" + "A much longer document " * 30 + "\n\nAnother short one.\n",
+                    encoding="utf-8")
+    train, _, report = build_datasets(config([str(path)], max_length=32), tokenizer, "pt")
+    assert report.split_documents == [f"{path}:line 3"]
+    assert all(isinstance(row, PackedRow) and len(row) <= 32 for row in train)
+    sources = [s for row in train for s in row.sources]
+    assert f"{path}:line 3 (part 2)" in sources and f"{path}:line 1" in sources
+    unpacked, _, _ = build_datasets(config([str(path)], max_length=32, packing=False), tokenizer, "pt")
+    assert not any(isinstance(e, PackedRow) for e in unpacked)
+    first = unpacked[0]
+    assert first.labels == first.input_ids and first.input_ids[-1] == tokenizer.eos_token_id
+    assert sum(len(e) for e in unpacked) == sum(len(r) for r in train)  # packing loses no token
+
+
+def test_stage_and_format_mismatch_is_a_bad_row(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain"}])
+    with pytest.raises(DataError, match="stage sft needs conversations"):
+        build_datasets(config([path]), tokenizer, "sft")
+
+
+def test_eval_split_is_seeded_and_disjoint(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [qa(f"Question {i}?", f"Answer {i}.") for i in range(20)])
+
+    def split(seed):
+        train, evals, _ = build_datasets(config([path], eval_ratio=0.25, seed=seed), tokenizer, "sft")
+        return [e.source for e in train], [e.source for e in evals]
+
+    train, evals = split(0)
+    assert len(evals) == 5 and len(train) == 15 and not set(train) & set(evals)
+    assert split(0) == (train, evals)
+    assert split(1)[1] != evals
+    other = write_jsonl(tmp_path / "e.jsonl", [qa("Held?", "Out.")])
+    cfg = config([path], eval_ratio=0.25)
+    cfg.eval = [DatasetSpec(path=other)]
+    train, evals, _ = build_datasets(cfg, tokenizer, "sft")
+    assert len(train) == 20 and [e.source for e in evals] == [f"{other}:line 1"]
+
+
+def test_max_samples_and_builtin_example_task(tokenizer):
+    spec = DatasetSpec(path="builtin:example_task/train.jsonl", max_samples=7)
+    train, _, report = build_datasets(config([spec]), tokenizer, "sft")
+    assert len(train) == 7 and report.rows_read == 7
+    assert train[0].source.endswith("example_task/train.jsonl:line 1")
+
+
+def test_missing_local_path_is_not_looked_up_on_the_hub(tokenizer):
+    with pytest.raises(DataError, match="no such file or folder"):
+        build_datasets(config(["data/missing.jsonl"]), tokenizer, "sft")
+
+
+def test_every_file_format_end_to_end(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.csv").write_text("question,answer\nWhat is red?,A colour.\n", encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"},
+                                                                    {"from": "gpt", "value": "Hello"}]}]),
+                                     encoding="utf-8")
+    pq.write_table(pa.table({"messages": [[{"role": "user", "content": "Name?"},
+                                           {"role": "assistant", "content": "Forge."}]]}), tmp_path / "c.parquet")
+    specs = [DatasetSpec(path=str(tmp_path / "a.csv"), columns={"instruction": "question", "output": "answer"}),
+             str(tmp_path / "b.json"), str(tmp_path / "c.parquet")]
+    train, _, report = build_datasets(config(specs), tokenizer, "sft")
+    replies = [tokenizer.decode([t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE_INDEX]).strip()
+               for e in train]
+    assert replies == ["A colour.<|im_end|>", "Hello<|im_end|>", "Forge.<|im_end|>"]
+    assert report.rows_read == 3 and not report.bad_rows

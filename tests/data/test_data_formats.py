@@ -1,0 +1,140 @@
+"""Format adapters and row validation: each format to `Example`, and bad rows named by field and problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuneforge.data.formats import RowProblem, guess_format, to_example
+from tuneforge.errors import DataError
+
+
+def example(data: dict, fmt: str, columns=None, tags=None):
+    return to_example(data, fmt, "f.jsonl:line 1", columns or {}, tags or {})
+
+
+def problem(data: dict, fmt: str, columns=None, tags=None) -> tuple[str, str]:
+    with pytest.raises(RowProblem) as info:
+        example(data, fmt, columns, tags)
+    return info.value.field, info.value.problem
+
+
+def test_alpaca_with_input_system_and_history():
+    ex = example({"instruction": "Translate", "input": "hello", "output": "bonjour", "system": "Be brief.",
+                  "history": [["Hi", "Hello!"]]}, "alpaca")
+    assert ex.source == "f.jsonl:line 1"
+    assert ex.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello!"},
+                           {"role": "user", "content": "Translate\nhello"},
+                           {"role": "assistant", "content": "bonjour"}]
+
+
+def test_alpaca_column_mapping_and_json_history_from_csv():
+    ex = example({"question": "2+2?", "answer": "4", "history": '[["1+1?", "2"]]'}, "alpaca",
+                 columns={"instruction": "question", "output": "answer"})
+    assert [m["content"] for m in ex.messages] == ["1+1?", "2", "2+2?", "4"]
+
+
+@pytest.mark.parametrize("data, field, words", [
+    ({"output": "x"}, "instruction", "missing"),
+    ({"instruction": "x", "output": ""}, "output", "empty"),
+    ({"instruction": "x", "output": ["a", "b"]}, "output", "expected a string"),
+    ({"instruction": "x", "output": "y", "history": [["q"]]}, "history[0]", "pair"),
+    ({"instruction": "x", "output": "y", "system": 3}, "system", "expected a string"),
+])
+def test_alpaca_bad_rows(data, field, words):
+    got_field, got_problem = problem(data, "alpaca")
+    assert got_field == field and words in got_problem
+
+
+def test_sharegpt_with_tools_function_calls_and_observations():
+    tools = json.dumps([{"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}])
+    ex = example({"conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"sky": "clear"}'},
+        {"from": "gpt", "value": "It is clear."}], "system": "You help.", "tools": tools}, "sharegpt")
+    assert ex.messages[0] == {"role": "system", "content": "You help."}
+    call = ex.messages[2]
+    assert call["role"] == "assistant" and call["content"] == ""
+    assert call["tool_calls"] == [{"id": "call00001", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    assert ex.messages[3] == {"role": "tool", "content": '{"sky": "clear"}', "tool_call_id": "call00001"}
+    assert ex.tools == [{"type": "function", "function": json.loads(tools)[0]}]
+
+
+def test_sharegpt_custom_tags():
+    tags = {"role_tag": "role", "content_tag": "text", "user_tag": "q", "assistant_tag": "a"}
+    ex = example({"chat": [{"role": "q", "text": "Hi"}, {"role": "a", "text": "Hello"}]}, "sharegpt",
+                 columns={"messages": "chat"}, tags=tags)
+    assert ex.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+@pytest.mark.parametrize("turns, field, words", [
+    ([{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}], "conversations[1].from", "unknown role"),
+    ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": 3}], "conversations[1].value", "expected a string"),
+    ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  "}], "conversations[1]", "empty"),
+    ([{"from": "human", "value": "Hi"}, {"from": "human", "value": "Hi"}], "conversations[1]",
+     "cannot follow a `user` turn"),
+    ([{"from": "gpt", "value": "Hi"}], "conversations[0]", "cannot follow the start"),
+    ([{"from": "human", "value": "Hi"}], "conversations", "ends with a `user` turn"),
+    ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}, {"from": "system", "value": "S"}],
+     "conversations[2]", "system message may only come first"),
+    ([{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "not json"}],
+     "conversations[1].value", "function call must be JSON"),
+    ([{"from": "human", "value": "Hi"}, {"from": "observation", "value": "42"}], "conversations[1]",
+     "cannot follow a `user` turn"),
+    ([], "conversations", "empty conversation"),
+])
+def test_sharegpt_bad_rows(turns, field, words):
+    got_field, got_problem = problem({"conversations": turns}, "sharegpt")
+    assert got_field == field and words in got_problem, (got_field, got_problem)
+
+
+def test_openai_messages_with_parts_and_tool_calls():
+    ex = example({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "value": "in Rome?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "abc"},
+        {"role": "assistant", "content": "Sunny."}],
+        "tools": [{"type": "function", "function": {"name": "get_weather"}}]}, "openai")
+    assert ex.messages[0]["content"] == "Weather in Rome?"
+    assert ex.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Rome"}  # JSON text -> object
+    assert ex.messages[2] == {"role": "tool", "content": "sunny", "tool_call_id": "abc"}
+    assert ex.tools == [{"type": "function", "function": {"name": "get_weather"}}]
+
+
+@pytest.mark.parametrize("messages, field, words", [
+    ([{"role": "robot", "content": "x"}], "messages[0].role", "unknown role"),
+    ([{"role": "user", "content": [{"type": "image"}]}], "messages[0].content[0]", "only text parts"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}], "messages[1]", "empty"),
+    ("not a list", "messages", "expected a list"),
+])
+def test_openai_bad_rows(messages, field, words):
+    got_field, got_problem = problem({"messages": messages}, "openai")
+    assert got_field == field and words in got_problem, (got_field, got_problem)
+
+
+def test_text_rows():
+    assert example({"text": "Plain words."}, "text").text == "Plain words."
+    assert problem({"content": "x"}, "text")[0] == "text"
+
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"instruction": "a", "input": "", "output": "b"}, "alpaca"),
+    ({"conversations": [{"from": "human", "value": "a"}]}, "sharegpt"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "openai"),
+    ({"conversations": [{"role": "user", "content": "a"}]}, "openai"),
+    ({"text": "a"}, "text"),
+])
+def test_guess_format(row, fmt):
+    assert guess_format(row, {}, "f.jsonl") == fmt
+
+
+def test_guess_format_names_file_and_keys():
+    with pytest.raises(DataError, match=r"f.jsonl: .*keys \['answer', 'question'\].*columns"):
+        guess_format({"question": "a", "answer": "b"}, {}, "f.jsonl")
+    assert guess_format({"question": "a", "answer": "b"}, {"instruction": "question", "output": "answer"},
+                        "f.jsonl") == "alpaca"

@@ -1,0 +1,95 @@
+"""The dataset registry (LLaMA-Factory's dataset_info.json): names -> files, formats, column mappings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.data.chat_fixtures import REGISTRY, needs_registry
+from tuneforge.configs.schema import DatasetSpec
+from tuneforge.data import readers
+from tuneforge.data.build import load_examples, read_spec
+from tuneforge.data.registry import Registry
+from tuneforge.data.types import DataReport
+from tuneforge.errors import DataError
+
+
+def load(names: list[str], registry: Registry) -> tuple[list, DataReport]:
+    report = DataReport()
+    return load_examples([DatasetSpec(path=n) for n in names], registry, None, report), report
+
+
+@needs_registry
+def test_llamafactory_registry_by_name():
+    registry = Registry(REGISTRY)
+    examples, report = load(["alpaca_en_demo", "identity", "glaive_toolcall_en_demo"], registry)
+    assert report.rows_read == 999 + 91 + 300 and not report.bad_rows
+    alpaca = examples[0]
+    assert alpaca.source.endswith("alpaca_en_demo.json:record 1")
+    assert [m["role"] for m in alpaca.messages] == ["user", "assistant"]
+    assert alpaca.messages[0]["content"] == "Describe a process of making crepes."
+    identity = examples[999]
+    assert identity.source.endswith("identity.json:record 1") and "{{name}}" in identity.messages[1]["content"]
+    glaive = examples[999 + 91:]
+    with_tools = [e for e in glaive if e.tools]
+    assert len(with_tools) == 191  # the rows whose `tools` cell is not empty
+    assert all(t["type"] == "function" and t["function"]["name"] for e in with_tools for t in e.tools)
+    calls = [m for e in glaive for m in e.messages if m.get("tool_calls")]
+    assert len({id(c) for c in calls}) >= 153  # every function_call turn became an assistant tool call
+    assert all(isinstance(c["tool_calls"][0]["function"]["arguments"], dict) for c in calls)
+    assert any(m["role"] == "tool" for e in glaive for m in e.messages)
+
+
+@needs_registry
+def test_llamafactory_pretraining_entries_and_bad_rows():
+    registry = Registry(REGISTRY)
+    examples, report = load(["wiki_demo", "c4_demo"], registry)
+    assert len(examples) == 30 + 300 and all(e.text and e.messages is None for e in examples)
+    # Two rows of this upstream file put an observation after a plain reply: reported, with file and record.
+    examples, report = load(["glaive_toolcall_zh_demo"], registry)
+    assert len(examples) == 298
+    assert [b.source.rsplit(":", 1)[1] for b in report.bad_rows] == ["record 198", "record 294"]
+    assert all(b.field == "conversations[2]" and "`tool` turn cannot follow" in b.problem for b in report.bad_rows)
+
+
+@needs_registry
+def test_ranking_datasets_are_refused_clearly():
+    with pytest.raises(DataError, match="dpo_en_demo.*ranking"):
+        read_spec(DatasetSpec(path="dpo_en_demo"), Registry(REGISTRY), None)
+
+
+def test_own_registry_paths_columns_and_tags(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "qa.json").write_text(json.dumps([{"q": "2+2?", "ctx": "math", "a": "4"}]),
+                                               encoding="utf-8")
+    (tmp_path / "data" / "chat.jsonl").write_text(json.dumps(
+        {"dialog": [{"speaker": "me", "says": "Hi"}, {"speaker": "bot", "says": "Hello"}], "sys": "Be kind."}) + "\n",
+        encoding="utf-8")
+    info = {"qa": {"file_name": "data/qa.json", "columns": {"prompt": "q", "query": "ctx", "response": "a"}},
+            "chat": {"file_name": "data/chat.jsonl", "formatting": "sharegpt",
+                     "columns": {"messages": "dialog", "system": "sys"},
+                     "tags": {"role_tag": "speaker", "content_tag": "says", "user_tag": "me", "assistant_tag": "bot"}},
+            "remote": {"hf_hub_url": "someone/remote-set"}}
+    registry_path = tmp_path / "dataset_info.json"
+    registry_path.write_text(json.dumps(info), encoding="utf-8")
+    registry = Registry(registry_path)
+    (qa, chat), report = load(["qa", "chat"], registry)
+    assert qa.messages == [{"role": "user", "content": "2+2?\nmath"}, {"role": "assistant", "content": "4"}]
+    assert qa.source == f"{tmp_path / 'data' / 'qa.json'}:record 1"  # relative to the registry file
+    assert chat.messages == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello"}]
+    spec = registry.resolve(DatasetSpec(path="remote"))
+    assert spec.path == "someone/remote-set" and spec.format == "alpaca"
+
+
+def test_unknown_name_gets_a_hint(tmp_path, monkeypatch):
+    registry_path = tmp_path / "dataset_info.json"
+    registry_path.write_text(json.dumps({"alpaca_en_demo": {"file_name": "x.json"}}), encoding="utf-8")
+
+    def offline(name, split):
+        raise DataError(f"`{name}` ... hub failed")
+
+    monkeypatch.setattr(readers, "read_hub", offline)
+    with pytest.raises(DataError, match="Did you mean `alpaca_en_demo`"):
+        read_spec(DatasetSpec(path="alpaca_en_dem"), Registry(registry_path), None)

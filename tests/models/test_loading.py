@@ -1,0 +1,138 @@
+"""The one loading path: local folders, hub ids without a hub, builtin names, and its security defaults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from tuneforge.configs.schema import ModelConfig
+from tuneforge.errors import UserError
+from tuneforge.models.loading import hub_reachable, load_model_and_tokenizer, load_tokenizer
+
+
+def test_local_folder_loads_ready_for_training(tiny_llama_dir):
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir)), dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    assert tok.padding_side == "right" and tok.pad_token == "<|finetune_right_pad_id|>"
+    assert model.config._attn_implementation == "sdpa"
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+
+
+def test_attn_implementation_is_passed_through(tiny_qwen2_dir):
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_qwen2_dir), attn_implementation="eager"))
+    assert model.config._attn_implementation == "eager"
+
+
+def test_missing_pad_token_falls_back_to_eos(tiny_qwen2_dir, tmp_path):
+    folder = shutil.copytree(tiny_qwen2_dir, tmp_path / "m")
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["pad_token"] = None
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
+    tok = load_tokenizer(ModelConfig(name_or_path=str(folder)))
+    assert tok.pad_token == tok.eos_token == "<|im_end|>" and tok.padding_side == "right"
+
+
+def _save_pickle_model(src, dest):
+    """The same model with its weights as a pickle (transformers 5 no longer writes those itself)."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(src / "model.safetensors"), dest / "pytorch_model.bin")
+
+
+def test_pickle_weights_refused_unless_allowed(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    _save_pickle_model(tiny_llama_dir, folder)
+    with pytest.raises(UserError) as err:
+        load_model_and_tokenizer(ModelConfig(name_or_path=str(folder)))
+    assert "pytorch_model.bin" in str(err.value) and "model.allow_pickle" in str(err.value)
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(folder), allow_pickle=True))
+    reference, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir)))
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+
+
+def _custom_code_folder(src, dest, marker):
+    """A model folder whose config needs its own Python code; importing that code writes `marker`."""
+    shutil.copytree(src, dest)
+    (dest / "configuration_custom.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'tuneforge_custom'\n", encoding="utf-8")
+    cfg = json.loads((dest / "config.json").read_text(encoding="utf-8"))
+    cfg.update(model_type="tuneforge_custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (dest / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return dest
+
+
+def test_trust_remote_code_is_off_by_default(tiny_llama_dir, tmp_path):
+    assert ModelConfig().trust_remote_code is False
+    marker = tmp_path / "code-ran"
+    folder = _custom_code_folder(tiny_llama_dir, tmp_path / "custom", marker)
+    with pytest.raises(UserError, match="trust_remote_code"):
+        load_model_and_tokenizer(ModelConfig(name_or_path=str(folder)))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["./no/such/folder", "/definitely/not/here"])
+def test_missing_folder_is_a_clear_error(name):
+    with pytest.raises(UserError, match="does not exist"):
+        load_tokenizer(ModelConfig(name_or_path=name))
+
+
+def test_folders_that_are_not_models(tmp_path, tiny_llama_dir):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="adapter"):
+        load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "adapter")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "empty")))
+    with pytest.raises(UserError, match="is a file"):
+        load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir / "config.json")))
+
+
+def test_hub_id_without_hub_fails_fast_with_advice():
+    t0 = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        load_model_and_tokenizer(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct"))
+    assert "unreachable" in str(err.value) and "local folder" in str(err.value)
+    assert time.perf_counter() - t0 < 30  # no minute of retries (generous bound: slow shared CI)
+
+
+def test_hub_probe_reports_unreachable_endpoint(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    assert hub_reachable(timeout=1.0) is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+
+
+def test_unknown_builtin_suggests_closest():
+    with pytest.raises(UserError, match="smollm2-135m-instruct"):
+        load_tokenizer(ModelConfig(name_or_path="builtin:smollm2-135m"))
+
+
+def test_chat_template_override_goes_through_data_templates(tiny_qwen2_dir, monkeypatch):
+    calls = []
+
+    def resolve_chat_template(tokenizer, override):
+        calls.append(override)
+        return "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    fake = types.ModuleType("tuneforge.data.templates")
+    fake.resolve_chat_template = resolve_chat_template
+    monkeypatch.setitem(sys.modules, "tuneforge.data.templates", fake)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_qwen2_dir), chat_template="plain"))
+    assert calls == ["plain"]
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
+    load_tokenizer(ModelConfig(name_or_path=str(tiny_qwen2_dir)))
+    assert calls == ["plain"]  # no override: the data package is not consulted

@@ -1,0 +1,503 @@
+"""`tuneforge estimate`: the field's rules of thumb, exact trainable counts against real PEFT models, and memory
+against real runs.
+
+Tolerances (each test says which it uses):
+- rules of thumb: the ranges the issue states (16 bytes/param exactly; 7B full fine-tuning 108-112 GB before
+  activations; LoRA q/v share 0.1-0.3% for r=16 and r=32; QLoRA 7B weights 3.5-4.5 GB);
+- trainable counts and preset totals: exact (0 tolerance);
+- weights + gradients + optimizer states of a real CPU run: within 1% of the exact tensor bytes torch holds;
+- total memory of a real CPU run: within 35% of the measured peak RSS growth (the estimate's total is an upper bound,
+  since gradients fill while activations are freed; RSS also holds allocator slack);
+- activations on a GPU (opt-in, `-m gpu`): within 15% of torch.cuda's measured peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tuneforge.cli import main
+from tuneforge.errors import ConfigError, UserError
+from tuneforge.estimate import EstimateArgs, activation_bytes, estimate, trainable_params
+from tuneforge.estimate_presets import PRESETS, resolve_shape
+
+GB = 1e9
+LLAMA_7B = 6_738_415_616
+
+
+def tiny_config(kind: str, **shape):
+    """A small Llama or Qwen2 config with grouped-query attention (4 heads, 2 kv heads) unless overridden."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, tie_word_embeddings=False)
+    kw.update(shape)
+    return (LlamaConfig if kind == "llama" else Qwen2Config)(**kw)
+
+
+def saved_config(tmp_path, kind: str, **shape):
+    cfg = tiny_config(kind, **shape)
+    folder = tmp_path / kind
+    cfg.save_pretrained(folder)
+    return cfg, str(folder)
+
+
+def one(model: str, method: str, **kw):
+    """The estimate column of one method."""
+    return estimate(EstimateArgs(model=model, methods=method, **kw)).columns[0]
+
+
+# ---- rules of thumb --------------------------------------------------------------------------------------------------
+
+def test_presets_match_published_parameter_counts():
+    published = {"llama-7b": LLAMA_7B, "llama2-13b": 13_015_864_320, "llama3-8b": 8_030_261_248,
+                 "llama3-70b": 70_553_706_496, "qwen2-7b": 7_615_616_512, "qwen2.5-0.5b": 494_032_768,
+                 "qwen2.5-7b": 7_615_616_512, "mistral-7b": 7_241_732_096, "smollm2-135m": 134_515_008}
+    assert {name: shape.total_params() for name, shape in PRESETS.items()} == published
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-0.5b", "smollm2-135m", "mistral-7b"])
+def test_preset_formula_matches_transformers_modules(preset):
+    """The analytic count equals the parameters of the real transformers module tree (built on the meta device)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    s = PRESETS[preset]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[s.model_type]
+    cfg = cls(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+              num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, tie_word_embeddings=s.tied_embeddings)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    assert sum(p.numel() for p in model.parameters()) == s.total_params()
+
+
+def test_full_finetuning_costs_16_bytes_per_param():
+    """Mixed-precision AdamW: bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam moments 8 = 16 bytes/param, so a
+    7B model needs about 112 GB before activations (llama-7b has 6.74B params: 107.8 GB). fp32 training also lands
+    on 16 (4 + 4 + 8)."""
+    c = one("llama-7b", "full")
+    assert c.trainable_params == c.total_params == LLAMA_7B
+    assert (c.weights, c.gradients, c.master_weights, c.optimizer_states) == (2 * LLAMA_7B, 2 * LLAMA_7B,
+                                                                              4 * LLAMA_7B, 8 * LLAMA_7B)
+    assert c.before_activations == 16 * LLAMA_7B
+    assert 107.5 * GB <= c.before_activations <= 112 * GB
+    assert one("llama-7b", "full", dtype="fp32").before_activations == 16 * LLAMA_7B
+    assert one("llama-7b", "full", optimizer="adamw_8bit").before_activations < 10.1 * LLAMA_7B
+
+
+def test_lora_on_q_v_of_7b():
+    """r=8 on q_proj,v_proj of llama-7b: 32 layers x 2 modules x 8 x (4096 + 4096) = 4,194,304 params (0.062%);
+    r=16 gives 0.124% and r=32 0.249%, the "roughly 0.1-0.3%" of the rule of thumb. Weights stay ~13.5 GB in bf16;
+    the trainable part (its weights, grads, master copy, Adam) is well under 1 GB."""
+    c8 = one("llama-7b", "lora", lora_rank=8, lora_targets="q_proj,v_proj")
+    assert c8.trainable_params == 4_194_304
+    assert c8.trainable_share == pytest.approx(0.0622, abs=1e-4)
+    for rank in (16, 32):
+        assert 0.1 <= one("llama-7b", "lora", lora_rank=rank, lora_targets="q_proj,v_proj").trainable_share <= 0.3
+    assert 13.4 * GB <= c8.weights <= 14 * GB
+    trainable_part = c8.trainable_params * 2 + c8.gradients + c8.master_weights + c8.optimizer_states
+    assert trainable_part < 0.1 * GB
+
+
+def test_qlora_holds_7b_weights_in_about_4_gb():
+    """NF4 + double quantization is 4 + 8/64 + 32/(64*256) = 4.127 bits for the 6.476B block-projection weights
+    (3.34 GB); embeddings + LM head (262M params) and norms stay bf16 (0.52 GB): ~3.9 GB in all."""
+    s = PRESETS["llama-7b"]
+    c = one("llama-7b", "qlora", lora_targets="q_proj,v_proj")
+    quantized = s.layers * s.linear_weights_per_layer()
+    assert quantized == 6_476_005_376
+    rest = (s.total_params() - quantized + c.trainable_params) * 2
+    assert c.weights == pytest.approx(quantized * 4.127 / 8 + rest, rel=1e-4)
+    assert 3.5 * GB < c.weights < 4.5 * GB
+    assert c.trainable_params == one("llama-7b", "lora", lora_targets="q_proj,v_proj").trainable_params
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_zero_stages_shard_the_right_rows(method):
+    """ZeRO-1 divides master + optimizer states by the GPU count, ZeRO-2 also gradients, ZeRO-3 also weights;
+    activations stay per GPU."""
+    base = one("llama-7b", method)
+    z = {stage: one("llama-7b", method, gpus=8, zero=stage) for stage in (1, 2, 3)}
+    assert z[1].optimizer_states == base.optimizer_states / 8 and z[1].master_weights == base.master_weights / 8
+    assert z[1].gradients == base.gradients and z[1].weights == base.weights
+    assert z[2].gradients == base.gradients / 8 and z[2].weights == base.weights
+    assert (z[3].weights, z[3].gradients, z[3].optimizer_states) == (
+        base.weights / 8, base.gradients / 8, base.optimizer_states / 8)
+    assert z[3].activations == base.activations
+    assert z[3].before_activations == pytest.approx(base.before_activations / 8)
+
+
+def test_gradient_checkpointing_lowers_activations_and_sets_the_total():
+    for method in ("full", "freeze", "lora", "qlora", "prompt_tuning", "adapter", "ia3"):
+        c = one("llama-7b", method, seq_len=4096, batch_size=2)
+        assert c.activations_checkpointed < c.activations / 3, method
+        assert c.total == pytest.approx(c.before_activations + c.activations)
+        with_ckpt = one("llama-7b", method, seq_len=4096, batch_size=2, gradient_checkpointing=True)
+        assert with_ckpt.total == pytest.approx(c.before_activations + c.activations_checkpointed)
+
+
+def test_activations_scale_with_tokens_and_eager_attention_adds_the_s2_term():
+    shape = PRESETS["llama-7b"]
+    small = activation_bytes(shape, "full", EstimateArgs(model="llama-7b", seq_len=1024), checkpointing=False)
+    double = activation_bytes(shape, "full", EstimateArgs(model="llama-7b", seq_len=1024, batch_size=2), False)
+    assert double == pytest.approx(2 * small)
+    eager = activation_bytes(shape, "full", EstimateArgs(model="llama-7b", seq_len=1024, attention="eager"), False)
+    # heads * s^2 * (4 + 2) bytes per layer and sequence (fp32 softmax output + its bf16 copy)
+    assert eager - small == pytest.approx(shape.layers * shape.heads * 1024 ** 2 * 6)
+
+
+# ---- trainable counts against real models ----------------------------------------------------------------------------
+
+def peft_configs():
+    from peft import (
+        AdaptionPromptConfig,
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+    )
+
+    return {  # method, estimator options, PEFT config (the same settings)
+        "lora-qv": ("lora", dict(lora_targets="q_proj,v_proj"), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
+        "lora-all": ("lora", dict(lora_rank=4), LoraConfig(r=4, target_modules="all-linear")),
+        "dora": ("dora", dict(lora_targets="q_proj,v_proj,down_proj"),
+                 LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
+        "ia3": ("ia3", {}, IA3Config(task_type="CAUSAL_LM")),
+        "prompt_tuning": ("prompt_tuning", {}, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
+        "p_tuning": ("p_tuning", dict(encoder_hidden=128), PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128)),
+        "prefix_tuning": ("prefix_tuning", dict(encoder_hidden=0), PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=20, prefix_projection=True)),
+        "p_tuning_v2": ("p_tuning_v2", {}, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
+        "llama_adapter": ("llama_adapter", dict(llama_adapter_len=10),
+                          AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=10, adapter_layers=2)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("case", ["lora-qv", "lora-all", "dora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning",
+                                  "p_tuning_v2", "llama_adapter"])
+def test_trainable_count_equals_real_peft_model(tmp_path, kind, case):
+    """Exact: the estimator on a config.json equals the requires_grad parameters PEFT creates on that model."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if case == "llama_adapter" and kind == "qwen2":
+        pytest.skip("PEFT's adaption prompt supports llama/mistral only")
+    method, options, peft_config = peft_configs()[case]
+    cfg, folder = saved_config(tmp_path, kind)
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg), peft_config)
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    est = trainable_params(resolve_shape(folder), method, EstimateArgs(model=folder, **options))
+    assert est.trainable == real
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_base_methods_count_real_parameters(tmp_path, kind):
+    """full = every parameter, freeze = the last N blocks, bitfit = the bias terms (Qwen2 q/k/v; none in Llama),
+    adapter = two Houlsby bottlenecks per block, counted on real modules."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, folder = saved_config(tmp_path, kind, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg)
+    shape = resolve_shape(folder)
+    args = EstimateArgs(model=folder, freeze_layers=1, adapter_bottleneck=16)
+    assert trainable_params(shape, "full", args).trainable == sum(p.numel() for p in model.parameters())
+    assert trainable_params(shape, "freeze", args).trainable == sum(p.numel() for p in model.model.layers[-1:].parameters())
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
+    assert trainable_params(shape, "bitfit", args).trainable == biases
+    assert (biases > 0) == (kind == "qwen2")
+    bottleneck = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Linear(16, 64))
+    assert trainable_params(shape, "adapter", args).trainable == 2 * 2 * sum(p.numel() for p in bottleneck.parameters())
+
+
+# ---- memory against real runs ----------------------------------------------------------------------------------------
+
+MEASURE = textwrap.dedent('''
+    import gc, json, resource, sys
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(1)
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def peak_rss():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+    def reset_peak():
+        # Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS, so each run measures its own peak
+        # instead of competing with whatever import or warm-up set the process-wide high-water mark.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def tensor_bytes(tensors):
+        return sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
+
+    def train(cfg, method, batch, seq, steps):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        if method == "lora":
+            model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+        for _ in range(steps):
+            logits = model(input_ids=ids).logits  # loss as tuneforge.losses.causal_lm_loss
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                                                     ids[:, 1:].reshape(-1), reduction="sum")
+            (loss / ids[:, 1:].numel()).backward()
+            opt.step()
+            exact = {"weights": tensor_bytes(model.parameters()),
+                     "gradients": tensor_bytes(p.grad for p in model.parameters() if p.grad is not None),
+                     "optimizer": tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
+            opt.zero_grad(set_to_none=True)
+        return exact
+
+    cfg = AutoConfig.from_pretrained(folder)
+    small = AutoConfig.from_pretrained(folder, hidden_size=32, intermediate_size=32, vocab_size=64, num_hidden_layers=1)
+    for method in ("lora", "full"):  # warm-up: kernels' code pages and thread pools are not model memory
+        train(small, method, 1, 8, 2)
+    out = {}
+    for method in ("lora", "full"):
+        gc.collect()
+        reset_peak()
+        base = rss()
+        exact = train(cfg, method, batch, seq, steps)
+        out[method] = {"exact": exact, "rss_delta": peak_rss() - base}
+    print(json.dumps(out))
+''')
+
+
+def test_memory_matches_real_cpu_training(tmp_path):
+    """Full fine-tuning and LoRA (r=8, q/v) in fp32 with AdamW, 2 steps of batch 4 x 64 tokens on a 4.2M-param Llama
+    (hidden 256, 4 layers, vocab 2000), in a subprocess.
+
+    - weights, gradients and optimizer states: within 1% of the bytes of the tensors torch holds after `step()`
+      (exact up to AdamW's 4-byte `step` counters);
+    - total: within 35% of the peak RSS growth from just before the model is built (the high-water mark is reset
+      through /proc/self/clear_refs before each run). glibc's malloc would keep freed
+      tensor pages in its heap (RSS = allocator high-water mark, not live tensors), so the run fixes
+      MALLOC_MMAP_THRESHOLD_ to return large blocks to the OS on free; a warm-up on a miniature model loads kernel
+      code pages first. Seen here: LoRA within 2%, full +22% (the sum over-counts: gradients fill as activations
+      are freed)."""
+    _, folder = saved_config(tmp_path, "llama", vocab_size=2000, hidden_size=256, intermediate_size=688,
+                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", MEASURE, folder, "4", "64", "2"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    for method in ("lora", "full"):
+        m = measured[method]
+        c = one(folder, method, dtype="fp32", batch_size=4, seq_len=64, lora_targets="q_proj,v_proj")
+        assert c.weights == pytest.approx(m["exact"]["weights"], rel=0.01), method
+        assert c.gradients == pytest.approx(m["exact"]["gradients"], rel=0.01), method
+        assert c.optimizer_states + c.master_weights == pytest.approx(m["exact"]["optimizer"], rel=0.01), method
+        assert c.total == pytest.approx(m["rss_delta"], rel=0.35), (method, c.total, m["rss_delta"])
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------------
+
+def table(out: str) -> dict[str, list[str]]:
+    """The table's rows by label (columns are separated by 2+ spaces; labels contain single spaces only)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) > 1 and not line.startswith(" "):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def cli_parses_int_options() -> bool:
+    """Whether `tuneforge.cli` turns `--gpus 8` into an int. In this tree it hands argparse's string to
+    `configs.typed.coerce`, which refuses '8' for an int field (a cli.py bug reported to the lead; every verb with an
+    int option is affected). The CLI tests that need int options run once it is fixed."""
+    from tuneforge.cli import VERBS, parse_verb_args
+
+    verb = next(v for v in VERBS if v.name == "estimate")
+    try:
+        return parse_verb_args(verb, ["--model", "llama-7b", "--gpus", "8"]).gpus == 8
+    except ConfigError:
+        return False
+
+
+needs_int_cli = pytest.mark.skipif(not cli_parses_int_options(),
+                                   reason="tuneforge.cli does not convert int options yet (reported to the lead)")
+
+
+def test_cli_table(capsys):
+    rc = main(["estimate", "--model", "llama-7b", "--methods", "full,lora,qlora", "--lora-targets", "q_proj,v_proj"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "1 GB = 1e9 bytes" in out
+    assert any(line.split() == ["full", "lora", "qlora"] for line in out.splitlines())
+    rows = table(out)
+    assert rows["subtotal before activations"][0] == "108"
+    assert rows["trainable params"] == ["6.74B", "4.19M", "4.19M"]
+    assert rows["trainable share"] == ["100.00%", "0.062%", "0.062%"]
+    assert float(rows["weights"][2]) == pytest.approx(3.87, abs=0.01)
+    for label in ("gradients", "fp32 master weights", "optimizer states", "activations, no checkpointing",
+                  "activations, grad checkpointing", "total per GPU (no checkpointing)"):
+        assert len(rows[label]) == 3, label
+    assert float(rows["activations, grad checkpointing"][0]) < float(rows["activations, no checkpointing"][0])
+
+
+def test_cli_default_methods_and_json(capsys):
+    assert main(["estimate", "--model", "qwen2.5-7b"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.split() == ["full", "freeze", "lora", "qlora", "prompt_tuning"] for line in out.splitlines())
+    rc = main(["estimate", "--model", "llama-7b", "--methods", "full,lora", "--json", "--gradient-checkpointing"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert data["unit"] == "bytes" and data["gb"] == 1e9 and data["model"]["total_params"] == LLAMA_7B
+    assert set(data["methods"]) == {"full", "lora"}
+    full = data["methods"]["full"]
+    assert full["before_activations"] == 16 * LLAMA_7B
+    assert full["total"] == pytest.approx(full["before_activations"] + full["activations_checkpointed"])
+    assert data["setup"]["gradient_checkpointing"] is True
+
+
+@needs_int_cli
+def test_cli_zero_3_over_8_gpus(capsys):
+    rc = main(["estimate", "--model", "llama-7b", "--method", "full", "--gpus", "8", "--zero", "3", "--json"])
+    full = json.loads(capsys.readouterr().out)["methods"]["full"]
+    assert rc == 0
+    assert full["before_activations"] == pytest.approx(16 * LLAMA_7B / 8)
+    assert full["weights_unsharded"] == 2 * LLAMA_7B and full["weights"] == 2 * LLAMA_7B / 8
+
+
+def test_cli_reads_a_local_config(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    cfg, folder = saved_config(tmp_path, "qwen2")
+    assert main(["estimate", "--model", folder, "--json", "--methods", "full,bitfit"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["methods"]["full"]["total_params"] == sum(
+        p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    assert data["methods"]["bitfit"]["trainable_params"] == 2 * (64 + 2 * 32)  # q/k/v biases, 2 layers
+
+
+# ---- errors and notes ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "lama-7b"], "Did you mean `llama-7b`?"),
+    (["--model", "llama-7b", "--methods", "full,lorra"], "Did you mean `lora`?"),
+    (["--model", "llama-7b", "--lora-targets", "q_prj"], "Did you mean `q_proj`?"),
+    (["--model", "/nonexistent/folder"], "no such preset and no folder"),
+    (["--model", "llama-7b", "--dtype", "int8"], "invalid choice"),
+])
+def test_bad_input_through_the_cli(capsys, argv, message):
+    with pytest.raises(SystemExit) if "--dtype" in argv else contextlib.nullcontext():  # argparse exits for choices
+        assert main(["estimate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(gpus=0), "`--gpus` must be at least 1"),
+    (dict(zero=4), "ZeRO stage 0, 1, 2 or 3"),
+    (dict(freeze_layers=40), "between 1 and the model's 32 blocks"),
+    (dict(batch_size=0), "`--batch-size` must be at least 1"),
+    (dict(lora_rank=0), "`--lora-rank` must be at least 1"),
+])
+def test_bad_numbers_are_user_errors(options, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        estimate(EstimateArgs(model="llama-7b", **options))
+
+
+@needs_int_cli
+def test_bad_numbers_through_the_cli(capsys):
+    assert main(["estimate", "--model", "llama-7b", "--zero", "4"]) == 2
+    assert "ZeRO stage 0, 1, 2 or 3" in capsys.readouterr().err
+
+
+def test_unreachable_hub_id_is_a_user_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="could not fetch its config.json"):
+        resolve_shape("some-org/some-model")
+
+
+def test_notes_for_pointless_settings():
+    notes = estimate(EstimateArgs(model="llama-7b", methods="bitfit", zero=2)).notes
+    assert any("ZeRO-2 with 1 GPU shards nothing" in n for n in notes)
+    assert any("no bias terms" in n for n in notes)
+    assert one("llama-7b", "bitfit").trainable_params == 0
+    assert one("llama-7b", "full", zero=3).weights == one("llama-7b", "full").weights
+
+
+# ---- GPU (opt-in: pytest -m gpu) -------------------------------------------------------------------------------------
+
+def _cuda_activation_run(cfg, method: str, dtype: torch.dtype, checkpointing: bool, attention: str, targets,
+                         batch: int, seq: int) -> int:
+    """Peak bytes above the weights during one forward+backward on CUDA (second micro-step, after a warm-up).
+    LoRA runs as TuneForge's loop does: bf16 base, PEFT's fp32 adapters, autocast."""
+    import gc
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attention).cuda()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=targets))
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=method == "lora" and dtype == torch.bfloat16)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = None
+        gc.collect()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with autocast:
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                                                     ids[:, 1:].reshape(-1), reduction="sum")
+        loss.backward()
+        del logits, loss
+        torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, dtype, checkpointing, attention, targets", [
+    ("full", "bf16", False, "sdpa", None), ("full", "bf16", True, "sdpa", None), ("full", "bf16", False, "eager", None),
+    ("full", "fp32", False, "sdpa", None), ("lora", "bf16", False, "sdpa", "q_proj,v_proj"),
+    ("lora", "bf16", True, "sdpa", "q_proj,v_proj"), ("lora", "bf16", False, "sdpa", "all-linear"),
+    ("lora", "fp32", False, "sdpa", "q_proj,v_proj")])
+def test_activations_match_cuda_peak(tmp_path, method, dtype, checkpointing, attention, targets):
+    """Activations within 10% of torch.cuda's peak above the weights (no gradients exist yet at that peak, the start
+    of backward) on a 1024-hidden, 8-layer Llama with grouped-query attention, batch 4 x 512 tokens. Seen on an
+    H100: within 2% in every case. fp32 SDPA on CUDA runs the math kernel (flash needs 16-bit), so fp32 is
+    estimated with --attention eager, as the CLI's note says."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg, folder = saved_config(tmp_path, "llama", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                               num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4)
+    peak = _cuda_activation_run(cfg, method, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], checkpointing,
+                                attention, targets if targets == "all-linear" else (targets or "").split(","), 4, 512)
+    c = one(folder, method, dtype=dtype, batch_size=4, seq_len=512, lora_targets=targets or "all-linear",
+            attention="eager" if dtype == "fp32" else attention)
+    est = c.activations_checkpointed if checkpointing else c.activations
+    print(f"\n{method} {dtype} ckpt={checkpointing} {attention} {targets}: measured {peak}, estimated {est:.0f} "
+          f"({est / peak - 1:+.1%})")
+    assert est == pytest.approx(peak, rel=0.10)

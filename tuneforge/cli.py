@@ -1,0 +1,151 @@
+"""`tuneforge <verb>`: one table of verbs; each verb's --help is generated from its typed config.
+
+    tuneforge train examples/sft_lora_tiny.yaml training.max_steps=10
+    tuneforge init-model tiny-llama --out /tmp/tiny
+    tuneforge chat --model /tmp/tiny
+    tuneforge methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import typing
+from types import UnionType
+from dataclasses import MISSING, fields
+from typing import Literal, get_args, get_origin
+
+from tuneforge.configs.typed import coerce, field_help_rows, help_of, type_name
+from tuneforge.errors import UserError
+
+
+@dataclasses.dataclass
+class Verb:
+    name: str
+    target: str  # "module:function"; the function takes the parsed args dataclass (or the train argv)
+    args: str | None  # "module:Dataclass" whose fields become --options (None: the verb parses its own argv)
+    help: str
+
+
+VERBS = [
+    Verb("train", "tuneforge.train:main", None, "Run a training stage from a YAML config (+ key=value overrides)."),
+    Verb("init-model", "tuneforge.models.presets:init_model_cli", "tuneforge.models.presets:InitModelArgs",
+         "Write a tiny random-init model (HF format, with a trained BPE tokenizer) from a preset."),
+    Verb("chat", "tuneforge.chat:chat_cli", "tuneforge.chat:ChatArgs",
+         "Chat in the terminal with a model (and optional adapter) using its chat template."),
+    Verb("methods", "tuneforge.cli:list_methods", None, "List the fine-tuning methods and what they train."),
+    Verb("quickstart", "tuneforge.quickstart:quickstart_cli", "tuneforge.quickstart:QuickstartArgs",
+         "Fine-tune the built-in chat model on the bundled task and show answers and accuracy before/after."),
+    Verb("estimate", "tuneforge.estimate:estimate_cli", "tuneforge.estimate:EstimateArgs",
+         "Estimate trainable parameters and memory per GPU for each fine-tuning method, side by side."),
+]
+
+
+def _load(ref: str):
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _scalar_type(tp):
+    """argparse's `type=` for int/float fields (also optional ones), so `--gpus 8` parses as 8."""
+    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (typing.Union, UnionType) else [tp]
+    return args[0] if len(args) == 1 and args[0] in (int, float) else None
+
+
+def _arg_parser_for(verb: Verb) -> argparse.ArgumentParser:
+    cls = _load(verb.args)
+    parser = argparse.ArgumentParser(prog=f"tuneforge {verb.name}", description=verb.help)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        required = f.default is MISSING and f.default_factory is MISSING
+        default = None if required else (f.default if f.default is not MISSING else f.default_factory())
+        text = f"{help_of(f)} [{type_name(tp)}; default: {default}]" if not required else help_of(f)
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_of(f), nargs=None if required else "?", default=default)
+        elif tp is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=text)
+        elif get_origin(tp) is list:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, nargs="*", default=default, help=text)
+        else:
+            choices = get_args(tp) if get_origin(tp) is Literal else None
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default, required=required,
+                                choices=choices, help=text, type=_scalar_type(tp))
+    return parser
+
+
+def parse_verb_args(verb: Verb, argv: list[str]):
+    cls = _load(verb.args)
+    ns = _arg_parser_for(verb).parse_args(argv)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        value = getattr(ns, f.name)
+        values[f.name] = value if value is None else coerce(value, hints[f.name], f"--{f.name.replace('_', '-')}")
+    return cls(**values)
+
+
+def train_help() -> str:
+    from tuneforge.configs.schema import TrainConfig, _method_sections
+
+    lines = ["usage: tuneforge train CONFIG.yaml [key=value ...]", "",
+             "Runs the stage named in the config. Any key can be overridden on the command line with dots for",
+             "nesting, e.g. training.lr=1e-4 data.max_length=256 lora.rank=16.", "", "Config keys:"]
+    for key, tp, default, text in field_help_rows(TrainConfig):
+        if key == "method_options":
+            continue
+        lines.append(f"  {key:<34} {text} [{tp}; default: {default}]")
+    for section, cls in _method_sections().items():
+        for key, tp, default, text in field_help_rows(cls, prefix=section + "."):
+            lines.append(f"  {key:<34} {text} [{tp}; default: {default}]")
+    return "\n".join(lines)
+
+
+def list_methods(argv: list[str]) -> int:
+    from tuneforge.methods import METHODS
+
+    for name, m in METHODS.items():
+        merge = "merges" if m.mergeable else "no merge"
+        print(f"{name:<16} {merge:<9} {m.summary}")
+    return 0
+
+
+def _top_help() -> str:
+    width = max(len(v.name) for v in VERBS)
+    rows = "\n".join(f"  {v.name:<{width}}  {v.help}" for v in VERBS)
+    return f"usage: tuneforge <verb> [options]\n\nverbs:\n{rows}\n\n`tuneforge <verb> --help` for a verb's options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_help())
+        return 0
+    by_name = {v.name: v for v in VERBS}
+    verb = by_name.get(argv[0])
+    if verb is None:
+        from tuneforge.errors import did_you_mean
+
+        print(f"tuneforge: unknown verb `{argv[0]}`.{did_you_mean(argv[0], by_name)}", file=sys.stderr)
+        return 2
+    rest = argv[1:]
+    if verb.name == "train" and (not rest or rest[0] in ("-h", "--help")):
+        print(train_help())
+        return 0
+    try:
+        func = _load(verb.target)
+        result = func(parse_verb_args(verb, rest) if verb.args else rest)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The training config: typed sections whose field help is the only help text there is.
+
+    stage: sft            # pt | sft (later: rm, dpo, kto, ppo, grpo)
+    method: lora          # any registered method (tuneforge/methods)
+    model: {name_or_path: builtin:smollm2-135m-instruct}
+    data: {train: [...], max_length: 512}
+    training: {lr: 2e-4, max_steps: 100}
+    lora: {rank: 8}       # the options section of the chosen method
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tuneforge.configs.typed import apply_overrides, from_dict, opt, to_dict
+from tuneforge.errors import ConfigError, did_you_mean
+
+STAGES = ("pt", "sft")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("builtin:smollm2-135m-instruct",
+                            "Local Hugging Face folder, a hub id (when a hub is reachable), or `builtin:<name>` "
+                            "(builtin:smollm2-135m-instruct is a real 135M chat model that works offline).")
+    trust_remote_code: bool = opt(False, "Run Python code shipped with the model. Off unless you trust the source.")
+    allow_pickle: bool = opt(False, "Allow loading pickle (.bin/.pt) weights, which can execute code. Prefer "
+                                    "safetensors; turn on only for files you trust.")
+    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (GPU only).")
+    chat_template: str | None = opt(None, "Override the tokenizer's chat template: a built-in name (chatml, llama3, "
+                                          "qwen, default) or a path to a .jinja file. Default: the tokenizer's own.")
+
+
+@dataclass
+class DatasetSpec:
+    path: str = opt(help="A file (.json/.jsonl/.csv/.parquet/.txt), a folder of them, a name from the dataset "
+                         "registry, or a Hugging Face datasets name (needs a reachable hub).")
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = opt(
+        "auto", "Row format. auto guesses from the columns of the first row.")
+    columns: dict[str, str] = opt(factory=dict, help="Column mapping from our names to yours, e.g. "
+                                  "{instruction: question, output: answer} or {messages: conversations}.")
+    tags: dict[str, str] = opt(factory=dict, help="sharegpt tags, e.g. {role_tag: from, content_tag: value, "
+                               "user_tag: human, assistant_tag: gpt, system_tag: system}.")
+    split: str = opt("train", "Split name for Hugging Face datasets.")
+    max_samples: int | None = opt(None, "Use at most this many rows of this dataset (first N).")
+
+    @classmethod
+    def from_str(cls, value: str) -> DatasetSpec:
+        return cls(path=value)
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetSpec] = opt(factory=list, help="Training datasets (paths, registry names or inline specs).")
+    eval: list[DatasetSpec] = opt(factory=list, help="Held-out evaluation datasets.")
+    eval_ratio: float = opt(0.0, "Hold out this share of the training rows for evaluation when `eval` is empty.")
+    registry: str | None = opt(None, "A dataset registry file (dataset_info.json, LLaMA-Factory style) that maps "
+                                     "names to files, formats and column mappings.")
+    max_length: int = opt(1024, "Maximum tokens per example (per packed row when packing).")
+    overlong: Literal["truncate", "drop"] = opt("truncate", "What to do with examples longer than max_length; "
+                                                            "either way the count is reported.")
+    on_error: Literal["raise", "skip"] = opt("raise", "raise: refuse to train when any row is bad and list them; "
+                                                      "skip: drop bad rows and report how many and which.")
+    max_errors_shown: int = opt(20, "How many bad rows to list in one error message.")
+    loss_on: Literal["assistant", "all", "last"] = opt("assistant", "Which tokens get loss in chat data: every "
+                                                                    "assistant turn, all tokens, or the last turn.")
+    packing: bool | None = opt(None, "Pack several examples per row (attention never crosses examples). Default: "
+                                     "on for pt, off for sft.")
+    system: str | None = opt(None, "A system prompt added to rows that have none.")
+    seed: int = opt(0, "Seed for the train/eval split and for shuffling.")
+
+
+@dataclass
+class TrainingConfig:
+    lr: float = opt(2e-4, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_betas: list[float] = opt(factory=lambda: [0.9, 0.999], help="AdamW betas.")
+    scheduler: Literal["linear", "cosine", "constant"] = opt("cosine", "Learning-rate schedule after warmup.")
+    warmup_steps: int = opt(0, "Linear warmup steps (wins over warmup_ratio when > 0).")
+    warmup_ratio: float = opt(0.0, "Warmup as a share of all steps.")
+    batch_size: int = opt(4, "Examples per device per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    max_steps: int = opt(-1, "Optimizer steps to run; -1 means run `epochs` epochs.")
+    epochs: float = opt(1.0, "Epochs to run when max_steps is -1.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 disables).")
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "Compute dtype. bf16 works on CPU too; fp16 needs a GPU.")
+    neftune_alpha: float = opt(0.0, "NEFTune (Jain et al. 2023): uniform noise on input embeddings during training, "
+                                    "scaled by alpha/sqrt(L*d). Typical 5. 0 disables.")
+    rdrop_alpha: float = opt(0.0, "R-Drop (Liang et al. 2021): two dropout forward passes with a symmetric KL between "
+                                  "them, weighted by alpha. Needs dropout in the model. 0 disables.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    eval_steps: int = opt(0, "Evaluate on the held-out split every N steps (0: only at the end when there is one).")
+    save_steps: int = opt(0, "Write a resumable checkpoint every N steps (0: none).")
+    save_total_limit: int = opt(2, "Keep only the last K checkpoints.")
+    logging_steps: int = opt(1, "Log metrics every N steps.")
+    resume: str | None = opt(None, "auto (latest checkpoint in output_dir) or a checkpoint folder path.")
+    stop_after_steps: int = opt(0, "Stop this invocation after N steps with a checkpoint, as if preempted (for "
+                                   "time-limited cluster jobs: rerun with resume=auto). 0: run to the end.")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+    num_workers: int = opt(0, "DataLoader worker processes.")
+    plot_loss: bool = opt(True, "Write loss.png to the output folder at the end.")
+    progress_bar: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["pt", "sft"] = opt("sft", "Training stage: pt (continued pre-training on text) or sft.")
+    method: str = opt("lora", "Fine-tuning method (see `tuneforge methods`): full, freeze, lora, ...")
+    output_dir: str = opt("outputs/run", "Where the model/adapter, checkpoints, metrics and resolved config go.")
+    seed: int = opt(42, "Random seed for initialisation, dropout and shuffling.")
+    model: ModelConfig = opt(factory=ModelConfig, help="Which model to start from.")
+    data: DataConfig = opt(factory=DataConfig, help="Datasets and how to render them.")
+    training: TrainingConfig = opt(factory=TrainingConfig, help="Optimizer, schedule, precision, checkpoints.")
+    method_options: dict[str, Any] = opt(factory=dict, help="Options sections of methods, by section name.")
+
+    def options(self, section: str):
+        """The typed options of a method section (e.g. `lora`), defaults filled in."""
+        return self.method_options[section]
+
+
+def _method_sections() -> dict[str, type]:
+    from tuneforge.methods import METHODS
+
+    sections = {}
+    for method in METHODS.values():
+        if method.section:
+            sections[method.section] = method.Options
+    return sections
+
+
+def load_train_config(path: str | None, overrides: list[str] | None = None, base: dict | None = None) -> TrainConfig:
+    """Read YAML (or `base`), apply `key=value` overrides, type-check everything, check combinations."""
+    data: dict = copy.deepcopy(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Pass a YAML file, e.g. examples/sft_lora_tiny.yaml.")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must contain a mapping of config keys at the top level.")
+        data.update(loaded)
+    apply_overrides(data, overrides or [])
+    sections = _method_sections()
+    if "method_options" in data:
+        raise ConfigError("Put method options under the method's own section (e.g. `lora:`), not `method_options`.")
+    cfg = from_dict(TrainConfig, data, extra_sections=sections)
+    for name, opts_cls in sections.items():
+        cfg.method_options[name] = from_dict(opts_cls, data.get(name) or {}, prefix=name)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Combinations that cannot work are refused before any work starts."""
+    from tuneforge.methods import METHODS
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"Unknown method `{cfg.method}`.{did_you_mean(cfg.method, METHODS)}")
+    t = cfg.training
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("`training.batch_size` and `training.grad_accum` must be at least 1.")
+    if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
+        raise ConfigError("Nothing to train: set `training.max_steps` > 0 or `training.epochs` > 0.")
+    if not cfg.data.train:
+        raise ConfigError("`data.train` is empty: name at least one dataset (a file path or registry name).")
+    if not 0.0 <= cfg.data.eval_ratio < 1.0:
+        raise ConfigError(f"`data.eval_ratio` must be in [0, 1), got {cfg.data.eval_ratio}.")
+    if cfg.data.max_length < 8:
+        raise ConfigError(f"`data.max_length` must be at least 8, got {cfg.data.max_length}.")
+    if t.precision == "fp16" and t.device == "cpu":
+        raise ConfigError("`training.precision: fp16` needs a GPU; on CPU use bf16 or fp32.")
+    if t.resume not in (None, "auto") and not Path(t.resume).is_dir():
+        raise ConfigError(f"`training.resume` is {t.resume!r}: no such checkpoint folder. Use `auto` or a path "
+                          f"like {cfg.output_dir}/checkpoint-10.")
+    if t.neftune_alpha < 0 or t.rdrop_alpha < 0:
+        raise ConfigError("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
+    if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
+        raise ConfigError("`data.loss_on` applies to chat data in sft; stage pt trains on all text tokens.")
+    METHODS[cfg.method].validate(cfg)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    data = to_dict(cfg)
+    options = data.pop("method_options")
+    from tuneforge.methods import METHODS
+
+    section = METHODS[cfg.method].section
+    if section:
+        data[section] = options[section]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def section_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

@@ -1,0 +1,202 @@
+"""Typed dataclass configs: one source of help text per field, strict parsing, `key=value` overrides.
+
+We parse by hand instead of using pydantic/omegaconf because we need three things together: the field's
+`help` metadata drives both `--help` and the web UI; unknown keys get a "did you mean" hint; and errors name the
+full dotted key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import MISSING, field, fields, is_dataclass
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from tuneforge.errors import ConfigError, did_you_mean
+
+
+def opt(default: Any = MISSING, help: str = "", *, factory=None) -> Any:  # noqa: A002 - `help` mirrors argparse
+    """A config field with its help text (the single source for CLI --help, README tables and the web UI)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def type_name(tp: Any) -> str:
+    """A short, human-readable type for help output."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in get_args(tp) if a is not type(None)) + " (optional)"
+    if origin is list:
+        return f"list[{type_name(get_args(tp)[0])}]"
+    if origin is dict:
+        return "mapping"
+    if is_dataclass(tp):
+        return "section"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _resolved_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value to the annotated type, raising ConfigError naming `key`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"`{key}` must be {type_name(tp)}, got {value!r}.")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            hint = did_you_mean(str(value), [str(c) for c in choices])
+            raise ConfigError(f"`{key}` must be one of {', '.join(map(str, choices))}; got {value!r}.{hint}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, (str, dict)) and not isinstance(value, list):
+            value = [value]  # a single item where a list is expected is a common, unambiguous shorthand
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"`{key}` must be a list, got {value!r}.")
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{key}` must be a mapping (key: value), got {value!r}.")
+        _, val_tp = get_args(tp) or (str, Any)
+        return {str(k): coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str) and hasattr(tp, "from_str"):
+            return tp.from_str(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{key}` must be a section (mapping), got {value!r}.")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"`{key}` must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads `1e-4` (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"`{key}` must be a string, got {value!r}.")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def from_dict(cls, data: dict, prefix: str = "", extra_sections: dict | None = None):
+    """Build dataclass `cls` from a mapping, refusing unknown keys with the closest valid one."""
+    hints = _resolved_hints(cls)
+    names = {f.name for f in fields(cls) if f.init}
+    valid = names | set(extra_sections or {})
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in valid:
+            raise ConfigError(f"Unknown config key `{full}`.{did_you_mean(key, valid)}")
+        if key in names:
+            kwargs[key] = coerce(value, hints[key], full)
+    missing = [f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING
+               and f.name not in kwargs]
+    if missing:
+        raise ConfigError(f"Missing required config key `{(prefix + '.' if prefix else '') + missing[0]}`.")
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"Invalid section `{prefix or cls.__name__}`: {e}") from e
+    return obj
+
+
+def to_dict(obj) -> Any:
+    """A plain-data view of a config (for YAML dumps)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=3` -> (['a', 'b'], 3). The value is read as YAML so lists, numbers and booleans work."""
+    if "=" not in item:
+        raise ConfigError(f"Override `{item}` is not of the form key=value (for example `training.lr=1e-4`).")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"Override `{item}`: `{part}` is not a section.")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def field_help_rows(cls, prefix: str = ""):
+    """(dotted key, type, default, help) for every field, recursing into sections."""
+    hints = _resolved_hints(cls)
+    for f in fields(cls):
+        if not f.init:
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            yield from field_help_rows(tp, prefix=key + ".")
+            continue
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        yield key, type_name(tp), default, help_of(f)

@@ -1,0 +1,356 @@
+"""Chat rendering and the loss mask: `Example.messages` -> `Encoded` (token ids + labels).
+
+The ids are exactly what `tokenizer.apply_chat_template(messages, tools=..., tokenize=True)["input_ids"]` gives
+(we render the text with the same call and tokenize it the same way, `add_special_tokens=False`), so training sees
+the very format the model is served with.
+
+The mask is found on the rendered text, then mapped to tokens through the fast tokenizer's offset mapping:
+
+1. Where each assistant turn starts: the template rendered up to the turn with `add_generation_prompt=True` is
+   the prompt; its common prefix with the full text is a lower bound, and the reply is searched from there (as
+   written, stripped, or its answer part when the template drops `<think>` reasoning).
+2. Where it ends: after the reply come the template's end-of-turn markers (`<|im_end|>`, `<|eot_id|>`, `</s>`,
+   `<end_of_turn>`, the tokenizer's eos, ...; whitespace between them allowed). The span runs through the last
+   consecutive marker **plus one newline right after it when there is one** (ChatML and Gemma write it as part
+   of the turn; LLaMA-Factory trains on it too). Templates that write no end marker at all (ChatGLM3, GLM-4,
+   Baichuan2) get the reply alone: their models stop on the next role token, which belongs to the next turn.
+3. A token is labelled when its characters overlap the span, so " Hello" (space from the template, word from
+   the reply) is trained on.
+
+Conversations a template cannot express are adapted before rendering, and the ids then equal
+`apply_chat_template` of the adapted messages: a system message the template refuses or silently drops is
+merged into the first user turn; tool calls are written as JSON text for templates without tool-call support.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from tuneforge.data.templates import resolve_chat_template
+from tuneforge.data.types import IGNORE_INDEX, Encoded
+from tuneforge.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+LOSS_ON = ("assistant", "all", "last")
+
+# End-of-turn markers of the common templates; the tokenizer's own eos is added at run time.
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|EOT|>",
+               "<｜end▁of▁sentence｜>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|END_RESPONSE|>",
+               "<|END_OF_TURN_TOKEN|>", "<|return|>", "<|stop|>", "<|eom|>", "<|turn_end|>")
+
+_warned: set[str] = set()
+
+
+def encode_chat(tokenizer, messages: list[dict], tools: list | None = None, loss_on: str = "assistant",
+                chat_template: str | None = None) -> Encoded:
+    """Render `messages` with the chat template and label the assistant replies (see the module docstring).
+
+    loss_on: `assistant` (every assistant turn), `all` (every token) or `last` (the last assistant turn).
+    Raises DataError when the template cannot render the conversation or its replies cannot be located.
+    """
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+    template = resolve_chat_template(tokenizer, chat_template, tools)
+    messages, tools = adapt_to_template(messages, tools, template)
+    messages, text = render_conversation(tokenizer, template, messages, tools)
+    enc = tokenize_with_offsets(tokenizer, text)
+    ids = list(enc["input_ids"])
+    if loss_on == "all":
+        return Encoded(ids, list(ids))
+    spans = assistant_spans(tokenizer, template, messages, tools, text)
+    if loss_on == "last":
+        spans = spans[-1:]
+    return Encoded(ids, label_spans(ids, enc["offset_mapping"], spans))
+
+
+def tokenize_with_offsets(tokenizer, text: str):
+    """Exactly how apply_chat_template tokenizes (no extra special tokens), plus character offsets."""
+    try:
+        return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:  # only fast (Rust `tokenizers`) tokenizers report offsets
+        raise UserError(f"The tokenizer ({type(tokenizer).__name__}) cannot report character offsets, which the "
+                        f"loss mask needs; load a fast tokenizer (tokenizer.json).") from e
+
+
+def render(tokenizer, template: str, messages: list[dict], tools=None, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+# ---- adapting a conversation to what the template can express ------------------------------------------------
+
+def adapt_to_template(messages: list[dict], tools: list | None, template: str) -> tuple[list[dict], list | None]:
+    """Tool calls (and tool schemas) as text for templates that do not know them; everything else unchanged."""
+    if "tool_calls" not in template and any(m.get("tool_calls") for m in messages):
+        messages = [_tool_calls_as_text(m) if m.get("tool_calls") else m for m in messages]
+        _warn_once("tool_calls", "The chat template has no tool-call support; tool calls are written into the "
+                                 "assistant replies as JSON text.")
+    if tools and "tools" not in template:
+        messages = _tools_in_system(messages, tools)
+        _warn_once("tools", "The chat template does not render tool schemas; they are added to the system prompt.")
+        tools = None
+    return messages, tools
+
+
+def _tool_calls_as_text(message: dict) -> dict:
+    calls = [c.get("function", c) for c in message["tool_calls"]]
+    text = "\n".join(json.dumps({"name": c.get("name"), "arguments": c.get("arguments")}, ensure_ascii=False)
+                     for c in calls)
+    content = message.get("content") or ""
+    return {"role": "assistant", "content": f"{content}\n{text}" if content else text}
+
+
+def _tools_in_system(messages: list[dict], tools: list) -> list[dict]:
+    block = "You can call these tools:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + block}, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
+
+
+def render_conversation(tokenizer, template: str, messages: list[dict], tools) -> tuple[list[dict], str]:
+    """Render the whole conversation, adapting it when the template cannot take it as is: a system message the
+    template refuses or drops goes into the first user turn (the layout those models' authors recommend), and
+    tool-call arguments become JSON strings for templates that concatenate them. Returns the messages actually
+    rendered and the text."""
+    last_error, dropped = None, None
+    for variant, change in _variants(messages):
+        try:
+            text = render(tokenizer, template, variant, tools)
+        except Exception as e:  # noqa: BLE001 - templates raise anything (TemplateError, TypeError, ...)
+            last_error = e  # the error left after the most adaptation is the one to report
+            continue
+        if _drops_system(variant, text):
+            dropped = dropped or (variant, text)
+            continue
+        if change:
+            _warn_once(change, _CHANGES[change])
+        return variant, text
+    if dropped:
+        return dropped
+    raise DataError(f"The chat template cannot render this conversation: {last_error}")
+
+
+_CHANGES = {"system": "The chat template refuses or drops system messages; system prompts are put into the first "
+                      "user turn.",
+            "arguments": "The chat template needs tool-call arguments as strings; they are passed as JSON text.",
+            "system+arguments": "The chat template refuses system messages and needs tool-call arguments as "
+                                "strings; adapted both."}
+
+
+def _variants(messages: list[dict]):
+    """The conversation as given, then the adaptations a template may need (see render_conversation)."""
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    dict_args = any(isinstance(c.get("function", c).get("arguments"), dict)
+                    for m in messages for c in m.get("tool_calls") or [])
+    yield messages, None
+    if dict_args:
+        yield _string_arguments(messages), "arguments"
+    if has_system:
+        yield merge_system_into_user(messages), "system"
+        if dict_args:
+            yield _string_arguments(merge_system_into_user(messages)), "system+arguments"
+
+
+def _drops_system(messages: list[dict], text: str) -> bool:
+    return bool(messages) and messages[0]["role"] == "system" and messages[0]["content"].strip() not in text
+
+
+def _string_arguments(messages: list[dict]) -> list[dict]:
+    def call_with_text(call: dict) -> dict:
+        function = call.get("function", call)
+        args = function.get("arguments")
+        if isinstance(args, dict):
+            function = {**function, "arguments": json.dumps(args, ensure_ascii=False)}
+        return {**call, "function": function} if "function" in call else function
+
+    return [{**m, "tool_calls": [call_with_text(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
+            for m in messages]
+
+
+def merge_system_into_user(messages: list[dict]) -> list[dict]:
+    system, rest = messages[0], list(messages[1:])
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[i] = {**m, "content": system["content"] + "\n\n" + m["content"]}
+            return rest
+    return rest
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+# ---- locating the assistant turns in the rendered text -----------------------------------------------------
+
+def assistant_spans(tokenizer, template: str, messages: list[dict], tools, text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of every assistant turn (reply + end-of-turn markers) in `text`."""
+    markers = end_markers(tokenizer)
+    spans: list[tuple[int, int]] = []
+    prev_end = 0  # end of the previous assistant span
+    seen = 0  # end of the user/tool contents located since then
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            seen = _skip_content(text, message, i, max(seen, prev_end))
+            continue
+        prompt_end = _common_prefix_len(_prompt_before(tokenizer, template, messages[:i], tools), text)
+        # A prompt that still matches past the previous turn is the tightest bound; templates that rewrite earlier
+        # turns once later ones exist (system prompt moved to the last user turn, ...) fall back to the contents.
+        lower = prompt_end if prompt_end > prev_end else max(prev_end, seen)
+        start, end = _locate_reply(text, message, lower)
+        if message.get("tool_calls"):
+            start, end = _locate_tool_calls(tokenizer, template, messages[:i + 1], tools, text, lower, start, end,
+                                            markers)
+            _check_tool_calls_rendered(text, message, i, start, end)
+        if start is None:
+            raise DataError(f"Assistant turn {i + 1} does not appear verbatim in the text the chat template renders, "
+                            f"so its loss mask cannot be found (does the template rewrite replies?).")
+        end = extend_through_end_markers(text, end, markers)
+        spans.append((start, end))
+        prev_end = end
+    return spans
+
+
+def end_markers(tokenizer) -> tuple[str, ...]:
+    eos = getattr(tokenizer, "eos_token", None)
+    return END_MARKERS + ((eos,) if eos and eos not in END_MARKERS else ())
+
+
+def extend_through_end_markers(text: str, pos: int, markers: tuple[str, ...]) -> int:
+    """The end of the turn: through consecutive end markers (whitespace between them allowed) and one newline."""
+    end = pos
+    while True:
+        k = end
+        while k < len(text) and text[k] in " \t\r\n":
+            k += 1
+        marker = next((m for m in markers if text.startswith(m, k)), None)
+        if marker is None:
+            break
+        end = k + len(marker)
+    if end > pos and text.startswith("\n", end):
+        end += 1
+    return end
+
+
+def _prompt_before(tokenizer, template: str, messages: list[dict], tools) -> str:
+    """The rendered prompt before an assistant turn, or '' when the template refuses a partial conversation."""
+    for generation_prompt in (True, False):
+        try:
+            return render(tokenizer, template, messages, tools, add_generation_prompt=generation_prompt)
+        except Exception:  # noqa: BLE001,S112 - e.g. templates that insist on ending with an assistant turn
+            continue
+    return ""
+
+
+def _skip_content(text: str, message: dict, index: int, cursor: int) -> int:
+    """Past a user/tool message's content when it is found after `cursor` (system prompts may move, so not those).
+    Raises DataError when the template dropped the message: the conversation it renders is not the one given."""
+    content = message.get("content")
+    if message["role"] == "system" or not isinstance(content, str) or not content.strip():
+        return cursor
+    forms = _rendered_forms(content.strip())
+    if not any(form in text for form in forms):
+        raise DataError(f"The chat template does not render `{message['role']}` messages (message {index + 1} is "
+                        f"missing from its output), so it cannot express this conversation.")
+    found = [(p, len(form)) for form in forms if (p := text.find(form, cursor)) >= 0]
+    return min(p + n for p, n in found) if found else cursor
+
+
+def _rendered_forms(content: str) -> list[str]:
+    """How a template may write a content string: as is, or JSON-escaped (e.g. Llama 3.1's `tojson` tool results)."""
+    return list(dict.fromkeys([content, json.dumps(content, ensure_ascii=False)[1:-1], json.dumps(content)[1:-1]]))
+
+
+def _locate_reply(text: str, message: dict, lower: int) -> tuple[int | None, int | None]:
+    """The reply's [start, end) at or after `lower`: as written, stripped, or only its answer after `</think>`
+    (reasoning templates drop earlier reasoning). Rendered reasoning is included in the span."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return None, None
+    answer = content.split("</think>")[-1].lstrip("\n") if "</think>" in content else None
+    best = None
+    for candidate in dict.fromkeys(c for c in (content, content.strip(), answer, answer and answer.strip()) if c):
+        pos = text.find(candidate, lower)
+        if pos >= 0 and (best is None or pos < best[0] or (pos == best[0] and pos + len(candidate) > best[1])):
+            best = (pos, pos + len(candidate))
+    if best is None:
+        return None, None
+    return _reasoning_start(text, message, lower, best[0]), best[1]
+
+
+def _reasoning_start(text: str, message: dict, lower: int, answer_start: int) -> int:
+    """Move the start back over the `<think>` block when the template rendered the reasoning before the answer."""
+    content = message["content"]
+    reasoning = message.get("reasoning_content")
+    if not reasoning and "</think>" in content:
+        reasoning = content.split("</think>")[0].split("<think>")[-1]
+    reasoning = (reasoning or "").strip()
+    if not reasoning:
+        return answer_start
+    pos = text.rfind(reasoning, lower, answer_start)
+    if pos < 0:
+        return answer_start
+    tag = text.rfind("<think>", lower, pos)
+    return tag if tag >= 0 else pos
+
+
+def _locate_tool_calls(tokenizer, template, messages, tools, text, lower, start, end, markers):
+    """A tool-call turn is written by the template in its own format. It ends where the conversation rendered
+    through this turn stops matching the full text, when that point is the whole render or just after an end
+    marker; otherwise (templates that render a last turn differently) at the first end marker after the call."""
+    through_text = _prompt_through(tokenizer, template, messages, tools)
+    through = _common_prefix_len(through_text, text)
+    start = lower if start is None else start
+    if through > start and (through == len(through_text) or text[:through].rstrip().endswith(markers)):
+        return start, max(through, end or start)
+    name = _call_name(messages[-1]["tool_calls"][0])
+    at = text.find(name, start) if name else -1
+    if at < 0:
+        return None, None
+    ends = [p for p in (text.find(m, at) for m in markers) if p >= 0]
+    return start, (min(ends) if ends else len(text))
+
+
+def _call_name(call: dict) -> str:
+    return (call.get("function") or call).get("name") or ""
+
+
+def _check_tool_calls_rendered(text: str, message: dict, index: int, start, end) -> None:
+    missing = [n for n in map(_call_name, message["tool_calls"]) if start is None or n not in text[start:end]]
+    if missing:
+        raise DataError(f"The chat template does not render the tool call `{missing[0]}` of assistant turn "
+                        f"{index + 1}, so it cannot express this conversation (some templates only render tool "
+                        f"calls whose content is None, which transformers drops before rendering).")
+
+
+def _prompt_through(tokenizer, template, messages, tools) -> str:
+    try:
+        return render(tokenizer, template, messages, tools)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search on the first differing character; a[:lo] == b[:lo] holds throughout
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def label_spans(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """Labels = ids on tokens whose characters overlap a span, IGNORE_INDEX elsewhere."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (s, e) in enumerate(offsets):
+        if e > s and any(s < span_end and e > span_start for span_start, span_end in spans):
+            labels[t] = ids[t]
+    return labels

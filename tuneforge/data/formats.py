@@ -1,0 +1,348 @@
+"""Format adapters: a raw row -> a validated `Example`, or a `RowProblem` naming the field and what was expected.
+
+Formats (column names are the defaults; `DatasetSpec.columns` maps our names to yours):
+
+- alpaca: `instruction`, optional `input` (appended to the instruction after a newline), `output`, optional
+  `system` and `history` ([[question, answer], ...], earlier turns).
+- sharegpt: `conversations`, a list of {from, value}; roles human/gpt/system/function_call/observation, renamed
+  with `DatasetSpec.tags` (role_tag, content_tag, user_tag, assistant_tag, system_tag, function_tag,
+  observation_tag). A function_call turn holds JSON {"name", "arguments"} and becomes an assistant tool call; an
+  observation turn becomes a `tool` message answering it. Optional `system` and `tools` columns.
+- openai: `messages`, a list of {role, content} with roles system/user/assistant/tool (assistant `tool_calls`
+  and `tool_call_id` as in the OpenAI API; content may be a list of text parts). Optional `tools` column.
+- text: `text`, plain text for pre-training.
+- auto: guessed from the first row of each file (see `guess_format`).
+
+List-valued cells may also hold JSON text (CSV files, LLaMA-Factory's `tools` column). Every conversation is
+checked by `validate_conversation`: known roles, non-empty contents, a system message only first, turns that
+alternate user -> assistant (tool results after a tool call) and a final assistant reply.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tuneforge.data.types import Example
+from tuneforge.errors import DataError
+
+FORMATS = ("alpaca", "sharegpt", "openai", "text")
+
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "system_tag": "system", "function_tag": "function_call", "observation_tag": "observation"}
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class RowProblem(Exception):
+    """What is wrong with one row: the field (dotted path, e.g. `conversations[2].from`) and the problem."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+def to_example(data: dict, fmt: str, source: str, columns: dict, tags: dict) -> Example:
+    """One raw row in format `fmt` -> Example; raises RowProblem."""
+    adapter = {"alpaca": alpaca_example, "sharegpt": sharegpt_example, "openai": openai_example,
+               "text": text_example}[fmt]
+    if fmt == "sharegpt":
+        return adapter(data, source, columns, {**SHAREGPT_TAGS, **tags})
+    return adapter(data, source, columns)
+
+
+def guess_format(data: dict, columns: dict, where: str) -> str:
+    """The format of a file from its first row's keys (and, for conversations, the keys of the first turn)."""
+    for name in ([columns["messages"]] if "messages" in columns else ["messages", "conversations"]):
+        if name in data:
+            turns = _maybe_json(data[name])
+            first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+            if "from" in first or "value" in first:
+                return "sharegpt"
+            if "role" in first:
+                return "openai"
+            return "sharegpt" if name == "conversations" else "openai"
+    if columns.get("instruction", "instruction") in data and columns.get("output", "output") in data:
+        return "alpaca"
+    if columns.get("text", "text") in data:
+        return "text"
+    raise DataError(f"{where}: cannot tell the data format from the first row's keys {sorted(data)}. Set `format` "
+                    f"(alpaca, sharegpt, openai or text) in the dataset spec and, when your columns have other "
+                    f"names, `columns`, e.g. {{path: ..., format: alpaca, columns: {{instruction: question, "
+                    f"output: answer}}}}.")
+
+
+# ---- alpaca -------------------------------------------------------------------------------------------------
+
+def alpaca_example(data: dict, source: str, columns: dict) -> Example:
+    col = {name: columns.get(name, name) for name in ("instruction", "input", "output", "system", "history")}
+    instruction = required_text(data, col["instruction"])
+    extra = optional_text(data, col["input"])
+    output = required_text(data, col["output"])
+    system = optional_text(data, col["system"])
+    messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in history_pairs(data, col["history"]):
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    prompt = f"{instruction}\n{extra}" if extra else instruction
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return Example(source=source, messages=messages)
+
+
+def history_pairs(data: dict, field: str) -> list[tuple[str, str]]:
+    history = _maybe_json(data.get(field))
+    if history in (None, "", []):
+        return []
+    if not isinstance(history, list):
+        raise RowProblem(field, f"expected a list of [question, answer] pairs, got {_kind(history)}")
+    pairs = []
+    for i, pair in enumerate(history):
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip()
+                                                                       for x in pair)
+        if not ok:
+            raise RowProblem(f"{field}[{i}]", f"expected a [question, answer] pair of non-empty strings, got "
+                                              f"{_short(pair)}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+# ---- sharegpt -----------------------------------------------------------------------------------------------
+
+def sharegpt_example(data: dict, source: str, columns: dict, tags: dict) -> Example:
+    field = columns.get("messages") or ("conversations" if "conversations" in data else "messages")
+    turns = required_list(data, field)
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
+             tags["function_tag"]: "function_call", tags["observation_tag"]: "tool"}
+    calls = _CallIds()
+    messages = [_sharegpt_turn(turn, f"{field}[{i}]", tags, roles, calls) for i, turn in enumerate(turns)]
+    validate_conversation(messages, field)
+    return Example(source=source, messages=_with_system_column(messages, data, columns),
+                   tools=tools_column(data, columns))
+
+
+def _sharegpt_turn(turn: Any, field: str, tags: dict, roles: dict, calls: _CallIds) -> dict:
+    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+    if not isinstance(turn, dict):
+        raise RowProblem(field, f"expected an object with `{role_tag}` and `{content_tag}`, got {_kind(turn)}")
+    role = roles.get(turn.get(role_tag))
+    if role is None:
+        raise RowProblem(f"{field}.{role_tag}", f"unknown role {turn.get(role_tag)!r}; expected one of "
+                                                f"{', '.join(map(repr, roles))} (rename roles with `tags`, e.g. "
+                                                f"{{user_tag: user, assistant_tag: assistant}})")
+    value = turn.get(content_tag)
+    if not isinstance(value, str):
+        raise RowProblem(f"{field}.{content_tag}", f"expected a string, got {_kind(value)}")
+    if role == "function_call":
+        return {"role": "assistant", "content": "", "tool_calls": _function_calls(value, f"{field}.{content_tag}",
+                                                                                   calls)}
+    if role == "tool":
+        return {"role": "tool", "content": value, "tool_call_id": calls.answer()}
+    return {"role": role, "content": value}
+
+
+class _CallIds:
+    """Tool-call ids for formats that have none. Nine alphanumerics, because Mistral templates insist on it."""
+
+    def __init__(self):
+        self.issued, self.pending = 0, []
+
+    def new(self) -> str:
+        self.issued += 1
+        self.pending.append(f"call{self.issued:05d}")
+        return self.pending[-1]
+
+    def answer(self) -> str:
+        return self.pending.pop(0) if self.pending else f"call{self.issued:05d}"
+
+
+def _function_calls(value: str, field: str, calls: _CallIds) -> list[dict]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    items = parsed if isinstance(parsed, list) else [parsed]
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] for c in items):
+        raise RowProblem(field, 'a function call must be JSON {"name": ..., "arguments": {...}} (or a list of '
+                                f"them), got {_short(value)}")
+    return [{"id": calls.new(), "type": "function",
+             "function": {"name": c["name"], "arguments": _arguments(c.get("arguments", {}), field)}} for c in items]
+
+
+# ---- openai -------------------------------------------------------------------------------------------------
+
+def openai_example(data: dict, source: str, columns: dict) -> Example:
+    field = columns.get("messages") or ("messages" if "messages" in data else "conversations")
+    raw = required_list(data, field)
+    messages = [_openai_message(m, f"{field}[{i}]") for i, m in enumerate(raw)]
+    validate_conversation(messages, field)
+    return Example(source=source, messages=_with_system_column(messages, data, columns),
+                   tools=tools_column(data, columns))
+
+
+def _openai_message(message: Any, field: str) -> dict:
+    if not isinstance(message, dict):
+        raise RowProblem(field, f"expected an object with `role` and `content`, got {_kind(message)}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise RowProblem(f"{field}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    out = {"role": role, "content": _content_text(message.get("content"), f"{field}.content")}
+    if role == "assistant" and message.get("tool_calls"):
+        out["tool_calls"] = [_openai_call(c, f"{field}.tool_calls[{k}]")
+                             for k, c in enumerate(_maybe_json(message["tool_calls"]))]
+    if role == "tool" and message.get("tool_call_id"):
+        out["tool_call_id"] = str(message["tool_call_id"])
+    return out
+
+
+def _content_text(content: Any, field: str) -> str:
+    """A string, or the text of a list of parts ({type: text, text|value: ...}); None reads as ''."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text"):
+                raise RowProblem(f"{field}[{k}]", f"only text parts are supported, got {_short(part)}")
+            texts.append(part.get("text", part.get("value")) or "")
+        return "".join(texts)
+    raise RowProblem(field, f"expected a string, got {_kind(content)}")
+
+
+def _openai_call(call: Any, field: str) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise RowProblem(field, 'expected {"type": "function", "function": {"name": ..., "arguments": ...}}, got '
+                                f"{_short(call)}")
+    out = {"type": "function", "function": {"name": function["name"],
+                                            "arguments": _arguments(function.get("arguments", {}), field)}}
+    return {"id": str(call["id"]), **out} if call.get("id") else out
+
+
+# ---- text ---------------------------------------------------------------------------------------------------
+
+def text_example(data: dict, source: str, columns: dict) -> Example:
+    return Example(source=source, text=required_text(data, columns.get("text", "text")))
+
+
+# ---- checks shared by the chat formats ----------------------------------------------------------------------
+
+# After a turn of this kind, which may come next ("call" is an assistant turn with tool calls).
+_NEXT = {"start": ("user",), "system": ("user",), "user": ("assistant", "call"), "assistant": ("user",),
+         "call": ("tool",), "tool": ("tool", "assistant", "call")}
+
+
+def validate_conversation(messages: list[dict], field: str) -> None:
+    """Roles, contents and turn order of a normalised conversation (see the module docstring)."""
+    if not messages:
+        raise RowProblem(field, "empty conversation; expected a user turn and an assistant reply")
+    state = "start"
+    for i, m in enumerate(messages):
+        kind = "call" if m["role"] == "assistant" and m.get("tool_calls") else m["role"]
+        where = f"{field}[{i}]"
+        if kind == "system" and i > 0:
+            raise RowProblem(where, "a system message may only come first")
+        if kind != "system" and kind not in _NEXT[state]:
+            expected = " or ".join(_NEXT[state]).replace("call", "assistant tool call")
+            raise RowProblem(where, f"{_article(m['role'])} `{m['role']}` turn cannot follow {_describe(state)}; "
+                                    f"expected {expected}")
+        if kind != "call" and not m["content"].strip():
+            raise RowProblem(where, f"empty `{m['role']}` content")
+        state = kind
+    if state != "assistant":
+        raise RowProblem(field, f"the conversation ends with {_describe(state)}; it must end with the assistant's "
+                                f"reply")
+
+
+def _describe(state: str) -> str:
+    return {"start": "the start", "call": "an assistant tool call"}.get(state, f"{_article(state)} `{state}` turn")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeio" else "a"  # "a user", "an assistant"
+
+
+def _with_system_column(messages: list[dict], data: dict, columns: dict) -> list[dict]:
+    system = optional_text(data, columns.get("system", "system"))
+    if system and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def tools_column(data: dict, columns: dict) -> list | None:
+    """Tool schemas as [{type: function, function: {...}}] (LLaMA-Factory stores bare functions as JSON text)."""
+    field = columns.get("tools", "tools")
+    tools = _maybe_json(data.get(field))
+    if tools in (None, "", []):
+        return None
+    tools = [tools] if isinstance(tools, dict) else tools
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowProblem(field, f"expected a list of tool schemas (or JSON text of one), got {_short(tools)}")
+    out = []
+    for k, tool in enumerate(tools):
+        if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+            out.append(tool)
+        elif isinstance(tool.get("name"), str):
+            out.append({"type": "function", "function": tool})
+        else:
+            raise RowProblem(f"{field}[{k}]", f"a tool schema needs a `name`, got {_short(tool)}")
+    return out
+
+
+def _arguments(args: Any, field: str) -> dict | str:
+    """Arguments as a dict when they are JSON (what chat templates expect); other text is kept as is."""
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError:
+            return args
+        return parsed if isinstance(parsed, dict) else args
+    if isinstance(args, dict):
+        return args
+    raise RowProblem(field, f"tool-call arguments must be an object or JSON text, got {_kind(args)}")
+
+
+def required_text(data: dict, field: str) -> str:
+    value = data.get(field)
+    if field not in data or value is None:
+        raise RowProblem(field, f"missing; this format needs `{field}` (map another column to it with `columns`)")
+    if not isinstance(value, str):
+        raise RowProblem(field, f"expected a string, got {_kind(value)}")
+    if not value.strip():
+        raise RowProblem(field, "empty")
+    return value
+
+
+def optional_text(data: dict, field: str) -> str:
+    value = data.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowProblem(field, f"expected a string, got {_kind(value)}")
+    return value
+
+
+def required_list(data: dict, field: str) -> list:
+    if data.get(field) is None:
+        raise RowProblem(field, f"missing; this format needs `{field}` (map another column to it with `columns`)")
+    value = _maybe_json(data[field])
+    if not isinstance(value, list):
+        raise RowProblem(field, f"expected a list (or JSON text of one), got {_kind(value)}")
+    return value
+
+
+def _maybe_json(value: Any) -> Any:
+    """JSON text of a list or object is parsed (CSV cells, LLaMA-Factory's tools column); anything else is kept."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {_short(value)}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,0 +1,80 @@
+"""The dataset registry: a LLaMA-Factory style `dataset_info.json` mapping names to files and their layout.
+
+    {"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"},
+     "glaive_toolcall_en_demo": {"file_name": "glaive_toolcall_en_demo.json", "formatting": "sharegpt",
+                                 "columns": {"messages": "conversations", "tools": "tools"}},
+     "alpaca_en": {"hf_hub_url": "llamafactory/alpaca_en"}}
+
+Entries give `file_name` (relative to the registry file) or `hf_hub_url`, `formatting` (alpaca, the default, or
+sharegpt), `columns` and `tags` (sharegpt role names). LLaMA-Factory's column names are translated to ours
+(prompt -> instruction, query -> input, response -> output); an entry whose only column is `prompt` is plain text
+for pre-training (LLaMA-Factory's c4_demo/wiki_demo). `ranking` (preference) datasets are refused until the
+preference stages exist, with a message saying so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from tuneforge.configs.schema import DatasetSpec
+from tuneforge.errors import DataError, did_you_mean
+
+LF_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+
+
+class Registry:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"Dataset registry {path}: cannot read it as JSON ({e}).") from e
+        if not isinstance(entries, dict):
+            raise DataError(f"Dataset registry {path}: expected an object mapping dataset names to entries.")
+        self.entries: dict[str, dict] = entries
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def hint(self, name: str) -> str:
+        return did_you_mean(name, self.entries)
+
+    def resolve(self, spec: DatasetSpec) -> DatasetSpec:
+        """The spec of registry entry `spec.path`: a path (or hub name) and its format, columns and tags.
+        What the spec itself sets (format other than auto, columns, tags) wins over the entry."""
+        name, entry = spec.path, self.entries[spec.path]
+        where = f"Dataset registry {self.path}, entry `{name}`"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object with `file_name` or `hf_hub_url`.")
+        if entry.get("ranking"):
+            raise DataError(f"{where} is a ranking (preference) dataset; stages that use chosen/rejected pairs are "
+                            f"not available yet. Use an SFT or pre-training dataset.")
+        fmt, columns = _format_and_columns(entry, where)
+        return replace(spec, path=self._location(entry, where),
+                       format=spec.format if spec.format != "auto" else fmt,
+                       columns={**columns, **spec.columns}, tags={**(entry.get("tags") or {}), **spec.tags})
+
+    def _location(self, entry: dict, where: str) -> str:
+        if entry.get("file_name"):
+            return str(self.path.parent / entry["file_name"])
+        if entry.get("hf_hub_url"):
+            return entry["hf_hub_url"]
+        raise DataError(f"{where}: needs `file_name` (relative to the registry) or `hf_hub_url`; other sources "
+                        f"(ModelScope, scripts) are not supported.")
+
+
+def _format_and_columns(entry: dict, where: str) -> tuple[str, dict]:
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt", "openai"):
+        raise DataError(f"{where}: unknown formatting {formatting!r}; expected alpaca or sharegpt.")
+    raw = entry.get("columns") or {}
+    if formatting == "alpaca" and set(raw) == {"prompt"}:
+        return "text", {"text": raw["prompt"]}  # LLaMA-Factory's pre-training entries
+    columns = {LF_COLUMNS.get(k, k): v for k, v in raw.items() if isinstance(v, str)}
+    tags = entry.get("tags") or {}
+    if formatting == "sharegpt" and tags.get("role_tag") == "role" and tags.get("content_tag") == "content" \
+            and tags.get("user_tag", "user") == "user" and tags.get("assistant_tag", "assistant") == "assistant":
+        return "openai", columns  # sharegpt tags spelling out OpenAI messages: read them as such (tool calls too)
+    return formatting, columns

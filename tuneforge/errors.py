@@ -1,0 +1,37 @@
+"""User-facing errors.
+
+A `UserError` is a mistake in the user's input (a config key, a data row, a path). The CLI prints its message as one
+paragraph and exits with status 2, without a traceback. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the file/key/row and the fix."""
+
+
+class ConfigError(UserError):
+    """A bad config key, type or combination."""
+
+
+class DataError(UserError):
+    """Bad rows or unreadable data files."""
+
+
+def closest(name: str, candidates, n: int = 1) -> str | None:
+    """The closest valid spelling of `name` among `candidates`, or None."""
+    found = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+    return found[0] if found else None
+
+
+def did_you_mean(name: str, candidates) -> str:
+    """' Did you mean `x`?' or a list of valid names when nothing is close."""
+    candidates = sorted(candidates)
+    match = closest(name, candidates)
+    if match:
+        return f" Did you mean `{match}`?"
+    shown = ", ".join(candidates[:25]) + (" ..." if len(candidates) > 25 else "")
+    return f" Valid names: {shown}."

@@ -1,0 +1,84 @@
+"""LoRA through PEFT (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+
+PEFT owns the layers and the adapter folder format, so a saved adapter loads with `peft.PeftModel.from_pretrained`.
+Variants (rsLoRA, DoRA, PiSSA, LoRA+) reuse `LoraOptions` and override only what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuneforge.configs.typed import opt
+from tuneforge.errors import ConfigError
+from tuneforge.methods import register
+from tuneforge.methods.base import Method, unwrap
+
+
+@dataclass
+class LoraOptions:
+    rank: int = opt(8, "LoRA rank r: the width of the low-rank update. Raise it before switching to full tuning.")
+    alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) for rslora).")
+    dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    target_modules: list[str] = opt(factory=lambda: ["all-linear"],
+                                    help="Module names to adapt (e.g. [q_proj, v_proj]) or [all-linear].")
+    modules_to_save: list[str] = opt(factory=list, help="Extra modules trained in full and saved with the adapter "
+                                                        "(e.g. [embed_tokens, lm_head] when adding tokens).")
+    bias: str = opt("none", "Which biases train alongside: none, all or lora_only.")
+
+
+def peft_target_modules(opts: LoraOptions):
+    if opts.target_modules == ["all-linear"]:
+        return "all-linear"
+    return list(opts.target_modules)
+
+
+class Lora(Method):
+    name = "lora"
+    section = "lora"
+    Options = LoraOptions
+    saves_adapter = True
+    summary = "Low-rank updates on chosen linear layers (PEFT). The usual starting point."
+
+    def validate(self, cfg):
+        o = cfg.options(self.section)
+        if o.rank < 1:
+            raise ConfigError(f"`lora.rank` must be at least 1, got {o.rank}.")
+        if not 0.0 <= o.dropout < 1.0:
+            raise ConfigError(f"`lora.dropout` must be in [0, 1), got {o.dropout}.")
+        if o.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"`lora.bias` must be none, all or lora_only, got {o.bias!r}.")
+        if not o.target_modules:
+            raise ConfigError("`lora.target_modules` is empty; use [all-linear] or name modules like [q_proj, v_proj].")
+
+    def peft_config(self, opts: LoraOptions):
+        from peft import LoraConfig
+
+        return LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+                          target_modules=peft_target_modules(opts), modules_to_save=opts.modules_to_save or None,
+                          bias=opts.bias, task_type="CAUSAL_LM", **self.extra_peft_kwargs(opts))
+
+    def extra_peft_kwargs(self, opts) -> dict:
+        """What a LoRA variant changes in `peft.LoraConfig`."""
+        return {}
+
+    def apply(self, model, opts, cfg):
+        from peft import get_peft_model
+
+        try:
+            return get_peft_model(model, self.peft_config(opts))
+        except ValueError as e:  # PEFT says which target modules were not found
+            raise ConfigError(f"`{self.section}.target_modules`: {e}") from e
+
+    def save(self, model, out_dir):
+        unwrap(model).save_pretrained(out_dir, safe_serialization=True)
+
+    def load(self, base_model, path):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, str(path))
+
+    def merge(self, model):
+        return unwrap(model).merge_and_unload()
+
+
+register(Lora())

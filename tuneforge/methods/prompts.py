@@ -1,0 +1,164 @@
+"""Prompt-based methods through PEFT: `prompt_tuning`, `p_tuning`, `prefix_tuning` (`p_tuning_v2`: prompts_v2.py).
+
+The base model stays frozen; what trains are virtual tokens (soft prompts) or per-layer key/value prefixes. PEFT's
+`PeftModelForCausalLM` adds them in `forward` AND in `generate`, so a loaded adapter generates with its prompts.
+None of them merges: there is no weight change equivalent to extra attention positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tuneforge.configs.typed import opt
+from tuneforge.errors import ConfigError
+from tuneforge.methods import register
+from tuneforge.methods.base import Method, unwrap
+
+
+class PromptMethod(Method):
+    """Shared plumbing: PEFT prompt-learning config -> `get_peft_model`; PEFT folder format; no merge."""
+
+    mergeable = False
+    saves_adapter = True
+
+    def validate(self, cfg):
+        n = cfg.options(self.section).num_virtual_tokens
+        if n < 1:
+            raise ConfigError(f"`{self.section}.num_virtual_tokens` must be at least 1, got {n}.")
+
+    def peft_config(self, opts, model, cfg):
+        raise NotImplementedError
+
+    def apply(self, model, opts, cfg):
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(opts, model, cfg))
+
+    def load(self, base_model, path):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, str(path))
+
+
+@dataclass
+class PromptTuningOptions:
+    num_virtual_tokens: int = opt(20, "Soft-prompt length: learned embeddings put before every input.")
+    init: Literal["random", "text"] = opt("random", "Start the soft prompt from random vectors or from the "
+                                                    "embeddings of `init_text` (more stable, Lester et al.).")
+    init_text: str | None = opt(None, "Text for init: text, e.g. 'Answer the question politely:' (its tokens are "
+                                      "repeated or cut to num_virtual_tokens).")
+
+
+def tokenizer_path(model, cfg) -> str:
+    """A local folder with the model's tokenizer: where the model was loaded from, else `model.name_or_path`."""
+    for candidate in (getattr(unwrap(model), "name_or_path", ""), cfg.model.name_or_path):
+        if candidate and Path(candidate).is_dir():
+            return str(candidate)
+    raise ConfigError(f"`prompt_tuning.init: text` needs the model's tokenizer, but `model.name_or_path` "
+                      f"({cfg.model.name_or_path!r}) is not a local folder. Use a local model folder or "
+                      f"`prompt_tuning.init: random`.")
+
+
+class PromptTuning(PromptMethod):
+    """Prompt tuning (Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning",
+    https://arxiv.org/abs/2104.08691): a trained soft prompt of `num_virtual_tokens` input embeddings."""
+
+    name = "prompt_tuning"
+    section = "prompt_tuning"
+    Options = PromptTuningOptions
+    summary = "A learned soft prompt (virtual input embeddings); the fewest trainable parameters (PEFT)."
+
+    def validate(self, cfg):
+        super().validate(cfg)
+        o = cfg.options(self.section)
+        if o.init == "text" and not (o.init_text or "").strip():
+            raise ConfigError("`prompt_tuning.init: text` needs `prompt_tuning.init_text`, e.g. 'Answer briefly:'.")
+
+    def peft_config(self, opts, model, cfg):
+        from peft import PromptTuningConfig
+
+        if opts.init == "random":
+            return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=opts.num_virtual_tokens,
+                                      prompt_tuning_init="RANDOM")
+        from transformers import AutoTokenizer
+
+        folder = tokenizer_path(model, cfg)
+        if not AutoTokenizer.from_pretrained(folder)(opts.init_text, add_special_tokens=False)["input_ids"]:
+            raise ConfigError(f"`prompt_tuning.init_text` {opts.init_text!r} gives no tokens with the tokenizer in "
+                              f"{folder}; use a text of real words.")
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=opts.num_virtual_tokens,
+                                  prompt_tuning_init="TEXT", prompt_tuning_init_text=opts.init_text,
+                                  tokenizer_name_or_path=folder)
+
+
+@dataclass
+class PTuningOptions:
+    num_virtual_tokens: int = opt(20, "Number of virtual tokens produced by the prompt encoder.")
+    encoder: Literal["mlp", "lstm"] = opt("mlp", "Re-parameterisation of the virtual tokens: mlp (3 layers, "
+                                                 "recommended by PEFT) or lstm (bidirectional LSTM + MLP, the paper).")
+    encoder_hidden_size: int = opt(128, "Hidden size of the prompt encoder.")
+    encoder_num_layers: int = opt(2, "LSTM layers (lstm encoder only).")
+    encoder_dropout: float = opt(0.0, "Dropout inside the LSTM (lstm encoder with 2+ layers only).")
+
+
+class PTuning(PromptMethod):
+    """P-tuning (Liu et al., 2021, "GPT Understands, Too", https://arxiv.org/abs/2103.10385): virtual tokens produced
+    by a small prompt encoder (MLP or LSTM) from trained embeddings. Saved adapters hold the encoder's output, so
+    inference needs no encoder."""
+
+    name = "p_tuning"
+    section = "p_tuning"
+    Options = PTuningOptions
+    summary = "Virtual tokens from a trained MLP/LSTM prompt encoder (PEFT PromptEncoder)."
+
+    def validate(self, cfg):
+        super().validate(cfg)
+        o = cfg.options(self.section)
+        if o.encoder_hidden_size < 1 or o.encoder_num_layers < 1:
+            raise ConfigError("`p_tuning.encoder_hidden_size` and `p_tuning.encoder_num_layers` must be at least 1.")
+        if not 0.0 <= o.encoder_dropout < 1.0:
+            raise ConfigError(f"`p_tuning.encoder_dropout` must be in [0, 1), got {o.encoder_dropout}.")
+
+    def peft_config(self, opts, model, cfg):
+        from peft import PromptEncoderConfig
+
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=opts.num_virtual_tokens,
+                                   encoder_reparameterization_type=opts.encoder.upper(),
+                                   encoder_hidden_size=opts.encoder_hidden_size,
+                                   encoder_num_layers=opts.encoder_num_layers, encoder_dropout=opts.encoder_dropout)
+
+
+@dataclass
+class PrefixTuningOptions:
+    num_virtual_tokens: int = opt(20, "Prefix length: learned key/value positions in every attention layer.")
+    projection: bool = opt(True, "Re-parameterise the prefix through a 2-layer MLP while training (Li & Liang); "
+                                 "false trains the key/value table directly (like p_tuning_v2).")
+    encoder_hidden_size: int = opt(128, "Hidden size of the projection MLP (projection: true only).")
+
+
+class PrefixTuning(PromptMethod):
+    """Prefix tuning (Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+    https://arxiv.org/abs/2101.00190): trained key/value prefixes at every layer, optionally produced by an MLP."""
+
+    name = "prefix_tuning"
+    section = "prefix_tuning"
+    Options = PrefixTuningOptions
+    summary = "Learned key/value prefixes in every attention layer, with or without an MLP (PEFT)."
+
+    def validate(self, cfg):
+        super().validate(cfg)
+        if cfg.options(self.section).encoder_hidden_size < 1:
+            raise ConfigError("`prefix_tuning.encoder_hidden_size` must be at least 1.")
+
+    def peft_config(self, opts, model, cfg):
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=opts.num_virtual_tokens,
+                                  prefix_projection=opts.projection, encoder_hidden_size=opts.encoder_hidden_size)
+
+
+register(PromptTuning())
+register(PTuning())
+register(PrefixTuning())

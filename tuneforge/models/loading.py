@@ -1,0 +1,206 @@
+"""One code path that loads a model and its tokenizer, whatever the source.
+
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct"))
+
+`name_or_path` is a local Hugging Face folder, a hub id, or `builtin:<name>` (fetched and converted once, then a
+local folder; see builtin.py). All three end in the same `from_pretrained` calls, so what works for a tiny test
+model works for a real one. Security defaults: `trust_remote_code` stays off unless the config turns it on, and
+pickle weights (.bin/.pt/.pth) are refused unless `model.allow_pickle: true`, because unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from tuneforge.errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `gpt2` or `org/name`
+
+
+@contextmanager
+def atomic_folder(final: Path, replace: bool = True):
+    """Yield a temp folder next to `final`; on success it is renamed to `final` (replacing an existing one when
+    `replace`), on error it is removed. Readers therefore see either no folder or a complete one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{final} already exists; remove it or choose another folder.")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def resolve_source(name_or_path: str) -> str:
+    """A local folder for local and builtin sources (checked), the hub id unchanged otherwise."""
+    if name_or_path.startswith("builtin:"):
+        from tuneforge.models.builtin import resolve_builtin
+
+        return str(resolve_builtin(name_or_path.removeprefix("builtin:")))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        check_local_folder(path)
+        return str(path)
+    if not HUB_ID.match(name_or_path):
+        raise UserError(f"Model folder {name_or_path} does not exist. Pass an existing Hugging Face folder (with "
+                        f"config.json), a hub id like Qwen/Qwen2.5-0.5B-Instruct, or builtin:smollm2-135m-instruct.")
+    return name_or_path
+
+
+def check_local_folder(folder: Path) -> None:
+    """Refuse what is not a loadable model folder, saying what it looks like instead."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file; `model.name_or_path` must be the folder that holds config.json.")
+    if (folder / "config.json").is_file():
+        return
+    if (folder / "adapter_config.json").is_file():
+        raise UserError(f"{folder} holds an adapter (adapter_config.json), not a full model. Pass the base model as "
+                        f"the model and this folder as the adapter (e.g. `tuneforge chat --model BASE --adapter "
+                        f"{folder}`).")
+    raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder. Point "
+                    f"`model.name_or_path` at the folder written by save_pretrained (or by `tuneforge init-model`).")
+
+
+def check_pickle(folder: Path, allow_pickle: bool) -> None:
+    """Pickle weights run code when loaded: refuse a folder whose only weights are pickles unless allowed."""
+    if allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    if pickles:
+        raise UserError(f"{pickles[0]} holds pickle weights, which can execute code when loaded, and {folder} has no "
+                        f".safetensors file. Convert it to safetensors, or, if you trust the source, set "
+                        f"`model.allow_pickle: true`.")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub, so an offline machine gets an answer in seconds instead of after a minute
+    of transformers' retries. With a proxy configured we cannot probe directly and let transformers try."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(fn, source: str, what: str, **kwargs):
+    """Call a `from_pretrained`, turning the usual failures into one-paragraph UserErrors."""
+    local = Path(source).is_dir()
+    if not local and not hub_reachable():
+        kwargs["local_files_only"] = True  # the hub cache may still hold it
+    try:
+        return fn(source, **kwargs)
+    except OSError as e:
+        if local:
+            raise UserError(f"Could not load the {what} from {source}: {e}") from e
+        if kwargs.get("local_files_only"):
+            raise UserError(f"`{source}` is not a local folder and the Hugging Face hub is unreachable from here "
+                            f"(and the model is not in the local hub cache). Download the model on a machine with "
+                            f"access and pass its local folder as `model.name_or_path`, or use "
+                            f"builtin:smollm2-135m-instruct.") from e
+        hint = "" if kwargs.get("use_safetensors") is not True else (
+            " If the repository has only pickle weights and you trust it, set `model.allow_pickle: true`.")
+        raise UserError(f"Could not load the {what} `{source}` from the hub: {e}.{hint}") from e
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{source} needs to run its own Python code to load ({e}). Set "
+                            f"`model.trust_remote_code: true` only if you trust its source.") from e
+        raise
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Make a tokenizer ready for batching: a pad token (eos, else unk/bos, else a new <|pad|>) and right
+    padding, which training expects (generation switches to left padding itself)."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if fallback is not None:
+            tokenizer.pad_token = fallback
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer.padding_side = "right"
+
+
+def apply_chat_template_override(tokenizer, override: str | None) -> None:
+    """`model.chat_template`: a built-in name or a .jinja path, resolved by the data package."""
+    if not override:
+        return
+    from tuneforge.data.templates import resolve_chat_template  # lazy: only needed for overrides
+
+    template = resolve_chat_template(tokenizer, override)
+    if template is not None:
+        tokenizer.chat_template = template
+
+
+def _load_tokenizer_from(source: str, model_cfg):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer",
+                                 trust_remote_code=model_cfg.trust_remote_code)
+    prepare_tokenizer(tokenizer)
+    apply_chat_template_override(tokenizer, model_cfg.chat_template)
+    return tokenizer
+
+
+def load_tokenizer(model_cfg):
+    """The tokenizer of `model_cfg.name_or_path`, with a pad token, right padding and any template override."""
+    return _load_tokenizer_from(resolve_source(model_cfg.name_or_path), model_cfg)
+
+
+def _load_model_from(source: str, model_cfg, dtype, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    if Path(source).is_dir():
+        check_pickle(Path(source), model_cfg.allow_pickle)
+    if not model_cfg.allow_pickle:
+        kwargs.setdefault("use_safetensors", True)  # never fall back to pickle files on the hub either
+    try:
+        return _from_pretrained(AutoModelForCausalLM.from_pretrained, source, "model", dtype=dtype,
+                                trust_remote_code=model_cfg.trust_remote_code,
+                                attn_implementation=model_cfg.attn_implementation, **kwargs)
+    except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package or a GPU
+        raise UserError(f"`model.attn_implementation: {model_cfg.attn_implementation}` is not available here: "
+                        f"{e} Use sdpa (the default) or eager.") from e
+
+
+def load_model_and_tokenizer(model_cfg, dtype: torch.dtype | None = torch.float32,
+                             device: str | torch.device | None = "cpu", **from_pretrained_kwargs):
+    """Load (model, tokenizer) from a local folder, a hub id or `builtin:<name>`.
+
+    Extra keyword arguments go to `AutoModelForCausalLM.from_pretrained` (e.g. a quantization config); with a
+    `device_map` among them the model is left where transformers placed it instead of moved to `device`."""
+    source = resolve_source(model_cfg.name_or_path)
+    tokenizer = _load_tokenizer_from(source, model_cfg)
+    model = _load_model_from(source, model_cfg, dtype, **from_pretrained_kwargs)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # only when prepare_tokenizer added <|pad|>
+        model.resize_token_embeddings(len(tokenizer))
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None and "device_map" not in from_pretrained_kwargs:
+        model.to(device)
+    return model, tokenizer

@@ -1,0 +1,25 @@
+"""`tuneforge train CONFIG.yaml [key=value ...]`: load and check the config, then run its stage's recipe.
+
+    tuneforge train examples/sft_lora_tiny.yaml training.max_steps=20 lora.rank=16
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tuneforge.configs.schema import load_train_config
+from tuneforge.errors import UserError
+from tuneforge.recipes import RECIPES
+
+
+def run_config(cfg, log=print):
+    recipe = importlib.import_module(RECIPES[cfg.stage])
+    return recipe.run(cfg, log=log)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        raise UserError("Usage: tuneforge train CONFIG.yaml [key=value ...]; see `tuneforge train --help`.")
+    cfg = load_train_config(argv[0], argv[1:])
+    run_config(cfg)
+    return 0

@@ -1,0 +1,102 @@
+"""Resumable checkpoints, written atomically.
+
+    output_dir/checkpoint-<step>/
+        trainable.safetensors   the trainable tensors (all weights for `full`, the adapter for LoRA, ...)
+        optimizer.pt            optimizer state (tensors + numbers; loaded with weights_only=True)
+        scheduler.pt            LR scheduler state
+        rng.pt                  Python, NumPy, torch (and CUDA) RNG states
+        trainer_state.json      step, data position, metrics so far
+
+A checkpoint is first written to `checkpoint-<step>.tmp-<pid>` and then renamed, so a crash never leaves a
+half-written checkpoint that `resume: auto` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tuneforge.errors import UserError
+from tuneforge.training.runtime import rng_state, set_rng_state
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def atomic_dir(final: Path):
+    """A temp folder next to `final`; call `commit(tmp, final)` once it is complete."""
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def save_checkpoint(output_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                    trainer_state: dict, keep: int, extra_save=None) -> Path:
+    final = output_dir / f"checkpoint-{step}"
+    tmp = atomic_dir(final)
+    save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    if extra_save is not None:
+        extra_save(tmp)
+    commit(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_resume(resume: str | None, output_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"{path} is not a TuneForge checkpoint (no trainer_state.json). Pass a folder like "
+                        f"{output_dir}/checkpoint-10, or `training.resume=auto`.")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore trainable tensors, optimizer, scheduler and RNG; return the trainer state (step, data position)."""
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [k for k in tensors if k not in params]
+    if missing:
+        raise UserError(f"Checkpoint {path} does not match this model/method: it has tensors the model lacks "
+                        f"(first: {missing[0]}). Resume with the same model, method and options.")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text())

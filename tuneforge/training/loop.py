@@ -1,0 +1,260 @@
+"""The one training loop: every stage uses it and supplies only a `Stage` (how a batch becomes a loss).
+
+Per optimizer step it takes `grad_accum` micro-batches, counts the loss targets of the whole global batch first
+(all ranks, all micro-batches) and divides each micro-batch's summed loss by that count. So 1 process with batch 8,
+8 micro-batches of 1, and 2 processes with batch 4 all optimise the same objective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tuneforge.data.types import IGNORE_INDEX
+from tuneforge.losses import causal_lm_loss
+from tuneforge.methods.base import Method, unwrap
+from tuneforge.training.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from tuneforge.training.metrics import MetricsLogger
+from tuneforge.training.optim import build_optimizer, build_scheduler, total_steps_for
+from tuneforge.training.runtime import Runtime
+
+
+class Stage:
+    """What a recipe supplies: the loss of a micro-batch. Default: next-token cross-entropy on `labels`, or the
+    R-Drop objective when `rdrop_alpha` > 0 (set by the trainer from `training.rdrop_alpha`)."""
+
+    rdrop_alpha: float = 0.0
+
+    def targets(self, batch: dict) -> int:
+        """How many loss terms the batch contributes (the normaliser across micro-batches and ranks)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(sum of loss terms, extra metrics)."""
+        if self.rdrop_alpha > 0 and model.training:
+            from tuneforge.tricks import rdrop_stage_loss
+
+            return rdrop_stage_loss(model, batch, self.rdrop_alpha)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
+        logits = logits[:, -batch["labels"].shape[1]:]  # prompt-learning methods prepend virtual-token positions
+        loss_sum, _ = causal_lm_loss(logits, batch["labels"])
+        return loss_sum, {}
+
+
+@dataclass
+class DataOrder:
+    """A deterministic, resumable order of micro-batches: epoch e is a permutation seeded by (seed, e); rank r takes
+    its slice of each global micro-batch. The position is one integer (micro-batches consumed)."""
+
+    n_items: int
+    batch_size: int  # per rank
+    world_size: int
+    rank: int
+    seed: int
+
+    @property
+    def per_epoch(self) -> int:
+        return self.n_items // (self.batch_size * self.world_size)
+
+    def indices(self, position: int) -> list[int]:
+        epoch, k = divmod(position, self.per_epoch)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(self.n_items, generator=gen).tolist()
+        start = (k * self.world_size + self.rank) * self.batch_size
+        return perm[start:start + self.batch_size]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    history: list[dict] = field(default_factory=list)
+    finished: bool = True
+
+
+class Trainer:
+    def __init__(self, cfg, runtime: Runtime, model, method: Method, train_items: list, eval_items: list,
+                 collate: Callable[[list], dict], stage: Stage | None = None, log: Callable[[str], None] = print):
+        self.cfg, self.t, self.rt = cfg, cfg.training, runtime
+        self.model, self.method = model, method
+        self.train_items, self.eval_items = train_items, eval_items
+        self.collate, self.stage = collate, stage or Stage()
+        self.output_dir = Path(cfg.output_dir)
+        self.order = DataOrder(len(train_items), self.t.batch_size, runtime.world_size, runtime.rank,
+                               cfg.data.seed)
+        if self.order.per_epoch == 0:
+            from tuneforge.errors import UserError
+
+            raise UserError(f"Only {len(train_items)} training examples, fewer than one global batch "
+                            f"(batch_size {self.t.batch_size} x {runtime.world_size} processes). Lower "
+                            f"`training.batch_size` or add data.")
+        self.total_steps = total_steps_for(self.t, self.order.per_epoch)
+        self.optimizer = build_optimizer(model, method, cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.t, self.total_steps)
+        self.say = log if runtime.is_main else (lambda _: None)
+        self.step, self.position = 0, 0
+        self._install_tricks()
+
+    def _install_tricks(self) -> None:
+        """NEFTune and R-Drop work with any method and stage, so they live in the loop, not in recipes."""
+        from tuneforge.tricks import check_rdrop_applicable, neftune_hook
+
+        self._neftune = neftune_hook(unwrap(self.model), self.t.neftune_alpha) if self.t.neftune_alpha > 0 else None
+        if self.t.rdrop_alpha > 0:
+            check_rdrop_applicable(unwrap(self.model))
+            self.stage.rdrop_alpha = self.t.rdrop_alpha
+
+    # ---- one optimizer step -------------------------------------------------------------------------------
+    def _micro_batches(self) -> list[tuple[dict, int]]:
+        out = []
+        for _ in range(self.t.grad_accum):
+            items = [self.train_items[i] for i in self.order.indices(self.position)]
+            self.position += 1
+            batch = {k: v.to(self.rt.device) for k, v in self.collate(items).items()}
+            out.append((batch, sum(len(x) for x in items)))
+        return out
+
+    def _no_sync(self, last: bool):
+        if self.rt.distributed and not last and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict:
+        self.model.train()
+        micro = self._micro_batches()
+        n_targets = sum(self.stage.targets(b) for b, _ in micro)
+        n_targets = int(self.rt.all_reduce_sum(torch.tensor(n_targets, device=self.rt.device)).item())
+        n_tokens = int(self.rt.all_reduce_sum(torch.tensor(sum(n for _, n in micro), device=self.rt.device)).item())
+        scale = self.rt.world_size / max(n_targets, 1)  # DDP averages gradients over ranks; undo that
+        loss_total, extra = torch.zeros((), device=self.rt.device), {}
+        for i, (batch, _) in enumerate(micro):
+            with self._no_sync(last=i == len(micro) - 1), self.rt.autocast():
+                loss_sum, extra = self.stage.loss(self.model, batch)
+            (loss_sum * scale).backward()
+            loss_total += loss_sum.detach().float()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.rt.all_reduce_sum(loss_total).item() / max(n_targets, 1)
+        return {"loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
+                **{k: float(v) for k, v in extra.items()}}
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    # ---- evaluation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.eval_items:
+            return None
+        self.model.eval()
+        mine = self.eval_items[self.rt.rank::self.rt.world_size]
+        total = torch.zeros(2, device=self.rt.device, dtype=torch.float64)
+        for start in range(0, len(mine), self.t.batch_size):
+            batch = {k: v.to(self.rt.device) for k, v in self.collate(mine[start:start + self.t.batch_size]).items()}
+            with self.rt.autocast():
+                loss_sum, _ = self.stage.loss(self.model, batch)
+            total += torch.tensor([loss_sum.item(), self.stage.targets(batch)], device=self.rt.device,
+                                  dtype=torch.float64)
+        total = self.rt.all_reduce_sum(total)
+        self.model.train()
+        return float(total[0] / max(total[1], 1))
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def _state(self, history: list[dict]) -> dict:
+        return {"step": self.step, "position": self.position, "total_steps": self.total_steps,
+                "world_size": self.rt.world_size, "history": history}
+
+    def save_checkpoint(self, history: list[dict]) -> None:
+        trainable = self.method.trainable_state_dict(unwrap(self.model))
+        if self.rt.is_main:
+            path = save_checkpoint(self.output_dir, self.step, trainable, self.optimizer, self.scheduler,
+                                   self._state(history), keep=self.t.save_total_limit)
+            self.say(f"saved {path}")
+        self.rt.barrier()
+
+    def maybe_resume(self) -> list[dict]:
+        path = find_resume(self.t.resume, self.output_dir)
+        if path is None:
+            if self.t.resume == "auto":
+                self.say(f"resume: auto found no checkpoint in {self.output_dir}; starting from step 0")
+            return []
+        state = load_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler)
+        if state["world_size"] != self.rt.world_size:
+            self.say(f"note: checkpoint was written with {state['world_size']} processes, resuming with "
+                     f"{self.rt.world_size}; the data order continues but batches are split differently")
+        self.step, self.position = state["step"], state["position"]
+        self.say(f"resumed from {path} at step {self.step}")
+        if self.rt.is_main:
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        return state.get("history", [])
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        history = self.maybe_resume()
+        if self.step == 0 and self.rt.is_main and (self.output_dir / "metrics.jsonl").exists():
+            (self.output_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old run's log
+        logger = MetricsLogger(self.output_dir, self.rt.is_main, self.total_steps, self.step, self.t.progress_bar)
+        last_eval, tokens_window, t0 = None, 0, time.perf_counter()
+        stop_at = self.step + self.t.stop_after_steps if self.t.stop_after_steps else self.total_steps
+        while self.step < min(stop_at, self.total_steps):
+            metrics = self.train_step()
+            self.step += 1
+            tokens_window += metrics.pop("tokens")
+            elapsed = time.perf_counter() - t0
+            metrics["tokens_per_s"] = tokens_window / elapsed if elapsed > 0 else 0.0
+            if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
+                last_eval = metrics["eval_loss"] = self.evaluate()
+            if self.step % self.t.logging_steps == 0 or self.step == self.total_steps or "eval_loss" in metrics:
+                logger.log(self.step, metrics)
+                history.append({"step": self.step, **metrics})
+            logger.progress(1, {"loss": metrics["loss"], "lr": metrics["lr"], "tok/s": round(metrics["tokens_per_s"])})
+            if (self.t.save_steps and self.step % self.t.save_steps == 0) or self.step == stop_at < self.total_steps:
+                self.save_checkpoint(history)
+        if self.step < self.total_steps:
+            logger.close(plot=False)
+            self.say(f"stopped after step {self.step} of {self.total_steps} (training.stop_after_steps); "
+                     f"continue with training.resume=auto")
+            return TrainResult(self.step, history[-1]["loss"] if history else None, last_eval, history, False)
+        final_eval = self.evaluate()
+        if self._neftune is not None:
+            self._neftune.remove()
+        if final_eval is not None:
+            logger.log(self.step, {"eval_loss": final_eval})
+            last_eval = final_eval
+        logger.close(plot=self.t.plot_loss)
+        final_loss = history[-1]["loss"] if history and "loss" in history[-1] else None
+        return TrainResult(self.step, final_loss, last_eval, history)
+
+
+def describe_model(model: torch.nn.Module, method: Method) -> str:
+    from tuneforge.methods.base import count_parameters
+
+    trainable, total = count_parameters(unwrap(model))
+    return (f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
+            f"({100 * trainable / max(total, 1):.3f}%)")
+
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    tmp.replace(path)

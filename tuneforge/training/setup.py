@@ -1,0 +1,99 @@
+"""The setup steps every recipe runs, in order: runtime, model + method, data, trainer, final save.
+
+Components, not a recipe: recipes call these top to bottom and add only what is specific to their stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tuneforge.configs.schema import TrainConfig, dump_config
+from tuneforge.methods import get_method
+from tuneforge.methods.base import Method, unwrap
+from tuneforge.training.checkpoint import atomic_dir
+from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
+
+
+def setup_run(cfg: TrainConfig) -> Runtime:
+    runtime = setup_runtime(cfg.training.device, cfg.training.precision)
+    seed_everything(cfg.seed)
+    if runtime.is_main:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "tuneforge_config.yaml", dump_config(cfg))
+    return runtime
+
+
+def setup_model(cfg: TrainConfig, runtime: Runtime):
+    """Load the base model in the compute dtype, apply the method, keep trainable weights in fp32."""
+    from tuneforge.models.loading import load_model_and_tokenizer
+
+    method = get_method(cfg.method)
+    opts = cfg.options(method.section) if method.section else None
+    load_kwargs = getattr(method, "load_kwargs", lambda _o, _c: {})(opts, cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=runtime.dtype, device=runtime.device,
+                                                **load_kwargs)
+    model.config.use_cache = False
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = method.apply(model, opts, cfg)
+    for p in model.parameters():  # fp32 master copies of what trains; frozen weights stay in the compute dtype
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    model.to(runtime.device)
+    if runtime.distributed:
+        model = wrap_ddp(model, runtime)
+    return model, tokenizer, method
+
+
+def wrap_ddp(model, runtime: Runtime):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=print):
+    from tuneforge.data import build_datasets, collate
+
+    train, evals, report = build_datasets(cfg.data, tokenizer, stage, chat_template=cfg.model.chat_template)
+    if runtime.is_main:
+        for line in report.lines():
+            log(f"data: {line}")
+        log(f"data: {len(train)} training and {len(evals)} evaluation examples")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collate_fn(items):
+        return collate(items, pad_id)
+
+    return train, evals, collate_fn
+
+
+def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runtime) -> Path | None:
+    """The method's export (HF model folder or PEFT adapter) plus the tokenizer, written into output_dir file by
+    file through a temp folder so a crash never leaves a half-written model."""
+    if not runtime.is_main:
+        runtime.barrier()
+        return None
+    out = Path(cfg.output_dir)
+    tmp = atomic_dir(out / "final")
+    method.save(unwrap(model), tmp)
+    tokenizer.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    tmp.rmdir()
+    runtime.barrier()
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
