@@ -35,15 +35,15 @@ class ChatArgs:
 
 
 def load_adapter(model, adapter: str):
-    """Put a PEFT adapter folder on `model`; anything else gets an error that says what the folder is."""
+    """Put an adapter folder (PEFT or TuneForge format) on `model`; anything else gets an error that says what the folder is."""
     folder = Path(adapter).expanduser()
     if not folder.is_dir():
         raise UserError(f"Adapter folder {adapter} does not exist. Pass the output_dir of a LoRA (or other "
                         f"adapter) training run, which holds adapter_config.json.")
     if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
+        from tuneforge.methods.adapters import load_adapter_folder
 
-        return PeftModel.from_pretrained(model, str(folder))
+        return load_adapter_folder(model, folder)  # PEFT folders and TuneForge's own (bottleneck adapters)
     if (folder / "config.json").is_file():
         raise UserError(f"{folder} holds a full model, not an adapter. Chat with it directly: "
                         f"`tuneforge chat --model {folder}`.")

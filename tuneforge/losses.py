@@ -23,6 +23,31 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, (shift_labels != IGNORE_INDEX).sum()
 
 
+def label_positions(labels: torch.Tensor, max_share: float = 0.75) -> torch.Tensor | None:
+    """Sequence positions t whose next token has a label in at least one row (position t predicts label t+1), or
+    None when that is most of the sequence (pre-training, loss on all turns) and selecting would save little.
+
+    Why: the output layer and the cross-entropy over the whole vocabulary are a large share of a small model's
+    compute (SmolLM2-135M: 28M of 135M parameters sit in lm_head, vocab 49152), and SFT labels only the assistant
+    replies. Computing logits only at these positions (transformers' `logits_to_keep` with an index tensor) gives
+    exactly the same loss and gradients for a fraction of that cost."""
+    has_label = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
+    if has_label.sum() > max_share * has_label.numel():
+        return None
+    return has_label.nonzero().squeeze(-1)
+
+
+def selected_positions_loss(logits: torch.Tensor, labels: torch.Tensor,
+                            positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`causal_lm_loss` when the model computed logits only at `positions` (from `label_positions`).
+
+    logits: [B, K, V] at those positions; labels: [B, T] aligned with the inputs. Returns (sum, label-token count)."""
+    targets = labels[:, positions + 1]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
 def rdrop_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor,
                alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """R-Drop regulariser (Liang et al., 2021, "R-Drop: Regularized Dropout for Neural Networks",

@@ -29,7 +29,7 @@ class QuickstartArgs:
     steps: int = opt(0, "Optimizer steps (0: the number in examples/quickstart.yaml).")
     heldout: int = opt(40, "How many held-out questions to score before and after.")
     show: int = opt(6, "How many held-out answers to print side by side.")
-    precision: str = opt("bf16", "fp32 or bf16 (bf16 is faster on most CPUs).")
+    precision: str = opt("auto", "fp32, bf16, or auto (bf16 where the CPU/GPU computes it natively, else fp32).")
 
 
 def make_task(out_dir: Path, n_heldout: int) -> tuple[Path, list[dict]]:

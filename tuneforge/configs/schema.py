@@ -88,7 +88,9 @@ class TrainingConfig:
     max_steps: int = opt(-1, "Optimizer steps to run; -1 means run `epochs` epochs.")
     epochs: float = opt(1.0, "Epochs to run when max_steps is -1.")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 disables).")
-    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "Compute dtype. bf16 works on CPU too; fp16 needs a GPU.")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = opt(
+        "fp32", "Compute dtype. bf16 works on CPU too but is fast only on CPUs with AVX512-BF16/AMX; fp16 needs a GPU. "
+        "auto: bf16 where the hardware computes it natively (recent GPUs and CPUs), else fp32.")
     neftune_alpha: float = opt(0.0, "NEFTune (Jain et al. 2023): uniform noise on input embeddings during training, "
                                     "scaled by alpha/sqrt(L*d). Typical 5. 0 disables.")
     rdrop_alpha: float = opt(0.0, "R-Drop (Liang et al. 2021): two dropout forward passes with a symmetric KL between "
@@ -192,8 +194,9 @@ def dump_config(cfg: TrainConfig) -> str:
     options = data.pop("method_options")
     from tuneforge.methods import METHODS
 
-    section = METHODS[cfg.method].section
-    if section:
+    method = METHODS[cfg.method]
+    # a method may read several sections (qlora: lora + qlora); dump every one it reads so the file re-runs as is
+    for section in getattr(method, "uses_sections", None) or ((method.section,) if method.section else ()):
         data[section] = options[section]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from tuneforge.data.types import IGNORE_INDEX
-from tuneforge.losses import causal_lm_loss
+from tuneforge.losses import causal_lm_loss, label_positions, selected_positions_loss
 from tuneforge.methods.base import Method, unwrap
 from tuneforge.training.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from tuneforge.training.metrics import MetricsLogger
@@ -42,10 +42,28 @@ class Stage:
 
             return rdrop_stage_loss(model, batch, self.rdrop_alpha)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        positions = label_positions(batch["labels"]) if accepts_logits_to_keep(model) else None
+        if positions is not None:  # logits only where a label is predicted: same loss, much less lm_head work
+            logits = model(**inputs, logits_to_keep=positions).logits
+            return selected_positions_loss(logits, batch["labels"], positions)[0], {}
         logits = model(**inputs).logits
         logits = logits[:, -batch["labels"].shape[1]:]  # prompt-learning methods prepend virtual-token positions
         loss_sum, _ = causal_lm_loss(logits, batch["labels"])
         return loss_sum, {}
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether `model(..., logits_to_keep=index_tensor)` selects positions of the caller's sequence. Not for
+    prompt-learning PEFT models: their virtual tokens shift every position (and PEFT builds the call itself)."""
+    import inspect
+
+    model = unwrap(model)
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None:
+        if peft_config.is_prompt_learning:
+            return False
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @dataclass

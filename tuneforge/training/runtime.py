@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,25 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it, PyTorch emulates bf16 matmuls
+    and a bf16 run is an order of magnitude slower than fp32 (measured here on an AVX2-only EPYC: 25x)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` becomes bf16 where the hardware computes it natively, else fp32; other values pass through."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
 def setup_runtime(device: str, precision: str) -> Runtime:
     """Initialise the process group when launched by torchrun; otherwise a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -70,7 +90,7 @@ def setup_runtime(device: str, precision: str) -> Runtime:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend)
-    return Runtime(device=dev, dtype=DTYPES[precision], rank=rank, world_size=world_size, local_rank=local_rank)
+    return Runtime(device=dev, dtype=DTYPES[resolve_precision(precision, dev)], rank=rank, world_size=world_size, local_rank=local_rank)
 
 
 def seed_everything(seed: int) -> None:
