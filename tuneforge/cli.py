@@ -13,8 +13,8 @@ import dataclasses
 import importlib
 import sys
 import typing
-from types import UnionType
 from dataclasses import MISSING, fields
+from types import UnionType
 from typing import Literal, get_args, get_origin
 
 from tuneforge.configs.typed import coerce, field_help_rows, help_of, type_name

@@ -39,14 +39,32 @@ def verbs_table() -> str:
     return "\n".join(rows)
 
 
-def methods_table() -> str:
+def _share(method: str, preset: str) -> str:
+    """Trainable share of a 7B model with the method's default options, from the estimator (`tuneforge estimate`)."""
+    from tuneforge.estimate import EstimateArgs, trainable_params
+    from tuneforge.estimate_presets import resolve_shape
     from tuneforge.methods import METHODS
 
-    rows = ["| method | config section | merges | saves | what it trains |", "|---|---|---|---|---|"]
+    shape = resolve_shape(preset)
+    if not METHODS[method].supports(shape.model_type):
+        return "n/a"
+    total = shape.total_params()
+    share = trainable_params(shape, method, EstimateArgs(model=preset)).trainable / total
+    return "0" if share == 0 else f"{share:.3%}" if share < 0.001 else f"{share:.2%}"
+
+
+def methods_table() -> str:
+    from dataclasses import fields
+
+    from tuneforge.methods import METHODS
+
+    rows = ["| method | what it trains | trainable share, Llama-2-7B / Qwen2-7B | merges | key options | "
+            "choose it when |", "|---|---|---|---|---|---|"]
     for name, m in METHODS.items():
-        saves = "adapter folder" if m.saves_adapter else "full model"
-        rows.append(f"| `{name}` | {f'`{m.section}`' if m.section else '-'} | {'yes' if m.mergeable else 'no'} | "
-                    f"{saves} | {_cell(m.summary)} |")
+        keys = ", ".join(f"`{m.section}.{f.name}`" for f in fields(m.Options)) if m.section else "-"
+        share = f"{_share(name, 'llama-7b')} / {_share(name, 'qwen2-7b')}"
+        rows.append(f"| `{name}` | {_cell(m.summary)} | {share} | {'yes' if m.mergeable else 'no'} | {keys} | "
+                    f"{_cell(m.guide)} |")
     return "\n".join(rows)
 
 

@@ -23,4 +23,15 @@ def get_method(name: str) -> Method:
 
 
 # One import per method module (registration happens at import).
-from tuneforge.methods import full, lora, bitfit, adapters, prompts_v2, lora_variants, qlora, prompts, ia3, llama_adapter  # noqa: E402,F401
+from tuneforge.methods import (  # noqa: E402,F401
+    adapters,
+    bitfit,
+    full,
+    ia3,
+    llama_adapter,
+    lora,
+    lora_variants,
+    prompts,
+    prompts_v2,
+    qlora,
+)

@@ -167,6 +167,7 @@ class Adapter(Method):
     mergeable = False
     saves_adapter = True
     summary = "Houlsby bottleneck adapters after attention and MLP (sequential or parallel); no merge."
+    guide = "Classic multi-task setups that keep one small module per task; prefer LoRA when you want to merge."
 
     def validate(self, cfg):
         o = cfg.options(self.section)

@@ -28,7 +28,12 @@ class Method:
     Options: type = NoOptions
     mergeable: bool = True
     summary: str = ""  # one line for `tuneforge methods` and the README table
+    guide: str = ""  # when to choose it, one line (README table)
     saves_adapter: bool = False  # True: output folder is a PEFT adapter, not a full model
+
+    def supports(self, model_type: str) -> bool:
+        """Whether the method can be applied to this architecture (a transformers `model_type`)."""
+        return True
 
     def validate(self, cfg) -> None:
         """Refuse impossible option combinations before any work starts (raise ConfigError)."""

@@ -47,7 +47,8 @@ class BitFit(Method):
     name = "bitfit"
     section = "bitfit"
     Options = BitFitOptions
-    summary = "Only bias terms train (optionally norm weights too); ~0.1% of parameters. Merges trivially."
+    summary = "Only bias terms train (optionally norm weights too); a tiny share of parameters. Merges trivially."
+    guide = "A very cheap baseline for models with biases (Qwen2 q/k/v); on bias-free Llama it has little to train."
 
     def apply(self, model, opts, cfg):
         base = unwrap(model)

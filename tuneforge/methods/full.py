@@ -17,6 +17,7 @@ from tuneforge.methods.base import Method, freeze_all, unwrap
 class Full(Method):
     name = "full"
     summary = "Every weight trains. Most memory (16 bytes/param with mixed-precision AdamW); best ceiling."
+    guide = "You have the memory (16 bytes/param) and lots of data, or LoRA at high rank still underfits."
 
     def apply(self, model, opts, cfg):
         for p in model.parameters():
@@ -61,6 +62,7 @@ class Freeze(Method):
     section = "freeze"
     Options = FreezeOptions
     summary = "Only the last N blocks (or named modules) train; the rest is frozen."
+    guide = "A middle ground on one GPU: adapt the top layers fully when LoRA is not enough and full is too big."
 
     def validate(self, cfg):
         o = cfg.options("freeze")

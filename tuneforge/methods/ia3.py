@@ -27,6 +27,7 @@ class IA3(Method):
     Options = IA3Options
     saves_adapter = True
     summary = "Learned rescaling vectors on keys, values and feed-forward activations (PEFT); tiny and mergeable."
+    guide = "The smallest mergeable adapter; try it when LoRA overfits a small dataset."
 
     def validate(self, cfg):
         o = cfg.options(self.section)

@@ -36,6 +36,10 @@ class LlamaAdapter(Method):
     mergeable = False
     saves_adapter = True
     summary = "Zero-init gated adaption prompts in the top layers (PEFT AdaptionPrompt; Llama/Mistral only)."
+    guide = "Instruction-following on Llama/Mistral with few parameters and a gated, stable start."
+
+    def supports(self, model_type):
+        return model_type in supported_model_types()
 
     def validate(self, cfg):
         o = cfg.options(self.section)
@@ -48,7 +52,7 @@ class LlamaAdapter(Method):
         from peft import AdaptionPromptConfig, get_peft_model
 
         config = unwrap(model).config
-        if config.model_type not in supported_model_types():
+        if not self.supports(config.model_type):
             raise ConfigError(f"`method: llama_adapter` supports model types {', '.join(supported_model_types())} "
                               f"(PEFT AdaptionPrompt); this model is `{config.model_type}`. Use `prefix_tuning` or "
                               f"`p_tuning_v2` for a similar prompt-in-every-layer method.")

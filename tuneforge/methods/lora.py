@@ -38,6 +38,7 @@ class Lora(Method):
     Options = LoraOptions
     saves_adapter = True
     summary = "Low-rank updates on chosen linear layers (PEFT). The usual starting point."
+    guide = "Start here on a chat model; raise the rank (or use all-linear) before going full."
 
     def validate(self, cfg):
         o = cfg.options(self.section)

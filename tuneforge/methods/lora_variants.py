@@ -33,6 +33,7 @@ class RsLora(LoraVariant):
 
     name = "rslora"
     summary = "LoRA scaled by alpha/sqrt(r): higher ranks keep learning (PEFT use_rslora)."
+    guide = "LoRA with rank 64+: keeps the effective step size stable as the rank grows."
 
     def extra_peft_kwargs(self, opts):
         return {"use_rslora": True}
@@ -44,6 +45,7 @@ class Dora(LoraVariant):
 
     name = "dora"
     summary = "LoRA on the direction plus a trained magnitude vector per output (PEFT use_dora). Slower, closer to full."
+    guide = "When LoRA lags full fine-tuning at the same rank and you can afford ~1.5x step time."
 
     def extra_peft_kwargs(self, opts):
         return {"use_dora": True}
@@ -97,6 +99,7 @@ class Pissa(MutatingInitLora):
     name = "pissa"
     init = "pissa"
     summary = "LoRA initialised from the top singular vectors of each weight (PEFT); saved as a plain LoRA."
+    guide = "Faster convergence than LoRA at the same rank; the saved adapter is a plain LoRA for the original base."
 
 
 class Olora(MutatingInitLora):
@@ -106,6 +109,7 @@ class Olora(MutatingInitLora):
     name = "olora"
     init = "olora"
     summary = "LoRA initialised from a QR decomposition of each weight (PEFT); saved as a plain LoRA."
+    guide = "Like PiSSA with a cheaper QR init; the saved adapter is a plain LoRA for the original base."
 
 
 @dataclass
@@ -128,6 +132,7 @@ class LoraPlus(LoraVariant):
     Options = LoraPlusOptions
     uses_sections = ("lora", "lora_plus")
     summary = "LoRA with a higher learning rate (lr * ratio) for the B matrices (LoRA+ optimizer groups)."
+    guide = "Same cost as LoRA, often faster convergence: set lora_plus.ratio (paper: 16)."
 
     def validate(self, cfg):
         get_method("lora").validate(cfg)

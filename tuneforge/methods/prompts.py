@@ -69,6 +69,7 @@ class PromptTuning(PromptMethod):
     section = "prompt_tuning"
     Options = PromptTuningOptions
     summary = "A learned soft prompt (virtual input embeddings); the fewest trainable parameters (PEFT)."
+    guide = "Many tasks on one frozen large model, with a few thousand parameters per task."
 
     def validate(self, cfg):
         super().validate(cfg)
@@ -112,6 +113,7 @@ class PTuning(PromptMethod):
     section = "p_tuning"
     Options = PTuningOptions
     summary = "Virtual tokens from a trained MLP/LSTM prompt encoder (PEFT PromptEncoder)."
+    guide = "Prompt tuning that trains more stably on small models (an MLP/LSTM re-parameterises the prompt)."
 
     def validate(self, cfg):
         super().validate(cfg)
@@ -146,6 +148,7 @@ class PrefixTuning(PromptMethod):
     section = "prefix_tuning"
     Options = PrefixTuningOptions
     summary = "Learned key/value prefixes in every attention layer, with or without an MLP (PEFT)."
+    guide = "Generation tasks with a frozen model; stronger than prompt tuning on small models."
 
     def validate(self, cfg):
         super().validate(cfg)

@@ -73,6 +73,7 @@ class PTuningV2(Method):
     mergeable = False
     saves_adapter = True
     summary = "Deep prompts: learned key/values at every layer, no re-parameterisation (PEFT prefix tuning)."
+    guide = "Prompt-style tuning that approaches fine-tuning quality across model sizes (deep prompts)."
 
     def validate(self, cfg):
         o = cfg.options(self.section)

@@ -89,6 +89,7 @@ class QLora(Lora):
     Options = QLoraOptions
     uses_sections = ("lora", "qlora")
     summary = "LoRA on a 4-bit NF4 (or 8-bit) quantized base via bitsandbytes: the least memory for LoRA."
+    guide = "The model does not fit for LoRA in 16-bit: 4-bit base, LoRA on top (CUDA for speed; CPU works)."
 
     def validate(self, cfg):
         get_method("lora").validate(cfg)
@@ -172,6 +173,7 @@ class LoftQ(QLora):
 
     name = "loftq"
     summary = "QLoRA with LoRA initialised to cancel the 4-bit quantization error (PEFT LoftQ; needs CUDA)."
+    guide = "QLoRA at low bit-widths or low ranks where quantization error hurts (CUDA only)."
 
     def validate(self, cfg):
         super().validate(cfg)

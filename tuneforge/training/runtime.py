@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
