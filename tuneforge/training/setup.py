@@ -97,3 +97,23 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def run_stage(cfg: TrainConfig, data_kind: str, stage, log=print):
+    """The whole run of a stage whose only specific part is its `Stage` (the loss): runtime, model + method, data
+    (`data_kind`: "pt" or "sft" rendering), train, save. Stages that need more (a reference model, generation)
+    call the steps above themselves."""
+    from tuneforge.training.loop import Trainer, describe_model
+
+    runtime = setup_run(cfg)
+    model, tokenizer, method = setup_model(cfg, runtime)
+    if runtime.is_main:
+        log(describe_model(model, method))
+    train, evals, collate = setup_data(cfg, tokenizer, data_kind, runtime, log)
+    result = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log).train()
+    if result.finished:
+        save_final(cfg, model, method, tokenizer, runtime)
+        if runtime.is_main:
+            log(f"done: {result.steps} steps, final loss {result.final_loss}, eval loss {result.eval_loss}; "
+                f"saved to {cfg.output_dir}")
+    return result
