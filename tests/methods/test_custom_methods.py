@@ -35,15 +35,16 @@ from tuneforge.methods.adapters import (
     load_adapter_folder,
     tuneforge_adapter_method,
 )
-from tuneforge.methods.base import count_parameters
+from tuneforge.methods.base import NoOptions, count_parameters
 from tuneforge.methods.bitfit import BitFitOptions
+from tuneforge.methods.full import FreezeOptions
 from tuneforge.methods.prompts_v2 import PTuningV2Options, fit_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 BOTTLENECK = 8
 VIRTUAL = 4
-LR = {"bitfit": 5e-2, "adapter": 1e-2, "p_tuning_v2": 5e-2}
+LR = {"bitfit": 5e-2, "adapter": 1e-2, "p_tuning_v2": 5e-2, "full": 1e-3, "freeze": 1e-2}
 
 
 @dataclass
@@ -62,7 +63,12 @@ CASES = {
     "adapter-par-qwen2": Case("adapter", "qwen2", AdapterOptions(BOTTLENECK, "tanh", "parallel", 2.0)),
     "p_tuning_v2-llama": Case("p_tuning_v2", "llama", PTuningV2Options(num_virtual_tokens=VIRTUAL)),
     "p_tuning_v2-qwen2": Case("p_tuning_v2", "qwen2", PTuningV2Options(num_virtual_tokens=VIRTUAL)),
+    "full-llama": Case("full", "llama", NoOptions()),
+    "full-qwen2": Case("full", "qwen2", NoOptions()),
+    "freeze-llama": Case("freeze", "llama", FreezeOptions(trainable_layers=1)),
+    "freeze-qwen2-modules": Case("freeze", "qwen2", FreezeOptions(trainable_layers=0, trainable_modules=["*.mlp.*"])),
 }
+FULL_MODEL_METHODS = ("bitfit", "full", "freeze")  # their result is a whole model folder, not an adapter
 
 
 def expected_trainable(case: Case, base_names: list[str]) -> tuple[set[str], int]:
@@ -82,6 +88,17 @@ def expected_trainable(case: Case, base_names: list[str]) -> tuple[set[str], int
         return names, n_layers * 2 * (2 * h * b + b + h)
     if case.method == "p_tuning_v2":
         return {"prompt_encoder.default.embedding.weight"}, case.opts.num_virtual_tokens * n_layers * 2 * kv
+    mlp = 3 * h * c.intermediate_size  # gate, up, down (no biases)
+    if case.method == "full":  # every parameter; a tied lm_head is the embedding, counted once
+        lm_head = 0 if c.tie_word_embeddings else c.vocab_size * h
+        attn = 2 * h * h + 2 * h * kv + (h + 2 * kv if case.kind == "qwen2" else 0)
+        return {n for n in base_names if not n.startswith("buffer:")}, c.vocab_size * h + lm_head + n_layers * (attn + mlp + 2 * h) + h
+    if case.method == "freeze" and case.opts.trainable_layers:
+        top = f"model.layers.{n_layers - 1}."
+        attn = 2 * h * h + 2 * h * kv + (h + 2 * kv if case.kind == "qwen2" else 0)
+        return {n for n in base_names if n.startswith(top)}, attn + mlp + 2 * h
+    if case.method == "freeze":  # modules matching *.mlp.*
+        return {n for n in base_names if ".mlp." in n}, n_layers * mlp
     raise AssertionError(case.method)
 
 
@@ -98,7 +115,7 @@ from tuneforge.methods import METHODS
 jobs, out = json.loads(sys.argv[1]), sys.argv[2]
 results = {}
 for job in jobs:
-    if job["method"] == "bitfit":  # a full model folder
+    if job["method"] in ("bitfit", "full", "freeze"):  # a full model folder
         model = AutoModelForCausalLM.from_pretrained(job["saved"], dtype=torch.float32)
     elif job["method"] == "p_tuning_v2":  # a PEFT folder: PEFT itself must load it
         from peft import PeftModel
@@ -168,7 +185,7 @@ def test_exactly_the_intended_parameters_train(runs, case_id):
     # the base model's own tensors: bit-identical to before `apply`, except those BitFit trains
     base_after = {k: v for k, v in r["base_after"].items() if k in r["before"]}
     assert base_after.keys() == r["before"].keys()
-    expected_base_changes = names if case.method == "bitfit" else set()
+    expected_base_changes = names if case.method in FULL_MODEL_METHODS else set()
     assert changed_params(r["before"], base_after) == expected_base_changes
 
 
@@ -199,10 +216,10 @@ def test_adapter_folder_is_not_a_peft_folder(runs):
     assert sum(t.numel() for t in load_file(str(saved / "adapter_model.safetensors")).values()) == count
 
 
-@pytest.mark.parametrize("case_id", ["bitfit-qwen2", "bitfit-llama-norms"])
-def test_bitfit_merges_to_the_trained_logits(runs, case_id):
+@pytest.mark.parametrize("case_id", [c for c in CASES if CASES[c].method in FULL_MODEL_METHODS])
+def test_full_model_methods_merge_to_the_trained_logits(runs, case_id):
     r = runs[case_id]
-    merged = METHODS["bitfit"].merge(r["model"])
+    merged = METHODS[CASES[case_id].method].merge(r["model"])
     assert type(merged).__module__.startswith("transformers.")
     torch.testing.assert_close(logits(merged, fixed_batch()), r["logits"], atol=1e-4, rtol=0)
 
@@ -309,3 +326,17 @@ def test_example_configs_load(method):
 def test_bad_options_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
         load_train_config(str(ROOT / "examples" / "adapter.yaml"), override)
+
+
+def test_freeze_layer_lr_decay_gives_each_block_its_own_rate():
+    """`freeze.layer_lr_decay`: block k below the top trains at lr * decay**k; modules outside the blocks at lr."""
+    model = METHODS["freeze"].apply(tiny_model("llama"), FreezeOptions(trainable_layers=2, trainable_modules=[
+        "model.norm.weight"], layer_lr_decay=0.5), None)
+    groups = METHODS["freeze"].param_groups(model, FreezeOptions(trainable_layers=2, layer_lr_decay=0.5), 1e-3, 0.0)
+    n = model.config.num_hidden_layers
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    rates = {by_id[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    assert rates["model.norm.weight"] == 1e-3
+    assert all(lr == 1e-3 for name, lr in rates.items() if name.startswith(f"model.layers.{n - 1}."))
+    assert all(lr == 5e-4 for name, lr in rates.items() if name.startswith(f"model.layers.{n - 2}."))
+    assert set(rates) == {name for name, p in model.named_parameters() if p.requires_grad}

@@ -100,6 +100,7 @@ class Case:
 
 LORA = {"lora": {"rank": RANK, "alpha": 8.0}}
 CASES = [
+    Case("lora", "lora", LORA, r"\.lora_[AB]\.", lora_count),
     Case("rslora", "rslora", LORA, r"\.lora_[AB]\.", lora_count),
     Case("dora", "dora", LORA, r"\.lora_[AB]\.|lora_magnitude_vector", lambda c: lora_count(c, dora=True)),
     Case("pissa", "pissa", LORA, r"\.lora_[AB]\.", lora_count, lr=2e-3),
