@@ -23,7 +23,8 @@ from tuneforge.errors import UserError
 @dataclass
 class ChatArgs:
     model: str = opt("builtin:smollm2-135m-instruct", "Base model: a local folder, a hub id or builtin:<name>.")
-    adapter: str | None = opt(None, "A trained adapter folder (PEFT format, e.g. a LoRA output_dir) to apply.")
+    adapter: str | None = opt(None, "A trained adapter folder to apply: the output_dir of an adapter method (lora, "
+                                    "adapter, prompt_tuning, ...), PEFT or TuneForge format.")
     system: str | None = opt(None, "A system prompt for the conversation.")
     prompt: str | None = opt(None, "Answer this one message and exit instead of starting a conversation.")
     max_new_tokens: int = opt(256, "The longest reply, in tokens.")
@@ -35,7 +36,7 @@ class ChatArgs:
 
 
 def load_adapter(model, adapter: str):
-    """Put an adapter folder (PEFT or TuneForge format) on `model`; anything else gets an error that says what the folder is."""
+    """Put an adapter folder (PEFT or TuneForge format) on `model`; anything else gets an error saying what it is."""
     folder = Path(adapter).expanduser()
     if not folder.is_dir():
         raise UserError(f"Adapter folder {adapter} does not exist. Pass the output_dir of a LoRA (or other "
