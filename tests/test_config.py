@@ -25,10 +25,11 @@ def test_defaults_and_nested_overrides():
 
 
 @pytest.mark.parametrize("override, key, hint", [
-    (["training.lrr=1e-4"], "training.lrr", "lr"),
-    (["lora.rnak=4"], "lora.rnak", "rank"),
+    (["training.lrr=1e-4"], "training.lrr", "training.lr"),
+    (["training.lr_rate=1e-4"], "training.lr_rate", "training.lr"),  # a whole word beats letter similarity
+    (["lora.rnak=4"], "lora.rnak", "lora.rank"),
     (["trainig.lr=1"], "trainig", "training"),
-    (["data.max_lenght=5"], "data.max_lenght", "max_length"),
+    (["data.max_lenght=5"], "data.max_lenght", "data.max_length"),
 ])
 def test_unknown_key_names_closest(override, key, hint):
     with pytest.raises(ConfigError) as e:
@@ -100,7 +101,7 @@ def test_cli_reports_config_error_without_traceback(tmp_path, capsys):
     code = cli_main(["train", str(path)])
     err = capsys.readouterr().err
     assert code == 2
-    assert "training.lrr" in err and "Did you mean `lr`" in err and "Traceback" not in err
+    assert "training.lrr" in err and "Did you mean `training.lr`" in err and "Traceback" not in err
 
 
 def test_cli_help_lists_verbs_and_generated_options(capsys):

@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import sys
 import typing
+import warnings
 from dataclasses import MISSING, fields
 from types import UnionType
 from typing import Literal, get_args, get_origin
@@ -121,6 +122,8 @@ def _top_help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise the user cannot act on
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0

@@ -22,8 +22,14 @@ class DataError(UserError):
 
 
 def closest(name: str, candidates, n: int = 1) -> str | None:
-    """The closest valid spelling of `name` among `candidates`, or None."""
-    found = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+    """The closest valid spelling of `name` among `candidates`, or None. A candidate that is a whole word of `name`
+    (`lr` for `lr_rate`, `rank` for `lora_rank`) wins over one that is merely similar letter by letter."""
+    candidates = list(candidates)
+    words = set(name.lower().replace("-", "_").split("_"))
+    whole = [c for c in candidates if len(c) >= 2 and c.lower() in words]
+    if whole:
+        return max(whole, key=len)
+    found = difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
     return found[0] if found else None
 
 

@@ -128,7 +128,10 @@ def from_dict(cls, data: dict, prefix: str = "", extra_sections: dict | None = N
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in valid:
-            raise ConfigError(f"Unknown config key `{full}`.{did_you_mean(key, valid)}")
+            hint = did_you_mean(key, valid)
+            if prefix and hint.startswith(" Did you mean"):  # name the full dotted key the user can paste
+                hint = hint.replace("`", f"`{prefix}.", 1)
+            raise ConfigError(f"Unknown config key `{full}`.{hint}")
         if key in names:
             kwargs[key] = coerce(value, hints[key], full)
     missing = [f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING

@@ -39,7 +39,11 @@ def setup_model(cfg: TrainConfig, runtime: Runtime):
                                                 **load_kwargs)
     model.config.use_cache = False
     if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed gradient_checkpointing_enable (the old name warns); keep both for older versions
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, opts, cfg)
     for p in model.parameters():  # fp32 master copies of what trains; frozen weights stay in the compute dtype
         if p.requires_grad and p.dtype != torch.float32:
