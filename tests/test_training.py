@@ -184,3 +184,14 @@ def test_two_cpu_processes_match_one(tiny_llama_dir, tmp_path):
     # near-zero gradients (rarely seen rows of the tied embedding) into steps of up to lr (seen: 2e-5 after 4 steps)
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_bad_rows_fail_before_the_model_loads(tmp_path):
+    """Rows are validated first: a bad file is reported even though the model folder does not exist (so a user
+    does not wait for a big model to load only to learn that row 3 is broken)."""
+    from tuneforge.errors import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": "hi"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:line 2: field `output`"):
+        train(tmp_path / "no-such-model", tmp_path / "out", f"data.train=[{bad}]", "training.max_steps=1")

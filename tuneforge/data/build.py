@@ -37,17 +37,29 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 STAGES = ("pt", "sft")
 
 
-def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = None,
-                   base_dir: str | Path | None = None) -> tuple[list[Encoded], list[Encoded], DataReport]:
-    """(train, eval, report) for `stage` (pt or sft); see the module docstring."""
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+def read_datasets(data_cfg, base_dir: str | Path | None = None) -> tuple[list[Example], list[Example], DataReport]:
+    """Read and validate every row (train, eval) without a tokenizer. With `on_error: raise` a bad row fails here,
+    before a recipe spends minutes loading the model."""
     report = DataReport()
     registry = open_registry(data_cfg.registry, base_dir)
     train_examples = load_examples(data_cfg.train, registry, base_dir, report)
     eval_examples = load_examples(data_cfg.eval, registry, base_dir, report)
     if not data_cfg.eval and data_cfg.eval_ratio > 0:
         train_examples, eval_examples = split_eval(train_examples, data_cfg.eval_ratio, data_cfg.seed)
+    if data_cfg.on_error == "raise":
+        check_bad_rows(report, data_cfg)
+    return train_examples, eval_examples, report
+
+
+def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = None,
+                   base_dir: str | Path | None = None,
+                   read: tuple[list[Example], list[Example], DataReport] | None = None,
+                   ) -> tuple[list[Encoded], list[Encoded], DataReport]:
+    """(train, eval, report) for `stage` (pt or sft); see the module docstring. `read`: the result of
+    `read_datasets` when the caller validated the rows already."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    train_examples, eval_examples, report = read if read is not None else read_datasets(data_cfg, base_dir)
     template = resolve_chat_template(tokenizer, chat_template) if stage == "sft" else None
     train = encode_examples(train_examples, tokenizer, stage, data_cfg, template, report)
     evals = encode_examples(eval_examples, tokenizer, stage, data_cfg, template, report)

@@ -61,10 +61,18 @@ def wrap_ddp(model, runtime: Runtime):
     return DDP(model, device_ids=ids)
 
 
-def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=print):
+def read_data(cfg: TrainConfig):
+    """Read and validate every data row before the model loads: a bad row fails in seconds, not after the load."""
+    from tuneforge.data.build import read_datasets
+
+    return read_datasets(cfg.data)
+
+
+def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=print, read=None):
     from tuneforge.data import build_datasets, collate
 
-    train, evals, report = build_datasets(cfg.data, tokenizer, stage, chat_template=cfg.model.chat_template)
+    train, evals, report = build_datasets(cfg.data, tokenizer, stage, chat_template=cfg.model.chat_template,
+                                          read=read)
     if runtime.is_main:
         for line in report.lines():
             log(f"data: {line}")
@@ -110,10 +118,11 @@ def run_stage(cfg: TrainConfig, data_kind: str, stage, log=print):
     from tuneforge.training.loop import Trainer, describe_model
 
     runtime = setup_run(cfg)
+    rows = read_data(cfg)
     model, tokenizer, method = setup_model(cfg, runtime)
     if runtime.is_main:
         log(describe_model(model, method))
-    train, evals, collate = setup_data(cfg, tokenizer, data_kind, runtime, log)
+    train, evals, collate = setup_data(cfg, tokenizer, data_kind, runtime, log, read=rows)
     result = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log).train()
     if result.finished:
         save_final(cfg, model, method, tokenizer, runtime)
