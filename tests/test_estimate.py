@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tuneforge.cli import main
-from tuneforge.errors import ConfigError, UserError
+from tuneforge.errors import UserError
 from tuneforge.estimate import EstimateArgs, activation_bytes, estimate, trainable_params
 from tuneforge.estimate_presets import PRESETS, resolve_shape
 
@@ -322,21 +322,11 @@ def table(out: str) -> dict[str, list[str]]:
     return rows
 
 
-def cli_parses_int_options() -> bool:
-    """Whether `tuneforge.cli` turns `--gpus 8` into an int. In this tree it hands argparse's string to
-    `configs.typed.coerce`, which refuses '8' for an int field (a cli.py bug reported to the lead; every verb with an
-    int option is affected). The CLI tests that need int options run once it is fixed."""
+def test_cli_parses_int_options():
     from tuneforge.cli import VERBS, parse_verb_args
 
     verb = next(v for v in VERBS if v.name == "estimate")
-    try:
-        return parse_verb_args(verb, ["--model", "llama-7b", "--gpus", "8"]).gpus == 8
-    except ConfigError:
-        return False
-
-
-needs_int_cli = pytest.mark.skipif(not cli_parses_int_options(),
-                                   reason="tuneforge.cli does not convert int options yet (reported to the lead)")
+    assert parse_verb_args(verb, ["--model", "llama-7b", "--gpus", "8"]).gpus == 8
 
 
 def test_cli_table(capsys):
@@ -371,7 +361,6 @@ def test_cli_default_methods_and_json(capsys):
     assert data["setup"]["gradient_checkpointing"] is True
 
 
-@needs_int_cli
 def test_cli_zero_3_over_8_gpus(capsys):
     rc = main(["estimate", "--model", "llama-7b", "--method", "full", "--gpus", "8", "--zero", "3", "--json"])
     full = json.loads(capsys.readouterr().out)["methods"]["full"]
@@ -419,7 +408,6 @@ def test_bad_numbers_are_user_errors(options, message):
         estimate(EstimateArgs(model="llama-7b", **options))
 
 
-@needs_int_cli
 def test_bad_numbers_through_the_cli(capsys):
     assert main(["estimate", "--model", "llama-7b", "--zero", "4"]) == 2
     assert "ZeRO stage 0, 1, 2 or 3" in capsys.readouterr().err
