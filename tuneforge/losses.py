@@ -43,9 +43,9 @@ def selected_positions_loss(logits: torch.Tensor, labels: torch.Tensor,
 
     logits: [B, K, V] at those positions; labels: [B, T] aligned with the inputs. Returns (sum, label-token count)."""
     targets = labels[:, positions + 1]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (targets != IGNORE_INDEX).sum()
+    keep = targets != IGNORE_INDEX  # rows differ: softmax only where this row has a label (vocab-wide work)
+    loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+    return loss, keep.sum()
 
 
 def rdrop_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor,
