@@ -187,7 +187,7 @@ def tuneforge_config(model_dir: Path, out: Path, a) -> dict:
         "stage": "sft", "method": "lora", "output_dir": str(out), "seed": a.seed,
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": [{"path": str(TASK), "format": "openai"}], "max_length": a.max_length,
-                 "packing": False, "eval_ratio": 0.0},
+                 "packing": False, "eval_ratio": 0.0, "group_by_length": a.group_by_length},
         "lora": {"rank": a.rank, "alpha": a.alpha, "dropout": 0.0, "target_modules": TARGETS},
         "training": {"lr": a.lr, "scheduler": "cosine", "warmup_steps": 0, "batch_size": a.batch_size,
                      "grad_accum": 1, "max_steps": a.steps, "precision": a.precision, "max_grad_norm": 1.0,
@@ -209,7 +209,7 @@ def llamafactory_config(model_dir: Path, template: str, default_system: str | No
         "per_device_train_batch_size": a.batch_size, "gradient_accumulation_steps": 1, "max_steps": a.steps,
         "learning_rate": a.lr, "lr_scheduler_type": "cosine", "warmup_steps": 0, "max_grad_norm": 1.0,
         "disable_gradient_checkpointing": True, "use_cpu": True, "seed": a.seed, "dataloader_num_workers": 0,
-        "flash_attn": "sdpa",
+        "flash_attn": "sdpa", "group_by_length": a.group_by_length,
     }
     if a.precision == "bf16":
         cfg["bf16"] = True
@@ -269,6 +269,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--group-by-length", action="store_true",
+                   help="both sides batch similar lengths together (TuneForge data.group_by_length, HF group_by_length)")
     p.add_argument("--tiny-hidden", type=int, default=256)
     p.add_argument("--tiny-layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=0,
@@ -369,7 +371,7 @@ def main() -> int:
 
     settings = (f"LoRA r={a.rank} alpha={a.alpha:g} dropout=0 on {','.join(TARGETS)}; batch {a.batch_size}, "
                 f"grad accum 1, max_length {a.max_length}, {a.precision}, lr {a.lr:g} cosine, no packing, "
-                f"no gradient checkpointing; rate over steps {a.warmup + 1}..N")
+                f"{'group_by_length on both sides, ' if a.group_by_length else ''}no gradient checkpointing; rate over steps {a.warmup + 1}..N")
     print("\n" + settings)
     head = (f"| {'model':<24} | {'steps':>5} | {'TF tok/s':>9} | {'LF tok/s':>9} | {'TF/LF tok/s':>11} | "
             f"{'TF peak RSS':>11} | {'LF peak RSS':>11} | {'TF/LF RSS':>9} |")

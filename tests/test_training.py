@@ -91,10 +91,11 @@ def test_gradient_checkpointing_same_losses(tiny_llama_dir, tmp_path):
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
 
 
-def test_resume_is_bit_identical(tiny_qwen2_dir, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["random", "group_by_length"])
+def test_resume_is_bit_identical(tiny_qwen2_dir, tmp_path, grouped):
     """20 steps straight == 10 steps, stop, resume to 20 (weights, optimizer and data order all restored)."""
     common = ["training.max_steps=20", "lora.dropout=0.1", "training.batch_size=2", "training.grad_accum=2",
-              "training.warmup_steps=3", "training.save_total_limit=3"]
+              "training.warmup_steps=3", "training.save_total_limit=3", f"data.group_by_length={grouped}"]
     train(tiny_qwen2_dir, tmp_path / "straight", *common)
     out = tmp_path / "resumed"
     stopped = train(tiny_qwen2_dir, out, "training.stop_after_steps=10", *common)
@@ -195,3 +196,26 @@ def test_bad_rows_fail_before_the_model_loads(tmp_path):
     bad.write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": "hi"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl:line 2: field `output`"):
         train(tmp_path / "no-such-model", tmp_path / "out", f"data.train=[{bad}]", "training.max_steps=1")
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_item():
+    from tuneforge.training.loop import DataOrder
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(5, 200, (203,), generator=gen).tolist()
+    plain = DataOrder(203, 4, 1, 0, seed=3)
+    grouped = DataOrder(203, 4, 1, 0, seed=3, lengths=lengths, group_size=8)
+    for epoch in (0, 1):
+        assert sorted(grouped.epoch_order(epoch)) == list(range(203))  # a permutation: nothing lost or repeated
+        assert grouped.epoch_order(epoch)[200:] == plain.epoch_order(epoch)[200:]  # the unused tail stays out
+
+    def mean_spread(order):
+        batches = [order.indices(k) for k in range(order.per_epoch)]
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    assert mean_spread(grouped) < 0.3 * mean_spread(plain)  # far less padding per batch
+    assert grouped.epoch_order(0) != grouped.epoch_order(1)  # still shuffled per epoch
+    # 2 ranks x 2 items see exactly the global batches of 1 rank x 4 items
+    ranks = [DataOrder(203, 2, 2, r, seed=3, lengths=lengths, group_size=8) for r in (0, 1)]
+    for k in range(grouped.per_epoch):
+        assert ranks[0].indices(k) + ranks[1].indices(k) == grouped.indices(k)

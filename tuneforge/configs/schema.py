@@ -71,6 +71,9 @@ class DataConfig:
                                                                     "assistant turn, all tokens, or the last turn.")
     packing: bool | None = opt(None, "Pack several examples per row (attention never crosses examples). Default: "
                                      "on for pt, off for sft.")
+    group_by_length: bool = opt(False, "Put examples of similar length in the same batch (less padding, faster "
+                                       "steps); the order of the batches stays random. Like Hugging Face's "
+                                       "group_by_length. Has little effect with packing.")
     system: str | None = opt(None, "A system prompt added to rows that have none.")
     seed: int = opt(0, "Seed for the train/eval split and for shuffling.")
 

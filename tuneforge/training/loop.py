@@ -69,13 +69,21 @@ def accepts_logits_to_keep(model) -> bool:
 @dataclass
 class DataOrder:
     """A deterministic, resumable order of micro-batches: epoch e is a permutation seeded by (seed, e); rank r takes
-    its slice of each global micro-batch. The position is one integer (micro-batches consumed)."""
+    its slice of each global micro-batch. The position is one integer (micro-batches consumed).
+
+    With `lengths` (data.group_by_length), each run of `group_size` global micro-batches of the permutation is sorted
+    by length and cut into batches whose order is then shuffled: similar lengths share a batch (little padding)
+    while the batch sequence stays random. Grouping is per global micro-batch, so 1 or N processes and any
+    grad_accum see the same batches."""
 
     n_items: int
     batch_size: int  # per rank
     world_size: int
     rank: int
     seed: int
+    lengths: list[int] | None = None
+    group_size: int = 64
+    _cache: tuple[int, list[int]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def per_epoch(self) -> int:
@@ -83,10 +91,24 @@ class DataOrder:
 
     def indices(self, position: int) -> list[int]:
         epoch, k = divmod(position, self.per_epoch)
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self.epoch_order(epoch))
+        start = (k * self.world_size + self.rank) * self.batch_size
+        return self._cache[1][start:start + self.batch_size]
+
+    def epoch_order(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         perm = torch.randperm(self.n_items, generator=gen).tolist()
-        start = (k * self.world_size + self.rank) * self.batch_size
-        return perm[start:start + self.batch_size]
+        if self.lengths is None:
+            return perm
+        width = self.batch_size * self.world_size
+        usable = self.per_epoch * width  # the incomplete last global batch is never used: keep it out of groups
+        grouped = []
+        for start in range(0, usable, width * self.group_size):
+            chunk = sorted(perm[start:min(start + width * self.group_size, usable)], key=lambda i: -self.lengths[i])
+            batches = [chunk[b:b + width] for b in range(0, len(chunk), width)]
+            grouped += [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]]
+        return grouped + perm[usable:]
 
 
 @dataclass
@@ -106,8 +128,9 @@ class Trainer:
         self.train_items, self.eval_items = train_items, eval_items
         self.collate, self.stage = collate, stage or Stage()
         self.output_dir = Path(cfg.output_dir)
+        lengths = [len(item) for item in train_items] if cfg.data.group_by_length else None
         self.order = DataOrder(len(train_items), self.t.batch_size, runtime.world_size, runtime.rank,
-                               cfg.data.seed)
+                               cfg.data.seed, lengths)
         if self.order.per_epoch == 0:
             from tuneforge.errors import UserError
 
