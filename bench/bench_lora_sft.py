@@ -209,7 +209,8 @@ def llamafactory_config(model_dir: Path, template: str, default_system: str | No
         "per_device_train_batch_size": a.batch_size, "gradient_accumulation_steps": 1, "max_steps": a.steps,
         "learning_rate": a.lr, "lr_scheduler_type": "cosine", "warmup_steps": 0, "max_grad_norm": 1.0,
         "disable_gradient_checkpointing": True, "use_cpu": True, "seed": a.seed, "dataloader_num_workers": 0,
-        "flash_attn": "sdpa", "group_by_length": a.group_by_length,
+        "flash_attn": "sdpa",  # transformers 5 renamed group_by_length to train_sampling_strategy
+        "train_sampling_strategy": "group_by_length" if a.group_by_length else "random",
     }
     if a.precision == "bf16":
         cfg["bf16"] = True
