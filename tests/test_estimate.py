@@ -241,8 +241,12 @@ MEASURE = textwrap.dedent('''
     def reset_peak():
         # Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS, so each run measures its own peak
         # instead of competing with whatever import or warm-up set the process-wide high-water mark.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:  # some sandboxes refuse it: the caller then skips the RSS comparison
+            return False
 
     def tensor_bytes(tensors):
         return sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
@@ -274,10 +278,10 @@ MEASURE = textwrap.dedent('''
     out = {}
     for method in ("lora", "full"):
         gc.collect()
-        reset_peak()
+        reset = reset_peak()
         base = rss()
         exact = train(cfg, method, batch, seq, steps)
-        out[method] = {"exact": exact, "rss_delta": peak_rss() - base}
+        out[method] = {"exact": exact, "rss_delta": peak_rss() - base, "peak_reset": reset}
     print(json.dumps(out))
 ''')
 
@@ -307,6 +311,9 @@ def test_memory_matches_real_cpu_training(tmp_path):
         assert c.weights == pytest.approx(m["exact"]["weights"], rel=0.01), method
         assert c.gradients == pytest.approx(m["exact"]["gradients"], rel=0.01), method
         assert c.optimizer_states + c.master_weights == pytest.approx(m["exact"]["optimizer"], rel=0.01), method
+        if not m["peak_reset"]:
+            pytest.skip("/proc/self/clear_refs is not writable here, so the peak RSS of each run cannot be isolated "
+                        "(the tensor-byte checks above passed)")
         assert c.total == pytest.approx(m["rss_delta"], rel=0.35), (method, c.total, m["rss_delta"])
 
 
