@@ -42,7 +42,9 @@ class Stage:
 
             return rdrop_stage_loss(model, batch, self.rdrop_alpha)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        positions = label_positions(batch["labels"]) if accepts_logits_to_keep(model) else None
+        if getattr(self, "_selects_for", None) is not model:  # decided once per model, not per micro-batch
+            self._selects_for, self._selects = model, accepts_logits_to_keep(model)
+        positions = label_positions(batch["labels"]) if self._selects else None
         if positions is not None:  # logits only where a label is predicted: same loss, much less lm_head work
             logits = model(**inputs, logits_to_keep=positions).logits
             return selected_positions_loss(logits, batch["labels"], positions)[0], {}
