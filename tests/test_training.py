@@ -219,3 +219,29 @@ def test_group_by_length_batches_similar_lengths_and_keeps_every_item():
     ranks = [DataOrder(203, 2, 2, r, seed=3, lengths=lengths, group_size=8) for r in (0, 1)]
     for k in range(grouped.per_epoch):
         assert ranks[0].indices(k) + ranks[1].indices(k) == grouped.indices(k)
+
+
+def test_label_position_logits_give_the_full_loss_and_are_chosen_per_method(tiny_llama_dir):
+    """Stage.loss with logits only at label positions equals the full-logits loss on a real model (LoRA-wrapped);
+    prompt-learning models (virtual tokens shift positions) keep the full path."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods import METHODS
+    from tuneforge.training.loop import Stage, accepts_logits_to_keep
+
+    cfg = config(tiny_llama_dir, "unused", "lora.target_modules=[all-linear]")
+    model = METHODS["lora"].apply(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), cfg.options("lora"), cfg)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (3, 24))
+    labels = ids.clone()
+    labels[:, :15] = -100
+    labels[2, 15:18] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    full, fast = Stage(), Stage()
+    fast.logits_at_labels = accepts_logits_to_keep(model)
+    assert fast.logits_at_labels
+    torch.testing.assert_close(fast.loss(model, batch)[0], full.loss(model, batch)[0], atol=1e-5, rtol=1e-6)
+    prompt_cfg = config(tiny_llama_dir, "unused", "method=prompt_tuning")
+    prompted = METHODS["prompt_tuning"].apply(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                              prompt_cfg.options("prompt_tuning"), prompt_cfg)
+    assert not accepts_logits_to_keep(prompted)

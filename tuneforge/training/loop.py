@@ -30,6 +30,7 @@ class Stage:
     R-Drop objective when `rdrop_alpha` > 0 (set by the trainer from `training.rdrop_alpha`)."""
 
     rdrop_alpha: float = 0.0
+    logits_at_labels: bool = False  # set by the trainer when the model takes `logits_to_keep` (see below)
 
     def targets(self, batch: dict) -> int:
         """How many loss terms the batch contributes (the normaliser across micro-batches and ranks)."""
@@ -42,9 +43,7 @@ class Stage:
 
             return rdrop_stage_loss(model, batch, self.rdrop_alpha)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if getattr(self, "_selects_for", None) is not model:  # decided once per model, not per micro-batch
-            self._selects_for, self._selects = model, accepts_logits_to_keep(model)
-        positions = label_positions(batch["labels"]) if self._selects else None
+        positions = label_positions(batch["labels"]) if self.logits_at_labels else None
         if positions is not None:  # logits only where a label is predicted: same loss, much less lm_head work
             logits = model(**inputs, logits_to_keep=positions).logits
             return selected_positions_loss(logits, batch["labels"], positions)[0], {}
@@ -147,13 +146,14 @@ class Trainer:
         self._install_tricks()
 
     def _install_tricks(self) -> None:
-        """NEFTune and R-Drop work with any method and stage, so they live in the loop, not in recipes."""
+        """NEFTune, R-Drop and label-position logits work with any method and stage, so they live in the loop."""
         from tuneforge.tricks import check_rdrop_applicable, neftune_hook
 
         self._neftune = neftune_hook(unwrap(self.model), self.t.neftune_alpha) if self.t.neftune_alpha > 0 else None
         if self.t.rdrop_alpha > 0:
             check_rdrop_applicable(unwrap(self.model))
             self.stage.rdrop_alpha = self.t.rdrop_alpha
+        self.stage.logits_at_labels = accepts_logits_to_keep(self.model)
 
     # ---- one optimizer step -------------------------------------------------------------------------------
     def _micro_batches(self) -> list[tuple[dict, int]]:

@@ -90,7 +90,8 @@ def setup_runtime(device: str, precision: str) -> Runtime:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend)
-    return Runtime(device=dev, dtype=DTYPES[resolve_precision(precision, dev)], rank=rank, world_size=world_size, local_rank=local_rank)
+    dtype = DTYPES[resolve_precision(precision, dev)]
+    return Runtime(device=dev, dtype=dtype, rank=rank, world_size=world_size, local_rank=local_rank)
 
 
 def seed_everything(seed: int) -> None:
