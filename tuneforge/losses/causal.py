@@ -1,4 +1,4 @@
-"""Loss functions: small pure functions of tensors, one per objective."""
+"""Causal language-model losses: next-token cross-entropy (whole sequence or selected positions) and R-Drop."""
 
 from __future__ import annotations
 
