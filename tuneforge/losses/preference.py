@@ -115,10 +115,11 @@ def orpo_loss(policy_chosen_mean_logps: torch.Tensor, policy_rejected_mean_logps
     stay finite. Returns (losses [B], metrics): also nll and log_odds_ratio per pair; rewards are beta * mean log-prob
     (TRL's convention).
     """
-    chosen = policy_chosen_mean_logps.float().clamp(max=-1e-6)
-    rejected = policy_rejected_mean_logps.float().clamp(max=-1e-6)
+    wide = torch.promote_types(policy_chosen_mean_logps.dtype, torch.float32)  # bf16 would round 1 - P to 0
+    chosen = policy_chosen_mean_logps.to(wide).clamp(max=-1e-6)
+    rejected = policy_rejected_mean_logps.to(wide).clamp(max=-1e-6)
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
-    nll = -policy_chosen_mean_logps.float()
+    nll = -policy_chosen_mean_logps.to(wide)
     losses = nll - beta * F.logsigmoid(log_odds)
     metrics = _reward_metrics(beta * policy_chosen_mean_logps, beta * policy_rejected_mean_logps)
     return losses, {**metrics, "nll": nll.detach(), "log_odds_ratio": log_odds.detach()}

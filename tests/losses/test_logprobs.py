@@ -1,0 +1,122 @@
+"""Chunked label log-probs: equal to the naive full log-softmax (values and gradients), and never allocating a
+full-vocabulary fp32 tensor for the whole batch (the largest tensor any op creates is measured)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tuneforge.data.types import IGNORE_INDEX
+from tuneforge.losses import label_positions, sequence_logps, token_entropy, token_logps
+
+
+def batch(vocab: int = 40, dtype=torch.float32):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, vocab, dtype=dtype)
+    labels = torch.randint(0, vocab, (3, 9))
+    labels[:, :4] = IGNORE_INDEX  # prompt
+    labels[1, 7:] = IGNORE_INDEX  # padding
+    labels[2, :8] = IGNORE_INDEX  # a single-token response
+    return logits, labels
+
+
+def naive(logits, labels):
+    """The textbook computation: full fp32 log-softmax, gather, mask, sum."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
+    return picked, mask
+
+
+def test_token_and_sequence_logps_equal_naive_with_gradients():
+    logits, labels = batch()
+    for chunk in (1, 4, 1000):
+        a = logits.clone().requires_grad_()
+        seq = sequence_logps(a, labels, chunk_size=chunk)
+        b = logits.clone().requires_grad_()
+        picked, mask = naive(b, labels)
+        assert torch.allclose(seq.sum, picked.sum(-1), atol=1e-5)
+        assert seq.length.tolist() == [5.0, 3.0, 1.0]
+        assert torch.allclose(seq.mean, picked.sum(-1) / mask.sum(-1), atol=1e-5)
+        weights = torch.tensor([1.0, -2.0, 0.5])  # a non-trivial upstream gradient through sum and mean
+        ((seq.sum + seq.mean) * weights).sum().backward()
+        ((picked.sum(-1) + picked.sum(-1) / mask.sum(-1)) * weights).sum().backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    tok, tok_mask = token_logps(logits, labels)
+    assert torch.equal(tok_mask, mask) and torch.all(tok[~mask] == 0)
+
+
+def test_selected_positions_give_the_same_logps():
+    logits, labels = batch()
+    positions = label_positions(labels, max_share=1.0)
+    at_positions = sequence_logps(logits[:, positions], labels, positions, chunk_size=3)
+    assert torch.allclose(at_positions.sum, sequence_logps(logits, labels).sum, atol=1e-6)
+
+
+def test_virtual_token_prefix_is_skipped_and_bf16_logits_work():
+    logits, labels = batch(dtype=torch.bfloat16)
+    prefixed = torch.cat([torch.randn(3, 2, 40).to(torch.bfloat16), logits], dim=1)  # prompt-tuning prefix
+    picked, _ = naive(logits, labels)
+    got = sequence_logps(prefixed, labels, chunk_size=2).sum
+    assert got.dtype == torch.float32 and torch.allclose(got, picked.sum(-1), atol=1e-4)
+
+
+def test_sequence_without_labels_gets_zero():
+    logits, labels = batch()
+    labels[0] = IGNORE_INDEX
+    seq = sequence_logps(logits, labels)
+    assert seq.sum[0] == 0 and seq.mean[0] == 0 and seq.length[0] == 0
+
+
+def test_token_entropy_equals_naive():
+    logits, _ = batch()
+    p = F.softmax(logits, -1)
+    want = -(p * p.log()).sum(-1)
+    assert torch.allclose(token_entropy(logits, chunk_size=5), want, atol=1e-5)
+    assert torch.allclose(token_entropy(torch.zeros(1, 2, 40)), torch.full((1, 2), torch.log(torch.tensor(40.0))))
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest new tensor (in bytes) that any aten op returns while active, forward and backward. Views
+    (outputs sharing an input's storage) allocate nothing and are skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in [*args, *(kwargs or {}).values()] if isinstance(a, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def largest_intermediate(fn, logits, labels):
+    leaf = logits.clone().requires_grad_()
+    with LargestAllocation() as forward:
+        total = fn(leaf, labels)
+    with LargestAllocation() as backward:
+        total.backward()
+    return forward.largest, backward.largest, leaf.grad
+
+
+def test_peak_allocation_is_a_chunk_not_the_batch_at_large_vocab():
+    vocab, chunk = 32000, 16
+    torch.manual_seed(0)
+    logits = torch.randn(4, 64, vocab).to(torch.bfloat16)  # 16 MiB in bf16; fp32 log-softmax of it: 32 MiB
+    labels = torch.randint(0, vocab, (4, 64))
+    labels[:, :16] = IGNORE_INDEX
+    fwd_chunked, bwd_chunked, grad_chunked = largest_intermediate(
+        lambda x, y: sequence_logps(x, y, chunk_size=chunk).sum.sum(), logits, labels)
+    fwd_naive, bwd_naive, grad_naive = largest_intermediate(lambda x, y: naive(x, y)[0].sum(), logits, labels)
+    full_fp32 = 4 * 63 * vocab * 4
+    assert fwd_naive >= full_fp32  # the measurement sees the full fp32 log-softmax
+    assert fwd_chunked <= chunk * vocab * 4  # forward: one [chunk, V] fp32 block at most
+    # backward: nothing bigger than the gradient of the logits itself, in their own dtype (bf16)
+    assert bwd_chunked <= logits.numel() * logits.element_size() < bwd_naive
+    assert torch.allclose(grad_chunked.float(), grad_naive.float(), atol=1e-2)
