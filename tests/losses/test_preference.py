@@ -158,3 +158,21 @@ def test_kto_reference_point_is_clamped_and_carries_no_gradient():
     assert losses.tolist() == pytest.approx([0.5, 0.5])  # r = z0 = 0: 1 - sigmoid(0)
     losses.sum().backward()
     assert policy.grad.tolist() == pytest.approx([-0.025, 0.025])  # beta * sigmoid'(0) = 0.1 * 0.25
+
+
+def test_every_preference_loss_has_finite_gradients_at_extreme_inputs():
+    big = torch.tensor([-1e4, -1e-3, -50.0, -1e-12])  # float32, as a model would produce
+    small = torch.tensor([-1e-3, -1e4, -50.0, -30.0])
+    cases = {
+        "dpo": lambda c, r: dpo_loss(c, r, small, big, beta=1.0)[0],
+        "simpo": lambda c, r: simpo_loss(c, r, beta=2.5, gamma=1.0)[0],
+        "orpo": lambda c, r: orpo_loss(c, r, beta=0.5)[0],
+        "kto": lambda c, r: kto_loss(torch.cat([c, r]), torch.cat([r, c]), torch.arange(8) < 4,
+                                     torch.tensor(1e3), beta=1.0)[0],
+    }
+    for name, fn in cases.items():
+        c, r = big.clone().requires_grad_(), small.clone().requires_grad_()
+        losses = fn(c, r)
+        losses.sum().backward()
+        assert torch.isfinite(losses).all(), name
+        assert torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all(), name
