@@ -113,14 +113,34 @@ def measure(loss_fn, logits, labels) -> tuple[Allocations, torch.Tensor]:
 def test_peak_memory_is_one_gradient_plus_a_chunk_not_the_fp32_batch_at_large_vocab():
     vocab, chunk = 32000, 16
     torch.manual_seed(0)
-    logits = torch.randn(4, 64, vocab).to(torch.bfloat16)  # 16 MiB in bf16; the fp32 log-softmax of it: 32 MiB
-    labels = torch.randint(0, vocab, (4, 64))
+    logits = torch.randn(2, 64, vocab).to(torch.bfloat16)  # 8 MiB in bf16; the fp32 log-softmax of it: 16 MiB
+    labels = torch.randint(0, vocab, (2, 64))
     labels[:, :16] = IGNORE_INDEX
     chunked, grad_chunked = measure(lambda x, y: sequence_logps(x, y, chunk_size=chunk).sum.sum(), logits, labels)
     textbook, grad_naive = measure(lambda x, y: naive(x, y)[0].sum(), logits, labels)
-    logits_bytes, fp32_batch, fp32_chunk = logits.numel() * 2, 4 * 63 * vocab * 4, chunk * vocab * 4
+    logits_bytes, fp32_batch, fp32_chunk = logits.numel() * 2, 2 * 63 * vocab * 4, chunk * vocab * 4
     assert textbook.largest >= fp32_batch and textbook.peak >= 2 * fp32_batch  # the measurement sees the copies
     assert chunked.largest <= logits_bytes  # the gradient of the logits, in their own dtype, is the largest
     assert chunked.peak <= logits_bytes + 3 * fp32_chunk  # that gradient plus a few [chunk, V] blocks
     assert chunked.peak < textbook.peak / 3
     assert torch.allclose(grad_chunked.float(), grad_naive.float(), atol=1e-2)
+
+
+def test_real_model_logits_at_label_positions_give_the_same_sequence_logps(tiny_llama_dir):
+    """The path a DPO recipe takes: the model computes logits only where a label is predicted (logits_to_keep with
+    an index tensor), then the chunked log-probs; equal to the full logits' log-probs, gradients included."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(0)
+    ids = torch.randint(5, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :8] = IGNORE_INDEX  # prompt
+    labels[1, 10:] = IGNORE_INDEX  # a shorter response
+    positions = label_positions(labels)
+    fast = sequence_logps(model(input_ids=ids, logits_to_keep=positions).logits, labels, positions, chunk_size=3)
+    grads_fast = torch.autograd.grad(fast.sum.sum(), model.lm_head.weight)[0]
+    picked, _ = naive(model(input_ids=ids).logits, labels)
+    grads_full = torch.autograd.grad(picked.sum(), model.lm_head.weight)[0]
+    assert torch.allclose(fast.sum, picked.sum(-1), atol=1e-5)
+    assert torch.allclose(grads_fast, grads_full, atol=1e-5)
