@@ -1,7 +1,7 @@
-"""Cross-check of the DPO family, SimPO, ORPO and KTO against TRL's own code (trl is a test-only dependency).
+"""Cross-check of the DPO family, SimPO, ORPO, KTO and GRPO against TRL's own code (trl is a test-only dependency).
 
-TRL 1.x has no free-standing loss functions: the DPO and KTO losses live inside `DPOTrainer._compute_loss` /
-`KTOTrainer._compute_loss`, which take the trainer as `self` and call the model. Building a real trainer needs a model,
+TRL 1.x has no free-standing loss functions: the DPO, KTO and GRPO losses live inside the trainers'
+`_compute_loss`, which take the trainer as `self` and call the model. Building a real trainer needs a model,
 tokenizer, dataset and accelerator state; instead these tests call TRL's unbound methods with a minimal stand-in
 trainer (just the attributes the loss code reads) and a stand-in model that returns per-token log-probs we chose, so
 TRL's arithmetic runs unmodified on the same numbers as ours. CPO (SimPO, cDPO) and ORPO expose their loss as a method
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tuneforge.losses import dpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
+from tuneforge.losses import dpo_loss, grpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
 
 trl = pytest.importorskip("trl")
 
@@ -152,3 +152,47 @@ def test_kto_equals_trl():
     assert ours.mean().item() == pytest.approx(trl_loss.item(), rel=1e-6)
     assert z0.item() == pytest.approx(trainer._metrics["train"]["kl"][-1], rel=1e-6)
     assert metrics["rewards/chosen"].mean().item() == pytest.approx(trainer._metrics["train"]["rewards/chosen"][-1])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_grpo_loss_types_equal_trl_with_gradients(loss_type):
+    """TRL's GRPOTrainer._compute_loss with the model's per-token log-probs stubbed: same loss, same gradient with
+    respect to the log-probs, and the same clip and KL metrics, for each normalisation."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    torch.manual_seed(0)
+    n, width, max_len = 4, 6, 8
+    logps_value = -torch.rand(n, width, dtype=torch.float64) * 3
+    old = logps_value + 0.4 * torch.randn(n, width, dtype=torch.float64)  # some ratios leave [0.8, 1.28]
+    ref = logps_value + 0.3 * torch.randn(n, width, dtype=torch.float64)
+    mask = (torch.arange(width)[None] < torch.tensor([6, 3, 1, 5])[:, None]).long()
+    adv = torch.tensor([1.2, -0.7, 0.3, -1.5], dtype=torch.float64)
+
+    theirs = logps_value.clone().requires_grad_()
+    accelerator = stand_in_accelerator()
+    accelerator.reduce = lambda x, reduction: x
+    accelerator.sync_gradients = True
+    trainer = SimpleNamespace(
+        model=StandInModel({}), accelerator=accelerator, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="token", beta=0.04, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28,
+        use_vllm=False, current_gradient_accumulation_steps=1, max_completion_length=max_len,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (theirs, torch.zeros_like(theirs), None))
+    inputs = {"prompt_ids": torch.zeros(n, 2, dtype=torch.long), "prompt_mask": torch.ones(n, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(n, width, dtype=torch.long), "completion_mask": mask,
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum()}
+    trl_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    trl_loss.backward()
+
+    ours = logps_value.clone().requires_grad_()
+    total, count, metrics = grpo_loss(ours, old, ref, adv, mask, beta=0.04, clip_eps=0.2, clip_eps_high=0.28,
+                                      loss_type=loss_type, max_completion_length=max_len)
+    (total / count).backward()
+    assert (total / count).item() == pytest.approx(trl_loss.item(), rel=1e-9)
+    assert torch.allclose(ours.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+    logged = trainer._metrics["train"]
+    assert metrics["clip_fraction"].item() == pytest.approx(logged["clip_ratio/region_mean"][-1])
+    assert 0 < metrics["clip_fraction"].item() < 1  # the case exercises clipping
+    assert metrics["kl"].item() == pytest.approx(logged["kl"][-1], rel=1e-9)

@@ -227,7 +227,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     (sum, count, metrics): clip_fraction, approx_kl, ratio and, with beta > 0, kl (masked mean of the k3 term).
     """
     old_logps = logps.detach() if old_logps is None else old_logps.detach()
-    adv = advantages.detach().float()
+    adv = advantages.detach()
     adv = adv[:, None] if adv.dim() == 1 else adv
     per_token, metrics = _clipped_surrogate(logps, old_logps, adv, mask, clip_eps, clip_eps_high)
     if beta:
