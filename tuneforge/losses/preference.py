@@ -141,7 +141,8 @@ def kto_reference_point(kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tenso
     the batch (Ethayarajh et al., 2024, eq. 8 and section 4.1: a biased but low-variance estimate of KL(pi || ref)),
     detached: no gradient flows through it. Inputs [N] summed log-probs; returns a scalar. Under data parallelism
     average it over ranks before passing it to `kto_loss` (TRL gathers it the same way)."""
-    return (kl_policy_logps - kl_ref_logps).detach().float().mean().clamp(min=0)
+    diff = (kl_policy_logps - kl_ref_logps).detach()
+    return diff.to(torch.promote_types(diff.dtype, torch.float32)).mean().clamp(min=0)
 
 
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
