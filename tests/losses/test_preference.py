@@ -111,7 +111,7 @@ def test_simpo_matches_hand_values():
     assert smoothed.tolist() == pytest.approx([-0.9 * log_sigmoid(x) - 0.1 * log_sigmoid(-x) for x in z])
 
 
-def test_orpo_matches_hand_values_with_single_token_and_near_certain_responses():
+def test_orpo_matches_hand_values_with_a_near_certain_response():
     c, r = [-0.3, -2.0, -1e-9], [-1.1, -0.2, -3.0]  # the last chosen is (nearly) probability 1
     losses, m = orpo_loss(t(c), t(r), beta=0.25)
     want = []
