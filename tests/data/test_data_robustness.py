@@ -175,3 +175,122 @@ def test_rendering_and_tokenizing_errors_are_row_errors(tmp_path, monkeypatch):
     train, _, report = build_datasets(config(path, on_error="skip"), make_tokenizer(CHATML), "sft")
     assert len(train) == 1 and [str(b) for b in report.bad_rows] == [
         f"{path}:line 2: field `messages`: cannot be processed (TypeError: template bug)"]
+
+
+# ---- random shapes --------------------------------------------------------------------------------------------
+
+KEYS = ["instruction", "input", "output", "system", "history", "conversations", "messages", "from", "value", "role",
+        "content", "tool_calls", "tool_call_id", "tools", "function", "name", "arguments", "type", "text", "id"]
+WORDS = ["user", "assistant", "system", "tool", "human", "gpt", "function_call", "observation", "text", "function",
+         "Hi", "", " ", "<|im_end|>", "[1, 2]", '{"name": "f"}', "\ud83d"]
+
+
+VALID = {  # one valid row per format, using every feature the format has
+    "alpaca": {"instruction": "Hi", "input": "more", "output": "Hello", "system": "Be brief.",
+               "history": [["Two?", "2"]]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Weather?"},
+                                   {"from": "function_call", "value": '{"name": "get_weather", "arguments": {}}'},
+                                   {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}],
+                 "system": "You help.", "tools": '[{"name": "get_weather", "parameters": {}}]'},
+    "openai": {"messages": [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+                            {"role": "assistant", "content": "", "tool_calls": [
+                                {"id": "call00001", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                            {"role": "tool", "content": "sunny", "tool_call_id": "call00001"},
+                            {"role": "assistant", "content": "Sunny."}],
+               "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]},
+    "text": {"text": "Hello there."},
+}
+
+
+def _places(value, out: list) -> list:
+    """(container, key) of every value inside `value`."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        out.append((value, key))
+        _places(inner, out)
+    return out
+
+
+def format_rows():
+    """(format, row): a valid row of a format with one to three of its values (at any depth) replaced by any JSON
+    or deleted, so the odd shapes reach every check inside the format rather than failing at the first key. The
+    format is the row's own or `auto`."""
+    import copy
+
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+               | st.sampled_from(WORDS) | st.text(max_size=8))
+    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4), inner, max_size=4),
+                            max_leaves=10)
+
+    @st.composite
+    def rows(draw):
+        name = draw(st.sampled_from(sorted(VALID)))
+        row = copy.deepcopy(VALID[name])
+        for _ in range(draw(st.integers(1, 3))):
+            places = _places(row, [])
+            if not places:
+                break
+            container, key = draw(st.sampled_from(places))
+            if isinstance(container, dict) and draw(st.booleans()):
+                del container[key]
+            else:
+                container[key] = draw(anything)
+        return draw(st.sampled_from([name, "auto"])), row
+
+    return rows()
+
+
+def write_rows(folder, suffix: str, rows: list) -> str:
+    import csv
+
+    path = folder / f"d{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8", errors="surrogatepass")
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    else:
+        columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r)) or ["text"]
+        with path.open("w", encoding="utf-8", errors="surrogatepass", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for r in rows:
+                cells = r if isinstance(r, dict) else {}
+                writer.writerow([v if isinstance(v, str) else json.dumps(v) for v in
+                                 (cells.get(c, "") for c in columns)])
+    return str(path)
+
+
+def test_random_json_shapes_end_in_a_clear_error_or_are_accepted():
+    """Every format reader (and auto), every file type, then rendering and tokenizing: a DataError or named bad
+    rows, never another exception type, and never the guard's last-resort "cannot be processed" (which would mean
+    a shape the adapters do not check)."""
+    import tempfile
+    from pathlib import Path
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    tokenizer = make_tokenizer(CHATML)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case=format_rows(), suffix=st.sampled_from([".jsonl", ".json", ".csv"]), first=st.booleans())
+    def check(case, suffix, first):
+        fmt, row = case
+        base = VALID["alpaca" if fmt == "auto" else fmt]
+        with tempfile.TemporaryDirectory() as folder:
+            path = write_rows(Path(folder), suffix, [row, base] if first else [base, row])
+            data = config(path, fmt, on_error="skip", special_tokens_in_text="escape")
+            try:
+                train, _, report = build_datasets(data, tokenizer, "pt" if fmt == "text" else "sft")
+            except DataError:
+                return
+            assert train
+            for bad in report.bad_rows:
+                assert "cannot be processed" not in bad.problem, str(bad)
+
+    check()
