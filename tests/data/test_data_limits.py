@@ -72,9 +72,9 @@ def test_a_cut_reply_never_trains_its_end_marker(monkeypatch):
     monkeypatch.setattr(encode, "CHARS_PER_TOKEN", 1)
     tokenizer = make_tokenizer(CHATML)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": WORDS * 3}]
-    encoded = encode_chat(tokenizer, messages, max_length=64)  # content cut to 64 characters: fewer tokens
+    encoded = encode_chat(tokenizer, messages, max_length=64)  # contents cut to 64 characters: fewer tokens
     assert encoded.truncated and len(encoded) < 64
-    assert tokenizer.decode(encoded.input_ids).endswith(messages[1]["content"][:64].rstrip())
+    assert tokenizer.decode(encoded.input_ids).endswith(messages[1]["content"][:64 - len("Hi")])
     assert "<|im_end|>" not in tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX])
 
 
@@ -140,3 +140,16 @@ def test_escape_in_pre_training_text(tmp_path):
     assert [t for t in ids if t in tokenizer.added_tokens_decoder] == [tokenizer.eos_token_id] and ids[-1] == \
         tokenizer.eos_token_id
     assert tokenizer.decode(ids[:-1]) == "one <|im_start|> two <|endoftext|> three"
+
+
+def test_ten_thousand_turns_are_not_rendered_whole():
+    tokenizer = recording(make_tokenizer(CHATML))
+    turns = [{"role": role, "content": f"{role} says {k}: {WORDS}"} for k in range(5000)
+             for role in ("user", "assistant")]
+    encoded = encode_chat(tokenizer, turns, max_length=64)
+    assert encoded.truncated and max(tokenizer.lengths) < 64 * CHARS_PER_TOKEN * 2
+    assert len(tokenizer.lengths) < 200  # prompts are rendered per assistant turn: only those before the cut
+    whole = encode_chat(make_tokenizer(CHATML), turns[:40])
+    assert encoded.input_ids[:64] == whole.input_ids[:64] and encoded.labels[:64] == whole.labels[:64]
+    last = encode_chat(tokenizer, turns, max_length=64, loss_on="last")  # the last turn is far past the cut
+    assert all(label == IGNORE_INDEX for label in last.labels)

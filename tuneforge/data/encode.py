@@ -36,8 +36,8 @@ from tuneforge.errors import DataError, UserError
 log = logging.getLogger(__name__)
 
 LOSS_ON = ("assistant", "all", "last")
-# A token covers at most this many characters in any common vocabulary (typical text: 3-5), so a message longer than
-# max_length * CHARS_PER_TOKEN cannot fit in max_length tokens: it is cut to that many characters before rendering.
+# A token covers at most this many characters in any common vocabulary (typical text: 3-5), so contents longer than
+# max_length * CHARS_PER_TOKEN cannot fit in max_length tokens: a row is cut there before rendering (cap_contents).
 CHARS_PER_TOKEN = 32
 
 # End-of-turn markers of the common templates; the tokenizer's own eos is added at run time.
@@ -54,16 +54,18 @@ def encode_chat(tokenizer, messages: list[dict], tools: list | None = None, loss
     """Render `messages` with the chat template and label the assistant replies (see the module docstring).
 
     loss_on: `assistant` (every assistant turn), `all` (every token) or `last` (the last assistant turn).
-    max_length: bounds the work on huge rows: message contents are cut to max_length * CHARS_PER_TOKEN characters
-    before rendering, and the ids end where the first cut content ends (`Encoded.truncated`), so such a row is
-    truncated exactly as if it had been rendered whole. escape_special_tokens: text in the messages that spells a
-    special token (`<|im_end|>`) is tokenized as ordinary text instead of becoming that token.
+    max_length: bounds the work on huge rows (see cap_contents): the contents are cut at max_length *
+    CHARS_PER_TOKEN characters before rendering and the ids end where the cut content ends (`Encoded.truncated`),
+    so such a row ends up truncated at max_length as if it had been rendered whole. escape_special_tokens: text in
+    the messages that spells a special token (`<|im_end|>`) is tokenized as ordinary text, not as that token.
     Raises DataError when the template cannot render the conversation or its replies cannot be located.
     """
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     template = resolve_chat_template(tokenizer, chat_template, tools)
+    given = messages
     messages, capped = cap_contents(messages, max_length * CHARS_PER_TOKEN if max_length else None)
+    last_cut_away = any(m["role"] == "assistant" for m in given[len(messages):])
     messages, tools = adapt_to_template(tokenizer, messages, tools, template)
     if escape_special_tokens:
         messages, text, data_specials = render_escaped(tokenizer, template, messages, tools)
@@ -75,7 +77,9 @@ def encode_chat(tokenizer, messages: list[dict], tools: list | None = None, loss
         labels = list(ids)
     else:
         spans = assistant_spans(tokenizer, template, messages, tools, text)
-        labels = label_spans(ids, offsets, spans[-1:] if loss_on == "last" else spans)
+        if loss_on == "last":
+            spans = [] if last_cut_away else spans[-1:]  # the last turn lies past the cut: nothing to learn
+        labels = label_spans(ids, offsets, spans)
     end = _cut_at(text, offsets, capped)
     return Encoded(ids[:end], labels[:end], truncated=end < len(ids) or bool(capped))
 
@@ -105,26 +109,28 @@ def tokenize_with_offsets(tokenizer, text: str, escaped: list[tuple[int, int]] =
 # ---- huge rows --------------------------------------------------------------------------------------------------
 
 def cap_contents(messages: list[dict], max_chars: int | None) -> tuple[list[dict], str]:
-    """Contents cut to `max_chars`, and the first cut content ('' when none was cut)."""
-    if not max_chars or all(len(m.get("content") or "") <= max_chars for m in messages):
-        return messages, ""
-    out, first = [], ""
-    for m in messages:
+    """A huge row bounded before it is rendered: the contents together keep at most `max_chars` characters. The
+    message that reaches the bound is cut there and the ones after it are left out (they all lie past max_length
+    tokens), so neither one 10 MB message nor ten thousand turns are rendered, tokenized and searched whole.
+    Returns the messages and the cut content ('' when nothing was cut)."""
+    budget = max_chars or 0
+    for i, m in enumerate(messages if max_chars else ()):
         content = m.get("content")
-        if isinstance(content, str) and len(content) > max_chars:
-            m = {**m, "content": content[:max_chars]}
-            first = first or m["content"]
-        out.append(m)
-    return out, first
+        size = len(content) if isinstance(content, str) else 0
+        if size > budget:
+            keep = budget if content[:budget].strip() else len(content) - len(content.lstrip()) + 1
+            return [*messages[:i], {**m, "content": content[:keep]}], content[:keep]
+        budget -= size
+    return messages, ""
 
 
 def _cut_at(text: str, offsets, capped: str) -> int:
-    """How many tokens to keep: all, or those before the end of the first cut content (a cut reply must not be
-    followed by its end-of-turn marker in training, just as with truncation at max_length)."""
+    """How many tokens to keep: all, or those before the end of the cut content, the last one rendered (a cut reply
+    must not be followed by its end-of-turn marker in training, just as with truncation at max_length)."""
     if not capped:
         return len(offsets)
     for form in (capped, capped.strip()):
-        pos = text.find(form)
+        pos = text.rfind(form)
         if pos >= 0:
             end = pos + len(form)
             return next((t for t, (_, e) in enumerate(offsets) if e > end), len(offsets))
