@@ -294,3 +294,15 @@ def test_random_json_shapes_end_in_a_clear_error_or_are_accepted():
                 assert "cannot be processed" not in bad.problem, str(bad)
 
     check()
+
+
+def test_a_byte_that_is_not_utf8_outside_a_string_is_named_too(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b'\n{"instruction": "a", \xff"output": "x"}\n')
+    assert skipped(path) == [f"{path}:line 2: field `<line>`: not valid JSON (Expecting property name enclosed in "
+                             f"double quotes at column 22); the byte 0xFF at line 2 is not UTF-8 (save the file as "
+                             f"UTF-8)"]
+    array = tmp_path / "d.json"
+    array.write_bytes(b'[{"instruction": "a", "output": "x"},\n \xff{"instruction": "a", "output": "x"}]')
+    with pytest.raises(DataError, match=r"line 2, column 2\); the byte 0xFF at line 2 is not UTF-8"):
+        read_datasets(config(array))

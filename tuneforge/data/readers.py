@@ -77,8 +77,8 @@ def read_json(path: Path) -> Rows:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several JSON values one after another: JSON lines under a .json name
             return read_jsonl(path)
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). Fix the file, "
-                        f"or use JSON lines (one object per line) with a .jsonl name.") from e
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}){_bytes_note(text)}. "
+                        f"Fix the file, or use JSON lines (one object per line) with a .jsonl name.") from e
     if not isinstance(data, list):
         raise DataError(f"{path}: the top level must be a list of objects ([{{...}}, {{...}}]), got "
                         f"{type(data).__name__}. Use a list, or JSON lines (one object per line).")
@@ -140,6 +140,15 @@ def _skip_json_value(text: str, pos: int, path: Path) -> int:
     raise DataError(f"{path}: not valid JSON: the record at line {text.count(chr(10), 0, pos) + 1} does not end.")
 
 
+def _bytes_note(text: str, first_line: int = 1) -> str:
+    """Where text read with surrogateescape holds a byte that is not UTF-8 (the likely cause of a parse error)."""
+    at = next((k for k, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+    if at is None:
+        return ""
+    line = first_line + text.count("\n", 0, at)
+    return f"; the byte 0x{ord(text[at]) - 0xDC00:02X} at line {line} is not UTF-8 (save the file as UTF-8)"
+
+
 def _row_or_bad(item, source: str, field: str, path: Path):
     if isinstance(item, dict):
         return RawRow(source, item, str(path))
@@ -156,7 +165,8 @@ def read_jsonl(path: Path) -> Rows:
             try:
                 rows.append(_row_or_bad(json.loads(line), source, "<line>", path))
             except json.JSONDecodeError as e:
-                rows.append(BadRow(source, "<line>", f"not valid JSON ({e.msg} at column {e.colno})"))
+                problem = f"not valid JSON ({e.msg} at column {e.colno}){_bytes_note(line, n)}"
+                rows.append(BadRow(source, "<line>", problem))
             except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
                 rows.append(bad_row(e, source, "<line>"))
     return rows
