@@ -7,8 +7,10 @@ the very format the model is served with.
 The mask is found on the rendered text, then mapped to tokens through the fast tokenizer's offset mapping:
 
 1. Where each assistant turn starts: the template rendered up to the turn with `add_generation_prompt=True` is
-   the prompt; its common prefix with the full text is a lower bound, and the reply is searched from there (as
-   written, stripped, or its answer part when the template drops `<think>` reasoning).
+   the prompt; how far it matches the full text is a lower bound, and the reply is searched from there (as
+   written, stripped, or its answer part when the template drops `<think>` reasoning). It matches from the start,
+   or, for templates that rewrite earlier parts once more turns exist (Mistral's [AVAILABLE_TOOLS] sits before
+   the last user turn), from the last user/tool content on; the bound is never before that content's end.
 2. Where it ends: after the reply come the template's end-of-turn markers (`<|im_end|>`, `<|eot_id|>`, `</s>`,
    `<end_of_turn>`, the tokenizer's eos, ...; whitespace between them allowed). The span runs through the last
    consecutive marker **plus one newline right after it when there is one** (ChatML and Gemma write it as part
@@ -19,7 +21,13 @@ The mask is found on the rendered text, then mapped to tokens through the fast t
 
 Conversations a template cannot express are adapted before rendering, and the ids then equal
 `apply_chat_template` of the adapted messages: a system message the template refuses or silently drops is
-merged into the first user turn; tool calls are written as JSON text for templates without tool-call support.
+merged into the first user turn; tool calls are written as JSON text for templates without tool-call support;
+tool schemas go into the system prompt when the template does not write `tools=` (decided by rendering with and
+without them: GLM-4's template names "tools" but ignores the argument).
+
+Two options change the ids on purpose: `max_length` cuts a huge row before rendering (see `cap_contents`; the
+result is what truncation at max_length gives), and `escape_special_tokens` tokenizes data text that spells a
+special token (`<|im_end|>` in a reply) as plain text instead of as that token.
 """
 
 from __future__ import annotations
