@@ -13,8 +13,11 @@ Stages:
 - pt: text + eos (and bos where the tokenizer adds one), labels = input ids. Documents longer than `max_length` are
   split into max_length chunks (counted); packing is on unless `data.packing: false`.
 
-Nothing is dropped silently: bad rows (reading, format, validation, rendering) raise one DataError listing them
-(`data.on_error: raise`) or are skipped and listed in the report (`skip`); cuts are counted in the report.
+Nothing is dropped silently: bad rows (reading, format, validation, rendering, tokenizing: whatever one row
+raises, see `types.bad_row`) raise one DataError listing them (`data.on_error: raise`) or are skipped and listed in
+the report (`skip`); cuts are counted in the report. A file without rows, or no training row left after reading,
+fails in `read_datasets`, before the model loads. Data text that spells a special token of the tokenizer follows
+`data.special_tokens_in_text` (a bad row, escaped, or kept; counted).
 """
 
 from __future__ import annotations
