@@ -306,3 +306,10 @@ def test_a_byte_that_is_not_utf8_outside_a_string_is_named_too(tmp_path):
     array.write_bytes(b'[{"instruction": "a", "output": "x"},\n \xff{"instruction": "a", "output": "x"}]')
     with pytest.raises(DataError, match=r"line 2, column 2\); the byte 0xFF at line 2 is not UTF-8"):
         read_datasets(config(array))
+
+
+def test_a_first_row_that_crashes_format_guessing_is_a_bad_row(tmp_path):
+    first = json.dumps({"messages": "[" * 100_000})  # JSON text of a list nested too deeply to parse
+    path = write_lines(tmp_path / "d.jsonl", [first, json.dumps(OPENAI_GOOD)])
+    assert skipped(path) == [f"{path}:line 1: field `<row>`: nested too deeply to read (RecursionError); flatten "
+                             f"this row"]

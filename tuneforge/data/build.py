@@ -141,11 +141,15 @@ def adapt_rows(rows: list, spec) -> list:
         if isinstance(row, BadRow):
             out.append(row)
             continue
-        fmt = spec.format
-        if fmt == "auto":
-            if row.file not in formats_by_file:
+        if spec.format == "auto" and row.file not in formats_by_file:
+            try:
                 formats_by_file[row.file] = formats.guess_format(row.data, spec.columns, row.file)
-            fmt = formats_by_file[row.file]
+            except DataError:  # no format fits the file's first row: a file error
+                raise
+            except Exception as e:  # noqa: BLE001 - the row guard; the next row may tell the format
+                out.append(bad_row(e, row.source))
+                continue
+        fmt = formats_by_file[row.file] if spec.format == "auto" else spec.format
         try:
             out.append(formats.to_example(row.data, fmt, row.source, spec.columns, spec.tags))
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
