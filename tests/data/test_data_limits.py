@@ -153,3 +153,18 @@ def test_ten_thousand_turns_are_not_rendered_whole():
     assert encoded.input_ids[:64] == whole.input_ids[:64] and encoded.labels[:64] == whole.labels[:64]
     last = encode_chat(tokenizer, turns, max_length=64, loss_on="last")  # the last turn is far past the cut
     assert all(label == IGNORE_INDEX for label in last.labels)
+
+
+def test_windows_keep_the_tokenizers_own_bos_and_eos():
+    from tokenizers import processors
+
+    from tuneforge.data.build import tokenize_document
+
+    tokenizer = make_tokenizer(None)
+    bos, eos = tokenizer.convert_tokens_to_ids("<s>"), tokenizer.convert_tokens_to_ids("</s>")
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
+    text = WORDS * 300
+    windowed = tokenize_document(tokenizer, text, 500)
+    assert windowed == tokenizer(text)["input_ids"] and windowed[0] == bos and windowed[-1] == eos
+    assert windowed.count(bos) == 1 and windowed.count(eos) == 1
