@@ -70,11 +70,12 @@ def test_rows_that_crashed_become_bad_rows(tmp_path, fmt, good, bad_line, words)
 
 def test_deeply_nested_record_in_a_json_array(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text(f'[{json.dumps(GOOD)}, {{"instruction": {DEEP}, "output": "x"}}, "not an object"]',
-                    encoding="utf-8")
+    tricky = json.dumps("brackets ] } [ { and a quote \\\" in a string")  # the record's end is found past them
+    path.write_text(f'[{json.dumps(GOOD)}, {{"instruction": {tricky}, "deep": {DEEP}, "output": "x"}}, '
+                    f'"not an object", {json.dumps(GOOD)}]', encoding="utf-8")
     train, _, report = read_datasets(config(path, on_error="skip"))
     assert [b.source for b in report.bad_rows] == [f"{path}:record 2", f"{path}:record 3"]
-    assert "RecursionError" in report.bad_rows[0].problem and len(train) == 1
+    assert "RecursionError" in report.bad_rows[0].problem and len(train) == 2
 
 
 def test_csv_cell_over_the_csv_modules_limit_is_data(tmp_path):
