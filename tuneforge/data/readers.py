@@ -55,8 +55,8 @@ def read_local(path: Path) -> Rows:
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e}).") from e
     if not rows:
-        raise DataError(f"{path}: no data rows in this file (it is empty, holds only blank lines, an empty JSON "
-                        f"list or a CSV header alone). Fill it, or remove it from the dataset.")
+        raise DataError(f"{path}: no data rows in this file (it is empty, or holds only blank lines, an empty JSON "
+                        f"list `[]`, a CSV header or a table of zero rows). Fill it, or remove it from the dataset.")
     return rows
 
 
