@@ -314,3 +314,13 @@ def test_a_first_row_that_crashes_format_guessing_is_a_bad_row(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", [first, json.dumps(OPENAI_GOOD)])
     assert skipped(path) == [f"{path}:line 1: field `<row>`: nested too deeply to read (RecursionError); flatten "
                              f"this row"]
+
+
+def test_the_message_about_invalid_unicode_can_be_printed(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": {"\ud83d": {"k": "\udcff"}}}}]}, {"role": "tool", "content": "ok"},
+        {"role": "assistant", "content": "Done."}]}
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(OPENAI_GOOD), json.dumps(row)])
+    (bad,) = skipped(path)
+    bad.encode("utf-8")  # strict: a lone surrogate in the message would fail to print
+    assert "field `messages[1].tool_calls[0].function.arguments.\\ud83d.k`: not valid Unicode text: the byte 0xFF" in bad

@@ -70,9 +70,9 @@ def strings_of(example: Example):
         field, value = stack.pop()
         if isinstance(value, str):
             yield field, value
-        elif isinstance(value, dict):
-            stack += [(f"{field}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, dict):  # keys may be invalid Unicode themselves: printed escaped
             stack += [(f"{field}.<key>", k) for k in value if isinstance(k, str)]
+            stack += [(f"{field}.{str(k).encode('utf-8', 'backslashreplace').decode()}", v) for k, v in value.items()]
         elif isinstance(value, (list, tuple)):
             stack += [(f"{field}[{i}]", v) for i, v in enumerate(value)]
 
