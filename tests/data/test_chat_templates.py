@@ -269,3 +269,40 @@ def test_resolve_chat_template(tmp_path):
         resolve_chat_template(own, "chatlm")
     with pytest.raises(ConfigError, match="missing.jinja"):
         resolve_chat_template(own, str(tmp_path / "missing.jinja"))
+
+
+TOOL_THEN_USER = [*TOOL_CONVERSATION, {"role": "user", "content": "And in Rome tomorrow?"},
+                  {"role": "assistant", "content": "Rain in Rome."}]
+# Templates whose layout has no place for tool results or calls: they refuse such conversations (a DataError).
+CANNOT_EXPRESS_TOOLS = {"baichuan2-chat", "deepseek-llm-chat", "deepseek-r1-distill-qwen", "deepseek-v2.5",
+                        "gemma-2-it", "gemma-3-it", "gemma-7b-it", "mistral-7b-instruct-v0.1",
+                        "mistral-7b-instruct-v0.2-v1-system", "mixtral-8x7b-instruct-v0.1", "phi-3-medium-instruct",
+                        "phi-3-mini-instruct", "phi-3.5-mini-instruct", "yi-chat", "zephyr"}
+
+
+@needs_templates
+@pytest.mark.parametrize("name", template_names() or ["<none>"])
+def test_tool_turn_then_another_user_turn(name):
+    """Mistral v0.3 and Nemo render [AVAILABLE_TOOLS] before the *last* user turn, so a prompt rendered up to an
+    earlier turn matches the full text only in `<s>`: the user's question was labelled as part of the tool call."""
+    tokenizer = tokenizer_for(name)
+    if name in CANNOT_EXPRESS_TOOLS:
+        with pytest.raises(DataError, match="cannot"):
+            encode_chat(tokenizer, TOOL_THEN_USER, tools=TOOLS)
+        return
+    encoded = encode_chat(tokenizer, TOOL_THEN_USER, tools=TOOLS)
+    call, reply, last = labelled_segments(encoded, tokenizer)
+    middle, end = EXPECTED_END[name]
+    assert "get_weather" in call and "Paris" in call and call.strip().endswith(middle)
+    for text in ("What is the weather", "[INST]", "cloudless", "Rome tomorrow"):  # inputs are never targets
+        assert text not in call + reply + last, (text, call)
+    assert [reply.strip(), last.strip()] == [("It is sunny in Paris." + middle).strip(), ("Rain in Rome." + end).strip()]
+
+
+@needs_templates
+@pytest.mark.parametrize("name", ["glm-4-9b-chat", "glm-4-9b-chat-early"])
+def test_tool_schemas_go_to_the_system_prompt_when_the_template_drops_them(name):
+    """GLM-4's template mentions "tools" but reads a per-message key, so `tools=` was silently dropped."""
+    tokenizer = tokenizer_for(name)
+    text = tokenizer.decode(encode_chat(tokenizer, TOOL_CONVERSATION, tools=TOOLS).input_ids)
+    assert "Weather of a city" in text and text.index("Weather of a city") < text.index("What is the weather")

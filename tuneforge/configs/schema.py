@@ -75,6 +75,11 @@ class DataConfig:
                                        "steps); the order of the batches stays random. Like Hugging Face's "
                                        "group_by_length. Has little effect with packing.")
     system: str | None = opt(None, "A system prompt added to rows that have none.")
+    special_tokens_in_text: Literal["error", "escape", "keep"] = opt(
+        "error", "Data text that spells a special token of the tokenizer (a reply containing `<|im_end|>`): error: a "
+                 "bad row (see on_error); escape: tokenize it as plain text; keep: let it become the special token. "
+                 "Default error, because either silent choice is wrong for some data: pasted chat markup would end "
+                 "turns mid-reply, while `<|endoftext|>` written between documents is meant as the token.")
     seed: int = opt(0, "Seed for the train/eval split and for shuffling.")
 
 

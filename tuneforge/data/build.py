@@ -13,8 +13,11 @@ Stages:
 - pt: text + eos (and bos where the tokenizer adds one), labels = input ids. Documents longer than `max_length` are
   split into max_length chunks (counted); packing is on unless `data.packing: false`.
 
-Nothing is dropped silently: bad rows (reading, format, validation, rendering) raise one DataError listing them
-(`data.on_error: raise`) or are skipped and listed in the report (`skip`); cuts are counted in the report.
+Nothing is dropped silently: bad rows (reading, format, validation, rendering, tokenizing: whatever one row
+raises, see `types.bad_row`) raise one DataError listing them (`data.on_error: raise`) or are skipped and listed in
+the report (`skip`); cuts are counted in the report. A file without rows, or no training row left after reading,
+fails in `read_datasets`, before the model loads. Data text that spells a special token of the tokenizer follows
+`data.special_tokens_in_text` (a bad row, escaped, or kept; counted).
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import random
 from pathlib import Path
 
 from tuneforge.data import formats, readers
-from tuneforge.data.encode import encode_chat
+from tuneforge.data.encode import CHARS_PER_TOKEN, encode_chat, special_tokens_in
 from tuneforge.data.packing import pack
 from tuneforge.data.registry import Registry
 from tuneforge.data.templates import resolve_chat_template
-from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example
+from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example, RowProblem, bad_row
 from tuneforge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,10 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None) -> tuple[list[Ex
         train_examples, eval_examples = split_eval(train_examples, data_cfg.eval_ratio, data_cfg.seed)
     if data_cfg.on_error == "raise":
         check_bad_rows(report, data_cfg)
+    if data_cfg.train and not train_examples:
+        check_bad_rows(report, data_cfg)  # lists what was skipped
+        raise DataError(f"No training rows left: all {report.rows_read} rows read are bad. "
+                        + "; ".join(report.lines()[1:]))
     return train_examples, eval_examples, report
 
 
@@ -134,15 +141,19 @@ def adapt_rows(rows: list, spec) -> list:
         if isinstance(row, BadRow):
             out.append(row)
             continue
-        fmt = spec.format
-        if fmt == "auto":
-            if row.file not in formats_by_file:
+        if spec.format == "auto" and row.file not in formats_by_file:
+            try:
                 formats_by_file[row.file] = formats.guess_format(row.data, spec.columns, row.file)
-            fmt = formats_by_file[row.file]
+            except DataError:  # no format fits the file's first row: a file error
+                raise
+            except Exception as e:  # noqa: BLE001 - the row guard; the next row may tell the format
+                out.append(bad_row(e, row.source))
+                continue
+        fmt = formats_by_file[row.file] if spec.format == "auto" else spec.format
         try:
             out.append(formats.to_example(row.data, fmt, row.source, spec.columns, spec.tags))
-        except formats.RowProblem as e:
-            out.append(BadRow(row.source, e.field, e.problem))
+        except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
+            out.append(bad_row(e, row.source))
     return out
 
 
@@ -179,32 +190,47 @@ def encode_examples(examples: list[Example], tokenizer, stage: str, data_cfg, te
     for example in examples:
         try:
             if stage == "sft":
-                out += fit_length(encode_sft(example, tokenizer, data_cfg, template), data_cfg, report)
+                out += fit_length(encode_sft(example, tokenizer, data_cfg, template, report), data_cfg, report)
             else:
-                out += encode_pt(example, tokenizer, data_cfg.max_length, report)
-        except (DataError, formats.RowProblem) as e:
-            field = e.field if isinstance(e, formats.RowProblem) else "messages"
-            problem = e.problem if isinstance(e, formats.RowProblem) else str(e)
-            report.bad_rows.append(BadRow(example.source, field, problem))
+                out += encode_pt(example, tokenizer, data_cfg, report)
+        except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
+            report.bad_rows.append(bad_row(e, example.source, "messages" if stage == "sft" else "text"))
     return out
 
 
-def encode_sft(example: Example, tokenizer, data_cfg, template: str) -> Encoded:
+def encode_sft(example: Example, tokenizer, data_cfg, template: str, report: DataReport) -> Encoded:
     if example.messages is None:
-        raise formats.RowProblem("text", "stage sft needs conversations (alpaca, sharegpt or openai rows); this is a "
-                                         "plain-text row, which is for stage pt")
+        raise RowProblem("text", "stage sft needs conversations (alpaca, sharegpt or openai rows); this is a "
+                                 "plain-text row, which is for stage pt")
+    escape = special_tokens_policy(example, tokenizer, data_cfg, report)
     messages = example.messages
     if data_cfg.system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": data_cfg.system}, *messages]
     encoded = encode_chat(tokenizer, messages, tools=example.tools, loss_on=data_cfg.loss_on,
-                          chat_template=template)
+                          chat_template=template, max_length=data_cfg.max_length, escape_special_tokens=escape)
     encoded.source = example.source
     return encoded
 
 
+def special_tokens_policy(example: Example, tokenizer, data_cfg, report: DataReport) -> bool:
+    """Apply `data.special_tokens_in_text` to a row whose text spells a special token of the tokenizer: a bad row
+    (error), or counted and then kept as the token or escaped to plain text. Returns whether to escape."""
+    found = special_tokens_in(tokenizer, formats.strings_of(example))
+    if found is None:
+        return False
+    field, spelling = found
+    policy = getattr(data_cfg, "special_tokens_in_text", "keep")
+    if policy == "error":
+        raise RowProblem(field, f"the text spells the tokenizer's special token {spelling!r}, which would become that "
+                                f"token (e.g. end the turn) instead of text. Set `data.special_tokens_in_text=escape` "
+                                f"to train on it as plain text, or `keep` to let it act as the special token.")
+    report.special_tokens.append(f"{example.source} ({spelling!r}, {'escaped' if policy == 'escape' else 'kept'})")
+    return policy == "escape"
+
+
 def fit_length(encoded: Encoded, data_cfg, report: DataReport) -> list[Encoded]:
     """Truncate or drop an over-long example, and drop one left with nothing to learn; each counted once."""
-    cut = len(encoded) > data_cfg.max_length
+    cut = len(encoded) > data_cfg.max_length or encoded.truncated
     if cut and data_cfg.overlong == "drop":
         report.dropped_overlong.append(encoded.source)
         return []
@@ -219,12 +245,14 @@ def fit_length(encoded: Encoded, data_cfg, report: DataReport) -> list[Encoded]:
     return [encoded]
 
 
-def encode_pt(example: Example, tokenizer, max_length: int, report: DataReport) -> list[Encoded]:
+def encode_pt(example: Example, tokenizer, data_cfg, report: DataReport) -> list[Encoded]:
     """Text + eos (+ bos where the tokenizer adds one) in max_length chunks; labels are the ids."""
     if example.text is None:
-        raise formats.RowProblem("messages", "stage pt trains on plain text (format text, a `text` column or .txt "
-                                             "files); this row is a conversation, which is for stage sft")
-    ids = list(tokenizer(example.text)["input_ids"])
+        raise RowProblem("messages", "stage pt trains on plain text (format text, a `text` column or .txt files); "
+                                     "this row is a conversation, which is for stage sft")
+    max_length = data_cfg.max_length
+    escape = special_tokens_policy(example, tokenizer, data_cfg, report)
+    ids = tokenize_document(tokenizer, example.text, max_length * CHARS_PER_TOKEN, escape)
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
@@ -239,3 +267,23 @@ def encode_pt(example: Example, tokenizer, max_length: int, report: DataReport) 
             continue
         chunks.append(Encoded(piece, list(piece), source))
     return chunks
+
+
+def tokenize_document(tokenizer, text: str, window: int, escape: bool = False) -> list[int]:
+    """The ids of a document, with the tokenizer's own special tokens (bos). A document longer than `window`
+    characters is tokenized window by window, each cut at a whitespace, so a 10 MB row never makes the tokenizer
+    hold millions of tokens' offsets and strings at once; only the ids are kept."""
+    if len(text) <= window:
+        return list(tokenizer(text, split_special_tokens=escape)["input_ids"])
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    framed = list(tokenizer("x")["input_ids"])
+    at = next((k for k in range(len(framed)) if framed[k:k + len(plain)] == plain), 0)
+    ids, start = framed[:at], 0  # the specials the tokenizer puts before the text (bos)
+    while start < len(text):
+        end = min(len(text), start + window)
+        if end < len(text):
+            space = max(text.rfind(" ", start + window // 2, end), text.rfind("\n", start + window // 2, end))
+            end = space if space > start else end
+        ids += tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=escape)["input_ids"]
+        start = end
+    return ids + framed[at + len(plain):]  # and those after it (eos, for tokenizers that add one)

@@ -7,8 +7,10 @@ the very format the model is served with.
 The mask is found on the rendered text, then mapped to tokens through the fast tokenizer's offset mapping:
 
 1. Where each assistant turn starts: the template rendered up to the turn with `add_generation_prompt=True` is
-   the prompt; its common prefix with the full text is a lower bound, and the reply is searched from there (as
-   written, stripped, or its answer part when the template drops `<think>` reasoning).
+   the prompt; how far it matches the full text is a lower bound, and the reply is searched from there (as
+   written, stripped, or its answer part when the template drops `<think>` reasoning). It matches from the start,
+   or, for templates that rewrite earlier parts once more turns exist (Mistral's [AVAILABLE_TOOLS] sits before
+   the last user turn), from the last user/tool content on; the bound is never before that content's end.
 2. Where it ends: after the reply come the template's end-of-turn markers (`<|im_end|>`, `<|eot_id|>`, `</s>`,
    `<end_of_turn>`, the tokenizer's eos, ...; whitespace between them allowed). The span runs through the last
    consecutive marker **plus one newline right after it when there is one** (ChatML and Gemma write it as part
@@ -19,13 +21,21 @@ The mask is found on the rendered text, then mapped to tokens through the fast t
 
 Conversations a template cannot express are adapted before rendering, and the ids then equal
 `apply_chat_template` of the adapted messages: a system message the template refuses or silently drops is
-merged into the first user turn; tool calls are written as JSON text for templates without tool-call support.
+merged into the first user turn; tool calls are written as JSON text for templates without tool-call support;
+tool schemas go into the system prompt when the template does not write `tools=` (decided by rendering with and
+without them: GLM-4's template names "tools" but ignores the argument).
+
+Two options change the ids on purpose: `max_length` cuts a huge row before rendering (see `cap_contents`; the
+result is what truncation at max_length gives), and `escape_special_tokens` tokenizes data text that spells a
+special token (`<|im_end|>` in a reply) as plain text instead of as that token.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import weakref
 
 from tuneforge.data.templates import resolve_chat_template
 from tuneforge.data.types import IGNORE_INDEX, Encoded
@@ -34,6 +44,9 @@ from tuneforge.errors import DataError, UserError
 log = logging.getLogger(__name__)
 
 LOSS_ON = ("assistant", "all", "last")
+# A token covers at most this many characters in any common vocabulary (typical text: 3-5), so contents longer than
+# max_length * CHARS_PER_TOKEN cannot fit in max_length tokens: a row is cut there before rendering (cap_contents).
+CHARS_PER_TOKEN = 32
 
 # End-of-turn markers of the common templates; the tokenizer's own eos is added at run time.
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|EOT|>",
@@ -44,34 +57,162 @@ _warned: set[str] = set()
 
 
 def encode_chat(tokenizer, messages: list[dict], tools: list | None = None, loss_on: str = "assistant",
-                chat_template: str | None = None) -> Encoded:
+                chat_template: str | None = None, max_length: int | None = None,
+                escape_special_tokens: bool = False) -> Encoded:
     """Render `messages` with the chat template and label the assistant replies (see the module docstring).
 
     loss_on: `assistant` (every assistant turn), `all` (every token) or `last` (the last assistant turn).
+    max_length: bounds the work on huge rows (see cap_contents): the contents are cut at max_length *
+    CHARS_PER_TOKEN characters before rendering and the ids end where the cut content ends (`Encoded.truncated`),
+    so such a row ends up truncated at max_length as if it had been rendered whole. escape_special_tokens: text in
+    the messages that spells a special token (`<|im_end|>`) is tokenized as ordinary text, not as that token.
     Raises DataError when the template cannot render the conversation or its replies cannot be located.
     """
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     template = resolve_chat_template(tokenizer, chat_template, tools)
-    messages, tools = adapt_to_template(messages, tools, template)
-    messages, text = render_conversation(tokenizer, template, messages, tools)
-    enc = tokenize_with_offsets(tokenizer, text)
-    ids = list(enc["input_ids"])
+    given = messages
+    messages, capped = cap_contents(messages, max_length * CHARS_PER_TOKEN if max_length else None)
+    last_cut_away = any(m["role"] == "assistant" for m in given[len(messages):])
+    messages, tools = adapt_to_template(tokenizer, messages, tools, template)
+    if escape_special_tokens:
+        messages, text, data_specials = render_escaped(tokenizer, template, messages, tools)
+    else:
+        (messages, text), data_specials = render_conversation(tokenizer, template, messages, tools), []
+    enc = tokenize_with_offsets(tokenizer, text, data_specials)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     if loss_on == "all":
-        return Encoded(ids, list(ids))
-    spans = assistant_spans(tokenizer, template, messages, tools, text)
-    if loss_on == "last":
-        spans = spans[-1:]
-    return Encoded(ids, label_spans(ids, enc["offset_mapping"], spans))
+        labels = list(ids)
+    else:
+        spans = assistant_spans(tokenizer, template, messages, tools, text)
+        if loss_on == "last":
+            spans = [] if last_cut_away else spans[-1:]  # the last turn lies past the cut: nothing to learn
+        labels = label_spans(ids, offsets, spans)
+    end = _cut_at(text, offsets, capped)
+    return Encoded(ids[:end], labels[:end], truncated=end < len(ids) or bool(capped))
 
 
-def tokenize_with_offsets(tokenizer, text: str):
-    """Exactly how apply_chat_template tokenizes (no extra special tokens), plus character offsets."""
+def tokenize_with_offsets(tokenizer, text: str, escaped: list[tuple[int, int]] = ()):
+    """Exactly how apply_chat_template tokenizes (no extra special tokens), plus character offsets. The `escaped`
+    spans [start, end) are tokenized as ordinary text even where they spell a special token; the text between them
+    is tokenized as usual (a special token splits the text there anyway, so the pieces are what the tokenizer sees)."""
     try:
-        return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if not escaped:
+            return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets, pos = [], [], 0
+        for a, b in [*escaped, (len(text), len(text))]:
+            for start, end, split in ((pos, a, False), (a, b, True)):
+                if end > start:
+                    enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True,
+                                    split_special_tokens=split)
+                    ids += enc["input_ids"]
+                    offsets += [(s + start, e + start) for s, e in enc["offset_mapping"]]
+            pos = b
+        return {"input_ids": ids, "offset_mapping": offsets}
     except NotImplementedError as e:  # only fast (Rust `tokenizers`) tokenizers report offsets
         raise UserError(f"The tokenizer ({type(tokenizer).__name__}) cannot report character offsets, which the "
                         f"loss mask needs; load a fast tokenizer (tokenizer.json).") from e
+
+
+# ---- huge rows --------------------------------------------------------------------------------------------------
+
+def cap_contents(messages: list[dict], max_chars: int | None) -> tuple[list[dict], str]:
+    """A huge row bounded before it is rendered: the contents together keep at most `max_chars` characters. The
+    message that reaches the bound is cut there and the ones after it are left out (they all lie past max_length
+    tokens), so neither one 10 MB message nor ten thousand turns are rendered, tokenized and searched whole.
+    Returns the messages and the cut content ('' when nothing was cut)."""
+    budget = max_chars or 0
+    for i, m in enumerate(messages if max_chars else ()):
+        content = m.get("content")
+        size = len(content) if isinstance(content, str) else 0
+        if size > budget:
+            keep = budget if content[:budget].strip() else len(content) - len(content.lstrip()) + 1
+            return [*messages[:i], {**m, "content": content[:keep]}], content[:keep]
+        budget -= size
+    return messages, ""
+
+
+def _cut_at(text: str, offsets, capped: str) -> int:
+    """How many tokens to keep: all, or those before the end of the cut content, the last one rendered (a cut reply
+    must not be followed by its end-of-turn marker in training, just as with truncation at max_length)."""
+    if not capped:
+        return len(offsets)
+    for form in (capped, capped.strip()):
+        pos = text.rfind(form)
+        if pos >= 0:
+            end = pos + len(form)
+            return next((t for t, (_, e) in enumerate(offsets) if e > end), len(offsets))
+    return len(offsets)
+
+
+# ---- text that spells special tokens ----------------------------------------------------------------------------
+
+_PATTERNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLACEHOLDER = 0xF0000  # Unicode private-use plane 15: stands for the k-th special spelling while rendering
+
+
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex of the spellings of the tokenizer's special tokens (None when it has none)."""
+    if tokenizer not in _PATTERNS:
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        spellings = sorted({t.content for t in decoder.values() if t.special and t.content}, key=len, reverse=True)
+        _PATTERNS[tokenizer] = re.compile("|".join(map(re.escape, spellings))) if spellings else None
+    return _PATTERNS[tokenizer]
+
+
+def special_tokens_in(tokenizer, strings) -> tuple[str, str] | None:
+    """The first (field, spelling) among (field, string) pairs whose string spells a special token."""
+    pattern = special_token_pattern(tokenizer)
+    if pattern is None:
+        return None
+    for field, text in strings:
+        match = pattern.search(text)
+        if match:
+            return field, match.group()
+    return None
+
+
+def render_escaped(tokenizer, template: str, messages: list[dict], tools):
+    """render_conversation, plus where the rendered text holds special-token spellings that came from the data:
+    those are replaced by placeholder characters for the render, then put back and their spans recorded."""
+    pattern = special_token_pattern(tokenizer)
+    if pattern is None:
+        return (*render_conversation(tokenizer, template, messages, tools), [])
+    spellings: list[str] = []
+
+    def hide(text: str) -> str:
+        def one(match):
+            if match.group() not in spellings:
+                spellings.append(match.group())
+            return chr(_PLACEHOLDER + spellings.index(match.group()))
+        return pattern.sub(one, text)
+
+    hidden, text = render_conversation(tokenizer, template, _map_strings(messages, hide), _map_strings(tools, hide))
+    marks = re.compile(f"[{chr(_PLACEHOLDER)}-{chr(_PLACEHOLDER + max(len(spellings), 1) - 1)}]")
+    spans, parts, pos, shift = [], [], 0, 0
+    for match in marks.finditer(text):
+        spelling = spellings[ord(match.group()) - _PLACEHOLDER]
+        parts += [text[pos:match.start()], spelling]
+        start = match.start() + shift
+        spans.append((start, start + len(spelling)))
+        shift += len(spelling) - 1
+        pos = match.end()
+    parts.append(text[pos:])
+
+    def show(text: str) -> str:
+        return marks.sub(lambda m: spellings[ord(m.group()) - _PLACEHOLDER], text)
+
+    return _map_strings(hidden, show), "".join(parts), spans
+
+
+def _map_strings(value, fn):
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    return value
 
 
 def render(tokenizer, template: str, messages: list[dict], tools=None, add_generation_prompt=False) -> str:
@@ -81,13 +222,14 @@ def render(tokenizer, template: str, messages: list[dict], tools=None, add_gener
 
 # ---- adapting a conversation to what the template can express ------------------------------------------------
 
-def adapt_to_template(messages: list[dict], tools: list | None, template: str) -> tuple[list[dict], list | None]:
+def adapt_to_template(tokenizer, messages: list[dict], tools: list | None,
+                      template: str) -> tuple[list[dict], list | None]:
     """Tool calls (and tool schemas) as text for templates that do not know them; everything else unchanged."""
     if "tool_calls" not in template and any(m.get("tool_calls") for m in messages):
         messages = [_tool_calls_as_text(m) if m.get("tool_calls") else m for m in messages]
         _warn_once("tool_calls", "The chat template has no tool-call support; tool calls are written into the "
                                  "assistant replies as JSON text.")
-    if tools and "tools" not in template:
+    if tools and not renders_tools(tokenizer, template, messages, tools):
         messages = _tools_in_system(messages, tools)
         _warn_once("tools", "The chat template does not render tool schemas; they are added to the system prompt.")
         tools = None
@@ -100,6 +242,22 @@ def _tool_calls_as_text(message: dict) -> dict:
                      for c in calls)
     content = message.get("content") or ""
     return {"role": "assistant", "content": f"{content}\n{text}" if content else text}
+
+
+def renders_tools(tokenizer, template: str, messages: list[dict], tools: list) -> bool:
+    """Whether the template writes `tools=` into this conversation: rendered with and without them, the texts
+    differ. (A substring test is not enough: GLM-4's template says "tools" but reads a per-message key and drops
+    `tools=`.) A template that renders the conversation but fails with the tools cannot take them either."""
+    for variant, _ in _variants(messages):
+        try:
+            without = render(tokenizer, template, variant)
+        except Exception:  # noqa: BLE001,S112 - try the next adaptation (see render_conversation)
+            continue
+        try:
+            return render(tokenizer, template, variant, tools) != without
+        except Exception:  # noqa: BLE001
+            return False
+    return True  # nothing renders at all: render_conversation reports why
 
 
 def _tools_in_system(messages: list[dict], tools: list) -> list[dict]:
@@ -191,27 +349,45 @@ def assistant_spans(tokenizer, template: str, messages: list[dict], tools, text:
     markers = end_markers(tokenizer)
     spans: list[tuple[int, int]] = []
     prev_end = 0  # end of the previous assistant span
-    seen = 0  # end of the user/tool contents located since then
+    anchor = None  # (start, end) of the last user/tool content located since then
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
-            seen = _skip_content(text, message, i, max(seen, prev_end))
+            anchor = _skip_content(text, message, i, max(anchor[1] if anchor else 0, prev_end)) or anchor
             continue
-        prompt_end = _common_prefix_len(_prompt_before(tokenizer, template, messages[:i], tools), text)
-        # A prompt that still matches past the previous turn is the tightest bound; templates that rewrite earlier
-        # turns once later ones exist (system prompt moved to the last user turn, ...) fall back to the contents.
-        lower = prompt_end if prompt_end > prev_end else max(prev_end, seen)
+        prompt_end, _ = _match_end(_prompt_before(tokenizer, template, messages[:i], tools), text, anchor)
+        lower = max(prompt_end, prev_end, anchor[1] if anchor else 0)
         start, end = _locate_reply(text, message, lower)
         if message.get("tool_calls"):
             start, end = _locate_tool_calls(tokenizer, template, messages[:i + 1], tools, text, lower, start, end,
-                                            markers)
+                                            markers, anchor)
             _check_tool_calls_rendered(text, message, i, start, end)
         if start is None:
             raise DataError(f"Assistant turn {i + 1} does not appear verbatim in the text the chat template renders, "
                             f"so its loss mask cannot be found (does the template rewrite replies?).")
         end = extend_through_end_markers(text, end, markers)
         spans.append((start, end))
-        prev_end = end
+        prev_end, anchor = end, None
     return spans
+
+
+def _match_end(rendered: str, text: str, anchor: tuple[int, int] | None) -> tuple[int, bool]:
+    """How far a render of the conversation so far matches the full text, and whether all of it matched.
+
+    Usually the render is a prefix of the full text. Some templates rewrite earlier parts once more turns exist
+    (Mistral v0.3 and Nemo put [AVAILABLE_TOOLS] before the *last* user turn, so a render that ends earlier has the
+    block in another place and shares only `<s>` with the full text); then the render's tail after the last
+    located user/tool content (`anchor`) is matched from that content on. A bound from the start of the text alone
+    would let a reply's search start before the user's question."""
+    n = _common_prefix_len(rendered, text)
+    if n == len(rendered) or anchor is None or n >= anchor[1]:
+        return n, n == len(rendered)
+    a, b = anchor
+    k = rendered.rfind(text[a:b])
+    if k < 0:
+        return n, False
+    tail = rendered[k + b - a:]
+    m = _common_prefix_len(tail, text[b:b + len(tail)])
+    return b + m, m == len(tail)
 
 
 def end_markers(tokenizer) -> tuple[str, ...]:
@@ -245,18 +421,19 @@ def _prompt_before(tokenizer, template: str, messages: list[dict], tools) -> str
     return ""
 
 
-def _skip_content(text: str, message: dict, index: int, cursor: int) -> int:
-    """Past a user/tool message's content when it is found after `cursor` (system prompts may move, so not those).
-    Raises DataError when the template dropped the message: the conversation it renders is not the one given."""
+def _skip_content(text: str, message: dict, index: int, cursor: int) -> tuple[int, int] | None:
+    """Where a user/tool message's content is, at or after `cursor` (None for system prompts, which may move, and
+    for contents not found there). Raises DataError when the template dropped the message: the conversation it
+    renders is not the one given."""
     content = message.get("content")
     if message["role"] == "system" or not isinstance(content, str) or not content.strip():
-        return cursor
+        return None
     forms = _rendered_forms(content.strip())
     if not any(form in text for form in forms):
         raise DataError(f"The chat template does not render `{message['role']}` messages (message {index + 1} is "
                         f"missing from its output), so it cannot express this conversation.")
-    found = [(p, len(form)) for form in forms if (p := text.find(form, cursor)) >= 0]
-    return min(p + n for p, n in found) if found else cursor
+    found = [(p, p + len(form)) for form in forms if (p := text.find(form, cursor)) >= 0]
+    return min(found, key=lambda span: span[1]) if found else None
 
 
 def _rendered_forms(content: str) -> list[str]:
@@ -297,14 +474,14 @@ def _reasoning_start(text: str, message: dict, lower: int, answer_start: int) ->
     return tag if tag >= 0 else pos
 
 
-def _locate_tool_calls(tokenizer, template, messages, tools, text, lower, start, end, markers):
+def _locate_tool_calls(tokenizer, template, messages, tools, text, lower, start, end, markers, anchor):
     """A tool-call turn is written by the template in its own format. It ends where the conversation rendered
-    through this turn stops matching the full text, when that point is the whole render or just after an end
-    marker; otherwise (templates that render a last turn differently) at the first end marker after the call."""
-    through_text = _prompt_through(tokenizer, template, messages, tools)
-    through = _common_prefix_len(through_text, text)
+    through this turn stops matching the full text (see `_match_end`), when that point is the whole render or just
+    after an end marker; otherwise (templates that render a last turn differently) at the first end marker after
+    the call."""
+    through, complete = _match_end(_prompt_through(tokenizer, template, messages, tools), text, anchor)
     start = lower if start is None else start
-    if through > start and (through == len(through_text) or text[:through].rstrip().endswith(markers)):
+    if through > start and (complete or text[:through].rstrip().endswith(markers)):
         return start, max(through, end or start)
     name = _call_name(messages[-1]["tool_calls"][0])
     at = text.find(name, start) if name else -1

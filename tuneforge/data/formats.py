@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tuneforge.data.types import Example
+from tuneforge.data.types import Example, RowProblem
 from tuneforge.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "openai", "text")
@@ -34,21 +34,47 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class RowProblem(Exception):
-    """What is wrong with one row: the field (dotted path, e.g. `conversations[2].from`) and the problem."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field, self.problem = field, problem
-
-
 def to_example(data: dict, fmt: str, source: str, columns: dict, tags: dict) -> Example:
     """One raw row in format `fmt` -> Example; raises RowProblem."""
     adapter = {"alpaca": alpaca_example, "sharegpt": sharegpt_example, "openai": openai_example,
                "text": text_example}[fmt]
     if fmt == "sharegpt":
-        return adapter(data, source, columns, {**SHAREGPT_TAGS, **tags})
-    return adapter(data, source, columns)
+        example = adapter(data, source, columns, {**SHAREGPT_TAGS, **tags})
+    else:
+        example = adapter(data, source, columns)
+    check_unicode(example)
+    return example
+
+
+def check_unicode(example: Example) -> None:
+    """Every string must be valid Unicode. JSON may spell half a UTF-16 pair (`"\\ud83d"`), and readers keep a byte
+    that is not UTF-8 as a lone surrogate (errors="surrogateescape") so it is reported here, with its row, instead
+    of failing the whole file or, later, the tokenizer."""
+    for field, text in strings_of(example):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            char = ord(text[e.start])
+            line = text.count("\n", 0, e.start)
+            where = f" (line {line + 1} of this value)" if line else ""
+            what = (f"the byte 0x{char - 0xDC00:02X}, which is not UTF-8 (or the escape \\u{char:04x})"
+                    if 0xDC80 <= char <= 0xDCFF else f"the lone surrogate escape \\u{char:04x} (half of a UTF-16 pair)")
+            raise RowProblem(field, f"not valid Unicode text: {what} at character {e.start + 1}{where}. Fix the "
+                                    f"encoding of this row (save the file as UTF-8).") from None
+
+
+def strings_of(example: Example):
+    """(field, string) for every string of an example: texts, message contents, tool calls and tool schemas."""
+    stack = [("text", example.text), ("messages", example.messages), ("tools", example.tools)]
+    while stack:  # iterative: a row may nest deeper than Python's recursion limit allows
+        field, value = stack.pop()
+        if isinstance(value, str):
+            yield field, value
+        elif isinstance(value, dict):  # keys may be invalid Unicode themselves: printed escaped
+            stack += [(f"{field}.<key>", k) for k in value if isinstance(k, str)]
+            stack += [(f"{field}.{str(k).encode('utf-8', 'backslashreplace').decode()}", v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [(f"{field}[{i}]", v) for i, v in enumerate(value)]
 
 
 def guess_format(data: dict, columns: dict, where: str) -> str:
@@ -123,7 +149,8 @@ def _sharegpt_turn(turn: Any, field: str, tags: dict, roles: dict, calls: _CallI
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
     if not isinstance(turn, dict):
         raise RowProblem(field, f"expected an object with `{role_tag}` and `{content_tag}`, got {_kind(turn)}")
-    role = roles.get(turn.get(role_tag))
+    tag = turn.get(role_tag)
+    role = roles.get(tag) if isinstance(tag, str) else None
     if role is None:
         raise RowProblem(f"{field}.{role_tag}", f"unknown role {turn.get(role_tag)!r}; expected one of "
                                                 f"{', '.join(map(repr, roles))} (rename roles with `tags`, e.g. "
@@ -186,8 +213,10 @@ def _openai_message(message: Any, field: str) -> dict:
         raise RowProblem(f"{field}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     out = {"role": role, "content": _content_text(message.get("content"), f"{field}.content")}
     if role == "assistant" and message.get("tool_calls"):
-        out["tool_calls"] = [_openai_call(c, f"{field}.tool_calls[{k}]")
-                             for k, c in enumerate(_maybe_json(message["tool_calls"]))]
+        calls = _maybe_json(message["tool_calls"])
+        if not isinstance(calls, list):
+            raise RowProblem(f"{field}.tool_calls", f"expected a list of tool calls, got {_kind(calls)}")
+        out["tool_calls"] = [_openai_call(c, f"{field}.tool_calls[{k}]") for k, c in enumerate(calls)]
     if role == "tool" and message.get("tool_call_id"):
         out["tool_call_id"] = str(message["tool_call_id"])
     return out
@@ -202,7 +231,10 @@ def _content_text(content: Any, field: str) -> str:
         for k, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text"):
                 raise RowProblem(f"{field}[{k}]", f"only text parts are supported, got {_short(part)}")
-            texts.append(part.get("text", part.get("value")) or "")
+            text = part.get("text", part.get("value"))
+            if text is not None and not isinstance(text, str):
+                raise RowProblem(f"{field}[{k}].text", f"expected a string, got {_kind(text)}")
+            texts.append(text or "")
         return "".join(texts)
     raise RowProblem(field, f"expected a string, got {_kind(content)}")
 

@@ -9,21 +9,27 @@ Sources name the row so a user can open the file at the right place:
 line has one document per line (the common "one article per line" dump, e.g. LLaMA-Factory's wiki_demo.txt).
 
 A JSON file that holds JSON lines (a common misnaming) is read as JSON lines. A row that cannot be parsed
-(a broken JSON line, a CSV row with the wrong number of cells) is reported as a bad row, not raised, so the
-`data.on_error` policy decides what happens to it. A file that cannot be read at all raises DataError.
+(a broken JSON line, a CSV row with the wrong number of cells, JSON nested deeper than the parser can go, anything
+else one row raises) is reported as a bad row, not raised, so the `data.on_error` policy decides what happens to
+it. Text is decoded with errors="surrogateescape": a byte that is not UTF-8 stays in its row (as a lone surrogate)
+and the format adapter reports that row with its line, so one bad byte costs one row, not the file. A file that
+cannot be read at all, or that holds no rows (empty, blank lines only, `[]`, a CSV header alone, a zero-row
+Parquet file), raises DataError naming it.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.data.types import BadRow
+from tuneforge.data.types import BadRow, bad_row
 from tuneforge.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+ENCODING = {"encoding": "utf-8-sig", "errors": "surrogateescape"}  # see the module docstring
 
 
 @dataclass
@@ -45,9 +51,13 @@ def read_local(path: Path) -> Rows:
         raise DataError(f"{path}: unsupported file type `{path.suffix}`. Use one of {', '.join(SUFFIXES)} "
                         f"(or a folder of such files).")
     try:
-        return reader(path)
-    except (OSError, UnicodeDecodeError) as e:
+        rows = reader(path)
+    except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e}).") from e
+    if not rows:
+        raise DataError(f"{path}: no data rows in this file (it is empty, or holds only blank lines, an empty JSON "
+                        f"list `[]`, a CSV header or a table of zero rows). Fill it, or remove it from the dataset.")
+    return rows
 
 
 def read_folder(folder: Path) -> Rows:
@@ -59,18 +69,84 @@ def read_folder(folder: Path) -> Rows:
 
 
 def read_json(path: Path) -> Rows:
-    text = path.read_text(encoding="utf-8-sig")
+    text = path.read_text(**ENCODING)
     try:
         data = json.loads(text)
+    except RecursionError:  # some record nests deeper than the parser goes: read the records one by one
+        return [row for row in _json_records(text, path)]
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several JSON values one after another: JSON lines under a .json name
             return read_jsonl(path)
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). Fix the file, "
-                        f"or use JSON lines (one object per line) with a .jsonl name.") from e
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}){_bytes_note(text)}. "
+                        f"Fix the file, or use JSON lines (one object per line) with a .jsonl name.") from e
     if not isinstance(data, list):
         raise DataError(f"{path}: the top level must be a list of objects ([{{...}}, {{...}}]), got "
                         f"{type(data).__name__}. Use a list, or JSON lines (one object per line).")
     return [_row_or_bad(item, f"{path}:record {i}", "<record>", path) for i, item in enumerate(data, start=1)]
+
+
+def _json_records(text: str, path: Path):
+    """The records of a top-level JSON array one at a time, a record too deeply nested to parse becoming a bad row
+    (the whole-file parse is the fast path; this one runs only after it hit the nesting limit)."""
+    decoder, pos, n = json.JSONDecoder(), _skip_space(text, 0), 0
+    if not text.startswith("[", pos):
+        raise DataError(f"{path}: the top level must be a list of objects ([{{...}}, {{...}}]).")
+    pos = _skip_space(text, pos + 1)
+    while not text.startswith("]", pos):
+        n += 1
+        source = f"{path}:record {n}"
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+            yield _row_or_bad(item, source, "<record>", path)
+        except RecursionError as e:
+            yield bad_row(e, source, "<record>")
+            pos = _skip_json_value(text, pos, path)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from e
+        pos = _skip_space(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif not text.startswith("]", pos):
+            line = text.count("\n", 0, pos) + 1
+            raise DataError(f"{path}: not valid JSON (expected `,` or `]` after record {n}, at line {line}).")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _skip_json_value(text: str, pos: int, path: Path) -> int:
+    """The end of the array or object starting at `pos`, by counting brackets outside strings."""
+    depth, in_string, escaped = 0, False, False
+    for k in range(pos, len(text)):
+        c = text[k]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return k + 1
+    raise DataError(f"{path}: not valid JSON: the record at line {text.count(chr(10), 0, pos) + 1} does not end.")
+
+
+def _bytes_note(text: str, first_line: int = 1) -> str:
+    """Where text read with surrogateescape holds a byte that is not UTF-8 (the likely cause of a parse error)."""
+    at = next((k for k, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+    if at is None:
+        return ""
+    line = first_line + text.count("\n", 0, at)
+    return f"; the byte 0x{ord(text[at]) - 0xDC00:02X} at line {line} is not UTF-8 (save the file as UTF-8)"
 
 
 def _row_or_bad(item, source: str, field: str, path: Path):
@@ -81,31 +157,44 @@ def _row_or_bad(item, source: str, field: str, path: Path):
 
 def read_jsonl(path: Path) -> Rows:
     rows = []
-    with path.open(encoding="utf-8-sig") as f:
+    with path.open(**ENCODING) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             source = f"{path}:line {n}"
             try:
-                item = json.loads(line)
+                rows.append(_row_or_bad(json.loads(line), source, "<line>", path))
             except json.JSONDecodeError as e:
-                rows.append(BadRow(source, "<line>", f"not valid JSON ({e.msg} at column {e.colno})"))
-                continue
-            rows.append(_row_or_bad(item, source, "<line>", path))
+                problem = f"not valid JSON ({e.msg} at column {e.colno}){_bytes_note(line, n)}"
+                rows.append(BadRow(source, "<line>", problem))
+            except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
+                rows.append(bad_row(e, source, "<line>"))
     return rows
 
 
 def read_csv(path: Path) -> Rows:
     """CSV with a header row. Cells are strings; list-valued columns (history, conversations) hold JSON text."""
+    _allow_large_csv_cells()
     rows = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with path.open(newline="", **ENCODING) as f:
         reader = csv.reader(f)
-        header = next(reader, None)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise DataError(f"{path}: cannot read the CSV header ({e}).") from e
         if not header:
-            raise DataError(f"{path}: empty CSV file; the first line must name the columns.")
+            return []
         start = reader.line_num + 1
-        for cells in reader:
+        while True:
             source = f"{path}:line {start}"
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # the reader goes on with the next line
+                rows.append(BadRow(source, "<row>", f"not valid CSV ({e})"))
+                start = reader.line_num + 1
+                continue
             start = reader.line_num + 1  # a quoted cell may span several lines
             if not any(cell.strip() for cell in cells):
                 continue
@@ -114,6 +203,17 @@ def read_csv(path: Path) -> Rows:
                 continue
             rows.append(RawRow(source, dict(zip(header, cells)), str(path)))
     return rows
+
+
+def _allow_large_csv_cells() -> None:
+    """csv refuses cells over 128 KiB by default; a long document is data (max_length cuts it later), not an error."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:  # a C long is 32 bits on some platforms
+            limit //= 2
 
 
 def read_parquet(path: Path) -> Rows:
@@ -127,7 +227,7 @@ def read_parquet(path: Path) -> Rows:
 
 
 def read_txt(path: Path) -> Rows:
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines = path.read_text(**ENCODING).splitlines()
     filled = [n for n, line in enumerate(lines) if line.strip()]
     if not filled:
         return []
@@ -161,7 +261,10 @@ def read_hub(name: str, split: str) -> Rows:
                         f"from the Hugging Face hub failed ({type(e).__name__}: {e}). Check the path (relative "
                         f"paths start from the current folder), add the name to the registry (`data.registry`), "
                         f"or make the hub reachable.") from e
-    return [RawRow(f"{name}[{split}]:row {i}", dict(item), name) for i, item in enumerate(dataset, start=1)]
+    rows = [RawRow(f"{name}[{split}]:row {i}", dict(item), name) for i, item in enumerate(dataset, start=1)]
+    if not rows:
+        raise DataError(f"`{name}` (split {split}) has no rows.")
+    return rows
 
 
 def looks_like_local_path(path: str) -> bool:

@@ -5,7 +5,12 @@ raw row -> (format adapter) -> Example (messages or text) -> (chat template) -> 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+from tuneforge.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value that gets no loss (the convention of torch's cross_entropy and transformers)
 
@@ -28,6 +33,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     source: str = ""
+    truncated: bool = False  # cut before max_length was reached (a huge message; see encode.cap_contents)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -43,6 +49,32 @@ class BadRow:
         return f"{self.source}: field `{self.field}`: {self.problem}"
 
 
+class RowProblem(Exception):
+    """What is wrong with one row: the field (dotted path, e.g. `conversations[2].from`) and the problem."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+def bad_row(error: Exception, source: str, field: str = "<row>") -> BadRow:
+    """The one guard of per-row work (reading, parsing, validating, rendering, tokenizing): whatever one row raises
+    becomes a BadRow, so `data.on_error` decides and a single odd row never kills a run. Call it from an
+    `except Exception` block. What is not about the row propagates: MemoryError, and user errors that are not data
+    errors (a slow tokenizer, a bad config). An unexpected exception keeps its type in the problem text (and its
+    traceback in the debug log), so a bug in TuneForge stays visible instead of passing for bad data."""
+    if isinstance(error, MemoryError) or (isinstance(error, UserError) and not isinstance(error, DataError)):
+        raise error
+    if isinstance(error, RowProblem):
+        return BadRow(source, error.field, error.problem)
+    if isinstance(error, DataError):
+        return BadRow(source, field, str(error))
+    if isinstance(error, RecursionError):
+        return BadRow(source, field, "nested too deeply to read (RecursionError); flatten this row")
+    log.debug("Row %s raised an unexpected error", source, exc_info=error)
+    return BadRow(source, field, f"cannot be processed ({type(error).__name__}: {error})")
+
+
 @dataclass
 class DataReport:
     """What happened to the rows, so nothing is dropped silently."""
@@ -53,6 +85,7 @@ class DataReport:
     dropped_overlong: list[str] = field(default_factory=list)
     dropped_no_loss: list[str] = field(default_factory=list)  # e.g. the assistant reply was cut away entirely
     split_documents: list[str] = field(default_factory=list)  # pre-training documents cut into max_length chunks
+    special_tokens: list[str] = field(default_factory=list)  # rows whose text spells a special token (kept/escaped)
 
     def lines(self) -> list[str]:
         out = [f"{self.rows_read} rows read"]
@@ -69,4 +102,7 @@ class DataReport:
         if self.split_documents:
             out.append(f"{len(self.split_documents)} documents longer than max_length split into chunks (first: "
                        f"{self.split_documents[0]})")
+        if self.special_tokens:
+            out.append(f"{len(self.special_tokens)} rows spell a special token of the tokenizer in their text "
+                       f"(data.special_tokens_in_text; first: {self.special_tokens[0]})")
         return out
