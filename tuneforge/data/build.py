@@ -12,6 +12,9 @@ Stages:
   `max_length` are truncated or dropped (`data.overlong`); rows left with no label token are dropped. Both counted.
 - pt: text + eos (and bos where the tokenizer adds one), labels = input ids. Documents longer than `max_length` are
   split into max_length chunks (counted); packing is on unless `data.packing: false`.
+- pairwise (rm, dpo, coh): preference pairs -> `EncodedPair`; kto: labelled conversations (or pairs, each side
+  labelled) -> `EncodedKTO`; prompt (ppo, grpo): prompts (or chat rows and pairs, cut before the reply) ->
+  `EncodedPrompt`. See encode_align.py for lengths; these stages never pack.
 
 Nothing is dropped silently: bad rows (reading, format, validation, rendering, tokenizing: whatever one row
 raises, see `types.bad_row`) raise one DataError listing them (`data.on_error: raise`) or are skipped and listed in
@@ -26,18 +29,20 @@ import logging
 import random
 from pathlib import Path
 
-from tuneforge.data import formats, readers
+from tuneforge.data import encode_align, formats, readers
 from tuneforge.data.encode import CHARS_PER_TOKEN, encode_chat, special_tokens_in
 from tuneforge.data.packing import pack
 from tuneforge.data.registry import Registry
 from tuneforge.data.templates import resolve_chat_template
-from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example, RowProblem, bad_row
+from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example, PairExample, RowProblem, bad_row
 from tuneforge.errors import DataError
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-STAGES = ("pt", "sft")
+STAGES = ("pt", "sft", "pairwise", "kto", "prompt")
+ALIGN_ENCODERS = {"pairwise": encode_align.encode_pair, "kto": encode_align.encode_kto,
+                  "prompt": encode_align.encode_prompt_example}
 
 
 def read_datasets(data_cfg, base_dir: str | Path | None = None) -> tuple[list[Example], list[Example], DataReport]:
@@ -62,19 +67,19 @@ def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = 
                    base_dir: str | Path | None = None,
                    read: tuple[list[Example], list[Example], DataReport] | None = None,
                    ) -> tuple[list[Encoded], list[Encoded], DataReport]:
-    """(train, eval, report) for `stage` (pt or sft); see the module docstring. `read`: the result of
+    """(train, eval, report) for `stage` (pt, sft, pairwise, kto or prompt); see the module docstring. `read`: the result of
     `read_datasets` when the caller validated the rows already."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     train_examples, eval_examples, report = read if read is not None else read_datasets(data_cfg, base_dir)
-    template = resolve_chat_template(tokenizer, chat_template) if stage == "sft" else None
+    template = resolve_chat_template(tokenizer, chat_template) if stage != "pt" else None
     train = encode_examples(train_examples, tokenizer, stage, data_cfg, template, report)
     evals = encode_examples(eval_examples, tokenizer, stage, data_cfg, template, report)
     check_bad_rows(report, data_cfg)
     if not train:
         raise DataError(f"No training examples left after reading {report.rows_read} rows. "
                         + "; ".join(report.lines()[1:]))
-    if data_cfg.packing if data_cfg.packing is not None else stage == "pt":
+    if stage in ("pt", "sft") and (data_cfg.packing if data_cfg.packing is not None else stage == "pt"):
         train, evals = pack(train, data_cfg.max_length), pack(evals, data_cfg.max_length)
     return train, evals, report
 
@@ -108,6 +113,8 @@ def load_examples(specs: list, registry: Registry | None, base_dir, report: Data
             report.rows_read += 1
             if isinstance(item, BadRow):
                 report.bad_rows.append(item)
+            elif isinstance(item, list):  # a typed row: one pair per ordered pair of its responses
+                examples += item
             else:
                 examples.append(item)
     return examples
@@ -151,7 +158,7 @@ def adapt_rows(rows: list, spec) -> list:
                 continue
         fmt = formats_by_file[row.file] if spec.format == "auto" else spec.format
         try:
-            out.append(formats.to_example(row.data, fmt, row.source, spec.columns, spec.tags))
+            out.append(formats.to_example(row.data, fmt, row.source, spec.columns, spec.tags, spec.ranking))
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
             out.append(bad_row(e, row.source))
     return out
@@ -184,17 +191,32 @@ def check_bad_rows(report: DataReport, data_cfg) -> None:
 
 # ---- encoding -------------------------------------------------------------------------------------------------
 
-def encode_examples(examples: list[Example], tokenizer, stage: str, data_cfg, template: str | None,
-                    report: DataReport) -> list[Encoded]:
+def encode_examples(examples: list, tokenizer, stage: str, data_cfg, template: str | None,
+                    report: DataReport) -> list:
     out = []
     for example in examples:
         try:
-            if stage == "sft":
+            if stage in ALIGN_ENCODERS:
+                out += encode_aligned(example, tokenizer, stage, data_cfg, template, report)
+            elif isinstance(example, PairExample) or example.label is not None:
+                is_pair = isinstance(example, PairExample)
+                raise RowProblem("chosen" if is_pair else "label",
+                                 f"this is alignment data ({'a preference pair' if is_pair else 'a KTO row'}), "
+                                 f"which stages pt and sft do not train on; use it with rm, dpo or kto")
+            elif stage == "sft":
                 out += fit_length(encode_sft(example, tokenizer, data_cfg, template, report), data_cfg, report)
             else:
                 out += encode_pt(example, tokenizer, data_cfg, report)
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
-            report.bad_rows.append(bad_row(e, example.source, "messages" if stage == "sft" else "text"))
+            report.bad_rows.append(bad_row(e, example.source, "messages" if stage != "pt" else "text"))
+    return out
+
+
+def encode_aligned(example, tokenizer, stage: str, data_cfg, template: str, report: DataReport) -> list:
+    out = []
+    for item in encode_align.for_stage(example, stage):
+        escape = special_tokens_policy(item, tokenizer, data_cfg, report)
+        out += ALIGN_ENCODERS[stage](item, tokenizer, data_cfg, template, escape, report)
     return out
 
 
