@@ -421,3 +421,49 @@ def test_gzip_files_are_read_with_their_line_numbers(tmp_path):
     bad.write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="bad.jsonl.gz: cannot read the file"):
         read(bad)
+
+
+def test_training_stages_name_their_data_and_collate():
+    from tuneforge.data import collate, collate_for
+
+    assert collate_for("dpo") is collate_pairs and collate_for("rm") is collate_pairs
+    assert collate_for("kto") is collate_kto and collate_for("grpo") is collate_prompts
+    assert collate_for("sft") is collate
+
+
+def test_the_readme_examples_read_as_documented(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**Alignment data**")[1].split("Column names can be mapped")[0]
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", section, re.S)]
+    expected = {"pairwise": "pairwise", "kto": "kto", "typed": "pairwise", "prompt": "prompt"}
+    assert len(blocks) == len(expected)
+    tok = make_tokenizer(CHATML)
+    for row, (fmt, stage) in zip(blocks, expected.items()):
+        assert guess_format(row, {}, "README") == fmt
+        ranking = ["safe_and_responsible", "safe", "unsafe"]
+        train, _, report = build_datasets(config(jsonl(tmp_path, [row], f"{fmt}.jsonl"), ranking=ranking), tok, stage)
+        assert train and not report.bad_rows
+
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"instruction": "Classify", "output": "spam", "label": 1}, "alpaca"),  # a classification label is not KTO
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "label": "true"}, "kto"),
+    ({"prompt": "Hi", "completion": "Hello"}, "prompt"),
+    ({"prompt": "Hi", "completion": "Hello", "label": False}, "kto"),
+    ({"prompt": "Hi", "pos_resp": "a", "neg_resp": "b", "pos_type": "refuse", "neg_type": "risky"}, "typed"),
+    ({"chosen_messages": [], "rejected_messages": []}, "pairwise"),
+])
+def test_format_guessing_from_columns(row, fmt):
+    assert guess_format(row, {}, "x") == fmt
+
+
+def test_prompt_rows_take_their_reference_from_the_answer_columns(tmp_path):
+    rows = [{"prompt": "Hi", "completion": "Hello"}, {"instruction": "Add 2 and 3", "output": "5"},
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "answer": "B"},
+            {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]}]
+    got = [read(jsonl(tmp_path, [row], f"{i}.jsonl"), "prompt")[0][0] for i, row in enumerate(rows)]
+    assert [e.reference for e in got] == ["Hello", "5", "B", None]
+    assert [e.messages[-1]["role"] for e in got] == ["user"] * 4 and got[3].messages[0]["role"] == "system"

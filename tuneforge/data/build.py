@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 STAGES = ("pt", "sft", "pairwise", "kto", "prompt")
+# The data each training stage reads (`build_datasets` takes either name).
+DATA_STAGE = {"pt": "pt", "sft": "sft", "rm": "pairwise", "dpo": "pairwise", "coh": "pairwise", "kto": "kto",
+              "ppo": "prompt", "grpo": "prompt"}
 ALIGN_ENCODERS = {"pairwise": encode_align.encode_pair, "kto": encode_align.encode_kto,
                   "prompt": encode_align.encode_prompt_example}
 
@@ -67,10 +70,12 @@ def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = 
                    base_dir: str | Path | None = None,
                    read: tuple[list[Example], list[Example], DataReport] | None = None,
                    ) -> tuple[list[Encoded], list[Encoded], DataReport]:
-    """(train, eval, report) for `stage` (pt, sft, pairwise, kto or prompt); see the module docstring. `read`: the result of
+    """(train, eval, report) for `stage` (pt, sft, pairwise, kto or prompt, or a training stage such as dpo, see
+    DATA_STAGE); see the module docstring. `read`: the result of
     `read_datasets` when the caller validated the rows already."""
+    stage = DATA_STAGE.get(stage, stage)
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        raise ValueError(f"stage must be one of {STAGES} or a training stage {tuple(DATA_STAGE)}, got {stage!r}")
     train_examples, eval_examples, report = read if read is not None else read_datasets(data_cfg, base_dir)
     template = resolve_chat_template(tokenizer, chat_template) if stage != "pt" else None
     train = encode_examples(train_examples, tokenizer, stage, data_cfg, template, report)

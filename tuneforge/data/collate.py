@@ -88,3 +88,11 @@ def collate_prompts(batch: list[EncodedPrompt], pad_token_id: int) -> dict:
         attention_mask[row, width - len(item):] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "messages": [item.messages for item in batch],
             "reference": [item.reference for item in batch]}
+
+
+def collate_for(stage: str):
+    """The collate function of a data stage (pt, sft, pairwise, kto, prompt) or training stage (dpo, grpo, ...)."""
+    from tuneforge.data.build import DATA_STAGE
+
+    return {"pairwise": collate_pairs, "kto": collate_kto, "prompt": collate_prompts}.get(DATA_STAGE.get(stage, stage),
+                                                                                         collate)

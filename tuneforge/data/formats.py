@@ -102,8 +102,9 @@ def guess_format(data: dict, columns: dict, where: str) -> str:
         return "pairwise"
     if has("responses") or "pos_resp" in data:
         return "typed"
-    if has("label") or "kto_tag" in data:
-        return "kto"
+    label = data.get(columns.get("label", "label"), data.get("kto_tag"))
+    if isinstance(label, bool) or (isinstance(label, str) and label.strip().lower() in ("true", "false")):
+        return "kto"  # a boolean label: a classification dataset's `label` column is not KTO data
     if has("prompt") and not has("output"):
         return "prompt"
     return guess_chat_format(data, columns, where)

@@ -22,7 +22,7 @@ Formats (column names are the defaults; `DatasetSpec.columns` maps our names to 
   `neg_type`.
 - prompt: prompts for sampling (PPO, GRPO): `prompt` (a string or messages), `messages`/`conversations` ending with
   the user's turn, or `instruction` (+ `input`); an optional reference answer in `reference` or `answer` (a chat
-  row's final reply, when present and no such column is, becomes the reference).
+  row's final reply, or its `output`/`completion`, becomes the reference when no such column is there).
 """
 
 from __future__ import annotations
@@ -250,9 +250,9 @@ def prompt_example(data: dict, source: str, columns: dict, tags: dict) -> Exampl
             messages = [{"role": "system", "content": system}, *messages]
     else:
         messages = _prompt_messages(data, source, columns, tags)
-        output = columns.get("output", "output")
-        if reference is None and isinstance(data.get(output), str) and data[output].strip():
-            reference = data[output]
+        for name in (columns.get("output", "output"), columns.get("completion", "completion")):
+            if reference is None and isinstance(data.get(name), str) and data[name].strip():
+                reference = data[name]  # an SFT row's answer
     return Example(source, messages=messages, tools=formats.tools_column(data, columns), reference=reference)
 
 
