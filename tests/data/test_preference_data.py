@@ -467,3 +467,19 @@ def test_prompt_rows_take_their_reference_from_the_answer_columns(tmp_path):
     got = [read(jsonl(tmp_path, [row], f"{i}.jsonl"), "prompt")[0][0] for i, row in enumerate(rows)]
     assert [e.reference for e in got] == ["Hello", "5", "B", None]
     assert [e.messages[-1]["role"] for e in got] == ["user"] * 4 and got[3].messages[0]["role"] == "system"
+
+
+@needs_templates
+@pytest.mark.parametrize("name", ["qwen2.5-instruct", "llama-3.1-instruct", "gemma-2-it"])
+def test_prompt_ids_are_what_generation_renders(tmp_path, name):
+    from tuneforge.generation import render_prompts
+
+    tok = tokenizer_for(name)
+    path = jsonl(tmp_path, [MULTI_TURN])
+    (prompt,), _, _ = build_datasets(config(path, max_length=512), tok, "prompt")
+    text = render_prompts(tok, [prompt.messages])[0]
+    assert prompt.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+    if name == "gemma-2-it":  # refuses system messages: merged into the first user turn, as for training
+        assert prompt.messages[0] == {"role": "user", "content": "Be exact.\n\nAdd 1 and 1"}
+    (pair,), _, _ = build_datasets(config(path, max_length=512), tok, "pairwise")
+    assert pair.chosen.input_ids[:pair.chosen_prompt_length] == prompt.input_ids  # sampling continues the prompt
