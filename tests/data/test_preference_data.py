@@ -483,3 +483,15 @@ def test_prompt_ids_are_what_generation_renders(tmp_path, name):
         assert prompt.messages[0] == {"role": "user", "content": "Be exact.\n\nAdd 1 and 1"}
     (pair,), _, _ = build_datasets(config(path, max_length=512), tok, "pairwise")
     assert pair.chosen.input_ids[:pair.chosen_prompt_length] == prompt.input_ids  # sampling continues the prompt
+
+
+def test_typed_rows_in_the_kto_and_prompt_stages(tmp_path):
+    tok = make_tokenizer(CHATML)
+    path = jsonl(tmp_path, [typed_row("safe", "unsafe"), typed_row("safe and responsible", "safe", "unsafe")])
+    prompts, _, _ = build_datasets(config(path, ranking=RANKING), tok, "prompt")
+    assert [p.source for p in prompts] == [f"{path}:line 1 (pair 1: safe > unsafe)",
+                                           f"{path}:line 2 (pair 1: safe and responsible > safe)"]  # once per row
+    kto, _, report = build_datasets(config(path, ranking=RANKING, on_error="skip"), tok, "kto")
+    assert [k.label for k in kto] == [True, False]  # two ranks: chosen desirable, rejected not
+    assert [(b.source, b.field) for b in report.bad_rows] == [
+        (f"{path}:line 2 (pair 1: safe and responsible > safe)", "responses")]

@@ -109,14 +109,23 @@ def fit_replies(sides: list[Encoded], source: str, data_cfg, report: DataReport)
 
 def for_stage(example, stage: str) -> list:
     """The examples `stage` trains on from one read example; RowProblem when the row's kind does not fit.
-    Preference pairs also serve kto (chosen: desirable, rejected: undesirable) and prompt (the prompt alone);
-    chat rows serve prompt (the conversation before the last reply, which becomes the reference)."""
+    Preference pairs also serve kto (chosen: desirable, rejected: undesirable; not typed rows of more than two
+    ranks) and prompt (the prompt alone, once per row); chat rows serve prompt (the conversation before the last
+    reply, which becomes the reference)."""
     from tuneforge.data.preference import as_prompt
 
     is_pair = isinstance(example, PairExample)
     if stage == "pairwise" and not is_pair:
         raise RowProblem("chosen", f"stage {stage} needs preference pairs (`chosen` and `rejected`); this row is "
                                    f"{_kind_of(example)}")
+    if is_pair and stage in ("kto", "prompt") and example.pair_index[1] > 1:
+        if stage == "prompt":  # the pairs of one typed row share its prompt: sample it once
+            return [Example(example.source, messages=example.prompt, tools=example.tools)][:example.pair_index[0] == 1]
+        if example.pair_index[0] > 1:
+            return []  # the row is reported once, with its first pair
+        raise RowProblem("responses", "typed responses of more than two ranks cannot become KTO rows (a middle-ranked "
+                                      "response is better than one and worse than another); label each response "
+                                      "desirable or not in kto rows (`label`)")
     if stage == "kto" and is_pair:
         return [Example(f"{example.source} (chosen)", messages=example.prompt + example.chosen, tools=example.tools,
                         label=True),

@@ -113,7 +113,7 @@ def typed_examples(data: dict, source: str, columns: dict, ranking: list[str] | 
         raise RowProblem(columns.get("responses", "responses"), "no pair: every response has the same rank (or the "
                                                                 "same text), so none is preferred")
     return [PairExample(f"{source} (pair {k}: {better.type} > {worse.type})", prompt, _reply(better.text),
-                        _reply(worse.text), tools, kinds=(better.type, worse.type))
+                        _reply(worse.text), tools, kinds=(better.type, worse.type), pair_index=(k, len(pairs)))
             for k, (better, worse) in enumerate(pairs, start=1)]
 
 

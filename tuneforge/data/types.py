@@ -47,6 +47,7 @@ class PairExample:
     tools: list | None = None
     margin: float | None = None
     kinds: tuple[str, str] | None = None
+    pair_index: tuple[int, int] = (1, 1)  # (k, n): the k-th of the n pairs its row gave (typed rows give several)
 
 
 @dataclass
