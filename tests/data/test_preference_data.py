@@ -495,3 +495,11 @@ def test_typed_rows_in_the_kto_and_prompt_stages(tmp_path):
     assert [k.label for k in kto] == [True, False]  # two ranks: chosen desirable, rejected not
     assert [(b.source, b.field) for b in report.bad_rows] == [
         (f"{path}:line 2 (pair 1: safe and responsible > safe)", "responses")]
+
+
+def test_the_eval_split_keeps_the_pairs_of_a_typed_row_together(tmp_path):
+    rows = [typed_row("safe and responsible", "safe", "unsafe") | {"prompt": f"Prompt {i}"} for i in range(10)]
+    train, evals, _ = read_datasets(DataConfig(train=[DatasetSpec(path=jsonl(tmp_path, rows), ranking=RANKING)],
+                                               eval_ratio=0.2))
+    assert len(train) + len(evals) == 30 and len(evals) % 3 == 0 and evals
+    assert not {p.prompt[0]["content"] for p in train} & {p.prompt[0]["content"] for p in evals}

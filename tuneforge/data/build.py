@@ -169,15 +169,30 @@ def adapt_rows(rows: list, spec) -> list:
     return out
 
 
-def split_eval(examples: list[Example], ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded random `ratio` share of the rows for evaluation (at least one when there are two or more)."""
+def split_eval(examples: list, ratio: float, seed: int) -> tuple[list, list]:
+    """A seeded random `ratio` share of the rows for evaluation (at least one when there are two or more). The
+    pairs of one typed row stay on one side, so no prompt is both trained on and evaluated."""
     if len(examples) < 2:
         return examples, []
-    order = list(range(len(examples)))
+    rows: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        rows.setdefault(row_of(example), []).append(i)
+    order = list(rows)
     random.Random(seed).shuffle(order)
     n_eval = min(len(examples) - 1, max(1, round(len(examples) * ratio)))
-    held = set(order[:n_eval])
+    held: set[int] = set()
+    for key in order:
+        if len(held) >= n_eval or len(held) + len(rows[key]) == len(examples):
+            break
+        held.update(rows[key])
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def row_of(example) -> str:
+    """The row an example came from (the pairs of a typed row carry ' (pair k: ...)' after it)."""
+    if isinstance(example, PairExample) and example.pair_index[1] > 1:
+        return example.source.rsplit(" (pair ", 1)[0]
+    return example.source
 
 
 def check_bad_rows(report: DataReport, data_cfg) -> None:
