@@ -190,6 +190,7 @@ def test_bad_rows_are_named_with_file_line_and_field(tmp_path):
          "rejected_messages": [{"role": "user", "content": "Other Q"}, {"role": "assistant", "content": "B"}]},
         {"prompt": "Q", "chosen": "", "rejected": "B"},  # line 4: empty reply
         {"prompt": "Q", "chosen": "A", "rejected": "B", "margin": "lots"},
+        {"prompt": "Q", "chosen": "A", "rejected": {"role": "assistant", "content": "A"}},
     ]
     path = jsonl(tmp_path, rows)
     pairs, report = read(path, "pairwise", on_error="skip")
@@ -200,8 +201,9 @@ def test_bad_rows_are_named_with_file_line_and_field(tmp_path):
         f"{path}:line 3: field `rejected_messages[0]`: the prompt differs from `chosen_messages`'s (message 1); both "
         f"must share every message before the replies",
         f"{path}:line 4: field `chosen`: empty",
-        f"{path}:line 5: field `margin`: expected a number (how much better `chosen` is), got str 'lots'"]
-    with pytest.raises(DataError, match=r"4 of 5 data rows are bad"):
+        f"{path}:line 5: field `margin`: expected a number (how much better `chosen` is), got str 'lots'",
+        f"{path}:line 6: field `rejected`: identical to `chosen`: the pair prefers nothing"]
+    with pytest.raises(DataError, match=r"5 of 6 data rows are bad"):
         read(path, "pairwise")
 
 

@@ -140,8 +140,14 @@ def pairwise_example(data: dict, source: str, columns: dict, tags: dict) -> Pair
     sides = [_response(value, col[side], tags) for side, value in (("chosen", chosen), ("rejected", rejected))]
     for side, reply in zip(("chosen", "rejected"), sides):
         validate_conversation(prompt + reply, col[side])
+    _check_differ(sides[0], sides[1], col["rejected"], col["chosen"])
     return PairExample(source, prompt, sides[0], sides[1], formats.tools_column(data, columns),
                        margin=_margin(data, col["margin"]))
+
+
+def _check_differ(chosen: list[dict], rejected: list[dict], rejected_field: str, chosen_field: str) -> None:
+    if chosen == rejected:
+        raise RowProblem(rejected_field, f"identical to `{chosen_field}`: the pair prefers nothing")
 
 
 def _whole_conversations(data, source, chosen_field, rejected_field, columns, tags) -> PairExample:
@@ -157,6 +163,7 @@ def _whole_conversations(data, source, chosen_field, rejected_field, columns, ta
         k = next((i for i, (a, b) in enumerate(zip(prompt, other)) if a != b), min(len(prompt), len(other)))
         raise RowProblem(f"{rejected_field}[{k}]", f"the prompt differs from `{chosen_field}`'s (message {k + 1}); "
                                                    f"both must share every message before the replies")
+    _check_differ(chosen, rejected, rejected_field, chosen_field)
     system = optional_text(data, columns.get("system", "system"))
     if system and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
@@ -196,8 +203,7 @@ def hh_example(data: dict, source: str, chosen_field: str = "chosen", rejected_f
     cut = max((i + 1 for i in range(shared) if chosen[i]["role"] == "user"), default=0)
     if cut == 0:
         raise RowProblem(chosen_field, "chosen and rejected share no user turn, so there is no common prompt")
-    if chosen == rejected:
-        raise RowProblem(rejected_field, "identical to `chosen`: the pair prefers nothing")
+    _check_differ(chosen, rejected, rejected_field, chosen_field)
     for field, side in ((chosen_field, chosen), (rejected_field, rejected)):
         validate_conversation(side, field)
     return PairExample(source, chosen[:cut], chosen[cut:], rejected[cut:], margin=margin)
