@@ -505,3 +505,15 @@ def test_the_eval_split_keeps_the_pairs_of_a_typed_row_together(tmp_path):
                                                eval_ratio=0.2))
     assert len(train) + len(evals) == 30 and len(evals) % 3 == 0 and evals
     assert not {p.prompt[0]["content"] for p in train} & {p.prompt[0]["content"] for p in evals}
+
+
+def test_reading_for_a_stage_refuses_rows_of_another_kind_before_the_model_loads(tmp_path):
+    pairs = jsonl(tmp_path, [PAIR_ROWS["alpaca"]], "pairs.jsonl")
+    sft = jsonl(tmp_path, [{"instruction": "Hi", "output": "Hello"}], "sft.jsonl")
+    both = DataConfig(train=[DatasetSpec(path=pairs), DatasetSpec(path=sft)])
+    with pytest.raises(DataError, match=r"1 of 2 .*sft.jsonl:line 1: field `chosen`: stage pairwise needs preference"):
+        read_datasets(both, stage="dpo")
+    with pytest.raises(DataError, match=r"1 of 2 .*pairs.jsonl:line 1: field `chosen`: this is alignment data"):
+        read_datasets(both, stage="sft")
+    train, _, report = read_datasets(both, stage="grpo")
+    assert len(train) == 2 and not report.bad_rows  # both give a prompt

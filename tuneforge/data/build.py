@@ -48,13 +48,19 @@ ALIGN_ENCODERS = {"pairwise": encode_align.encode_pair, "kto": encode_align.enco
                   "prompt": encode_align.encode_prompt_example}
 
 
-def read_datasets(data_cfg, base_dir: str | Path | None = None) -> tuple[list[Example], list[Example], DataReport]:
+def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | None = None,
+                  ) -> tuple[list[Example], list[Example], DataReport]:
     """Read and validate every row (train, eval) without a tokenizer. With `on_error: raise` a bad row fails here,
-    before a recipe spends minutes loading the model."""
+    before a recipe spends minutes loading the model. `stage` (optional): rows of a kind the stage does not train
+    on (a preference pair in sft, a plain conversation in dpo) are bad rows here too."""
     report = DataReport()
     registry = open_registry(data_cfg.registry, base_dir)
     train_examples = load_examples(data_cfg.train, registry, base_dir, report)
     eval_examples = load_examples(data_cfg.eval, registry, base_dir, report)
+    if stage is not None:
+        stage = DATA_STAGE.get(stage, stage)
+        train_examples = fitting_stage(train_examples, stage, report)
+        eval_examples = fitting_stage(eval_examples, stage, report)
     if not data_cfg.eval and data_cfg.eval_ratio > 0:
         train_examples, eval_examples = split_eval(train_examples, data_cfg.eval_ratio, data_cfg.seed)
     if data_cfg.on_error == "raise":
@@ -108,6 +114,18 @@ def find_local(path: str, base_dir) -> Path | None:
         if root is not None and (root / Path(path).expanduser()).exists():
             return root / Path(path).expanduser()
     return None
+
+
+def fitting_stage(examples: list, stage: str, report: DataReport) -> list:
+    """The examples whose kind `stage` trains on; the others become bad rows (see encode_align.for_stage)."""
+    kept = []
+    for example in examples:
+        try:
+            encode_align.for_stage(example, stage)
+            kept.append(example)
+        except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
+            report.bad_rows.append(bad_row(e, example.source))
+    return kept
 
 
 def load_examples(specs: list, registry: Registry | None, base_dir, report: DataReport) -> list[Example]:
@@ -216,27 +234,16 @@ def encode_examples(examples: list, tokenizer, stage: str, data_cfg, template: s
     out = []
     for example in examples:
         try:
-            if stage in ALIGN_ENCODERS:
-                out += encode_aligned(example, tokenizer, stage, data_cfg, template, report)
-            elif isinstance(example, PairExample) or example.label is not None:
-                is_pair = isinstance(example, PairExample)
-                raise RowProblem("chosen" if is_pair else "label",
-                                 f"this is alignment data ({'a preference pair' if is_pair else 'a KTO row'}), "
-                                 f"which stages pt and sft do not train on; use it with rm, dpo or kto")
-            elif stage == "sft":
-                out += fit_length(encode_sft(example, tokenizer, data_cfg, template, report), data_cfg, report)
-            else:
-                out += encode_pt(example, tokenizer, data_cfg, report)
+            for item in encode_align.for_stage(example, stage):  # a pair serves kto as two rows, ...
+                if stage in ALIGN_ENCODERS:
+                    escape = special_tokens_policy(item, tokenizer, data_cfg, report)
+                    out += ALIGN_ENCODERS[stage](item, tokenizer, data_cfg, template, escape, report)
+                elif stage == "sft":
+                    out += fit_length(encode_sft(item, tokenizer, data_cfg, template, report), data_cfg, report)
+                else:
+                    out += encode_pt(item, tokenizer, data_cfg, report)
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
             report.bad_rows.append(bad_row(e, example.source, "messages" if stage != "pt" else "text"))
-    return out
-
-
-def encode_aligned(example, tokenizer, stage: str, data_cfg, template: str, report: DataReport) -> list:
-    out = []
-    for item in encode_align.for_stage(example, stage):
-        escape = special_tokens_policy(item, tokenizer, data_cfg, report)
-        out += ALIGN_ENCODERS[stage](item, tokenizer, data_cfg, template, escape, report)
     return out
 
 

@@ -115,6 +115,12 @@ def for_stage(example, stage: str) -> list:
     from tuneforge.data.preference import as_prompt
 
     is_pair = isinstance(example, PairExample)
+    if stage in ("pt", "sft") and (is_pair or example.label is not None):
+        raise RowProblem("chosen" if is_pair else "label",
+                         f"this is alignment data ({'a preference pair' if is_pair else 'a KTO row'}), which stages "
+                         f"pt and sft do not train on; use it with rm, dpo or kto")
+    if stage in ("pt", "sft"):
+        return [example]
     if stage == "pairwise" and not is_pair:
         raise RowProblem("chosen", f"stage {stage} needs preference pairs (`chosen` and `rejected`); this row is "
                                    f"{_kind_of(example)}")
