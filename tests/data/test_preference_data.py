@@ -511,9 +511,9 @@ def test_reading_for_a_stage_refuses_rows_of_another_kind_before_the_model_loads
     pairs = jsonl(tmp_path, [PAIR_ROWS["alpaca"]], "pairs.jsonl")
     sft = jsonl(tmp_path, [{"instruction": "Hi", "output": "Hello"}], "sft.jsonl")
     both = DataConfig(train=[DatasetSpec(path=pairs), DatasetSpec(path=sft)])
-    with pytest.raises(DataError, match=r"1 of 2 .*sft.jsonl:line 1: field `chosen`: stage pairwise needs preference"):
+    with pytest.raises(DataError, match=r"(?s)1 of 2 .*sft.jsonl:line 1: field `chosen`: stage pairwise needs preference"):
         read_datasets(both, stage="dpo")
-    with pytest.raises(DataError, match=r"1 of 2 .*pairs.jsonl:line 1: field `chosen`: this is alignment data"):
+    with pytest.raises(DataError, match=r"(?s)1 of 2 .*pairs.jsonl:line 1: field `chosen`: this is alignment data"):
         read_datasets(both, stage="sft")
     train, _, report = read_datasets(both, stage="grpo")
     assert len(train) == 2 and not report.bad_rows  # both give a prompt
