@@ -5,7 +5,8 @@
         optimizer.pt            optimizer state (tensors + numbers; loaded with weights_only=True)
         scheduler.pt            LR scheduler state
         rng.pt                  Python, NumPy, torch (and CUDA) RNG states
-        trainer_state.json      step, data position, metrics so far
+        trainer_state.json      step, data position, metrics so far, and the run's fingerprint (what must not
+                                change on resume: model, method and options, batch geometry, data)
 
 A checkpoint is first written to `checkpoint-<step>.tmp-<pid>` and then renamed, so a crash never leaves a
 half-written checkpoint that `resume: auto` would pick up.
@@ -13,6 +14,7 @@ half-written checkpoint that `resume: auto` would pick up.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -93,6 +95,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     if missing:
         raise UserError(f"Checkpoint {path} does not match this model/method: it has tensors the model lacks "
                         f"(first: {missing[0]}). Resume with the same model, method and options.")
+    wrong = [k for k in tensors if tensors[k].shape != params[k].shape]
+    if wrong:
+        raise UserError(f"Checkpoint {path} does not match this model/method: tensor {wrong[0]} has shape "
+                        f"{tuple(tensors[wrong[0]].shape)} there and {tuple(params[wrong[0]].shape)} here. Resume "
+                        f"with the same model, method and options.")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
@@ -100,3 +107,46 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def run_fingerprint(cfg, world_size: int, train_items: list) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint. Batch geometry is the global
+    micro-batch (batch_size x processes: 2 x 2 may resume as 1 x 4, the batches are the same) and grad_accum."""
+    from tuneforge.configs.typed import to_dict
+    from tuneforge.methods import METHODS
+
+    method = METHODS[cfg.method]
+    sections = getattr(method, "uses_sections", None) or ((method.section,) if method.section else ())
+    return {"stage": cfg.stage, "model.name_or_path": cfg.model.name_or_path, "method": cfg.method,
+            "method options": {s: to_dict(cfg.options(s)) for s in sections},
+            "global micro-batch (training.batch_size x processes)": cfg.training.batch_size * world_size,
+            "training.grad_accum": cfg.training.grad_accum, "data.seed": cfg.data.seed,
+            "training examples": len(train_items), "training data hash": data_hash(train_items)}
+
+
+def data_hash(items: list) -> str:
+    """A digest of the encoded training data (so it covers files, template, max_length, packing): every length,
+    and the tokens of up to 2000 evenly spaced examples (hashing all tokens of a big set would take minutes)."""
+    h = hashlib.sha256(json.dumps([len(x) for x in items]).encode())
+    stride = max(1, len(items) // 2000)
+    for item in items[::stride]:
+        h.update(json.dumps([item.input_ids, item.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """'key: A in the checkpoint, B now' for each difference (method options compared field by field)."""
+    out = []
+    for key in saved.keys() | current.keys():
+        a, b = saved.get(key), current.get(key)
+        if key == "method options" and isinstance(a, dict) and isinstance(b, dict):
+            flat_a, flat_b = _flatten(a), _flatten(b)
+            out += [f"{k}: {flat_a.get(k)!r} in the checkpoint, {flat_b.get(k)!r} now"
+                    for k in sorted(flat_a.keys() | flat_b.keys()) if flat_a.get(k) != flat_b.get(k)]
+        elif a != b:
+            out.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+    return sorted(out)
+
+
+def _flatten(sections: dict) -> dict:
+    return {f"{s}.{k}": v for s, opts in sections.items() for k, v in opts.items()}
