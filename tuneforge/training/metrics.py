@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-
 NOW = ("lr", "tokens_per_s", "eval_loss")  # logged as they are at the log step; every other metric as a window mean
 
 
