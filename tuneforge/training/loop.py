@@ -289,38 +289,43 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        history = self.maybe_resume()
-        self._open_output_dir()
-        logger = MetricsLogger(self.output_dir, self.rt.is_main, self.total_steps, self.step, self.t.progress_bar)
-        last_eval, tokens_window, t0 = None, 0, time.perf_counter()
-        stop_at = self.step + self.t.stop_after_steps if self.t.stop_after_steps else self.total_steps
-        with StopRequest() as stop:
+        with StopRequest() as stop:  # from here on SIGINT/SIGTERM stop after a whole step, with a checkpoint
+            history = self.maybe_resume()
+            self._open_output_dir()
+            logger = MetricsLogger(self.output_dir, self.rt.is_main, self.total_steps, self.step, self.t.progress_bar)
+            last_eval, self._tokens, self._t0 = None, 0, time.perf_counter()
+            stop_at = self.step + self.t.stop_after_steps if self.t.stop_after_steps else self.total_steps
             while self.step < min(stop_at, self.total_steps):
-                metrics = self.train_step()
-                self.step += 1
-                tokens_window += metrics.pop("tokens")
-                elapsed = time.perf_counter() - t0
-                metrics["tokens_per_s"] = tokens_window / elapsed if elapsed > 0 else 0.0
-                self.window.add(metrics)
-                if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
-                    last_eval = metrics["eval_loss"] = self.evaluate()
-                if self.step % self.t.logging_steps == 0 or self.step == self.total_steps or "eval_loss" in metrics:
-                    logged = self.window.flush(metrics)
-                    logger.log(self.step, logged)
-                    history.append({"step": self.step, **logged})
-                    if not self.t.progress_bar:
-                        logger.write(format_metrics(self.step, self.total_steps, logged))
-                logger.progress(1, {"loss": metrics["loss"], "lr": metrics["lr"],
-                                    "tok/s": round(metrics["tokens_per_s"])})
+                metrics = self._step_and_log(logger, history)
+                last_eval = metrics.get("eval_loss", last_eval)
                 interrupted = stop.agreed(self.rt) and self.step < self.total_steps
                 if (self.t.save_steps and self.step % self.t.save_steps == 0) or interrupted \
                         or self.step == stop_at < self.total_steps:
                     self.save_checkpoint(history)
                 if interrupted:
                     return self._stopped(logger, history, last_eval, stop.signum or signal.SIGTERM)
-        if self.step < self.total_steps:
-            return self._stopped(logger, history, last_eval, None)
+            if self.step < self.total_steps:
+                return self._stopped(logger, history, last_eval, None)
         return self._finish(logger, history, last_eval)
+
+    def _step_and_log(self, logger: MetricsLogger, history: list[dict]) -> dict:
+        """One optimizer step, then eval / log lines as due. The logged loss is the window mean (MetricWindow)."""
+        metrics = self.train_step()
+        self.step += 1
+        self._tokens += metrics.pop("tokens")
+        elapsed = time.perf_counter() - self._t0
+        metrics["tokens_per_s"] = self._tokens / elapsed if elapsed > 0 else 0.0
+        self.window.add(metrics)
+        if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
+            metrics["eval_loss"] = self.evaluate()
+        if self.step % self.t.logging_steps == 0 or self.step == self.total_steps or "eval_loss" in metrics:
+            logged = self.window.flush(metrics)
+            logger.log(self.step, logged)
+            history.append({"step": self.step, **logged})
+            if not self.t.progress_bar:  # the bar shows the same numbers
+                self.say(format_metrics(self.step, self.total_steps, logged))
+        logger.progress(1, {"loss": metrics["loss"], "lr": metrics["lr"], "tok/s": metrics["tokens_per_s"]})
+        return metrics
 
     def _stopped(self, logger, history, last_eval, signum) -> TrainResult:
         logger.close(plot=False)
