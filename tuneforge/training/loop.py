@@ -333,6 +333,7 @@ class Trainer:
         self.say(f"stopped after step {self.step} of {self.total_steps} ({why}); checkpoint in "
                  f"{self.output_dir / f'checkpoint-{self.step}'}. Continue with:\n  "
                  f"{resume_command(self.cfg, self.rt.world_size)}")
+        self.rt.barrier()  # under torchrun a rank that exits first makes the launcher kill the others mid-message
         return TrainResult(self.step, history[-1]["loss"] if history else None, last_eval, history, False, signum)
 
     def _finish(self, logger, history, last_eval) -> TrainResult:
