@@ -100,6 +100,19 @@ def test_second_signal_aborts_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored after the loop
 
 
+def test_under_torchrun_the_forwarded_copy_of_a_ctrl_c_is_not_a_second_one(monkeypatch):
+    """Ctrl-C reaches a torchrun worker from the terminal and again from torchrun, milliseconds apart: that must
+    still save. A later second Ctrl-C aborts as usual."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun's copy
+        assert stop.signum == signal.SIGINT
+        stop.echo_window_s = 0.0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def worker_pids(launcher_pid: int) -> dict[int, int]:
     """{rank: pid} of torchrun's worker processes (Linux /proc)."""
     found = {}
@@ -111,10 +124,13 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.slow  # ~15 s of CPU for three processes; checked to hang (timeout) when ranks do not agree
-def test_under_torchrun_one_ranks_signal_stops_every_rank_at_the_same_step(tiny_llama_dir, tmp_path, spawn):
-    """Preemption often reaches one process first. Only rank 1 gets SIGTERM here: without agreeing on the step,
-    rank 0 would run on into an all-reduce that rank 1 never joins and hang forever."""
+@pytest.mark.slow  # ~15 s of CPU for three processes each
+@pytest.mark.parametrize("how", ["SIGTERM to rank 1 only", "Ctrl-C in the terminal"])
+def test_under_torchrun_a_signal_stops_every_rank_at_the_same_step(tiny_llama_dir, tmp_path, spawn, how):
+    """Preemption often reaches one process first: only rank 1 gets SIGTERM. Without agreeing on the step, rank 0
+    would run on into an all-reduce that rank 1 never joins and hang (checked: it does). Ctrl-C in a terminal
+    reaches every process of the group, and torchrun forwards it once more; here the copies coalesce (the workers
+    are stopped when they arrive), so the echo case itself is covered by the unit test above."""
     out = tmp_path / "ddp"
     proc = spawn([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
                   "-m", "tuneforge", "train", *cli_args(tiny_llama_dir, out, "training.device=cpu")])
@@ -125,14 +141,18 @@ def test_under_torchrun_one_ranks_signal_stops_every_rank_at_the_same_step(tiny_
     workers = worker_pids(proc.pid)
     for pid in workers.values():
         os.kill(pid, signal.SIGSTOP)
-    os.kill(workers[1], signal.SIGTERM)
+    if how == "SIGTERM to rank 1 only":
+        os.kill(workers[1], signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # the launcher and both workers, as a terminal's Ctrl-C does
     for pid in workers.values():
         os.kill(pid, signal.SIGCONT)
     printed = finish(proc)
     steps_done = len(losses(out))
     assert 1 <= steps_done < 40, printed
     assert (out / f"checkpoint-{steps_done}" / "trainable.safetensors").is_file(), printed
-    assert "SIGTERM received" in printed and "torchrun --nproc_per_node=2 -m tuneforge train" in printed, printed
+    name = "SIGTERM" if how.startswith("SIGTERM") else "SIGINT"
+    assert f"{name} received" in printed and "torchrun --nproc_per_node=2 -m tuneforge train" in printed, printed
     result = train(tiny_llama_dir, out, *COMMON, "training.batch_size=2", "training.resume=auto",
                    "training.device=cpu")  # 2 processes x 1 continue as 1 process x 2: the same global batches
     assert result.finished and len(losses(out)) == 40

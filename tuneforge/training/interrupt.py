@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import threading
+import time
 
 import torch
 
@@ -46,8 +47,13 @@ def resume_command(cfg, world_size: int = 1) -> str:
 class StopRequest:
     """Installs SIGINT/SIGTERM handlers for the duration of the loop (main thread only; elsewhere a no-op)."""
 
+    # Ctrl-C on a torchrun job reaches each worker twice within milliseconds: from the terminal (same process group)
+    # and forwarded by torchrun. Under torchrun a repeat that quick is that echo, not the user's second Ctrl-C.
+    echo_window_s = 1.0
+
     def __init__(self):
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -63,8 +69,10 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
+            if "TORCHELASTIC_RUN_ID" in os.environ and time.monotonic() - self._first_at < self.echo_window_s:
+                return
             raise KeyboardInterrupt  # the second signal: abort now, whatever the step is doing
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         # os.write, not print: a handler that prints while the interrupted code prints raises "reentrant call"
         os.write(2, f"\n{signal.Signals(signum).name} received: finishing the current step, then saving a "
                     f"checkpoint (press Ctrl-C again to abort without saving)\n".encode())
