@@ -132,3 +132,16 @@ def test_resume_from_a_different_run_names_the_difference(tiny_llama_dir, tmp_pa
     run_config(config(tiny_llama_dir, out, *common, "training.resume=auto", "training.max_steps=5"), log=logs.append)
     assert any("4 steps in all, this one has 5" in line for line in logs), logs
     assert len(losses(out)) == 5
+
+
+def test_quickstart_runs_twice_into_its_folder(tiny_llama_dir, tmp_path, capsys):
+    """`bash scripts/quickstart.sh` twice: the second run starts over in its own folder instead of being refused,
+    and keeps the task data it generated there."""
+    from tuneforge.cli import main as cli_main
+
+    args = ["quickstart", "--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "qs"), "--steps", "1",
+            "--heldout", "2", "--show", "0"]
+    assert cli_main(args) == 0
+    (tmp_path / "qs" / "checkpoint-9").mkdir()  # something only an earlier run could have left
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert not (tmp_path / "qs" / "checkpoint-9").exists() and (tmp_path / "qs" / "data" / "train.jsonl").is_file()

@@ -22,8 +22,9 @@ from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
 
 def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     """Runtime and seeds, and the output_dir check (nothing is written there until training starts)."""
-    check_output_dir(cfg)
     runtime = setup_runtime(cfg.training.device, cfg.training.precision)
+    # every rank checks, after the process group is up: no rank can have started writing the folder yet
+    check_output_dir(cfg)
     seed_everything(cfg.seed)
     if runtime.is_main:
         t = cfg.training
