@@ -45,6 +45,14 @@ def test_overwrite_never_deletes_a_folder_tuneforge_did_not_write(tiny_llama_dir
     assert (out / "thesis.tex").read_text() == "years of work"
 
 
+def test_overwrite_refuses_to_delete_the_model_it_starts_from(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_llama_dir, out, *FAST)
+    with pytest.raises(UserError, match=r"would delete the model this run starts from"):
+        train(out, out, *FAST, "overwrite_output_dir=true")
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_inputs_inside_output_dir_do_not_count_and_survive_overwrite(tiny_llama_dir, tmp_path):
     """Data the run reads from inside its output_dir (the quickstart keeps its generated task there) is not an
     earlier run, and overwrite_output_dir keeps it."""

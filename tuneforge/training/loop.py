@@ -234,7 +234,7 @@ class Trainer:
         path = None
         if self.rt.is_main:
             path = ckpt.save_checkpoint(self.output_dir, self.step, trainable, self.optimizer, self.scheduler,
-                                   self._state(history), keep=self.t.save_total_limit)
+                                        self._state(history), keep=self.t.save_total_limit)
             self.say(f"saved {path}")
         self.rt.barrier()
         return path

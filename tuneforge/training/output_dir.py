@@ -91,13 +91,17 @@ def prepare_output_dir(cfg, log=print) -> Path:
         if entries:
             log(f"overwrite_output_dir: deleting {_shown(entries, 20)} from {out}")
         for p in entries:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+            _remove(p)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, log)
     return out
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():  # a link is removed, never followed into what it points at
+        shutil.rmtree(p)
+    else:
+        p.unlink()
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -125,7 +129,7 @@ def remove_stale_temps(out: Path, log=print) -> None:
         m = TEMP_RE.match(p.name)
         if m and not pid_alive(int(m.group("pid"))):
             log(f"removing {p.name}: an unfinished save of process {m.group('pid')}, which is no longer running")
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            _remove(p)
         elif (m := OLD_RE.match(p.name)) and p.is_dir():
             final = out / m.group("final")
             if final.exists():
