@@ -132,10 +132,13 @@ def test_resume_from_a_different_run_names_the_difference(tiny_llama_dir, tmp_pa
             import shutil
 
             shutil.copytree(tiny_llama_dir, tmp_path / "other", dirs_exist_ok=True)
+        logs = []
         with pytest.raises(UserError, match=r"Cannot resume from .*checkpoint-2: it was written by a different run"
                            ) as err:
-            train(tiny_llama_dir, out, *common, "training.resume=auto", change)
+            run_config(config(tiny_llama_dir, out, *common, "training.resume=auto", change), log=logs.append)
         assert named in str(err.value), str(err.value)
+        settings_only = not change.startswith("data.")  # found before the model loads; data only once encoded
+        assert settings_only == (not any(line.startswith("method ") for line in logs)), (change, logs)
     logs = []
     run_config(config(tiny_llama_dir, out, *common, "training.resume=auto", "training.max_steps=5"), log=logs.append)
     assert any("4 steps in all, this one has 5" in line for line in logs), logs

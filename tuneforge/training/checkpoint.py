@@ -109,19 +109,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def run_fingerprint(cfg, world_size: int, train_items: list) -> dict:
+def run_fingerprint(cfg, world_size: int, train_items: list | None) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint. Batch geometry is the global
-    micro-batch (batch_size x processes: 2 x 2 may resume as 1 x 4, the batches are the same) and grad_accum."""
+    micro-batch (batch_size x processes: 2 x 2 may resume as 1 x 4, the batches are the same) and grad_accum.
+    Without `train_items` (before the data is encoded) only the settings part."""
     from tuneforge.configs.typed import to_dict
     from tuneforge.methods import METHODS
 
     method = METHODS[cfg.method]
     sections = getattr(method, "uses_sections", None) or ((method.section,) if method.section else ())
-    return {"stage": cfg.stage, "model.name_or_path": cfg.model.name_or_path, "method": cfg.method,
-            "method options": {s: to_dict(cfg.options(s)) for s in sections},
-            "global micro-batch (training.batch_size x processes)": cfg.training.batch_size * world_size,
-            "training.grad_accum": cfg.training.grad_accum, "data.seed": cfg.data.seed,
-            "training examples": len(train_items), "training data hash": data_hash(train_items)}
+    found = {"stage": cfg.stage, "model.name_or_path": cfg.model.name_or_path, "method": cfg.method,
+             "method options": {s: to_dict(cfg.options(s)) for s in sections},
+             "global micro-batch (training.batch_size x processes)": cfg.training.batch_size * world_size,
+             "training.grad_accum": cfg.training.grad_accum, "data.seed": cfg.data.seed}
+    if train_items is not None:
+        found.update({"training examples": len(train_items), "training data hash": data_hash(train_items)})
+    return json.loads(json.dumps(found))  # as it reads back from trainer_state.json (tuples become lists)
 
 
 def data_hash(items: list) -> str:
@@ -134,10 +137,25 @@ def data_hash(items: list) -> str:
     return h.hexdigest()[:16]
 
 
+def check_same_run(path: Path, current: dict) -> bool:
+    """Raise naming every difference between the run that wrote checkpoint `path` and this one (the keys of
+    `current` only). False when the checkpoint predates fingerprints (nothing to compare)."""
+    saved = json.loads((path / "trainer_state.json").read_text()).get("run")
+    if saved is None:
+        return False
+    diffs = fingerprint_differences(saved, current)
+    if diffs:
+        raise UserError(
+            f"Cannot resume from {path}: it was written by a different run ({'; '.join(diffs)}). Resume with the "
+            f"settings of that run (its output_dir holds them in tuneforge_config.yaml), or start a new run in "
+            f"another output_dir (or with `overwrite_output_dir=true` and without `training.resume`).")
+    return True
+
+
 def fingerprint_differences(saved: dict, current: dict) -> list[str]:
-    """'key: A in the checkpoint, B now' for each difference (method options compared field by field)."""
+    """'key: A in the checkpoint, B now' for each key of `current` that differs (method options field by field)."""
     out = []
-    for key in saved.keys() | current.keys():
+    for key in current:
         a, b = saved.get(key), current.get(key)
         if key == "method options" and isinstance(a, dict) and isinstance(b, dict):
             flat_a, flat_b = _flatten(a), _flatten(b)

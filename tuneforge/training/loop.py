@@ -246,7 +246,8 @@ class Trainer:
             if self.t.resume == "auto":
                 self.say(f"resume: auto found no checkpoint in {self.output_dir}; starting from step 0")
             return []
-        self._check_same_run(path)
+        if not ckpt.check_same_run(path, self.fingerprint):
+            self.say(f"note: {path} does not record its run's settings; cannot check they match this run")
         state = ckpt.load_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler)
         if state["world_size"] != self.rt.world_size:
             self.say(f"note: checkpoint was written with {state['world_size']} processes, resuming with "
@@ -260,18 +261,6 @@ class Trainer:
         self.say(f"resumed from {path} at step {self.step}")
         self._resumed = True
         return state.get("history", [])
-
-    def _check_same_run(self, path: Path) -> None:
-        saved = json.loads((path / "trainer_state.json").read_text()).get("run")
-        if saved is None:  # written before checkpoints recorded their run
-            self.say(f"note: {path} does not record its run's settings; cannot check they match this run")
-            return
-        diffs = ckpt.fingerprint_differences(saved, self.fingerprint)
-        if diffs:
-            raise UserError(
-                f"Cannot resume from {path}: it was written by a different run ({'; '.join(diffs)}). Resume with "
-                f"the settings of that run (its output_dir holds them in tuneforge_config.yaml), or start a new run "
-                f"in another output_dir (or with `overwrite_output_dir=true` and without `training.resume`).")
 
     def _open_output_dir(self) -> None:
         """Create (or clear) output_dir and write the resolved config: only now, once everything before training

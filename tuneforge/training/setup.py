@@ -14,7 +14,7 @@ import torch
 from tuneforge.configs.schema import TrainConfig
 from tuneforge.methods import get_method
 from tuneforge.methods.base import Method, unwrap
-from tuneforge.training.checkpoint import atomic_dir
+from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
 from tuneforge.training.metrics import fmt
 from tuneforge.training.output_dir import check_output_dir
 from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
@@ -25,6 +25,9 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     runtime = setup_runtime(cfg.training.device, cfg.training.precision)
     # every rank checks, after the process group is up: no rank can have started writing the folder yet
     check_output_dir(cfg)
+    resume_from = find_resume(cfg.training.resume, Path(cfg.output_dir))
+    if resume_from is not None:  # settings now, before a long model load; the data is compared once encoded
+        check_same_run(resume_from, run_fingerprint(cfg, runtime.world_size, None))
     seed_everything(cfg.seed)
     if runtime.is_main:
         t = cfg.training
