@@ -4,6 +4,7 @@ temp folders of killed saves are swept, and a checkpoint of a different run is r
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -129,8 +130,6 @@ def test_resume_from_a_different_run_names_the_difference(tiny_llama_dir, tmp_pa
                           (f"data.train=[{subset}]", "training examples: "),
                           (f"model.name_or_path={tmp_path / 'other'}", "model.name_or_path: ")]:
         if change.startswith("model."):
-            import shutil
-
             shutil.copytree(tiny_llama_dir, tmp_path / "other", dirs_exist_ok=True)
         logs = []
         with pytest.raises(UserError, match=r"Cannot resume from .*checkpoint-2: it was written by a different run"
@@ -139,6 +138,11 @@ def test_resume_from_a_different_run_names_the_difference(tiny_llama_dir, tmp_pa
         assert named in str(err.value), str(err.value)
         settings_only = not change.startswith("data.")  # found before the model loads; data only once encoded
         assert settings_only == (not any(line.startswith("method ") for line in logs)), (change, logs)
+    old_style = tmp_path / "old-style-checkpoint"  # written before checkpoints recorded their run: shapes still
+    shutil.copytree(out / "checkpoint-2", old_style)  # checked, a clear error and no size-mismatch traceback
+    (old_style / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "run"}))
+    with pytest.raises(UserError, match=r"has shape \(8, 64\) there and \(4, 64\) here"):
+        train(tiny_llama_dir, tmp_path / "other", *common, f"training.resume={old_style}", "lora.rank=4")
     logs = []
     run_config(config(tiny_llama_dir, out, *common, "training.resume=auto", "training.max_steps=5"), log=logs.append)
     assert any("4 steps in all, this one has 5" in line for line in logs), logs
