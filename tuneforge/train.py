@@ -23,6 +23,9 @@ def main(argv: list[str]) -> int:
         raise UserError("Usage: tuneforge train CONFIG.yaml [key=value ...]; see `tuneforge train --help`.")
     cfg = load_train_config(argv[0], argv[1:])
     set_command(argv)
-    result = run_config(cfg)
+    try:
+        result = run_config(cfg)
+    finally:
+        set_command(None)  # a later in-process run (tests, notebooks) must not print these arguments
     # a run stopped by SIGINT/SIGTERM (checkpoint saved) exits like the signal would: schedulers see "not done"
     return 128 + result.interrupted if getattr(result, "interrupted", None) else 0

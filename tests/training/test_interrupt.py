@@ -156,3 +156,18 @@ def test_under_torchrun_a_signal_stops_every_rank_at_the_same_step(tiny_llama_di
     result = train(tiny_llama_dir, out, *COMMON, "training.batch_size=2", "training.resume=auto",
                    "training.device=cpu")  # 2 processes x 1 continue as 1 process x 2: the same global batches
     assert result.finished and len(losses(out)) == 40
+
+
+def test_resume_command_repeats_the_arguments_and_never_conflicts(tiny_llama_dir, tmp_path):
+    from tests.test_training import config
+    from tuneforge.training.interrupt import resume_command, set_command
+
+    cfg = config(tiny_llama_dir, tmp_path / "run", "overwrite_output_dir=true")
+    assert resume_command(cfg) == (f"tuneforge train {tmp_path / 'run' / 'tuneforge_config.yaml'} "
+                                   f"training.resume=auto overwrite_output_dir=false")  # without CLI arguments
+    set_command(["my config.yaml", "overwrite_output_dir=true", "training.resume=old", "lora.rank=4"])
+    try:
+        assert resume_command(cfg, world_size=2) == ("torchrun --nproc_per_node=2 -m tuneforge train 'my config.yaml' "
+                                                     "lora.rank=4 training.resume=auto overwrite_output_dir=false")
+    finally:
+        set_command(None)

@@ -24,10 +24,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _COMMAND: list[str] | None = None  # `tuneforge train` arguments of this process, when started from the CLI
 
 
-def set_command(argv: list[str]) -> None:
-    """Record the `tuneforge train` arguments so the resume hint repeats them exactly."""
+def set_command(argv: list[str] | None) -> None:
+    """Record the `tuneforge train` arguments so the resume hint repeats them exactly (None: forget them)."""
     global _COMMAND
-    _COMMAND = list(argv)
+    _COMMAND = None if argv is None else list(argv)
 
 
 def resume_command(cfg, world_size: int = 1) -> str:
