@@ -9,7 +9,8 @@
                                 change on resume: model, method and options, batch geometry, data)
 
 A checkpoint is first written to `checkpoint-<step>.tmp-<pid>` and then renamed, so a crash never leaves a
-half-written checkpoint that `resume: auto` would pick up.
+half-written checkpoint that `resume: auto` would pick up; the next run in the folder removes such leftovers
+(`output_dir.remove_stale_temps`).
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(out: Path, log=print) -> None:
     """Temp folders/files of saves killed mid-write (`<name>.tmp-<pid>`) are removed when that pid is gone; a
-    `checkpoint-N.old` left between the two renames of a replaced checkpoint is put back or removed."""
+    `checkpoint-N.old` left between the two renames of a replaced checkpoint is put back or removed. The pid is
+    looked up on this machine: only rank 0 of one job writes a folder, so a live writer elsewhere is not expected."""
     for p in sorted(out.iterdir()):
         m = TEMP_RE.match(p.name)
         if m and not pid_alive(int(m.group("pid"))):
