@@ -122,6 +122,9 @@ class TrainConfig:
     stage: Literal["pt", "sft"] = opt("sft", "Training stage: pt (continued pre-training on text) or sft.")
     method: str = opt("lora", "Fine-tuning method (see `tuneforge methods`): full, freeze, lora, ...")
     output_dir: str = opt("outputs/run", "Where the model/adapter, checkpoints, metrics and resolved config go.")
+    overwrite_output_dir: bool = opt(False, "Start over in an output_dir that holds an earlier run: delete what is "
+                                            "there when training starts. Off: a non-empty output_dir is refused "
+                                            "unless `training.resume` continues it.")
     seed: int = opt(42, "Random seed for initialisation, dropout and shuffling.")
     model: ModelConfig = opt(factory=ModelConfig, help="Which model to start from.")
     data: DataConfig = opt(factory=DataConfig, help="Datasets and how to render them.")
@@ -190,6 +193,9 @@ def validate(cfg: TrainConfig) -> None:
     if t.resume not in (None, "auto") and not Path(t.resume).is_dir():
         raise ConfigError(f"`training.resume` is {t.resume!r}: no such checkpoint folder. Use `auto` or a path "
                           f"like {cfg.output_dir}/checkpoint-10.")
+    if t.resume is not None and cfg.overwrite_output_dir:
+        raise ConfigError("`training.resume` continues the run in output_dir and `overwrite_output_dir` deletes it: "
+                          "set only one.")
     if t.neftune_alpha < 0 or t.rdrop_alpha < 0:
         raise ConfigError("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
     if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
