@@ -30,6 +30,7 @@ from tuneforge.data.registry import Registry
 from tuneforge.data.templates import resolve_chat_template
 from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example
 from tuneforge.errors import DataError
+from tuneforge.models.loading import hub_reachable, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,15 @@ def read_spec(spec, registry: Registry | None, base_dir) -> list:
     local = find_local(spec.path, base_dir)
     if local is not None:
         rows = readers.read_local(local)
-    elif readers.looks_like_local_path(spec.path) or spec.path.startswith("builtin:"):
+    elif readers.looks_like_local_path(spec.path) or spec.path.startswith("builtin:") or looks_local(spec.path):
         where = f"the current folder{' or ' + str(base_dir) if base_dir else ''}"
         hint = registry.hint(spec.path) if registry is not None else " (no `data.registry` is set)"
         raise DataError(f"Dataset {spec.path}: no such file or folder (relative paths are looked up in {where}).{hint}")
+    elif not hub_reachable():  # fail in seconds, not after a minute of `datasets` retries
+        hint = registry.hint(spec.path) if registry is not None else " (no `data.registry` is set)"
+        raise DataError(f"Dataset {spec.path}: no such file or folder, and not a Hugging Face dataset either: the "
+                        f"hub is unreachable from here. Check the path (relative paths start from the current "
+                        f"folder) or add the name to the registry.{hint}")
     else:
         try:
             rows = readers.read_hub(spec.path, spec.split)

@@ -15,6 +15,7 @@ from tuneforge.configs.schema import TrainConfig, dump_config
 from tuneforge.methods import get_method
 from tuneforge.methods.base import Method, unwrap
 from tuneforge.training.checkpoint import atomic_dir
+from tuneforge.training.model_card import finish_output_folder
 from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
 
 
@@ -95,6 +96,7 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
     tmp = atomic_dir(out / "final")
     method.save(unwrap(model), tmp)
     tokenizer.save_pretrained(tmp)
+    finish_output_folder(cfg, method, tmp, out / "metrics.jsonl")  # portable base reference + model card
     for item in tmp.iterdir():
         target = out / item.name
         if target.is_dir():
