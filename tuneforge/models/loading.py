@@ -74,6 +74,8 @@ def looks_local(name: str) -> bool:
     """Whether a name that does not exist was meant as a local path rather than a hub id: it is not shaped like a
     hub id (`./x`, `/x`, `~/x`, `a/b/c`), or its first folder exists here (`runs/x` when ./runs exists,
     the output folder of a run that has not been trained yet). Models and data both ask this."""
+    if name.startswith("builtin:"):
+        return False
     if not HUB_ID.match(name) or name.count("/") > 1:
         return True
     first = name.split("/", 1)[0]
