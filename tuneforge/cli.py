@@ -198,7 +198,7 @@ def _main(argv: list[str]) -> int:
         print(f"tuneforge: unknown verb `{argv[0]}`.{did_you_mean(argv[0], by_name)}", file=sys.stderr)
         return 2
     rest = argv[1:]
-    if verb.args is None and (any(a in ("-h", "--help") for a in rest) or (verb.name == "train" and not rest)):
+    if any(a in ("-h", "--help") for a in rest) or (verb.name == "train" and not rest):
         print(_arg_parser_for(verb).format_help(), end="")
         return 0
     if verb.name == "methods":
