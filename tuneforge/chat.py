@@ -159,8 +159,9 @@ def load_for_chat(args: ChatArgs):
     base, template = _base_for(args)
     model_cfg = ModelConfig(name_or_path=base, trust_remote_code=args.trust_remote_code,
                             allow_pickle=args.allow_pickle, chat_template=template)
-    if args.adapter:
-        check_base_matches(adapter_folder(args.adapter), recorded_base(adapter_folder(args.adapter)), base)
+    if args.adapter:  # refuse a base of another shape before loading it (a 7B model takes minutes)
+        folder = adapter_folder(args.adapter)
+        check_base_matches(folder, recorded_base(folder), base)
     model, tokenizer = load_model_and_tokenizer(model_cfg)
     if args.adapter:
         model = load_adapter(model, args.adapter, base)

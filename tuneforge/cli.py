@@ -140,10 +140,6 @@ def _train_parser(verb: Verb) -> argparse.ArgumentParser:
     return parser
 
 
-def train_help() -> str:
-    return _arg_parser_for(next(v for v in VERBS if v.name == "train")).format_help()
-
-
 def list_methods(argv: list[str]) -> int:
     """One line per method: its name, whether it merges into the base weights, and what it trains."""
     from tuneforge.methods import METHODS

@@ -108,18 +108,19 @@ def known_keys() -> tuple[str, ...]:
 
 
 def foreign_hint(prefix: str, key: str) -> str | None:
-    """' Did you mean `training.lr`? ...' for a key from another tool or in the wrong section, else None."""
+    """' Did you mean `training.lr`? ...' for a key in the wrong section or from another tool, else None. Our own
+    keys come first, so a key added to TuneForge later wins over the table of foreign names."""
     name = str(key).lower().replace("-", "_")
     full = f"{prefix}.{key}" if prefix else str(key)
+    elsewhere = [k for k in known_keys() if k.rsplit(".", 1)[-1] == name and k != full]
+    if len(elsewhere) == 1:
+        where = "a top-level key" if "." not in elsewhere[0] else f"in section `{elsewhere[0].rsplit('.', 1)[0]}`"
+        return f" Did you mean `{elsewhere[0]}` ({where})?"
+    if elsewhere:
+        return " Did you mean " + " or ".join(f"`{k}`" for k in elsewhere[:3]) + " (it belongs to a section)?"
     if name in FOREIGN and FOREIGN[name][0] != full:
         target, note = FOREIGN[name]
         return f" Did you mean `{target}`? (`{key}` is another tool's name.{' ' + note if note else ''})"
     if name in NO_EQUIVALENT:
         return f" `{key}` (another tool's name) has no TuneForge equivalent: {NO_EQUIVALENT[name]} Remove it."
-    elsewhere = [k for k in known_keys() if k.rsplit(".", 1)[-1] == name and k != full]
-    if not elsewhere:
-        return None
-    if len(elsewhere) == 1:
-        where = "a top-level key" if "." not in elsewhere[0] else f"in section `{elsewhere[0].rsplit('.', 1)[0]}`"
-        return f" Did you mean `{elsewhere[0]}` ({where})?"
-    return " Did you mean " + " or ".join(f"`{k}`" for k in elsewhere[:3]) + " (it belongs to a section)?"
+    return None

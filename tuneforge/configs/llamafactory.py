@@ -250,16 +250,15 @@ class _Converter:
         resume = self.take("resume_from_checkpoint")
         if resume:
             t["resume"] = "auto" if resume is True else str(resume)
-        if self.take("overwrite_output_dir", False) and _has_top_level_key("overwrite_output_dir"):
-            self.config["overwrite_output_dir"] = True
-        elif "overwrite_output_dir" in self.lf:
-            self.used.discard("overwrite_output_dir")  # listed among the keys without an equivalent
+        ours = _our_key("overwrite_output_dir")  # a TuneForge key of that name, wherever it lives, when there is one
+        if ours and "overwrite_output_dir" in self.lf:
+            _put(self.config, ours, bool(self.take("overwrite_output_dir")))
 
 
-def _has_top_level_key(name: str) -> bool:
-    from tuneforge.configs.schema import TrainConfig
+def _our_key(name: str) -> str | None:
+    from tuneforge.configs.foreign import known_keys
 
-    return name in {f.name for f in dataclasses.fields(TrainConfig)}
+    return next((k for k in known_keys() if k.rsplit(".", 1)[-1] == name), None)
 
 
 def convert(lf: dict, source: Path | None = None) -> Conversion:
