@@ -151,10 +151,11 @@ def test_methods_and_variants(lf, method, extra):
 def test_what_differs_is_noted_not_dropped_silently():
     conv = convert({"model_name_or_path": "m", "dataset": "a", "finetuning_type": "freeze",
                     "freeze_trainable_modules": "mlp", "val_size": 200, "lr_scheduler_type": "polynomial",
-                    "use_unsloth": True, "train_on_prompt": True})
+                    "use_unsloth": True, "train_on_prompt": True, "adapter_name_or_path": "saves/old"})
     notes = " ".join(conv.notes)
     assert "freeze_trainable_modules ['mlp']" in notes and "val_size 200" in notes and "polynomial" in notes
     assert any(d.startswith("use_unsloth: True") for d in conv.dropped)
+    assert any(d.startswith("adapter_name_or_path: 'saves/old' (training starts a new adapter") for d in conv.dropped)
     assert conv.config["data"]["loss_on"] == "all"
 
 
@@ -181,6 +182,7 @@ def test_real_llamafactory_registry(shared_assets):
     ({"stage": "dpo"}, "stage: dpo"),
     ({"finetuning_type": "oft"}, "finetuning_type: oft"),
     ({"quantization_bit": 4, "quantization_method": "hqq"}, "quantization_method: hqq"),
+    ({"do_predict": True, "adapter_name_or_path": "saves/x"}, "predicts or evaluates"),
 ])
 def test_what_cannot_be_converted_is_a_clear_error(lf, words, tmp_path, capsys):
     path = tmp_path / "lf.yaml"

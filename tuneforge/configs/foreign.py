@@ -87,6 +87,7 @@ NO_EQUIVALENT: dict[str, str] = {
     "deepspeed": "multi-GPU runs use torchrun (DDP); see the README.",
     "overwrite_output_dir": "not configurable in this version.",
     "save_only_model": "checkpoints always hold what resume needs.",
+    "adapter_name_or_path": "training starts a new adapter; continuing an existing one is not supported yet.",
     "optim": "AdamW always (`qlora.optimizer` picks 8-bit/paged AdamW for QLoRA).",
 }
 

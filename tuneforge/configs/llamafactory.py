@@ -102,6 +102,10 @@ class _Converter:
         return "no TuneForge equivalent"
 
     def _stage_and_method(self) -> None:
+        if self.lf.get("do_predict") or self.lf.get("do_train") is False:
+            raise UserError("This LLaMA-Factory config predicts or evaluates (do_predict, or do_train: false); "
+                            "convert-config translates training configs. Chat with a trained adapter through "
+                            "`tuneforge chat --adapter DIR`.")
         stage = self.take("stage", "sft")
         if stage not in ("pt", "sft"):
             raise UserError(f"LLaMA-Factory `stage: {stage}` has no TuneForge recipe yet: convert-config handles the "
