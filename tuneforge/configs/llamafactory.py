@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from tuneforge.configs.foreign import NO_EQUIVALENT
+from tuneforge.configs.foreign import FOREIGN, NO_EQUIVALENT
 from tuneforge.configs.typed import opt
 from tuneforge.errors import ConfigError, UserError
 
@@ -99,6 +99,8 @@ class _Converter:
     def _why(key: str) -> str:
         if key in NO_EQUIVALENT:
             return NO_EQUIVALENT[key]
+        if FOREIGN.get(key, ("", ""))[1]:
+            return FOREIGN[key][1]
         return "no TuneForge equivalent"
 
     def _stage_and_method(self) -> None:
@@ -128,6 +130,7 @@ class _Converter:
         if self.lf.get("additional_target"):
             lora["modules_to_save"] = _split(self.take("additional_target"))
         self.config["lora"] = lora
+        self.take("pissa_convert")  # TuneForge always saves a PiSSA adapter as a plain LoRA (what this asks for)
         variants = [name for key, name in (("use_dora", "dora"), ("use_rslora", "rslora"), ("pissa_init", "pissa"))
                     if self.take(key, False)]
         if self.lf.get("loraplus_lr_ratio"):
