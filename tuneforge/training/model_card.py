@@ -111,7 +111,8 @@ def model_card(cfg: TrainConfig, method: Method, rows: list[dict], library: str)
            else f"tuneforge chat --model {cfg.output_dir}")
     lines = front + ["---", "", f"# {Path(cfg.output_dir).name}: `{method.name}` fine-tune of `{base}`", "",
                      f"Trained with TuneForge {__version__}. `tuneforge_config.yaml` in this folder is the resolved "
-                     f"config: `tuneforge train tuneforge_config.yaml` runs the same training again.", "",
+                     f"config of the run: `tuneforge train tuneforge_config.yaml output_dir=NEW_FOLDER` repeats it.",
+                     "",
                      "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in table], "", "## Use it", "", "```bash",
                      use, "```"]
     if library == "peft":
