@@ -72,6 +72,7 @@ FOREIGN: dict[str, tuple[str, str]] = {
     "mask_history": ("data.loss_on", "Write `data.loss_on: last`."),
     # PEFT / torchtune / TRL spellings
     "lora_r": ("lora.rank", ""),
+    "r": ("lora.rank", "PEFT's LoraConfig name."),
     "lora_attn_modules": ("lora.target_modules", ""),
 }
 
