@@ -44,9 +44,9 @@ VERBS = [
          "Write a tiny random-init model (HF format, with a trained BPE tokenizer) from a preset."),
     Verb("chat", "tuneforge.chat:chat_cli", "tuneforge.chat:ChatArgs",
          "Chat in the terminal with a model (and optional adapter) using its chat template.",
-         "In the conversation: /reset forgets the history, /system TEXT sets a new system prompt (and forgets the "
-         "history), /exit (or Ctrl-D) quits. With --adapter and no --model, the base model recorded in the adapter "
-         "is loaded."),
+         "In the conversation: /reset forgets the history, /system TEXT sets a new system prompt and starts over, "
+         "/help lists the commands, /exit (or Ctrl-D) quits. With --adapter and no --model, the base model "
+         "recorded in the adapter is loaded."),
     Verb("methods", "tuneforge.cli:list_methods", None, "List the fine-tuning methods and what they train."),
     Verb("quickstart", "tuneforge.quickstart:quickstart_cli", "tuneforge.quickstart:QuickstartArgs",
          "Fine-tune the built-in chat model on the bundled task and show answers and accuracy before/after."),
