@@ -158,20 +158,36 @@ def test_looks_local():
 
 
 def test_dataset_name_without_hub_fails_in_seconds(tmp_path, monkeypatch):
-    """A name that is neither a file nor in the registry, with the hub unreachable: an error at once, not a minute of
-    `datasets` retries (it used to call datasets.load_dataset, which retried for about 26 s)."""
+    """A name that is neither a file nor in the registry, with the hub unreachable: `datasets` is asked in offline
+    mode (the local cache, or an error at once), not left to retry for about 26 s."""
     import datasets
+    import huggingface_hub.constants
 
     from tuneforge.configs.schema import DataConfig, DatasetSpec
     from tuneforge.data.build import read_datasets
     from tuneforge.errors import DataError
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("tried the hub"))
-    t0 = time.perf_counter()
-    with pytest.raises(DataError, match="someone/corpus: no such file or folder, and not a Hugging Face dataset"):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as when the variable is not set at import
+    monkeypatch.setattr("tuneforge.models.loading.hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("tuneforge.data.build.hub_reachable", lambda timeout=3.0: False)
+    modes = []
+
+    def load_dataset(name, split):
+        modes.append((datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE))
+        if name == "someone/cached":
+            return [{"text": "from the cache"}]
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match="someone/corpus: no such file or folder, and not a Hugging Face dataset in "
+                                        "the local cache either: the hub is unreachable"):
         read_datasets(DataConfig(train=[DatasetSpec(path="someone/corpus")]))
-    assert time.perf_counter() - t0 < 10
+    train, _, _ = read_datasets(DataConfig(train=[DatasetSpec(path="someone/cached")]))
+    assert len(train) == 1  # a dataset in the local cache still loads without a hub
+    assert modes == [(True, True), (True, True)] and datasets.config.HF_HUB_OFFLINE is False  # restored after
     (tmp_path / "runs").mkdir()
     with pytest.raises(DataError, match=r"runs/train: no such file or folder \(relative paths"):
         read_datasets(DataConfig(train=[DatasetSpec(path="runs/train")]))
+    assert len(modes) == 2  # a path that looks local never reaches `datasets`

@@ -119,6 +119,29 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return _probe(url.hostname, url.port or (443 if url.scheme == "https" else 80), timeout)
 
 
+@contextmanager
+def hub_offline():
+    """Hugging Face libraries in offline mode for the duration (as HF_HUB_OFFLINE=1 would set them at import): a hub
+    name resolves from the local cache or fails at once, never after a minute of retries."""
+    import huggingface_hub.constants as hub
+
+    modules = [hub]
+    try:
+        import datasets.config
+
+        modules.append(datasets.config)
+    except ImportError:
+        pass
+    saved = [m.HF_HUB_OFFLINE for m in modules]
+    for m in modules:
+        m.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved):
+            m.HF_HUB_OFFLINE = value
+
+
 @functools.lru_cache(maxsize=8)
 def _probe(host: str, port: int, timeout: float) -> bool:
     try:
