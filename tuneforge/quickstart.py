@@ -62,7 +62,8 @@ def quickstart_cli(args: QuickstartArgs) -> int:
     from tuneforge.models.loading import load_model_and_tokenizer
     from tuneforge.train import run_config
 
-    overrides = [f"model.name_or_path={args.model}", f"output_dir={args.output_dir}",
+    # the quickstart owns its folder: a rerun starts over (its generated data/ is this run's input and is kept)
+    overrides = [f"model.name_or_path={args.model}", f"output_dir={args.output_dir}", "overwrite_output_dir=true",
                  f"training.precision={args.precision}"]
     if args.steps:
         overrides.append(f"training.max_steps={args.steps}")

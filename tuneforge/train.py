@@ -10,6 +10,7 @@ import importlib
 from tuneforge.configs.schema import load_train_config
 from tuneforge.errors import UserError
 from tuneforge.recipes import RECIPES
+from tuneforge.training.interrupt import set_command
 
 
 def run_config(cfg, log=print):
@@ -21,5 +22,10 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         raise UserError("Usage: tuneforge train CONFIG.yaml [key=value ...]; see `tuneforge train --help`.")
     cfg = load_train_config(argv[0], argv[1:])
-    run_config(cfg)
-    return 0
+    set_command(argv)
+    try:
+        result = run_config(cfg)
+    finally:
+        set_command(None)  # a later in-process run (tests, notebooks) must not print these arguments
+    # a run stopped by SIGINT/SIGTERM (checkpoint saved) exits like the signal would: schedulers see "not done"
+    return 128 + result.interrupted if getattr(result, "interrupted", None) else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -93,3 +94,80 @@ def test_missing_model_folder_through_cli(tmp_path, capsys):
     assert cli_main(["chat", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+
+
+def _train_lora(model_name: str, out, monkeypatch, repo_root):
+    """A 2-step TuneForge LoRA run (the real save path: portable base reference, model card)."""
+    from tuneforge.configs.schema import load_train_config
+    from tuneforge.train import run_config
+
+    monkeypatch.chdir(repo_root)
+    cfg = load_train_config("examples/sft_lora_tiny.yaml", [
+        f"model.name_or_path={model_name}", f"output_dir={out}", "training.max_steps=2", "training.batch_size=2",
+        "training.save_steps=0", "training.eval_steps=0", "data.eval_ratio=0", "training.progress_bar=false",
+        "training.plot_loss=false", "data.max_length=64", "lora.target_modules=[all-linear]"])
+    run_config(cfg, log=lambda _: None)
+    return out
+
+
+@pytest.fixture
+def builtin_tiny(tiny_qwen2_dir, monkeypatch):
+    """`builtin:tiny` resolves to the tiny Qwen2 folder, as builtin:smollm2-135m-instruct resolves to its cache."""
+    from tuneforge.models import builtin
+
+    monkeypatch.setitem(builtin.BUILTIN_MODELS, "tiny", lambda: tiny_qwen2_dir)
+    return "builtin:tiny"
+
+
+def test_adapter_without_model_uses_the_recorded_base(builtin_tiny, tiny_qwen2_dir, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = _train_lora(builtin_tiny, tmp_path / "run", monkeypatch, root)
+    recorded = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    assert recorded == "builtin:tiny"  # as the user named it, not the resolved folder
+    model, tok = load_for_chat(ChatArgs(adapter=str(out)))  # no --model
+    reference, _ = load_for_chat(ChatArgs(model=str(tiny_qwen2_dir), adapter=str(out)))
+    ids = tok("What is 12 + 30?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert cli_main(["chat", "--adapter", str(out), "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == reply(reference, tok, [{"role": "user", "content": "Hi"}],
+                                            ChatArgs(max_new_tokens=4)) + "\n"
+
+
+def test_adapter_on_a_base_of_another_shape_is_a_clear_error(tiny_qwen2_dir, tiny_llama_dir, tmp_path, monkeypatch,
+                                                               capsys):
+    from pathlib import Path
+
+    out = _train_lora(str(tiny_qwen2_dir), tmp_path / "run", monkeypatch, Path(__file__).resolve().parents[2])
+    assert cli_main(["chat", "--model", str(tiny_llama_dir), "--adapter", str(out), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the base model" in err and str(tiny_qwen2_dir) in err and "model_type qwen2 vs llama" in err
+    assert "Traceback" not in err
+
+
+def test_peft_size_mismatch_becomes_a_user_error(tiny_qwen2_dir, tiny_llama_dir, tmp_path):
+    """The recorded base is not on disk (so shapes cannot be compared first): PEFT's failure is translated."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_qwen2_dir)))
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(
+        tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "someone/gone"}), encoding="utf-8")
+    with pytest.raises(UserError, match=r"does not fit the base model .*size mismatch.*trained on `someone/gone`"):
+        load_for_chat(ChatArgs(model=str(tiny_llama_dir), adapter=str(tmp_path / "adapter")))
+
+
+def test_recorded_base_that_is_a_missing_relative_folder(tmp_path, monkeypatch):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "runs/gone"}))
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="trained on the model folder `runs/gone`, which does not exist here"):
+        load_for_chat(ChatArgs(adapter="adapter"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="does not say which base model"):
+        load_for_chat(ChatArgs(adapter="adapter"))

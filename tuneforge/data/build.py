@@ -36,6 +36,7 @@ from tuneforge.data.registry import Registry
 from tuneforge.data.templates import resolve_chat_template
 from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example, PairExample, RowProblem, bad_row
 from tuneforge.errors import DataError
+from tuneforge.models.loading import hub_offline, hub_reachable, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +151,32 @@ def read_spec(spec, registry: Registry | None, base_dir) -> list:
     local = find_local(spec.path, base_dir)
     if local is not None:
         rows = readers.read_local(local)
-    elif readers.looks_like_local_path(spec.path) or spec.path.startswith("builtin:"):
+    elif readers.looks_like_local_path(spec.path) or spec.path.startswith("builtin:") or looks_local(spec.path):
         where = f"the current folder{' or ' + str(base_dir) if base_dir else ''}"
         hint = registry.hint(spec.path) if registry is not None else " (no `data.registry` is set)"
         raise DataError(f"Dataset {spec.path}: no such file or folder (relative paths are looked up in {where}).{hint}")
     else:
         try:
-            rows = readers.read_hub(spec.path, spec.split)
+            rows = read_hub_or_cache(spec)
         except DataError as e:
             if registry is None:
                 raise
             raise DataError(f"{e}{registry.hint(spec.path)}") from e
     return adapt_rows(rows, spec)
+
+
+def read_hub_or_cache(spec) -> list:
+    """A Hugging Face dataset; with the hub unreachable, from the local cache or a DataError in seconds (not after a
+    minute of `datasets` retries)."""
+    if hub_reachable():
+        return readers.read_hub(spec.path, spec.split)
+    with hub_offline():
+        try:
+            return readers.read_hub(spec.path, spec.split)
+        except DataError as e:
+            raise DataError(f"Dataset {spec.path}: no such file or folder, and not a Hugging Face dataset in the "
+                            f"local cache either: the hub is unreachable from here. Check the path (relative paths "
+                            f"start from the current folder) or add the name to the registry.") from e
 
 
 def adapt_rows(rows: list, spec) -> list:

@@ -5,14 +5,17 @@
         optimizer.pt            optimizer state (tensors + numbers; loaded with weights_only=True)
         scheduler.pt            LR scheduler state
         rng.pt                  Python, NumPy, torch (and CUDA) RNG states
-        trainer_state.json      step, data position, metrics so far
+        trainer_state.json      step, data position, metrics so far, and the run's fingerprint (what must not
+                                change on resume: model, method and options, batch geometry, data)
 
 A checkpoint is first written to `checkpoint-<step>.tmp-<pid>` and then renamed, so a crash never leaves a
-half-written checkpoint that `resume: auto` would pick up.
+half-written checkpoint that `resume: auto` would pick up; the next run in the folder removes such leftovers
+(`output_dir.remove_stale_temps`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -93,6 +96,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     if missing:
         raise UserError(f"Checkpoint {path} does not match this model/method: it has tensors the model lacks "
                         f"(first: {missing[0]}). Resume with the same model, method and options.")
+    wrong = [k for k in tensors if tensors[k].shape != params[k].shape]
+    if wrong:
+        raise UserError(f"Checkpoint {path} does not match this model/method: tensor {wrong[0]} has shape "
+                        f"{tuple(tensors[wrong[0]].shape)} there and {tuple(params[wrong[0]].shape)} here. Resume "
+                        f"with the same model, method and options.")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
@@ -100,3 +108,64 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def run_fingerprint(cfg, world_size: int, train_items: list | None) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint. Batch geometry is the global
+    micro-batch (batch_size x processes: 2 x 2 may resume as 1 x 4, the batches are the same) and grad_accum.
+    Without `train_items` (before the data is encoded) only the settings part."""
+    from tuneforge.configs.typed import to_dict
+    from tuneforge.methods import METHODS
+
+    method = METHODS[cfg.method]
+    sections = getattr(method, "uses_sections", None) or ((method.section,) if method.section else ())
+    found = {"stage": cfg.stage, "model.name_or_path": cfg.model.name_or_path, "method": cfg.method,
+             "method options": {s: to_dict(cfg.options(s)) for s in sections},
+             "global micro-batch (training.batch_size x processes)": cfg.training.batch_size * world_size,
+             "training.grad_accum": cfg.training.grad_accum, "data.seed": cfg.data.seed}
+    if train_items is not None:
+        found.update({"training examples": len(train_items), "training data hash": data_hash(train_items)})
+    return json.loads(json.dumps(found))  # as it reads back from trainer_state.json (tuples become lists)
+
+
+def data_hash(items: list) -> str:
+    """A digest of the encoded training data (so it covers files, template, max_length, packing): every length,
+    and the tokens of up to 2000 evenly spaced examples (hashing all tokens of a big set would take minutes)."""
+    h = hashlib.sha256(json.dumps([len(x) for x in items]).encode())
+    stride = max(1, len(items) // 2000)
+    for item in items[::stride]:
+        h.update(json.dumps([item.input_ids, item.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+def check_same_run(path: Path, current: dict) -> bool:
+    """Raise naming every difference between the run that wrote checkpoint `path` and this one (the keys of
+    `current` only). False when the checkpoint predates fingerprints (nothing to compare)."""
+    saved = json.loads((path / "trainer_state.json").read_text()).get("run")
+    if saved is None:
+        return False
+    diffs = fingerprint_differences(saved, current)
+    if diffs:
+        raise UserError(
+            f"Cannot resume from {path}: it was written by a different run ({'; '.join(diffs)}). Resume with the "
+            f"settings of that run (its output_dir holds them in tuneforge_config.yaml), or start a new run in "
+            f"another output_dir (or with `overwrite_output_dir=true` and without `training.resume`).")
+    return True
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """'key: A in the checkpoint, B now' for each key of `current` that differs (method options field by field)."""
+    out = []
+    for key in current:
+        a, b = saved.get(key), current.get(key)
+        if key == "method options" and isinstance(a, dict) and isinstance(b, dict):
+            flat_a, flat_b = _flatten(a), _flatten(b)
+            out += [f"{k}: {flat_a.get(k)!r} in the checkpoint, {flat_b.get(k)!r} now"
+                    for k in sorted(flat_a.keys() | flat_b.keys()) if flat_a.get(k) != flat_b.get(k)]
+        elif a != b:
+            out.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+    return sorted(out)
+
+
+def _flatten(sections: dict) -> dict:
+    return {f"{s}.{k}": v for s, opts in sections.items() for k, v in opts.items()}

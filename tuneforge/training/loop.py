@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,16 @@ from typing import Callable
 
 import torch
 
+from tuneforge.configs.schema import dump_config
 from tuneforge.data.types import IGNORE_INDEX
+from tuneforge.errors import UserError
 from tuneforge.losses import causal_lm_loss, label_positions, selected_positions_loss
 from tuneforge.methods.base import Method, unwrap
-from tuneforge.training.checkpoint import find_resume, load_checkpoint, save_checkpoint
-from tuneforge.training.metrics import MetricsLogger
+from tuneforge.training import checkpoint as ckpt
+from tuneforge.training.interrupt import StopRequest, resume_command
+from tuneforge.training.metrics import MetricsLogger, MetricWindow, format_metrics
 from tuneforge.training.optim import build_optimizer, build_scheduler, total_steps_for
+from tuneforge.training.output_dir import prepare_output_dir, write_atomic
 from tuneforge.training.runtime import Runtime
 
 
@@ -119,6 +124,7 @@ class TrainResult:
     eval_loss: float | None
     history: list[dict] = field(default_factory=list)
     finished: bool = True
+    interrupted: int | None = None  # the signal (SIGINT/SIGTERM) that stopped the run early, if one did
 
 
 class Trainer:
@@ -133,8 +139,6 @@ class Trainer:
         self.order = DataOrder(len(train_items), self.t.batch_size, runtime.world_size, runtime.rank,
                                cfg.data.seed, lengths)
         if self.order.per_epoch == 0:
-            from tuneforge.errors import UserError
-
             raise UserError(f"Only {len(train_items)} training examples, fewer than one global batch "
                             f"(batch_size {self.t.batch_size} x {runtime.world_size} processes). Lower "
                             f"`training.batch_size` or add data.")
@@ -143,6 +147,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.t, self.total_steps)
         self.say = log if runtime.is_main else (lambda _: None)
         self.step, self.position = 0, 0
+        self.window = MetricWindow()
+        self.fingerprint = ckpt.run_fingerprint(cfg, runtime.world_size, train_items)
+        self._resumed = False
         self._install_tricks()
 
     def _install_tricks(self) -> None:
@@ -219,59 +226,106 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _state(self, history: list[dict]) -> dict:
         return {"step": self.step, "position": self.position, "total_steps": self.total_steps,
-                "world_size": self.rt.world_size, "history": history}
+                "world_size": self.rt.world_size, "history": history, "window": self.window.state(),
+                "run": self.fingerprint}
 
-    def save_checkpoint(self, history: list[dict]) -> None:
+    def save_checkpoint(self, history: list[dict]) -> Path | None:
         trainable = self.method.trainable_state_dict(unwrap(self.model))
+        path = None
         if self.rt.is_main:
-            path = save_checkpoint(self.output_dir, self.step, trainable, self.optimizer, self.scheduler,
-                                   self._state(history), keep=self.t.save_total_limit)
+            path = ckpt.save_checkpoint(self.output_dir, self.step, trainable, self.optimizer, self.scheduler,
+                                        self._state(history), keep=self.t.save_total_limit)
             self.say(f"saved {path}")
         self.rt.barrier()
+        return path
 
     def maybe_resume(self) -> list[dict]:
-        path = find_resume(self.t.resume, self.output_dir)
+        """Load the checkpoint to continue from, after checking it was written by this same run. Writes nothing."""
+        path = ckpt.find_resume(self.t.resume, self.output_dir)
         if path is None:
             if self.t.resume == "auto":
                 self.say(f"resume: auto found no checkpoint in {self.output_dir}; starting from step 0")
             return []
-        state = load_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler)
+        if not ckpt.check_same_run(path, self.fingerprint):
+            self.say(f"note: {path} does not record its run's settings; cannot check they match this run")
+        state = ckpt.load_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler)
         if state["world_size"] != self.rt.world_size:
             self.say(f"note: checkpoint was written with {state['world_size']} processes, resuming with "
-                     f"{self.rt.world_size}; the data order continues but batches are split differently")
+                     f"{self.rt.world_size}; the global batches are the same")
+        if state.get("total_steps", self.total_steps) != self.total_steps:
+            self.say(f"note: the checkpoint's run had {state['total_steps']} steps in all, this one has "
+                     f"{self.total_steps} (training.max_steps or epochs changed): the learning-rate schedule now "
+                     f"ends at step {self.total_steps}")
         self.step, self.position = state["step"], state["position"]
+        self.window.load(state.get("window"))
         self.say(f"resumed from {path} at step {self.step}")
-        if self.rt.is_main:
-            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        self._resumed = True
         return state.get("history", [])
+
+    def _open_output_dir(self) -> None:
+        """Create (or clear) output_dir and write the resolved config: only now, once everything before training
+        worked, so a run that fails during setup leaves no half-made folder."""
+        if self.rt.is_main:
+            prepare_output_dir(self.cfg, self.say)
+            resolved = (f"# resolved at the start of this run: device {self.rt.device.type}, precision "
+                        f"{self.rt.precision}, {self.rt.world_size} process(es)\n")
+            write_atomic(self.output_dir / "tuneforge_config.yaml", resolved + dump_config(self.cfg))
+            if not self._resumed and (self.output_dir / "metrics.jsonl").exists():
+                (self.output_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old run's log
+            if self._resumed:
+                truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        self.rt.barrier()
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        history = self.maybe_resume()
-        if self.step == 0 and self.rt.is_main and (self.output_dir / "metrics.jsonl").exists():
-            (self.output_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old run's log
-        logger = MetricsLogger(self.output_dir, self.rt.is_main, self.total_steps, self.step, self.t.progress_bar)
-        last_eval, tokens_window, t0 = None, 0, time.perf_counter()
-        stop_at = self.step + self.t.stop_after_steps if self.t.stop_after_steps else self.total_steps
-        while self.step < min(stop_at, self.total_steps):
-            metrics = self.train_step()
-            self.step += 1
-            tokens_window += metrics.pop("tokens")
-            elapsed = time.perf_counter() - t0
-            metrics["tokens_per_s"] = tokens_window / elapsed if elapsed > 0 else 0.0
-            if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
-                last_eval = metrics["eval_loss"] = self.evaluate()
-            if self.step % self.t.logging_steps == 0 or self.step == self.total_steps or "eval_loss" in metrics:
-                logger.log(self.step, metrics)
-                history.append({"step": self.step, **metrics})
-            logger.progress(1, {"loss": metrics["loss"], "lr": metrics["lr"], "tok/s": round(metrics["tokens_per_s"])})
-            if (self.t.save_steps and self.step % self.t.save_steps == 0) or self.step == stop_at < self.total_steps:
-                self.save_checkpoint(history)
-        if self.step < self.total_steps:
-            logger.close(plot=False)
-            self.say(f"stopped after step {self.step} of {self.total_steps} (training.stop_after_steps); "
-                     f"continue with training.resume=auto")
-            return TrainResult(self.step, history[-1]["loss"] if history else None, last_eval, history, False)
+        with StopRequest() as stop:  # from here on SIGINT/SIGTERM stop after a whole step, with a checkpoint
+            history = self.maybe_resume()
+            self._open_output_dir()
+            logger = MetricsLogger(self.output_dir, self.rt.is_main, self.total_steps, self.step, self.t.progress_bar)
+            last_eval, self._tokens, self._t0 = None, 0, time.perf_counter()
+            stop_at = self.step + self.t.stop_after_steps if self.t.stop_after_steps else self.total_steps
+            while self.step < min(stop_at, self.total_steps):
+                metrics = self._step_and_log(logger, history)
+                last_eval = metrics.get("eval_loss", last_eval)
+                interrupted = stop.agreed(self.rt) and self.step < self.total_steps
+                if (self.t.save_steps and self.step % self.t.save_steps == 0) or interrupted \
+                        or self.step == stop_at < self.total_steps:
+                    self.save_checkpoint(history)
+                if interrupted:
+                    return self._stopped(logger, history, last_eval, stop.signum or signal.SIGTERM)
+            if self.step < self.total_steps:
+                return self._stopped(logger, history, last_eval, None)
+        return self._finish(logger, history, last_eval)
+
+    def _step_and_log(self, logger: MetricsLogger, history: list[dict]) -> dict:
+        """One optimizer step, then eval / log lines as due. The logged loss is the window mean (MetricWindow)."""
+        metrics = self.train_step()
+        self.step += 1
+        self._tokens += metrics.pop("tokens")
+        elapsed = time.perf_counter() - self._t0
+        metrics["tokens_per_s"] = self._tokens / elapsed if elapsed > 0 else 0.0
+        self.window.add(metrics)
+        if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
+            metrics["eval_loss"] = self.evaluate()
+        if self.step % self.t.logging_steps == 0 or self.step == self.total_steps or "eval_loss" in metrics:
+            logged = self.window.flush(metrics)
+            logger.log(self.step, logged)
+            history.append({"step": self.step, **logged})
+            if not self.t.progress_bar:  # the bar shows the same numbers
+                self.say(format_metrics(self.step, self.total_steps, logged))
+        logger.progress(1, {"loss": metrics["loss"], "lr": metrics["lr"], "tok/s": metrics["tokens_per_s"]})
+        return metrics
+
+    def _stopped(self, logger, history, last_eval, signum) -> TrainResult:
+        logger.close(plot=False)
+        why = signal.Signals(signum).name if signum else "training.stop_after_steps"
+        self.say(f"stopped after step {self.step} of {self.total_steps} ({why}); checkpoint in "
+                 f"{self.output_dir / f'checkpoint-{self.step}'}. Continue with:\n  "
+                 f"{resume_command(self.cfg, self.rt.world_size)}")
+        self.rt.barrier()  # under torchrun a rank that exits first makes the launcher kill the others mid-message
+        return TrainResult(self.step, history[-1]["loss"] if history else None, last_eval, history, False, signum)
+
+    def _finish(self, logger, history, last_eval) -> TrainResult:
         final_eval = self.evaluate()
         if self._neftune is not None:
             self._neftune.remove()
@@ -279,7 +333,7 @@ class Trainer:
             logger.log(self.step, {"eval_loss": final_eval})
             last_eval = final_eval
         logger.close(plot=self.t.plot_loss)
-        final_loss = history[-1]["loss"] if history and "loss" in history[-1] else None
+        final_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
         return TrainResult(self.step, final_loss, last_eval, history)
 
 

@@ -6,6 +6,52 @@ import json
 import time
 from pathlib import Path
 
+NOW = ("lr", "tokens_per_s", "eval_loss")  # logged as they are at the log step; every other metric as a window mean
+
+
+class MetricWindow:
+    """Sums of the per-step metrics since the last log line, so a logged loss is the mean over the logging window
+    (logging_steps), not the last step's. Its state goes into checkpoints: a resumed run logs the same numbers."""
+
+    def __init__(self):
+        self.n, self.sums = 0, {}
+
+    def add(self, metrics: dict) -> None:
+        self.n += 1
+        for key, value in metrics.items():
+            if key not in NOW and isinstance(value, (int, float)):
+                self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def flush(self, metrics: dict) -> dict:
+        """The window's means plus the current values of lr, tokens/s and eval loss; starts a new window."""
+        out = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
+        out.update({k: metrics[k] for k in NOW if k in metrics})
+        self.n, self.sums = 0, {}
+        return out
+
+    def state(self) -> dict:
+        return {"n": self.n, "sums": dict(self.sums)}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.n, self.sums = state["n"], dict(state["sums"])
+
+
+def fmt(key: str, value) -> str:
+    """Numbers as people read them: losses to 4 significant digits, the learning rate in e-notation, rates whole."""
+    if not isinstance(value, float):
+        return str(value)
+    if key == "lr":
+        return f"{value:.2e}"
+    if key.startswith("tokens_per_s") or key in ("tok/s",):
+        return f"{value:.0f}"
+    return f"{value:.4g}"
+
+
+def format_metrics(step: int, total: int, metrics: dict) -> str:
+    """`step 10/100: loss 2.346, grad_norm 0.8123, lr 2.00e-04, tokens_per_s 5321`."""
+    return f"step {step}/{total}: " + ", ".join(f"{k} {fmt(k, v)}" for k, v in metrics.items())
+
 
 class MetricsLogger:
     """Writes on the main process only; other ranks get a logger that does nothing."""
@@ -46,8 +92,7 @@ class MetricsLogger:
 
     def progress(self, n: int, postfix: dict) -> None:
         if self._bar is not None:
-            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                  refresh=False)
+            self._bar.set_postfix({k: fmt(k, v) for k, v in postfix.items()}, refresh=False)
             self._bar.update(n)
 
     def write(self, line: str) -> None:

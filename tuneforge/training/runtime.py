@@ -32,6 +32,11 @@ class Runtime:
         return self.rank == 0
 
     @property
+    def precision(self) -> str:
+        """The compute dtype's config name (fp32, bf16, fp16): what `precision: auto` resolved to."""
+        return next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
+
+    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 

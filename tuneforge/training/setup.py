@@ -11,20 +11,30 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.configs.schema import TrainConfig, dump_config
+from tuneforge.configs.schema import TrainConfig
 from tuneforge.methods import get_method
 from tuneforge.methods.base import Method, unwrap
-from tuneforge.training.checkpoint import atomic_dir
+from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
+from tuneforge.training.metrics import fmt
+from tuneforge.training.output_dir import check_output_dir
+from tuneforge.training.model_card import finish_output_folder
 from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
 
 
-def setup_run(cfg: TrainConfig) -> Runtime:
+def setup_run(cfg: TrainConfig, log=print) -> Runtime:
+    """Runtime and seeds, and the output_dir check (nothing is written there until training starts)."""
     runtime = setup_runtime(cfg.training.device, cfg.training.precision)
+    # every rank checks, after the process group is up: no rank can have started writing the folder yet
+    check_output_dir(cfg)
+    resume_from = find_resume(cfg.training.resume, Path(cfg.output_dir))
+    if resume_from is not None:  # settings now, before a long model load; the data is compared once encoded
+        check_same_run(resume_from, run_fingerprint(cfg, runtime.world_size, None))
     seed_everything(cfg.seed)
     if runtime.is_main:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "tuneforge_config.yaml", dump_config(cfg))
+        t = cfg.training
+        asked = f" (training.device: {t.device}, training.precision: {t.precision})"
+        log(f"runtime: device {runtime.device}, precision {runtime.precision}, {runtime.world_size} process(es)"
+            + (asked if "auto" in (t.device, t.precision) else ""))
     return runtime
 
 
@@ -95,6 +105,7 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
     tmp = atomic_dir(out / "final")
     method.save(unwrap(model), tmp)
     tokenizer.save_pretrained(tmp)
+    finish_output_folder(cfg, method, tmp, out / "metrics.jsonl")  # portable base reference + model card
     for item in tmp.iterdir():
         target = out / item.name
         if target.is_dir():
@@ -105,19 +116,13 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_stage(cfg: TrainConfig, data_kind: str, stage, log=print):
     """The whole run of a stage whose only specific part is its `Stage` (the loss): runtime, model + method, data
     (`data_kind`: "pt" or "sft" rendering), train, save. Stages that need more (a reference model, generation)
     call the steps above themselves."""
     from tuneforge.training.loop import Trainer, describe_model
 
-    runtime = setup_run(cfg)
+    runtime = setup_run(cfg, log)
     rows = read_data(cfg)
     model, tokenizer, method = setup_model(cfg, runtime)
     if runtime.is_main:
@@ -127,6 +132,7 @@ def run_stage(cfg: TrainConfig, data_kind: str, stage, log=print):
     if result.finished:
         save_final(cfg, model, method, tokenizer, runtime)
         if runtime.is_main:
-            log(f"done: {result.steps} steps, final loss {result.final_loss}, eval loss {result.eval_loss}; "
+            evaluated = f", eval loss {fmt('loss', result.eval_loss)}" if result.eval_loss is not None else ""
+            log(f"done: {result.steps} steps, final loss {fmt('loss', result.final_loss)}{evaluated}; "
                 f"saved to {cfg.output_dir}")
     return result

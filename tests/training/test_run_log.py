@@ -1,0 +1,75 @@
+"""What a run tells its user: the loss of a log line is the mean of its logging window, the resolved device and
+precision are printed and saved, and numbers are rounded for reading (metrics.jsonl keeps them whole)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.test_training import config, losses, train
+from tuneforge.train import run_config
+from tuneforge.training.metrics import format_metrics, read_metrics
+
+FAST = ["training.max_steps=4", "training.batch_size=2", "data.max_length=64", "training.scheduler=constant"]
+
+
+def test_logged_loss_is_the_mean_over_the_logging_window(tiny_llama_dir, tmp_path):
+    train(tiny_llama_dir, tmp_path / "every", *FAST)
+    every = losses(tmp_path / "every")
+    train(tiny_llama_dir, tmp_path / "window", *FAST, "training.logging_steps=2")
+    rows = [r for r in read_metrics(tmp_path / "window" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([(every[0] + every[1]) / 2, (every[2] + every[3]) / 2],
+                                                       abs=1e-7)
+    assert every[1] != pytest.approx((every[0] + every[1]) / 2, abs=1e-7)  # the last step alone would differ
+
+
+def test_window_resumes_mid_way(tiny_llama_dir, tmp_path):
+    """A run stopped inside a logging window logs the same window mean after resume as an unbroken run."""
+    common = [*FAST, "training.logging_steps=4", "training.save_total_limit=3"]
+    train(tiny_llama_dir, tmp_path / "straight", *common)
+    out = tmp_path / "resumed"
+    train(tiny_llama_dir, out, *common, "training.stop_after_steps=3")
+    train(tiny_llama_dir, out, *common, "training.resume=auto")
+    assert losses(out) == losses(tmp_path / "straight") and len(losses(out)) == 1
+
+
+def test_resolved_device_and_precision_are_printed_and_saved(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    logs = []
+    cfg = config(tiny_llama_dir, out, *FAST, "training.precision=auto", "training.device=auto",
+                 "training.progress_bar=false")
+    run_config(cfg, log=logs.append)
+    import torch
+
+    from tuneforge.training.runtime import resolve_precision
+
+    want = resolve_precision("auto", torch.device("cpu"))
+    assert logs[0] == (f"runtime: device cpu, precision {want}, 1 process(es) (training.device: auto, "
+                       f"training.precision: auto)")
+    saved = (out / "tuneforge_config.yaml").read_text().splitlines()[0]
+    assert saved == f"# resolved at the start of this run: device cpu, precision {want}, 1 process(es)"
+
+
+def test_numbers_are_rounded_for_reading(tiny_llama_dir, tmp_path):
+    logs = []
+    run_config(config(tiny_llama_dir, tmp_path / "run", *FAST, "training.progress_bar=false", "data.eval_ratio=0.1"),
+               log=logs.append)
+    steps = [line for line in logs if line.startswith("step ")]
+    assert len(steps) == 4
+    number = r"(\d+(?:\.\d+)?)"
+    pattern = rf"step 4/4: loss {number}, grad_norm {number}, lr (\d\.\d\de[-+]\d\d), tokens_per_s (\d+)$"
+    match = re.match(pattern, steps[-1])
+    assert match, steps[-1]
+    assert len(match.group(1).replace(".", "").lstrip("0")) <= 4  # 4 significant digits
+    done = [line for line in logs if line.startswith("done:")]
+    assert done and re.match(r"done: 4 steps, final loss \d\.\d{3}, eval loss \d\.\d{3}; saved to ", done[0]), done
+    raw = read_metrics(tmp_path / "run" / "metrics.jsonl")[-2]
+    assert len(str(raw["loss"]).split(".")[1]) > 3  # the file keeps full precision for plots and analysis
+
+
+def test_format_metrics_rounds_each_kind():
+    line = format_metrics(3, 10, {"loss": 2.345678, "grad_norm": 0.123456, "lr": 0.0002, "tokens_per_s": 1234.56,
+                                  "eval_loss": 12.34567})
+    assert line == "step 3/10: loss 2.346, grad_norm 0.1235, lr 2.00e-04, tokens_per_s 1235, eval_loss 12.35"
