@@ -517,3 +517,12 @@ def test_reading_for_a_stage_refuses_rows_of_another_kind_before_the_model_loads
         read_datasets(both, stage="sft")
     train, _, report = read_datasets(both, stage="grpo")
     assert len(train) == 2 and not report.bad_rows  # both give a prompt
+
+
+def test_pair_columns_can_be_mapped(tmp_path):
+    row = {"question": "Add 2 and 3", "good": "5", "bad": "6", "sys": "Be exact."}
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad", "system": "sys"}
+    (pair,), report = read(jsonl(tmp_path, [row]), "pairwise", columns=columns)
+    assert pair.prompt == [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Add 2 and 3"}]
+    assert (pair.chosen[0]["content"], pair.rejected[0]["content"]) == ("5", "6")
+    assert guess_format(row, columns, "x") == "pairwise"
