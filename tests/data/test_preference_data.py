@@ -457,6 +457,9 @@ def test_the_readme_examples_read_as_documented(tmp_path):
     ({"prompt": "Hi", "completion": "Hello", "label": False}, "kto"),
     ({"prompt": "Hi", "pos_resp": "a", "neg_resp": "b", "pos_type": "refuse", "neg_type": "risky"}, "typed"),
     ({"chosen_messages": [], "rejected_messages": []}, "pairwise"),
+    # a conversation ending with the user's turn stays a chat format (a bad first row must not turn a whole SFT
+    # file into prompts): prompt-only conversations say `format: prompt`
+    ({"messages": [{"role": "user", "content": "Hi"}], "answer": "Hello"}, "openai"),
 ])
 def test_format_guessing_from_columns(row, fmt):
     assert guess_format(row, {}, "x") == fmt
@@ -526,3 +529,10 @@ def test_pair_columns_can_be_mapped(tmp_path):
     assert pair.prompt == [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Add 2 and 3"}]
     assert (pair.chosen[0]["content"], pair.rejected[0]["content"]) == ("5", "6")
     assert guess_format(row, columns, "x") == "pairwise"
+
+
+def test_conversations_waiting_for_a_reply_are_prompts_with_format_prompt(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"},
+                               {"from": "human", "value": "Add 2 and 3"}], "answer": "5"}]
+    (prompt,), report = read(jsonl(tmp_path, rows), "prompt")
+    assert [m["role"] for m in prompt.messages] == ["user", "assistant", "user"] and prompt.reference == "5"
