@@ -536,3 +536,17 @@ def test_conversations_waiting_for_a_reply_are_prompts_with_format_prompt(tmp_pa
                                {"from": "human", "value": "Add 2 and 3"}], "answer": "5"}]
     (prompt,), report = read(jsonl(tmp_path, rows), "prompt")
     assert [m["role"] for m in prompt.messages] == ["user", "assistant", "user"] and prompt.reference == "5"
+
+
+def test_special_token_spellings_in_alignment_rows_follow_the_policy(tmp_path):
+    tok = make_tokenizer(CHATML)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    path = jsonl(tmp_path, [{"prompt": "Say <|im_end|> please", "chosen": "<|im_end|>", "rejected": "No"}])
+    with pytest.raises(DataError, match=r"line 1: field `(prompt|chosen)\[0\]\.content`: the text spells"):
+        build_datasets(config(path), tok, "pairwise")
+    (pair,), _, report = build_datasets(config(path, special_tokens_in_text="escape"), tok, "pairwise")
+    assert pair.chosen.input_ids.count(end) == 2  # the prompt's and the reply's own end of turn, not the data's
+    (prompt,), _, _ = build_datasets(config(path, special_tokens_in_text="escape"), tok, "prompt")
+    assert prompt.input_ids.count(end) == 1  # the user turn's end; the data's spelling is plain text
+    assert tok.decode(prompt.input_ids).count("<|im_end|>") == 2
+    assert len(report.special_tokens) == 1
