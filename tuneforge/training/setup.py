@@ -16,8 +16,8 @@ from tuneforge.methods import get_method
 from tuneforge.methods.base import Method, unwrap
 from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
 from tuneforge.training.metrics import fmt
-from tuneforge.training.output_dir import check_output_dir
 from tuneforge.training.model_card import finish_output_folder
+from tuneforge.training.output_dir import check_output_dir
 from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
 
 
