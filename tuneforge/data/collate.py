@@ -94,5 +94,5 @@ def collate_for(stage: str):
     """The collate function of a data stage (pt, sft, pairwise, kto, prompt) or training stage (dpo, grpo, ...)."""
     from tuneforge.data.build import DATA_STAGE
 
-    return {"pairwise": collate_pairs, "kto": collate_kto, "prompt": collate_prompts}.get(DATA_STAGE.get(stage, stage),
-                                                                                         collate)
+    by_data = {"pairwise": collate_pairs, "kto": collate_kto, "prompt": collate_prompts}
+    return by_data.get(DATA_STAGE.get(stage, stage), collate)
