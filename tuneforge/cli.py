@@ -41,6 +41,8 @@ VERBS = [
          "Fine-tune the built-in chat model on the bundled task and show answers and accuracy before/after."),
     Verb("estimate", "tuneforge.estimate:estimate_cli", "tuneforge.estimate:EstimateArgs",
          "Estimate trainable parameters and memory per GPU for each fine-tuning method, side by side."),
+    Verb("export", "tuneforge.inference.export.cli:export_cli", "tuneforge.inference.export.cli:ExportArgs",
+         "Merge an adapter into its base and write a Hugging Face folder or a GGUF file (llama.cpp, Ollama)."),
 ]
 
 
