@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 IDS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 8, 250, 3]])
 
 
-def make_adapter(method: str, base: Path, out: Path, **options) -> Path:
+def make_adapter(method: str, base: Path, out: Path, scale: float = 0.05, **options) -> Path:
     """Apply `method` to the base through the registry, perturb what starts at identity, save it like training."""
     from transformers import AutoModelForCausalLM
 
@@ -39,9 +39,9 @@ def make_adapter(method: str, base: Path, out: Path, **options) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)
+                p.normal_(0, scale)
             elif "ia3_l" in name:
-                p.add_(torch.randn_like(p) * 0.2)
+                p.add_(torch.randn_like(p) * 4 * scale)
     m.save(model, out)
     return out
 
