@@ -168,6 +168,25 @@ def test_gguf_metadata_for_llama_cpp(exports):
     assert modelfile.startswith("FROM ./") and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+@pytest.mark.parametrize("dtype,ggml_type", [("fp16", "F16"), ("bf16", "BF16")])
+def test_half_precision_gguf(tiny_qwen2_dir, tmp_path, dtype, ggml_type):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    out = tmp_path / dtype
+    assert main(["export", "--model", str(tiny_qwen2_dir), "--out", str(out), "--format", "gguf",
+                 "--dtype", dtype]) == 0
+    gguf_path = next(out.glob("*.gguf"))
+    assert gguf_path.name.endswith(f"-{ggml_type.lower()}.gguf")
+    types = {t.name: t.tensor_type for t in GGUFReader(str(gguf_path)).tensors}
+    assert types["output.weight"] == getattr(GGMLQuantizationType, ggml_type)
+    assert types["output_norm.weight"] == GGMLQuantizationType.F32
+    reference, tokenizer = load_hf(tiny_qwen2_dir)
+    model, _ = load_gguf(out)
+    ids = chat_ids(tokenizer, "Who are you?")
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max() < 0.01
+
+
 def test_rows_not_multiple_of_32_fall_back_to_f16(tmp_path):
     from gguf import GGMLQuantizationType, GGUFReader
 
@@ -208,3 +227,23 @@ def test_unsupported_architecture_and_tokenizer_are_refused():
         gguf_file.gguf_arch(SimpleNamespace(model_type="gpt_neox"))
     with pytest.raises(UserError, match="byte-level BPE"):
         gguf_file._check_byte_level(SimpleNamespace())
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_round_trip(tmp_path):
+    """The real built-in chat model (llama layout, SmolLM's own pre-tokenizer, tied embeddings) to f16 GGUF."""
+    from tuneforge.models.builtin import ensure_smollm2
+
+    base = ensure_smollm2()
+    out = tmp_path / "smollm2"
+    assert main(["export", "--model", "builtin:smollm2-135m-instruct", "--out", str(out), "--format", "gguf",
+                 "--dtype", "fp16"]) == 0
+    reference, ref_tokenizer = load_hf(base)
+    model, tokenizer = load_gguf(out)
+    for text in TEXTS:
+        assert tokenizer(text).input_ids == ref_tokenizer(text).input_ids, text
+    ids = chat_ids(ref_tokenizer, "What is the capital of France?")
+    with torch.no_grad():
+        want, got = reference(input_ids=ids).logits, model(input_ids=ids).logits
+    assert (got - want).abs().max() < 0.5 and torch.equal(got.argmax(-1), want.argmax(-1))
+    assert greedy(model, ids) == greedy(reference, ids)
