@@ -7,6 +7,8 @@ randomised so that a merge that forgot them would change the logits.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -95,24 +97,35 @@ def adapters(tiny_llama_dir, tiny_qwen2_dir, tmp_path_factory):
     }
 
 
-def test_merged_folders_match_the_adapter_and_load_without_tuneforge(adapters, tmp_path, capsys):
-    jobs, expected = [], {}
-    # a DoRA folder without its training config is a PEFT LoRA folder (use_dora) and merges through `lora`
-    for case, merged_by in (("lora-llama", "lora"), ("dora-qwen2", "lora"), ("ia3-llama", "ia3")):
-        base, adapter = adapters[case]
-        out = tmp_path / case
-        # no --model: the base comes from the adapter's own record
-        assert main(["export", "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"]) == 0
-        assert f"Merged the `{merged_by}` adapter" in capsys.readouterr().out
-        assert not (out / "adapter_config.json").exists()
-        jobs.append({"id": case, "folder": str(out)})
-        expected[case] = adapter_logits(base, adapter)
-        base_logits = load_fresh([{"id": "b", "folder": str(base)}], tmp_path)["b"] if case == "lora-llama" else None
-        if base_logits is not None:  # the adapter really changes the model, so equality below means something
-            assert (base_logits - expected[case]).abs().max() > 1e-2
-    got = load_fresh(jobs, tmp_path)
-    for case, want in expected.items():
-        torch.testing.assert_close(got[case], want, atol=1e-4, rtol=0)
+MERGED_BY = {"lora-llama": "lora", "dora-qwen2": "lora", "ia3-llama": "ia3"}  # DoRA is a PEFT LoRA (use_dora)
+
+
+@pytest.fixture(scope="module")
+def exported(adapters, tmp_path_factory):
+    """Each adapter exported with the CLI (no --model: the base comes from the adapter's own record), then ALL the
+    folders loaded in ONE fresh process with plain transformers/PEFT: {case: (printed text, folder, fresh logits)}."""
+    root = tmp_path_factory.mktemp("exported")
+    jobs, printed = [{"id": "base-llama", "folder": str(adapters["lora-llama"][0])}], {}
+    for case, (base, adapter) in adapters.items():
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert main(["export", "--adapter", str(adapter), "--out", str(root / case), "--dtype", "fp32"]) == 0
+        printed[case] = buffer.getvalue()
+        merged = case in MERGED_BY
+        jobs.append({"id": case, "folder": str(root / case) if merged else str(base),
+                     "adapter": None if merged else str(root / case)})
+    fresh = load_fresh(jobs, root)
+    return {case: (printed.get(case), root / case, fresh[case]) for case in fresh}
+
+
+def test_merged_folders_match_the_adapter_and_load_without_tuneforge(adapters, exported):
+    for case, merged_by in MERGED_BY.items():
+        printed, folder, logits = exported[case]
+        assert f"Merged the `{merged_by}` adapter" in printed
+        assert not (folder / "adapter_config.json").exists()
+        torch.testing.assert_close(logits, adapter_logits(*adapters[case]), atol=1e-4, rtol=0)
+    # the adapter really changes the model, so the equality above means something
+    assert (exported["base-llama"][2] - exported["lora-llama"][2]).abs().max() > 1e-2
 
 
 def test_folder_is_sharded_with_chat_template_and_stop_tokens(adapters, tmp_path):
@@ -150,18 +163,15 @@ def test_full_model_folder_rewritten_in_bf16(tiny_qwen2_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_non_mergeable_method_exports_an_adapter_folder_that_plain_peft_loads(adapters, tmp_path, capsys):
-    base, adapter = adapters["prompt-llama"]
-    out = tmp_path / "prompt"
-    assert main(["export", "--adapter", str(adapter), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+def test_non_mergeable_method_exports_an_adapter_folder_that_plain_peft_loads(adapters, exported, tmp_path, capsys):
+    printed, out, logits = exported["prompt-llama"]
     assert "`prompt_tuning` cannot be merged" in printed and "PeftModel.from_pretrained" in printed
     assert (out / "adapter_config.json").is_file() and (out / "tokenizer.json").is_file()
     assert not (out / "config.json").exists()
-    got = load_fresh([{"id": "p", "folder": str(base), "adapter": str(out)}], tmp_path)["p"]
-    torch.testing.assert_close(got, adapter_logits(base, adapter), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, adapter_logits(*adapters["prompt-llama"]), atol=1e-5, rtol=0)
+    adapter = adapters["prompt-llama"][1]
     assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "g"), "--format", "gguf"]) == 2
-    assert "cannot be merged" in capsys.readouterr().err
+    assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
 def test_refuses_non_empty_out_unless_overwrite(tiny_llama_dir, tmp_path, capsys):
