@@ -174,6 +174,24 @@ def test_non_mergeable_method_exports_an_adapter_folder_that_plain_peft_loads(ad
     assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
+def test_bottleneck_adapter_exports_as_a_tuneforge_adapter_folder(tiny_qwen2_dir, tmp_path, capsys):
+    from tuneforge.configs.schema import ModelConfig
+
+    adapter = make_adapter("adapter", tiny_qwen2_dir, tmp_path / "bottleneck", bottleneck_size=8)
+    with torch.no_grad():  # `up` starts at zero; give it weights so the comparison below means something
+        from safetensors.torch import load_file, save_file
+
+        tensors = {k: (v + 0.05 * torch.randn_like(v)) for k, v in
+                   load_file(str(adapter / "adapter_model.safetensors")).items()}
+        save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(tiny_qwen2_dir), "--adapter", str(adapter), "--out", str(out)]) == 0
+    assert f"tuneforge chat --model {tiny_qwen2_dir} --adapter {out}" in capsys.readouterr().out
+    model, _ = source.load_with_adapter(str(tiny_qwen2_dir), out, ModelConfig(name_or_path="x"), torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, adapter_logits(tiny_qwen2_dir, adapter))
+
+
 def test_refuses_non_empty_out_unless_overwrite(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
