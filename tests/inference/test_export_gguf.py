@@ -247,3 +247,23 @@ def test_smollm2_gguf_round_trip(tmp_path):
         want, got = reference(input_ids=ids).logits, model(input_ids=ids).logits
     assert (got - want).abs().max() < 0.5 and torch.equal(got.argmax(-1), want.argmax(-1))
     assert greedy(model, ids) == greedy(reference, ids)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_runs_in_llama_cpp(exports, kind):
+    """llama.cpp itself (llama-cpp-python, when installed; not a TuneForge dependency) reads the file: same tokens,
+    f32 logits within 1e-2 (its own kernels), the fine-tune's greedy answer, and it stops at the end-of-turn token."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    reference, tokenizer = load_hf(exports[kind]["hf"])
+    llm = llama_cpp.Llama(model_path=str(next(exports[kind]["f32"].glob("*.gguf"))), n_ctx=256, logits_all=True,
+                          verbose=False, n_threads=1)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text).input_ids, text
+    prompt, answer = next(iter(PROMPTS.items()))
+    ids = chat_ids(tokenizer, prompt)[0].tolist()
+    llm.eval(ids)
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor([ids])).logits[0]
+    assert (torch.tensor(np.asarray(llm.scores[: len(ids)])) - want).abs().max() < 1e-2
+    reply = llm.create_completion(ids, max_tokens=16, temperature=0.0)
+    assert reply["choices"][0]["text"].strip() == answer and reply["choices"][0]["finish_reason"] == "stop"
