@@ -172,6 +172,9 @@ def test_non_mergeable_method_exports_an_adapter_folder_that_plain_peft_loads(ad
     adapter = adapters["prompt-llama"][1]
     assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "g"), "--format", "gguf"]) == 2
     assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "g").exists()
+    # an adapter folder given as --model is taken as the adapter (its base from its own record)
+    assert main(["export", "--model", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "adapter_config.json").is_file()
 
 
 def test_bottleneck_adapter_exports_as_a_tuneforge_adapter_folder(tiny_qwen2_dir, tmp_path, capsys):

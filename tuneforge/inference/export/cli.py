@@ -29,7 +29,8 @@ from tuneforge.errors import UserError
 class ExportArgs:
     out: str = opt(help="Folder to write. Must be absent or empty unless --overwrite.")
     model: str | None = opt(None, "Base model (local folder, hub id or builtin:<name>), or the output folder of a "
-                                  "full/freeze/bitfit run. Default: the base recorded in --adapter.")
+                                  "full/freeze/bitfit run (an adapter folder here is taken as --adapter). Default: the base "
+                                  "recorded in --adapter.")
     adapter: str | None = opt(None, "Adapter folder (output_dir of an adapter run) to merge into the base.")
     format: Literal["hf", "gguf"] = opt("hf", "hf: a Hugging Face folder (safetensors); gguf: one .gguf file for "
                                               "llama.cpp / Ollama (llama and qwen2 architectures).")
@@ -151,6 +152,8 @@ def export_cli(args: ExportArgs) -> int:
     started = time.perf_counter()
     check_args(args)
     adapter = Path(args.adapter).expanduser() if args.adapter else None
+    if adapter is None and (Path(args.model).expanduser() / source.ADAPTER_CONFIG).is_file():
+        adapter, args.model = Path(args.model).expanduser(), None  # `--model outputs/lora-run`: meant as adapter
     method = None
     if adapter is not None:
         source.check_adapter_folder(adapter)
