@@ -13,6 +13,7 @@ half-written; an existing non-empty --out is refused unless --overwrite.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,6 @@ def target_dtype(args: ExportArgs, source_folder: Path) -> torch.dtype:
 
 def config_dtype(folder: Path) -> torch.dtype:
     """The dtype written in a model folder's config.json (`dtype`, or `torch_dtype` before transformers 5)."""
-    import json
-
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
