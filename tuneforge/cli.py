@@ -41,6 +41,8 @@ VERBS = [
          "Fine-tune the built-in chat model on the bundled task and show answers and accuracy before/after."),
     Verb("estimate", "tuneforge.estimate:estimate_cli", "tuneforge.estimate:EstimateArgs",
          "Estimate trainable parameters and memory per GPU for each fine-tuning method, side by side."),
+    Verb("data", "tuneforge.data.curate:data_cli", None,
+         "Data tools: `data inspect|clean|mix|safety` (see `tuneforge data --help`); outputs train-ready .jsonl."),
 ]
 
 
