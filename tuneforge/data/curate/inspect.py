@@ -172,11 +172,16 @@ def plot(stats: Stats, args: InspectArgs, out: Path) -> None:
 
     lengths, unit = (stats.tokens, "tokens") if args.model else (stats.chars, "characters")
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(list(lengths), bins=args.bins, color="#4878a8")
+    # a long tail squeezes the body into one bar: clip at p99 (or just past max_length) and say so
+    stats_ = describe(lengths)
+    upper = max(stats_.get("p99", 1), int(args.max_length * 1.1) if args.model else 0, 1)
+    ax.hist([min(n, upper) for n in lengths], bins=args.bins, range=(0, upper), color="#4878a8")
     if args.model:
         ax.axvline(args.max_length, color="#c03030", linestyle="--", label=f"max_length {args.max_length}")
         ax.legend()
-    ax.set(xlabel=f"{unit} per row", ylabel="rows", title=f"Row length ({unit})")
+    tail = sum(1 for n in lengths if n > upper)
+    ax.set(xlabel=f"{unit} per row" + (f" ({tail} rows over {upper} in the last bar)" if tail else ""),
+           ylabel="rows", title=f"Row length ({unit})")
     _save(fig, out / "lengths.png")
     for name, counts, xlabel in (("turns", stats.turns, "user turns per row"),
                                  ("languages", stats.languages, "language (by script)")):

@@ -47,6 +47,7 @@ class Row:
     bad: BadRow | None = None
     dataset: str = ""  # the spec it came from (its path or registry name)
     answer_column: str = "output"  # the alpaca answer column of its spec (for telling empty answers apart)
+    spec_index: int = 0  # which of the dataset specs it came from
 
     @property
     def empty_answer(self) -> bool:
@@ -99,13 +100,15 @@ def input_files(sources: Sources) -> list[Path]:
 
 def iter_rows(sources: Sources) -> Iterator[Row]:
     """Every row of every spec, in order, adapted to an Example (or a BadRow saying why not)."""
-    for spec in sources.specs:
+    for index, spec in enumerate(sources.specs):
         spec, local = resolved(spec, sources)
         guessed: dict[str, str] = {}
         for n, raw in enumerate(_raw_rows(local)):
             if spec.max_samples is not None and n >= spec.max_samples:
                 break
-            yield _adapt(raw, spec, guessed)
+            row = _adapt(raw, spec, guessed)
+            row.spec_index = index
+            yield row
 
 
 def _adapt(raw, spec, guessed: dict) -> Row:
@@ -221,4 +224,5 @@ def load_tokenizer(model: str, chat_template: str | None = None):
     from tuneforge.models.loading import load_tokenizer as load
 
     tokenizer = load(ModelConfig(name_or_path=model, chat_template=chat_template))
+    tokenizer.model_max_length = 10**9  # we measure lengths; transformers' "longer than the maximum" warning is noise
     return tokenizer, resolve_chat_template(tokenizer, chat_template)
