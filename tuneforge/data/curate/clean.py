@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 from tuneforge.configs.typed import opt
 from tuneforge.data.curate import dedup, rows
-from tuneforge.data.curate.text import language, normalize, prompt_and_answers, row_text, shingles, units
+from tuneforge.data.curate.text import language, normalize, plain_text, prompt_and_answers, row_text, shingles, units
 from tuneforge.errors import UserError
 
 RULES = ("bad_row", "empty_answer", "too_short", "too_long", "repeated_ngrams", "repeated_lines", "char_run", "echo",
@@ -209,7 +209,7 @@ def _echo(example, prompt, answers, args, encoder):
 def _language(example, prompt, answers, args, encoder):
     if not args.languages:
         return None
-    found = language(row_text(example) if example.text is not None else f"{prompt}\n" + "\n".join(answers))
+    found = language(plain_text(example))
     if found not in args.languages:
         return {"rule": "language", "detail": f"language {found}, not in --languages {' '.join(args.languages)}"}
     return None

@@ -22,7 +22,7 @@ from typing import Literal
 
 from tuneforge.configs.typed import opt
 from tuneforge.data.curate import rows
-from tuneforge.data.curate.text import language, normalize, prompt_and_answers, row_text, turns
+from tuneforge.data.curate.text import language, normalize, plain_text, prompt_and_answers, row_text, turns
 from tuneforge.data.types import IGNORE_INDEX
 from tuneforge.errors import DataError
 
@@ -99,7 +99,7 @@ class Stats:
         self.kinds["text" if example.text is not None else "chat"] += 1
         self.chars.append(len(text))
         self.turns[turns(example)] += 1
-        self.languages[language(text)] += 1
+        self.languages[language(plain_text(example))] += 1
         self.seen("whole row (normalised)", normalize(text))
         prompt, answers = prompt_and_answers(example)
         if example.messages is not None:

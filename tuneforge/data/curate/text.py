@@ -76,6 +76,13 @@ def row_text(example: Example) -> str:
     return "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in example.messages)
 
 
+def plain_text(example: Example) -> str:
+    """The contents alone (no role tags), for language detection."""
+    if example.text is not None:
+        return example.text
+    return "\n".join(m.get("content") or "" for m in example.messages)
+
+
 def prompt_and_answers(example: Example) -> tuple[str, list[str]]:
     """The last user message and every assistant reply of a chat row ('' and [text] for a text row)."""
     if example.text is not None:
