@@ -11,7 +11,7 @@ import pytest
 
 from tests.data.curate.helpers import parse, read_jsonl, write_jsonl
 from tuneforge.data.curate import rows as rows_mod
-from tuneforge.data.curate.clean import clean, longest_char_run, repeated_line_share, repeated_ngram_share
+from tuneforge.data.curate.clean import char_run, clean, repeated_line_share, repeated_ngram_share
 from tuneforge.data.curate.text import language, row_text, shingles
 from tuneforge.errors import UserError
 
@@ -68,8 +68,8 @@ def test_measures():
     assert repeated_ngram_share("a b c " * 10, 3) == pytest.approx(1 - 3 / 28)
     assert repeated_ngram_share("short text", 3) == 0.0  # under 20 n-grams: not judged
     assert repeated_line_share("one two three\nfour five six\none two three\nseven eight nine") == 0.25
-    assert longest_char_run("ab!!!!!c") == (5, "!")
-    assert longest_char_run("|-------|") == (1, "|")  # markdown rules are not runs
+    assert char_run("ab!!!!!c", 4) == (5, "!") and char_run("ab!!!!!c", 5) is None
+    assert char_run("|" + "-" * 80 + "|", 4) is None  # markdown rules are not runs
     assert language("用 Python 写一个排序函数") == "zh" and language("Hello, world") == "en"
     assert language("12345") == "none" and language("こんにちは世界") == "ja"
     assert shingles("A b  C d", 3, 5) == {"a b c", "b c d"}

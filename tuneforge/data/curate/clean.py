@@ -25,6 +25,7 @@ the duplicate indexes, not the rows.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import Counter
@@ -32,7 +33,17 @@ from dataclasses import asdict, dataclass
 
 from tuneforge.configs.typed import opt
 from tuneforge.data.curate import dedup, rows
-from tuneforge.data.curate.text import language, normalize, plain_text, prompt_and_answers, row_text, shingles, units
+from tuneforge.data.curate.text import (
+    count_units,
+    language,
+    mostly_cjk,
+    normalize,
+    plain_text,
+    prompt_and_answers,
+    row_text,
+    shingles,
+    units,
+)
 from tuneforge.errors import UserError
 
 RULES = ("bad_row", "empty_answer", "too_short", "too_long", "repeated_ngrams", "repeated_lines", "char_run", "echo",
@@ -153,8 +164,13 @@ def judge(row: rows.Row, args: CleanArgs, encoder=None) -> dict | None:
 _PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
 
 
+@functools.lru_cache(maxsize=4)
+def _normalized(placeholders: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(_PUNCT.sub("", normalize(p)) for p in placeholders) | frozenset(map(normalize, placeholders))
+
+
 def _placeholder(example, prompt, answers, args, encoder):
-    placeholders = {normalize(p).strip(".!?。！？ ") for p in args.placeholders}
+    placeholders = _normalized(tuple(args.placeholders))
     for answer in answers:
         bare = _PUNCT.sub("", normalize(answer))
         if not bare:
@@ -187,8 +203,8 @@ def _repetition(example, prompt, answers, args, encoder):
         share = repeated_line_share(answer)
         if share > args.max_repeated_line_share:
             return {"rule": "repeated_lines", "detail": f"{share:.0%} of the answer's lines are repeats"}
-    run = longest_char_run(row_text(example))
-    if args.max_char_run and run[0] > args.max_char_run:
+    run = char_run(row_text(example), args.max_char_run) if args.max_char_run else None
+    if run is not None:
         return {"rule": "char_run", "detail": f"{run[1]!r} repeated {run[0]} times in a row"}
     return None
 
@@ -240,7 +256,7 @@ def repeated_ngram_share(text: str, n: int) -> float:
     """Share of the text's n-grams (over `units`; 2n for mostly-CJK text) that repeat an earlier n-gram; 0 for
     texts of fewer than 20 n-grams, where repeats say little."""
     seq = units(text)
-    if sum(1 for u in seq if len(u) == 1 and not u.isascii()) * 2 > len(seq):
+    if mostly_cjk(text):
         n *= 2
     grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
     if len(grams) < 20:
@@ -251,19 +267,17 @@ def repeated_ngram_share(text: str, n: int) -> float:
 def repeated_line_share(text: str) -> float:
     """Share of lines (of 3+ words: closing tags and separators repeat legitimately) equal after normalisation to
     an earlier line; 0 for answers of fewer than 4 such lines."""
-    lines = [normalize(line) for line in text.splitlines() if len(units(line)) >= 3]
+    lines = [normalize(line) for line in text.splitlines() if count_units(line) >= 3]
     if len(lines) < 4:
         return 0.0
     return 1 - len(set(lines)) / len(lines)
 
 
-def longest_char_run(text: str) -> tuple[int, str]:
-    """(length, character) of the longest run of one character, not counting spaces and markdown rules."""
-    best, char = 0, ""
-    for match in re.finditer(r"([^\s\-=_*#~])\1*", text):
-        if len(match.group()) > best:
-            best, char = len(match.group()), match.group(1)
-    return best, char
+def char_run(text: str, limit: int) -> tuple[int, str] | None:
+    """(length, character) of the first run of one character longer than `limit`, not counting spaces and
+    markdown rules (- = _ * # ~), or None. One regex search, so long rows cost no Python loop."""
+    match = re.search(r"([^\s\-=_*#~])\1{%d,}" % limit, text)
+    return (len(match.group()), match.group(1)) if match else None
 
 
 def report_md(report: dict) -> str:

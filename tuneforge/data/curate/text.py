@@ -7,6 +7,7 @@ character for CJK text; n-grams and shingles are built over units, so `用 Pytho
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -14,7 +15,9 @@ from tuneforge.data.types import Example
 
 _SPACE = re.compile(r"\s+")
 # A CJK ideograph or kana/hangul syllable is one unit; any other run of letters/digits is one word.
-_UNIT = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\W_]+", re.UNICODE)
+_CJK = r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]"
+_UNIT = re.compile(_CJK + r"|[^\W_]+")
+_CJK_UNIT = re.compile(_CJK)
 
 # Scripts told apart by Unicode block; `en` stands for any Latin-script text (script alone cannot tell English
 # from French), which is what a zh/en corpus needs.
@@ -28,6 +31,7 @@ _SCRIPTS = (
 )
 
 
+@functools.lru_cache(maxsize=256)  # one row's texts are normalised by several rules; rows differ, so keep it small
 def normalize(text: str) -> str:
     """NFKC, lowercase, whitespace collapsed: the form compared for exact duplicates."""
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
@@ -45,14 +49,21 @@ def language(text: str) -> str:
     return max(counts, key=lambda name: counts[name])
 
 
-def units(text: str) -> list[str]:
+@functools.lru_cache(maxsize=256)
+def units(text: str) -> tuple[str, ...]:
     """Words of the normalised text, with every CJK character a word of its own."""
-    return _UNIT.findall(normalize(text))
+    return tuple(_UNIT.findall(normalize(text)))
 
 
-def is_cjk(unit: str) -> bool:
-    """A unit that is one CJK character (kana, Han or hangul)."""
-    return len(unit) == 1 and "\u3040" <= unit <= "\ud7af"
+def mostly_cjk(text: str) -> bool:
+    """Whether most units of `text` are CJK characters (so n-grams are taken over characters)."""
+    seq = units(text)
+    return len(_CJK_UNIT.findall(normalize(text))) * 2 > len(seq)
+
+
+def count_units(text: str) -> int:
+    """The number of units, without normalising (for quick length checks)."""
+    return len(_UNIT.findall(text))
 
 
 def shingles(text: str, word_ngram: int, char_ngram: int) -> set[str]:
@@ -62,8 +73,7 @@ def shingles(text: str, word_ngram: int, char_ngram: int) -> set[str]:
     seq = units(text)
     if not seq:
         return set()
-    cjk = sum(1 for u in seq if is_cjk(u))
-    n, sep = (char_ngram, "") if cjk * 2 > len(seq) else (word_ngram, " ")
+    n, sep = (char_ngram, "") if mostly_cjk(text) else (word_ngram, " ")
     if len(seq) <= n:
         return {sep.join(seq)}
     return {sep.join(seq[i:i + n]) for i in range(len(seq) - n + 1)}
