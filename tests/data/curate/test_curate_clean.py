@@ -150,15 +150,19 @@ def test_chinese_near_duplicates_use_character_shingles(tmp_path, shared_assets)
     assert report["rejected"]["near_duplicate"] == 0
 
 
-def test_kept_rows_read_back_as_the_same_examples(tmp_path, shared_assets):
+def test_kept_rows_read_back_by_training_as_the_same_examples(tmp_path, shared_assets):
+    from tuneforge.configs.schema import DatasetSpec
+    from tuneforge.data.build import load_examples
+    from tuneforge.data.types import DataReport
+
     path = str(shared_assets / "datasets/llamafactory/glaive_toolcall_en_demo.json")
-    run(tmp_path, [path, "--no-near-dedup"])
-    before = [r.example for r in rows_mod.iter_rows(rows_mod.sources_of(parse("clean", ["--data", path,
-                                                                                           "--out", "x"])))]
-    kept = rows_mod.iter_rows(rows_mod.sources_of(parse("clean", ["--data", str(tmp_path / "out/clean.jsonl"),
-                                                                  "--out", "x"])))
-    after = {r["source"]: row.example for r, row in zip(read_jsonl(tmp_path / "out/clean.jsonl"), kept)}
-    assert len(after) > 250
+    report = run(tmp_path, [path, "--no-near-dedup"])
+    before = load_examples([DatasetSpec(path=path)], None, None, DataReport())
+    read = DataReport()
+    kept = load_examples([DatasetSpec(path=str(tmp_path / "out/clean.jsonl"))], None, None, read)
+    assert not read.bad_rows and len(kept) == report["rows_kept"] > 250
+    after = {r["source"]: example for r, example in zip(read_jsonl(tmp_path / "out/clean.jsonl"), kept)}
+    assert set(after) <= {e.source for e in before}
     for example in before:
         if example.source in after:
             assert (after[example.source].messages, after[example.source].tools) == (example.messages,

@@ -9,7 +9,10 @@ import pytest
 
 from tests.data.curate.helpers import parse, read_jsonl, write_jsonl
 from tuneforge.cli import main as cli_main
+from tuneforge.configs.schema import DatasetSpec
+from tuneforge.data.build import load_examples
 from tuneforge.data.curate.mix import allocate, mix, rates, sample, weights
+from tuneforge.data.types import DataReport
 from tuneforge.errors import DataError, UserError
 
 
@@ -72,6 +75,10 @@ def test_mix_writes_exact_counts_and_says_what_repeats(tmp_path, capsys):
     assert sorted(b_rows.values()) == [2, 2, 3, 3]  # every row twice, two of them a third time
     a_rows = Counter(r["source"] for r in rows if r["dataset"] == a)
     assert max(a_rows.values()) == 1  # 11 of 40: no repeats
+    read = DataReport()  # the training data path reads the mixture as it is
+    examples = load_examples([DatasetSpec(path=str(out / "mix.jsonl"))], None, None, read)
+    assert not read.bad_rows and len(examples) == 21
+    assert {e.messages[0]["content"] for e in examples} == {r["messages"][0]["content"] for r in rows}
     first = (out / "mix.jsonl").read_bytes()
     mix(parse("mix", ["--data", a, b, "--strategy", "equal", "--size", "21", "--out", str(out)]))
     assert (out / "mix.jsonl").read_bytes() == first  # same seed, same mixture
