@@ -192,3 +192,19 @@ def test_never_overwrites_its_input(tmp_path):
         clean(parse("clean", ["--data", path, "--out", str(tmp_path)]))
     assert read_jsonl(tmp_path / "clean.jsonl") == [qa("a", "b")]
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_band_table_finds_rows_before_and_after_merging():
+    import numpy as np
+
+    from tuneforge.data.curate.dedup import BandTable
+
+    rng = np.random.default_rng(0)
+    table, keys = BandTable(), rng.integers(0, 2**63, size=(4000, 17), dtype=np.uint64)
+    keys[3999, 5] = keys[10, 3]  # a shared bucket
+    for row, k in enumerate(keys):
+        table.insert(k, row)
+    assert len(table.keys) > 0 and table.recent  # merged once (over 50k keys), newer ones still in the dict
+    assert table.query(keys[10]) == {10, 3999} and table.query(keys[3999]) == {10, 3999}
+    assert table.query(keys[2500]) == {2500}
+    assert table.query(rng.integers(0, 2**63, size=17, dtype=np.uint64)) == set()

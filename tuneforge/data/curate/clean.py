@@ -239,13 +239,13 @@ def _duplicate(row: rows.Row, args: CleanArgs, exact: dedup.ExactIndex, near: de
         return {"rule": "exact_duplicate", "detail": f"same text as {first}", "duplicate_of": first}
     if args.near_dedup:
         hashes = near.hashes(text)
-        minhash = near.signature(hashes)
-        match = near.find(hashes, minhash)
+        signature = near.signature(hashes)
+        match = near.find(hashes, signature)
         if match is not None:
             return {"rule": "near_duplicate", "detail": f"Jaccard {match.jaccard} with {match.source}",
                     "duplicate_of": match.source, "jaccard": match.jaccard,
                     "jaccard_estimated": match.jaccard_estimated}
-        near.add(hashes, minhash, row.source)
+        near.add(hashes, signature, row.source)
     exact.add(key, row.source)
     return None
 
