@@ -77,3 +77,11 @@ def test_config_datasets_are_read_like_training(tmp_path):
     config.write_text("data:\n  train: [{path: train.jsonl, max_samples: 1}]\n", encoding="utf-8")
     report = inspect(parse("inspect", ["--config", str(config), "--out", str(tmp_path / "out")]))
     assert report["rows"] == 1 and report["languages"] == {"en": 1}
+
+
+def test_registry_names_resolve_like_training(tmp_path, shared_assets):
+    registry = shared_assets / "datasets/llamafactory/dataset_info.json"
+    report = inspect(parse("inspect", ["--registry", str(registry), "--data", "identity", "--out",
+                                       str(tmp_path / "out")]))
+    assert report["rows"] == 91 and report["bad_rows"] == 0
+    assert report["rows_per_dataset"] == {"identity": 91}

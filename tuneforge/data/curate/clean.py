@@ -44,7 +44,7 @@ from tuneforge.data.curate.text import (
     shingles,
     units,
 )
-from tuneforge.errors import UserError
+from tuneforge.errors import DataError, UserError
 
 RULES = ("bad_row", "empty_answer", "too_short", "too_long", "repeated_ngrams", "repeated_lines", "char_run", "echo",
          "language", "exact_duplicate", "near_duplicate")
@@ -130,6 +130,8 @@ def _check(args: CleanArgs) -> None:
         raise UserError(f"`--jaccard` must be in (0, 1], got {args.jaccard}.")
     if args.word_ngram < 1 or args.char_ngram < 1 or args.repeat_ngram < 1:
         raise UserError("`--word-ngram`, `--char-ngram` and `--repeat-ngram` must be at least 1.")
+    if args.num_perm < 16:
+        raise UserError(f"`--num-perm` must be at least 16 (the LSH needs several bands), got {args.num_perm}.")
 
 
 def _settings(args: CleanArgs) -> dict:
@@ -187,7 +189,10 @@ def _length(example, prompt, answers, args, encoder):
     if args.max_chars and chars > args.max_chars:
         return {"rule": "too_long", "detail": f"{chars} characters > --max-chars {args.max_chars}"}
     if encoder is not None and (args.min_tokens or args.max_tokens):
-        tokens = encoder(example)[0]
+        try:
+            tokens = encoder(example)[0]
+        except DataError as e:  # the template cannot render it: training would refuse it too
+            return {"rule": "bad_row", "detail": f"the chat template cannot render the row: {e}"}
         if args.min_tokens and tokens < args.min_tokens:
             return {"rule": "too_short", "detail": f"{tokens} tokens < --min-tokens {args.min_tokens}"}
         if args.max_tokens and tokens > args.max_tokens:

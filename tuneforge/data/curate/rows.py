@@ -100,30 +100,29 @@ def input_files(sources: Sources) -> list[Path]:
 
 def iter_rows(sources: Sources) -> Iterator[Row]:
     """Every row of every spec, in order, adapted to an Example (or a BadRow saying why not)."""
-    for index, spec in enumerate(sources.specs):
-        spec, local = resolved(spec, sources)
+    for index, named in enumerate(sources.specs):
+        spec, local = resolved(named, sources)
         guessed: dict[str, str] = {}
         for n, raw in enumerate(_raw_rows(local)):
             if spec.max_samples is not None and n >= spec.max_samples:
                 break
             row = _adapt(raw, spec, guessed)
-            row.spec_index = index
+            row.spec_index, row.dataset = index, named.path  # the name the user gave (a registry name stays one)
             yield row
 
 
 def _adapt(raw, spec, guessed: dict) -> Row:
     if isinstance(raw, BadRow):
-        return Row(raw.source, None, bad=raw, dataset=spec.path)
+        return Row(raw.source, None, bad=raw)
     try:
         fmt = spec.format
         if fmt == "auto":
             if raw.file not in guessed:
                 guessed[raw.file] = formats.guess_format(raw.data, spec.columns, raw.file)
             fmt = guessed[raw.file]
-        return Row(raw.source, raw.data, formats.to_example(raw.data, fmt, raw.source, spec.columns, spec.tags),
-                   dataset=spec.path)
+        return Row(raw.source, raw.data, formats.to_example(raw.data, fmt, raw.source, spec.columns, spec.tags))
     except formats.RowProblem as e:
-        return Row(raw.source, raw.data, bad=BadRow(raw.source, e.field, e.problem), dataset=spec.path,
+        return Row(raw.source, raw.data, bad=BadRow(raw.source, e.field, e.problem),
                    answer_column=spec.columns.get("output", "output"))
 
 
