@@ -100,3 +100,9 @@ def test_mix_defaults_to_total_size_and_refuses_bad_rows(tmp_path):
     assert len(report["bad_rows_skipped"]) == 1 and report["datasets"][1]["rows"] == 1
     with pytest.raises(UserError, match="--T"):
         mix(parse("mix", ["--data", a, "--T", "0", "--out", str(tmp_path / "m")]))
+
+
+def test_out_must_be_a_folder(tmp_path):
+    a, _ = make_sets(tmp_path)
+    with pytest.raises(UserError, match="is a file"):
+        mix(parse("mix", ["--data", a, "--out", a]))

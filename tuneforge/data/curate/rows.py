@@ -169,6 +169,8 @@ def example_row(example: Example, **extra) -> dict:
 def prepare_out(out: str, inputs: list[Path], names: list[str]) -> Path:
     """The output folder, refusing when an output file would replace an input."""
     folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"`--out {out}` is a file; it must be a folder (created when missing).")
     for name in names:
         target = (folder / name).resolve()
         if target in inputs:
