@@ -85,3 +85,17 @@ def test_registry_names_resolve_like_training(tmp_path, shared_assets):
                                        str(tmp_path / "out")]))
     assert report["rows"] == 91 and report["bad_rows"] == 0
     assert report["rows_per_dataset"] == {"identity": 91}
+
+
+def test_text_rows_count_tokens_as_pretraining_does(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    texts = ["A document for continued pre-training.", "另一个文档。" * 20]
+    path = write_jsonl(tmp_path / "pt.jsonl", [{"text": t} for t in texts])
+    report = inspect(parse("inspect", ["--data", path, "--model", str(tiny_llama_dir), "--max-length", "32",
+                                       "--out", str(tmp_path / "out")]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lengths = [len(tokenizer(t)["input_ids"]) + 1 for t in texts]  # + eos, as stage pt encodes
+    assert report["kinds"] == {"text": 2} and report["tokens"]["total"] == sum(lengths)
+    assert report["tokens"]["rows_cut"] == sum(n > 32 for n in lengths)
+    assert report["languages"] == {"en": 1, "zh": 1}

@@ -50,8 +50,8 @@ def token_counter(tokenizer, template: str, loss_on: str = "assistant"):
 
     def count(example) -> tuple[int, int]:
         if example.text is not None:
-            ids = list(tokenizer(example.text)["input_ids"]) + [tokenizer.eos_token_id]
-            return len(ids), len(ids) - 1
+            n = len(tokenizer(example.text)["input_ids"]) + (tokenizer.eos_token_id is not None)  # as stage pt
+            return n, n - 1
         encoded = encode_chat(tokenizer, example.messages, tools=example.tools, loss_on=loss_on,
                               chat_template=template)
         return len(encoded), sum(1 for label in encoded.labels[1:] if label != IGNORE_INDEX)
@@ -213,7 +213,8 @@ def report_md(report: dict) -> str:
         lines += [f"Tokens per row with `{t['model']}`'s chat template: min {t.get('min')}, p50 {t.get('p50')}, p90 "
                   f"{t.get('p90')}, p99 {t.get('p99')}, max {t.get('max')}.",
                   f"Loss tokens ({t['loss_on']}): {t['loss_tokens']} of {t['total']} ({t['loss_share']:.1%}).",
-                  f"Rows longer than max_length {t['max_length']} (cut in training): {t['rows_cut']}.", ""]
+                  f"Rows longer than max_length {t['max_length']} (truncated in sft, split into chunks in pt): "
+                  f"{t['rows_cut']}.", ""]
     lines += ["| field | empty | duplicate values |", "|---|---|---|"]
     for field in sorted(set(report["empty_fields"]) | set(report["duplicate_fields"])):
         lines.append(f"| {field} | {report['empty_fields'].get(field, 0)} | "
