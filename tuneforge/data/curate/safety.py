@@ -32,13 +32,11 @@ from typing import Literal
 from tuneforge.configs.typed import opt
 from tuneforge.data import readers
 from tuneforge.data.curate import rows
+from tuneforge.data.preference import DEFAULT_RANKING, ordered_pairs
+from tuneforge.data.preference import TYPE_ALIASES as ALIASES
+from tuneforge.data.preference import TypedResponse as Response
 from tuneforge.data.types import BadRow
 from tuneforge.errors import DataError, UserError
-
-DEFAULT_RANKING = ["refuse_with_guidance", "refuse", "risky"]
-# The CValues comparison data's own type names (Chinese) and the names of its paper's figures.
-ALIASES = {"拒绝&正向建议": "refuse_with_guidance", "拒绝为主": "refuse", "风险回复": "risky",
-           "refuse with positive guidance": "refuse_with_guidance", "risky answer": "risky"}
 
 
 @dataclass(kw_only=True)
@@ -51,14 +49,6 @@ class SafetyArgs:
 
 
 @dataclass
-class Response:
-    text: str
-    type: str
-    rank: int
-    source: str
-
-
-@dataclass
 class Prompt:
     prompt: str
     system: str | None
@@ -67,16 +57,11 @@ class Prompt:
 
 
 def expand(prompt: Prompt, levels: int) -> list[dict]:
-    """Every (better, worse) pair of one prompt's responses as preference rows, best pairs first."""
-    ordered = sorted(prompt.responses, key=lambda r: r.rank)  # stable: equal ranks keep their order
-    pairs = []
-    for i, chosen in enumerate(ordered):
-        for rejected in ordered[i + 1:]:
-            if rejected.rank == chosen.rank or rejected.text.strip() == chosen.text.strip():
-                continue
-            gap = rejected.rank - chosen.rank
-            pairs.append(pair_row(prompt, chosen, rejected, gap, difficulty(gap, levels)))
-    return pairs
+    """Every (better, worse) pair of one prompt's responses as preference rows, best pairs first: the data path's
+    own expansion (`tuneforge.data.preference.ordered_pairs`, which `format: typed` training data uses too)."""
+    return [pair_row(prompt, chosen, rejected, rejected.rank - chosen.rank,
+                     difficulty(rejected.rank - chosen.rank, levels))
+            for chosen, rejected in ordered_pairs(prompt.responses)]
 
 
 def difficulty(gap: int, levels: int) -> str:
