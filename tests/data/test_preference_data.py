@@ -550,3 +550,12 @@ def test_special_token_spellings_in_alignment_rows_follow_the_policy(tmp_path):
     assert prompt.input_ids.count(end) == 1  # the user turn's end; the data's spelling is plain text
     assert tok.decode(prompt.input_ids).count("<|im_end|>") == 2
     assert len(report.special_tokens) == 1
+
+
+def test_the_data_tools_refuse_alignment_files_clearly(tmp_path):
+    from tests.data.curate.helpers import parse
+    from tuneforge.data.curate.inspect import inspect
+
+    path = jsonl(tmp_path, [PAIR_ROWS["sharegpt"]])
+    with pytest.raises(DataError, match=r"d.jsonl: its rows are alignment data \(format pairwise"):
+        inspect(parse("inspect", ["--data", path, "--out", str(tmp_path / "out")]))
