@@ -32,10 +32,10 @@ from typing import Literal
 from tuneforge.configs.typed import opt
 from tuneforge.data import readers
 from tuneforge.data.curate import rows
-from tuneforge.data.preference import DEFAULT_RANKING, ordered_pairs
+from tuneforge.data.preference import DEFAULT_RANKING, ordered_pairs, typed_responses
 from tuneforge.data.preference import TYPE_ALIASES as ALIASES
 from tuneforge.data.preference import TypedResponse as Response
-from tuneforge.data.types import BadRow
+from tuneforge.data.types import BadRow, RowProblem
 from tuneforge.errors import DataError, UserError
 
 
@@ -158,20 +158,10 @@ def parse_row(data: dict) -> tuple[str, str | None, list[tuple[str, str]]]:
     prompt, system = data.get("prompt"), data.get("system") or None
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("`prompt` is missing or empty")
-    if "responses" in data:
-        items = data["responses"]
-        if not isinstance(items, list) or not items:
-            raise ValueError("`responses` must be a non-empty list of {text, type}")
-        typed = [(r.get("text", r.get("response")), r.get("type")) for r in items if isinstance(r, dict)]
-    elif "pos_resp" in data:
-        typed = [(data.get("pos_resp"), data.get("pos_type")), (data.get("neg_resp"), data.get("neg_type"))]
-    else:
-        raise ValueError(f"expected `responses` or CValues' pos_resp/neg_resp, got keys {sorted(data)}")
-    for text, kind in typed:
-        if not isinstance(text, str) or not text.strip() or not isinstance(kind, str) or not kind:
-            raise ValueError(f"every response needs a non-empty text and a type, got {text!r:.60} / {kind!r}")
-    if "responses" in data and len(typed) != len(data["responses"]):
-        raise ValueError("every item of `responses` must be an object {text, type}")
+    try:  # the layouts as the data path reads them (format typed)
+        typed = [(text, kind) for _, text, kind in typed_responses(data, {})]
+    except RowProblem as e:
+        raise ValueError(f"`{e.field}`: {e.problem}") from None
     return prompt, system, typed
 
 
