@@ -61,6 +61,17 @@ class DatasetSpec:
 
 
 @dataclass
+class MixConfig:
+    strategy: Literal["proportional", "temperature", "equal"] = opt(
+        "temperature", "How shares follow dataset sizes: proportional, temperature (T5: share proportional to "
+                       "min(rows, K)^(1/T)) or equal.")
+    T: float = opt(2.0, "Temperature: 1 = proportional, larger = closer to equal.")
+    K: int | None = opt(None, "Cap on a dataset's size in the temperature strategy (T5's K). Default: no cap.")
+    size: int | None = opt(None, "Training rows in the mixture (a dataset asked for more than it has is repeated). "
+                                 "Default: all rows of all datasets together.")
+
+
+@dataclass
 class DataConfig:
     train: list[DatasetSpec] = opt(factory=list, help="Training datasets (paths, registry names or inline specs).")
     eval: list[DatasetSpec] = opt(factory=list, help="Held-out evaluation datasets.")
@@ -86,7 +97,11 @@ class DataConfig:
                  "bad row (see on_error); escape: tokenize it as plain text; keep: let it become the special token. "
                  "Default error, because either silent choice is wrong for some data: pasted chat markup would end "
                  "turns mid-reply, while `<|endoftext|>` written between documents is meant as the token.")
-    seed: int = opt(0, "Seed for the train/eval split and for shuffling.")
+    seed: int = opt(0, "Seed for the train/eval split, the mixture (`mix`) and for shuffling.")
+    mix: MixConfig | None = opt(None, "Mix the `train` datasets to a size with exact per-dataset counts, as "
+                                      "`tuneforge data mix` does, e.g. {strategy: temperature, T: 2, size: 20000}. "
+                                      "Drawn before the eval split; a function of `seed`, so a resumed run sees "
+                                      "the same rows. Default: every row of every dataset once.")
 
 
 @dataclass
