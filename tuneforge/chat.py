@@ -65,7 +65,7 @@ def load_for_chat(args: ChatArgs):
 
 
 def reply(model, tokenizer, history: list[dict], args: ChatArgs) -> str:
-    from tuneforge.generation import generate_replies
+    from tuneforge.inference import generate_replies
 
     return generate_replies(model, tokenizer, [history], max_new_tokens=args.max_new_tokens, batch_size=1,
                             repetition_penalty=args.repetition_penalty)[0]
