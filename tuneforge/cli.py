@@ -41,6 +41,8 @@ VERBS = [
          "Fine-tune the built-in chat model on the bundled task and show answers and accuracy before/after."),
     Verb("estimate", "tuneforge.estimate:estimate_cli", "tuneforge.estimate:EstimateArgs",
          "Estimate trainable parameters and memory per GPU for each fine-tuning method, side by side."),
+    Verb("serve", "tuneforge.inference.serve.main:serve_cli", "tuneforge.inference.serve.main:ServeArgs",
+         "Serve a model and its adapters over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."),
 ]
 
 
