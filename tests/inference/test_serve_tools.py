@@ -3,9 +3,12 @@ line, and the serve verb's safety defaults. No model is loaded: a scripted engin
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from types import SimpleNamespace
 
+import httpx
 import openai
 import pytest
 
@@ -208,3 +211,33 @@ def test_vllm_backend_serves_the_model(tiny_llama_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+class _Forever:
+    """A request that never produces a token: only a cancel ends it."""
+
+    def __init__(self):
+        self.cancel_calls = 0
+
+    def cancel(self):
+        self.cancel_calls += 1
+
+    async def aiter(self):
+        while True:
+            await asyncio.sleep(3600)
+            yield  # pragma: no cover
+
+
+def test_client_leaving_a_non_streaming_request_cancels_it():
+    engine = ScriptedEngine("unused")
+    handles = []
+    engine.submit = lambda ids, params, adapter=None: handles.append(_Forever()) or handles[-1]
+    served = ServedModels(model=None, tokenizer=engine.tokenizer, base_id="m")
+    with ServerThread(create_app(ServerState(engine=engine, served=served))) as url:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while not (handles and all(h.cancel_calls for h in handles)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(handles) == 2 and all(h.cancel_calls for h in handles)

@@ -215,11 +215,11 @@ async def _finish(choices: list[Choice], request: Request) -> None:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not work.done():
+        if not work.done():  # the client left (or this handler was cancelled): stop generating for it
             cancel_all(choices)
             work.cancel()
-    if work.cancelled():
-        raise OpenAIError(499, "The client disconnected.")
+    if not work.done() or work.cancelled():
+        raise OpenAIError(499, "The client disconnected.")  # nobody reads this; it ends the handler
     work.result()
 
 
