@@ -93,7 +93,7 @@ class Sequence:
     def __init__(self, handle: Handle, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                  tokenizer, stop_ids: set[int], max_new_tokens: int, prefix_len: int):
         self.handle, self.prompt_ids, self.params, self.adapter = handle, prompt_ids, params, adapter
-        self.stop_ids = stop_ids | set(params.stop_token_ids)
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else stop_ids)
         self.max_new_tokens = max_new_tokens
         self.prefix_len = prefix_len  # virtual tokens of a prompt-learning adapter
         self.generator = torch.Generator()

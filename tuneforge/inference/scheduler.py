@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 
 import torch
@@ -20,6 +21,8 @@ from tuneforge.inference.requests import Sequence, wants_logprobs
 from tuneforge.inference.sampling import BatchParams, choose_tokens, token_logprobs
 
 log = logging.getLogger(__name__)
+
+MIN_SHARED_PREFIX = 8  # shorter common prompt starts are not worth a separate forward
 
 
 class Batch:
@@ -148,28 +151,53 @@ class Scheduler:
             return None
 
     def _prefill(self, rows: list[Sequence]) -> Batch | None:
+        """One forward over the newcomers' prompts (left-padded, after their prefixes); samples their first token."""
         device = self.runner.device
-        cache = kv.prefix_cache([self.runner.prefix(r.adapter) for r in rows])
-        longest_prefix = cache.get_seq_length()
-        longest = max(len(r.prompt_ids) for r in rows)
+        prefixes = [self.runner.prefix(r.adapter) for r in rows]
+        shared = 0 if any(prefixes) else self._shared_prefix_len(rows)
+        if shared:
+            prefixes = [self._encode_prefix(rows[0].prompt_ids[:shared], rows[0].adapter)] * len(rows)
+        cache = kv.prefix_cache(prefixes)
+        cached = cache.get_seq_length()
+        rest = [r.prompt_ids[shared:] for r in rows]
+        before = [r.prefix_len + shared for r in rows]  # positions ahead of each row's remaining prompt
+        longest = max(map(len, rest))
         ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest_prefix + longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, longest_prefix - r.prefix_len:longest_prefix] = 1
-            mask[i, mask.shape[1] - len(r.prompt_ids):] = 1
+        mask = torch.zeros((len(rows), cached + longest), dtype=torch.long)
+        for i, (row_ids, n) in enumerate(zip(rest, before)):
+            ids[i, longest - len(row_ids):] = torch.tensor(row_ids)
+            mask[i, cached - n:cached] = 1
+            mask[i, mask.shape[1] - len(row_ids):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        prefix_lens = torch.tensor([r.prefix_len for r in rows], device=device)
-        positions = (mask[:, longest_prefix:].cumsum(dim=1) - 1).clamp(min=0) + prefix_lens[:, None]
+        positions = (mask[:, cached:].cumsum(dim=1) - 1).clamp(min=0) + torch.tensor(before, device=device)[:, None]
         logits = self.runner.forward(ids, mask, positions, cache, [r.adapter for r in rows])
-        seen = None
-        if any(r.params.repetition_penalty != 1.0 for r in rows):  # the prompt counts as seen, as in transformers
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-            real = torch.where(mask[:, longest_prefix:].bool(), ids, ids[:, -1:])  # pads -> a real token of the row
-            seen.scatter_(1, real, True)
+        seen = self._seen(rows, logits) if any(r.params.repetition_penalty != 1.0 for r in rows) else None
         batch = Batch(rows, cache, mask, positions[:, -1] + 1, seen, logits.shape[-1])
         self._advance(batch, logits)
         return batch.keep([i for i, r in enumerate(batch.rows) if not r.finished])
+
+    @staticmethod
+    def _shared_prefix_len(rows: list[Sequence]) -> int:
+        """Tokens all newcomers' prompts start with (a chat template's system prompt, a few-shot preamble): they are
+        encoded once and shared, instead of once per row. Only within one adapter, whose keys/values they are."""
+        if len(rows) < 2 or any(r.adapter != rows[0].adapter for r in rows):
+            return 0
+        n = min(len(os.path.commonprefix([r.prompt_ids for r in rows])), min(len(r.prompt_ids) for r in rows) - 1)
+        return n if n >= MIN_SHARED_PREFIX else 0
+
+    def _encode_prefix(self, ids: list[int], adapter: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cache = kv.empty_cache()
+        x = torch.tensor([ids], device=self.runner.device)
+        self.runner.forward(x, torch.ones_like(x), torch.arange(len(ids), device=x.device)[None], cache, [adapter])
+        return kv.tensors_of(cache)
+
+    @staticmethod
+    def _seen(rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Which tokens each row's prompt holds (the repetition penalty counts the prompt, as transformers does)."""
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        for i, r in enumerate(rows):
+            seen[i, torch.tensor(r.prompt_ids, device=logits.device)] = True
+        return seen
 
     def _decode(self) -> None:
         batch = self.batch
@@ -200,7 +228,14 @@ class Scheduler:
         if top is None:
             return chosen, None
         values, ids = top[0].tolist(), top[1].tolist()
-        decode = self.tokenizer.decode
-        tops = [{decode([t]): v for t, v in zip(ids[i][:r.params.top_logprobs], values[i])}
-                if r.params.top_logprobs else None for i, r in enumerate(batch.rows)]
+        tops = [self._top_dict(ids[i][:r.params.top_logprobs], values[i]) if r.params.top_logprobs else None
+                for i, r in enumerate(batch.rows)]
         return chosen, tops
+
+    def _top_dict(self, ids: list[int], values: list[float]) -> dict[str, float]:
+        """Token text -> logprob, most likely first. Tokens that decode to the same text (e.g. lone bytes shown as
+        U+FFFD) keep the higher value."""
+        top: dict[str, float] = {}
+        for t, v in zip(ids, values):
+            top.setdefault(self.tokenizer.decode([t]), v)
+        return top

@@ -23,6 +23,7 @@ class SamplingParams:
     seed: int | None = None  # same seed -> same text, whatever else shares the batch
     logprobs: bool = False  # log-probabilities of the chosen tokens (the model's raw distribution)
     top_logprobs: int = 0  # and of the n most likely tokens at each step
+    ignore_eos: bool = False  # run to max_new_tokens through end-of-turn tokens (benchmarks); stop strings still apply
 
     def validate(self) -> SamplingParams:
         """Raise UserError naming the bad field and its valid range; returns self for chaining."""
