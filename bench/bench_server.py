@@ -11,6 +11,10 @@ waits for /health, sends one warm-up request, then runs the same requests twice 
 Requests are the chat prompts of tuneforge/assets/example_task/heldout.jsonl (the first --clients), greedy
 (temperature 0) so both runs produce the same tokens, with max_tokens --max-tokens. Throughput is generated
 tokens (usage.completion_tokens, summed) per second of wall time for the whole set; the ratio is the result.
+`--ignore-eos` makes every reply exactly --max-tokens long (the same work in both runs, whatever the model says).
+The server runs with OMP_NUM_THREADS=1 by default (--threads): on a machine shared with other jobs, torch's
+spinning worker threads made decoding 10-20x slower here and the timings pure noise (measured: 16 tokens took
+40-52 s with 2 threads, 3-4 s with 1).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def start_server(model: str, port: int, batch: int, threads: int | None) -> subp
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    else:
+        env.pop("OMP_NUM_THREADS", None)
     cmd = [sys.executable, "-m", "tuneforge", "serve", "--model", model, "--port", str(port), "--max-batch-size",
            str(batch), "--log-level", "warning"]
     return subprocess.Popen(cmd, env=env, cwd=ROOT)
@@ -67,13 +73,14 @@ def requests(n: int) -> list[list[dict]]:
     return [[m for m in row["messages"] if m["role"] != "assistant"] for row in rows[:n]]
 
 
-async def one(client, model: str, messages, max_tokens: int) -> tuple[int, float, str]:
+async def one(client, model: str, messages, max_tokens: int, ignore_eos: bool = False) -> tuple[int, float, str]:
     start = time.perf_counter()
-    r = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    r = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                             extra_body={"ignore_eos": True} if ignore_eos else None)
     return r.usage.completion_tokens, time.perf_counter() - start, r.choices[0].message.content
 
 
-async def run(url: str, model: str, prompts, max_tokens: int, concurrent: bool):
+async def run(url: str, model: str, prompts, max_tokens: int, concurrent: bool, ignore_eos: bool):
     import httpx
     import openai
 
@@ -82,9 +89,9 @@ async def run(url: str, model: str, prompts, max_tokens: int, concurrent: bool):
         await one(client, model, prompts[0], 4)  # warm-up: first-call costs out of both measurements
         start = time.perf_counter()
         if concurrent:
-            results = await asyncio.gather(*(one(client, model, p, max_tokens) for p in prompts))
+            results = await asyncio.gather(*(one(client, model, p, max_tokens, ignore_eos) for p in prompts))
         else:
-            results = [await one(client, model, p, max_tokens) for p in prompts]
+            results = [await one(client, model, p, max_tokens, ignore_eos) for p in prompts]
         return results, time.perf_counter() - start
 
 
@@ -104,7 +111,8 @@ def main() -> int:
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server (0: torch default)")
+    parser.add_argument("--ignore-eos", action="store_true", help="every reply exactly --max-tokens long")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -118,9 +126,10 @@ def main() -> int:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         prompts = requests(args.clients)
         print(f"{args.model} on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-              f"{len(prompts)} requests, max_tokens {args.max_tokens}, greedy", flush=True)
-        seq_results, seq_wall = asyncio.run(run(url, model, prompts, args.max_tokens, concurrent=False))
-        con_results, con_wall = asyncio.run(run(url, model, prompts, args.max_tokens, concurrent=True))
+              f"{len(prompts)} requests, max_tokens {args.max_tokens}, greedy, ignore_eos {args.ignore_eos}, "
+              f"server threads {args.threads or 'default'}", flush=True)
+        seq_results, seq_wall = asyncio.run(run(url, model, prompts, args.max_tokens, False, args.ignore_eos))
+        con_results, con_wall = asyncio.run(run(url, model, prompts, args.max_tokens, True, args.ignore_eos))
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -141,7 +141,7 @@ def test_n_choices_streamed_equal_non_streamed(client):
     assert len({c.message.content for c in whole.choices}) > 1  # seed + i per choice: they differ
 
 
-def test_stop_and_logprobs(client):
+def test_stop_and_logprobs(client, server):
     base = client.chat.completions.create(model="math", messages=HI, max_tokens=12, temperature=0,
                                           logprobs=True, top_logprobs=3)
     content = base.choices[0].logprobs.content
@@ -153,6 +153,10 @@ def test_stop_and_logprobs(client):
     cut = client.chat.completions.create(model="math", messages=HI, max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].message.content == text[:text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    eos = sorted(server[1].engine.stop_ids)
+    forced = client.chat.completions.create(model="math", messages=HI, max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True, "stop_token_ids": eos})
+    assert forced.usage.completion_tokens == 12 and forced.choices[0].finish_reason == "length"
 
 
 def test_text_completions(client, server):

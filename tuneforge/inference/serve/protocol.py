@@ -32,8 +32,8 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """Fields both endpoints share. Defaults are OpenAI's (temperature 1: sampling); top_k, min_p and
-    repetition_penalty are vLLM-style extensions (pass them with the openai client's `extra_body`)."""
+    """Fields both endpoints share. Defaults are OpenAI's (temperature 1: sampling); top_k, min_p,
+    repetition_penalty, stop_token_ids and ignore_eos are vLLM-style extensions (the openai client's `extra_body`)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -51,6 +51,8 @@ class _Sampling(BaseModel):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
     user: str | None = None
 
 
