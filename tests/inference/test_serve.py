@@ -149,6 +149,7 @@ def test_stop_and_logprobs(client, server):
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5) for t in content)  # greedy = best
     text = base.choices[0].message.content
+    assert b"".join(bytes(t.bytes) for t in content).decode("utf-8", "replace") == text  # bytes rebuild the text
     stop = text[len(text) // 2:][:2]
     cut = client.chat.completions.create(model="math", messages=HI, max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].message.content == text[:text.index(stop)]
@@ -239,3 +240,31 @@ def test_adapter_matching_no_module_is_an_error_at_load(tiny_llama_dir, adapters
         build_state(args)
     with pytest.raises(UserError, match="no adapter_config.json"):
         build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"x={tmp_path}"]))
+
+
+def test_echo_and_token_prompts(client, server):
+    engine = server[1].engine
+    ids = engine.encode("Hello")
+    by_text = client.completions.create(model="poet", prompt="Hello", max_tokens=4, temperature=0, echo=True)
+    by_ids = client.completions.create(model="poet", prompt=ids, max_tokens=4, temperature=0)
+    assert by_text.choices[0].text.startswith("Hello")
+    assert by_text.choices[0].text.endswith(by_ids.choices[0].text) and by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_serve_verb_binds_loopback_and_warns_when_open_without_key(tiny_llama_dir, monkeypatch, capsys):
+    import uvicorn
+
+    from tuneforge.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app.state.tf, kw)))
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--port", "8123"]) == 0
+    state, kw = calls[-1]
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and state.api_key is None
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("TUNEFORGE_API_KEY", "from-env")
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0"]) == 0
+    assert calls[-1][0].api_key == "from-env" and "warning" not in capsys.readouterr().err
+    monkeypatch.delenv("TUNEFORGE_API_KEY")
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0"]) == 0
+    assert "without an API key" in capsys.readouterr().err

@@ -176,26 +176,55 @@ def cancel_all(choices: list[Choice]) -> None:
 
 
 # ---- choices -> OpenAI JSON -----------------------------------------------------------------------------------
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: the printable character standing for each byte -> the byte.
+    (Written out because transformers 5 no longer exports `bytes_to_unicode` from a stable place.)"""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+BYTE_DECODER = _byte_decoder()
+
+
 class TokenText:
-    """Token id -> its text (cached), for logprobs."""
+    """Token id -> (its text, its bytes), cached, for logprobs. A token holding part of a multi-byte character
+    decodes to U+FFFD on its own; its real bytes come from the byte-level vocabulary entry, so a client can join
+    the `bytes` of consecutive tokens back into the text (what OpenAI's `bytes` field is for)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.cache = tokenizer, {}
+        self.special = set(getattr(tokenizer, "all_special_ids", None) or [])  # decoded as "" (skipped)
 
     def __call__(self, token_id: int) -> str:
+        return self.entry(token_id)[0]
+
+    def entry(self, token_id: int) -> tuple[str, list[int]]:
         if token_id not in self.cache:
-            self.cache[token_id] = self.tokenizer.decode([token_id])
+            text = self.tokenizer.decode([token_id])
+            raw = text.encode("utf-8")
+            piece = getattr(self.tokenizer, "convert_ids_to_tokens", lambda i: None)(token_id)
+            if token_id not in self.special and isinstance(piece, str) and piece and \
+                    all(c in BYTE_DECODER for c in piece):
+                raw = bytes(BYTE_DECODER[c] for c in piece)
+            self.cache[token_id] = (text, list(raw))
         return self.cache[token_id]
 
 
 def chat_logprobs(entries, token_text: TokenText, top_n: int) -> dict:
-    def item(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    def item(token: str, logprob: float, raw: list[int] | None = None) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": raw if raw is not None else list(token.encode())}
 
     content = []
     for token_id, logprob, top in entries:
         best = sorted((top or {}).items(), key=lambda kv: -kv[1])[:top_n]
-        content.append({**item(token_text(token_id), logprob), "top_logprobs": [item(t, v) for t, v in best]})
+        text, raw = token_text.entry(token_id)
+        content.append({**item(text, logprob, raw), "top_logprobs": [item(t, v) for t, v in best]})
     return {"content": content}
 
 
