@@ -56,6 +56,8 @@ class Batch:
         """The batch without the other rows, and without leading columns none of the kept rows uses."""
         if not keep:
             return None
+        if len(keep) == len(self.rows):
+            return self
         index = torch.tensor(keep, device=self.mask.device)
         mask = self.mask[index]
         drop = int(mask.any(dim=0).int().argmax())  # first column some kept row uses
