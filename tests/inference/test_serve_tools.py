@@ -241,3 +241,26 @@ def test_client_leaving_a_non_streaming_request_cancels_it():
         while not (handles and all(h.cancel_calls for h in handles)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(handles) == 2 and all(h.cancel_calls for h in handles)
+
+
+class _OneThenForever(_Forever):
+    async def aiter(self):
+        yield Delta(text="first", token_ids=[1])
+        await asyncio.sleep(3600)
+
+
+def test_client_leaving_mid_stream_cancels_at_once_even_between_tokens():
+    engine = ScriptedEngine("unused")
+    handles = []
+    engine.submit = lambda ids, params, adapter=None: handles.append(_OneThenForever()) or handles[-1]
+    served = ServedModels(model=None, tokenizer=engine.tokenizer, base_id="m")
+    with ServerThread(create_app(ServerState(engine=engine, served=served))) as url:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            lines = (line for line in r.iter_lines() if line)
+            assert '"role": "assistant"' in next(lines) and '"first"' in next(lines)
+            assert handles[0].cancel_calls == 0
+        deadline = time.monotonic() + 5  # no next token will come: the disconnect itself must cancel
+        while not handles[0].cancel_calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handles[0].cancel_calls
