@@ -264,3 +264,21 @@ def test_client_leaving_mid_stream_cancels_at_once_even_between_tokens():
         while not handles[0].cancel_calls and time.monotonic() < deadline:
             time.sleep(0.05)
         assert handles[0].cancel_calls
+
+
+def test_tools_reach_the_real_chat_template(tiny_qwen2_dir):
+    """Through the real tiny Qwen2 model: its ChatML template shows the tools (the prompt grows by their
+    rendering) and its tool-call format is picked for parsing."""
+    from tuneforge.inference.serve.main import build_state
+
+    state = build_state(ServeArgs(model=str(tiny_qwen2_dir), max_tokens_limit=8))
+    assert state.tool_family == "hermes"
+    with ServerThread(create_app(state)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        ask = dict(model="tiny-qwen2", messages=[{"role": "user", "content": "Weather?"}], max_tokens=2,
+                   temperature=0)
+        plain = client.chat.completions.create(**ask).usage.prompt_tokens
+        with_tools = client.chat.completions.create(**ask, tools=[WEATHER]).usage.prompt_tokens
+        expected = state.engine.encode_chat([{"role": "user", "content": "Weather?"}], [WEATHER])
+        assert with_tools == len(expected) > plain + 20
+        assert "get_weather" in state.engine.tokenizer.decode(expected)
