@@ -268,3 +268,19 @@ def test_serve_verb_binds_loopback_and_warns_when_open_without_key(tiny_llama_di
     monkeypatch.delenv("TUNEFORGE_API_KEY")
     assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0"]) == 0
     assert "without an API key" in capsys.readouterr().err
+
+
+def test_adapter_values_are_checked_after_loading(tiny_llama_dir, adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.inference.serve.models import check_adapter_matches
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(adapters["math"]),
+                                      adapter_name="math")
+    weights = adapters["math"] / "adapter_model.safetensors"
+    check_adapter_matches(model, "math", weights)  # loaded as saved: fine
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B.math" in n).zero_()  # as if mis-loaded
+    with pytest.raises(UserError, match="do not hold the file's values"):
+        check_adapter_matches(model, "math", weights)

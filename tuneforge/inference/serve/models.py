@@ -87,28 +87,33 @@ def _check_adapter_folder(name: str, folder: Path, allow_pickle: bool) -> Path:
     raise UserError(f"Adapter `{name}`: {folder} has adapter_config.json but no adapter_model.safetensors.")
 
 
+def _weight_file(weights: Path) -> dict:
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights))
+    import torch
+
+    return torch.load(weights, map_location="cpu", weights_only=True)
+
+
 def _weight_names(weights: Path) -> list[str]:
     if weights.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(weights), framework="pt") as f:
             return list(f.keys())
-    import torch
-
-    return list(torch.load(weights, map_location="cpu", weights_only=True))
-
-
-def _loaded_names(model, name: str) -> set[str]:
-    """The adapter's tensor names as PEFT saves them (what a correctly matching weights file contains)."""
-    from peft import get_peft_model_state_dict
-
-    return set(get_peft_model_state_dict(model, adapter_name=name))
+    return list(_weight_file(weights))
 
 
 def check_adapter_matches(model, name: str, weights: Path) -> None:
-    """Every tensor of the file must be a parameter the adapter put on the base model."""
-    in_file = _weight_names(weights)
-    placed = _loaded_names(model, name)
+    """Every tensor of the file must be a parameter the adapter put on the base model, holding the file's values
+    (PEFT only warns about keys it could not place, and about names that clash with its own prefixes)."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    in_file = _weight_file(weights)
+    placed = get_peft_model_state_dict(model, adapter_name=name)
     unmatched = [k for k in in_file if k not in placed]
     if not in_file or not placed or unmatched:
         shown = ", ".join(unmatched[:3]) or "(the file holds no tensors)"
@@ -116,6 +121,11 @@ def check_adapter_matches(model, name: str, weights: Path) -> None:
                         f"{len(in_file)} tensors match no module of the base model (e.g. {shown}). It was probably "
                         f"trained on another model; serving it would answer with the base model's weights. Pass the "
                         f"adapter's own base model with --model.")
+    differ = [k for k, v in in_file.items() if not torch.equal(placed[k].detach().cpu().to(v.dtype), v)]
+    if differ:
+        raise UserError(f"Adapter `{name}` ({weights.parent}): after loading, {len(differ)} tensors do not hold the "
+                        f"file's values (e.g. {differ[0]}). Give the adapter another name (PEFT mis-loads names "
+                        f"that clash with its own prefixes such as `lora_`).")
 
 
 def attach_adapters(model, adapters: dict[str, str], allow_pickle: bool = False):
