@@ -273,11 +273,10 @@ def _completion_prompts(req: CompletionRequest, engine) -> list[tuple[list[int],
 async def _complete(req: CompletionRequest, request: Request, state: ServerState):
     refuse_unsupported(req)
     adapter = state.adapter_for(req.model)
-    check_n(req.n * (len(req.prompt) if isinstance(req.prompt, list) and req.prompt
-                     and not isinstance(req.prompt[0], int) else 1), state.limits)
     max_tokens = max_new_tokens(req.max_tokens, state.limits, "max_tokens")
     engine = state.engine
     prompts = _completion_prompts(req, engine)
+    check_n(req.n * len(prompts), state.limits, "`n` x the number of prompts")  # all decode at once
     top = int(req.logprobs or 0)
     jobs = [(ids, sampling(req, max_tokens, j, req.logprobs is not None, top)) for ids, _ in prompts
             for j in range(req.n)]

@@ -62,9 +62,9 @@ def max_new_tokens(asked: int | None, limits: Limits, param: str) -> int:
     return asked
 
 
-def check_n(n: int, limits: Limits) -> None:
+def check_n(n: int, limits: Limits, what: str = "`n`") -> None:
     if n > limits.max_n:
-        raise OpenAIError(400, f"`n` is {n}, above this server's limit of {limits.max_n}.", param="n")
+        raise OpenAIError(400, f"{what} is {n}, above this server's limit of {limits.max_n} (--max-n).", param="n")
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
