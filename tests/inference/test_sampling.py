@@ -3,6 +3,7 @@ that follow the distribution, and per-row generators that make a row's draws ind
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tuneforge.inference.sampling import BatchParams, apply_repetition_penalty, choose_tokens, filtered_probs
@@ -67,3 +68,24 @@ def test_a_rows_draws_do_not_depend_on_its_batch():
         together = choose_tokens(logits.clone(), mixed, g_mixed)
         assert together[2] == mine[0]
         assert together[1] == logits[1].argmax()  # greedy row
+
+
+@pytest.mark.parametrize("sharpness", [0.5, 3.0, 10.0])
+def test_candidate_shortcut_keeps_what_a_full_sort_keeps(sharpness):
+    """Sorting only the most likely tokens must keep exactly the tokens (and probabilities) a full sort keeps."""
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * sharpness
+    settings = dict(temperature=torch.tensor([1.0, 0.7, 1.3, 1.0, 0.9, 2.0]),
+                    top_k=torch.tensor([0, 40, 0, 0, 300, 3000]),
+                    top_p=torch.tensor([0.9, 1.0, 0.5, 0.99, 0.8, 1.0]),
+                    min_p=torch.tensor([0.0, 0.0, 0.0, 0.05, 0.01, 0.0]))
+    probs, order = filtered_probs(logits, **settings)
+    full = (logits / settings["temperature"][:, None]).softmax(dim=-1).sort(dim=-1, descending=True)
+    ranks = torch.arange(5000)
+    keep = (settings["top_k"][:, None] == 0) | (ranks < settings["top_k"][:, None])
+    keep &= (full.values.cumsum(dim=-1) - full.values) < settings["top_p"][:, None]
+    keep &= full.values >= settings["min_p"][:, None] * full.values[:, :1]
+    keep[:, 0] = True
+    for row in range(6):
+        got = {int(t): float(p) for t, p in zip(order[row], probs[row]) if p > 0}
+        want = {int(t): float(p) for t, p in zip(full.indices[row], full.values[row] * keep[row]) if p > 0}
+        assert got.keys() == want.keys() and got == pytest.approx(want)
