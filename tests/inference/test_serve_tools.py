@@ -163,6 +163,12 @@ def test_vllm_command_line(tiny_llama_dir, tmp_path):
     assert cmd[-1] == "--dtype=float16" and "--api-key" not in cmd  # the key goes by environment
     with pytest.raises(UserError, match="built-in model"):
         vllm_command(ServeArgs(model="builtin:smollm2-135m-instruct"), "x")
+    from safetensors.torch import load_file, save_file
+
+    weights = lora / "adapter_model.safetensors"  # renamed modules: vLLM would load nothing and say nothing
+    save_file({k.replace("layers", "blocks"): v for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(UserError, match="match no weight of the base model"):
+        vllm_command(args, "tiny-llama", python="python")
 
 
 def test_vllm_backend_is_a_clear_error_without_vllm_or_gpu(capsys):
