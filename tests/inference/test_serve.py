@@ -8,6 +8,7 @@ answers differently) is started once for the module. Answers are compared with w
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -284,3 +285,36 @@ def test_adapter_values_are_checked_after_loading(tiny_llama_dir, adapters):
         next(p for n, p in model.named_parameters() if "lora_B.math" in n).zero_()  # as if mis-loaded
     with pytest.raises(UserError, match="do not hold the file's values"):
         check_adapter_matches(model, "math", weights)
+
+
+def test_serve_verb_end_to_end_in_its_own_process(tiny_llama_dir, adapters):
+    """The real `tuneforge serve` process: starts, answers the openai client, and stops cleanly on SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--model", str(tiny_llama_dir), "--port",
+                             str(port), "--adapter", f"math={adapters['math']}", "--log-level", "warning"],
+                            env={**os.environ, "TUNEFORGE_API_KEY": KEY, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert [m.id for m in client.models.list()] == ["tiny-llama", "math"]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.3)
+        r = client.chat.completions.create(model="math", messages=HI, max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal after a graceful shutdown
+    assert f"Serving tiny-llama, math at http://127.0.0.1:{port}/v1" in out
