@@ -60,6 +60,8 @@ VERBS = [
     Verb("data", "tuneforge.data.curate:data_cli", None,
          "Data tools: `data inspect|clean|mix|safety` (see `tuneforge data --help`); outputs train-ready .jsonl.",
          subverbs=True),
+    Verb("serve", "tuneforge.inference.serve.main:serve_cli", "tuneforge.inference.serve.main:ServeArgs",
+         "Serve a model and its adapters over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."),
 ]
 
 
