@@ -267,3 +267,31 @@ def test_synth_needs_an_endpoint(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "r.jsonl", [{"text": "a"}])
     with pytest.raises(UserError, match="--base-url"):
         synth(parse("synth", ["backtranslate", "--data", data, "--out", str(tmp_path / "o")]))
+
+
+def test_concurrency_cap_and_rate_limit(tmp_path):
+    import threading
+    import time
+
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow(messages, body):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return "A safe and complete answer."
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Question {k}?"} for k in range(8)])
+    with StubTeacher(slow) as stub:
+        distill(parse("safety", ["--distill", "--data", data, *teacher_argv(stub, tmp_path / "a"),
+                                 "--concurrency", "3"]))
+        assert peak[0] == 3
+        peak[0] = 0
+        started = time.perf_counter()
+        distill(parse("safety", ["--distill", "--data", data, *teacher_argv(stub, tmp_path / "b"),
+                                 "--concurrency", "8", "--rate", "40"]))
+        assert time.perf_counter() - started >= 7 / 40  # 8 starts at least 1/40 s apart
+        assert len(stub.requests) == 16
