@@ -18,10 +18,11 @@ from typing import Any, Literal
 import yaml
 
 from tuneforge.configs import typed
+from tuneforge.configs.rl import GRPOConfig, PPOConfig
 from tuneforge.configs.typed import apply_overrides, from_dict, opt, to_dict
 from tuneforge.errors import ConfigError, did_you_mean
 
-STAGES = ("pt", "sft")
+STAGES = ("pt", "sft", "ppo", "grpo")
 
 
 @dataclass
@@ -125,7 +126,9 @@ class TrainingConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["pt", "sft"] = opt("sft", "Training stage: pt (continued pre-training on text) or sft.")
+    stage: Literal["pt", "sft", "ppo", "grpo"] = opt(
+        "sft", "Training stage: pt (continued pre-training on text), sft, ppo or grpo (sampling stages: see the "
+               "`ppo:` and `grpo:` sections).")
     method: str = opt("lora", "Fine-tuning method (see `tuneforge methods`): full, freeze, lora, ...")
     output_dir: str = opt("outputs/run", "Where the model/adapter, checkpoints, metrics and resolved config go.")
     overwrite_output_dir: bool = opt(False, "Start over in an output_dir that holds an earlier run: delete what is "
@@ -135,6 +138,8 @@ class TrainConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="Which model to start from.")
     data: DataConfig = opt(factory=DataConfig, help="Datasets and how to render them.")
     training: TrainingConfig = opt(factory=TrainingConfig, help="Optimizer, schedule, precision, checkpoints.")
+    grpo: GRPOConfig = opt(factory=GRPOConfig, help="Stage grpo: group sampling, rewards, loss normalisation.")
+    ppo: PPOConfig = opt(factory=PPOConfig, help="Stage ppo: rollouts, rewards, KL penalty, GAE, PPO epochs.")
     method_options: dict[str, Any] = opt(factory=dict, help="Options sections of methods, by section name.")
 
     def options(self, section: str):

@@ -134,7 +134,7 @@ def data_hash(items: list) -> str:
     h = hashlib.sha256(json.dumps([len(x) for x in items]).encode())
     stride = max(1, len(items) // 2000)
     for item in items[::stride]:
-        h.update(json.dumps([item.input_ids, item.labels]).encode())
+        h.update(json.dumps([item.input_ids, getattr(item, "labels", None)]).encode())  # prompts have no labels
     return h.hexdigest()[:16]
 
 
