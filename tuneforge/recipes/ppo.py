@@ -60,9 +60,10 @@ class PPOStage(RLStage):
                 pl, pc, pm = ppo_policy_loss(logps, old[idx], advantages[idx], m, s.clip_eps, entropy=entropy)
                 vl, vc, vm = ppo_value_loss(values, old_values[idx], returns[idx], m, s.cliprange_value)
                 policy_loss, value_loss = pl / max(int(pc), 1), vl / max(int(vc), 1)
-                grad_norm = trainer.update(policy_loss + s.vf_coef * value_loss)
-                stats.append({"loss": float(policy_loss + s.vf_coef * value_loss), "policy_loss": float(policy_loss),
-                              "value_loss": float(value_loss), "grad_norm": grad_norm,
+                loss = policy_loss + s.vf_coef * value_loss
+                grad_norm = trainer.update(loss)
+                stats.append({"loss": float(loss.detach()), "policy_loss": float(policy_loss.detach()),
+                              "value_loss": float(value_loss.detach()), "grad_norm": grad_norm,
                               **{k: float(v) for k, v in {**pm, **vm}.items()}})
         return {"reward": float(scores.mean()), **means, "kl": float((kl * mask).sum(-1).mean()),
                 **{k: sum(d[k] for d in stats) / len(stats) for k in stats[0]},
