@@ -198,3 +198,9 @@ def test_exact_match_reward_uses_the_reference_answer():
     with pytest.raises(UserError, match="no reference answer"):
         rewards.score(["x"], [[]], [no_ref])
     assert json.dumps(means)  # plain floats, loggable
+
+
+def test_settings_that_cannot_work_are_refused_up_front():
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["stage=grpo", "data.train=[x]", "grpo.num_generations=1", "grpo.temperature=0"])
+    assert "grpo.num_generations` must be at least 2" in str(e.value) and "grpo.temperature` must be > 0" in str(e.value)

@@ -62,3 +62,19 @@ class PPOConfig(SamplingSection):
     cliprange_value: float = opt(0.2, "Clip range of the value loss.")
     whiten_advantages: bool = opt(True, "Normalise advantages over the rollout batch.")
     epochs: int = opt(4, "PPO epochs over each rollout batch.")
+
+
+def rl_problems(cfg) -> list[str]:
+    """Settings of the sampling stages that cannot work (checked with the rest of the config)."""
+    problems = []
+    section = {"grpo": cfg.grpo, "ppo": cfg.ppo}.get(cfg.stage)
+    if section is None:
+        return problems
+    if cfg.stage == "grpo" and cfg.grpo.num_generations < 2:
+        problems.append(f"`grpo.num_generations` must be at least 2 (advantages compare completions within a group), "
+                        f"got {cfg.grpo.num_generations}.")
+    if section.temperature <= 0:
+        problems.append(f"`{cfg.stage}.temperature` must be > 0: greedy rollouts are all alike and teach nothing.")
+    if section.epochs < 1 or section.max_new_tokens < 1:
+        problems.append(f"`{cfg.stage}.epochs` and `{cfg.stage}.max_new_tokens` must be at least 1.")
+    return problems

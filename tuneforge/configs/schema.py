@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from tuneforge.configs import typed
-from tuneforge.configs.rl import GRPOConfig, PPOConfig
+from tuneforge.configs.rl import GRPOConfig, PPOConfig, rl_problems
 from tuneforge.configs.typed import apply_overrides, from_dict, opt, to_dict
 from tuneforge.errors import ConfigError, did_you_mean
 
@@ -233,6 +233,7 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
     if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
         problems.append("`data.loss_on` applies to chat data in sft; stage pt trains on all text tokens.")
+    problems += rl_problems(cfg)
     if cfg.method in METHODS:
         try:
             METHODS[cfg.method].validate(cfg)

@@ -55,7 +55,7 @@ def encode_chat(tokenizer, messages: list[dict], tools: list | None = None) -> l
     from tuneforge.data.templates import resolve_chat_template
 
     template = resolve_chat_template(tokenizer, None, tools)
-    messages, tools = adapt_to_template(messages, tools, template)
+    messages, tools = adapt_to_template(tokenizer, messages, tools, template)
     messages, _ = render_conversation(tokenizer, template, messages, tools)
     text = render(tokenizer, template, messages, tools, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

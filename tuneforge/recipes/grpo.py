@@ -14,8 +14,16 @@ import torch
 
 from tuneforge.losses import constant_reward_groups, group_advantages, grpo_loss
 from tuneforge.training.loop import TrainResult
-from tuneforge.training.rl import Reference, Rewards, RLStage, make_engine, policy_forward, run_rl, sample, \
-    sampling_seed
+from tuneforge.training.rl import (
+    Reference,
+    Rewards,
+    RLStage,
+    make_engine,
+    policy_forward,
+    run_rl,
+    sample,
+    sampling_seed,
+)
 
 
 class GRPOStage(RLStage):

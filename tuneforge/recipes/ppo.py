@@ -16,8 +16,16 @@ import torch
 from tuneforge.losses import gae, kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, token_entropy, whiten
 from tuneforge.methods.base import unwrap
 from tuneforge.training.loop import TrainResult
-from tuneforge.training.rl import Reference, Rewards, RLStage, make_engine, policy_forward, run_rl, sample, \
-    sampling_seed
+from tuneforge.training.rl import (
+    Reference,
+    Rewards,
+    RLStage,
+    make_engine,
+    policy_forward,
+    run_rl,
+    sample,
+    sampling_seed,
+)
 
 
 class PPOStage(RLStage):

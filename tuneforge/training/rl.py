@@ -12,8 +12,8 @@ implementations do, so the policy ratio is exactly 1 at the first update.
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import importlib
 import inspect
 import math
