@@ -56,6 +56,8 @@ VERBS = [
          "Translate a LLaMA-Factory training YAML into a TuneForge config and list what has no equivalent."),
     Verb("export", "tuneforge.inference.export.cli:export_cli", "tuneforge.inference.export.cli:ExportArgs",
          "Merge an adapter into its base and write a Hugging Face folder or a GGUF file (llama.cpp, Ollama)."),
+    Verb("data", "tuneforge.data.curate:data_cli", None,
+         "Data tools: `data inspect|clean|mix|safety` (see `tuneforge data --help`); outputs train-ready .jsonl."),
 ]
 
 
