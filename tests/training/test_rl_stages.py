@@ -204,3 +204,32 @@ def test_settings_that_cannot_work_are_refused_up_front():
     with pytest.raises(ConfigError) as e:
         load_train_config(None, ["stage=grpo", "data.train=[x]", "grpo.num_generations=1", "grpo.temperature=0"])
     assert "grpo.num_generations` must be at least 2" in str(e.value) and "grpo.temperature` must be > 0" in str(e.value)
+
+
+def test_pipeline_sft_rm_ppo_and_dpo(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """examples/pipeline_align.py, shortened: each stage starts from the SFT model; PPO's reward is the rm folder."""
+    import importlib.util
+
+    monkeypatch.chdir(ROOT)
+    spec = importlib.util.spec_from_file_location("pipeline_align", ROOT / "examples" / "pipeline_align.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    lines = []
+    folders = pipeline.run_pipeline(tmp_path, str(tiny_qwen2_dir), [
+        "training.max_steps=2", "training.batch_size=2", "training.save_steps=0", "training.eval_steps=0",
+        "training.progress_bar=false", "training.plot_loss=false", "data.max_length=64", "data.eval_ratio=0"],
+        log=lines.append)
+    assert set(folders) == {"sft", "rm", "ppo", "dpo"}
+    assert (folders["sft"] / "model.safetensors").is_file() and (folders["rm"] / "config.json").is_file()
+    ppo_cfg = load_train_config(str(folders["ppo"] / "tuneforge_config.yaml"))
+    assert ppo_cfg.model.name_or_path == str(folders["sft"]) and ppo_cfg.ppo.reward == {str(folders["rm"]): 1.0}
+    rewards = rewards_of(folders["ppo"])
+    assert len(rewards) == 2 and all(r == r for r in rewards)  # scored by the reward model, finite
+    assert (folders["dpo"] / "adapter_model.safetensors").is_file()
+
+
+def test_a_reward_folder_of_the_wrong_kind_is_a_clear_error(tiny_qwen2_dir, tmp_path):
+    cfg = config("ppo", tiny_qwen2_dir, tmp_path / "run", f"ppo.reward={{{tiny_qwen2_dir}: 1.0}}",
+                 "training.max_steps=1")
+    with pytest.raises(UserError, match="reward"):
+        run_config(cfg, log=lambda _: None)

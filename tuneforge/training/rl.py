@@ -84,7 +84,7 @@ class Rewards:
             if name in BUILTIN_REWARDS:
                 self.fns[name] = _builtin(name, section)
             elif Path(name).is_dir():
-                self.fns[name] = _reward_model(name, runtime)
+                self.fns[name] = _RewardModel(name, runtime)
             elif ":" in name:
                 self.fns[name] = _import_function(name)
             else:
@@ -96,7 +96,10 @@ class Rewards:
         total = torch.zeros(len(texts))
         means = {}
         for name, fn in self.fns.items():
-            values = [self._one(name, fn, t, i, p) for t, i, p in zip(texts, ids, prompts)]
+            if isinstance(fn, _RewardModel):
+                values = fn.batch(texts, prompts)
+            else:
+                values = [self._one(name, fn, t, i, p) for t, i, p in zip(texts, ids, prompts)]
             means[f"reward/{name}"] = sum(values) / max(len(values), 1)
             total += self.section.reward[name] * torch.tensor(values)
         return total, means
@@ -119,14 +122,24 @@ class Rewards:
                         f"the stage's section to count such completions and score them 0.")
 
 
-def _reward_model(folder: str, runtime):
-    try:
+class _RewardModel:
+    """An `rm` output folder as a reward: prompt + completion rendered with the reward model's own chat template
+    (as its training rendered pairs), scored in padded batches."""
+
+    def __init__(self, folder: str, runtime):
+        from tuneforge.data.templates import resolve_chat_template
         from tuneforge.models.reward import load_reward_model
-    except ImportError as e:
-        raise ConfigError(f"Reward {folder} is a folder, but reward models (stage rm) are not available in this "
-                          f"build; use a Python reward function.") from e
-    scorer = load_reward_model(folder, device=runtime.device)
-    return lambda completion, prompt=None, **_: float(scorer.score([(prompt, completion)])[0])
+
+        self.scorer = load_reward_model(folder, device=str(runtime.device) if runtime else "cpu")
+        self.template = resolve_chat_template(self.scorer.tokenizer, None)
+
+    def batch(self, texts: list[str], prompts: list[EncodedPrompt]) -> list[float]:
+        from tuneforge.data.encode import render
+
+        rendered = [render(self.scorer.tokenizer, self.template,
+                           [*p.messages, {"role": "assistant", "content": t}], None, add_generation_prompt=False)
+                    for t, p in zip(texts, prompts)]
+        return self.scorer.score(rendered).float().tolist()
 
 
 # ---- rollouts ----------------------------------------------------------------------------------------------------
