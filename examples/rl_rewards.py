@@ -11,8 +11,13 @@ def digit_share(completion: str, **_) -> float:
 
 
 def short_and_right(completion: str, reference: str | None = None, **_) -> float:
-    """1 for the exact reference answer, minus a little per character beyond it (the real-model demo)."""
-    from tuneforge.data.example_task import exact_match
+    """1 for exactly the reference answer, 0.5 when the answer appears inside a longer reply, minus 0.002 per
+    character beyond the answer's length: partial credit that a chatty instruct model can climb (the real-model
+    demo; plain exact_match gives a group of all-wrong chatty replies nothing to compare)."""
+    from tuneforge.data.example_task import exact_match, normalize_answer
 
-    right = reference is not None and exact_match(completion, reference)
-    return float(right) - 0.001 * max(0, len(completion) - len(reference or ""))
+    if reference is None:
+        raise ValueError("short_and_right needs the row's reference answer")
+    answer = normalize_answer(reference)
+    score = 1.0 if exact_match(completion, reference) else 0.5 if answer and answer in completion else 0.0
+    return score - 0.002 * max(0, len(completion) - len(answer))
