@@ -4,6 +4,7 @@ and stop tokens, logprobs, limits, streaming, cancelling and errors behave as do
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -279,5 +280,26 @@ def test_an_error_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch)
             handle.result()
         again = engine.submit(engine.encode_chat(HI), SamplingParams(max_new_tokens=4, ignore_eos=True)).result()
         assert again.completion_tokens == 4
+    finally:
+        engine.stop()
+
+
+def test_a_closed_event_loop_cancels_only_its_request(engine):
+    """An asyncio caller that went away (its loop closed mid-stream) must not break the engine for the others."""
+    async def first_delta(handle):
+        async for delta in handle.aiter():
+            return delta
+
+    engine.start()
+    try:
+        ids = engine.encode_chat(HI)
+        gone = engine.submit(ids, SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+        other = engine.submit(ids, SamplingParams(max_new_tokens=30, ignore_eos=True))
+        assert asyncio.run(first_delta(gone)).token_ids  # the loop is closed after this
+        assert other.result().completion_tokens == 30
+        deadline = time.monotonic() + 60
+        while not gone.finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone.finished and gone.cancelled
     finally:
         engine.stop()

@@ -1,4 +1,4 @@
-"""Inference: the one generation engine (engine.py: batched, KV-cached, continuously batched, streaming), chat, serving and export (export/)."""
+"""The one generation engine (see engine.py): batched, KV-cached, continuously batched, streaming."""
 
 from tuneforge.inference.engine import Engine, encode_chat, generate_replies, stop_token_ids
 from tuneforge.inference.types import Completion, Delta, SamplingParams

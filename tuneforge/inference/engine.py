@@ -17,6 +17,7 @@ caller's thread; with it, they submit to the running batch like any other reques
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from tuneforge.inference.adapters import ModelRunner, active_adapter
 from tuneforge.inference.requests import Handle, Sequence
 from tuneforge.inference.scheduler import Scheduler
 from tuneforge.inference.types import Completion, Delta, SamplingParams
+
+log = logging.getLogger(__name__)
 
 # Tokens that end an assistant turn in common chat formats; only those the tokenizer knows are used.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
@@ -178,7 +181,11 @@ class Engine:
                     scheduler.wakeup.wait()
                 if self._stopping:
                     return
-            self._step()
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - the thread must outlive any one bad step
+                log.exception("Engine step failed; ending the requests in the batch.")
+                self.scheduler.abort(e)
 
     def stop(self) -> None:
         """Stop the background thread; requests still in flight end with finish_reason "cancelled"."""

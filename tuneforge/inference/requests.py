@@ -31,7 +31,10 @@ class Handle:
         with self._lock:
             if self._async is not None:
                 loop, aqueue = self._async
-                loop.call_soon_threadsafe(aqueue.put_nowait, item)
+                try:
+                    loop.call_soon_threadsafe(aqueue.put_nowait, item)
+                except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                    self.cancelled = True
             else:
                 self._queue.put(item)
 

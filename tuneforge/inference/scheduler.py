@@ -9,6 +9,7 @@ same code.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -119,6 +120,13 @@ class Scheduler:
         self.batch = None
         for seq in rows:
             seq.fail(error)
+
+    def abort(self, error: BaseException) -> None:
+        """Last resort after an unexpected error: end every running request with it, keep nothing."""
+        rows, self.batch = (self.batch.rows if self.batch is not None else []), None
+        for seq in rows:
+            with contextlib.suppress(Exception):
+                seq.fail(error)
 
     def _retire_cancelled(self) -> None:
         with self.lock:
