@@ -48,7 +48,7 @@ class GRPOStage(RLStage):
         several_updates = s.epochs > 1 or 0 < s.mini_batch_size < len(rows)
         with torch.no_grad(), self.rt.autocast():
             old = policy_forward(trainer.model, batch)[0] if several_updates else None
-        ref = self.reference.logps(batch) if self.reference is not None else None
+        ref = self.reference.token_logps(batch) if self.reference is not None else None
         losses, stats = [], []
         for epoch in range(s.epochs):
             for idx in trainer.minibatches(len(rows), s.mini_batch_size, epoch):

@@ -12,8 +12,6 @@ implementations do, so the policy ratio is exactly 1 at the first update.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import importlib
 import inspect
 import math
@@ -30,6 +28,7 @@ from tuneforge.data.types import IGNORE_INDEX, EncodedPrompt
 from tuneforge.errors import ConfigError, UserError
 from tuneforge.losses import token_logps
 from tuneforge.methods.base import unwrap
+from tuneforge.training import reference
 from tuneforge.training.loop import Stage, Trainer
 
 BUILTIN_REWARDS = ("exact_match", "format", "length")
@@ -205,25 +204,14 @@ def policy_forward(model, batch: dict, hidden: bool = False):
     return logps, mask, logits, (out.hidden_states[-1][:, -batch["labels"].shape[1]:] if hidden else None)
 
 
-class Reference:
-    """The frozen reference policy: an adapter model with its adapters disabled (no second copy), or a frozen copy
-    of a fully trained model, taken before training changes it."""
-
-    def __init__(self, model):
-        inner = unwrap(model)
-        self.adapter = hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config")
-        self.copy = None
-        if not self.adapter:
-            self.copy = copy.deepcopy(inner).eval()
-            for p in self.copy.parameters():
-                p.requires_grad_(False)
-        self.model = model
+class Reference(reference.Reference):
+    """The frozen reference policy (adapters disabled, or a frozen copy made before the first step: the same
+    component as dpo/kto), giving per-token log-probs of a rollout."""
 
     @torch.no_grad()
-    def logps(self, batch: dict) -> torch.Tensor:
-        ctx = unwrap(self.model).disable_adapter() if self.adapter else contextlib.nullcontext()
-        with ctx:
-            return policy_forward(self.copy if self.copy is not None else self.model, batch)[0]
+    def token_logps(self, batch: dict) -> torch.Tensor:
+        with self._context():
+            return policy_forward(self.module, batch)[0]
 
 
 # ---- the outer step ----------------------------------------------------------------------------------------------
