@@ -288,7 +288,10 @@ def run_rl(cfg, make_stage, log=print):
     model, tokenizer, method = setup_model(cfg, runtime)
     if runtime.is_main:
         log(describe_model(model, method))
-    prompts, _, _ = setup_data(cfg, tokenizer, cfg.stage, runtime, log, read=rows)
+    prompts, evals, _ = setup_data(cfg, tokenizer, cfg.stage, runtime, log, read=rows)
+    if evals:
+        log(f"note: stage {cfg.stage} does not score the {len(evals)} held-out prompts during training; the "
+            f"rewards logged per step are those of the training rollouts")
     stage = make_stage(cfg, model, tokenizer, runtime, log)
     result = RLTrainer(cfg, runtime, model, method, prompts, stage, log).train()
     if result.finished:
