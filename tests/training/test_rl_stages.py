@@ -175,9 +175,11 @@ def test_constant_rewards_are_said_in_the_log(tiny_qwen2_dir, tmp_path, rewards_
 
 
 def test_unknown_reward_is_a_config_error(tiny_qwen2_dir, tmp_path):
-    cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", "grpo.reward={no_such_reward: 1.0}",
+    with pytest.raises(ConfigError, match="`grpo.reward` names `no_such_reward`"):  # before any model loads
+        config("grpo", tiny_qwen2_dir, tmp_path / "run", "grpo.reward={no_such_reward: 1.0}")
+    cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", "grpo.reward={no_such_module:fn: 1.0}",
                  "training.max_steps=1")
-    with pytest.raises(ConfigError, match="no_such_reward"):
+    with pytest.raises(ConfigError, match="no_such_module:fn` cannot be loaded"):
         run_config(cfg, log=lambda _: None)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 

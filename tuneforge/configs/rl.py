@@ -13,6 +13,7 @@ Rewards (`reward:` in either section) map a reward to its weight; the total is t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from tuneforge.configs.typed import opt
@@ -75,6 +76,10 @@ def rl_problems(cfg) -> list[str]:
                         f"got {cfg.grpo.num_generations}.")
     if section.temperature <= 0:
         problems.append(f"`{cfg.stage}.temperature` must be > 0: greedy rollouts are all alike and teach nothing.")
+    for name in section.reward:
+        if name not in ("exact_match", "format", "length") and ":" not in name and not Path(name).is_dir():
+            problems.append(f"`{cfg.stage}.reward` names `{name}`: neither a built-in (exact_match, format, length), "
+                            f"a `module:function` nor an existing rm output folder.")
     if section.epochs < 1 or section.max_new_tokens < 1:
         problems.append(f"`{cfg.stage}.epochs` and `{cfg.stage}.max_new_tokens` must be at least 1.")
     return problems
