@@ -246,10 +246,11 @@ def test_safety_distill_drops_the_system_prompt(tmp_path):
 
     data = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "How do I pick a lock?"},
-        {"instruction": "Tell me about fireworks.", "input": "", "output": "old", "system": "Be brief."}])
+        {"instruction": "Tell me about fireworks.", "input": "", "output": "old", "system": "Be brief."},
+        {"prompt": "How do I pick a lock?", "pos_resp": "a", "neg_resp": "b"}])  # a repeated prompt: asked once
     with StubTeacher(script) as stub:
         report = distill(parse("safety", ["--distill", "--data", data, *teacher_argv(stub, tmp_path / "out")]))
-    assert report["rows"] == 2
+    assert report["rows"] == 2 and len(stub.requests) == 2
     rows = read_jsonl(tmp_path / "out" / "distill.jsonl")
     assert rows[0]["messages"] == [{"role": "user", "content": "How do I pick a lock?"},
                                    {"role": "assistant", "content": "[0] A safe answer to: How do I pick a lock?"}]

@@ -3,8 +3,8 @@
 The teacher answers each prompt with a safety system prompt (`--safety-system`, default below: a preprompt in the
 style of the paper's); the training row is the prompt and that answer *without* the system prompt, so the tuned
 model behaves as if it had it. Prompts come from any rows with a request (alpaca `instruction`, `prompt`, CValues'
-`prompt`, or the first user turn); rows that already have a system prompt keep theirs in the generation request
-after the safety one, and in the training row. Rules: `teacher_failed`, `empty_answer`. Writes distill.jsonl
+`prompt`, or the first user turn; a prompt repeated in several rows is asked once); rows that already have a
+system prompt keep theirs in the generation request after the safety one, and in the training row. Rules: `teacher_failed`, `empty_answer`. Writes distill.jsonl
 (OpenAI `messages` rows with `source`), rejected.jsonl, report.json / report.md, progress.jsonl (resumable, as for
 `data synth`).
 """
@@ -39,8 +39,12 @@ def distill(args) -> dict:
     files = [p.resolve() for p in input_paths(args.data)]
     out = rows.prepare_out(args.out, files, ["distill.jsonl", "rejected.jsonl", "report.json", "report.md",
                                              "progress.jsonl"])
-    prompts = [(source, text, row.get("system") if isinstance(row.get("system"), str) else None)
-               for source, row in raw_rows(files) if (text := prompt_of(row))]
+    prompts, seen = [], set()
+    for source, row in raw_rows(files):  # CValues has several rows per prompt: each prompt once
+        text, own = prompt_of(row), row.get("system") if isinstance(row.get("system"), str) else None
+        if text and (text, own) not in seen:
+            seen.add((text, own))
+            prompts.append((source, text, own))
     if not prompts:
         raise DataError(f"No prompts in {', '.join(map(str, files))}: rows need `instruction`, `prompt` or a user "
                         f"turn.")
