@@ -112,6 +112,13 @@ class TrainingConfig:
     stop_after_steps: int = opt(0, "Stop this invocation after N steps with a checkpoint, as if preempted (for "
                                    "time-limited cluster jobs: rerun with resume=auto). 0: run to the end.")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+    distributed: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = opt(
+        "auto", "How the model is spread over processes started by torchrun. auto: ddp with more than one process, "
+        "none with one. ddp: every process holds the whole model. fsdp: PyTorch FSDP2 shards weights, gradients "
+        "and optimizer state over the processes (sharded checkpoints, resumable with another process count). "
+        "deepspeed: DeepSpeed ZeRO (CUDA only; pip install tuneforge[deepspeed]). See README `Scaling out`.")
+    fsdp_cpu_offload: bool = opt(False, "With distributed=fsdp: keep the sharded weights, gradients and optimizer "
+                                        "state in CPU memory between uses (fits bigger models, runs slower).")
     num_workers: int = opt(0, "DataLoader worker processes.")
     plot_loss: bool = opt(True, "Write loss.png to the output folder at the end.")
     progress_bar: bool = opt(True, "Show a progress bar.")

@@ -23,6 +23,7 @@ from tuneforge.errors import UserError
 from tuneforge.losses import causal_lm_loss, label_positions, selected_positions_loss
 from tuneforge.methods.base import Method, unwrap
 from tuneforge.training import checkpoint as ckpt
+from tuneforge.training.distributed import build_strategy, load_sharded, save_sharded, shared_temp_name
 from tuneforge.training.interrupt import StopRequest, resume_command
 from tuneforge.training.metrics import MetricsLogger, MetricWindow, format_metrics
 from tuneforge.training.optim import build_optimizer, build_scheduler, total_steps_for
@@ -143,6 +144,7 @@ class Trainer:
                             f"(batch_size {self.t.batch_size} x {runtime.world_size} processes). Lower "
                             f"`training.batch_size` or add data.")
         self.total_steps = total_steps_for(self.t, self.order.per_epoch)
+        self.strategy = build_strategy(cfg, runtime)
         self.optimizer = build_optimizer(model, method, cfg)
         self.scheduler = build_scheduler(self.optimizer, self.t, self.total_steps)
         self.say = log if runtime.is_main else (lambda _: None)
@@ -173,8 +175,8 @@ class Trainer:
         return out
 
     def _no_sync(self, last: bool):
-        if self.rt.distributed and not last and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
+        if self.rt.distributed:
+            return self.strategy.no_sync(self.model, last)
         return contextlib.nullcontext()
 
     def train_step(self) -> dict:
@@ -203,7 +205,7 @@ class Trainer:
         if not params:
             return 0.0
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return self.strategy.clip(params, max_norm)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,6 +232,8 @@ class Trainer:
                 "run": self.fingerprint}
 
     def save_checkpoint(self, history: list[dict]) -> Path | None:
+        if self.strategy.sharded_checkpoints:
+            return self._save_sharded(history)
         trainable = self.method.trainable_state_dict(unwrap(self.model))
         path = None
         if self.rt.is_main:
@@ -238,6 +242,22 @@ class Trainer:
             self.say(f"saved {path}")
         self.rt.barrier()
         return path
+
+    def _save_sharded(self, history: list[dict]) -> Path:
+        """FSDP: every rank writes its shards into one temp folder; rank 0 renames it once all are done."""
+        final = self.output_dir / f"checkpoint-{self.step}"
+        tmp = shared_temp_name(final, self.rt)
+        if self.rt.is_main:
+            ckpt.atomic_dir(final, tmp)
+        self.rt.barrier()
+        save_sharded(tmp, self.model, self.optimizer, self.scheduler, self._state(history), self.rt)
+        self.rt.barrier()
+        if self.rt.is_main:
+            ckpt.commit(tmp, final)
+            ckpt.prune(self.output_dir, self.t.save_total_limit)
+            self.say(f"saved {final}")
+        self.rt.barrier()
+        return final
 
     def maybe_resume(self) -> list[dict]:
         """Load the checkpoint to continue from, after checking it was written by this same run. Writes nothing."""
@@ -248,7 +268,13 @@ class Trainer:
             return []
         if not ckpt.check_same_run(path, self.fingerprint):
             self.say(f"note: {path} does not record its run's settings; cannot check they match this run")
-        state = ckpt.load_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler)
+        if self.strategy.sharded_checkpoints:
+            state = load_sharded(path, self.model, self.optimizer, self.scheduler)
+        elif (path / "dcp").is_dir():
+            raise UserError(f"{path} holds sharded tensors written with training.distributed=fsdp; resume it "
+                            f"with `training.distributed=fsdp` (any number of processes).")
+        else:
+            state = ckpt.load_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler)
         if state["world_size"] != self.rt.world_size:
             self.say(f"note: checkpoint was written with {state['world_size']} processes, resuming with "
                      f"{self.rt.world_size}; the global batches are the same")

@@ -13,7 +13,7 @@ import torch
 
 from tuneforge.configs.schema import TrainConfig
 from tuneforge.methods import get_method
-from tuneforge.methods.base import Method, unwrap
+from tuneforge.methods.base import Method
 from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
 from tuneforge.training.metrics import fmt
 from tuneforge.training.output_dir import check_output_dir
@@ -22,7 +22,11 @@ from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
 
 def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     """Runtime and seeds, and the output_dir check (nothing is written there until training starts)."""
-    runtime = setup_runtime(cfg.training.device, cfg.training.precision)
+    runtime = setup_runtime(cfg.training.device, cfg.training.precision, cfg.training.distributed)
+    if runtime.engine == "deepspeed":
+        from tuneforge.training.distributed import check_deepspeed
+
+        check_deepspeed(runtime)
     # every rank checks, after the process group is up: no rank can have started writing the folder yet
     check_output_dir(cfg)
     resume_from = find_resume(cfg.training.resume, Path(cfg.output_dir))
@@ -32,20 +36,31 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     if runtime.is_main:
         t = cfg.training
         asked = f" (training.device: {t.device}, training.precision: {t.precision})"
+        engine = f" ({runtime.engine})" if runtime.engine != "none" else ""
         log(f"runtime: device {runtime.device}, precision {runtime.precision}, {runtime.world_size} process(es)"
-            + (asked if "auto" in (t.device, t.precision) else ""))
+            + engine + (asked if "auto" in (t.device, t.precision) else ""))
     return runtime
 
 
 def setup_model(cfg: TrainConfig, runtime: Runtime):
-    """Load the base model in the compute dtype, apply the method, keep trainable weights in fp32."""
+    """Load the base model in the compute dtype, apply the method, keep trainable weights in fp32; then the
+    distributed engine (DDP, FSDP2) wraps it from outside."""
+    from tuneforge.training.distributed import build_strategy, check_method_supported
+
+    check_method_supported(runtime.engine, cfg.method)
+    model, tokenizer, method = build_model(cfg, runtime, runtime.device)
+    model = build_strategy(cfg, runtime).wrap(model, runtime)
+    return model, tokenizer, method
+
+
+def build_model(cfg: TrainConfig, runtime: Runtime, device: torch.device):
+    """The model as one process trains it (no distributed wrapper), its tokenizer and method."""
     from tuneforge.models.loading import load_model_and_tokenizer
 
     method = get_method(cfg.method)
     opts = cfg.options(method.section) if method.section else None
     load_kwargs = getattr(method, "load_kwargs", lambda _o, _c: {})(opts, cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=runtime.dtype, device=runtime.device,
-                                                **load_kwargs)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=runtime.dtype, device=device, **load_kwargs)
     model.config.use_cache = False
     if cfg.training.gradient_checkpointing:
         # transformers 5.x renamed gradient_checkpointing_enable (the old name warns); keep both for older versions
@@ -57,17 +72,8 @@ def setup_model(cfg: TrainConfig, runtime: Runtime):
     for p in model.parameters():  # fp32 master copies of what trains; frozen weights stay in the compute dtype
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    model.to(runtime.device)
-    if runtime.distributed:
-        model = wrap_ddp(model, runtime)
+    model.to(device)
     return model, tokenizer, method
-
-
-def wrap_ddp(model, runtime: Runtime):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
 
 
 def read_data(cfg: TrainConfig):
@@ -96,13 +102,18 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
 
 def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runtime) -> Path | None:
     """The method's export (HF model folder or PEFT adapter) plus the tokenizer, written into output_dir file by
-    file through a temp folder so a crash never leaves a half-written model."""
+    file through a temp folder so a crash never leaves a half-written model. A sharded model (FSDP) is gathered to
+    rank 0 first."""
+    from tuneforge.training.distributed import build_strategy
+
+    plain = build_strategy(cfg, runtime).export_model(
+        model, lambda: build_model(cfg, runtime, torch.device("cpu"))[0])
     if not runtime.is_main:
         runtime.barrier()
         return None
     out = Path(cfg.output_dir)
     tmp = atomic_dir(out / "final")
-    method.save(unwrap(model), tmp)
+    method.save(plain, tmp)
     tokenizer.save_pretrained(tmp)
     for item in tmp.iterdir():
         target = out / item.name
