@@ -24,6 +24,7 @@ from tuneforge.losses import causal_lm_loss, label_positions, selected_positions
 from tuneforge.methods.base import Method, unwrap
 from tuneforge.training import checkpoint as ckpt
 from tuneforge.training.distributed import build_strategy, load_sharded, save_sharded, shared_temp_name
+from tuneforge.training.flops import EfficiencyMeter
 from tuneforge.training.interrupt import StopRequest, resume_command
 from tuneforge.training.metrics import MetricsLogger, MetricWindow, format_metrics
 from tuneforge.training.optim import build_optimizer, build_scheduler, total_steps_for
@@ -151,6 +152,7 @@ class Trainer:
         self.step, self.position = 0, 0
         self.window = MetricWindow()
         self.fingerprint = ckpt.run_fingerprint(cfg, runtime.world_size, train_items)
+        self.meter = EfficiencyMeter(unwrap(model), runtime.device, runtime.dtype, runtime.world_size)
         self._resumed = False
         self._install_tricks()
 
@@ -308,7 +310,10 @@ class Trainer:
             history = self.maybe_resume()
             self._open_output_dir()
             logger = MetricsLogger(self.output_dir, self.rt.is_main, self.total_steps, self.step, self.t.progress_bar)
-            last_eval, self._tokens, self._t0 = None, 0, time.perf_counter()
+            last_eval, self._tokens, self._t0, self._first_step = None, 0, time.perf_counter(), self.step
+            if self.meter.peak:
+                self.say(f"efficiency: model FLOPs against {self.meter.peak / 1e12:.3g} TFLOP/s peak "
+                         f"({self.meter.peak_source}, x{self.rt.world_size} process(es))")
             stop_at = self.step + self.t.stop_after_steps if self.t.stop_after_steps else self.total_steps
             while self.step < min(stop_at, self.total_steps):
                 metrics = self._step_and_log(logger, history)
@@ -330,6 +335,8 @@ class Trainer:
         self._tokens += metrics.pop("tokens")
         elapsed = time.perf_counter() - self._t0
         metrics["tokens_per_s"] = self._tokens / elapsed if elapsed > 0 else 0.0
+        items = (self.step - self._first_step) * self.t.batch_size * self.t.grad_accum * self.rt.world_size
+        metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self._tokens / max(items, 1)))
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()
@@ -339,7 +346,8 @@ class Trainer:
             history.append({"step": self.step, **logged})
             if not self.t.progress_bar:  # the bar shows the same numbers
                 self.say(format_metrics(self.step, self.total_steps, logged))
-        logger.progress(1, {"loss": metrics["loss"], "lr": metrics["lr"], "tok/s": metrics["tokens_per_s"]})
+        shown = {"loss": metrics["loss"], "lr": metrics["lr"], "tok/s": metrics["tokens_per_s"]}
+        logger.progress(1, shown | ({"mfu": metrics["mfu"]} if "mfu" in metrics else {}))
         return metrics
 
     def _stopped(self, logger, history, last_eval, signum) -> TrainResult:
