@@ -23,6 +23,7 @@ from tuneforge.errors import UserError
 from tuneforge.losses import causal_lm_loss, label_positions, selected_positions_loss
 from tuneforge.methods.base import Method, unwrap
 from tuneforge.training import checkpoint as ckpt
+from tuneforge.training.chunked_loss import chunked_causal_loss
 from tuneforge.training.distributed import build_strategy, load_sharded, save_sharded, shared_temp_name
 from tuneforge.training.flops import EfficiencyMeter
 from tuneforge.training.interrupt import StopRequest, resume_command
@@ -38,6 +39,7 @@ class Stage:
 
     rdrop_alpha: float = 0.0
     logits_at_labels: bool = False  # set by the trainer when the model takes `logits_to_keep` (see below)
+    chunked_loss: bool = False  # set by the trainer from `training.chunked_loss` (training/chunked_loss.py)
 
     def targets(self, batch: dict) -> int:
         """How many loss terms the batch contributes (the normaliser across micro-batches and ranks)."""
@@ -51,6 +53,8 @@ class Stage:
             return rdrop_stage_loss(model, batch, self.rdrop_alpha)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         positions = label_positions(batch["labels"]) if self.logits_at_labels else None
+        if self.chunked_loss:  # lm_head + loss in chunks of positions: the full logits never exist
+            return chunked_causal_loss(model, inputs, batch["labels"], positions), {}
         if positions is not None:  # logits only where a label is predicted: same loss, much less lm_head work
             logits = model(**inputs, logits_to_keep=positions).logits
             return selected_positions_loss(logits, batch["labels"], positions)[0], {}
@@ -72,6 +76,26 @@ def accepts_logits_to_keep(model) -> bool:
             return False
         model = model.get_base_model()
     return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def use_chunked_loss(setting: str, model, stage: Stage, runtime: Runtime) -> bool:
+    """`training.chunked_loss`: auto turns it on where the logits are big (vocabulary >= 32k) and it applies."""
+    from tuneforge.training.chunked_loss import supports_chunked_loss
+
+    if setting == "false":
+        return False
+    ok, why = supports_chunked_loss(model)
+    if not stage.logits_at_labels:
+        ok, why = False, "the model does not take `logits_to_keep` (prompt-learning methods shift positions)"
+    elif runtime.engine == "fsdp":
+        ok, why = False, "with distributed=fsdp the output layer is sharded (use chunked_loss=false)"
+    elif stage.rdrop_alpha > 0:
+        ok, why = False, "R-Drop compares full logits of two passes"
+    if setting == "true" and not ok:
+        raise UserError(f"training.chunked_loss: true cannot apply to this run: {why}. Set "
+                        f"`training.chunked_loss=auto` (on where it applies) or false.")
+    vocab = getattr(getattr(unwrap(model), "config", None), "vocab_size", 0) or 0
+    return ok and (setting == "true" or vocab >= 32_000)
 
 
 @dataclass
@@ -165,6 +189,7 @@ class Trainer:
             check_rdrop_applicable(unwrap(self.model))
             self.stage.rdrop_alpha = self.t.rdrop_alpha
         self.stage.logits_at_labels = accepts_logits_to_keep(self.model)
+        self.stage.chunked_loss = use_chunked_loss(self.t.chunked_loss, self.model, self.stage, self.rt)
 
     # ---- one optimizer step -------------------------------------------------------------------------------
     def _micro_batches(self) -> list[tuple[dict, int]]:
