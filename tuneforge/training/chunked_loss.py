@@ -5,7 +5,7 @@ With a 150k vocabulary (Qwen) the logits are the largest tensor of a step: 4 seq
 (`logits_to_keep` selects no position, so its own lm_head does no work), and `LinearCrossEntropy` multiplies
 `chunk_size` positions at a time by the output matrix, takes their loss, and drops the logits; its backward pass
 recomputes each chunk's logits from the saved hidden states (the same trick as losses/logprobs.py, here with the
-matmul inside), so the largest temporary is chunk_size x vocab. Same loss and gradients as the full logits
+matmul inside), so the largest temporary is chunk_size x vocab (128 MiB of fp32). Same loss and gradients as the full logits
 (tests/training/test_chunked_loss.py). On CUDA, Liger Kernel's fused linear cross-entropy (Triton) is used when
 installed.
 """
@@ -19,7 +19,11 @@ import torch.nn.functional as F
 
 from tuneforge.data.types import IGNORE_INDEX
 
-DEFAULT_CHUNK = 1024  # positions per chunk: 1024 x 151,936 fp32 = 620 MB at Qwen's vocabulary
+CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk: 220 positions at Qwen's 151,936 vocabulary, 1048 at 32k
+
+
+def chunk_rows(vocab: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * vocab))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -71,13 +75,13 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets` (rows with IGNORE_INDEX dropped)."""
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
     if hidden.is_cuda and _liger() is not None:
         return _liger()(weight, hidden, targets, bias)
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size or chunk_rows(weight.shape[0]))
 
 
 _LIGER = []
@@ -112,7 +116,7 @@ def supports_chunked_loss(model) -> tuple[bool, str]:
 
 
 def chunked_causal_loss(model, inputs: dict, labels: torch.Tensor, positions: torch.Tensor | None,
-                        chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                        chunk_size: int | None = None) -> torch.Tensor:
     """The summed next-token loss at `positions` (all positions when None) without materialising the logits."""
     from tuneforge.methods.base import unwrap
 
