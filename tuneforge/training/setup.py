@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.configs.schema import TrainConfig
+from tuneforge.errors import UserError
 from tuneforge.methods import get_method
 from tuneforge.methods.base import Method
 from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
@@ -49,8 +50,23 @@ def setup_model(cfg: TrainConfig, runtime: Runtime):
 
     check_method_supported(runtime.engine, cfg.method)
     model, tokenizer, method = build_model(cfg, runtime, runtime.device)
+    if cfg.training.compile:  # torchtitan's order: compile the blocks, then shard/replicate
+        compile_blocks(model)
     model = build_strategy(cfg, runtime).wrap(model, runtime)
     return model, tokenizer, method
+
+
+def compile_blocks(model) -> None:
+    """torch.compile each decoder block in place: the blocks are identical, so one compiled graph serves all, and
+    the loss, sampling and optimizer code stays eager (no recompiles when batch shapes change between steps)."""
+    from tuneforge.training.distributed import decoder_blocks
+
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise UserError("training.compile: found no decoder blocks to compile in this model (no "
+                        "`_no_split_modules`); set `training.compile=false`.")
+    for block in blocks:
+        block.compile(dynamic=True)
 
 
 def build_model(cfg: TrainConfig, runtime: Runtime, device: torch.device):
