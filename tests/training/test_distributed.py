@@ -69,10 +69,10 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tiny_llama_dir, tmp_path
 
 @pytest.mark.slow
 def test_fsdp_lora_resumes_exactly_and_exports_a_peft_adapter(tiny_qwen2_dir, tmp_path):
-    """LoRA with the frozen base sharded: 2 FSDP processes stopped at step 2 and resumed with 2 end where an
-    uninterrupted 1-process run does; the adapter loads with PeftModel."""
+    """LoRA with the frozen base sharded: 2 FSDP processes x batch 1 x 2 micro-batches, stopped at step 2 and
+    resumed with 2, end where an uninterrupted 1-process run with batch 4 does; the adapter loads with PeftModel."""
     one, sharded = tmp_path / "one", tmp_path / "sharded"
-    lora = ["training.batch_size=2", "training.lr=5e-3"]
+    lora = ["training.batch_size=1", "training.grad_accum=2", "training.lr=5e-3"]  # gradient sync skipped once
     train(tiny_qwen2_dir, one, *COMMON, "training.batch_size=4", "training.lr=5e-3")
     for extra in (["training.stop_after_steps=2"], ["training.resume=auto"]):
         launch(tmp_path, tiny_qwen2_dir, sharded, *lora, "training.distributed=fsdp", *extra, nproc=2)
@@ -130,3 +130,5 @@ def test_decoder_blocks_are_the_no_split_modules(tiny_llama_dir):
     assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * model.config.num_hidden_layers
     assert resolve_engine("auto", 1) == "none" and resolve_engine("auto", 2) == "ddp"
     assert resolve_engine("ddp", 1) == "none" and resolve_engine("fsdp", 1) == "fsdp"
+    with pytest.raises(UserError, match="each would train its own copy"):
+        resolve_engine("none", 2)

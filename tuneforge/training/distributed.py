@@ -32,6 +32,10 @@ def resolve_engine(name: str, world_size: int) -> str:
     """`auto`: DDP under torchrun (more than one process), none in one process."""
     if name == "auto":
         return "ddp" if world_size > 1 else "none"
+    if name == "none" and world_size > 1:
+        raise UserError(f"training.distributed: none, but torchrun started {world_size} processes: each would train "
+                        f"its own copy on its share of the data. Use `training.distributed=auto` (ddp) or fsdp, or "
+                        f"start one process.")
     if name == "ddp" and world_size == 1:
         return "none"  # DDP over one process only adds a wrapper
     return name
