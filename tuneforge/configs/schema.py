@@ -109,7 +109,7 @@ class TrainingConfig:
         "with big vocabularies. auto: on for vocabularies of 32k and more where it applies (not with fsdp, R-Drop "
         "or prompt-learning methods).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
-                               "loss; faster on GPUs, measured no gain on CPU (bench/RESULTS.md).")
+                               "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     eval_steps: int = opt(0, "Evaluate on the held-out split every N steps (0: only at the end when there is one).")
     save_steps: int = opt(0, "Write a resumable checkpoint every N steps (0: none).")
