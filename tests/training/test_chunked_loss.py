@@ -94,9 +94,26 @@ def test_true_where_it_cannot_apply_is_a_user_error(tiny_llama_dir):
     stage = Stage()
     stage.logits_at_labels = True
     fsdp = Runtime(torch.device("cpu"), torch.float32, engine="fsdp")
-    with pytest.raises(UserError, match="chunked_loss: true cannot apply.*fsdp"):
-        use_chunked_loss("true", model, stage, fsdp)
+    with pytest.raises(UserError, match="chunked_loss: always cannot apply.*fsdp"):
+        use_chunked_loss("always", model, stage, fsdp)
     one = Runtime(torch.device("cpu"), torch.float32)
-    assert use_chunked_loss("true", model, stage, one)
+    assert use_chunked_loss("always", model, stage, one)
     assert not use_chunked_loss("auto", model, stage, one)  # a tiny vocabulary: nothing to save
-    assert not use_chunked_loss("false", model, stage, one)
+    model.config.vocab_size = 151_936
+    assert not use_chunked_loss("auto", model, stage, one)  # on CPU only when asked for
+    gpu = Runtime(torch.device("cuda", 0), torch.float32)
+    assert use_chunked_loss("auto", model, stage, gpu)
+    assert not use_chunked_loss("never", model, stage, one)
+
+
+def test_a_run_with_chunked_loss_logs_the_same_losses(tiny_qwen2_dir, tmp_path, monkeypatch):
+    from tests.test_training import losses, train
+    from tuneforge.training import loop
+
+    calls = []
+    real = loop.chunked_causal_loss
+    monkeypatch.setattr(loop, "chunked_causal_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(tiny_qwen2_dir, tmp_path / "full", "training.max_steps=3", "training.chunked_loss=never")
+    train(tiny_qwen2_dir, tmp_path / "chunked", "training.max_steps=3", "training.chunked_loss=always")
+    assert losses(tmp_path / "chunked") == pytest.approx(losses(tmp_path / "full"), abs=1e-5)
+    assert len(calls) == 3  # one micro-batch per step, all through the chunked path

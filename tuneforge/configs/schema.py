@@ -103,11 +103,11 @@ class TrainingConfig:
                                     "scaled by alpha/sqrt(L*d). Typical 5. 0 disables.")
     rdrop_alpha: float = opt(0.0, "R-Drop (Liang et al. 2021): two dropout forward passes with a symmetric KL between "
                                   "them, weighted by alpha. Needs dropout in the model. 0 disables.")
-    chunked_loss: Literal["auto", "true", "false"] = opt(
+    chunked_loss: Literal["auto", "always", "never"] = opt(
         "auto", "Compute lm_head and the loss in chunks of positions so the [tokens x vocabulary] logits are never "
         "held whole (Liger Kernel's fused version on CUDA when installed). Same loss and gradients, far less memory "
-        "with big vocabularies. auto: on for vocabularies of 32k and more where it applies (not with fsdp, R-Drop "
-        "or prompt-learning methods).")
+        "with big vocabularies. auto: on GPUs, for vocabularies of 32k and more where it applies (not with fsdp, "
+        "R-Drop or prompt-learning methods).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
                                "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")

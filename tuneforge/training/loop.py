@@ -79,23 +79,24 @@ def accepts_logits_to_keep(model) -> bool:
 
 
 def use_chunked_loss(setting: str, model, stage: Stage, runtime: Runtime) -> bool:
-    """`training.chunked_loss`: auto turns it on where the logits are big (vocabulary >= 32k) and it applies."""
+    """`training.chunked_loss`: auto turns it on on GPUs (where memory binds) when the logits are big (vocabulary
+    >= 32k) and it applies; on CPU its speed is not yet measured well enough to make it the default."""
     from tuneforge.training.chunked_loss import supports_chunked_loss
 
-    if setting == "false":
+    if setting == "never":
         return False
     ok, why = supports_chunked_loss(model)
     if not stage.logits_at_labels:
         ok, why = False, "the model does not take `logits_to_keep` (prompt-learning methods shift positions)"
     elif runtime.engine == "fsdp":
-        ok, why = False, "with distributed=fsdp the output layer is sharded (use chunked_loss=false)"
+        ok, why = False, "with distributed=fsdp the output layer is sharded"
     elif stage.rdrop_alpha > 0:
         ok, why = False, "R-Drop compares full logits of two passes"
-    if setting == "true" and not ok:
-        raise UserError(f"training.chunked_loss: true cannot apply to this run: {why}. Set "
-                        f"`training.chunked_loss=auto` (on where it applies) or false.")
+    if setting == "always" and not ok:
+        raise UserError(f"training.chunked_loss: always cannot apply to this run: {why}. Set "
+                        f"`training.chunked_loss=auto` (on where it applies) or never.")
     vocab = getattr(getattr(unwrap(model), "config", None), "vocab_size", 0) or 0
-    return ok and (setting == "true" or vocab >= 32_000)
+    return ok and (setting == "always" or (vocab >= 32_000 and runtime.device.type == "cuda"))
 
 
 @dataclass
