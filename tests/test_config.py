@@ -119,3 +119,67 @@ def test_cli_help_lists_verbs_and_generated_options(capsys):
 def test_cli_unknown_verb(capsys):
     assert cli_main(["trian"]) == 2
     assert "Did you mean `train`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, ours", [
+    (["learning_rate=1e-4"], "training.lr"),
+    (["training.learning_rate=1e-4"], "training.lr"),
+    (["num_train_epochs=3"], "training.epochs"),
+    (["per_device_train_batch_size=2"], "training.batch_size"),
+    (["gradient_accumulation_steps=8"], "training.grad_accum"),
+    (["model_name_or_path=x"], "model.name_or_path"),
+    (["finetuning_type=lora"], "method"),
+    (["lora_rank=8"], "lora.rank"),
+    (["lora.lora_rank=8"], "lora.rank"),
+    (["lora_target=all"], "lora.target_modules"),
+    (["cutoff_len=2048"], "data.max_length"),
+    (["template=llama3"], "model.chat_template"),
+    (["dataset=identity"], "data.train"),
+    (["lr_scheduler_type=cosine"], "training.scheduler"),
+    (["bf16=true"], "training.precision"),
+    (["val_size=0.1"], "data.eval_ratio"),
+    (["max_samples=10"], "data.train"),
+    # a key of ours in the wrong section gets its right place
+    (["warmup_ratio=0.1"], "training.warmup_ratio"),
+    (["logging_steps=5"], "training.logging_steps"),
+    (["training.output_dir=x"], "output_dir"),
+    (["data.lr=1"], "training.lr"),
+])
+def test_other_tools_names_point_to_ours(override, ours):
+    with pytest.raises(ConfigError) as e:
+        load(override)
+    assert f"Did you mean `{ours}`" in str(e.value), str(e.value)
+
+
+def test_names_with_no_equivalent_say_so():
+    with pytest.raises(ConfigError, match="`do_train` .*has no TuneForge equivalent.*always trains"):
+        load(["do_train=true"])
+
+
+def test_every_config_error_is_reported_at_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: [a.jsonl], max_lenght: 5}\ntraining: {lrr: 1, batch_size: x}\n"
+                    "lora: {rank: two}\nlearning_rate: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(path), ["training.epochs=abc"])
+    message = str(e.value)
+    assert message.startswith(f"6 problems in {path}:")
+    for key in ("data.max_lenght", "training.lrr", "training.batch_size", "lora.rank", "learning_rate",
+                "training.epochs"):
+        assert f"`{key}`" in message, key
+    assert e.value.problems[0].startswith("Unknown config key")  # the single problems stay available
+
+
+def test_combination_errors_are_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load(["training.max_steps=0", "data.eval_ratio=1.5", "lora.rank=0"])
+    message = str(e.value)
+    assert "Nothing to train" in message and "data.eval_ratio" in message and "lora.rank" in message
+
+
+def test_llamafactory_file_points_to_convert_config(tmp_path, capsys):
+    path = tmp_path / "lf.yaml"
+    path.write_text("model_name_or_path: x\nfinetuning_type: lora\ndataset: identity\ncutoff_len: 512\n")
+    assert cli_main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"tuneforge convert-config {path}" in err and "Did you mean `data.max_length`" in err

@@ -4,6 +4,11 @@
     tuneforge init-model tiny-llama --out /tmp/tiny
     tuneforge chat --model /tmp/tiny
     tuneforge methods
+    tuneforge convert-config llama3_lora_sft.yaml --out tuneforge.yaml
+    tuneforge --version
+
+Every verb's `--help` has the same layout: usage, what it does, its options, examples (taken from the docstring of
+the verb's module, which starts with the exact commands) and notes.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
+import textwrap
 import typing
 import warnings
 from dataclasses import MISSING, fields
@@ -28,6 +35,8 @@ class Verb:
     target: str  # "module:function"; the function takes the parsed args dataclass (or the train argv)
     args: str | None  # "module:Dataclass" whose fields become --options (None: the verb parses its own argv)
     help: str
+    notes: str = ""  # shown at the end of `--help`
+    subverbs: bool = False  # `tuneforge data clean --help`: the verb dispatches sub-verbs and answers their --help
 
 
 VERBS = [
@@ -35,12 +44,24 @@ VERBS = [
     Verb("init-model", "tuneforge.models.presets:init_model_cli", "tuneforge.models.presets:InitModelArgs",
          "Write a tiny random-init model (HF format, with a trained BPE tokenizer) from a preset."),
     Verb("chat", "tuneforge.chat:chat_cli", "tuneforge.chat:ChatArgs",
-         "Chat in the terminal with a model (and optional adapter) using its chat template."),
+         "Chat in the terminal with a model (and optional adapter) using its chat template.",
+         "In the conversation: /reset forgets the history, /system TEXT sets a new system prompt and starts over, "
+         "/help lists the commands, /exit (or Ctrl-D) quits. With --adapter and no --model, the base model "
+         "recorded in the adapter is loaded."),
     Verb("methods", "tuneforge.cli:list_methods", None, "List the fine-tuning methods and what they train."),
     Verb("quickstart", "tuneforge.quickstart:quickstart_cli", "tuneforge.quickstart:QuickstartArgs",
          "Fine-tune the built-in chat model on the bundled task and show answers and accuracy before/after."),
     Verb("estimate", "tuneforge.estimate:estimate_cli", "tuneforge.estimate:EstimateArgs",
          "Estimate trainable parameters and memory per GPU for each fine-tuning method, side by side."),
+    Verb("convert-config", "tuneforge.configs.llamafactory:convert_cli", "tuneforge.configs.llamafactory:ConvertArgs",
+         "Translate a LLaMA-Factory training YAML into a TuneForge config and list what has no equivalent."),
+    Verb("export", "tuneforge.inference.export.cli:export_cli", "tuneforge.inference.export.cli:ExportArgs",
+         "Merge an adapter into its base and write a Hugging Face folder or a GGUF file (llama.cpp, Ollama)."),
+    Verb("data", "tuneforge.data.curate:data_cli", None,
+         "Data tools: `data inspect|clean|mix|safety` (see `tuneforge data --help`); outputs train-ready .jsonl.",
+         subverbs=True),
+    Verb("serve", "tuneforge.inference.serve.main:serve_cli", "tuneforge.inference.serve.main:ServeArgs",
+         "Serve a model and its adapters over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."),
 ]
 
 
@@ -55,9 +76,29 @@ def _scalar_type(tp):
     return args[0] if len(args) == 1 and args[0] in (int, float) else None
 
 
+def _examples(verb: Verb) -> str:
+    """The example commands of a verb: the `tuneforge <verb> ...` lines of its module's docstring."""
+    doc = importlib.import_module(verb.target.split(":")[0]).__doc__ or ""
+    lines = [line.strip() for line in doc.splitlines() if line.strip().startswith(f"tuneforge {verb.name}")]
+    return "\n".join(f"  {line}" for line in lines)
+
+
+def _new_parser(verb: Verb, extra: str = "") -> argparse.ArgumentParser:
+    """The parser (and so the --help layout) every verb shares: usage, description, options, examples, notes."""
+    examples = _examples(verb)
+    parts = [f"examples:\n{examples}" if examples else "", extra, textwrap.fill(verb.notes, width=100)]
+    return argparse.ArgumentParser(prog=f"tuneforge {verb.name}", description=verb.help,
+                                   epilog="\n\n".join(p for p in parts if p) or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _arg_parser_for(verb: Verb) -> argparse.ArgumentParser:
+    if verb.name == "train":
+        return _train_parser(verb)
+    parser = _new_parser(verb)
+    if verb.args is None:
+        return parser
     cls = _load(verb.args)
-    parser = argparse.ArgumentParser(prog=f"tuneforge {verb.name}", description=verb.help)
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         tp = hints[f.name]
@@ -89,12 +130,11 @@ def parse_verb_args(verb: Verb, argv: list[str]):
     return cls(**values)
 
 
-def train_help() -> str:
+def _train_parser(verb: Verb) -> argparse.ArgumentParser:
     from tuneforge.configs.schema import TrainConfig, _method_sections
 
-    lines = ["usage: tuneforge train CONFIG.yaml [key=value ...]", "",
-             "Runs the stage named in the config. Any key can be overridden on the command line with dots for",
-             "nesting, e.g. training.lr=1e-4 data.max_length=256 lora.rank=16.", "", "Config keys:"]
+    lines = ["config keys (any key can be overridden on the command line with dots for nesting, e.g.",
+             "training.lr=1e-4 data.max_length=256 lora.rank=16):"]
     for key, tp, default, text in field_help_rows(TrainConfig):
         if key == "method_options":
             continue
@@ -102,10 +142,14 @@ def train_help() -> str:
     for section, cls in _method_sections().items():
         for key, tp, default, text in field_help_rows(cls, prefix=section + "."):
             lines.append(f"  {key:<34} {text} [{tp}; default: {default}]")
-    return "\n".join(lines)
+    parser = _new_parser(verb, "\n".join(lines))
+    parser.add_argument("config", metavar="CONFIG.yaml", help="The training config (see examples/).")
+    parser.add_argument("overrides", metavar="key=value", nargs="*", help="Config overrides, e.g. training.lr=1e-4.")
+    return parser
 
 
 def list_methods(argv: list[str]) -> int:
+    """One line per method: its name, whether it merges into the base weights, and what it trains."""
     from tuneforge.methods import METHODS
 
     for name, m in METHODS.items():
@@ -117,15 +161,38 @@ def list_methods(argv: list[str]) -> int:
 def _top_help() -> str:
     width = max(len(v.name) for v in VERBS)
     rows = "\n".join(f"  {v.name:<{width}}  {v.help}" for v in VERBS)
-    return f"usage: tuneforge <verb> [options]\n\nverbs:\n{rows}\n\n`tuneforge <verb> --help` for a verb's options."
+    return (f"usage: tuneforge <verb> [options]\n\nverbs:\n{rows}\n\noptions:\n  -h, --help     show this help\n"
+            f"  -V, --version  print the TuneForge version\n\n`tuneforge <verb> --help` for a verb's options.")
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (`tuneforge train --help | head`): stop without a traceback, and point
+    stdout at /dev/null so the interpreter's final flush does not complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (e.g. captured by a test)
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _main(argv: list[str]) -> int:
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise the user cannot act on
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
+        return 0
+    if argv[0] in ("-V", "--version", "version"):
+        from tuneforge import __version__
+
+        print(f"tuneforge {__version__}")
         return 0
     by_name = {v.name: v for v in VERBS}
     verb = by_name.get(argv[0])
@@ -135,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuneforge: unknown verb `{argv[0]}`.{did_you_mean(argv[0], by_name)}", file=sys.stderr)
         return 2
     rest = argv[1:]
-    if verb.name == "train" and (not rest or rest[0] in ("-h", "--help")):
-        print(train_help())
+    wants_help = any(a in ("-h", "--help") for a in (rest[:1] if verb.subverbs else rest))
+    if wants_help or (verb.name == "train" and not rest):
+        print(_arg_parser_for(verb).format_help(), end="")
         return 0
+    if verb.name == "methods":
+        _arg_parser_for(verb).parse_args(rest)  # no options: anything else is an error with the usage line
     try:
         func = _load(verb.target)
         result = func(parse_verb_args(verb, rest) if verb.args else rest)
@@ -147,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a sub-verb's argparse (--help, a bad option): its status, also when called in-process
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return int(result or 0)
 
 

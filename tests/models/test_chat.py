@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -93,3 +94,181 @@ def test_missing_model_folder_through_cli(tmp_path, capsys):
     assert cli_main(["chat", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+
+
+def _train_lora(model_name: str, out, monkeypatch, repo_root):
+    """A 2-step TuneForge LoRA run (the real save path: portable base reference, model card)."""
+    from tuneforge.configs.schema import load_train_config
+    from tuneforge.train import run_config
+
+    monkeypatch.chdir(repo_root)
+    cfg = load_train_config("examples/sft_lora_tiny.yaml", [
+        f"model.name_or_path={model_name}", f"output_dir={out}", "training.max_steps=2", "training.batch_size=2",
+        "training.save_steps=0", "training.eval_steps=0", "data.eval_ratio=0", "training.progress_bar=false",
+        "training.plot_loss=false", "data.max_length=64", "lora.target_modules=[all-linear]"])
+    run_config(cfg, log=lambda _: None)
+    return out
+
+
+@pytest.fixture
+def builtin_tiny(tiny_qwen2_dir, monkeypatch):
+    """`builtin:tiny` resolves to the tiny Qwen2 folder, as builtin:smollm2-135m-instruct resolves to its cache."""
+    from tuneforge.models import builtin
+
+    monkeypatch.setitem(builtin.BUILTIN_MODELS, "tiny", lambda: tiny_qwen2_dir)
+    return "builtin:tiny"
+
+
+def test_adapter_without_model_uses_the_recorded_base(builtin_tiny, tiny_qwen2_dir, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = _train_lora(builtin_tiny, tmp_path / "run", monkeypatch, root)
+    recorded = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    assert recorded == "builtin:tiny"  # as the user named it, not the resolved folder
+    model, tok = load_for_chat(ChatArgs(adapter=str(out)))  # no --model
+    reference, _ = load_for_chat(ChatArgs(model=str(tiny_qwen2_dir), adapter=str(out)))
+    ids = tok("What is 12 + 30?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert cli_main(["chat", "--adapter", str(out), "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == reply(reference, tok, [{"role": "user", "content": "Hi"}],
+                                            ChatArgs(max_new_tokens=4)) + "\n"
+
+
+def test_adapter_on_a_base_of_another_shape_is_a_clear_error(tiny_qwen2_dir, tiny_llama_dir, tmp_path, monkeypatch,
+                                                               capsys):
+    from pathlib import Path
+
+    out = _train_lora(str(tiny_qwen2_dir), tmp_path / "run", monkeypatch, Path(__file__).resolve().parents[2])
+    assert cli_main(["chat", "--model", str(tiny_llama_dir), "--adapter", str(out), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the base model" in err and str(tiny_qwen2_dir) in err and "model_type qwen2 vs llama" in err
+    assert "Traceback" not in err
+
+
+def test_peft_size_mismatch_becomes_a_user_error(tiny_qwen2_dir, tiny_llama_dir, tmp_path):
+    """The recorded base is not on disk (so shapes cannot be compared first): PEFT's failure is translated."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_qwen2_dir)))
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(
+        tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "someone/gone"}), encoding="utf-8")
+    with pytest.raises(UserError, match=r"does not fit the base model .*size mismatch.*trained on `someone/gone`"):
+        load_for_chat(ChatArgs(model=str(tiny_llama_dir), adapter=str(tmp_path / "adapter")))
+
+
+def test_recorded_base_that_is_a_missing_relative_folder(tmp_path, monkeypatch):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "runs/gone"}))
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="trained on the model folder `runs/gone`, which does not exist here"):
+        load_for_chat(ChatArgs(adapter="adapter"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="does not say which base model"):
+        load_for_chat(ChatArgs(adapter="adapter"))
+# ---- streaming, slash commands, sampling options -----------------------------------------------------------------
+
+def test_system_command_and_help(tiny_llama_dir):
+    args = ChatArgs(model=str(tiny_llama_dir), max_new_tokens=6)
+    model, tok = load_for_chat(args)
+    out = io.StringIO()
+    repl(model, tok, args, stdin=io.StringIO("/system Be brief.\nHello\n/help\n/nope\n/system\nHello\n"), out=out)
+    lines = out.getvalue().splitlines()
+    with_system = reply(model, tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+                        args)
+    without = reply(model, tok, [{"role": "user", "content": "Hello"}], args)
+    assert with_system != without
+    assert lines[0] == "(new system prompt; conversation cleared)" and lines[1] == with_system
+    assert lines[2].startswith("Commands: /reset") and lines[3].startswith("Unknown command /nope.")
+    assert lines[4] == "(no system prompt; conversation cleared)" and lines[5] == without
+
+
+def test_sampling_options_on_the_command_line(tiny_llama_dir, capsys):
+    base = ["chat", "--model", str(tiny_llama_dir), "--prompt", "Hi", "--max-new-tokens", "12"]
+    sampled = ["--temperature", "1.0", "--top-p", "0.95", "--top-k", "50", "--repetition-penalty", "1.0"]
+    outputs = []
+    for extra in ([], sampled + ["--seed", "1"], sampled + ["--seed", "1"], sampled + ["--seed", "2"]):
+        assert cli_main(base + extra) == 0
+        outputs.append(capsys.readouterr().out)
+    greedy, first, again, other = outputs
+    assert first == again and first != other and first != greedy
+
+
+def test_bad_sampling_option_is_a_user_error(tiny_llama_dir, capsys):
+    assert cli_main(["chat", "--model", str(tiny_llama_dir), "--prompt", "Hi", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def _read_until(fd: int, marker: bytes, alive=lambda: True, timeout: float = 180) -> list[bytes]:
+    """Chunks read from a pty's main side until `marker` has appeared."""
+    import os
+    import select
+    import time
+
+    chunks, deadline = [], time.monotonic() + timeout
+    while marker not in b"".join(chunks):
+        assert time.monotonic() < deadline and alive(), b"".join(chunks)
+        if select.select([fd], [], [], 0.5)[0]:
+            chunks.append(os.read(fd, 65536))
+    return chunks
+
+
+def _reply_chunks(chunks: list[bytes]) -> list[bytes]:
+    assert b"assistant> " in b"".join(chunks)
+    return [c for c in chunks if c.strip() and b"you> " not in c and b"Hello" not in c and b"assistant> " != c]
+
+
+def test_streams_to_a_terminal(tiny_qwen2_dir):
+    """The conversation on a pseudo-terminal: the reply arrives in several pieces before it ends."""
+    import os
+    import pty
+    import threading
+
+    args = ChatArgs(model=str(tiny_qwen2_dir), max_new_tokens=120, repetition_penalty=1.0)
+    model, tok = load_for_chat(args)
+    main, child = pty.openpty()
+    with os.fdopen(child, "r", closefd=False) as stdin, os.fdopen(child, "w", closefd=False) as out:
+        thread = threading.Thread(target=repl, args=(model, tok, args, stdin, out), daemon=True)
+        thread.start()
+        _read_until(main, b"quits.")
+        os.write(main, b"Hello\n")
+        chunks = _read_until(main, b"assistant> ") + _read_until(main, b"\n", thread.is_alive)
+        os.write(main, b"/exit\n")
+        thread.join(timeout=60)
+    os.close(main)
+    os.close(child)
+    assert not thread.is_alive()
+    assert len(_reply_chunks(chunks)) > 1  # text arrived in pieces before the reply ended
+
+
+@pytest.mark.slow
+def test_streams_through_a_terminal_in_a_real_process(tiny_qwen2_dir):
+    """`tuneforge chat` in a pseudo-terminal, as a user runs it (input() line editing, prompts on stderr)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    main, child = pty.openpty()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "chat", "--model", str(tiny_qwen2_dir),
+                             "--max-new-tokens", "200", "--repetition-penalty", "1.0"],
+                            stdin=child, stdout=child, stderr=child, env=env, close_fds=True)  # input() prompts on stderr
+    os.close(child)
+    alive = lambda: proc.poll() is None  # noqa: E731
+    try:
+        _read_until(main, b"you> ", alive)
+        os.write(main, b"Hello\n")
+        chunks = _read_until(main, b"you> ", alive)
+        assert len(_reply_chunks(chunks)) > 1
+        os.write(main, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)

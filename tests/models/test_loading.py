@@ -136,3 +136,58 @@ def test_chat_template_override_goes_through_data_templates(tiny_qwen2_dir, monk
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
     load_tokenizer(ModelConfig(name_or_path=str(tiny_qwen2_dir)))
     assert calls == ["plain"]  # no override: the data package is not consulted
+
+
+def test_relative_path_that_looks_local_is_a_missing_folder(tmp_path, monkeypatch):
+    """`runs/x` when ./runs exists is the output of a run not trained yet, not a hub id (and not a hub lookup)."""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # would have gone to the hub before
+    monkeypatch.setattr("tuneforge.models.loading.hub_reachable", lambda timeout=3.0: pytest.fail("asked the hub"))
+    for name in ("runs/x", "./x", "runs/x/y"):
+        with pytest.raises(UserError, match=f"Model folder {name} does not exist"):
+            load_tokenizer(ModelConfig(name_or_path=name))
+
+
+def test_looks_local():
+    from tuneforge.models.loading import looks_local
+
+    assert looks_local("./x") and looks_local("/abs/x") and looks_local("a/b/c") and looks_local("~/x")
+    assert not looks_local("Qwen/Qwen2.5-0.5B-Instruct") and not looks_local("gpt2")
+    assert not looks_local("builtin:smollm2-135m-instruct")
+
+
+def test_dataset_name_without_hub_fails_in_seconds(tmp_path, monkeypatch):
+    """A name that is neither a file nor in the registry, with the hub unreachable: `datasets` is asked in offline
+    mode (the local cache, or an error at once), not left to retry for about 26 s."""
+    import datasets
+    import huggingface_hub.constants
+
+    from tuneforge.configs.schema import DataConfig, DatasetSpec
+    from tuneforge.data.build import read_datasets
+    from tuneforge.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as when the variable is not set at import
+    monkeypatch.setattr("tuneforge.models.loading.hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("tuneforge.data.build.hub_reachable", lambda timeout=3.0: False)
+    modes = []
+
+    def load_dataset(name, split):
+        modes.append((datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE))
+        if name == "someone/cached":
+            return [{"text": "from the cache"}]
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match="someone/corpus: no such file or folder, and not a Hugging Face dataset in "
+                                        "the local cache either: the hub is unreachable"):
+        read_datasets(DataConfig(train=[DatasetSpec(path="someone/corpus")]))
+    train, _, _ = read_datasets(DataConfig(train=[DatasetSpec(path="someone/cached")]))
+    assert len(train) == 1  # a dataset in the local cache still loads without a hub
+    assert modes == [(True, True), (True, True)] and datasets.config.HF_HUB_OFFLINE is False  # restored after
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(DataError, match=r"runs/train: no such file or folder \(relative paths"):
+        read_datasets(DataConfig(train=[DatasetSpec(path="runs/train")]))
+    assert len(modes) == 2  # a path that looks local never reaches `datasets`

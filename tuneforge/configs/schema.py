@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tuneforge.configs import typed
 from tuneforge.configs.typed import apply_overrides, from_dict, opt, to_dict
 from tuneforge.errors import ConfigError, did_you_mean
 
@@ -40,14 +41,19 @@ class ModelConfig:
 class DatasetSpec:
     path: str = opt(help="A file (.json/.jsonl/.csv/.parquet/.txt), a folder of them, a name from the dataset "
                          "registry, or a Hugging Face datasets name (needs a reachable hub).")
-    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = opt(
-        "auto", "Row format. auto guesses from the columns of the first row.")
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "text", "pairwise", "kto", "typed", "prompt"] = opt(
+        "auto", "Row format. auto guesses from the columns of the first row. pairwise: prompt + chosen + rejected "
+        "(alpaca, sharegpt, OpenAI or hh-rlhf layouts); kto: a conversation + boolean label; typed: responses with "
+        "types, expanded by `ranking`; prompt: prompts (+ reference answer) for ppo/grpo.")
     columns: dict[str, str] = opt(factory=dict, help="Column mapping from our names to yours, e.g. "
                                   "{instruction: question, output: answer} or {messages: conversations}.")
     tags: dict[str, str] = opt(factory=dict, help="sharegpt tags, e.g. {role_tag: from, content_tag: value, "
                                "user_tag: human, assistant_tag: gpt, system_tag: system}.")
     split: str = opt("train", "Split name for Hugging Face datasets.")
     max_samples: int | None = opt(None, "Use at most this many rows of this dataset (first N).")
+    ranking: list[str] = opt(factory=list, help="Typed responses (format typed): the response types, best first, "
+                             "e.g. [safe_and_responsible, safe, unsafe]. Default: CValues' refuse_with_guidance > "
+                             "refuse > risky (its Chinese type names are read as these).")
 
     @classmethod
     def from_str(cls, value: str) -> DatasetSpec:
@@ -175,46 +181,74 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, base
             raise ConfigError(f"{path} must contain a mapping of config keys at the top level.")
         data.update(loaded)
     apply_overrides(data, overrides or [])
-    sections = _method_sections()
-    if "method_options" in data:
-        raise ConfigError("Put method options under the method's own section (e.g. `lora:`), not `method_options`.")
-    cfg = from_dict(TrainConfig, data, extra_sections=sections)
-    for name, opts_cls in sections.items():
-        cfg.method_options[name] = from_dict(opts_cls, data.get(name) or {}, prefix=name)
+    cfg = _typed_config(data, path)
     validate(cfg)
     return cfg
 
 
+def _typed_config(data: dict, path: str | None) -> TrainConfig:
+    """The typed config, or one ConfigError listing every unknown key and bad value of every section."""
+    from tuneforge.configs.foreign import LLAMAFACTORY_MARKERS, foreign_hint
+
+    sections, problems, options = _method_sections(), [], {}
+    if "method_options" in data:
+        problems.append("Put method options under the method's own section (e.g. `lora:`), not `method_options`.")
+    with typed.unknown_key_hints(foreign_hint):
+        try:
+            cfg = from_dict(TrainConfig, {k: v for k, v in data.items() if k != "method_options"},
+                            extra_sections=sections)
+        except ConfigError as e:
+            cfg, problems = None, problems + typed.problems_of(e)
+        for name, opts_cls in sections.items():
+            try:
+                options[name] = from_dict(opts_cls, data.get(name) or {}, prefix=name)
+            except ConfigError as e:
+                problems += typed.problems_of(e)
+    if problems and len(LLAMAFACTORY_MARKERS & set(data)) >= 2:
+        problems.insert(0, f"This looks like a LLaMA-Factory config: `tuneforge convert-config {path or 'FILE'} --out "
+                        f"tuneforge.yaml` translates it and lists what has no equivalent.")
+    if problems:
+        raise typed.config_error(problems, where=path or "the config")
+    cfg.method_options.update(options)
+    return cfg
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Combinations that cannot work are refused before any work starts."""
+    """Combinations that cannot work are refused before any work starts, all of them in one error."""
     from tuneforge.methods import METHODS
 
+    t, problems = cfg.training, []
     if cfg.method not in METHODS:
-        raise ConfigError(f"Unknown method `{cfg.method}`.{did_you_mean(cfg.method, METHODS)}")
-    t = cfg.training
+        problems.append(f"Unknown method `{cfg.method}`.{did_you_mean(cfg.method, METHODS)}")
     if t.batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError("`training.batch_size` and `training.grad_accum` must be at least 1.")
+        problems.append("`training.batch_size` and `training.grad_accum` must be at least 1.")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
-        raise ConfigError("Nothing to train: set `training.max_steps` > 0 or `training.epochs` > 0.")
+        problems.append("Nothing to train: set `training.max_steps` > 0 or `training.epochs` > 0.")
     if not cfg.data.train:
-        raise ConfigError("`data.train` is empty: name at least one dataset (a file path or registry name).")
+        problems.append("`data.train` is empty: name at least one dataset (a file path or registry name).")
     if not 0.0 <= cfg.data.eval_ratio < 1.0:
-        raise ConfigError(f"`data.eval_ratio` must be in [0, 1), got {cfg.data.eval_ratio}.")
+        problems.append(f"`data.eval_ratio` must be in [0, 1), got {cfg.data.eval_ratio}.")
     if cfg.data.max_length < 8:
-        raise ConfigError(f"`data.max_length` must be at least 8, got {cfg.data.max_length}.")
+        problems.append(f"`data.max_length` must be at least 8, got {cfg.data.max_length}.")
     if t.precision == "fp16" and t.device == "cpu":
-        raise ConfigError("`training.precision: fp16` needs a GPU; on CPU use bf16 or fp32.")
+        problems.append("`training.precision: fp16` needs a GPU; on CPU use bf16 or fp32.")
     if t.resume not in (None, "auto") and not Path(t.resume).is_dir():
-        raise ConfigError(f"`training.resume` is {t.resume!r}: no such checkpoint folder. Use `auto` or a path "
-                          f"like {cfg.output_dir}/checkpoint-10.")
+        problems.append(f"`training.resume` is {t.resume!r}: no such checkpoint folder. Use `auto` or a path "
+                        f"like {cfg.output_dir}/checkpoint-10.")
     if t.resume is not None and cfg.overwrite_output_dir:
-        raise ConfigError("`training.resume` continues the run in output_dir and `overwrite_output_dir` deletes it: "
-                          "set only one.")
+        problems.append("`training.resume` continues the run in output_dir and `overwrite_output_dir` deletes it: "
+                        "set only one.")
     if t.neftune_alpha < 0 or t.rdrop_alpha < 0:
-        raise ConfigError("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
+        problems.append("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
     if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
-        raise ConfigError("`data.loss_on` applies to chat data in sft; stage pt trains on all text tokens.")
-    METHODS[cfg.method].validate(cfg)
+        problems.append("`data.loss_on` applies to chat data in sft; stage pt trains on all text tokens.")
+    if cfg.method in METHODS:
+        try:
+            METHODS[cfg.method].validate(cfg)
+        except ConfigError as e:
+            problems += typed.problems_of(e)
+    if problems:
+        raise typed.config_error(problems, where="the config")
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -10,12 +10,45 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import MISSING, field, fields, is_dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
 from tuneforge.errors import ConfigError, did_you_mean
+
+# Extra advice for an unknown key, (section prefix, key) -> " Did you mean ...?" or None; the training config sets
+# it to name other tools' keys (foreign.py) while this module stays generic.
+_UNKNOWN_KEY_HINT: ContextVar[Callable[[str, str], str | None] | None] = ContextVar("unknown_key_hint", default=None)
+
+
+@contextmanager
+def unknown_key_hints(hint: Callable[[str, str], str | None]) -> Iterator[None]:
+    token = _UNKNOWN_KEY_HINT.set(hint)
+    try:
+        yield
+    finally:
+        _UNKNOWN_KEY_HINT.reset(token)
+
+
+def config_error(problems: list[str], where: str = "") -> ConfigError:
+    """One ConfigError for all `problems`, so a user fixes every key in one go instead of one per run."""
+    problems = list(dict.fromkeys(problems))  # the same problem found twice is listed once
+    if len(problems) == 1:
+        err = ConfigError(problems[0])
+    else:
+        where = f" in {where}" if where else ""
+        err = ConfigError(f"{len(problems)} problems{where}:\n" + "\n".join(f"- {p}" for p in problems))
+    err.problems = problems
+    return err
+
+
+def problems_of(err: ConfigError) -> list[str]:
+    """The single problems an error (possibly a collected one) stands for."""
+    return list(getattr(err, "problems", None) or [str(err)])
 
 
 def opt(default: Any = MISSING, help: str = "", *, factory=None) -> Any:  # noqa: A002 - `help` mirrors argparse
@@ -79,12 +112,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value]  # a single item where a list is expected is a common, unambiguous shorthand
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"`{key}` must be a list, got {value!r}.")
-        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return _coerce_all(((i, v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)), list)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"`{key}` must be a mapping (key: value), got {value!r}.")
         _, val_tp = get_args(tp) or (str, Any)
-        return {str(k): coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return _coerce_all(((str(k), v, val_tp, f"{key}.{k}") for k, v in value.items()), dict)
     if is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -119,25 +152,48 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
+def _coerce_all(items, container):
+    """Coerce (name, value, type, key) items into a list or dict, collecting every item's problems."""
+    out, problems = {}, []
+    for name, value, tp, key in items:
+        try:
+            out[name] = coerce(value, tp, key)
+        except ConfigError as e:
+            problems += problems_of(e)
+    if problems:
+        raise config_error(problems)
+    return list(out.values()) if container is list else out
+
+
+def unknown_key_message(prefix: str, key: str, valid) -> str:
+    full = f"{prefix}.{key}" if prefix else str(key)
+    hook = _UNKNOWN_KEY_HINT.get()
+    hint = hook(prefix, key) if hook else None
+    if hint is None:
+        hint = did_you_mean(str(key), valid)
+        if prefix and hint.startswith(" Did you mean"):  # name the full dotted key the user can paste
+            hint = hint.replace("`", f"`{prefix}.", 1)
+    return f"Unknown config key `{full}`.{hint}"
+
+
 def from_dict(cls, data: dict, prefix: str = "", extra_sections: dict | None = None):
-    """Build dataclass `cls` from a mapping, refusing unknown keys with the closest valid one."""
+    """Build dataclass `cls` from a mapping, refusing unknown keys with the closest valid one. Every unknown key
+    and bad value in the mapping (nested sections included) is reported in one ConfigError."""
     hints = _resolved_hints(cls)
     names = {f.name for f in fields(cls) if f.init}
     valid = names | set(extra_sections or {})
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in valid:
-            hint = did_you_mean(key, valid)
-            if prefix and hint.startswith(" Did you mean"):  # name the full dotted key the user can paste
-                hint = hint.replace("`", f"`{prefix}.", 1)
-            raise ConfigError(f"Unknown config key `{full}`.{hint}")
-        if key in names:
-            kwargs[key] = coerce(value, hints[key], full)
+    unknown = [unknown_key_message(prefix, key, valid) for key in data if key not in valid]
+    try:
+        kwargs = _coerce_all(((key, value, hints[key], f"{prefix}.{key}" if prefix else key)
+                              for key, value in data.items() if key in names), dict)
+        problems = unknown
+    except ConfigError as e:
+        kwargs, problems = {}, unknown + problems_of(e)
     missing = [f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING
-               and f.name not in kwargs]
-    if missing:
-        raise ConfigError(f"Missing required config key `{(prefix + '.' if prefix else '') + missing[0]}`.")
+               and f.name not in data]
+    problems += [f"Missing required config key `{(prefix + '.' if prefix else '') + name}`." for name in missing]
+    if problems:
+        raise config_error(problems)
     try:
         obj = cls(**kwargs)
     except ConfigError:

@@ -10,6 +10,7 @@ pickle weights (.bin/.pt/.pth) are refused unless `model.allow_pickle: true`, be
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -62,10 +63,23 @@ def resolve_source(name_or_path: str) -> str:
     if path.exists():
         check_local_folder(path)
         return str(path)
-    if not HUB_ID.match(name_or_path):
-        raise UserError(f"Model folder {name_or_path} does not exist. Pass an existing Hugging Face folder (with "
-                        f"config.json), a hub id like Qwen/Qwen2.5-0.5B-Instruct, or builtin:smollm2-135m-instruct.")
+    if looks_local(name_or_path):
+        raise UserError(f"Model folder {name_or_path} does not exist (relative paths count from the current folder, "
+                        f"{Path.cwd()}). Pass an existing Hugging Face folder (with config.json), a hub id like "
+                        f"Qwen/Qwen2.5-0.5B-Instruct, or builtin:smollm2-135m-instruct.")
     return name_or_path
+
+
+def looks_local(name: str) -> bool:
+    """Whether a name that does not exist was meant as a local path rather than a hub id: it is not shaped like a
+    hub id (`./x`, `/x`, `~/x`, `a/b/c`), or its first folder exists here (`runs/x` when ./runs exists,
+    the output folder of a run that has not been trained yet). Models and data both ask this."""
+    if name.startswith("builtin:"):
+        return False
+    if not HUB_ID.match(name) or name.count("/") > 1:
+        return True
+    first = name.split("/", 1)[0]
+    return "/" in name and Path(first).is_dir()
 
 
 def check_local_folder(folder: Path) -> None:
@@ -95,15 +109,43 @@ def check_pickle(folder: Path, allow_pickle: bool) -> None:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP probe of the hub, so an offline machine gets an answer in seconds instead of after a minute
-    of transformers' retries. With a proxy configured we cannot probe directly and let transformers try."""
+    of transformers' (or datasets') retries. With a proxy configured we cannot probe directly and let them try.
+    The answer is kept for the process: model, tokenizer and datasets ask in turn."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
+    return _probe(url.hostname, url.port or (443 if url.scheme == "https" else 80), timeout)
+
+
+@contextmanager
+def hub_offline():
+    """Hugging Face libraries in offline mode for the duration (as HF_HUB_OFFLINE=1 would set them at import): a hub
+    name resolves from the local cache or fails at once, never after a minute of retries."""
+    import huggingface_hub.constants as hub
+
+    modules = [hub]
     try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        import datasets.config
+
+        modules.append(datasets.config)
+    except ImportError:
+        pass
+    saved = [m.HF_HUB_OFFLINE for m in modules]
+    for m in modules:
+        m.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved):
+            m.HF_HUB_OFFLINE = value
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(host: str, port: int, timeout: float) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False

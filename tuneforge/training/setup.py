@@ -17,6 +17,7 @@ from tuneforge.methods import get_method
 from tuneforge.methods.base import Method
 from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
 from tuneforge.training.metrics import fmt
+from tuneforge.training.model_card import finish_output_folder
 from tuneforge.training.output_dir import check_output_dir
 from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
 
@@ -131,6 +132,7 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
     tmp = atomic_dir(out / "final")
     method.save(plain, tmp)
     tokenizer.save_pretrained(tmp)
+    finish_output_folder(cfg, method, tmp, out / "metrics.jsonl")  # portable base reference + model card
     for item in tmp.iterdir():
         target = out / item.name
         if target.is_dir():

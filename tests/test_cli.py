@@ -1,0 +1,112 @@
+"""The CLI surface: --version, one --help layout for every verb, quiet broken pipes, and the README's first demo."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuneforge import __version__
+from tuneforge.cli import VERBS
+from tuneforge.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag, capsys):
+    assert cli_main([flag]) == 0
+    assert capsys.readouterr().out == f"tuneforge {__version__}\n"
+    assert cli_main(["--help"]) == 0 and "--version" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("verb", [v.name for v in VERBS])
+def test_every_verb_has_the_same_help_layout(verb, capsys):
+    assert cli_main([verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    described = next(v for v in VERBS if v.name == verb).help
+    # usage line, the verb's one-line description, the options block, then examples from its module docstring
+    assert out.startswith(f"usage: tuneforge {verb} "), out[:200]
+    assert f"\n\n{described}\n\n" in out
+    assert re.search(r"\noptions:\n  -h, --help", out)
+    assert f"\nexamples:\n  tuneforge {verb}" in out
+
+
+def test_chat_help_lists_the_conversation_commands(capsys):
+    assert cli_main(["chat", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "/reset" in out and "/exit" in out and "--adapter" in out
+
+
+def test_methods_refuses_unknown_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["methods", "--bogus"])
+    assert exit_.value.code == 2 and "usage: tuneforge methods" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`tuneforge train --help | head -1`: the reader goes away before we write; no traceback, no 'Exception
+    ignored' from the interpreter's final flush."""
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # before the child has imported anything, so its first write hits a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err
+
+
+def test_broken_pipe_inside_a_verb_is_quiet(monkeypatch, capsys):
+    class ClosedPipe:
+        def write(self, _text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert cli_main(["methods"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def _readme_demo() -> list[list[str]]:
+    """The `tuneforge ...` commands of the first bash block under README's "Using it"."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Using it\n\n```bash\n(.*?)```", text, re.S).group(1)
+    commands = []
+    for line in block.splitlines():
+        line = line.split("  #", 1)[0].strip()
+        if line.startswith("tuneforge "):
+            commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_readme_first_demo_answers_with_text(tmp_path, monkeypatch, capsys):
+    """The README's first demo, run as written (outputs redirected to a temp folder): the tiny model trained by it
+    must answer the demo's question with visible text, not the blank line an untrained model gives."""
+    commands = _readme_demo()
+    assert [c[0] for c in commands][:3] == ["init-model", "train", "chat"], commands
+    monkeypatch.chdir(ROOT)  # the demo names examples/ and the bundled data relative to the repository root
+    swap = {"runs/": f"{tmp_path}/runs/", "outputs/": f"{tmp_path}/outputs/"}
+
+    def local(arg: str) -> str:
+        for old, new in swap.items():
+            arg = arg.replace(old, new) if arg.startswith(old) else arg
+        return arg
+
+    init, train, chat = ([local(a) for a in c] for c in commands[:3])
+    assert cli_main(init) == 0
+    config = train[1]
+    out_dir = f"{tmp_path}/outputs/demo"
+    assert cli_main([*train, f"model.name_or_path={init[init.index('--out') + 1]}", f"output_dir={out_dir}",
+                     "training.progress_bar=false", "training.plot_loss=false"]) == 0
+    chat[chat.index("--model") + 1] = out_dir
+    capsys.readouterr()
+    assert cli_main(chat) == 0
+    answer = capsys.readouterr().out.strip()
+    assert re.search(r"\w", answer), f"{config}: the demo's chat answered {answer!r}"
+    for rest in commands[3:]:  # the remaining lines (estimate, --help, --version) run as written
+        assert cli_main(rest) == 0, rest

@@ -1,0 +1,319 @@
+"""`tuneforge convert-config`: translate a LLaMA-Factory training YAML into a TuneForge config.
+
+    tuneforge convert-config examples/train_lora/llama3_lora_sft.yaml --out llama3_lora_sft.tuneforge.yaml
+    tuneforge train llama3_lora_sft.tuneforge.yaml
+
+What LLaMA-Factory leaves at a default that TuneForge sets differently is written out explicitly, so the converted
+run trains the same way: Hugging Face's learning rate (5e-5), epochs (3), batch size (8) and linear schedule,
+LLaMA-Factory's cutoff_len (2048), lora_alpha (2 x rank), lora_target (all) and gradient checkpointing (on).
+Dataset names stay names and `data.registry` points at `<dataset_dir>/dataset_info.json`, which TuneForge reads in
+LLaMA-Factory's own format. Every key without an equivalent is listed (in the output file's header and on the
+terminal) with the reason; nothing is dropped silently. Stages other than pt and sft are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tuneforge.configs.foreign import FOREIGN, NO_EQUIVALENT
+from tuneforge.configs.typed import opt
+from tuneforge.errors import ConfigError, UserError
+
+# LLaMA-Factory key -> TuneForge dotted key, where the value carries over as it is
+RENAMES = {
+    "model_name_or_path": "model.name_or_path", "trust_remote_code": "model.trust_remote_code",
+    "output_dir": "output_dir", "seed": "seed",
+    "warmup_ratio": "training.warmup_ratio", "warmup_steps": "training.warmup_steps",
+    "weight_decay": "training.weight_decay", "max_grad_norm": "training.max_grad_norm",
+    "logging_steps": "training.logging_steps", "save_steps": "training.save_steps",
+    "save_total_limit": "training.save_total_limit", "dataloader_num_workers": "training.num_workers",
+    "neftune_noise_alpha": "training.neftune_alpha", "plot_loss": "training.plot_loss",
+    "group_by_length": "data.group_by_length", "packing": "data.packing",
+    "freeze_trainable_layers": "freeze.trainable_layers",
+    "lora_dropout": "lora.dropout", "loraplus_lr_ratio": "lora_plus.ratio",
+    "quantization_type": "qlora.quant_type", "double_quantization": "qlora.double_quant",
+}
+# Hugging Face / LLaMA-Factory defaults that differ from TuneForge's, written out so the run matches
+DEFAULTS = {"learning_rate": 5e-5, "num_train_epochs": 3.0, "per_device_train_batch_size": 8,
+            "lr_scheduler_type": "linear", "cutoff_len": 2048, "lora_rank": 8, "lora_target": "all"}
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager", "eager": "eager"}
+
+
+@dataclass
+class ConvertArgs:
+    source: str = dataclasses.field(metadata={"positional": True, "help": "The LLaMA-Factory training YAML."})
+    out: str | None = opt(None, "Write the TuneForge YAML here (default: print it).")
+
+
+@dataclass
+class Conversion:
+    config: dict  # the TuneForge config, plain data
+    dropped: list[str]  # "key: value (why)" for every key without an equivalent
+    notes: list[str]  # where the meaning differs or a default was written out
+
+
+def _split(value) -> list[str]:
+    """LLaMA-Factory writes lists as comma-separated strings (`q_proj,v_proj`)."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _put(config: dict, dotted: str, value) -> None:
+    node = config
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+class _Converter:
+    def __init__(self, lf: dict, source: Path | None):
+        self.lf = {k: v for k, v in lf.items() if v is not None}  # `key: null` means LLaMA-Factory's default
+        self.source = source
+        self.config: dict = {}
+        self.notes: list[str] = []
+        self.used: set[str] = set()
+
+    def take(self, key: str, default=None):
+        self.used.add(key)
+        return self.lf.get(key, default)
+
+    def run(self) -> Conversion:
+        self._stage_and_method()
+        self._model()
+        self._data()
+        self._training()
+        for key, dotted in RENAMES.items():
+            if key in self.lf and key not in self.used:
+                _put(self.config, dotted, self.take(key))
+        dropped = [f"{key}: {self.lf[key]!r} ({self._why(key)})" for key in self.lf if key not in self.used]
+        return Conversion(self.config, dropped, self.notes)
+
+    @staticmethod
+    def _why(key: str) -> str:
+        if key in NO_EQUIVALENT:
+            return NO_EQUIVALENT[key]
+        if FOREIGN.get(key, ("", ""))[1]:
+            return FOREIGN[key][1]
+        return "no TuneForge equivalent"
+
+    def _stage_and_method(self) -> None:
+        if self.lf.get("do_predict") or self.lf.get("do_train") is False:
+            raise UserError("This LLaMA-Factory config predicts or evaluates (do_predict, or do_train: false); "
+                            "convert-config translates training configs. Chat with a trained adapter through "
+                            "`tuneforge chat --adapter DIR`.")
+        stage = self.take("stage", "sft")
+        if stage not in ("pt", "sft"):
+            raise UserError(f"LLaMA-Factory `stage: {stage}` has no TuneForge recipe yet: convert-config handles the "
+                            f"pt and sft stages.")
+        ftype = self.take("finetuning_type", "lora")
+        if ftype not in ("lora", "freeze", "full"):
+            raise UserError(f"LLaMA-Factory `finetuning_type: {ftype}` has no TuneForge equivalent; use lora, freeze "
+                            f"or full (see `tuneforge methods`).")
+        self.config.update(stage=stage, method=ftype)
+        if ftype == "lora":
+            self._lora()
+        elif ftype == "freeze":
+            self._freeze()
+
+    def _lora(self) -> None:
+        rank = self.take("lora_rank", DEFAULTS["lora_rank"])
+        target = _split(self.take("lora_target", DEFAULTS["lora_target"]))
+        lora = {"rank": rank, "alpha": self.take("lora_alpha", 2 * rank),
+                "target_modules": ["all-linear"] if target == ["all"] else target}
+        if self.lf.get("additional_target"):
+            lora["modules_to_save"] = _split(self.take("additional_target"))
+        self.config["lora"] = lora
+        self.take("pissa_convert")  # TuneForge always saves a PiSSA adapter as a plain LoRA (what this asks for)
+        variants = [name for key, name in (("use_dora", "dora"), ("use_rslora", "rslora"), ("pissa_init", "pissa"))
+                    if self.take(key, False)]
+        if self.lf.get("loraplus_lr_ratio"):
+            variants.append("lora_plus")
+        bits = self.take("quantization_bit")
+        if bits:
+            self._quantized(int(bits), variants)
+        elif variants:
+            self.config["method"] = variants[0]
+            if len(variants) > 1:
+                self.notes.append(f"LLaMA-Factory combined {' + '.join(variants)}; TuneForge runs one method: "
+                                  f"{variants[0]}.")
+
+    def _quantized(self, bits: int, variants: list[str]) -> None:
+        method = self.take("quantization_method", "bitsandbytes")
+        if method != "bitsandbytes" or bits not in (4, 8):
+            raise UserError(f"LLaMA-Factory `quantization_bit: {bits}` with `quantization_method: {method}` has no "
+                            f"TuneForge equivalent: QLoRA uses bitsandbytes 4-bit or 8-bit.")
+        self.config["method"] = "qlora"
+        if bits == 8:
+            _put(self.config, "qlora.load_in_8bit", True)
+        if variants:
+            self.notes.append(f"QLoRA does not combine with {', '.join(variants)} here; converted to plain qlora.")
+
+    def _freeze(self) -> None:
+        modules = _split(self.take("freeze_trainable_modules", "all"))
+        if modules != ["all"]:
+            self.notes.append(f"freeze_trainable_modules {modules}: TuneForge trains whole blocks "
+                              f"(freeze.trainable_layers); the modules were not carried over.")
+        extra = self.take("freeze_extra_modules")
+        _put(self.config, "freeze.trainable_layers", self.take("freeze_trainable_layers", 2))
+        if extra:
+            _put(self.config, "freeze.trainable_modules", _split(extra))
+
+    def _model(self) -> None:
+        attn = self.take("flash_attn", "auto")
+        if attn not in ATTENTION:
+            raise ConfigError(f"LLaMA-Factory `flash_attn: {attn}` is not one of {', '.join(ATTENTION)}.")
+        if ATTENTION[attn] != "sdpa":
+            _put(self.config, "model.attn_implementation", ATTENTION[attn])
+        template = self.take("template")
+        if template:
+            self.notes.append(f"template {template}: TuneForge renders with the tokenizer's own chat template (the "
+                              f"one the model was trained with); set model.chat_template to override it.")
+        self.config.setdefault("model", {})
+
+    def _data(self) -> None:
+        dataset_dir = str(self.take("dataset_dir", "data"))
+        max_samples = self.take("max_samples")
+        for key, section in (("dataset", "train"), ("eval_dataset", "eval")):
+            names = _split(self.take(key, ""))
+            specs = [{"path": n, "max_samples": max_samples} if max_samples else n for n in names]
+            if specs:
+                _put(self.config, f"data.{section}", specs)
+        if dataset_dir != "ONLINE":  # LLaMA-Factory's marker for hub names without a registry
+            registry = f"{dataset_dir}/dataset_info.json"
+            _put(self.config, "data.registry", registry)
+            self._check_registry(registry)
+        _put(self.config, "data.max_length", self.take("cutoff_len", DEFAULTS["cutoff_len"]))
+        val_size = self.take("val_size", 0.0)
+        if 0 < float(val_size) < 1:
+            _put(self.config, "data.eval_ratio", float(val_size))
+        elif val_size:
+            self.notes.append(f"val_size {val_size}: TuneForge holds out a share (data.eval_ratio), not a count; "
+                              f"set data.eval_ratio yourself.")
+        if self.take("neat_packing", False):
+            _put(self.config, "data.packing", True)  # TuneForge's packing never attends across examples
+        if self.take("train_on_prompt", False):
+            _put(self.config, "data.loss_on", "all")
+        elif self.take("mask_history", False):
+            _put(self.config, "data.loss_on", "last")
+
+    def _check_registry(self, registry: str) -> None:
+        """Name the datasets the registry lacks now, not at training time. Relative to where `tuneforge train`
+        runs, like LLaMA-Factory's dataset_dir; the source file's folder is tried as well."""
+        candidates = [Path(registry)] + ([self.source.parent / registry] if self.source else [])
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            self.notes.append(f"data.registry {registry} does not exist here: copy LLaMA-Factory's data folder next "
+                              f"to where you run `tuneforge train`, or fix the path.")
+            return
+        try:
+            entries = json.loads(found.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            self.notes.append(f"data.registry {found} is not readable as JSON ({e}).")
+            return
+        data = self.config.get("data", {})
+        names = [s if isinstance(s, str) else s["path"] for s in data.get("train", []) + data.get("eval", [])]
+        missing = [n for n in names if n not in entries]
+        if missing:
+            self.notes.append(f"datasets {', '.join(missing)} are not in {found}.")
+
+    def _training(self) -> None:
+        t = {"lr": self.take("learning_rate", DEFAULTS["learning_rate"]),
+             "batch_size": self.take("per_device_train_batch_size", DEFAULTS["per_device_train_batch_size"]),
+             "grad_accum": self.take("gradient_accumulation_steps", 1)}
+        max_steps = self.take("max_steps", -1)
+        if max_steps > 0:
+            t["max_steps"] = max_steps
+        else:
+            t["epochs"] = self.take("num_train_epochs", DEFAULTS["num_train_epochs"])
+        scheduler = self.take("lr_scheduler_type", DEFAULTS["lr_scheduler_type"])
+        t["scheduler"] = SCHEDULERS.get(scheduler, "cosine")
+        if scheduler not in SCHEDULERS:
+            self.notes.append(f"lr_scheduler_type {scheduler}: not available; converted to cosine.")
+        if self.take("bf16", False) or self.take("pure_bf16", False):
+            t["precision"] = "bf16"
+        elif self.take("fp16", False):
+            t["precision"] = "fp16"
+        if "adam_beta1" in self.lf or "adam_beta2" in self.lf:
+            t["adam_betas"] = [self.take("adam_beta1", 0.9), self.take("adam_beta2", 0.999)]
+        t["gradient_checkpointing"] = not self.take("disable_gradient_checkpointing", False)
+        self._eval_and_resume(t)
+        self.config["training"] = {**self.config.get("training", {}), **t}
+
+    def _eval_and_resume(self, t: dict) -> None:
+        strategy = self.take("eval_strategy", self.take("evaluation_strategy", "no"))
+        eval_steps = self.take("eval_steps")  # Hugging Face ignores it unless the strategy is steps
+        if strategy == "steps" and eval_steps:
+            t["eval_steps"] = eval_steps
+        elif strategy == "epoch":
+            self.notes.append("eval_strategy epoch: TuneForge evaluates every training.eval_steps steps and at the "
+                              "end; set eval_steps yourself.")
+        resume = self.take("resume_from_checkpoint")
+        if resume:
+            t["resume"] = "auto" if resume is True else str(resume)
+        ours = _our_key("overwrite_output_dir")  # a TuneForge key of that name, wherever it lives, when there is one
+        if ours and "overwrite_output_dir" in self.lf:
+            _put(self.config, ours, bool(self.take("overwrite_output_dir")))
+
+
+def _our_key(name: str) -> str | None:
+    from tuneforge.configs.foreign import known_keys
+
+    return next((k for k in known_keys() if k.rsplit(".", 1)[-1] == name), None)
+
+
+def convert(lf: dict, source: Path | None = None) -> Conversion:
+    """The TuneForge config for a LLaMA-Factory training config (a mapping), with what did not carry over."""
+    if not isinstance(lf, dict):
+        raise ConfigError("A LLaMA-Factory config is a mapping of keys at the top level.")
+    return _Converter(lf, source).run()
+
+
+def render(conv: Conversion, source: str) -> str:
+    """The converted config as YAML, with a header that says where it came from and what did not carry over."""
+    from tuneforge import __version__
+
+    lines = [f"# Converted from {source} by `tuneforge convert-config` (TuneForge {__version__}).",
+             "# Run it with: tuneforge train THIS_FILE"]
+    if conv.dropped:
+        lines += ["# Not carried over (no TuneForge equivalent):"] + [f"#   {d}" for d in conv.dropped]
+    if conv.notes:
+        lines += ["# Differences to check:"] + [f"#   {n}" for n in conv.notes]
+    order = ["stage", "method", "output_dir", "model", "data", "training"]
+    config = {k: conv.config[k] for k in order if k in conv.config} | conv.config  # readable order, nothing lost
+    return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def convert_cli(args: ConvertArgs) -> int:
+    from tuneforge.configs.schema import load_train_config
+
+    path = Path(args.source)
+    if not path.is_file():
+        raise ConfigError(f"{args.source} does not exist. Pass a LLaMA-Factory training YAML, e.g. "
+                          f"examples/train_lora/llama3_lora_sft.yaml from the LLaMA-Factory repository.")
+    try:
+        lf = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{args.source} is not valid YAML: {e}") from e
+    conv = convert(lf, path)
+    text = render(conv, args.source)
+    load_train_config(None, base=yaml.safe_load(text))  # what we write must load; a failure here is our bug
+    if args.out is None:
+        print(text, end="")
+        return 0
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {args.out}; run it with `tuneforge train {args.out}`")
+    for title, items in (("not carried over (no TuneForge equivalent)", conv.dropped),
+                         ("differences to check", conv.notes)):
+        if items:
+            print(f"{title}:\n" + "\n".join(f"  {item}" for item in items))
+    return 0
