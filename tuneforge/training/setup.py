@@ -44,16 +44,18 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     return runtime
 
 
-def setup_model(cfg: TrainConfig, runtime: Runtime):
+def setup_model(cfg: TrainConfig, runtime: Runtime, extend=None):
     """Load the base model in the compute dtype, apply the method, keep trainable weights in fp32; then the
-    distributed engine (DDP, FSDP2) wraps it from outside."""
+    distributed engine (DDP, FSDP2) wraps it from outside. `extend`: a stage's addition to the model (rm: a scalar
+    head), `extend(model) -> model`, applied before the wrapping."""
     from tuneforge.training.distributed import build_strategy, check_method_supported
 
     check_method_supported(runtime.engine, cfg.method)
-    model, tokenizer, method = build_model(cfg, runtime, runtime.device)
+    model, tokenizer, method = build_model(cfg, runtime, runtime.device, extend)
     if cfg.training.compile:  # torchtitan's order: compile the blocks, then shard/replicate
         compile_blocks(model)
     model = build_strategy(cfg, runtime).wrap(model, runtime)
+    model.tuneforge_extend = extend  # the FSDP export rebuilds the plain model the same way
     return model, tokenizer, method
 
 
@@ -70,7 +72,7 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
-def build_model(cfg: TrainConfig, runtime: Runtime, device: torch.device):
+def build_model(cfg: TrainConfig, runtime: Runtime, device: torch.device, extend=None):
     """The model as one process trains it (no distributed wrapper), its tokenizer and method."""
     from tuneforge.models.loading import load_model_and_tokenizer
 
@@ -86,6 +88,8 @@ def build_model(cfg: TrainConfig, runtime: Runtime, device: torch.device):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, opts, cfg)
+    if extend is not None:
+        model = extend(model)
     for p in model.parameters():  # fp32 master copies of what trains; frozen weights stay in the compute dtype
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -97,11 +101,11 @@ def read_data(cfg: TrainConfig):
     """Read and validate every data row before the model loads: a bad row fails in seconds, not after the load."""
     from tuneforge.data.build import read_datasets
 
-    return read_datasets(cfg.data)
+    return read_datasets(cfg.data, stage=cfg.stage)
 
 
 def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=print, read=None):
-    from tuneforge.data import build_datasets, collate
+    from tuneforge.data import build_datasets, collate_for
 
     train, evals, report = build_datasets(cfg.data, tokenizer, stage, chat_template=cfg.model.chat_template,
                                           read=read)
@@ -111,27 +115,33 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
         log(f"data: {len(train)} training and {len(evals)} evaluation examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    collate = collate_for(stage)
+
     def collate_fn(items):
         return collate(items, pad_id)
 
     return train, evals, collate_fn
 
 
-def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runtime) -> Path | None:
+def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runtime, write=None) -> Path | None:
     """The method's export (HF model folder or PEFT adapter) plus the tokenizer, written into output_dir file by
-    file through a temp folder so a crash never leaves a half-written model. A sharded model (FSDP) is gathered to
-    rank 0 first."""
+    file through a temp folder so a crash never leaves a half-written model. `write(folder)`: a stage's own export
+    instead (rm: a sequence-classification model). A sharded model (FSDP) is gathered to rank 0 first."""
     from tuneforge.training.distributed import build_strategy
 
+    extend = getattr(model, "tuneforge_extend", None)
     plain = build_strategy(cfg, runtime).export_model(
-        model, lambda: build_model(cfg, runtime, torch.device("cpu"))[0])
+        model, lambda: build_model(cfg, runtime, torch.device("cpu"), extend)[0])
     if not runtime.is_main:
         runtime.barrier()
         return None
     out = Path(cfg.output_dir)
     tmp = atomic_dir(out / "final")
-    method.save(plain, tmp)
-    tokenizer.save_pretrained(tmp)
+    if write is not None:
+        write(tmp)
+    else:
+        method.save(plain, tmp)
+        tokenizer.save_pretrained(tmp)
     finish_output_folder(cfg, method, tmp, out / "metrics.jsonl")  # portable base reference + model card
     for item in tmp.iterdir():
         target = out / item.name
