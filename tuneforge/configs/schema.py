@@ -127,6 +127,13 @@ class TrainingConfig:
                                     "scaled by alpha/sqrt(L*d). Typical 5. 0 disables.")
     rdrop_alpha: float = opt(0.0, "R-Drop (Liang et al. 2021): two dropout forward passes with a symmetric KL between "
                                   "them, weighted by alpha. Needs dropout in the model. 0 disables.")
+    chunked_loss: Literal["auto", "always", "never"] = opt(
+        "auto", "Compute lm_head and the loss in chunks of positions so the [tokens x vocabulary] logits are never "
+        "held whole (Liger Kernel's fused version on CUDA when installed). Same loss and gradients, far less memory "
+        "with big vocabularies. auto: on GPUs, for vocabularies of 32k and more where it applies (not with fsdp, "
+        "R-Drop or prompt-learning methods).")
+    compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
+                               "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     eval_steps: int = opt(0, "Evaluate on the held-out split every N steps (0: only at the end when there is one).")
     save_steps: int = opt(0, "Write a resumable checkpoint every N steps (0: none).")
@@ -136,6 +143,13 @@ class TrainingConfig:
     stop_after_steps: int = opt(0, "Stop this invocation after N steps with a checkpoint, as if preempted (for "
                                    "time-limited cluster jobs: rerun with resume=auto). 0: run to the end.")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+    distributed: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = opt(
+        "auto", "How the model is spread over processes started by torchrun. auto: ddp with more than one process, "
+        "none with one. ddp: every process holds the whole model. fsdp: PyTorch FSDP2 shards weights, gradients "
+        "and optimizer state over the processes (sharded checkpoints, resumable with another process count). "
+        "deepspeed: DeepSpeed ZeRO (CUDA only; pip install tuneforge[deepspeed]). See README `Scaling out`.")
+    fsdp_cpu_offload: bool = opt(False, "With distributed=fsdp: keep the sharded weights, gradients and optimizer "
+                                        "state in CPU memory between uses (fits bigger models, runs slower).")
     num_workers: int = opt(0, "DataLoader worker processes.")
     plot_loss: bool = opt(True, "Write loss.png to the output folder at the end.")
     progress_bar: bool = opt(True, "Show a progress bar.")
