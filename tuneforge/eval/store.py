@@ -39,6 +39,21 @@ class ItemStore:
                 found[record["id"]] = record
         return found
 
+    @staticmethod
+    def read_all(path: Path) -> list[dict]:
+        """The records of a predictions file made under the settings of its last record (later duplicates win)."""
+        found: dict[str, dict] = {}
+        if Path(path).is_file():
+            for line in Path(path).read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and "id" in record:
+                    found[record["id"]] = record
+        last = list(found.values())[-1:]
+        return [r for r in found.values() if last and r.get("settings") == last[0].get("settings")]
+
     def add(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({**record, "settings": self.key}, ensure_ascii=False) + "\n")
