@@ -94,10 +94,15 @@ def _html_table(rows: list[list[str]]) -> str:
     return f"<table border=1 cellspacing=0 cellpadding=4><tr>{head}</tr>{body}</table>"
 
 
+def write_results(out_dir, results: dict) -> Path:
+    path = Path(out_dir) / "results.json"
+    atomic_write(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
 def write_reports(out_dir, results: dict, baseline: str | None, notes: list[str]) -> dict[str, Path]:
     out = Path(out_dir)
-    paths = {"json": out / "results.json", "md": out / "report.md", "html": out / "report.html"}
-    atomic_write(paths["json"], json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    paths = {"json": write_results(out, results), "md": out / "report.md", "html": out / "report.html"}
     main, details = table(results, baseline), table(results, baseline, detail=True)
     tasks = list(dict.fromkeys(t for t, _ in _rows(results, False)))
     charts = {t: chart_png(results, t) for t in tasks}

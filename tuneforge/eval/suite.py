@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneforge.errors import UserError
-from tuneforge.eval.report import write_reports
+from tuneforge.eval.report import write_reports, write_results
 from tuneforge.eval.run import EvalConfig, ModelEntry, api_key
 
 MC_TASKS = ("mmlu", "ceval", "cmmlu")
@@ -89,7 +89,7 @@ def run_suite(cfg: EvalConfig) -> dict:
         results[name] = {}
         for task in cfg.tasks:
             results[name][task] = run_task(cfg, model, tokenizer, task, out / slug(name) / slug(task))
-            write_reports(out, results, baseline, _notes(cfg))
+            write_results(out, results)  # cheap; the reports (charts) are drawn once at the end
         del model
     if any(t.partition(":")[0] in ("judge", "grade") for t in cfg.tasks):
         _judge(cfg, results, baseline)
