@@ -80,3 +80,17 @@ def test_config_errors_name_the_key(tmp_path):
         load_eval_config(str(ROOT / "examples/eval/base_vs_quickstart.yaml"), ["limt=3"])
     cfg = load_eval_config(str(ROOT / "examples/eval/base_vs_quickstart.yaml"), ["limit=3"])
     assert cfg.limit == 3 and [m.label() for m in cfg.models] == ["base", "quickstart"]
+
+
+def test_suite_metrics_during_training(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.eval.during_training import suite_metrics
+
+    _write_bench(tmp_path / "eval" / "mmlu", n=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).train()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    got = suite_metrics(model, tokenizer, {"tasks": ["mmlu"], "data_dir": str(tmp_path / "eval"), "shots": 0},
+                        tmp_path / "run", step=10)
+    assert set(got) == {"suite/mmlu/accuracy_micro", "suite/mmlu/accuracy_macro"} and model.training
+    assert (tmp_path / "run" / "eval_suite" / "step-10" / "mmlu" / "predictions.jsonl").is_file()
