@@ -54,9 +54,14 @@ def test_llamafactory_pretraining_entries_and_bad_rows():
 
 
 @needs_registry
-def test_ranking_datasets_are_refused_clearly():
-    with pytest.raises(DataError, match="dpo_en_demo.*ranking"):
-        read_spec(DatasetSpec(path="dpo_en_demo"), Registry(REGISTRY), None)
+def test_ranking_datasets_read_as_preference_pairs():
+    spec = Registry(REGISTRY).resolve(DatasetSpec(path="dpo_en_demo"))
+    assert spec.format == "pairwise" and spec.columns == {"messages": "conversations", "chosen": "chosen",
+                                                          "rejected": "rejected"}
+    rows = read_spec(DatasetSpec(path="dpo_en_demo"), Registry(REGISTRY), None)
+    assert len(rows) == 300 and all(r.chosen and r.rejected for r in rows)
+    kto = Registry(REGISTRY).resolve(DatasetSpec(path="kto_en_demo"))
+    assert kto.format == "kto" and kto.columns["label"] == "label"
 
 
 def test_own_registry_paths_columns_and_tags(tmp_path):

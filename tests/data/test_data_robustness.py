@@ -181,9 +181,12 @@ def test_rendering_and_tokenizing_errors_are_row_errors(tmp_path, monkeypatch):
 # ---- random shapes --------------------------------------------------------------------------------------------
 
 KEYS = ["instruction", "input", "output", "system", "history", "conversations", "messages", "from", "value", "role",
-        "content", "tool_calls", "tool_call_id", "tools", "function", "name", "arguments", "type", "text", "id"]
+        "content", "tool_calls", "tool_call_id", "tools", "function", "name", "arguments", "type", "text", "id",
+        "chosen", "rejected", "chosen_messages", "rejected_messages", "prompt", "label", "completion", "responses",
+        "answer", "reference", "margin", "pos_resp", "pos_type"]
 WORDS = ["user", "assistant", "system", "tool", "human", "gpt", "function_call", "observation", "text", "function",
-         "Hi", "", " ", "<|im_end|>", "[1, 2]", '{"name": "f"}', "\ud83d"]
+         "Hi", "", " ", "<|im_end|>", "[1, 2]", '{"name": "f"}', "\ud83d", "true", "refuse", "risky",
+         "\n\nHuman: a\n\nAssistant: b", "\n\nAssistant: "]
 
 
 VALID = {  # one valid row per format, using every feature the format has
@@ -202,7 +205,27 @@ VALID = {  # one valid row per format, using every feature the format has
                             {"role": "assistant", "content": "Sunny."}],
                "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]},
     "text": {"text": "Hello there."},
+    "pairwise": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                                   {"from": "human", "value": "Add 2 and 3"}],
+                 "chosen": {"from": "gpt", "value": "5"}, "rejected": [{"role": "assistant", "content": "6"}],
+                 "system": "Be exact.", "margin": 1.5},
+    "hh": {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Add 2 and 3\n\nAssistant: 5",
+           "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Add 2 and 3\n\nAssistant: 6"},
+    "messages_pair": {"chosen_messages": [{"role": "system", "content": [{"type": "text", "value": "Be exact."}]},
+                                          {"role": "user", "content": "Add 2 and 3"},
+                                          {"role": "assistant", "content": "5"}],
+                      "rejected_messages": [{"role": "system", "content": [{"type": "text", "value": "Be exact."}]},
+                                            {"role": "user", "content": "Add 2 and 3"},
+                                            {"role": "assistant", "content": "6"}]},
+    "kto": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+            "label": True},
+    "typed": {"prompt": "Hi", "system": "Be kind.", "responses": [{"text": "Hello", "type": "refuse_with_guidance"},
+                                                                  {"text": "Go", "type": "refuse"},
+                                                                  {"text": "No", "type": "risky"}]},
+    "prompt": {"prompt": [{"role": "user", "content": "Add 2 and 3"}], "answer": "5"},
 }
+FORMAT_OF = {"hh": "pairwise", "messages_pair": "pairwise"}  # VALID rows named by layout, not by format
+STAGE_OF = {"text": "pt", "pairwise": "pairwise", "typed": "pairwise", "kto": "kto", "prompt": "prompt"}
 
 
 def _places(value, out: list) -> list:
@@ -241,7 +264,7 @@ def format_rows():
                 del container[key]
             else:
                 container[key] = draw(anything)
-        return draw(st.sampled_from([name, "auto"])), row
+        return name, draw(st.sampled_from([FORMAT_OF.get(name, name), "auto"])), row
 
     return rows()
 
@@ -267,7 +290,8 @@ def write_rows(folder, suffix: str, rows: list) -> str:
 
 
 def test_random_json_shapes_end_in_a_clear_error_or_are_accepted():
-    """Every format reader (and auto), every file type, then rendering and tokenizing: a DataError or named bad
+    """Every format reader (and auto; the alignment formats in their stages), every file type, then rendering and
+    tokenizing: a DataError or named bad
     rows, never another exception type, and never the guard's last-resort "cannot be processed" (which would mean
     a shape the adapters do not check)."""
     import tempfile
@@ -281,13 +305,13 @@ def test_random_json_shapes_end_in_a_clear_error_or_are_accepted():
     @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
     @given(case=format_rows(), suffix=st.sampled_from([".jsonl", ".json", ".csv"]), first=st.booleans())
     def check(case, suffix, first):
-        fmt, row = case
-        base = VALID["alpaca" if fmt == "auto" else fmt]
+        name, fmt, row = case
+        base = VALID[name]
         with tempfile.TemporaryDirectory() as folder:
             path = write_rows(Path(folder), suffix, [row, base] if first else [base, row])
             data = config(path, fmt, on_error="skip", special_tokens_in_text="escape")
             try:
-                train, _, report = build_datasets(data, tokenizer, "pt" if fmt == "text" else "sft")
+                train, _, report = build_datasets(data, tokenizer, STAGE_OF.get(FORMAT_OF.get(name, name), "sft"))
             except DataError:
                 return
             assert train

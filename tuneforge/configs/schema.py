@@ -41,14 +41,19 @@ class ModelConfig:
 class DatasetSpec:
     path: str = opt(help="A file (.json/.jsonl/.csv/.parquet/.txt), a folder of them, a name from the dataset "
                          "registry, or a Hugging Face datasets name (needs a reachable hub).")
-    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = opt(
-        "auto", "Row format. auto guesses from the columns of the first row.")
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "text", "pairwise", "kto", "typed", "prompt"] = opt(
+        "auto", "Row format. auto guesses from the columns of the first row. pairwise: prompt + chosen + rejected "
+        "(alpaca, sharegpt, OpenAI or hh-rlhf layouts); kto: a conversation + boolean label; typed: responses with "
+        "types, expanded by `ranking`; prompt: prompts (+ reference answer) for ppo/grpo.")
     columns: dict[str, str] = opt(factory=dict, help="Column mapping from our names to yours, e.g. "
                                   "{instruction: question, output: answer} or {messages: conversations}.")
     tags: dict[str, str] = opt(factory=dict, help="sharegpt tags, e.g. {role_tag: from, content_tag: value, "
                                "user_tag: human, assistant_tag: gpt, system_tag: system}.")
     split: str = opt("train", "Split name for Hugging Face datasets.")
     max_samples: int | None = opt(None, "Use at most this many rows of this dataset (first N).")
+    ranking: list[str] = opt(factory=list, help="Typed responses (format typed): the response types, best first, "
+                             "e.g. [safe_and_responsible, safe, unsafe]. Default: CValues' refuse_with_guidance > "
+                             "refuse > risky (its Chinese type names are read as these).")
 
     @classmethod
     def from_str(cls, value: str) -> DatasetSpec:

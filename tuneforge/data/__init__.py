@@ -4,18 +4,32 @@
 
     train, evals, report = build_datasets(cfg.data, tokenizer, "sft", chat_template=cfg.model.chat_template)
     batch = collate(train[:4], pad_token_id)       # keys besides "labels" go straight into model(**inputs)
+
+    pairs, _, _ = build_datasets(cfg.data, tokenizer, "pairwise")   # also "kto", "prompt"
+    batch = collate_pairs(pairs[:4], pad_token_id) # 8 rows: 4 chosen, then their 4 rejected
 """
 
 from tuneforge.data.build import build_datasets, load_examples
-from tuneforge.data.collate import collate
+from tuneforge.data.collate import collate, collate_for, collate_kto, collate_pairs, collate_prompts
 from tuneforge.data.encode import encode_chat
 from tuneforge.data.packing import PackedRow, pack
 from tuneforge.data.templates import BUILTIN_TEMPLATES, resolve_chat_template
-from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example
+from tuneforge.data.types import (
+    IGNORE_INDEX,
+    BadRow,
+    DataReport,
+    Encoded,
+    EncodedKTO,
+    EncodedPair,
+    EncodedPrompt,
+    Example,
+    PairExample,
+)
 
-__all__ = ["build_datasets", "load_examples", "collate", "encode_chat", "exact_match", "generate_example_task",
+__all__ = ["build_datasets", "load_examples", "collate", "collate_for", "collate_pairs", "collate_kto", "collate_prompts",
+           "encode_chat", "exact_match", "generate_example_task",
            "PackedRow", "pack", "BUILTIN_TEMPLATES", "resolve_chat_template", "IGNORE_INDEX", "BadRow", "DataReport",
-           "Encoded", "Example"]
+           "Encoded", "EncodedKTO", "EncodedPair", "EncodedPrompt", "Example", "PairExample"]
 
 
 def __getattr__(name: str):

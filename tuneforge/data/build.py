@@ -12,6 +12,9 @@ Stages:
   `max_length` are truncated or dropped (`data.overlong`); rows left with no label token are dropped. Both counted.
 - pt: text + eos (and bos where the tokenizer adds one), labels = input ids. Documents longer than `max_length` are
   split into max_length chunks (counted); packing is on unless `data.packing: false`.
+- pairwise (rm, dpo, coh): preference pairs -> `EncodedPair`; kto: labelled conversations (or pairs, each side
+  labelled) -> `EncodedKTO`; prompt (ppo, grpo): prompts (or chat rows and pairs, cut before the reply) ->
+  `EncodedPrompt`. See encode_align.py for lengths; these stages never pack.
 
 Nothing is dropped silently: bad rows (reading, format, validation, rendering, tokenizing: whatever one row
 raises, see `types.bad_row`) raise one DataError listing them (`data.on_error: raise`) or are skipped and listed in
@@ -26,28 +29,39 @@ import logging
 import random
 from pathlib import Path
 
-from tuneforge.data import formats, readers
+from tuneforge.data import encode_align, formats, readers
 from tuneforge.data.encode import CHARS_PER_TOKEN, encode_chat, special_tokens_in
 from tuneforge.data.packing import pack
 from tuneforge.data.registry import Registry
 from tuneforge.data.templates import resolve_chat_template
-from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example, RowProblem, bad_row
+from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example, PairExample, RowProblem, bad_row
 from tuneforge.errors import DataError
 from tuneforge.models.loading import hub_offline, hub_reachable, looks_local
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-STAGES = ("pt", "sft")
+STAGES = ("pt", "sft", "pairwise", "kto", "prompt")
+# The data each training stage reads (`build_datasets` takes either name).
+DATA_STAGE = {"pt": "pt", "sft": "sft", "rm": "pairwise", "dpo": "pairwise", "coh": "pairwise", "kto": "kto",
+              "ppo": "prompt", "grpo": "prompt"}
+ALIGN_ENCODERS = {"pairwise": encode_align.encode_pair, "kto": encode_align.encode_kto,
+                  "prompt": encode_align.encode_prompt_example}
 
 
-def read_datasets(data_cfg, base_dir: str | Path | None = None) -> tuple[list[Example], list[Example], DataReport]:
+def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | None = None,
+                  ) -> tuple[list[Example], list[Example], DataReport]:
     """Read and validate every row (train, eval) without a tokenizer. With `on_error: raise` a bad row fails here,
-    before a recipe spends minutes loading the model."""
+    before a recipe spends minutes loading the model. `stage` (optional): rows of a kind the stage does not train
+    on (a preference pair in sft, a plain conversation in dpo) are bad rows here too."""
     report = DataReport()
     registry = open_registry(data_cfg.registry, base_dir)
     train_examples = load_examples(data_cfg.train, registry, base_dir, report)
     eval_examples = load_examples(data_cfg.eval, registry, base_dir, report)
+    if stage is not None:
+        stage = DATA_STAGE.get(stage, stage)
+        train_examples = fitting_stage(train_examples, stage, report)
+        eval_examples = fitting_stage(eval_examples, stage, report)
     if not data_cfg.eval and data_cfg.eval_ratio > 0:
         train_examples, eval_examples = split_eval(train_examples, data_cfg.eval_ratio, data_cfg.seed)
     if data_cfg.on_error == "raise":
@@ -63,19 +77,21 @@ def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = 
                    base_dir: str | Path | None = None,
                    read: tuple[list[Example], list[Example], DataReport] | None = None,
                    ) -> tuple[list[Encoded], list[Encoded], DataReport]:
-    """(train, eval, report) for `stage` (pt or sft); see the module docstring. `read`: the result of
+    """(train, eval, report) for `stage` (pt, sft, pairwise, kto or prompt, or a training stage such as dpo, see
+    DATA_STAGE); see the module docstring. `read`: the result of
     `read_datasets` when the caller validated the rows already."""
+    stage = DATA_STAGE.get(stage, stage)
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        raise ValueError(f"stage must be one of {STAGES} or a training stage {tuple(DATA_STAGE)}, got {stage!r}")
     train_examples, eval_examples, report = read if read is not None else read_datasets(data_cfg, base_dir)
-    template = resolve_chat_template(tokenizer, chat_template) if stage == "sft" else None
+    template = resolve_chat_template(tokenizer, chat_template) if stage != "pt" else None
     train = encode_examples(train_examples, tokenizer, stage, data_cfg, template, report)
     evals = encode_examples(eval_examples, tokenizer, stage, data_cfg, template, report)
     check_bad_rows(report, data_cfg)
     if not train:
         raise DataError(f"No training examples left after reading {report.rows_read} rows. "
                         + "; ".join(report.lines()[1:]))
-    if data_cfg.packing if data_cfg.packing is not None else stage == "pt":
+    if stage in ("pt", "sft") and (data_cfg.packing if data_cfg.packing is not None else stage == "pt"):
         train, evals = pack(train, data_cfg.max_length), pack(evals, data_cfg.max_length)
     return train, evals, report
 
@@ -101,6 +117,18 @@ def find_local(path: str, base_dir) -> Path | None:
     return None
 
 
+def fitting_stage(examples: list, stage: str, report: DataReport) -> list:
+    """The examples whose kind `stage` trains on; the others become bad rows (see encode_align.for_stage)."""
+    kept = []
+    for example in examples:
+        try:
+            encode_align.for_stage(example, stage)
+            kept.append(example)
+        except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
+            report.bad_rows.append(bad_row(e, example.source))
+    return kept
+
+
 def load_examples(specs: list, registry: Registry | None, base_dir, report: DataReport) -> list[Example]:
     """Read and validate every row of every spec; bad rows go to the report."""
     examples = []
@@ -109,6 +137,8 @@ def load_examples(specs: list, registry: Registry | None, base_dir, report: Data
             report.rows_read += 1
             if isinstance(item, BadRow):
                 report.bad_rows.append(item)
+            elif isinstance(item, list):  # a typed row: one pair per ordered pair of its responses
+                examples += item
             else:
                 examples.append(item)
     return examples
@@ -166,21 +196,36 @@ def adapt_rows(rows: list, spec) -> list:
                 continue
         fmt = formats_by_file[row.file] if spec.format == "auto" else spec.format
         try:
-            out.append(formats.to_example(row.data, fmt, row.source, spec.columns, spec.tags))
+            out.append(formats.to_example(row.data, fmt, row.source, spec.columns, spec.tags, spec.ranking))
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
             out.append(bad_row(e, row.source))
     return out
 
 
-def split_eval(examples: list[Example], ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded random `ratio` share of the rows for evaluation (at least one when there are two or more)."""
+def split_eval(examples: list, ratio: float, seed: int) -> tuple[list, list]:
+    """A seeded random `ratio` share of the rows for evaluation (at least one when there are two or more). The
+    pairs of one typed row stay on one side, so no prompt is both trained on and evaluated."""
     if len(examples) < 2:
         return examples, []
-    order = list(range(len(examples)))
+    rows: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        rows.setdefault(row_of(example), []).append(i)
+    order = list(rows)
     random.Random(seed).shuffle(order)
     n_eval = min(len(examples) - 1, max(1, round(len(examples) * ratio)))
-    held = set(order[:n_eval])
+    held: set[int] = set()
+    for key in order:
+        if len(held) >= n_eval or len(held) + len(rows[key]) == len(examples):
+            break
+        held.update(rows[key])
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def row_of(example) -> str:
+    """The row an example came from (the pairs of a typed row carry ' (pair k: ...)' after it)."""
+    if isinstance(example, PairExample) and example.pair_index[1] > 1:
+        return example.source.rsplit(" (pair ", 1)[0]
+    return example.source
 
 
 def check_bad_rows(report: DataReport, data_cfg) -> None:
@@ -199,17 +244,21 @@ def check_bad_rows(report: DataReport, data_cfg) -> None:
 
 # ---- encoding -------------------------------------------------------------------------------------------------
 
-def encode_examples(examples: list[Example], tokenizer, stage: str, data_cfg, template: str | None,
-                    report: DataReport) -> list[Encoded]:
+def encode_examples(examples: list, tokenizer, stage: str, data_cfg, template: str | None,
+                    report: DataReport) -> list:
     out = []
     for example in examples:
         try:
-            if stage == "sft":
-                out += fit_length(encode_sft(example, tokenizer, data_cfg, template, report), data_cfg, report)
-            else:
-                out += encode_pt(example, tokenizer, data_cfg, report)
+            for item in encode_align.for_stage(example, stage):  # a pair serves kto as two rows, ...
+                if stage in ALIGN_ENCODERS:
+                    escape = special_tokens_policy(item, tokenizer, data_cfg, report)
+                    out += ALIGN_ENCODERS[stage](item, tokenizer, data_cfg, template, escape, report)
+                elif stage == "sft":
+                    out += fit_length(encode_sft(item, tokenizer, data_cfg, template, report), data_cfg, report)
+                else:
+                    out += encode_pt(item, tokenizer, data_cfg, report)
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
-            report.bad_rows.append(bad_row(e, example.source, "messages" if stage == "sft" else "text"))
+            report.bad_rows.append(bad_row(e, example.source, "messages" if stage != "pt" else "text"))
     return out
 
 

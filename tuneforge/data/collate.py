@@ -13,6 +13,9 @@ Every key except `labels` goes straight into `model(**inputs)`:
   The model must run without a KV cache (`model.config.use_cache = False`, as training sets it, or
   `use_cache=False` in the call): with a cache, transformers skips the packed-sequence detection and packed
   examples would attend to each other.
+
+Alignment batches (`collate_pairs`, `collate_kto`, `collate_prompts`) add keys that are not model inputs (named
+below); a recipe pops them before `model(**inputs)`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.packing import PackedRow
-from tuneforge.data.types import IGNORE_INDEX, Encoded
+from tuneforge.data.types import IGNORE_INDEX, Encoded, EncodedKTO, EncodedPair, EncodedPrompt
 
 
 def collate(batch: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -46,3 +49,50 @@ def _position_ids(batch: list[Encoded], width: int) -> torch.Tensor:
         positions = item.position_ids if isinstance(item, PackedRow) else list(range(len(item)))
         rows.append(list(positions) + list(range(width - len(item))))  # padding: a block of its own
     return torch.tensor(rows, dtype=torch.long)
+
+
+def collate_pairs(batch: list[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """2B rows, the B chosen sides then the B rejected ones (one forward serves both: row i and row B + i are a
+    pair), padded to one width. Extra key: `margin` (B floats, 0 where the data gives none)."""
+    out = collate([p.chosen for p in batch] + [p.rejected for p in batch], pad_token_id)
+    out["margin"] = torch.tensor([p.margin or 0.0 for p in batch], dtype=torch.float)
+    return out
+
+
+def collate_kto(batch: list[EncodedKTO], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The B conversations plus, for KTO's KL reference point, B mismatched ones: row i's prompt with row
+    (i + 1) % B's reply (as TRL builds them). Extra keys: `kto_label` (B bools) and `kl_input_ids`,
+    `kl_attention_mask`, `kl_labels` (the mismatched batch, cut to the batch's width so it never exceeds
+    max_length; with B = 1 it is the row itself)."""
+    out = collate(batch, pad_token_id)
+    out["kto_label"] = torch.tensor([item.label for item in batch], dtype=torch.bool)
+    width, mismatched = out["input_ids"].shape[1], []
+    for i, item in enumerate(batch):
+        other = batch[(i + 1) % len(batch)]
+        cut = other.prompt_length
+        mismatched.append(Encoded((item.input_ids[:item.prompt_length] + other.input_ids[cut:])[:width],
+                                  ([IGNORE_INDEX] * item.prompt_length + other.labels[cut:])[:width]))
+    kl = collate(mismatched, pad_token_id)
+    out.update({f"kl_{key}": value for key, value in kl.items()})
+    return out
+
+
+def collate_prompts(batch: list[EncodedPrompt], pad_token_id: int) -> dict:
+    """Prompts padded on the **left**, so every row ends where sampling begins: `input_ids`, `attention_mask`.
+    Extra keys (lists, not tensors): `messages` (the rendered conversations) and `reference` (answers or None)."""
+    width = max(len(item) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        input_ids[row, width - len(item):] = torch.tensor(item.input_ids, dtype=torch.long)
+        attention_mask[row, width - len(item):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "messages": [item.messages for item in batch],
+            "reference": [item.reference for item in batch]}
+
+
+def collate_for(stage: str):
+    """The collate function of a data stage (pt, sft, pairwise, kto, prompt) or training stage (dpo, grpo, ...)."""
+    from tuneforge.data.build import DATA_STAGE
+
+    by_data = {"pairwise": collate_pairs, "kto": collate_kto, "prompt": collate_prompts}
+    return by_data.get(DATA_STAGE.get(stage, stage), collate)

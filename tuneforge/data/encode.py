@@ -58,7 +58,7 @@ _warned: set[str] = set()
 
 def encode_chat(tokenizer, messages: list[dict], tools: list | None = None, loss_on: str = "assistant",
                 chat_template: str | None = None, max_length: int | None = None,
-                escape_special_tokens: bool = False) -> Encoded:
+                escape_special_tokens: bool = False, skip_turns: int = 0) -> Encoded:
     """Render `messages` with the chat template and label the assistant replies (see the module docstring).
 
     loss_on: `assistant` (every assistant turn), `all` (every token) or `last` (the last assistant turn).
@@ -66,6 +66,7 @@ def encode_chat(tokenizer, messages: list[dict], tools: list | None = None, loss
     CHARS_PER_TOKEN characters before rendering and the ids end where the cut content ends (`Encoded.truncated`),
     so such a row ends up truncated at max_length as if it had been rendered whole. escape_special_tokens: text in
     the messages that spells a special token (`<|im_end|>`) is tokenized as ordinary text, not as that token.
+    skip_turns: the first N assistant turns get no loss (they belong to a preference pair's or KTO row's prompt).
     Raises DataError when the template cannot render the conversation or its replies cannot be located.
     """
     if loss_on not in LOSS_ON:
@@ -84,7 +85,7 @@ def encode_chat(tokenizer, messages: list[dict], tools: list | None = None, loss
     if loss_on == "all":
         labels = list(ids)
     else:
-        spans = assistant_spans(tokenizer, template, messages, tools, text)
+        spans = assistant_spans(tokenizer, template, messages, tools, text)[skip_turns:]
         if loss_on == "last":
             spans = [] if last_cut_away else spans[-1:]  # the last turn lies past the cut: nothing to learn
         labels = label_spans(ids, offsets, spans)
@@ -112,6 +113,41 @@ def tokenize_with_offsets(tokenizer, text: str, escaped: list[tuple[int, int]] =
     except NotImplementedError as e:  # only fast (Rust `tokenizers`) tokenizers report offsets
         raise UserError(f"The tokenizer ({type(tokenizer).__name__}) cannot report character offsets, which the "
                         f"loss mask needs; load a fast tokenizer (tokenizer.json).") from e
+
+
+def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None, chat_template: str | None = None,
+                  escape_special_tokens: bool = False) -> tuple[list[int], list[dict]]:
+    """A prompt rendered with the generation prompt (the assistant header), as `generation.render_prompts` does,
+    adapted like `encode_chat` when the template refuses or drops a system message. Returns the ids and the
+    messages actually rendered."""
+    template = resolve_chat_template(tokenizer, chat_template, tools)
+    messages, tools = adapt_to_template(tokenizer, messages, tools, template)
+    last_error = None
+    for variant, change in _variants(messages):
+        try:
+            text = render(tokenizer, template, variant, tools, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - templates raise anything
+            last_error = e
+            continue
+        if _drops_system(variant, text):  # the next variant merges the system prompt into the user turn
+            continue
+        if change:
+            _warn_once(change, _CHANGES[change])
+        escaped = _escaped_spans(text, variant) if escape_special_tokens else []
+        return list(tokenize_with_offsets(tokenizer, text, escaped)["input_ids"]), variant
+    raise DataError(f"The chat template cannot render this prompt: {last_error}")
+
+
+def _escaped_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    """Where the message contents are in a rendered prompt (tokenized as plain text when escaping)."""
+    spans, pos = [], 0
+    for m in messages:
+        content = m.get("content")
+        at = text.find(content, pos) if isinstance(content, str) and content else -1
+        if at >= 0:
+            spans.append((at, at + len(content)))
+            pos = at + len(content)
+    return spans
 
 
 # ---- huge rows --------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Formats (column names are the defaults; `DatasetSpec.columns` maps our names to 
 - openai: `messages`, a list of {role, content} with roles system/user/assistant/tool (assistant `tool_calls`
   and `tool_call_id` as in the OpenAI API; content may be a list of text parts). Optional `tools` column.
 - text: `text`, plain text for pre-training.
+- pairwise, kto, typed, prompt: alignment data (preference pairs, KTO rows, ranked typed responses, prompts for
+  sampling); see tuneforge/data/preference.py.
 - auto: guessed from the first row of each file (see `guess_format`).
 
 List-valued cells may also hold JSON text (CSV files, LLaMA-Factory's `tools` column). Every conversation is
@@ -26,7 +28,8 @@ from typing import Any
 from tuneforge.data.types import Example, RowProblem
 from tuneforge.errors import DataError
 
-FORMATS = ("alpaca", "sharegpt", "openai", "text")
+FORMATS = ("alpaca", "sharegpt", "openai", "text", "pairwise", "kto", "typed", "prompt")
+CHAT_FORMATS = ("alpaca", "sharegpt", "openai")
 
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "system_tag": "system", "function_tag": "function_call", "observation_tag": "observation"}
@@ -34,14 +37,26 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def to_example(data: dict, fmt: str, source: str, columns: dict, tags: dict) -> Example:
-    """One raw row in format `fmt` -> Example; raises RowProblem."""
-    adapter = {"alpaca": alpaca_example, "sharegpt": sharegpt_example, "openai": openai_example,
-               "text": text_example}[fmt]
-    if fmt == "sharegpt":
-        example = adapter(data, source, columns, {**SHAREGPT_TAGS, **tags})
+def to_example(data: dict, fmt: str, source: str, columns: dict, tags: dict, ranking: list[str] | None = None):
+    """One raw row in format `fmt` -> Example (PairExample for pairwise, a list of them for typed); raises
+    RowProblem."""
+    from tuneforge.data import preference
+
+    if fmt == "typed":
+        examples = preference.typed_examples(data, source, columns, ranking)
+        for example in examples:
+            check_unicode(example)
+        return examples
+    if fmt in ("pairwise", "kto", "prompt"):
+        adapter = {"pairwise": preference.pairwise_example, "kto": preference.kto_example,
+                   "prompt": preference.prompt_example}[fmt]
+        example = adapter(data, source, columns, tags)
+    elif fmt == "sharegpt":
+        example = sharegpt_example(data, source, columns, {**SHAREGPT_TAGS, **tags})
     else:
-        example = adapter(data, source, columns)
+        example = {"alpaca": alpaca_example, "openai": openai_example, "text": text_example}[fmt](data, source, columns)
+    if fmt in CHAT_FORMATS:
+        example.reference = preference.reference_column(data, columns)
     check_unicode(example)
     return example
 
@@ -65,7 +80,8 @@ def check_unicode(example: Example) -> None:
 
 def strings_of(example: Example):
     """(field, string) for every string of an example: texts, message contents, tool calls and tool schemas."""
-    stack = [("text", example.text), ("messages", example.messages), ("tools", example.tools)]
+    names = ("text", "messages", "prompt", "chosen", "rejected", "tools", "reference")
+    stack = [(name, getattr(example, name)) for name in names if getattr(example, name, None) is not None]
     while stack:  # iterative: a row may nest deeper than Python's recursion limit allows
         field, value = stack.pop()
         if isinstance(value, str):
@@ -79,6 +95,23 @@ def strings_of(example: Example):
 
 def guess_format(data: dict, columns: dict, where: str) -> str:
     """The format of a file from its first row's keys (and, for conversations, the keys of the first turn)."""
+    def has(name: str) -> bool:
+        return columns.get(name, name) in data
+
+    if has("chosen_messages") or (has("chosen") and has("rejected")):
+        return "pairwise"
+    if has("responses") or "pos_resp" in data:
+        return "typed"
+    label = data.get(columns.get("label", "label"), data.get("kto_tag"))
+    if isinstance(label, bool) or (isinstance(label, str) and label.strip().lower() in ("true", "false")):
+        return "kto"  # a boolean label: a classification dataset's `label` column is not KTO data
+    if has("prompt") and not has("output"):
+        return "prompt"
+    return guess_chat_format(data, columns, where)
+
+
+def guess_chat_format(data: dict, columns: dict, where: str) -> str:
+    """alpaca, sharegpt, openai or text, from a row's keys (and, for conversations, the keys of the first turn)."""
     for name in ([columns["messages"]] if "messages" in columns else ["messages", "conversations"]):
         if name in data:
             turns = _maybe_json(data[name])
@@ -93,7 +126,7 @@ def guess_format(data: dict, columns: dict, where: str) -> str:
     if columns.get("text", "text") in data:
         return "text"
     raise DataError(f"{where}: cannot tell the data format from the first row's keys {sorted(data)}. Set `format` "
-                    f"(alpaca, sharegpt, openai or text) in the dataset spec and, when your columns have other "
+                    f"(alpaca, sharegpt, openai, text, pairwise, kto, typed or prompt) in the dataset spec and, when your columns have other "
                     f"names, `columns`, e.g. {{path: ..., format: alpaca, columns: {{instruction: question, "
                     f"output: answer}}}}.")
 

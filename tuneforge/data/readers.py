@@ -8,6 +8,9 @@ Sources name the row so a user can open the file at the right place:
 `.txt` files are plain text for pre-training: documents are separated by blank lines; a file without any blank
 line has one document per line (the common "one article per line" dump, e.g. LLaMA-Factory's wiki_demo.txt).
 
+Text files may be gzip-compressed (`.jsonl.gz`, `.json.gz`, `.csv.gz`, `.txt.gz`: hh-rlhf ships so); they are read
+through gzip and named as they are on disk.
+
 A JSON file that holds JSON lines (a common misnaming) is read as JSON lines. A row that cannot be parsed
 (a broken JSON line, a CSV row with the wrong number of cells, JSON nested deeper than the parser can go, anything
 else one row raises) is reported as a bad row, not raised, so the `data.on_error` policy decides what happens to
@@ -20,6 +23,8 @@ Parquet file), raises DataError naming it.
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ from tuneforge.data.types import BadRow, bad_row
 from tuneforge.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+GZIP_SUFFIXES = tuple(f"{s}.gz" for s in SUFFIXES if s != ".parquet")
 ENCODING = {"encoding": "utf-8-sig", "errors": "surrogateescape"}  # see the module docstring
 
 
@@ -46,13 +52,13 @@ def read_local(path: Path) -> Rows:
     """All rows of a file, or of every supported file under a folder (sorted, recursive)."""
     if path.is_dir():
         return read_folder(path)
-    reader = READERS.get(path.suffix.lower())
+    reader = READERS.get(data_suffix(path))
     if reader is None:
         raise DataError(f"{path}: unsupported file type `{path.suffix}`. Use one of {', '.join(SUFFIXES)} "
-                        f"(or a folder of such files).")
+                        f"(text ones also gzip-compressed, e.g. .jsonl.gz; or a folder of such files).")
     try:
         rows = reader(path)
-    except OSError as e:
+    except (OSError, EOFError) as e:  # gzip: BadGzipFile is an OSError, a cut-off file an EOFError
         raise DataError(f"{path}: cannot read the file ({e}).") from e
     if not rows:
         raise DataError(f"{path}: no data rows in this file (it is empty, or holds only blank lines, an empty JSON "
@@ -61,15 +67,35 @@ def read_local(path: Path) -> Rows:
 
 
 def read_folder(folder: Path) -> Rows:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and data_suffix(p) in READERS
                    and not p.name.startswith(".") and p.name != "dataset_info.json")
     if not files:
         raise DataError(f"{folder} is a folder without data files ({', '.join(SUFFIXES)}).")
     return [row for file in files for row in read_local(file)]
 
 
+def data_suffix(path: Path) -> str:
+    """The suffix that names the data format: `.jsonl` for both train.jsonl and train.jsonl.gz."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz" and suffixes[-2] != ".parquet":
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
+def open_text(path: Path, newline: str | None = None):
+    """The file as text (see ENCODING), through gzip when it ends in .gz."""
+    if path.suffix.lower() == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), newline=newline, **ENCODING)
+    return path.open(newline=newline, **ENCODING)
+
+
+def read_text(path: Path) -> str:
+    with open_text(path) as f:
+        return f.read()
+
+
 def read_json(path: Path) -> Rows:
-    text = path.read_text(**ENCODING)
+    text = read_text(path)
     try:
         data = json.loads(text)
     except RecursionError:  # some record nests deeper than the parser goes: read the records one by one
@@ -157,7 +183,7 @@ def _row_or_bad(item, source: str, field: str, path: Path):
 
 def read_jsonl(path: Path) -> Rows:
     rows = []
-    with path.open(**ENCODING) as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -176,7 +202,7 @@ def read_csv(path: Path) -> Rows:
     """CSV with a header row. Cells are strings; list-valued columns (history, conversations) hold JSON text."""
     _allow_large_csv_cells()
     rows = []
-    with path.open(newline="", **ENCODING) as f:
+    with open_text(path, newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader, None)
@@ -227,7 +253,7 @@ def read_parquet(path: Path) -> Rows:
 
 
 def read_txt(path: Path) -> Rows:
-    lines = path.read_text(**ENCODING).splitlines()
+    lines = read_text(path).splitlines()
     filled = [n for n, line in enumerate(lines) if line.strip()]
     if not filled:
         return []
@@ -269,5 +295,5 @@ def read_hub(name: str, split: str) -> Rows:
 
 def looks_like_local_path(path: str) -> bool:
     """A path the user clearly meant as a file (so a missing one is 'not found', not a hub lookup)."""
-    return (path.startswith(("/", "./", "../", "~")) or path.lower().endswith(SUFFIXES)
+    return (path.startswith(("/", "./", "../", "~")) or path.lower().endswith(SUFFIXES + GZIP_SUFFIXES)
             or "\\" in path or path.count("/") > 1)

@@ -8,8 +8,8 @@
 Entries give `file_name` (relative to the registry file) or `hf_hub_url`, `formatting` (alpaca, the default, or
 sharegpt), `columns` and `tags` (sharegpt role names). LLaMA-Factory's column names are translated to ours
 (prompt -> instruction, query -> input, response -> output); an entry whose only column is `prompt` is plain text
-for pre-training (LLaMA-Factory's c4_demo/wiki_demo). `ranking` (preference) datasets are refused until the
-preference stages exist, with a message saying so.
+for pre-training (LLaMA-Factory's c4_demo/wiki_demo). `ranking: true` entries are preference pairs (format
+pairwise; LLaMA-Factory's `chosen`/`rejected` columns); a `kto_tag` column makes an entry KTO data (format kto).
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ class Registry:
         where = f"Dataset registry {self.path}, entry `{name}`"
         if not isinstance(entry, dict):
             raise DataError(f"{where}: expected an object with `file_name` or `hf_hub_url`.")
-        if entry.get("ranking"):
-            raise DataError(f"{where} is a ranking (preference) dataset; stages that use chosen/rejected pairs are "
-                            f"not available yet. Use an SFT or pre-training dataset.")
         fmt, columns = _format_and_columns(entry, where)
+        if entry.get("ranking"):
+            fmt = "pairwise"
+        elif "kto_tag" in columns:
+            fmt, columns = "kto", {("label" if k == "kto_tag" else k): v for k, v in columns.items()}
         return replace(spec, path=self._location(entry, where),
                        format=spec.format if spec.format != "auto" else fmt,
                        columns={**columns, **spec.columns}, tags={**(entry.get("tags") or {}), **spec.tags})

@@ -1,6 +1,10 @@
 """The shapes that travel along the one data path.
 
 raw row -> (format adapter) -> Example (messages or text) -> (chat template) -> Encoded (ids + labels) -> batch
+
+Alignment data travels the same path: a preference pair is a `PairExample` (one prompt, two replies) -> `EncodedPair`;
+a KTO row is an `Example` with a `label` -> `EncodedKTO`; a prompt for PPO/GRPO is an `Example` whose messages end
+with the user's turn (and an optional `reference` answer) -> `EncodedPrompt`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,32 @@ IGNORE_INDEX = -100  # label value that gets no loss (the convention of torch's 
 @dataclass
 class Example:
     """One validated row. Chat rows have `messages` ([{role, content, ...}], roles system/user/assistant/tool);
-    pre-training rows have `text`. `source` says where it came from, e.g. 'data/train.jsonl:12'."""
+    pre-training rows have `text`. `source` says where it came from, e.g. 'data/train.jsonl:12'. KTO rows carry
+    `label` (True: a desirable reply); prompt rows (messages ending with the user's turn) and chat rows may carry a
+    `reference` answer that rule rewards compare against (the `answer`/`reference` column)."""
 
     source: str
     messages: list[dict] | None = None
     text: str | None = None
     tools: list | None = None
+    label: bool | None = None
+    reference: str | None = None
+
+
+@dataclass
+class PairExample:
+    """A preference pair: the shared `prompt` (messages ending with the user's turn) and the `chosen` and
+    `rejected` continuations (assistant turns, and any tool turns between them). `margin`: how much better chosen
+    is, when the data says (a reward-model margin); `kinds`: (chosen type, rejected type) of typed responses."""
+
+    source: str
+    prompt: list[dict]
+    chosen: list[dict]
+    rejected: list[dict]
+    tools: list | None = None
+    margin: float | None = None
+    kinds: tuple[str, str] | None = None
+    pair_index: tuple[int, int] = (1, 1)  # (k, n): the k-th of the n pairs its row gave (typed rows give several)
 
 
 @dataclass
@@ -34,6 +58,46 @@ class Encoded:
     labels: list[int]
     source: str = ""
     truncated: bool = False  # cut before max_length was reached (a huge message; see encode.cap_contents)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class EncodedKTO(Encoded):
+    """One KTO example: the conversation's ids and labels (the reply only) and whether the reply is desirable.
+    `prompt_length`: tokens before the reply, so a batch can pair prompts with other rows' replies (KTO's KL
+    reference point)."""
+
+    label: bool = True
+    prompt_length: int = 0
+
+
+@dataclass
+class EncodedPair:
+    """Both sides of a preference pair, each the full conversation rendered with the chat template, labels on the
+    reply only. `chosen_prompt_length` / `rejected_prompt_length`: tokens before each reply."""
+
+    chosen: Encoded
+    rejected: Encoded
+    source: str = ""
+    margin: float | None = None
+    chosen_prompt_length: int = 0
+    rejected_prompt_length: int = 0
+
+    def __len__(self) -> int:  # the longer side decides the padded width (for group_by_length)
+        return max(len(self.chosen), len(self.rejected))
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt for sampling (PPO, GRPO): its ids rendered with the generation prompt, the messages (to render
+    again, e.g. for a reward model with another template) and the reference answer when the row has one."""
+
+    input_ids: list[int]
+    messages: list[dict]
+    reference: str | None = None
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -86,6 +150,7 @@ class DataReport:
     dropped_no_loss: list[str] = field(default_factory=list)  # e.g. the assistant reply was cut away entirely
     split_documents: list[str] = field(default_factory=list)  # pre-training documents cut into max_length chunks
     special_tokens: list[str] = field(default_factory=list)  # rows whose text spells a special token (kept/escaped)
+    no_room: list[str] = field(default_factory=list)  # prompts that leave no room for a reply within max_length
 
     def lines(self) -> list[str]:
         out = [f"{self.rows_read} rows read"]
@@ -105,4 +170,7 @@ class DataReport:
         if self.special_tokens:
             out.append(f"{len(self.special_tokens)} rows spell a special token of the tokenizer in their text "
                        f"(data.special_tokens_in_text; first: {self.special_tokens[0]})")
+        if self.no_room:
+            out.append(f"{len(self.no_room)} examples skipped because the prompt leaves no room for the reply within "
+                       f"max_length (raise data.max_length or shorten the prompts; first: {self.no_room[0]})")
         return out

@@ -169,10 +169,11 @@ def build_model(preset: Preset, config, tokenizer, seed: int):
     return model
 
 
-def write_model(model, tokenizer, folder: Path) -> None:
+def write_model(model, tokenizer, folder: Path, **save_kwargs) -> None:
     """save_pretrained both, keeping the chat template inside tokenizer_config.json (read by every transformers
-    version) and recording the legacy `rope_theta` key that transformers < 5 reads."""
-    model.save_pretrained(folder, safe_serialization=True)
+    version) and recording the legacy `rope_theta` key that transformers < 5 reads. `save_kwargs` go to the
+    model's save_pretrained (e.g. max_shard_size)."""
+    model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
     tokenizer.save_pretrained(folder, save_jinja_files=False)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))

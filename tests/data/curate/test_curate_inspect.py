@@ -1,0 +1,99 @@
+"""`tuneforge data inspect`: counts, languages, empty/duplicate fields, and token statistics that equal what the
+training encoder produces; plus the `tuneforge data` CLI surface."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.data.curate.helpers import parse, write_jsonl
+from tuneforge.cli import main as cli_main
+from tuneforge.data.curate.inspect import inspect
+from tuneforge.data.types import IGNORE_INDEX
+
+ROWS = [{"instruction": "Say hi", "input": "", "output": "Hello there, nice to meet you."},
+        {"instruction": "把 7 千米换算成米。", "input": "", "output": "7000 米"},
+        {"instruction": "Say hi", "input": "", "output": "Hi!"},
+        {"instruction": "Summarise", "input": "A long text " * 40, "output": "A text.", "history": [["a", "b"]]},
+        {"instruction": "Broken", "output": ""}]
+
+
+def test_counts_languages_and_fields(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    report = inspect(parse("inspect", ["--data", path, "--out", str(tmp_path / "out")]))
+    assert report["rows"] == 5 and report["bad_rows"] == 1 and "rows.jsonl:line 5" in report["bad_rows_first"][0]
+    assert report["languages"] == {"en": 3, "zh": 1}
+    assert report["turns"] == {1: 3, 2: 1}
+    assert report["empty_fields"] == {"column `input`": 3, "column `output`": 1}
+    assert report["duplicate_fields"]["column `instruction`"] == 1  # "Say hi" twice
+    assert report["duplicate_fields"].get("whole row (normalised)", 0) == 0
+    assert "tokens" not in report
+    for name in ("lengths.png", "turns.png", "languages.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "**5 rows**" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
+def test_token_statistics_match_the_training_encoder(tmp_path, tiny_qwen2_dir):
+    from transformers import AutoTokenizer
+
+    from tuneforge.configs.schema import DatasetSpec
+    from tuneforge.data.build import load_examples
+    from tuneforge.data.encode import encode_chat
+    from tuneforge.data.types import DataReport
+
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    report = inspect(parse("inspect", ["--data", path, "--model", str(tiny_qwen2_dir), "--max-length", "40",
+                                       "--out", str(tmp_path / "out")]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    encoded = [encode_chat(tokenizer, e.messages) for e in load_examples([DatasetSpec(path=path)], None, None,
+                                                                          DataReport())]
+    lengths = [len(e) for e in encoded]
+    loss = sum(1 for e in encoded for label in e.labels[1:] if label != IGNORE_INDEX)
+    tokens = report["tokens"]
+    assert (tokens["min"], tokens["max"], tokens["total"]) == (min(lengths), max(lengths), sum(lengths))
+    assert tokens["loss_tokens"] == loss and tokens["loss_share"] == pytest.approx(loss / sum(lengths), abs=1e-4)
+    assert tokens["rows_cut"] == sum(n > 40 for n in lengths) >= 1
+    saved = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert saved["tokens"]["rows_cut"] == tokens["rows_cut"]
+
+
+def test_data_verb_help_and_errors(tmp_path, capsys):
+    assert cli_main(["data"]) == 0 and "clean" in capsys.readouterr().out
+    assert cli_main(["data", "clean", "--help"]) == 0
+    assert "--jaccard" in capsys.readouterr().out
+    assert cli_main(["data", "clen"]) == 2 and "Did you mean `clean`" in capsys.readouterr().err
+    assert cli_main(["data", "inspect", "--out", str(tmp_path)]) == 2
+    assert "No datasets given" in capsys.readouterr().err
+    assert cli_main(["data", "inspect", "--data", "missing.jsonl", "--out", str(tmp_path)]) == 2
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_config_datasets_are_read_like_training(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", ROWS[:2])
+    config = tmp_path / "cfg.yaml"
+    config.write_text("data:\n  train: [{path: train.jsonl, max_samples: 1}]\n", encoding="utf-8")
+    report = inspect(parse("inspect", ["--config", str(config), "--out", str(tmp_path / "out")]))
+    assert report["rows"] == 1 and report["languages"] == {"en": 1}
+
+
+def test_registry_names_resolve_like_training(tmp_path, shared_assets):
+    registry = shared_assets / "datasets/llamafactory/dataset_info.json"
+    report = inspect(parse("inspect", ["--registry", str(registry), "--data", "identity", "--out",
+                                       str(tmp_path / "out")]))
+    assert report["rows"] == 91 and report["bad_rows"] == 0
+    assert report["rows_per_dataset"] == {"identity": 91}
+
+
+def test_text_rows_count_tokens_as_pretraining_does(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    texts = ["A document for continued pre-training.", "另一个文档。" * 20]
+    path = write_jsonl(tmp_path / "pt.jsonl", [{"text": t} for t in texts])
+    report = inspect(parse("inspect", ["--data", path, "--model", str(tiny_llama_dir), "--max-length", "32",
+                                       "--out", str(tmp_path / "out")]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lengths = [len(tokenizer(t)["input_ids"]) + 1 for t in texts]  # + eos, as stage pt encodes
+    assert report["kinds"] == {"text": 2} and report["tokens"]["total"] == sum(lengths)
+    assert report["tokens"]["rows_cut"] == sum(n > 32 for n in lengths)
+    assert report["languages"] == {"en": 1, "zh": 1}

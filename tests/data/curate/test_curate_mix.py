@@ -1,0 +1,108 @@
+"""`tuneforge data mix`: the share and allocation arithmetic exactly, repetition, seeds, and the written mixture."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from tests.data.curate.helpers import parse, read_jsonl, write_jsonl
+from tuneforge.cli import main as cli_main
+from tuneforge.configs.schema import DatasetSpec
+from tuneforge.data.build import load_examples
+from tuneforge.data.curate.mix import allocate, mix, rates, sample, weights
+from tuneforge.data.types import DataReport
+from tuneforge.errors import DataError, UserError
+
+
+def test_largest_remainder_allocation_is_exact():
+    assert allocate(10, [1, 1, 1]) == [4, 3, 3]  # ties go to the earlier dataset
+    assert allocate(7, [5, 3]) == [4, 3]  # quotas 4.375 and 2.625: the larger remainder gets the spare row
+    assert allocate(100, [1, 2, 3, 4]) == [10, 20, 30, 40]
+    assert allocate(5, [1, 1, 1, 1, 1, 1]) == [1, 1, 1, 1, 1, 0]
+    assert allocate(1, [1, 1000]) == [0, 1]
+    assert allocate(3, [1, 1, 1]) == [1, 1, 1]
+
+
+def test_allocation_always_sums_to_size_and_stays_within_one_of_the_quota():
+    rng = random.Random(1)
+    for _ in range(300):
+        w = [rng.randint(1, 10_000) for _ in range(rng.randint(1, 7))]
+        size = rng.randint(1, 50_000)
+        counts = allocate(size, w)
+        assert sum(counts) == size
+        for c, x in zip(counts, w):
+            assert abs(c - size * x / sum(w)) < 1
+
+
+def test_temperature_shares_follow_t5():
+    sizes = [100, 10_000]
+    assert weights(sizes, "temperature", T=2) == [10.0, 100.0]  # e^(1/2)
+    assert allocate(110, weights(sizes, "temperature", T=2)) == [10, 100]
+    assert rates(sizes, "temperature", T=1) == pytest.approx(rates(sizes, "proportional"))
+    assert rates(sizes, "temperature", T=1e6) == pytest.approx([0.5, 0.5], abs=1e-4)  # large T: uniform
+    assert weights(sizes, "temperature", T=1, K=400) == [100.0, 400.0]  # K caps the big dataset
+    assert allocate(50, weights(sizes, "temperature", T=1, K=400)) == [10, 40]
+    assert rates([3, 30, 300], "equal") == [1 / 3] * 3
+    assert rates([1, 3], "proportional") == [0.25, 0.75]
+
+
+def test_sample_repeats_whole_dataset_then_samples_the_rest():
+    picked = sample(3, 7, random.Random(0))
+    counts = Counter(picked)
+    assert len(picked) == 7 and set(counts) == {0, 1, 2} and sorted(counts.values()) == [2, 2, 3]
+    assert len(set(sample(10, 4, random.Random(0)))) == 4  # below the size: without replacement
+
+
+def make_sets(tmp_path) -> tuple[str, str]:
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": f"A{i}"} for i in range(40)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": f"b{i}"},
+                                                         {"role": "assistant", "content": f"B{i}"}]}
+                                           for i in range(4)])
+    return a, b
+
+
+def test_mix_writes_exact_counts_and_says_what_repeats(tmp_path, capsys):
+    a, b = make_sets(tmp_path)
+    out = tmp_path / "mix"
+    assert cli_main(["data", "mix", "--data", a, b, "--strategy", "equal", "--size", "21", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "repeated x2.50" in printed and "50.00%" in printed
+    rows = read_jsonl(out / "mix.jsonl")
+    assert Counter(r["dataset"] for r in rows) == {a: 11, b: 10}
+    b_rows = Counter(r["source"] for r in rows if r["dataset"] == b)
+    assert sorted(b_rows.values()) == [2, 2, 3, 3]  # every row twice, two of them a third time
+    a_rows = Counter(r["source"] for r in rows if r["dataset"] == a)
+    assert max(a_rows.values()) == 1  # 11 of 40: no repeats
+    read = DataReport()  # the training data path reads the mixture as it is
+    examples = load_examples([DatasetSpec(path=str(out / "mix.jsonl"))], None, None, read)
+    assert not read.bad_rows and len(examples) == 21
+    assert {e.messages[0]["content"] for e in examples} == {r["messages"][0]["content"] for r in rows}
+    first = (out / "mix.jsonl").read_bytes()
+    mix(parse("mix", ["--data", a, b, "--strategy", "equal", "--size", "21", "--out", str(out)]))
+    assert (out / "mix.jsonl").read_bytes() == first  # same seed, same mixture
+    report = mix(parse("mix", ["--data", a, b, "--strategy", "equal", "--size", "21", "--seed", "1", "--out",
+                               str(out)]))
+    assert (out / "mix.jsonl").read_bytes() != first
+    assert [d["count"] for d in report["datasets"]] == [11, 10] and report["datasets"][1]["repeat"] == 2.5
+
+
+def test_mix_defaults_to_total_size_and_refuses_bad_rows(tmp_path):
+    a, b = make_sets(tmp_path)
+    report = mix(parse("mix", ["--data", a, b, "--strategy", "proportional", "--out", str(tmp_path / "m")]))
+    assert [d["count"] for d in report["datasets"]] == [40, 4]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": ""}, {"instruction": "y",
+                                                                                     "output": "z"}])
+    with pytest.raises(DataError, match="bad.jsonl:line 1"):
+        mix(parse("mix", ["--data", a, bad, "--out", str(tmp_path / "m")]))
+    report = mix(parse("mix", ["--data", a, bad, "--on-error", "skip", "--out", str(tmp_path / "m")]))
+    assert len(report["bad_rows_skipped"]) == 1 and report["datasets"][1]["rows"] == 1
+    with pytest.raises(UserError, match="--T"):
+        mix(parse("mix", ["--data", a, "--T", "0", "--out", str(tmp_path / "m")]))
+
+
+def test_out_must_be_a_folder(tmp_path):
+    a, _ = make_sets(tmp_path)
+    with pytest.raises(UserError, match="is a file"):
+        mix(parse("mix", ["--data", a, "--out", a]))

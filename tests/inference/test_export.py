@@ -1,0 +1,269 @@
+"""`tuneforge export` to Hugging Face folders: merged logits equal the adapter model's, plain transformers / PEFT
+load the result in a fresh process without TuneForge, sharding, dtypes, stop tokens, and the output folder rules.
+
+Adapters are made with the registry's own `apply`/`save` on the tiny fixtures, with their zero-initialised parts
+randomised so that a merge that forgot them would change the logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneforge.cli import main
+from tuneforge.errors import UserError
+from tuneforge.inference.export import source
+from tuneforge.inference.export.cli import ExportArgs, export_cli
+from tuneforge.inference.export.hf import parse_shard_size
+from tuneforge.methods import METHODS
+
+REPO = Path(__file__).resolve().parents[2]
+IDS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 8, 250, 3]])
+
+
+def make_adapter(method: str, base: Path, out: Path, scale: float = 0.05, **options) -> Path:
+    """Apply `method` to the base through the registry, perturb what starts at identity, save it like training."""
+    from transformers import AutoModelForCausalLM
+
+    m = METHODS[method]
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    opts = m.Options(**options)
+    model = m.apply(model, opts, None)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+            elif "ia3_l" in name:
+                p.add_(torch.randn_like(p) * 4 * scale)
+    m.save(model, out)
+    return out
+
+
+def adapter_logits(base: Path, adapter: Path) -> torch.Tensor:
+    """Reference: the base with the adapter applied (not merged), as chat and eval run it."""
+    from tuneforge.configs.schema import ModelConfig
+
+    model, _ = source.load_with_adapter(str(base), adapter, ModelConfig(name_or_path=str(base)), torch.float32)
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+FRESH_LOADER = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+jobs, out = json.loads(sys.argv[1]), sys.argv[2]
+ids = torch.tensor(json.loads(sys.argv[3]))
+results = {}
+for job in jobs:
+    model = AutoModelForCausalLM.from_pretrained(job["folder"], dtype=torch.float32).eval()
+    if job.get("adapter"):
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, job["adapter"]).eval()
+    with torch.no_grad():
+        results[job["id"]] = model(input_ids=ids).logits
+assert not any(name.startswith("tuneforge") for name in sys.modules), "TuneForge was imported"
+torch.save(results, out)
+"""
+
+
+def load_fresh(jobs: list[dict], tmp_path: Path) -> dict:
+    """Logits from a fresh Python that imports only transformers/PEFT (TuneForge is not on its path)."""
+    out = tmp_path / "fresh.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", FRESH_LOADER, json.dumps(jobs), str(out), json.dumps(IDS.tolist())],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir, tiny_qwen2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "lora-llama": (tiny_llama_dir, make_adapter("lora", tiny_llama_dir, root / "lora-llama", rank=4)),
+        "dora-qwen2": (tiny_qwen2_dir, make_adapter("dora", tiny_qwen2_dir, root / "dora-qwen2", rank=4)),
+        "ia3-llama": (tiny_llama_dir, make_adapter("ia3", tiny_llama_dir, root / "ia3-llama")),
+        "prompt-llama": (tiny_llama_dir, make_adapter("prompt_tuning", tiny_llama_dir, root / "prompt-llama",
+                                                      num_virtual_tokens=4)),
+    }
+
+
+MERGED_BY = {"lora-llama": "lora", "dora-qwen2": "lora", "ia3-llama": "ia3"}  # DoRA is a PEFT LoRA (use_dora)
+
+
+@pytest.fixture(scope="module")
+def exported(adapters, tmp_path_factory):
+    """Each adapter exported with the CLI (no --model: the base comes from the adapter's own record), then ALL the
+    folders loaded in ONE fresh process with plain transformers/PEFT: {case: (printed text, folder, fresh logits)}."""
+    root = tmp_path_factory.mktemp("exported")
+    jobs, printed = [{"id": "base-llama", "folder": str(adapters["lora-llama"][0])}], {}
+    for case, (base, adapter) in adapters.items():
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert main(["export", "--adapter", str(adapter), "--out", str(root / case), "--dtype", "fp32"]) == 0
+        printed[case] = buffer.getvalue()
+        merged = case in MERGED_BY
+        jobs.append({"id": case, "folder": str(root / case) if merged else str(base),
+                     "adapter": None if merged else str(root / case)})
+    fresh = load_fresh(jobs, root)
+    return {case: (printed.get(case), root / case, fresh[case]) for case in fresh}
+
+
+def test_merged_folders_match_the_adapter_and_load_without_tuneforge(adapters, exported):
+    for case, merged_by in MERGED_BY.items():
+        printed, folder, logits = exported[case]
+        assert f"Merged the `{merged_by}` adapter" in printed
+        assert not (folder / "adapter_config.json").exists()
+        torch.testing.assert_close(logits, adapter_logits(*adapters[case]), atol=1e-4, rtol=0)
+    # the adapter really changes the model, so the equality above means something
+    assert (exported["base-llama"][2] - exported["lora-llama"][2]).abs().max() > 1e-2
+
+
+def test_folder_is_sharded_with_chat_template_and_stop_tokens(adapters, tmp_path):
+    base, adapter = adapters["lora-llama"]
+    out = tmp_path / "sharded"
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(out),
+                 "--max-shard-size", "300KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and set(index["weight_map"].values()) == {p.name for p in shards}
+    for shard in shards:  # a shard may pass the limit only when it holds one tensor larger than the limit
+        from safetensors import safe_open
+
+        with safe_open(str(shard), "pt") as f:
+            assert shard.stat().st_size <= 300_000 + 1024 or len(list(f.keys())) == 1
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(str(base)).chat_template
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert set(tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])) <= set(eos)
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
+
+
+def test_full_model_folder_rewritten_in_bf16(tiny_qwen2_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    assert main(["export", "--model", str(tiny_qwen2_dir), "--out", str(out), "--dtype", "bf16"]) == 0
+    original, written = load_file(str(tiny_qwen2_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert original.keys() == written.keys()
+    for name, tensor in written.items():
+        assert tensor.dtype == torch.bfloat16, name
+        assert torch.equal(tensor, original[name].to(torch.bfloat16)), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_non_mergeable_method_exports_an_adapter_folder_that_plain_peft_loads(adapters, exported, tmp_path, capsys):
+    printed, out, logits = exported["prompt-llama"]
+    assert "`prompt_tuning` cannot be merged" in printed and "PeftModel.from_pretrained" in printed
+    assert (out / "adapter_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "config.json").exists()
+    torch.testing.assert_close(logits, adapter_logits(*adapters["prompt-llama"]), atol=1e-5, rtol=0)
+    adapter = adapters["prompt-llama"][1]
+    assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "g"), "--format", "gguf"]) == 2
+    assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "g").exists()
+    # an adapter folder given as --model is taken as the adapter (its base from its own record)
+    assert main(["export", "--model", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "adapter_config.json").is_file()
+
+
+def test_bottleneck_adapter_exports_as_a_tuneforge_adapter_folder(tiny_qwen2_dir, tmp_path, capsys):
+    from tuneforge.configs.schema import ModelConfig
+
+    adapter = make_adapter("adapter", tiny_qwen2_dir, tmp_path / "bottleneck", bottleneck_size=8)
+    with torch.no_grad():  # `up` starts at zero; give it weights so the comparison below means something
+        from safetensors.torch import load_file, save_file
+
+        tensors = {k: (v + 0.05 * torch.randn_like(v)) for k, v in
+                   load_file(str(adapter / "adapter_model.safetensors")).items()}
+        save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(tiny_qwen2_dir), "--adapter", str(adapter), "--out", str(out)]) == 0
+    assert f"tuneforge chat --model {tiny_qwen2_dir} --adapter {out}" in capsys.readouterr().out
+    model, _ = source.load_with_adapter(str(tiny_qwen2_dir), out, ModelConfig(name_or_path="x"), torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, adapter_logits(tiny_qwen2_dir, adapter))
+
+
+def test_refuses_non_empty_out_unless_overwrite(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", "--model", str(tiny_llama_dir), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert main(["export", "--model", str(tiny_llama_dir), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert main(["export", "--model", str(tiny_llama_dir), "--out", str(tiny_llama_dir), "--overwrite"]) == 2
+    assert "being exported" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_no_folder(tiny_llama_dir, tmp_path, monkeypatch):
+    from tuneforge.inference.export import hf
+
+    def write_then_die(model, tokenizer, folder, dtype, shard):
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # as if killed mid-write
+
+    monkeypatch.setattr(hf, "write_hf_folder", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        export_cli(ExportArgs(out=str(tmp_path / "half"), model=str(tiny_llama_dir)))
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temp sibling
+
+
+def test_argument_errors_before_any_load(tmp_path):
+    cases = [(dict(quant="q8_0"), "--format gguf"), (dict(quant="nf4", format="gguf"), "--format hf"),
+             (dict(max_shard_size="2 gigs"), "not a size"), (dict(model=None), "Nothing to export")]
+    for kwargs, message in cases:
+        args = ExportArgs(out=str(tmp_path / "x"), **{"model": "/nonexistent", **kwargs})
+        with pytest.raises(UserError, match=message):
+            export_cli(args)
+    assert parse_shard_size("2GB") == 2 * 10**9 and parse_shard_size("1GiB") == 2**30
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal is for machines without CUDA")
+def test_bitsandbytes_export_on_cpu_says_why(tiny_llama_dir, tmp_path):
+    with pytest.raises(UserError, match="needs a CUDA GPU|needs bitsandbytes"):
+        export_cli(ExportArgs(out=str(tmp_path / "q"), model=str(tiny_llama_dir), quant="nf4"))
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_bitsandbytes_export_loads_quantized(adapters, tmp_path, quant):
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = adapters["lora-llama"]
+    out = tmp_path / quant
+    export_cli(ExportArgs(out=str(out), adapter=str(adapter), quant=quant))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["load_in_4bit" if quant == "nf4" else "load_in_8bit"] is True
+    model = AutoModelForCausalLM.from_pretrained(str(out), device_map={"": 0}).eval()
+    with torch.no_grad():
+        got = model(input_ids=IDS.cuda()).logits.float().cpu()
+    want = adapter_logits(base, adapter)
+    assert (got - want).abs().max() < 0.5 and torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_adapter_identification_and_base_reference(adapters, tmp_path):
+    _, lora = adapters["lora-llama"]
+    assert source.adapter_method(lora).name == "lora"
+    run = tmp_path / "run"
+    run.mkdir()
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "/gone/elsewhere"}))
+    (run / "tuneforge_config.yaml").write_text("method: pissa\nmodel:\n  name_or_path: builtin:smollm2-135m-instruct\n")
+    assert source.adapter_method(run).name == "pissa"  # the training run's config tells LoRA variants apart
+    assert source.base_reference(run) == "builtin:smollm2-135m-instruct"  # the recorded path no longer exists
+    (run / "tuneforge_config.yaml").unlink()
+    with pytest.raises(UserError, match="--model"):
+        source.base_reference(run)

@@ -1,0 +1,47 @@
+"""`tuneforge data <sub-verb>`: turn raw rows into a clean, balanced training set, with a report of every row.
+
+    tuneforge data inspect --data alpaca.json --model builtin:smollm2-135m-instruct --out reports/raw
+    tuneforge data clean   --data alpaca.json --out data/clean
+    tuneforge data mix     --data data/clean/clean.jsonl zh.jsonl --strategy temperature --T 2 --size 20000 \\
+                           --out data/mix
+    tuneforge data safety  --data cvalues_comparison.jsonl --out data/safety
+
+Each sub-verb reads the same dataset specs as `data.train` (`--data`, or `--config train.yaml`), writes into
+`--out DIR` (rows as .jsonl that `tuneforge train` reads, report.json + report.md) and never overwrites its input.
+One module per sub-verb; rows.py holds the shared reading and atomic writing.
+"""
+
+from __future__ import annotations
+
+SUBVERBS = {
+    "inspect": ("tuneforge.data.curate.inspect:inspect_cli", "tuneforge.data.curate.inspect:InspectArgs",
+                "Counts, token lengths with the model's chat template, turns, languages, empty/duplicate fields."),
+    "clean": ("tuneforge.data.curate.clean:clean_cli", "tuneforge.data.curate.clean:CleanArgs",
+              "Drop exact/near duplicates and degenerate rows; every removed row listed with its rule."),
+    "mix": ("tuneforge.data.curate.mix:mix_cli", "tuneforge.data.curate.mix:MixArgs",
+            "Mix datasets to a target size: proportional, temperature (T5) or equal shares."),
+    "safety": ("tuneforge.data.curate.safety:safety_cli", "tuneforge.data.curate.safety:SafetyArgs",
+               "Expand typed safety responses (CValues style) into every ordered preference pair."),
+}
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {name:<8} {help_}" for name, (_, _, help_) in SUBVERBS.items())
+    return (f"usage: tuneforge data <sub-verb> [options]\n\nsub-verbs:\n{rows}\n\n"
+            f"`tuneforge data <sub-verb> --help` for its options.")
+
+
+def data_cli(argv: list[str]) -> int:
+    """Dispatch `tuneforge data <sub-verb> ...` to the sub-verb's function with its parsed, typed options."""
+    from tuneforge.cli import Verb, _load, parse_verb_args
+    from tuneforge.errors import UserError, did_you_mean
+
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] not in SUBVERBS:
+        raise UserError(f"`tuneforge data {argv[0]}`: no such sub-verb.{did_you_mean(argv[0], SUBVERBS)} "
+                        f"Sub-verbs: {', '.join(SUBVERBS)}.")
+    target, args, help_ = SUBVERBS[argv[0]]
+    verb = Verb(f"data {argv[0]}", target, args, help_)
+    return int(_load(target)(parse_verb_args(verb, argv[1:])) or 0)

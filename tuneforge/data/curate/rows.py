@@ -1,0 +1,233 @@
+"""Where the data tools get their rows and put their results.
+
+Rows come from the same dataset specs as `data.train` (`--data PATH_OR_NAME ...`, or `--config train.yaml` for
+its `data.train` and `data.registry`), through the data path's own resolution, readers and format adapters, so a
+row is named as in training errors (`file:line N`, `file:record N`). JSON lines files are streamed line by line;
+other files are read whole by the data path's readers.
+
+Results go to `--out DIR`, each file written to a temp name and renamed when complete, and never over an input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tuneforge.configs.typed import opt
+from tuneforge.data import build, formats, readers
+from tuneforge.data.types import BadRow, Example
+from tuneforge.errors import DataError, UserError
+
+
+@dataclass(kw_only=True)
+class SourceArgs:
+    """Options every `tuneforge data` sub-verb shares: what to read and where to write."""
+
+    out: str = opt(help="Output folder (created; files in it are replaced atomically, never an input file).")
+    data: list[str] = opt(factory=list, help="Datasets: files, folders or registry names, as in `data.train`.")
+    config: str | None = opt(None, "A training config YAML: its `data.train` (and `data.registry`) are read, "
+                                   "relative paths from the config's folder; `--data` adds to them.")
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = opt(
+        "auto", "Row format of the `--data` datasets (auto guesses per file, like training).")
+    registry: str | None = opt(None, "A dataset_info.json registry for names in `--data` (LLaMA-Factory style).")
+
+
+@dataclass
+class Row:
+    """One input row: its source, the raw mapping (None when unreadable), and the Example or why it is bad."""
+
+    source: str
+    raw: dict | None
+    example: Example | None = None
+    bad: BadRow | None = None
+    dataset: str = ""  # the spec it came from (its path or registry name)
+    answer_column: str = "output"  # the alpaca answer column of its spec (for telling empty answers apart)
+    spec_index: int = 0  # which of the dataset specs it came from
+
+    @property
+    def empty_answer(self) -> bool:
+        """A row the data path refused only because its answer is empty."""
+        return self.bad is not None and (self.bad.problem.startswith("empty `assistant`")
+                                         or (self.bad.problem == "empty" and self.bad.field == self.answer_column))
+
+
+@dataclass
+class Sources:
+    specs: list  # DatasetSpec
+    registry: object | None
+    base_dir: Path | None
+
+
+def sources_of(args: SourceArgs) -> Sources:
+    """The dataset specs named by --config and --data, with the registry to resolve names."""
+    from tuneforge.configs.schema import DatasetSpec, load_train_config
+
+    specs, registry_path, base_dir = [], args.registry, None
+    if args.config:
+        cfg = load_train_config(args.config)
+        specs, base_dir = list(cfg.data.train), Path(args.config).resolve().parent
+        registry_path = registry_path or cfg.data.registry
+    specs += [DatasetSpec(path=p, format=args.format) for p in args.data]
+    if not specs:
+        raise UserError("No datasets given: name them with `--data PATH ...` (files, folders or registry names) "
+                        "or `--config train.yaml` to read its `data.train`.")
+    return Sources(specs, build.open_registry(registry_path, base_dir), base_dir)
+
+
+def resolved(spec, sources: Sources):
+    """(spec with registry settings applied, local path)."""
+    if sources.registry is not None and spec.path in sources.registry:
+        spec = sources.registry.resolve(spec)
+    local = build.find_local(spec.path, sources.base_dir)
+    if local is None:
+        raise DataError(f"Dataset {spec.path}: no such file or folder (nor a name in the registry). The data tools "
+                        f"read local files; give a path relative to the current folder or an absolute one.")
+    return spec, local
+
+
+def input_files(sources: Sources) -> list[Path]:
+    files = []
+    for spec in sources.specs:
+        _, local = resolved(spec, sources)
+        files += sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+    return [f.resolve() for f in files]
+
+
+def iter_rows(sources: Sources) -> Iterator[Row]:
+    """Every row of every spec, in order, adapted to an Example (or a BadRow saying why not)."""
+    for index, named in enumerate(sources.specs):
+        spec, local = resolved(named, sources)
+        guessed: dict[str, str] = {}
+        for n, raw in enumerate(_raw_rows(local)):
+            if spec.max_samples is not None and n >= spec.max_samples:
+                break
+            row = _adapt(raw, spec, guessed)
+            row.spec_index, row.dataset = index, named.path  # the name the user gave (a registry name stays one)
+            yield row
+
+
+def _adapt(raw, spec, guessed: dict) -> Row:
+    if isinstance(raw, BadRow):
+        return Row(raw.source, None, bad=raw)
+    try:
+        fmt = spec.format
+        if fmt == "auto":
+            if raw.file not in guessed:
+                guessed[raw.file] = formats.guess_format(raw.data, spec.columns, raw.file)
+            fmt = guessed[raw.file]
+        if fmt not in formats.CHAT_FORMATS + ("text",):  # these tools would drop chosen/rejected/label unseen
+            raise DataError(f"{raw.file}: its rows are alignment data (format {fmt}: preference pairs, KTO rows, "
+                            f"typed responses or prompts); the `tuneforge data` tools read SFT and pre-training rows "
+                            f"(alpaca, sharegpt, openai, text) so far. Typed responses: `tuneforge data safety`.")
+        return Row(raw.source, raw.data, formats.to_example(raw.data, fmt, raw.source, spec.columns, spec.tags))
+    except formats.RowProblem as e:
+        return Row(raw.source, raw.data, bad=BadRow(raw.source, e.field, e.problem),
+                   answer_column=spec.columns.get("output", "output"))
+
+
+def _raw_rows(local: Path) -> Iterator:
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix.lower() in readers.SUFFIXES
+                       and not p.name.startswith(".") and p.name != "dataset_info.json")
+        for file in files:
+            yield from _raw_rows(file)
+    elif local.suffix.lower() == ".jsonl":
+        yield from _stream_jsonl(local)
+    else:
+        yield from readers.read_local(local)
+
+
+def _stream_jsonl(path: Path) -> Iterator:
+    """readers.read_jsonl one line at a time (same sources, same bad-row messages), so 100k rows are not held."""
+    with path.open(encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            source = f"{path}:line {n}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield BadRow(source, "<line>", f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield (readers.RawRow(source, item, str(path)) if isinstance(item, dict)
+                   else BadRow(source, "<line>", f"expected an object {{...}}, got {type(item).__name__}"))
+
+
+# ---- output ---------------------------------------------------------------------------------------------------
+
+def example_row(example: Example, **extra) -> dict:
+    """An Example as a row `tuneforge train` reads: OpenAI `messages` (with `tools`) or `text`, plus `extra`."""
+    if example.text is not None:
+        return {"text": example.text, **extra}
+    row = {"messages": example.messages}
+    if example.tools:
+        row["tools"] = example.tools
+    return {**row, **extra}
+
+
+def prepare_out(out: str, inputs: list[Path], names: list[str]) -> Path:
+    """The output folder, refusing when an output file would replace an input."""
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"`--out {out}` is a file; it must be a folder (created when missing).")
+    for name in names:
+        target = (folder / name).resolve()
+        if target in inputs:
+            raise UserError(f"`--out {out}` would overwrite the input {target}. Write to another folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class AtomicWriter:
+    """A text file written to a temp name in the same folder and renamed over `path` on `commit()`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.tmp = Path(tmp)
+        self.file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write_row(self, row: dict) -> None:
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_text(path: Path, text: str) -> None:
+    with AtomicWriter(path) as w:
+        w.file.write(text)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def load_tokenizer(model: str, chat_template: str | None = None):
+    """The model's tokenizer (local folder, hub id or builtin:<name>) and its resolved chat template."""
+    from tuneforge.configs.schema import ModelConfig
+    from tuneforge.data.templates import resolve_chat_template
+    from tuneforge.models.loading import load_tokenizer as load
+
+    tokenizer = load(ModelConfig(name_or_path=model, chat_template=chat_template))
+    tokenizer.model_max_length = 10**9  # we measure lengths; transformers' "longer than the maximum" warning is noise
+    return tokenizer, resolve_chat_template(tokenizer, chat_template)

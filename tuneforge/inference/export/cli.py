@@ -1,0 +1,184 @@
+"""`tuneforge export`: a trained model as a Hugging Face folder or a GGUF file, ready to ship.
+
+    tuneforge export --adapter outputs/lora-run --out exported/hf              # base recorded in the adapter
+    tuneforge export --model builtin:smollm2-135m-instruct --adapter outputs/lora-run --out exported/hf --dtype bf16
+    tuneforge export --adapter outputs/lora-run --out exported/gguf --format gguf --quant q8_0
+    tuneforge export --model outputs/full-run --out exported/full --max-shard-size 500MB
+
+Mergeable adapters (LoRA and its variants, IA3, ...) are folded into the base weights; methods that cannot merge
+(prompt/prefix tuning, llama_adapter, bottleneck adapters) are written as adapter folders with a note. The output
+is built in a temp folder next to --out and renamed into place at the end, so an interrupted export leaves nothing
+half-written; an existing non-empty --out is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tuneforge.configs.schema import ModelConfig
+from tuneforge.configs.typed import opt
+from tuneforge.errors import UserError
+
+
+@dataclass
+class ExportArgs:
+    out: str = opt(help="Folder to write. Must be absent or empty unless --overwrite.")
+    model: str | None = opt(None, "Base model (local folder, hub id or builtin:<name>), or the output folder of a "
+                                  "full/freeze/bitfit run (an adapter folder here is taken as --adapter). Default: the base "
+                                  "recorded in --adapter.")
+    adapter: str | None = opt(None, "Adapter folder (output_dir of an adapter run) to merge into the base.")
+    format: Literal["hf", "gguf"] = opt("hf", "hf: a Hugging Face folder (safetensors); gguf: one .gguf file for "
+                                              "llama.cpp / Ollama (llama and qwen2 architectures).")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "Weight dtype written. auto: the base model's own dtype (from its config.json), fp32 when unknown. "
+                "The merge is computed in fp32 when this is fp32, else in this dtype.")
+    quant: Literal["none", "q8_0", "nf4", "int8"] = opt(
+        "none", "Quantize: q8_0 (GGUF, 8-bit blocks of 32, runs on CPU), nf4 or int8 (Hugging Face folder through "
+                "bitsandbytes; needs a CUDA GPU).")
+    max_shard_size: str = opt("2GB", "Largest safetensors file in a Hugging Face folder (e.g. 500MB, 5GB).")
+    overwrite: bool = opt(False, "Replace --out when it exists and is not empty.")
+    trust_remote_code: bool = opt(False, "Run Python code shipped with the model (only for sources you trust).")
+    allow_pickle: bool = opt(False, "Allow pickle (.bin/.pt) weights, which can execute code when loaded.")
+
+
+def check_args(args: ExportArgs) -> None:
+    if args.quant == "q8_0" and args.format != "gguf":
+        raise UserError("--quant q8_0 is a GGUF type; add --format gguf (or use --quant nf4/int8 for a "
+                        "bitsandbytes-quantized Hugging Face folder).")
+    if args.quant in ("nf4", "int8") and args.format != "hf":
+        raise UserError(f"--quant {args.quant} writes a bitsandbytes Hugging Face folder; use --format hf, or "
+                        f"--quant q8_0 for GGUF.")
+    from tuneforge.inference.export.hf import parse_shard_size
+
+    parse_shard_size(args.max_shard_size)
+    if args.model is None and args.adapter is None:
+        raise UserError("Nothing to export: pass --model (a model folder, hub id or builtin:<name>) and/or "
+                        "--adapter (a trained adapter folder).")
+
+
+def check_out(out: Path, overwrite: bool, sources: list[Path]) -> None:
+    """Refuse to clobber: a file, a non-empty folder (unless --overwrite), or a folder we read from."""
+    if out.is_file():
+        raise UserError(f"--out {out} is a file; give a folder path.")
+    for source in sources:
+        resolved = source.expanduser().resolve()
+        if out.resolve() == resolved or out.resolve() in resolved.parents:
+            raise UserError(f"--out {out} is (or contains) the folder being exported ({source}); write to "
+                            f"another folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} already exists and is not empty. Choose another folder or pass --overwrite "
+                        f"to replace it.")
+
+
+def target_dtype(args: ExportArgs, source_folder: Path) -> torch.dtype:
+    from tuneforge.inference.export.hf import DTYPES
+
+    return DTYPES[args.dtype] if args.dtype != "auto" else config_dtype(source_folder)
+
+
+def config_dtype(folder: Path) -> torch.dtype:
+    """The dtype written in a model folder's config.json (`dtype`, or `torch_dtype` before transformers 5)."""
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+GGUF_KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _report(out: Path, started: float) -> None:
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    print(f"Wrote {out} ({len(files)} files, {total / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s:")
+    for p in files:
+        print(f"  {p.name:<40} {p.stat().st_size / 1e6:10.1f} MB")
+
+
+def _export_adapter(args: ExportArgs, base: str, adapter: Path, method, model_cfg, out: Path) -> None:
+    """A method that cannot merge: check the adapter loads on the base, then write it as an adapter folder."""
+    from tuneforge.inference.export.hf import write_adapter_folder
+    from tuneforge.inference.export.source import load_with_adapter
+    from tuneforge.models.loading import atomic_folder
+
+    if args.format != "hf" or args.quant != "none":
+        raise UserError(f"`{method.name}` adapters cannot be merged into the base weights (they add computation "
+                        f"with no weight equivalent), so there is no single {args.format.upper()} model to write. "
+                        f"Export them as an adapter folder (--format hf, no --quant), or train a mergeable method "
+                        f"(lora, dora, ia3, ...) for GGUF/quantized export.")
+    _, tokenizer = load_with_adapter(base, adapter, model_cfg, torch.float32)
+    with atomic_folder(out) as tmp:
+        write_adapter_folder(adapter, tokenizer, tmp, args.model)
+    how = (f"tuneforge chat --model {base} --adapter {out}" if method.name == "adapter" else
+           f"peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r})")
+    print(f"note: `{method.name}` cannot be merged into the base weights (it adds computation with no weight "
+          f"equivalent), so {out} is an adapter folder for the base model, not a standalone model. Load it with: "
+          f"{how}")
+
+
+def _write_merged(args: ExportArgs, model, tokenizer, dtype: torch.dtype, tmp: Path) -> None:
+    from tuneforge.inference.export import hf
+    from tuneforge.inference.export.gguf_file import ollama_modelfile, write_gguf
+
+    shard = hf.parse_shard_size(args.max_shard_size)
+    if args.format == "hf" and args.quant == "none":
+        hf.write_hf_folder(model, tokenizer, tmp, dtype, shard)
+    elif args.format == "hf":
+        hf.write_bnb_folder(model, tokenizer, tmp, args.quant, shard)
+    else:
+        kind = "q8_0" if args.quant == "q8_0" else GGUF_KINDS[dtype]
+        name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
+        gguf_name = f"{name}-{kind}.gguf"
+        write_gguf(model, tokenizer, tmp / gguf_name, kind, name=name)
+        stops = hf.export_generation_config(model, tokenizer).eos_token_id
+        stops = stops if isinstance(stops, list) else [stops]
+        (tmp / "Modelfile").write_text(ollama_modelfile(gguf_name, tokenizer, stops), encoding="utf-8")
+
+
+def export_cli(args: ExportArgs) -> int:
+    from tuneforge.inference.export import source
+    from tuneforge.models.loading import atomic_folder, resolve_source
+
+    started = time.perf_counter()
+    check_args(args)
+    adapter = Path(args.adapter).expanduser() if args.adapter else None
+    if adapter is None and (Path(args.model).expanduser() / source.ADAPTER_CONFIG).is_file():
+        adapter, args.model = Path(args.model).expanduser(), None  # `--model outputs/lora-run`: meant as adapter
+    method = None
+    if adapter is not None:
+        source.check_adapter_folder(adapter)
+        method = source.adapter_method(adapter)
+    base = args.model or source.base_reference(adapter)
+    out = Path(args.out).expanduser()
+    check_out(out, args.overwrite, [p for p in (adapter, Path(base)) if p is not None and p.exists()])
+    if args.quant in ("nf4", "int8"):
+        from tuneforge.inference.export.hf import check_bitsandbytes
+
+        check_bitsandbytes()  # before minutes of loading and merging
+    model_cfg = ModelConfig(name_or_path=base, trust_remote_code=args.trust_remote_code,
+                            allow_pickle=args.allow_pickle)
+    if method is not None and not method.mergeable:
+        _export_adapter(args, base, adapter, method, model_cfg, out)
+        _report(out, started)
+        return 0
+    dtype = target_dtype(args, Path(resolve_source(base)))
+    model, tokenizer = source.load_merged(base, adapter, method, model_cfg, dtype)
+    with atomic_folder(out) as tmp:
+        _write_merged(args, model, tokenizer, dtype, tmp)
+    if method is not None:
+        print(f"Merged the `{method.name}` adapter from {adapter} into {base}.")
+    _report(out, started)
+    if args.format == "gguf":
+        gguf_file = next(out.glob("*.gguf")).name
+        print(f"Run it: llama-cli -m {out / gguf_file} -cnv    or    cd {out} && ollama create mymodel -f Modelfile "
+              f"&& ollama run mymodel")
+    return 0
