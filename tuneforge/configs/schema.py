@@ -1,11 +1,12 @@
 """The training config: typed sections whose field help is the only help text there is.
 
-    stage: sft            # pt | sft (later: rm, dpo, kto, ppo, grpo)
+    stage: sft            # pt | sft | rm | dpo | kto | coh (later: ppo, grpo)
     method: lora          # any registered method (tuneforge/methods)
     model: {name_or_path: builtin:smollm2-135m-instruct}
     data: {train: [...], max_length: 512}
     training: {lr: 2e-4, max_steps: 100}
     lora: {rank: 8}       # the options section of the chosen method
+    dpo: {loss: sigmoid}  # the options section of an alignment stage (rm, dpo, kto, coh)
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any, Literal
 import yaml
 
 from tuneforge.configs import typed
+from tuneforge.configs.rl import GRPOConfig, PPOConfig, rl_problems
 from tuneforge.configs.typed import apply_overrides, from_dict, opt, to_dict
 from tuneforge.errors import ConfigError, did_you_mean
 
-STAGES = ("pt", "sft")
+STAGES = ("pt", "sft", "rm", "dpo", "kto", "coh", "ppo", "grpo")
+ALIGN_SECTIONS = ("rm", "dpo", "kto", "coh", "ppo", "grpo")  # options of the alignment stages, one section each
 
 
 @dataclass
@@ -124,8 +127,53 @@ class TrainingConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    margin: bool = opt(True, "Use the per-pair `margin` of the data (Llama 2) in the Bradley-Terry loss: "
+                             "-log sigmoid(r_chosen - r_rejected - margin). Pairs without one use 0.")
+
+
+@dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = opt(
+        "sigmoid", "sigmoid: DPO; ipo: IPO (length-normalised log-ratios); hinge: SLiC; robust: rDPO for a known "
+        "label-flip rate (`label_smoothing`); simpo: SimPO (length-normalised, no reference, target margin "
+        "`simpo_gamma`); orpo: ORPO (odds ratio + SFT loss on chosen, no reference; `beta` is its lambda).")
+    beta: float = opt(0.1, "Strength of the pull towards the reference (DPO's beta, IPO's tau, SimPO's beta, "
+                           "ORPO's lambda). Typical: 0.1 for DPO, 2.0 for SimPO.")
+    label_smoothing: float = opt(0.0, "Share of preference labels assumed flipped, in [0, 0.5): cDPO for sigmoid "
+                                      "(and simpo), the flip rate for robust.")
+    simpo_gamma: float = opt(1.0, "SimPO's target reward margin gamma.")
+    sft_weight: float = opt(0.0, "Add this weight times the chosen reply's per-token NLL to each pair's loss (RPO; "
+                                 "keeps the chosen reply likely). 0: off.")
+    precompute_reference: bool = opt(False, "Compute the reference log-probs once before training (one forward "
+                                            "pass over the data) instead of at every step: faster steps, and for "
+                                            "method full no frozen copy of the model. Same loss either way.")
+
+
+@dataclass
+class KTOConfig:
+    beta: float = opt(0.1, "Strength of the pull towards the reference (KTO's beta).")
+    desirable_weight: float = opt(1.0, "Weight of desirable examples (lambda_D). With unbalanced data keep "
+                                       "lambda_D n_D / (lambda_U n_U) in [1, 4/3] (the KTO paper).")
+    undesirable_weight: float = opt(1.0, "Weight of undesirable examples (lambda_U).")
+
+
+@dataclass
+class CoHConfig:
+    good_phrase: str = opt("A good answer:", "Feedback phrase before the chosen reply (a user turn, no loss). At "
+                                             "inference end the prompt with it to ask for a good answer.")
+    bad_phrase: str = opt("A bad answer:", "Feedback phrase before the rejected reply (a user turn, no loss).")
+    order: Literal["random", "good_first", "bad_first"] = opt(
+        "random", "Which reply comes first in each sequence; random (seeded per row, the paper's choice) makes "
+                  "the model read the feedback phrase rather than the position.")
+
+
+@dataclass
 class TrainConfig:
-    stage: Literal["pt", "sft"] = opt("sft", "Training stage: pt (continued pre-training on text) or sft.")
+    stage: Literal["pt", "sft", "rm", "dpo", "kto", "coh", "ppo", "grpo"] = opt(
+        "sft", "Training stage: pt (continued pre-training on text), sft, rm (reward model), dpo (and IPO, SimPO, "
+               "ORPO, ... see `dpo.loss`), kto, coh (Chain of Hindsight), ppo, grpo. Alignment stages read "
+               "preference data; ppo and grpo sample from prompts.")
     method: str = opt("lora", "Fine-tuning method (see `tuneforge methods`): full, freeze, lora, ...")
     output_dir: str = opt("outputs/run", "Where the model/adapter, checkpoints, metrics and resolved config go.")
     overwrite_output_dir: bool = opt(False, "Start over in an output_dir that holds an earlier run: delete what is "
@@ -135,6 +183,12 @@ class TrainConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="Which model to start from.")
     data: DataConfig = opt(factory=DataConfig, help="Datasets and how to render them.")
     training: TrainingConfig = opt(factory=TrainingConfig, help="Optimizer, schedule, precision, checkpoints.")
+    rm: RewardModelConfig = opt(factory=RewardModelConfig, help="Stage rm: reward-model training.")
+    dpo: DPOConfig = opt(factory=DPOConfig, help="Stage dpo: the DPO family of preference losses.")
+    kto: KTOConfig = opt(factory=KTOConfig, help="Stage kto: unpaired desirable/undesirable examples.")
+    coh: CoHConfig = opt(factory=CoHConfig, help="Stage coh: Chain of Hindsight.")
+    ppo: PPOConfig = opt(factory=PPOConfig, help="Stage ppo: rollouts, rewards, KL penalty, GAE, PPO epochs.")
+    grpo: GRPOConfig = opt(factory=GRPOConfig, help="Stage grpo: group sampling, rewards, loss normalisation.")
     method_options: dict[str, Any] = opt(factory=dict, help="Options sections of methods, by section name.")
 
     def options(self, section: str):
@@ -228,6 +282,7 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
     if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
         problems.append("`data.loss_on` applies to chat data in sft; stage pt trains on all text tokens.")
+    problems += _stage_problems(cfg) + rl_problems(cfg)
     if cfg.method in METHODS:
         try:
             METHODS[cfg.method].validate(cfg)
@@ -237,8 +292,30 @@ def validate(cfg: TrainConfig) -> None:
         raise typed.config_error(problems, where="the config")
 
 
+def _stage_problems(cfg: TrainConfig) -> list[str]:
+    problems, d = [], cfg.dpo
+    if cfg.stage == "dpo" and not 0.0 <= d.label_smoothing < 0.5:
+        problems.append(f"`dpo.label_smoothing` must be in [0, 0.5), got {d.label_smoothing}.")
+    if cfg.stage == "dpo" and (d.beta <= 0 or d.sft_weight < 0):
+        problems.append("`dpo.beta` must be > 0 and `dpo.sft_weight` >= 0.")
+    if cfg.stage == "dpo" and d.precompute_reference and d.loss in ("simpo", "orpo"):
+        problems.append(f"`dpo.loss: {d.loss}` uses no reference model: drop `dpo.precompute_reference`.")
+    if cfg.stage == "kto" and cfg.training.batch_size < 2:
+        problems.append("Stage kto estimates its KL reference point from the other rows of each micro-batch: "
+                        "`training.batch_size` must be at least 2.")
+    if cfg.stage == "kto" and (cfg.kto.beta <= 0 or min(cfg.kto.desirable_weight, cfg.kto.undesirable_weight) < 0):
+        problems.append("`kto.beta` must be > 0 and the kto weights >= 0.")
+    if cfg.stage in ("rm", "dpo", "kto") and cfg.data.packing:
+        problems.append(f"Stage {cfg.stage} never packs (each pair or reply is scored as a whole): drop "
+                        f"`data.packing`.")
+    return problems
+
+
 def dump_config(cfg: TrainConfig) -> str:
     data = to_dict(cfg)
+    for section in ALIGN_SECTIONS:  # only the running stage's options: the file stays short and re-runs as is
+        if section != cfg.stage:
+            data.pop(section)
     options = data.pop("method_options")
     from tuneforge.methods import METHODS
 

@@ -51,17 +51,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def encode_chat(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
-    """Prompt ids for `messages`, ending with the assistant header: the training encoder's rendering (the same
-    template choice and the same adaptations, e.g. a system prompt merged into the first user turn for templates
-    that refuse one) with add_generation_prompt, tokenized as training tokenizes."""
-    from tuneforge.data.encode import adapt_to_template, render, render_conversation
-    from tuneforge.data.templates import resolve_chat_template
+    """Prompt ids for `messages`, ending with the assistant header: the training data path's own prompt encoder (the
+    same template choice and the same adaptations, e.g. a system prompt merged into the first user turn for templates
+    that refuse one), so training and serving formats cannot drift."""
+    from tuneforge.data.encode import encode_prompt
 
-    template = resolve_chat_template(tokenizer, None, tools)
-    messages, tools = adapt_to_template(messages, tools, template)
-    messages, _ = render_conversation(tokenizer, template, messages, tools)
-    text = render(tokenizer, template, messages, tools, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_prompt(tokenizer, messages, tools)[0]
 
 
 class Engine:

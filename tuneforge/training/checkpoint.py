@@ -128,13 +128,19 @@ def run_fingerprint(cfg, world_size: int, train_items: list | None) -> dict:
     return json.loads(json.dumps(found))  # as it reads back from trainer_state.json (tuples become lists)
 
 
+def _tokens(item) -> list:
+    if hasattr(item, "chosen"):  # a preference pair (EncodedPair): both sides
+        return [_tokens(item.chosen), _tokens(item.rejected)]
+    return [item.input_ids, getattr(item, "labels", None)]  # prompts (ppo, grpo) have no labels
+
+
 def data_hash(items: list) -> str:
     """A digest of the encoded training data (so it covers files, template, max_length, packing): every length,
     and the tokens of up to 2000 evenly spaced examples (hashing all tokens of a big set would take minutes)."""
     h = hashlib.sha256(json.dumps([len(x) for x in items]).encode())
     stride = max(1, len(items) // 2000)
     for item in items[::stride]:
-        h.update(json.dumps([item.input_ids, item.labels]).encode())
+        h.update(json.dumps(_tokens(item)).encode())
     return h.hexdigest()[:16]
 
 

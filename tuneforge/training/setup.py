@@ -38,8 +38,9 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     return runtime
 
 
-def setup_model(cfg: TrainConfig, runtime: Runtime):
-    """Load the base model in the compute dtype, apply the method, keep trainable weights in fp32."""
+def setup_model(cfg: TrainConfig, runtime: Runtime, extend=None):
+    """Load the base model in the compute dtype, apply the method, keep trainable weights in fp32. `extend`: a
+    stage's addition to the model (rm: a scalar head), `extend(model) -> model`, applied before the wrapping."""
     from tuneforge.models.loading import load_model_and_tokenizer
 
     method = get_method(cfg.method)
@@ -55,6 +56,8 @@ def setup_model(cfg: TrainConfig, runtime: Runtime):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, opts, cfg)
+    if extend is not None:
+        model = extend(model)
     for p in model.parameters():  # fp32 master copies of what trains; frozen weights stay in the compute dtype
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -75,11 +78,11 @@ def read_data(cfg: TrainConfig):
     """Read and validate every data row before the model loads: a bad row fails in seconds, not after the load."""
     from tuneforge.data.build import read_datasets
 
-    return read_datasets(cfg.data)
+    return read_datasets(cfg.data, stage=cfg.stage)
 
 
 def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=print, read=None):
-    from tuneforge.data import build_datasets, collate
+    from tuneforge.data import build_datasets, collate_for
 
     train, evals, report = build_datasets(cfg.data, tokenizer, stage, chat_template=cfg.model.chat_template,
                                           read=read)
@@ -89,22 +92,28 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
         log(f"data: {len(train)} training and {len(evals)} evaluation examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    collate = collate_for(stage)
+
     def collate_fn(items):
         return collate(items, pad_id)
 
     return train, evals, collate_fn
 
 
-def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runtime) -> Path | None:
+def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runtime, write=None) -> Path | None:
     """The method's export (HF model folder or PEFT adapter) plus the tokenizer, written into output_dir file by
-    file through a temp folder so a crash never leaves a half-written model."""
+    file through a temp folder so a crash never leaves a half-written model. `write(folder)`: a stage's own export
+    instead (rm: a sequence-classification model)."""
     if not runtime.is_main:
         runtime.barrier()
         return None
     out = Path(cfg.output_dir)
     tmp = atomic_dir(out / "final")
-    method.save(unwrap(model), tmp)
-    tokenizer.save_pretrained(tmp)
+    if write is not None:
+        write(tmp)
+    else:
+        method.save(unwrap(model), tmp)
+        tokenizer.save_pretrained(tmp)
     finish_output_folder(cfg, method, tmp, out / "metrics.jsonl")  # portable base reference + model card
     for item in tmp.iterdir():
         target = out / item.name

@@ -1,0 +1,273 @@
+"""The alignment stages (rm, dpo, kto, coh) end to end on tiny models (CPU, fp32): they learn, resume exactly, agree
+across reference strategies and process counts, and refuse bad input clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuneforge.configs.schema import load_train_config
+from tuneforge.errors import ConfigError, DataError, UserError
+from tuneforge.train import run_config
+from tuneforge.training.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFS = ROOT / "tuneforge" / "assets" / "example_prefs" / "train.jsonl"
+FAST = ["training.progress_bar=false", "training.plot_loss=false", "training.save_steps=0", "training.eval_steps=0",
+        "training.warmup_steps=0", "training.scheduler=constant", "data.max_length=64", "data.eval=[]"]
+
+
+def config(stage, model_dir, out, *overrides, rows=16):
+    data = f"data.train=[{{path: {PREFS}, format: pairwise, max_samples: {rows}}}]"
+    return load_train_config(str(ROOT / "examples" / f"{stage}_tiny.yaml"),
+                             [f"model.name_or_path={model_dir}", f"output_dir={out}", data, *FAST, *overrides])
+
+
+def train(stage, model_dir, out, *overrides, rows=16, log=None):
+    return run_config(config(stage, model_dir, out, *overrides, rows=rows), log=log or (lambda _: None))
+
+
+def metric(out, key="loss") -> list[float]:
+    return [r[key] for r in read_metrics(Path(out) / "metrics.jsonl") if key in r]
+
+
+# 16 pairs seen again and again (2 batches of 8), 12 steps. Measured on tiny-qwen2, mean of the first -> last 3
+# losses: rm lora 0.41 -> 0.18 (accuracy 0.92), full 0.59 -> 0.13; dpo lora 0.62 -> 0.38 (accuracy 0.875), full
+# 0.57 -> 0.25; kto lora 0.50 -> 0.42, full 0.50 -> 0.37; coh lora 7.10 -> 6.53, full 7.03 -> 5.93
+LEARNS = {"lora": ["training.lr=1e-2", "lora.target_modules=[all-linear]"], "full": ["training.lr=1e-3"]}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("stage", ["rm", "dpo", "kto", "coh"])
+def test_stage_learns(stage, method, tiny_qwen2_dir, tmp_path):
+    out = tmp_path / "run"
+    train(stage, tiny_qwen2_dir, out, f"method={method}", "training.max_steps=12", *LEARNS[method])
+    curve = metric(out)
+    assert len(curve) == 12 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.02, curve
+    if stage in ("rm", "dpo"):
+        key = "accuracy" if stage == "rm" else "rewards/accuracies"
+        assert sum(metric(out, key)[-3:]) / 3 >= 0.75, metric(out, key)
+    adapter = (out / "adapter_config.json").is_file() or (out / "adapter" / "adapter_config.json").is_file()
+    assert adapter == (method == "lora")
+
+
+@pytest.mark.parametrize("stage,extra", [("rm", []), ("dpo", ["dpo.precompute_reference=true"]),
+                                         ("dpo", ["method=full"]), ("kto", []), ("coh", [])],
+                         ids=["rm", "dpo-precomputed", "dpo-full-live", "kto", "coh"])
+def test_resume_is_bit_identical(stage, extra, tiny_qwen2_dir, tmp_path):
+    common = ["training.max_steps=4", "training.lr=5e-3", *extra]
+    train(stage, tiny_qwen2_dir, tmp_path / "straight", *common)
+    first = train(stage, tiny_qwen2_dir, tmp_path / "resumed", *common, "training.stop_after_steps=2")
+    assert not first.finished
+    train(stage, tiny_qwen2_dir, tmp_path / "resumed", *common, "training.resume=auto")
+    assert metric(tmp_path / "straight") == metric(tmp_path / "resumed")
+    weights = "model.safetensors" if stage == "rm" or "method=full" in extra else "adapter_model.safetensors"
+    a, b = (load_file(str(tmp_path / run / weights)) for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_live_and_precomputed_reference_give_the_same_loss_and_gradients(method, tiny_qwen2_dir, tmp_path):
+    common = [f"method={method}", "training.max_steps=3", "training.lr=5e-3", "training.batch_size=4"]
+    train("dpo", tiny_qwen2_dir, tmp_path / "live", *common)
+    train("dpo", tiny_qwen2_dir, tmp_path / "pre", *common, "dpo.precompute_reference=true")
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert metric(tmp_path / "live", key) == pytest.approx(metric(tmp_path / "pre", key), rel=1e-4, abs=1e-6)
+    assert metric(tmp_path / "live", "rewards/margins")[-1] != 0  # the policy moved: the test compares something
+
+
+def _lora_model(model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+
+def test_lora_reference_is_the_untouched_base_model(tiny_qwen2_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.training.reference import Reference, response_logps
+
+    ids = torch.randint(3, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    peft_model = _lora_model(tiny_qwen2_dir)  # random B: the adapters change the outputs
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
+    with torch.no_grad():
+        want = response_logps(base, ids, mask, labels).sum
+        policy = response_logps(peft_model, ids, mask, labels).sum
+    got = Reference(peft_model).logps(ids, mask, labels).sum
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(policy, want, atol=1e-3)
+    assert Reference(peft_model).copy is None  # no second copy of the model is held
+
+
+def test_full_reference_is_a_frozen_copy_of_the_start(tiny_qwen2_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.training.reference import Reference
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
+    reference = Reference(model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # training moves the policy ...
+    assert not torch.equal(next(reference.module.parameters()), next(model.parameters()))  # ... not the reference
+    assert not any(p.requires_grad for p in reference.module.parameters())
+
+
+def _texts(tokenizer, n=5):
+    rows = [json.loads(line) for line in PREFS.read_text(encoding="utf-8").splitlines()[:n]]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                           {"role": "assistant", "content": r["chosen"]}], tokenize=False)
+            for r in rows]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_reward_folder_loads_in_transformers_with_the_same_scores(method, tiny_llama_dir, tmp_path):
+    """tiny-llama ends each turn with <|eot_id|>, and here pads with it too (as many Llama 3 fine-tunes do): the
+    score is read at that last <|eot_id|>, and the folder's pad token is another one, so transformers' own pooling
+    (last token that is not pad) agrees, padded batch or one text at a time."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tuneforge.models.reward import load_reward_model
+
+    model_dir = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    base_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base_tokenizer.pad_token = base_tokenizer.eos_token
+    base_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "rm"
+    train("rm", model_dir, out, f"method={method}", "training.max_steps=3", "training.lr=5e-3")
+    hf = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = _texts(tokenizer)
+    scorer = load_reward_model(out, batch_size=8)
+    batched = scorer.score(texts)
+    one_by_one = torch.cat([scorer.score([t]) for t in texts])
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hf_batched = hf(**enc).logits.squeeze(-1)
+        hf_single = torch.cat([hf(**tokenizer(t, add_special_tokens=False, return_tensors="pt")).logits[:, 0]
+                               for t in texts])
+    assert enc["attention_mask"].min() == 0  # the batch really is padded
+    assert tokenizer.pad_token != "<|eot_id|>" and all(t.endswith("<|eot_id|>") for t in texts)
+    for other in (one_by_one, hf_batched, hf_single):
+        assert torch.allclose(batched, other, atol=1e-5), (batched, other)
+    assert batched.std() > 0
+    assert (out / "adapter" / "adapter_config.json").is_file() == (method == "lora")
+
+
+def test_reward_model_folder_of_the_wrong_kind_is_refused(tiny_qwen2_dir, tmp_path):
+    from tuneforge.models.reward import load_reward_model
+
+    with pytest.raises(UserError, match=r"not a reward model: it holds a Qwen2ForCausalLM"):
+        load_reward_model(tiny_qwen2_dir)
+    out = tmp_path / "rm"
+    train("rm", tiny_qwen2_dir, out, "training.max_steps=1")
+    with pytest.raises(UserError, match="holds an adapter only"):
+        load_reward_model(out / "adapter")
+    assert load_reward_model(out).score_ids([[5, 6, 7]]).shape == (1,)
+
+
+def test_prompt_without_room_for_the_reply_is_a_counted_skip(tiny_qwen2_dir, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i)} for i in range(8)]
+    rows.append({"prompt": "Tell me " + "very " * 80 + "much.", "chosen": "ok", "rejected": "no"})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    lines = []
+    train("dpo", tiny_qwen2_dir, tmp_path / "out", f"data.train=[{{path: {data}, format: pairwise}}]",
+          "training.max_steps=1", log=lines.append)
+    said = "\n".join(lines)
+    assert "8 training" in said and "no room" in said and "line 9" in said, said
+    with pytest.raises(DataError, match="no room|No training"):
+        train("dpo", tiny_qwen2_dir, tmp_path / "out2", f"data.train=[{{path: {data}, format: pairwise}}]",
+              "training.max_steps=1", "data.max_length=8")
+
+
+def test_stage_options_are_checked(tiny_qwen2_dir, tmp_path):
+    with pytest.raises(ConfigError, match="at least 2"):
+        config("kto", tiny_qwen2_dir, tmp_path, "training.batch_size=1")
+    with pytest.raises(ConfigError, match="uses no reference"):
+        config("dpo", tiny_qwen2_dir, tmp_path, "dpo.loss=simpo", "dpo.precompute_reference=true")
+    with pytest.raises(ConfigError, match="dpo.loss"):
+        config("dpo", tiny_qwen2_dir, tmp_path, "dpo.loss=sigmod")
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust", "simpo", "orpo"])
+def test_every_dpo_loss_trains(loss, tiny_qwen2_dir, tmp_path):
+    extra = ["dpo.label_smoothing=0.1"] if loss == "robust" else ["dpo.beta=2.0"] if loss == "simpo" else []
+    train("dpo", tiny_qwen2_dir, tmp_path / "out", f"dpo.loss={loss}", "training.max_steps=6", "method=full",
+          "training.lr=1e-3", "dpo.sft_weight=0.5", *extra)
+    curve = metric(tmp_path / "out")
+    assert curve[-1] < curve[0], curve
+
+
+def test_chain_of_hindsight_puts_feedback_in_user_turns_and_loss_on_answers(tiny_qwen2_dir):
+    from transformers import AutoTokenizer
+
+    from tuneforge.configs.schema import CoHConfig
+    from tuneforge.data.encode import encode_chat
+    from tuneforge.data.types import PairExample
+    from tuneforge.recipes.coh import hindsight_example
+
+    pair = PairExample("f:1", [{"role": "user", "content": "2+2?"}], [{"role": "assistant", "content": "4"}],
+                       [{"role": "assistant", "content": "5"}])
+    example = hindsight_example(pair, CoHConfig(order="good_first"), seed=0)
+    assert [m["role"] for m in example.messages] == ["user", "assistant", "user", "assistant"]
+    assert example.messages[0]["content"] == "2+2?\n\nA good answer:" and example.messages[1]["content"] == "4"
+    assert example.messages[2]["content"] == "A bad answer:" and example.messages[3]["content"] == "5"
+    flipped = hindsight_example(pair, CoHConfig(order="bad_first"), seed=0)
+    assert flipped.messages[1]["content"] == "5" and flipped.messages[2]["content"] == "A good answer:"
+    orders = {hindsight_example(PairExample(f"f:{i}", pair.prompt, pair.chosen, pair.rejected), CoHConfig(), 0)
+              .messages[1]["content"] for i in range(20)}
+    assert orders == {"4", "5"}  # random order, seeded per row
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    enc = encode_chat(tok, example.messages, loss_on="assistant")
+    learned = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100])
+    assert "4" in learned and "5" in learned and "answer" not in learned and "2+2" not in learned
+
+
+DDP_SCRIPT = """
+import sys
+from tuneforge.configs.schema import load_train_config
+from tuneforge.train import run_config
+cfg = load_train_config(sys.argv[1], sys.argv[2:])
+run_config(cfg, log=lambda _: None)
+"""
+
+
+def _one_vs_two_processes(stage, model_dir, tmp_path, port, *extra):
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    common = [str(ROOT / "examples" / f"{stage}_tiny.yaml"), f"model.name_or_path={model_dir}",
+              f"data.train=[{{path: {PREFS}, format: pairwise, max_samples: 16}}]", "training.max_steps=3",
+              "training.device=cpu", "training.lr=5e-3", *FAST, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
+                    "training.batch_size=4"], check=True, env=env, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    str(script), *common, f"output_dir={tmp_path / 'two'}", "training.batch_size=2"],
+                   check=True, env=env, cwd=ROOT)
+    one, two = metric(tmp_path / "one"), metric(tmp_path / "two")
+    assert len(one) == len(two) == 3 and one == pytest.approx(two, abs=1e-5), (one, two)
+
+
+def test_dpo_two_processes_match_one(tiny_qwen2_dir, tmp_path):
+    _one_vs_two_processes("dpo", tiny_qwen2_dir, tmp_path, 29561, "method=full")
+
+
+@pytest.mark.slow
+def test_rm_two_processes_match_one(tiny_qwen2_dir, tmp_path):
+    _one_vs_two_processes("rm", tiny_qwen2_dir, tmp_path, 29562)
+

@@ -1,0 +1,78 @@
+"""KTO: alignment from unpaired feedback (each reply labelled desirable or not), Ethayarajh et al. 2024.
+
+    tuneforge train examples/kto_tiny.yaml
+
+Data: kto rows (a conversation and a boolean `label`), or preference pairs (chosen: desirable, rejected: not).
+Each micro-batch of B rows also carries B mismatched rows (row i's prompt with row i+1's reply, built by
+`collate_kto`): their policy/reference log-ratio estimates KL(pi || ref), KTO's reference point z0, averaged over
+all processes under DDP so that 1 and N processes compute the same z0. All 2B rows go through the model as one
+batch; the mismatched ones carry no gradient (z0 is detached, as in the paper and TRL).
+
+The reference is live: an adapter method runs the same model with its adapters off; other methods keep a frozen
+copy. The loss (tuneforge/losses/preference.py, `kto_loss`) weighs desirable and undesirable rows by
+`kto.desirable_weight` and `kto.undesirable_weight`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.data.types import IGNORE_INDEX
+from tuneforge.losses import kto_loss
+from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
+from tuneforge.training.reference import Reference, response_logps
+from tuneforge.training.setup import read_data, save_final, setup_data, setup_model, setup_run
+
+
+def _stack(a: torch.Tensor, b: torch.Tensor, fill: int) -> torch.Tensor:
+    """Rows of `a` then rows of `b`, right-padded with `fill` to one width."""
+    width = max(a.shape[1], b.shape[1])
+    pad = [torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill) for x in (a, b)]
+    return torch.cat(pad)
+
+
+class KTOStage(Stage):
+    def __init__(self, opts, reference: Reference, runtime):
+        self.opts, self.reference, self.runtime = opts, reference, runtime
+
+    def targets(self, batch: dict) -> int:
+        return int(batch["kto_label"].shape[0])
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        n = batch["kto_label"].shape[0]
+        ids = _stack(batch["input_ids"], batch["kl_input_ids"], 0)  # padding: masked out and never labelled
+        mask = _stack(batch["attention_mask"], batch["kl_attention_mask"], 0)
+        labels = _stack(batch["labels"], batch["kl_labels"], IGNORE_INDEX)
+        policy = response_logps(model, ids, mask, labels, self.logits_at_labels).sum
+        ref = self.reference.logps(ids, mask, labels, self.logits_at_labels).sum
+        z0 = self.reference_point(policy[n:], ref[n:], average=model.training)
+        losses, metrics = kto_loss(policy[:n], ref[:n], batch["kto_label"], z0, beta=self.opts.beta,
+                                   desirable_weight=self.opts.desirable_weight,
+                                   undesirable_weight=self.opts.undesirable_weight)
+        return losses.sum(), {k: v.float().mean() for k, v in metrics.items() if v.numel()}
+
+    def reference_point(self, kl_policy: torch.Tensor, kl_ref: torch.Tensor, average: bool) -> torch.Tensor:
+        """z0 = max(0, mean log-ratio of the mismatched rows), the mean taken over every process's rows while
+        training (evaluation batches differ in number between processes, so there each keeps its own)."""
+        diff = (kl_policy - kl_ref).detach().float()
+        total = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), device=diff.device)])
+        if average:
+            total = self.runtime.all_reduce_sum(total)
+        return (total[0] / total[1]).clamp(min=0)
+
+
+def run(cfg, log=print) -> TrainResult:
+    runtime = setup_run(cfg, log)
+    rows = read_data(cfg)
+    model, tokenizer, method = setup_model(cfg, runtime)
+    if runtime.is_main:
+        log(describe_model(model, method))
+    train, evals, collate = setup_data(cfg, tokenizer, "kto", runtime, log, read=rows)
+    reference = Reference(model)  # made now, before any step (and before a resume loads weights)
+    stage = KTOStage(cfg.kto, reference, runtime)
+    result = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log).train()
+    if result.finished:
+        save_final(cfg, model, method, tokenizer, runtime)
+        if runtime.is_main:
+            log(f"done: {result.steps} steps; saved to {cfg.output_dir}")
+    return result

@@ -1,0 +1,93 @@
+"""Reward model: the base model plus a scalar head, trained on preference pairs with the Bradley-Terry loss.
+
+    tuneforge train examples/rm_tiny.yaml
+
+Each pair is rendered with the chat template (same encoder as SFT); the B chosen and B rejected rows of a
+micro-batch go through the model as one batch, the head reads each row's last real token (found from the attention
+mask: pad == eos tokenizers are safe), and the loss is -log sigmoid(r_chosen - r_rejected - margin)
+(tuneforge/losses/reward.py). Logged: pairwise accuracy (share of pairs with r_chosen > r_rejected).
+
+The output folder is a Hugging Face sequence classifier with one label (for adapter methods: the merged weights and
+the head, with the adapter itself kept beside it in `adapter/`), loadable with
+`AutoModelForSequenceClassification.from_pretrained(output_dir, num_labels=1)` or TuneForge's
+`tuneforge.models.reward.load_reward_model(output_dir)`, which PPO uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.errors import ConfigError
+from tuneforge.losses import reward_pairwise_loss
+from tuneforge.methods import METHODS
+from tuneforge.methods.base import unwrap
+from tuneforge.models.reward import RewardModel, pick_pad_token, save_reward_model, transformer_of
+from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
+from tuneforge.training.model_card import record_base
+from tuneforge.training.setup import read_data, save_final, setup_data, setup_model, setup_run
+
+
+class RewardStage(Stage):
+    """One Bradley-Terry term per pair; rows 0..B-1 are the chosen replies, rows B..2B-1 their rejected ones."""
+
+    def __init__(self, use_margin: bool):
+        self.use_margin = use_margin
+
+    def targets(self, batch: dict) -> int:
+        return int(batch["margin"].shape[0])
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        scores = model(batch["input_ids"], batch["attention_mask"])
+        chosen, rejected = scores.chunk(2)
+        losses, metrics = reward_pairwise_loss(chosen, rejected, batch["margin"] if self.use_margin else None)
+        return losses.sum(), {"accuracy": metrics["rewards/accuracies"].mean(),
+                              "reward_margin": metrics["rewards/margins"].mean()}
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, items: list, collate, batch_size: int, device) -> float:
+    """Share of pairs whose chosen reply scores higher than the rejected one."""
+    model.eval()
+    wins = 0
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start:start + batch_size])
+        chosen, rejected = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).chunk(2)
+        wins += int((chosen > rejected).sum())
+    model.train()
+    return wins / max(len(items), 1)
+
+
+def run(cfg, log=print) -> TrainResult:
+    if not METHODS[cfg.method].mergeable:
+        raise ConfigError(f"Stage rm saves a merged sequence-classification model, and method `{cfg.method}` cannot "
+                          f"be merged into the base weights. Use lora, full, freeze or another mergeable method.")
+    runtime = setup_run(cfg, log)
+    rows = read_data(cfg)
+    model, tokenizer, method = setup_model(cfg, runtime, extend=RewardModel)
+    if runtime.is_main:
+        log(describe_model(model, method))
+    train, evals, collate = setup_data(cfg, tokenizer, "rm", runtime, log, read=rows)
+    result = Trainer(cfg, runtime, model, method, train, evals, collate, RewardStage(cfg.rm.margin), log).train()
+    if not result.finished:
+        return result
+    if runtime.is_main and evals:
+        accuracy = pairwise_accuracy(unwrap(model), evals, collate, cfg.training.batch_size, runtime.device)
+        log(f"eval pairwise accuracy {accuracy:.3f} on {len(evals)} pairs")
+    last_ids = {side.input_ids[-1] for pair in train + evals for side in (pair.chosen, pair.rejected)}
+    pad_id = pick_pad_token(tokenizer, last_ids)
+    if pad_id is None:
+        raise ConfigError("Every special token of this tokenizer ends some training text, so no pad token keeps "
+                          "transformers' sequence-classification pooling (last token that is not pad) right.")
+
+    def write(folder):
+        rm = unwrap(model)
+        if method.saves_adapter:
+            method.save(rm.lm, folder / "adapter")  # the adapter kept beside the merged model
+            record_base(folder / "adapter", cfg.model.name_or_path)
+        lm = method.merge(rm.lm)
+        save_reward_model(transformer_of(lm), rm.score, lm.config, tokenizer, folder, pad_id)
+
+    save_final(cfg, model, method, tokenizer, runtime, write=write)
+    if runtime.is_main:
+        log(f"done: {result.steps} steps; reward model saved to {cfg.output_dir}")
+    return result

@@ -1,0 +1,89 @@
+"""Response log-probs of the policy and of the reference model, for the preference stages (dpo, kto).
+
+    logps = response_logps(model, input_ids, attention_mask, labels)      # SequenceLogps: .sum, .mean, .length
+    reference = Reference(model, keep_copy=True)                          # before training changes the weights
+    ref = reference.logps(input_ids, attention_mask, labels)              # no gradient
+
+Where the reference comes from:
+- an adapter method (the model is a PEFT model: lora, qlora, dora, ia3, ...): the same model with its adapters
+  switched off (`disable_adapter()`), so no second copy is held;
+- any other method (full, freeze, ...): a frozen copy made now, before the first step, unless `keep_copy` is False
+  (the precomputed reference: `precompute` runs once over the data before training, on the model itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from tuneforge.losses import SequenceLogps, label_positions, sequence_logps
+from tuneforge.methods.base import unwrap
+
+
+def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   at_labels: bool = True) -> SequenceLogps:
+    """Summed and mean log-probs of each row's label tokens, through the chunked helper (never a full-vocabulary
+    fp32 copy of the batch's logits). `at_labels`: the model takes `logits_to_keep` (see `accepts_logits_to_keep`),
+    so the output layer runs only where some row has a label."""
+    positions = label_positions(labels) if at_labels else None
+    if positions is not None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return sequence_logps(logits, labels, positions)
+
+
+class Reference:
+    """The frozen reference policy pi_ref of DPO and KTO (see the module docstring for where it comes from)."""
+
+    def __init__(self, model, keep_copy: bool = True):
+        base = unwrap(model)
+        self.uses_adapters = hasattr(base, "disable_adapter") and hasattr(base, "peft_config")
+        if self.uses_adapters or not keep_copy:
+            self.module, self.copy = base, None
+        else:
+            self.copy = copy.deepcopy(base).eval()  # made before the first step: the weights training starts from
+            self.copy.requires_grad_(False)
+            self.module = self.copy
+
+    def _context(self):
+        return self.module.disable_adapter() if self.uses_adapters else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def logps(self, input_ids, attention_mask, labels, at_labels: bool = True) -> SequenceLogps:
+        with self._context():
+            return response_logps(self.module, input_ids, attention_mask, labels, at_labels)
+
+
+@torch.no_grad()
+def precompute(reference: Reference, items: list, collate, batch_size: int, device, autocast,
+               at_labels: bool = True) -> dict[int, torch.Tensor]:
+    """Reference log-prob sums of every preference pair in `items`, once, before training: {id(pair): tensor
+    [chosen, rejected]}. Every process computes all of them (no communication; the same numbers on every rank)."""
+    was_training = reference.module.training
+    reference.module.eval()
+    table = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        with autocast():
+            sums = reference.logps(batch["input_ids"], batch["attention_mask"], batch["labels"], at_labels).sum
+        chosen, rejected = sums.float().cpu().chunk(2)
+        for i, pair in enumerate(chunk):
+            table[id(pair)] = torch.stack([chosen[i], rejected[i]])
+    reference.module.train(was_training)
+    return table
+
+
+def with_reference(collate, table: dict[int, torch.Tensor]):
+    """`collate` for pairs plus `ref_logps` [2B] (chosen sums then rejected sums, in the batch's row order)."""
+
+    def collate_fn(items):
+        batch = collate(items)
+        refs = torch.stack([table[id(pair)] for pair in items])  # [B, 2]
+        batch["ref_logps"] = torch.cat([refs[:, 0], refs[:, 1]])
+        return batch
+
+    return collate_fn
