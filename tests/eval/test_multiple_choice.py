@@ -105,3 +105,20 @@ def test_accuracy_micro_macro_and_categories():
     assert table["accuracy_micro"] == 3 / 5
     assert table["accuracy_macro"] == (3 / 4 + 0) / 2
     assert table["category/STEM"] == 3 / 5 and table["subject/a"] == 0.75
+
+
+def test_chat_template_option_scores_after_the_engine_prompt(tiny, tmp_path):
+    from tuneforge.inference.engine import encode_chat
+
+    model, tokenizer = tiny
+    _write_bench(tmp_path / "bench", n=1)
+    settings = MCSettings("mmlu", str(tmp_path / "bench"), shots=0, chat_template=True, subjects=["algebra"])
+    result = run_multiple_choice(model, tokenizer, settings, tmp_path / "out", progress=False)
+    record = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
+    ids = encode_chat(tokenizer, [{"role": "user", "content": "The following are multiple choice questions (with "
+                                   "answers) about algebra.\n\nalgebra q0?\nA. w0\nB. x0\nC. y0\nD. z0\nAnswer:"}])
+    assert record["prompt"] == tokenizer.decode(ids) and result["chat_template"] is True
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+    want = logprobs[tokenizer("A", add_special_tokens=False).input_ids[0]].item()
+    assert record["scores"]["A"] == pytest.approx(want, abs=1e-4)

@@ -24,13 +24,9 @@ COT_INSTRUCTION = ("Solve the problem step by step. End with a line '#### N' whe
 
 def generate_texts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 256,
                    batch_size: int = 16) -> list[str]:
-    """Greedy replies through the shared engine (the pre-engine helper where the engine is not installed)."""
-    try:
-        from tuneforge.inference import Engine, SamplingParams
-    except ImportError:
-        from tuneforge.generation import generate_replies
+    """Greedy replies through the one generation engine (same prompt rendering as training and serving)."""
+    from tuneforge.inference import Engine, SamplingParams
 
-        return generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     engine = Engine(model, tokenizer, max_batch_size=batch_size)
     done = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     return [c.text.strip() for c in done]

@@ -15,8 +15,11 @@ from __future__ import annotations
 import torch
 
 
-def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as the harness encodes them."""
+def split_tokens(tokenizer, context: str | list[int], continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as the harness encodes them; a context given as ids (a chat-template
+    prompt from the engine's encoder) is kept as it is and the continuation is encoded alone."""
+    if not isinstance(context, str):
+        return list(context), tokenizer(continuation, add_special_tokens=False).input_ids
     ctx = tokenizer(context).input_ids
     whole = tokenizer(context + continuation).input_ids
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
@@ -68,7 +71,7 @@ def _shared_prefix(model, ctx: list[int], options: list[list[int]]) -> list[floa
     return scores
 
 
-def continuation_logprobs(model, tokenizer, requests: list[tuple[str, list[str]]],
+def continuation_logprobs(model, tokenizer, requests: list[tuple[str | list[int], list[str]]],
                           batch_size: int = 8) -> list[list[float]]:
     """For each (context, options): the summed log-probability of each option after the context."""
     encoded = []

@@ -32,12 +32,13 @@ class MCSettings:
     batch_size: int = 8
 
 
-def _context_and_options(tokenizer, bench, prompt: str, q, settings: MCSettings) -> tuple[str, list[str]]:
+def _context_and_options(tokenizer, bench, prompt: str, q, settings: MCSettings) -> tuple[str | list[int], list[str]]:
+    """The text (or, with the chat template, the engine's prompt ids) and the continuations to score."""
     options = list(q.options) if settings.option_text else list(LETTERS)
     if settings.chat_template:
-        from tuneforge.generation import render_prompts
+        from tuneforge.inference.engine import encode_chat
 
-        return render_prompts(tokenizer, [[{"role": "user", "content": prompt}]])[0], options
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}]), options
     return prompt, [" " + o for o in options]
 
 
@@ -70,7 +71,8 @@ def run_multiple_choice(model, tokenizer, settings: MCSettings, out_dir: Path, p
         scores = continuation_logprobs(model, tokenizer, requests, batch_size=step)
         for (q, _), (context, _), option_scores in zip(chunk, requests, scores):
             pred = LETTERS[max(range(len(option_scores)), key=option_scores.__getitem__)]
-            record = {"id": f"{q.subject}/{q.index}", "subject": q.subject, "prompt": context,
+            shown = context if isinstance(context, str) else tokenizer.decode(context)
+            record = {"id": f"{q.subject}/{q.index}", "subject": q.subject, "prompt": shown,
                       "scores": dict(zip(LETTERS, option_scores)), "prediction": pred, "answer": q.answer,
                       "correct": pred == q.answer}
             store.add(record)
