@@ -47,3 +47,18 @@ def test_exact_match_and_gsm8k_extraction():
     assert extract_number("She pays $18.00 in the end.") == "18"
     assert extract_number("The answer is -5.") == "-5"
     assert extract_number("no digits") is None
+
+
+def test_generation_uses_the_adapter_on_the_model(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.eval.generation_tasks import generate_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = [[{"role": "user", "content": "Who are you?"}]]
+    base = generate_texts(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), tokenizer, prompts, 8)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    tuned = generate_texts(get_peft_model(model, lora).eval(), tokenizer, prompts, 8)
+    assert tuned != base  # a random, non-zero LoRA changes greedy text; the engine must not run the bare base

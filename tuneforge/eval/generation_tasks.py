@@ -26,8 +26,10 @@ def generate_texts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
                    batch_size: int = 16) -> list[str]:
     """Greedy replies through the one generation engine (same prompt rendering as training and serving)."""
     from tuneforge.inference import Engine, SamplingParams
+    from tuneforge.inference.adapters import active_adapter
 
-    engine = Engine(model, tokenizer, max_batch_size=batch_size)
+    # the engine runs the bare base unless told which adapter is the default: the model under test is base+adapter
+    engine = Engine(model, tokenizer, max_batch_size=batch_size, default_adapter=active_adapter(model))
     done = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     return [c.text.strip() for c in done]
 
