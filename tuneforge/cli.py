@@ -55,6 +55,11 @@ VERBS = [
          "Estimate trainable parameters and memory per GPU for each fine-tuning method, side by side."),
     Verb("convert-config", "tuneforge.configs.llamafactory:convert_cli", "tuneforge.configs.llamafactory:ConvertArgs",
          "Translate a LLaMA-Factory training YAML into a TuneForge config and list what has no equivalent."),
+    Verb("eval", "tuneforge.eval.run:eval_cli", None, "Evaluate models/adapters side by side (MMLU-style, GSM8K, "
+         "BLEU/ROUGE, perplexity, safety, LLM judge) into one report.", "Flags: --model M --adapter DIR --tasks "
+         "mmlu,gsm8k,... --data-dir DIR --limit N --shots K --out DIR --judge-url URL --mc-chat-template; or a YAML "
+         "config with keys models, tasks, data_dir, out, limit, shots, gsm8k_shots, cot, mc_chat_template, "
+         "option_text, max_new_tokens, batch_size, baseline, judge.{url,model,api_key_env,rubric,concurrency}."),
     Verb("export", "tuneforge.inference.export.cli:export_cli", "tuneforge.inference.export.cli:ExportArgs",
          "Merge an adapter into its base and write a Hugging Face folder or a GGUF file (llama.cpp, Ollama)."),
     Verb("data", "tuneforge.data.curate:data_cli", None,

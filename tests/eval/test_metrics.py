@@ -1,0 +1,64 @@
+"""Metric values equal sacrebleu / rouge-score computed directly on the same strings (English and Chinese)."""
+
+from __future__ import annotations
+
+import jieba
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from tuneforge.eval.metrics import corpus_bleu, extract_number, rouge, text_metrics
+
+EN_PRED = ["the cat sat on the mat", "a quick brown fox jumps", "hello world"]
+EN_REF = ["the cat is on the mat", "the quick brown fox jumps over", "hello world"]
+ZH_PRED = ["今天天气很好，我们去公园散步。", "我喜欢吃苹果"]
+ZH_REF = ["今天天气不错，我们一起去公园散步吧。", "我爱吃苹果和香蕉"]
+
+
+def test_bleu_equals_sacrebleu_english_and_chinese():
+    assert corpus_bleu(EN_PRED, EN_REF) == pytest.approx(sacrebleu.corpus_bleu(EN_PRED, [EN_REF]).score)
+    want = sacrebleu.corpus_bleu(ZH_PRED, [ZH_REF], tokenize="zh").score
+    assert corpus_bleu(ZH_PRED, ZH_REF) == pytest.approx(want) and 0 < want < 100
+
+
+def test_rouge_equals_rouge_score_english():
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    for key in ("rouge1", "rouge2", "rougeL"):
+        want = sum(scorer.score(r, p)[key].fmeasure for p, r in zip(EN_PRED, EN_REF)) / len(EN_PRED)
+        assert rouge(EN_PRED, EN_REF)[key] == pytest.approx(want)
+
+
+def test_rouge_chinese_is_segmented_with_jieba():
+    class Words:
+        def tokenize(self, text):
+            return [w for w in jieba.lcut(text) if w not in "，。！？ "]
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=Words())
+    got = rouge(ZH_PRED, ZH_REF)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        want = sum(scorer.score(r, p)[key].fmeasure for p, r in zip(ZH_PRED, ZH_REF)) / len(ZH_PRED)
+        assert got[key] == pytest.approx(want)
+    assert 0 < got["rouge1"] < 1  # rouge-score's default tokenizer would erase Chinese and give 0
+
+
+def test_exact_match_and_gsm8k_extraction():
+    assert text_metrics(["7", "Hello."], ["7", "hello"])["exact_match"] == 0.5
+    assert extract_number("so 3 + 4 = 7 apples\n#### 1,234") == "1234"
+    assert extract_number("She pays $18.00 in the end.") == "18"
+    assert extract_number("The answer is -5.") == "-5"
+    assert extract_number("no digits") is None
+
+
+def test_generation_uses_the_adapter_on_the_model(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.eval.generation_tasks import generate_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = [[{"role": "user", "content": "Who are you?"}]]
+    base = generate_texts(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), tokenizer, prompts, 8)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    tuned = generate_texts(get_peft_model(model, lora).eval(), tokenizer, prompts, 8)
+    assert tuned != base  # a random, non-zero LoRA changes greedy text; the engine must not run the bare base

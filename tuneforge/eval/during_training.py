@@ -1,0 +1,37 @@
+"""A small eval suite at eval steps during training, as flat scalars for the metrics log and TensorBoard.
+
+    metrics |= suite_metrics(model, tokenizer, {"tasks": ["mmlu"], "limit": 5}, output_dir, step)
+    # -> {"suite/mmlu/accuracy_micro": 0.24, "suite/mmlu/accuracy_macro": 0.25}
+
+The suite is an eval config without `models` (the model being trained is the one evaluated). Each step writes its
+predictions under OUTPUT/eval_suite/step-N/, so the per-item cache never hands a later step an earlier answer.
+The caller (the training loop) adds the returned values to the metrics it logs at that step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneforge.configs.typed import from_dict
+
+HEADLINE_SKIP = {"questions", "examples", "prompts", "tokens", "shots", "chat_template", "pairs", "invalid"}
+
+
+def suite_metrics(model, tokenizer, suite: dict, output_dir, step: int) -> dict[str, float]:
+    from tuneforge.eval.run import EvalConfig
+    from tuneforge.eval.suite import run_task, slug
+
+    cfg = from_dict(EvalConfig, {**suite, "progress": False}, prefix="training.eval_suite")
+    out = Path(output_dir) / "eval_suite" / f"step-{step}"
+    was_training = model.training
+    model.eval()
+    try:
+        found = {}
+        for task in cfg.tasks:
+            for name, value in run_task(cfg, model, tokenizer, task, out / slug(task)).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and "/" not in name \
+                        and name not in HEADLINE_SKIP:
+                    found[f"suite/{task}/{name}"] = float(value)
+        return found
+    finally:
+        model.train(was_training)

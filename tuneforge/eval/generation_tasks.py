@@ -1,0 +1,133 @@
+"""Generation tasks: GSM8K-style math, any dataset in a training format (BLEU/ROUGE/exact match), perplexity.
+
+    run_gsm8k(model, tokenizer, "../shared/assets/eval/gsm8k", out_dir, shots=4, limit=50)
+    run_dataset(model, tokenizer, "data/heldout.jsonl", out_dir)     # last assistant turn is the reference
+    run_perplexity(model, tokenizer, "data/heldout.jsonl", out_dir)
+
+Replies come from the one generation engine (`tuneforge.inference`), greedy; every prediction is saved next to its
+reference in the task's predictions.jsonl, which is also the resume cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tuneforge.errors import DataError, UserError
+from tuneforge.eval.metrics import extract_number, text_metrics
+from tuneforge.eval.store import ItemStore
+
+COT_INSTRUCTION = ("Solve the problem step by step. End with a line '#### N' where N is the final number.")
+
+
+def generate_texts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 256,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy replies through the one generation engine (same prompt rendering as training and serving)."""
+    from tuneforge.inference import Engine, SamplingParams
+    from tuneforge.inference.adapters import active_adapter
+
+    # the engine runs the bare base unless told which adapter is the default: the model under test is base+adapter
+    engine = Engine(model, tokenizer, max_batch_size=batch_size, default_adapter=active_adapter(model))
+    done = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    return [c.text.strip() for c in done]
+
+
+def _generate_pending(model, tokenizer, items: list[dict], store: ItemStore, score, max_new_tokens: int,
+                      desc: str, progress: bool) -> list[dict]:
+    """Generate for every item not in the store (in batches, saving each), return all records in item order."""
+    done = store.done()
+    todo = [it for it in items if it["id"] not in done]
+    step = 16
+    for start in tqdm(range(0, len(todo), step), desc=desc, disable=not progress, unit="batch"):
+        chunk = todo[start: start + step]
+        replies = generate_texts(model, tokenizer, [it["messages"] for it in chunk], max_new_tokens)
+        for it, reply in zip(chunk, replies):
+            record = {k: v for k, v in it.items() if k != "messages"} | {"prompt": it["messages"][-1]["content"],
+                                                                          "prediction": reply} | score(it, reply)
+            store.add(record)
+            done[it["id"]] = record
+    return [done[it["id"]] for it in items]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: point the task at a folder with GSM8K's test.jsonl (and "
+                        f"train.jsonl for few-shot examples).")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg}).") from e
+    return rows
+
+
+def gsm8k_messages(question: str, shots: list[dict], cot: bool) -> list[dict]:
+    """Few-shot examples as earlier turns (their answers show the reasoning and end in '#### N')."""
+    messages = []
+    for s in shots:
+        messages += [{"role": "user", "content": s["question"]}, {"role": "assistant", "content": s["answer"]}]
+    content = f"{question}\n{COT_INSTRUCTION}" if cot else question
+    return messages + [{"role": "user", "content": content}]
+
+
+def run_gsm8k(model, tokenizer, data_dir, out_dir, shots: int = 4, limit: int | None = None, cot: bool = True,
+              max_new_tokens: int = 256, progress: bool = True) -> dict:
+    folder = Path(data_dir)
+    tests = _jsonl(folder / "test.jsonl")[:limit]
+    examples = _jsonl(folder / "train.jsonl")[:shots] if shots else []
+    items = [{"id": str(i), "messages": gsm8k_messages(row["question"], examples, cot),
+              "answer": extract_number(row["answer"])} for i, row in enumerate(tests)]
+    store = ItemStore(Path(out_dir) / "predictions.jsonl", {"task": "gsm8k", "shots": shots, "cot": cot,
+                                                             "max_new_tokens": max_new_tokens})
+
+    def score(item, reply):
+        got = extract_number(reply)
+        return {"extracted": got, "correct": got is not None and got == item["answer"]}
+
+    records = _generate_pending(model, tokenizer, items, store, score, max_new_tokens, "gsm8k", progress)
+    return {"accuracy": sum(r["correct"] for r in records) / max(1, len(records)), "questions": len(records)}
+
+
+def _dataset_examples(path: str, fmt: str = "auto") -> list:
+    from tuneforge.configs.schema import DatasetSpec
+    from tuneforge.data.build import read_spec
+    from tuneforge.data.types import BadRow
+
+    rows = read_spec(DatasetSpec(path=path, format=fmt), None, None)
+    bad = [r for r in rows if isinstance(r, BadRow)]
+    if bad:
+        raise DataError(f"{path}: {len(bad)} row(s) could not be read, first: {bad[0]}. Fix them or drop them "
+                        f"(`tuneforge data clean`).")
+    return rows
+
+
+def run_dataset(model, tokenizer, path: str, out_dir, limit: int | None = None, fmt: str = "auto",
+                max_new_tokens: int = 256, progress: bool = True) -> dict:
+    """Generate for each row's conversation up to its last assistant turn; score against that turn."""
+    items = []
+    for ex in _dataset_examples(path, fmt)[:limit]:
+        if not ex.messages or ex.messages[-1]["role"] != "assistant":
+            raise DataError(f"{ex.source}: a generation task needs rows ending with an assistant turn (the "
+                            f"reference); this row has none.")
+        items.append({"id": ex.source, "messages": ex.messages[:-1], "reference": ex.messages[-1]["content"]})
+    store = ItemStore(Path(out_dir) / "predictions.jsonl", {"task": "dataset", "path": str(path),
+                                                             "max_new_tokens": max_new_tokens})
+    records = _generate_pending(model, tokenizer, items, store, lambda it, reply: {}, max_new_tokens, Path(path).name,
+                                progress)
+    return text_metrics([r["prediction"] for r in records], [r["reference"] for r in records]) | {
+        "examples": len(records)}
+
+
+def run_perplexity(model, tokenizer, path: str, out_dir, limit: int | None = None, max_length: int = 1024) -> dict:
+    """Perplexity of held-out text: `text` rows as they are, chat rows as their contents joined by newlines."""
+    from tuneforge.eval.loglik import perplexity
+
+    texts = [ex.text if ex.text is not None else "\n".join(m.get("content") or "" for m in ex.messages)
+             for ex in _dataset_examples(path)[:limit]]
+    result = perplexity(model, tokenizer, texts, max_length)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return result

@@ -1,0 +1,101 @@
+"""Score a model on a multiple-choice benchmark (MMLU, C-Eval, CMMLU) by option log-likelihood.
+
+    metrics = run_multiple_choice(model, tokenizer, MCSettings(benchmark="mmlu", data_dir=...), out_dir)
+
+Every question's prompt, option scores, prediction and answer go to `predictions.jsonl` (also the resume cache).
+Accuracy is reported per subject, per category (when a mapping exists) and overall, both micro (over questions)
+and macro (mean over subjects), under those names.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tuneforge.eval.benchmarks import LETTERS, benchmark, build_prompt, display_name, load_mapping, load_subjects
+from tuneforge.eval.loglik import continuation_logprobs
+from tuneforge.eval.store import ItemStore
+
+
+@dataclass
+class MCSettings:
+    benchmark: str
+    data_dir: str  # the benchmark's folder (holding dev/, test/ ...)
+    shots: int = 5
+    limit: int | None = None  # questions per subject
+    subjects: list[str] | None = None
+    chat_template: bool = False  # lm-evaluation-harness scores raw text; True wraps the prompt as a user turn
+    option_text: bool = False  # score the full option text instead of the letter
+    batch_size: int = 8
+
+
+def _context_and_options(tokenizer, bench, prompt: str, q, settings: MCSettings) -> tuple[str | list[int], list[str]]:
+    """The text (or, with the chat template, the engine's prompt ids) and the continuations to score."""
+    options = list(q.options) if settings.option_text else list(LETTERS)
+    if settings.chat_template:
+        from tuneforge.inference.engine import encode_chat
+
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}]), options
+    return prompt, [" " + o for o in options]
+
+
+def _pending(settings: MCSettings, store: ItemStore):
+    """(question, prompt) for every question not yet scored under these settings."""
+    bench = benchmark(settings.benchmark)
+    folder = Path(settings.data_dir)
+    tests = load_subjects(settings.benchmark, folder, None, settings.subjects)
+    dev = load_subjects(settings.benchmark, folder, "dev", list(tests)) if settings.shots else {}
+    mapping = load_mapping(settings.benchmark, folder)
+    done = store.done()
+    items = []
+    for subject, questions in tests.items():
+        shots = dev.get(subject, [])[: settings.shots]
+        for q in questions[: settings.limit]:
+            if f"{subject}/{q.index}" not in done:
+                items.append((q, build_prompt(bench, display_name(subject, mapping), shots, q)))
+    wanted = {f"{s}/{q.index}" for s, qs in tests.items() for q in qs[: settings.limit]}
+    return bench, mapping, items, {k: v for k, v in done.items() if k in wanted}
+
+
+def run_multiple_choice(model, tokenizer, settings: MCSettings, out_dir: Path, progress: bool = True) -> dict:
+    store = ItemStore(Path(out_dir) / "predictions.jsonl", asdict(settings) | {"limit": None, "batch_size": None})
+    bench, mapping, items, done = _pending(settings, store)
+    records = list(done.values())
+    step = max(1, settings.batch_size)
+    for start in tqdm(range(0, len(items), step), desc=settings.benchmark, disable=not progress, unit="batch"):
+        chunk = items[start: start + step]
+        requests = [_context_and_options(tokenizer, bench, prompt, q, settings) for q, prompt in chunk]
+        scores = continuation_logprobs(model, tokenizer, requests, batch_size=step)
+        for (q, _), (context, _), option_scores in zip(chunk, requests, scores):
+            pred = LETTERS[max(range(len(option_scores)), key=option_scores.__getitem__)]
+            shown = context if isinstance(context, str) else tokenizer.decode(context)
+            record = {"id": f"{q.subject}/{q.index}", "subject": q.subject, "prompt": shown,
+                      "scores": dict(zip(LETTERS, option_scores)), "prediction": pred, "answer": q.answer,
+                      "correct": pred == q.answer}
+            store.add(record)
+            records.append(record)
+    return accuracy_table(records, mapping) | {"chat_template": settings.chat_template, "shots": settings.shots}
+
+
+def accuracy_table(records: list[dict], mapping: dict[str, dict]) -> dict:
+    """accuracy_micro (over questions), accuracy_macro (mean of subjects), and per subject / category."""
+    by_subject: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        by_subject[r["subject"]].append(bool(r["correct"]))
+    if not by_subject:
+        return {"accuracy_micro": 0.0, "accuracy_macro": 0.0, "questions": 0}
+    subject_acc = {s: sum(v) / len(v) for s, v in sorted(by_subject.items())}
+    table = {"accuracy_micro": sum(sum(v) for v in by_subject.values()) / sum(len(v) for v in by_subject.values()),
+             "accuracy_macro": sum(subject_acc.values()) / len(subject_acc),
+             "questions": sum(len(v) for v in by_subject.values())}
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for s, v in by_subject.items():
+        category = (mapping.get(s) or {}).get("category")
+        if category:
+            by_category[category].extend(v)
+    table |= {f"category/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())}
+    table |= {f"subject/{s}": a for s, a in subject_acc.items()}
+    return table

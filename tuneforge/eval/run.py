@@ -1,0 +1,135 @@
+"""`tuneforge eval`: benchmarks, task metrics, safety and an LLM judge for one or several models, in one report.
+
+    tuneforge eval examples/eval_base_vs_lora.yaml limit=20
+    tuneforge eval --model builtin:smollm2-135m-instruct --adapter outputs/quickstart --tasks mmlu,gsm8k --data-dir ../shared/assets/eval --limit 20 --out eval_out
+
+Tasks: mmlu, ceval, cmmlu (multiple choice, from DATA_DIR/<name>), gsm8k (DATA_DIR/gsm8k), xstest and cvalues
+(safety), data:PATH (generate for a dataset in a training format; BLEU, ROUGE, exact match), ppl:PATH (perplexity),
+judge:PATH (answers to PATH's prompts judged pairwise against the baseline by `judge.url`, both orders) and
+grade:PATH (1-10 grades by the judge). With --adapter, the base model and base+adapter are evaluated side by side.
+Writes OUT/results.json ({model: {task: {metric: value}}}, accuracies and rates as fractions in [0, 1], BLEU on
+sacrebleu's 0-100 scale), OUT/report.md, OUT/report.html and OUT/<model>/<task>/predictions.jsonl; a re-run with
+the same settings skips every finished item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tuneforge.configs.typed import apply_overrides, from_dict, opt
+from tuneforge.errors import ConfigError, UserError
+
+
+@dataclass
+class ModelEntry:
+    model: str | None = opt(None, "Base model (folder, hub id or builtin:<name>); default: the adapter's base.")
+    adapter: str | None = opt(None, "Adapter folder to put on the model.")
+    name: str | None = opt(None, "Column name in the report (default: the adapter or model folder name).")
+    chat_template: str | None = opt(None, "Chat template override for generation tasks.")
+
+    @classmethod
+    def from_str(cls, text: str) -> ModelEntry:
+        return cls(model=text)
+
+    def label(self) -> str:
+        return self.name or Path(self.adapter or self.model or "model").name.removeprefix("builtin:")
+
+
+@dataclass
+class JudgeConfig:
+    url: str | None = opt(None, "OpenAI-compatible base URL of the judge, e.g. http://127.0.0.1:8000/v1.")
+    model: str = opt("judge", "Model name sent to the judge endpoint.")
+    api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the judge's API key (if any).")
+    rubric: str | None = opt(None, "Replace the default pairwise/grading instructions.")
+    concurrency: int = opt(8, "Judge requests in flight at once.")
+
+
+@dataclass
+class EvalConfig:
+    models: list[ModelEntry] = opt(factory=list, help="Models/adapters to compare; the first is the baseline.")
+    tasks: list[str] = opt(factory=lambda: ["mmlu"], help="Tasks: mmlu, ceval, cmmlu, gsm8k, xstest, cvalues, "
+                                                            "data:PATH, ppl:PATH, judge:PATH, grade:PATH.")
+    data_dir: str = opt("../shared/assets/eval", "Folder holding mmlu/, ceval/, cmmlu/, gsm8k/ in their layouts.")
+    out: str = opt("eval_out", "Output folder (results.json, report.md/html, predictions).")
+    limit: int | None = opt(None, "At most N items per task (per subject for multiple choice).")
+    shots: int = opt(5, "Examples from the dev split in multiple-choice prompts.")
+    gsm8k_shots: int = opt(4, "Solved examples before each GSM8K question.")
+    cot: bool = opt(True, "Ask GSM8K questions for step-by-step reasoning ending in '#### N'.")
+    mc_chat_template: bool = opt(False, "Wrap multiple-choice prompts in the chat template (lm-evaluation-harness "
+                                        "scores raw text, the default).")
+    option_text: bool = opt(False, "Score multiple-choice options by their full text instead of the letter.")
+    max_new_tokens: int = opt(256, "Longest generated answer.")
+    batch_size: int = opt(8, "Questions per forward pass for multiple choice.")
+    baseline: str | None = opt(None, "Model name the deltas are against (default: the first model).")
+    judge: JudgeConfig = opt(factory=JudgeConfig, help="The judge endpoint for judge:/grade: tasks.")
+    progress: bool = opt(True, "Show progress bars.")
+
+
+def load_eval_config(path: str | None, overrides: list[str], base: dict | None = None) -> EvalConfig:
+    data: dict = copy.deepcopy(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Eval config {path} does not exist. Pass a YAML file, e.g. examples/eval_quick.yaml.")
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of eval config keys at the top level.")
+        data.update(loaded)
+    cfg = from_dict(EvalConfig, apply_overrides(data, overrides))
+    if not cfg.models:
+        raise ConfigError("No model to evaluate: set `models:` (a list of {model, adapter, name}) or pass --model.")
+    names = [m.label() for m in cfg.models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Two models share the report name {names}: give each a distinct `name:`.")
+    if cfg.baseline is not None and cfg.baseline not in names:
+        raise ConfigError(f"baseline `{cfg.baseline}` is not one of the models ({', '.join(names)}).")
+    return cfg
+
+
+def _flags_to_dict(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="tuneforge eval")
+    p.add_argument("--model")
+    p.add_argument("--adapter")
+    p.add_argument("--tasks", default="mmlu")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--shots", type=int)
+    p.add_argument("--out")
+    p.add_argument("--judge-url")
+    p.add_argument("--mc-chat-template", action="store_true")
+    ns = p.parse_args(argv)
+    models = [{"model": ns.model, "adapter": None, "name": "base"}] if ns.adapter else []
+    models.append({"model": ns.model, "adapter": ns.adapter})
+    if not ns.model and not ns.adapter:
+        raise UserError("Pass --model (and optionally --adapter), or a config file: `tuneforge eval CONFIG.yaml`.")
+    data = {"models": models, "tasks": [t.strip() for t in ns.tasks.split(",") if t.strip()],
+            "mc_chat_template": ns.mc_chat_template}
+    extra = {"data_dir": ns.data_dir, "limit": ns.limit, "shots": ns.shots, "out": ns.out}
+    data |= {k: v for k, v in extra.items() if v is not None}
+    if ns.judge_url:
+        data["judge"] = {"url": ns.judge_url}
+    return data
+
+
+def eval_cli(argv: list[str]) -> int:
+    if argv and not argv[0].startswith("-"):
+        cfg = load_eval_config(argv[0], argv[1:])
+    else:
+        cfg = load_eval_config(None, [], _flags_to_dict(argv))
+    from tuneforge.eval.suite import run_suite
+
+    results = run_suite(cfg)
+    print(json.dumps(results, indent=2, ensure_ascii=False)[:4000])
+    print(f"report: {Path(cfg.out) / 'report.md'} and report.html; predictions under {cfg.out}/<model>/<task>/")
+    return 0
+
+
+def api_key(cfg: EvalConfig) -> str | None:
+    return os.environ.get(cfg.judge.api_key_env) or None

@@ -1,0 +1,60 @@
+"""Per-item results on disk, so an interrupted evaluation resumes where it stopped.
+
+    store = ItemStore(out / "smollm2" / "mmlu" / "predictions.jsonl", settings={"shots": 5})
+    done = store.done()                 # {item id: record} finished under the same settings
+    store.add({"id": "anatomy/3", ...})
+
+The file is the predictions file users read (one JSON object per line). It is appended to, line by line, rather
+than rewritten through a temp file: a crash loses at most the line being written, and a torn last line is
+ignored when reading. A record made under other settings (shots, template, ...) is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class ItemStore:
+    def __init__(self, path: Path, settings: dict):
+        self.path = Path(path)
+        self.key = settings_key(settings)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def done(self) -> dict[str, dict]:
+        found: dict[str, dict] = {}
+        if not self.path.is_file():
+            return found
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by an interrupted run: that item is simply redone
+            if isinstance(record, dict) and record.get("settings") == self.key and "id" in record:
+                found[record["id"]] = record
+        return found
+
+    @staticmethod
+    def read_all(path: Path) -> list[dict]:
+        """The records of a predictions file made under the settings of its last record (later duplicates win)."""
+        found: dict[str, dict] = {}
+        if Path(path).is_file():
+            for line in Path(path).read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and "id" in record:
+                    found[record["id"]] = record
+        last = list(found.values())[-1:]
+        return [r for r in found.values() if last and r.get("settings") == last[0].get("settings")]
+
+    def add(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**record, "settings": self.key}, ensure_ascii=False) + "\n")
+            f.flush()
