@@ -94,3 +94,27 @@ def test_suite_metrics_during_training(tiny_llama_dir, tmp_path):
                         tmp_path / "run", step=10)
     assert set(got) == {"suite/mmlu/accuracy_micro", "suite/mmlu/accuracy_macro"} and model.training
     assert (tmp_path / "run" / "eval_suite" / "step-10" / "mmlu" / "predictions.jsonl").is_file()
+
+
+def test_eval_suite_runs_at_training_eval_steps(tiny_llama_dir, tmp_path, monkeypatch):
+    """training.eval_suite through a real training run: its scores are in metrics.jsonl at each eval step."""
+    import json
+
+    from tuneforge.configs.schema import load_train_config
+    from tuneforge.errors import ConfigError
+    from tuneforge.train import run_config
+
+    _write_bench(tmp_path / "eval" / "mmlu", n=2)
+    monkeypatch.chdir(ROOT)
+    suite = f"training.eval_suite={{tasks: [mmlu], data_dir: {tmp_path / 'eval'}, shots: 0}}"
+    common = [f"model.name_or_path={tiny_llama_dir}", f"output_dir={tmp_path / 'run'}", "training.max_steps=4",
+              "training.batch_size=2", "training.save_steps=0", "data.eval_ratio=0.2", "training.progress_bar=false",
+              "training.plot_loss=false", "data.max_length=64", suite]
+    with pytest.raises(ConfigError, match="eval_suite"):
+        load_train_config("examples/sft_lora_tiny.yaml", common + ["training.eval_steps=0"])
+    run_config(load_train_config("examples/sft_lora_tiny.yaml", common + ["training.eval_steps=2"]),
+               log=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    at_eval = [r for r in rows if "suite/mmlu/accuracy_micro" in r]
+    assert [r["step"] for r in at_eval] == [2] and 0.0 <= at_eval[0]["suite/mmlu/accuracy_micro"] <= 1.0
+    assert (tmp_path / "run" / "eval_suite" / "step-2" / "mmlu" / "predictions.jsonl").is_file()

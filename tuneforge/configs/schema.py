@@ -136,6 +136,10 @@ class TrainingConfig:
                                "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     eval_steps: int = opt(0, "Evaluate on the held-out split every N steps (0: only at the end when there is one).")
+    eval_suite: dict[str, Any] | None = opt(None, "A small evaluation suite run at every eval step (stages pt and "
+                                                  "sft): an eval config without `models`, e.g. {tasks: [mmlu], "
+                                                  "data_dir: ../shared/assets/eval, limit: 5, shots: 0}. Scores go to "
+                                                  "metrics.jsonl and TensorBoard as suite/<task>/<metric>.")
     save_steps: int = opt(0, "Write a resumable checkpoint every N steps (0: none).")
     save_total_limit: int = opt(2, "Keep only the last K checkpoints.")
     logging_steps: int = opt(1, "Log metrics every N steps.")
@@ -304,6 +308,9 @@ def validate(cfg: TrainConfig) -> None:
     if t.resume not in (None, "auto") and not Path(t.resume).is_dir():
         problems.append(f"`training.resume` is {t.resume!r}: no such checkpoint folder. Use `auto` or a path "
                         f"like {cfg.output_dir}/checkpoint-10.")
+    if t.eval_suite and (cfg.stage not in ("pt", "sft") or not t.eval_steps):
+        problems.append("`training.eval_suite` runs at eval steps of stages pt and sft: set `training.eval_steps` "
+                        "(and use stage pt or sft), or evaluate the saved model with `tuneforge eval`.")
     if t.resume is not None and cfg.overwrite_output_dir:
         problems.append("`training.resume` continues the run in output_dir and `overwrite_output_dir` deletes it: "
                         "set only one.")

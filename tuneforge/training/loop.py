@@ -236,6 +236,20 @@ class Trainer:
         return self.strategy.clip(params, max_norm)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
+    tokenizer = None  # set by run_stage: the eval suite (training.eval_suite) renders prompts with it
+
+    def run_eval_suite(self) -> dict[str, float]:
+        """training.eval_suite on the model being trained (main rank; the others wait), as suite/<task>/<metric>."""
+        if not self.t.eval_suite or self.tokenizer is None:
+            return {}
+        found = {}
+        if self.rt.is_main:
+            from tuneforge.eval.during_training import suite_metrics
+
+            found = suite_metrics(unwrap(self.model), self.tokenizer, self.t.eval_suite, self.output_dir, self.step)
+        self.rt.barrier()
+        return found
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         if not self.eval_items:
@@ -366,6 +380,7 @@ class Trainer:
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()
+            metrics.update(self.run_eval_suite())
         if self.step % self.t.logging_steps == 0 or self.step == self.total_steps or "eval_loss" in metrics:
             logged = self.window.flush(metrics)
             logger.log(self.step, logged)

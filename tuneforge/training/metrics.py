@@ -26,6 +26,7 @@ class MetricWindow:
         """The window's means plus the current values of lr, tokens/s, MFU and eval loss; starts a new window."""
         out = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
         out.update({k: metrics[k] for k in NOW if k in metrics})
+        out.update({k: v for k, v in metrics.items() if k.startswith("suite/")})  # training.eval_suite scores
         self.n, self.sums = 0, {}
         return out
 

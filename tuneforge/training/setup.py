@@ -165,7 +165,9 @@ def run_stage(cfg: TrainConfig, data_kind: str, stage, log=print):
     if runtime.is_main:
         log(describe_model(model, method))
     train, evals, collate = setup_data(cfg, tokenizer, data_kind, runtime, log, read=rows)
-    result = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log).train()
+    trainer = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log)
+    trainer.tokenizer = tokenizer
+    result = trainer.train()
     if result.finished:
         save_final(cfg, model, method, tokenizer, runtime)
         if runtime.is_main:
