@@ -199,6 +199,8 @@ def test_stage_options_are_checked(tiny_qwen2_dir, tmp_path):
         config("kto", tiny_qwen2_dir, tmp_path, "training.batch_size=1")
     with pytest.raises(ConfigError, match="uses no reference"):
         config("dpo", tiny_qwen2_dir, tmp_path, "dpo.loss=simpo", "dpo.precompute_reference=true")
+    with pytest.raises(ConfigError, match="cannot be merged"):
+        config("rm", tiny_qwen2_dir, tmp_path, "method=prompt_tuning")
     with pytest.raises(ConfigError, match="dpo.loss"):
         config("dpo", tiny_qwen2_dir, tmp_path, "dpo.loss=sigmod")
 
