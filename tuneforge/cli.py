@@ -36,6 +36,7 @@ class Verb:
     args: str | None  # "module:Dataclass" whose fields become --options (None: the verb parses its own argv)
     help: str
     notes: str = ""  # shown at the end of `--help`
+    subverbs: bool = False  # `tuneforge data clean --help`: the verb dispatches sub-verbs and answers their --help
 
 
 VERBS = [
@@ -57,7 +58,8 @@ VERBS = [
     Verb("export", "tuneforge.inference.export.cli:export_cli", "tuneforge.inference.export.cli:ExportArgs",
          "Merge an adapter into its base and write a Hugging Face folder or a GGUF file (llama.cpp, Ollama)."),
     Verb("data", "tuneforge.data.curate:data_cli", None,
-         "Data tools: `data inspect|clean|mix|safety` (see `tuneforge data --help`); outputs train-ready .jsonl."),
+         "Data tools: `data inspect|clean|mix|safety` (see `tuneforge data --help`); outputs train-ready .jsonl.",
+         subverbs=True),
 ]
 
 
@@ -198,7 +200,8 @@ def _main(argv: list[str]) -> int:
         print(f"tuneforge: unknown verb `{argv[0]}`.{did_you_mean(argv[0], by_name)}", file=sys.stderr)
         return 2
     rest = argv[1:]
-    if any(a in ("-h", "--help") for a in rest) or (verb.name == "train" and not rest):
+    wants_help = any(a in ("-h", "--help") for a in (rest[:1] if verb.subverbs else rest))
+    if wants_help or (verb.name == "train" and not rest):
         print(_arg_parser_for(verb).format_help(), end="")
         return 0
     if verb.name == "methods":
@@ -212,6 +215,8 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a sub-verb's argparse (--help, a bad option): its status, also when called in-process
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return int(result or 0)
 
 

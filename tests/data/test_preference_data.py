@@ -32,8 +32,8 @@ def jsonl(tmp_path, rows: list, name: str = "d.jsonl") -> str:
     return str(path)
 
 
-def read(path, fmt: str = "auto", **kwargs):
-    train, _, report = read_datasets(config(path, fmt, **kwargs))
+def read(path, fmt: str = "auto", stage: str | None = None, **kwargs):
+    train, _, report = read_datasets(config(path, fmt, **kwargs), stage=stage)
     return train, report
 
 
@@ -550,3 +550,24 @@ def test_special_token_spellings_in_alignment_rows_follow_the_policy(tmp_path):
     assert prompt.input_ids.count(end) == 1  # the user turn's end; the data's spelling is plain text
     assert tok.decode(prompt.input_ids).count("<|im_end|>") == 2
     assert len(report.special_tokens) == 1
+
+
+def test_the_data_tools_refuse_alignment_files_clearly(tmp_path):
+    from tests.data.curate.helpers import parse
+    from tuneforge.data.curate.inspect import inspect
+
+    path = jsonl(tmp_path, [PAIR_ROWS["sharegpt"]])
+    with pytest.raises(DataError, match=r"d.jsonl: its rows are alignment data \(format pairwise"):
+        inspect(parse("inspect", ["--data", path, "--out", str(tmp_path / "out")]))
+
+
+def test_data_safety_and_format_typed_give_the_same_pairs(tmp_path):
+    from tests.data.curate.helpers import parse
+    from tuneforge.data.curate.safety import safety
+
+    path = jsonl(tmp_path, [typed_row("unsafe", "safe and responsible", "safe", "unsafe")], "typed.jsonl")
+    safety(parse("safety", ["--data", path, "--ranking", *RANKING, "--out", str(tmp_path / "out")]))
+    written, _ = read(tmp_path / "out" / "pairs.jsonl", stage="dpo")
+    direct, _ = read(path, ranking=RANKING)
+    assert len(written) == len(direct) == 5
+    assert [(p.prompt, p.chosen, p.rejected) for p in written] == [(p.prompt, p.chosen, p.rejected) for p in direct]

@@ -32,13 +32,11 @@ from typing import Literal
 from tuneforge.configs.typed import opt
 from tuneforge.data import readers
 from tuneforge.data.curate import rows
-from tuneforge.data.types import BadRow
+from tuneforge.data.preference import DEFAULT_RANKING, ordered_pairs, typed_responses
+from tuneforge.data.preference import TYPE_ALIASES as ALIASES
+from tuneforge.data.preference import TypedResponse as Response
+from tuneforge.data.types import BadRow, RowProblem
 from tuneforge.errors import DataError, UserError
-
-DEFAULT_RANKING = ["refuse_with_guidance", "refuse", "risky"]
-# The CValues comparison data's own type names (Chinese) and the names of its paper's figures.
-ALIASES = {"拒绝&正向建议": "refuse_with_guidance", "拒绝为主": "refuse", "风险回复": "risky",
-           "refuse with positive guidance": "refuse_with_guidance", "risky answer": "risky"}
 
 
 @dataclass(kw_only=True)
@@ -51,14 +49,6 @@ class SafetyArgs:
 
 
 @dataclass
-class Response:
-    text: str
-    type: str
-    rank: int
-    source: str
-
-
-@dataclass
 class Prompt:
     prompt: str
     system: str | None
@@ -67,16 +57,11 @@ class Prompt:
 
 
 def expand(prompt: Prompt, levels: int) -> list[dict]:
-    """Every (better, worse) pair of one prompt's responses as preference rows, best pairs first."""
-    ordered = sorted(prompt.responses, key=lambda r: r.rank)  # stable: equal ranks keep their order
-    pairs = []
-    for i, chosen in enumerate(ordered):
-        for rejected in ordered[i + 1:]:
-            if rejected.rank == chosen.rank or rejected.text.strip() == chosen.text.strip():
-                continue
-            gap = rejected.rank - chosen.rank
-            pairs.append(pair_row(prompt, chosen, rejected, gap, difficulty(gap, levels)))
-    return pairs
+    """Every (better, worse) pair of one prompt's responses as preference rows, best pairs first: the data path's
+    own expansion (`tuneforge.data.preference.ordered_pairs`, which `format: typed` training data uses too)."""
+    return [pair_row(prompt, chosen, rejected, rejected.rank - chosen.rank,
+                     difficulty(rejected.rank - chosen.rank, levels))
+            for chosen, rejected in ordered_pairs(prompt.responses)]
 
 
 def difficulty(gap: int, levels: int) -> str:
@@ -173,20 +158,10 @@ def parse_row(data: dict) -> tuple[str, str | None, list[tuple[str, str]]]:
     prompt, system = data.get("prompt"), data.get("system") or None
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("`prompt` is missing or empty")
-    if "responses" in data:
-        items = data["responses"]
-        if not isinstance(items, list) or not items:
-            raise ValueError("`responses` must be a non-empty list of {text, type}")
-        typed = [(r.get("text", r.get("response")), r.get("type")) for r in items if isinstance(r, dict)]
-    elif "pos_resp" in data:
-        typed = [(data.get("pos_resp"), data.get("pos_type")), (data.get("neg_resp"), data.get("neg_type"))]
-    else:
-        raise ValueError(f"expected `responses` or CValues' pos_resp/neg_resp, got keys {sorted(data)}")
-    for text, kind in typed:
-        if not isinstance(text, str) or not text.strip() or not isinstance(kind, str) or not kind:
-            raise ValueError(f"every response needs a non-empty text and a type, got {text!r:.60} / {kind!r}")
-    if "responses" in data and len(typed) != len(data["responses"]):
-        raise ValueError("every item of `responses` must be an object {text, type}")
+    try:  # the layouts as the data path reads them (format typed)
+        typed = [(text, kind) for _, text, kind in typed_responses(data, {})]
+    except RowProblem as e:
+        raise ValueError(f"`{e.field}`: {e.problem}") from None
     return prompt, system, typed
 
 
