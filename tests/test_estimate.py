@@ -13,7 +13,6 @@ Tolerances (each test says which it uses):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -397,8 +396,7 @@ def test_cli_reads_a_local_config(tmp_path, capsys):
     (["--model", "llama-7b", "--dtype", "int8"], "invalid choice"),
 ])
 def test_bad_input_through_the_cli(capsys, argv, message):
-    with pytest.raises(SystemExit) if "--dtype" in argv else contextlib.nullcontext():  # argparse exits for choices
-        assert main(["estimate", *argv]) == 2
+    assert main(["estimate", *argv]) == 2  # argparse's own exit (a bad choice) becomes the status too
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
@@ -496,3 +494,29 @@ def test_activations_match_cuda_peak(tmp_path, method, dtype, checkpointing, att
     print(f"\n{method} {dtype} ckpt={checkpointing} {attention} {targets}: measured {peak}, estimated {est:.0f} "
           f"({est / peak - 1:+.1%})")
     assert est == pytest.approx(peak, rel=0.10)
+
+
+def test_distributed_engines_shard_like_their_zero_stage():
+    """--distributed fsdp/zero3 divide weights, gradients, master weights and optimizer states by --gpus; zero2
+    all but the weights; ddp nothing. By hand for a full fine-tune of llama-7b (bf16, AdamW: 2 + 2 + 4 + 8 bytes per
+    parameter) over 8 GPUs."""
+    n = one("llama-7b", "full").total_params
+    fsdp = one("llama-7b", "full", gpus=8, distributed="fsdp")
+    assert fsdp.before_activations == pytest.approx(16 * n / 8)
+    assert fsdp == one("llama-7b", "full", gpus=8, zero=3)
+    zero2 = one("llama-7b", "full", gpus=8, distributed="zero2")
+    assert zero2.before_activations == pytest.approx(2 * n + 14 * n / 8)
+    assert one("llama-7b", "full", gpus=8, distributed="ddp").before_activations == pytest.approx(16 * n)
+    lora = one("llama-7b", "lora", gpus=4, distributed="zero3")
+    assert lora.weights == pytest.approx(one("llama-7b", "lora").weights / 4)
+
+
+def test_distributed_conflicting_with_zero_is_an_error_and_fsdp_notes_the_gathered_blocks():
+    with pytest.raises(UserError, match="shards like ZeRO-3, but `--zero 2`"):
+        estimate(EstimateArgs(model="llama-7b", distributed="fsdp", zero=2, gpus=8))
+    report = estimate(EstimateArgs(model="llama-7b", methods="full", distributed="fsdp", gpus=8))
+    block = 4 * 4096 * 4096 + 3 * 4096 * 11008  # q, k, v, o and the 3 MLP projections of one llama-7b block
+    assert any(f"{2 * block * 2 / 1e9:.2f} GB" in note and note.startswith("FSDP") for note in report.notes)
+    from tuneforge.estimate import render_table
+
+    assert "FSDP (= ZeRO-3) over 8 GPUs" in render_table(report)

@@ -3,10 +3,13 @@
     tuneforge chat --model builtin:smollm2-135m-instruct
     tuneforge chat --model /tmp/tiny-llama --adapter outputs/run --system "Answer briefly."
     tuneforge chat --model outputs/full-run --prompt "What is 12 + 30?"     # one answer, then exit
+    tuneforge chat --model M --temperature 0.7 --top-p 0.9 --seed 1        # sampled, reproducible
 
-In the conversation, `/reset` forgets the history and `/exit` (or Ctrl-D) quits. Replies are greedy (with a mild
-repetition penalty), so the same question gets the same answer, which makes before/after comparisons of a
-fine-tune meaningful.
+Replies stream as they are generated (through the generation engine, tuneforge.inference). In the conversation:
+`/reset` forgets the history, `/system TEXT` sets a new system prompt and starts over (`/system` alone removes
+it), `/help` lists the commands and `/exit` (or Ctrl-D) quits; Ctrl-C stops a reply mid-way. By default replies are
+greedy (with a mild repetition penalty), so the same question gets the same answer, which makes before/after
+comparisons of a fine-tune meaningful; `--temperature` > 0 samples, and `--seed` makes sampled replies repeatable.
 """
 
 from __future__ import annotations
@@ -27,11 +30,16 @@ class ChatArgs:
                                   "in --adapter, else builtin:smollm2-135m-instruct.")
     adapter: str | None = opt(None, "A trained adapter folder to apply: the output_dir of an adapter method (lora, "
                                     "adapter, prompt_tuning, ...), PEFT or TuneForge format.")
-    system: str | None = opt(None, "A system prompt for the conversation.")
+    system: str | None = opt(None, "A system prompt for the conversation (in the conversation: `/system TEXT` "
+                                   "sets a new one, `/reset` clears the history, `/exit` quits).")
     prompt: str | None = opt(None, "Answer this one message and exit instead of starting a conversation.")
     max_new_tokens: int = opt(256, "The longest reply, in tokens.")
-    repetition_penalty: float = opt(1.1, "Penalty for repeating tokens (1.0: plain greedy); keeps small models "
-                                         "out of loops.")
+    temperature: float = opt(0.0, "Sampling temperature; 0 is greedy (the same question gets the same answer).")
+    top_p: float = opt(1.0, "Sample only from the most likely tokens whose probabilities add up to top_p.")
+    top_k: int = opt(0, "Sample only from the k most likely tokens (0: no limit).")
+    seed: int | None = opt(None, "Seed for sampling: the same seed gives the same replies.")
+    repetition_penalty: float = opt(1.1, "Penalty for repeating tokens (1.0: none); keeps small models out of "
+                                         "loops.")
     chat_template: str | None = opt(None, "Override the chat template (chatml, llama3, qwen, default or a .jinja).")
     trust_remote_code: bool = opt(False, "Run Python code shipped with the model (only for sources you trust).")
     allow_pickle: bool = opt(False, "Allow pickle (.bin/.pt) weights, which can execute code when loaded.")
@@ -168,11 +176,48 @@ def load_for_chat(args: ChatArgs):
     return model.eval(), tokenizer
 
 
-def reply(model, tokenizer, history: list[dict], args: ChatArgs) -> str:
-    from tuneforge.generation import generate_replies
+def sampling_params(args: ChatArgs):
+    from tuneforge.inference import SamplingParams
 
-    return generate_replies(model, tokenizer, [history], max_new_tokens=args.max_new_tokens, batch_size=1,
-                            repetition_penalty=args.repetition_penalty)[0]
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, repetition_penalty=args.repetition_penalty).validate()
+
+
+def chat_engine(model, tokenizer):
+    """The engine for one conversation: the model with its active adapter (the one just loaded)."""
+    from tuneforge.inference import Engine
+    from tuneforge.inference.adapters import active_adapter
+
+    return Engine(model, tokenizer, max_batch_size=1, default_adapter=active_adapter(model))
+
+
+def reply(model, tokenizer, history: list[dict], args: ChatArgs) -> str:
+    """The whole reply to `history` (what the streaming conversation shows, without streaming)."""
+    return chat_engine(model, tokenizer).generate([history], sampling_params(args))[0].text.strip()
+
+
+def stream_reply(engine, history: list[dict], params, out) -> str:
+    """Write the reply to `out` piece by piece as the engine produces it, without the whitespace around it (as
+    `reply` strips it); returns the reply. Ctrl-C stops it (the request is cancelled) and keeps what was shown."""
+    shown, spaces = [], ""  # whitespace is written only once more text follows it
+    stream = engine.stream(history, params)
+    try:
+        for delta in stream:
+            text = delta.text if shown else delta.text.lstrip()
+            core = text.rstrip()
+            if core:
+                shown.append(spaces + core)
+                out.write(spaces + core)
+                out.flush()
+                spaces = text[len(core):]
+            else:
+                spaces += text
+    except KeyboardInterrupt:
+        stream.close()
+        out.write(" [stopped]")
+    out.write("\n")
+    out.flush()
+    return "".join(shown)
 
 
 def _system_turn(system: str | None) -> list[dict]:
@@ -190,13 +235,19 @@ def _read_line(stdin, interactive: bool) -> str | None:
     return line if line else None
 
 
+COMMANDS = "/reset clears the conversation, /system TEXT sets a new system prompt, /help, /exit quits."
+
+
 def repl(model, tokenizer, args: ChatArgs, stdin=None, out=None) -> None:
-    """Read user lines until /exit or end of input, answering each with the whole conversation as context."""
+    """Read user lines until /exit or end of input, streaming an answer to each with the whole conversation as
+    context. A terminal gets prompts and `assistant>`; piped input gets one reply per line."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = stdin.isatty()
     if interactive:
-        print("Type a message; /reset clears the conversation, /exit quits.", file=out)
-    history = _system_turn(args.system)
+        print(f"Type a message; {COMMANDS}", file=out)
+    engine, params = chat_engine(model, tokenizer), sampling_params(args)
+    system = args.system
+    history = _system_turn(system)
     while True:
         line = _read_line(stdin, interactive)
         if line is None:
@@ -204,23 +255,39 @@ def repl(model, tokenizer, args: ChatArgs, stdin=None, out=None) -> None:
         text = line.strip()
         if text == "/exit":
             break
-        if text == "/reset":
-            history = _system_turn(args.system)
-            print("(conversation cleared)", file=out, flush=True)
+        if text.startswith("/"):
+            system, history = _command(text, system, history, out)
             continue
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        answer = reply(model, tokenizer, history, args)
+        if interactive:
+            out.write("assistant> ")
+        answer = stream_reply(engine, history, params, out)
         history.append({"role": "assistant", "content": answer})
-        print(f"assistant> {answer}" if interactive else answer, file=out, flush=True)
+
+
+def _command(text: str, system: str | None, history: list[dict], out) -> tuple[str | None, list[dict]]:
+    """A slash command: returns the (system prompt, history) after it."""
+    name, _, rest = text.partition(" ")
+    if name == "/reset":
+        print("(conversation cleared)", file=out, flush=True)
+        return system, _system_turn(system)
+    if name == "/system":
+        system = rest.strip() or None
+        print("(new system prompt; conversation cleared)" if system else "(no system prompt; conversation cleared)",
+              file=out, flush=True)
+        return system, _system_turn(system)
+    print(f"Commands: {COMMANDS}" if name == "/help" else f"Unknown command {name}. Commands: {COMMANDS}",
+          file=out, flush=True)
+    return system, history
 
 
 def chat_cli(args: ChatArgs) -> int:
     model, tokenizer = load_for_chat(args)
     if args.prompt is not None:
         messages = _system_turn(args.system) + [{"role": "user", "content": args.prompt}]
-        print(reply(model, tokenizer, messages, args), flush=True)
+        stream_reply(chat_engine(model, tokenizer), messages, sampling_params(args), sys.stdout)
         return 0
     repl(model, tokenizer, args)
     return 0

@@ -58,8 +58,10 @@ VERBS = [
     Verb("export", "tuneforge.inference.export.cli:export_cli", "tuneforge.inference.export.cli:ExportArgs",
          "Merge an adapter into its base and write a Hugging Face folder or a GGUF file (llama.cpp, Ollama)."),
     Verb("data", "tuneforge.data.curate:data_cli", None,
-         "Data tools: `data inspect|clean|mix|safety` (see `tuneforge data --help`); outputs train-ready .jsonl.",
+         "Data tools: `data inspect|clean|mix|synth|safety` (see `tuneforge data --help`); outputs train-ready .jsonl.",
          subverbs=True),
+    Verb("serve", "tuneforge.inference.serve.main:serve_cli", "tuneforge.inference.serve.main:ServeArgs",
+         "Serve a model and its adapters over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."),
 ]
 
 

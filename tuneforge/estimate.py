@@ -24,6 +24,11 @@ Memory model (per GPU, bytes; e = bytes per element of --dtype: 2 for bf16/fp16,
   loop and PEFT keep trainable weights in fp32 instead: 4 + 4 + 8, the same 16 bytes, no separate master copy.)
 - ZeRO over --gpus N: stage 1 divides master weights + optimizer states by N, stage 2 also gradients, stage 3 also
   weights (ZeRO paper, section 5). Activations are per GPU (each GPU runs its own --batch-size micro-batch).
+  --distributed names the engine instead: ddp = stage 0, zero2 = 2, zero3 = 3, fsdp = 3 (PyTorch FSDP2's full
+  shard keeps 1/N of every parameter, gradient and optimizer state per GPU; its fp32 sharded parameters are the
+  master weights). So full fine-tuning with mixed-precision AdamW needs 16 * N_params / N bytes per GPU before
+  activations under zero3/fsdp, (2 + 14 / N) * N_params under zero2. Stage 3 also gathers whole blocks to compute
+  them: 2 * (one block's weights) * e more per GPU (current + prefetched block), given in the notes.
 - activations: see `layer_activation_bytes` (per-layer tensors saved for backward, derived for a Llama-style block the
   way Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", derive
   s*b*h*(34 + 5*a*s/h) for a GPT block) and `logits_bytes`; with gradient checkpointing (recompute per block, as
@@ -70,6 +75,10 @@ class EstimateArgs:
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = opt("adamw", "Optimizer (sets state size).")
     gpus: int = opt(1, "Number of GPUs (data parallel).")
     zero: int = opt(0, "ZeRO stage 0-3: 1 shards optimizer states, 2 also gradients, 3 also weights across --gpus.")
+    distributed: Literal["ddp", "fsdp", "zero2", "zero3"] | None = opt(
+        None, "The engine of `training.distributed`, sharding over --gpus as it does: ddp a full copy per GPU, "
+              "zero2 (DeepSpeed ZeRO-2) gradients + optimizer states, zero3 and fsdp (PyTorch FSDP2, full shard) "
+              "also the weights. Sets --zero.")
     gradient_checkpointing: bool = opt(False, "Count activations with gradient checkpointing in the total (both "
                                               "variants are always shown).")
     lora_rank: int = opt(8, "LoRA rank r (LoRA family and QLoRA).")
@@ -436,10 +445,40 @@ class Report:
     notes: list[str]
 
 
+ENGINE_ZERO = {"ddp": 0, "zero2": 2, "zero3": 3, "fsdp": 3}
+
+
+def apply_engine(args: EstimateArgs) -> EstimateArgs:
+    """--distributed as the ZeRO stage it shards like. FSDP2's full shard divides weights, gradients and optimizer
+    state (its sharded fp32 parameters are the master weights) over the GPUs exactly as ZeRO-3 does."""
+    if args.distributed is None:
+        return args
+    if args.distributed not in ENGINE_ZERO:
+        raise UserError(f"`--distributed` must be one of {', '.join(ENGINE_ZERO)}, got `{args.distributed}`.")
+    stage = ENGINE_ZERO[args.distributed]
+    if args.zero not in (0, stage):
+        raise UserError(f"`--distributed {args.distributed}` shards like ZeRO-{stage}, but `--zero {args.zero}` "
+                        f"was given too; pass one of them.")
+    from dataclasses import replace
+
+    return replace(args, zero=stage)
+
+
+def gathered_block_bytes(shape: ModelShape, args: EstimateArgs) -> float:
+    """ZeRO-3/FSDP all-gather one block's weights (in --dtype) to compute it, and prefetch the next: two blocks'
+    worth sit on each GPU on top of the shards (not in the total; listed in the notes)."""
+    return 2.0 * shape.linear_weights_per_layer() * DTYPE_BYTES[args.dtype]
+
+
 def estimate(args: EstimateArgs) -> Report:
     """The estimate for every requested method (the programmatic entry point)."""
+    args = apply_engine(args)
     shape = resolve_shape(args.model)
     notes = validate(args, shape)
+    if args.zero == 3 and args.gpus > 1:
+        notes.append(f"{'FSDP' if args.distributed == 'fsdp' else 'ZeRO-3'}: each GPU also holds two blocks' "
+                     f"gathered weights while it computes them (the current and the prefetched one): "
+                     f"{gathered_block_bytes(shape, args) / GB:.2f} GB, not in the totals.")
     methods = parse_methods(args)
     columns = [column(shape, m, args) for m in methods]
     for c in columns:
@@ -475,7 +514,8 @@ def header_lines(report: Report) -> list[str]:
     s, a = report.shape, report.args
     kind = "preset" if s.source == "preset" else s.source
     prec = f"{a.dtype} mixed precision" if a.dtype != "fp32" else "fp32"
-    sharding = f"ZeRO-{a.zero} over {a.gpus} GPU{'s' if a.gpus > 1 else ''}"
+    engine = {"fsdp": "FSDP (= ZeRO-3)", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "ddp": "DDP"}
+    sharding = f"{engine.get(a.distributed, f'ZeRO-{a.zero}')} over {a.gpus} GPU{'s' if a.gpus > 1 else ''}"
     return [f"tuneforge estimate: {s.name} ({kind}): {fmt_count(s.total_params())} params, {s.layers} layers, "
             f"hidden {s.hidden}, heads {s.heads}/{s.kv_heads} kv, intermediate {s.intermediate}, vocab {s.vocab}",
             f"setup: batch {a.batch_size} x seq {a.seq_len} per GPU, {prec}, {a.optimizer}, {sharding}, "

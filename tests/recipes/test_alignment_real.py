@@ -58,7 +58,7 @@ def test_rm_heldout_pairwise_accuracy(tmp_path):
 
 def _exact_match(model, tokenizer, rows) -> float:
     from tuneforge.data.example_task import exact_match
-    from tuneforge.generation import generate_replies
+    from tuneforge.inference import generate_replies
 
     replies = generate_replies(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows],
                                max_new_tokens=24)

@@ -19,11 +19,12 @@ from typing import Any, Literal
 import yaml
 
 from tuneforge.configs import typed
+from tuneforge.configs.rl import GRPOConfig, PPOConfig, rl_problems
 from tuneforge.configs.typed import apply_overrides, from_dict, opt, to_dict
 from tuneforge.errors import ConfigError, did_you_mean
 
-STAGES = ("pt", "sft", "rm", "dpo", "kto", "coh")
-ALIGN_SECTIONS = ("rm", "dpo", "kto", "coh")  # options of the alignment stages, one section each
+STAGES = ("pt", "sft", "rm", "dpo", "kto", "coh", "ppo", "grpo")
+ALIGN_SECTIONS = ("rm", "dpo", "kto", "coh", "ppo", "grpo")  # options of the alignment stages, one section each
 
 
 @dataclass
@@ -63,6 +64,17 @@ class DatasetSpec:
 
 
 @dataclass
+class MixConfig:
+    strategy: Literal["proportional", "temperature", "equal"] = opt(
+        "temperature", "How shares follow dataset sizes: proportional, temperature (T5: share proportional to "
+                       "min(rows, K)^(1/T)) or equal.")
+    T: float = opt(2.0, "Temperature: 1 = proportional, larger = closer to equal.")
+    K: int | None = opt(None, "Cap on a dataset's size in the temperature strategy (T5's K). Default: no cap.")
+    size: int | None = opt(None, "Training rows in the mixture (a dataset asked for more than it has is repeated). "
+                                 "Default: all rows of all datasets together.")
+
+
+@dataclass
 class DataConfig:
     train: list[DatasetSpec] = opt(factory=list, help="Training datasets (paths, registry names or inline specs).")
     eval: list[DatasetSpec] = opt(factory=list, help="Held-out evaluation datasets.")
@@ -88,7 +100,11 @@ class DataConfig:
                  "bad row (see on_error); escape: tokenize it as plain text; keep: let it become the special token. "
                  "Default error, because either silent choice is wrong for some data: pasted chat markup would end "
                  "turns mid-reply, while `<|endoftext|>` written between documents is meant as the token.")
-    seed: int = opt(0, "Seed for the train/eval split and for shuffling.")
+    seed: int = opt(0, "Seed for the train/eval split, the mixture (`mix`) and for shuffling.")
+    mix: MixConfig | None = opt(None, "Mix the `train` datasets to a size with exact per-dataset counts, as "
+                                      "`tuneforge data mix` does, e.g. {strategy: temperature, T: 2, size: 20000}. "
+                                      "Drawn before the eval split; a function of `seed`, so a resumed run sees "
+                                      "the same rows. Default: every row of every dataset once.")
 
 
 @dataclass
@@ -111,6 +127,13 @@ class TrainingConfig:
                                     "scaled by alpha/sqrt(L*d). Typical 5. 0 disables.")
     rdrop_alpha: float = opt(0.0, "R-Drop (Liang et al. 2021): two dropout forward passes with a symmetric KL between "
                                   "them, weighted by alpha. Needs dropout in the model. 0 disables.")
+    chunked_loss: Literal["auto", "always", "never"] = opt(
+        "auto", "Compute lm_head and the loss in chunks of positions so the [tokens x vocabulary] logits are never "
+        "held whole (Liger Kernel's fused version on CUDA when installed). Same loss and gradients, far less memory "
+        "with big vocabularies. auto: on GPUs, for vocabularies of 32k and more where it applies (not with fsdp, "
+        "R-Drop or prompt-learning methods).")
+    compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
+                               "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     eval_steps: int = opt(0, "Evaluate on the held-out split every N steps (0: only at the end when there is one).")
     save_steps: int = opt(0, "Write a resumable checkpoint every N steps (0: none).")
@@ -120,6 +143,13 @@ class TrainingConfig:
     stop_after_steps: int = opt(0, "Stop this invocation after N steps with a checkpoint, as if preempted (for "
                                    "time-limited cluster jobs: rerun with resume=auto). 0: run to the end.")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+    distributed: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = opt(
+        "auto", "How the model is spread over processes started by torchrun. auto: ddp with more than one process, "
+        "none with one. ddp: every process holds the whole model. fsdp: PyTorch FSDP2 shards weights, gradients "
+        "and optimizer state over the processes (sharded checkpoints, resumable with another process count). "
+        "deepspeed: DeepSpeed ZeRO (CUDA only; pip install tuneforge[deepspeed]). See README `Scaling out`.")
+    fsdp_cpu_offload: bool = opt(False, "With distributed=fsdp: keep the sharded weights, gradients and optimizer "
+                                        "state in CPU memory between uses (fits bigger models, runs slower).")
     num_workers: int = opt(0, "DataLoader worker processes.")
     plot_loss: bool = opt(True, "Write loss.png to the output folder at the end.")
     progress_bar: bool = opt(True, "Show a progress bar.")
@@ -169,9 +199,10 @@ class CoHConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["pt", "sft", "rm", "dpo", "kto", "coh"] = opt(
+    stage: Literal["pt", "sft", "rm", "dpo", "kto", "coh", "ppo", "grpo"] = opt(
         "sft", "Training stage: pt (continued pre-training on text), sft, rm (reward model), dpo (and IPO, SimPO, "
-               "ORPO, ... see `dpo.loss`), kto, coh (Chain of Hindsight). Alignment stages read preference data.")
+               "ORPO, ... see `dpo.loss`), kto, coh (Chain of Hindsight), ppo, grpo. Alignment stages read "
+               "preference data; ppo and grpo sample from prompts.")
     method: str = opt("lora", "Fine-tuning method (see `tuneforge methods`): full, freeze, lora, ...")
     output_dir: str = opt("outputs/run", "Where the model/adapter, checkpoints, metrics and resolved config go.")
     overwrite_output_dir: bool = opt(False, "Start over in an output_dir that holds an earlier run: delete what is "
@@ -185,6 +216,8 @@ class TrainConfig:
     dpo: DPOConfig = opt(factory=DPOConfig, help="Stage dpo: the DPO family of preference losses.")
     kto: KTOConfig = opt(factory=KTOConfig, help="Stage kto: unpaired desirable/undesirable examples.")
     coh: CoHConfig = opt(factory=CoHConfig, help="Stage coh: Chain of Hindsight.")
+    ppo: PPOConfig = opt(factory=PPOConfig, help="Stage ppo: rollouts, rewards, KL penalty, GAE, PPO epochs.")
+    grpo: GRPOConfig = opt(factory=GRPOConfig, help="Stage grpo: group sampling, rewards, loss normalisation.")
     method_options: dict[str, Any] = opt(factory=dict, help="Options sections of methods, by section name.")
 
     def options(self, section: str):
@@ -278,7 +311,7 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
     if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
         problems.append("`data.loss_on` applies to chat data in sft; stage pt trains on all text tokens.")
-    problems += _stage_problems(cfg)
+    problems += _stage_problems(cfg) + rl_problems(cfg)
     if cfg.method in METHODS:
         try:
             METHODS[cfg.method].validate(cfg)

@@ -35,7 +35,7 @@ from tuneforge.data.packing import pack
 from tuneforge.data.registry import Registry
 from tuneforge.data.templates import resolve_chat_template
 from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example, PairExample, RowProblem, bad_row
-from tuneforge.errors import DataError
+from tuneforge.errors import ConfigError, DataError
 from tuneforge.models.loading import hub_offline, hub_reachable, looks_local
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,10 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | Non
     on (a preference pair in sft, a plain conversation in dpo) are bad rows here too."""
     report = DataReport()
     registry = open_registry(data_cfg.registry, base_dir)
-    train_examples = load_examples(data_cfg.train, registry, base_dir, report)
+    if data_cfg.mix is not None:
+        train_examples = mixed(load_groups(data_cfg.train, registry, base_dir, report), data_cfg)
+    else:
+        train_examples = load_examples(data_cfg.train, registry, base_dir, report)
     eval_examples = load_examples(data_cfg.eval, registry, base_dir, report)
     if stage is not None:
         stage = DATA_STAGE.get(stage, stage)
@@ -131,8 +134,14 @@ def fitting_stage(examples: list, stage: str, report: DataReport) -> list:
 
 def load_examples(specs: list, registry: Registry | None, base_dir, report: DataReport) -> list[Example]:
     """Read and validate every row of every spec; bad rows go to the report."""
-    examples = []
+    return [example for group in load_groups(specs, registry, base_dir, report) for example in group]
+
+
+def load_groups(specs: list, registry: Registry | None, base_dir, report: DataReport) -> list[list[Example]]:
+    """The examples of each spec (a list per spec, in spec order); bad rows go to the report."""
+    groups = []
     for spec in specs:
+        examples = []
         for item in read_spec(spec, registry, base_dir)[:spec.max_samples]:
             report.rows_read += 1
             if isinstance(item, BadRow):
@@ -141,7 +150,24 @@ def load_examples(specs: list, registry: Registry | None, base_dir, report: Data
                 examples += item
             else:
                 examples.append(item)
-    return examples
+        groups.append(examples)
+    return groups
+
+
+def mixed(groups: list[list[Example]], data_cfg) -> list[Example]:
+    """`data.mix`: the train datasets mixed by `tuneforge data mix`'s allocation (one implementation), seeded by
+    `data.seed` so a resumed run draws the same rows. A dataset with no usable rows takes no share."""
+    from tuneforge.data.curate.mix import draw
+
+    mix, usable = data_cfg.mix, [g for g in groups if g]
+    if not usable:
+        return []
+    if mix.T <= 0 or (mix.K is not None and mix.K < 1) or (mix.size is not None and mix.size < 1):
+        raise ConfigError(f"`data.mix`: T must be > 0, K and size at least 1; got T={mix.T}, K={mix.K}, "
+                          f"size={mix.size}.")
+    size = mix.size if mix.size is not None else sum(len(g) for g in usable)
+    picked, _ = draw(usable, mix.strategy, mix.T, mix.K, size, data_cfg.seed, shuffle=True)
+    return [example for _, example in picked]
 
 
 def read_spec(spec, registry: Registry | None, base_dir) -> list:

@@ -117,12 +117,12 @@ def tokenize_with_offsets(tokenizer, text: str, escaped: list[tuple[int, int]] =
 
 def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None, chat_template: str | None = None,
                   escape_special_tokens: bool = False) -> tuple[list[int], list[dict]]:
-    """A prompt rendered with the generation prompt (the assistant header), as `generation.render_prompts` does,
+    """A prompt rendered with the generation prompt (the assistant header), as the generation engine renders it,
     adapted like `encode_chat` when the template refuses or drops a system message. Returns the ids and the
     messages actually rendered."""
     template = resolve_chat_template(tokenizer, chat_template, tools)
     messages, tools = adapt_to_template(tokenizer, messages, tools, template)
-    last_error = None
+    last_error, dropped = None, None
     for variant, change in _variants(messages):
         try:
             text = render(tokenizer, template, variant, tools, add_generation_prompt=True)
@@ -130,12 +130,19 @@ def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None, ch
             last_error = e
             continue
         if _drops_system(variant, text):  # the next variant merges the system prompt into the user turn
+            dropped = dropped or (variant, text)
             continue
         if change:
             _warn_once(change, _CHANGES[change])
-        escaped = _escaped_spans(text, variant) if escape_special_tokens else []
-        return list(tokenize_with_offsets(tokenizer, text, escaped)["input_ids"]), variant
+        return _prompt_ids(tokenizer, text, variant, escape_special_tokens), variant
+    if dropped:  # no variant keeps the system prompt: render as the template allows (as render_conversation does)
+        return _prompt_ids(tokenizer, dropped[1], dropped[0], escape_special_tokens), dropped[0]
     raise DataError(f"The chat template cannot render this prompt: {last_error}")
+
+
+def _prompt_ids(tokenizer, text: str, messages: list[dict], escape_special_tokens: bool) -> list[int]:
+    escaped = _escaped_spans(text, messages) if escape_special_tokens else []
+    return list(tokenize_with_offsets(tokenizer, text, escaped)["input_ids"])
 
 
 def _escaped_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:

@@ -182,20 +182,23 @@ def _row_or_bad(item, source: str, field: str, path: Path):
 
 
 def read_jsonl(path: Path) -> Rows:
-    rows = []
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: Path):
+    """The rows of a JSON lines file one at a time (RawRow or BadRow), so a tool can stream a file of any size with
+    the same sources, row guard and non-UTF-8 handling as read_jsonl."""
     with open_text(path) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             source = f"{path}:line {n}"
             try:
-                rows.append(_row_or_bad(json.loads(line), source, "<line>", path))
+                yield _row_or_bad(json.loads(line), source, "<line>", path)
             except json.JSONDecodeError as e:
-                problem = f"not valid JSON ({e.msg} at column {e.colno}){_bytes_note(line, n)}"
-                rows.append(BadRow(source, "<line>", problem))
+                yield BadRow(source, "<line>", f"not valid JSON ({e.msg} at column {e.colno}){_bytes_note(line, n)}")
             except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
-                rows.append(bad_row(e, source, "<line>"))
-    return rows
+                yield bad_row(e, source, "<line>")
 
 
 def read_csv(path: Path) -> Rows:

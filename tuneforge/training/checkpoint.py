@@ -7,6 +7,9 @@
         rng.pt                  Python, NumPy, torch (and CUDA) RNG states
         trainer_state.json      step, data position, metrics so far, and the run's fingerprint (what must not
                                 change on resume: model, method and options, batch geometry, data)
+        dcp/                    instead of trainable.safetensors + optimizer.pt with training.distributed=fsdp:
+                                the trainable tensors and optimizer state sharded by torch.distributed.checkpoint,
+                                one file per writing rank (loads into any number of processes)
 
 A checkpoint is first written to `checkpoint-<step>.tmp-<pid>` and then renamed, so a crash never leaves a
 half-written checkpoint that `resume: auto` would pick up; the next run in the folder removes such leftovers
@@ -39,9 +42,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def atomic_dir(final: Path):
+def atomic_dir(final: Path, tmp: Path | None = None):
     """A temp folder next to `final`; call `commit(tmp, final)` once it is complete."""
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tmp = tmp or final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -70,9 +73,14 @@ def save_checkpoint(output_dir: Path, step: int, trainable: dict[str, torch.Tens
     if extra_save is not None:
         extra_save(tmp)
     commit(tmp, final)
+    prune(output_dir, keep)
+    return final
+
+
+def prune(output_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (all when keep <= 0)."""
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def find_resume(resume: str | None, output_dir: Path) -> Path | None:
@@ -133,7 +141,7 @@ def _tokens(item) -> list:
         return [_tokens(item.chosen), _tokens(item.rejected)]
     if hasattr(item, "label"):  # a KTO row: whether it is desirable is part of the data
         return [item.input_ids, item.labels, item.label]
-    return [item.input_ids, item.labels]
+    return [item.input_ids, getattr(item, "labels", None)]  # prompts (ppo, grpo) have no labels
 
 
 def data_hash(items: list) -> str:

@@ -23,6 +23,9 @@ from tuneforge.errors import UserError
 from tuneforge.losses import causal_lm_loss, label_positions, selected_positions_loss
 from tuneforge.methods.base import Method, unwrap
 from tuneforge.training import checkpoint as ckpt
+from tuneforge.training.chunked_loss import chunked_causal_loss
+from tuneforge.training.distributed import build_strategy, load_sharded, save_sharded, shared_temp_name
+from tuneforge.training.flops import EfficiencyMeter
 from tuneforge.training.interrupt import StopRequest, resume_command
 from tuneforge.training.metrics import MetricsLogger, MetricWindow, format_metrics
 from tuneforge.training.optim import build_optimizer, build_scheduler, total_steps_for
@@ -36,6 +39,7 @@ class Stage:
 
     rdrop_alpha: float = 0.0
     logits_at_labels: bool = False  # set by the trainer when the model takes `logits_to_keep` (see below)
+    chunked_loss: bool = False  # set by the trainer from `training.chunked_loss` (training/chunked_loss.py)
 
     def targets(self, batch: dict) -> int:
         """How many loss terms the batch contributes (the normaliser across micro-batches and ranks)."""
@@ -49,6 +53,8 @@ class Stage:
             return rdrop_stage_loss(model, batch, self.rdrop_alpha)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         positions = label_positions(batch["labels"]) if self.logits_at_labels else None
+        if self.chunked_loss:  # lm_head + loss in chunks of positions: the full logits never exist
+            return chunked_causal_loss(model, inputs, batch["labels"], positions), {}
         if positions is not None:  # logits only where a label is predicted: same loss, much less lm_head work
             logits = model(**inputs, logits_to_keep=positions).logits
             return selected_positions_loss(logits, batch["labels"], positions)[0], {}
@@ -70,6 +76,27 @@ def accepts_logits_to_keep(model) -> bool:
             return False
         model = model.get_base_model()
     return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def use_chunked_loss(setting: str, model, stage: Stage, runtime: Runtime) -> bool:
+    """`training.chunked_loss`: auto turns it on on GPUs (where memory binds) when the logits are big (vocabulary
+    >= 32k) and it applies; on CPU its speed is not yet measured well enough to make it the default."""
+    from tuneforge.training.chunked_loss import supports_chunked_loss
+
+    if setting == "never":
+        return False
+    ok, why = supports_chunked_loss(model)
+    if not stage.logits_at_labels:
+        ok, why = False, "the model does not take `logits_to_keep` (prompt-learning methods shift positions)"
+    elif runtime.engine == "fsdp":
+        ok, why = False, "with distributed=fsdp the output layer is sharded"
+    elif stage.rdrop_alpha > 0:
+        ok, why = False, "R-Drop compares full logits of two passes"
+    if setting == "always" and not ok:
+        raise UserError(f"training.chunked_loss: always cannot apply to this run: {why}. Set "
+                        f"`training.chunked_loss=auto` (on where it applies) or never.")
+    vocab = getattr(getattr(unwrap(model), "config", None), "vocab_size", 0) or 0
+    return ok and (setting == "always" or (vocab >= 32_000 and runtime.device.type == "cuda"))
 
 
 @dataclass
@@ -143,12 +170,14 @@ class Trainer:
                             f"(batch_size {self.t.batch_size} x {runtime.world_size} processes). Lower "
                             f"`training.batch_size` or add data.")
         self.total_steps = total_steps_for(self.t, self.order.per_epoch)
+        self.strategy = build_strategy(cfg, runtime)
         self.optimizer = build_optimizer(model, method, cfg)
         self.scheduler = build_scheduler(self.optimizer, self.t, self.total_steps)
         self.say = log if runtime.is_main else (lambda _: None)
         self.step, self.position = 0, 0
         self.window = MetricWindow()
         self.fingerprint = ckpt.run_fingerprint(cfg, runtime.world_size, train_items)
+        self.meter = EfficiencyMeter(unwrap(model), runtime.device, runtime.dtype, runtime.world_size)
         self._resumed = False
         self._install_tricks()
 
@@ -161,6 +190,7 @@ class Trainer:
             check_rdrop_applicable(unwrap(self.model))
             self.stage.rdrop_alpha = self.t.rdrop_alpha
         self.stage.logits_at_labels = accepts_logits_to_keep(self.model)
+        self.stage.chunked_loss = use_chunked_loss(self.t.chunked_loss, self.model, self.stage, self.rt)
 
     # ---- one optimizer step -------------------------------------------------------------------------------
     def _micro_batches(self) -> list[tuple[dict, int]]:
@@ -173,8 +203,8 @@ class Trainer:
         return out
 
     def _no_sync(self, last: bool):
-        if self.rt.distributed and not last and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
+        if self.rt.distributed:
+            return self.strategy.no_sync(self.model, last)
         return contextlib.nullcontext()
 
     def train_step(self) -> dict:
@@ -203,7 +233,7 @@ class Trainer:
         if not params:
             return 0.0
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return self.strategy.clip(params, max_norm)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,6 +260,8 @@ class Trainer:
                 "run": self.fingerprint}
 
     def save_checkpoint(self, history: list[dict]) -> Path | None:
+        if self.strategy.sharded_checkpoints:
+            return self._save_sharded(history)
         trainable = self.method.trainable_state_dict(unwrap(self.model))
         path = None
         if self.rt.is_main:
@@ -238,6 +270,22 @@ class Trainer:
             self.say(f"saved {path}")
         self.rt.barrier()
         return path
+
+    def _save_sharded(self, history: list[dict]) -> Path:
+        """FSDP: every rank writes its shards into one temp folder; rank 0 renames it once all are done."""
+        final = self.output_dir / f"checkpoint-{self.step}"
+        tmp = shared_temp_name(final, self.rt)
+        if self.rt.is_main:
+            ckpt.atomic_dir(final, tmp)
+        self.rt.barrier()
+        save_sharded(tmp, self.model, self.optimizer, self.scheduler, self._state(history), self.rt)
+        self.rt.barrier()
+        if self.rt.is_main:
+            ckpt.commit(tmp, final)
+            ckpt.prune(self.output_dir, self.t.save_total_limit)
+            self.say(f"saved {final}")
+        self.rt.barrier()
+        return final
 
     def maybe_resume(self) -> list[dict]:
         """Load the checkpoint to continue from, after checking it was written by this same run. Writes nothing."""
@@ -248,7 +296,13 @@ class Trainer:
             return []
         if not ckpt.check_same_run(path, self.fingerprint):
             self.say(f"note: {path} does not record its run's settings; cannot check they match this run")
-        state = ckpt.load_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler)
+        if self.strategy.sharded_checkpoints:
+            state = load_sharded(path, self.model, self.optimizer, self.scheduler)
+        elif (path / "dcp").is_dir():
+            raise UserError(f"{path} holds sharded tensors written with training.distributed=fsdp; resume it "
+                            f"with `training.distributed=fsdp` (any number of processes).")
+        else:
+            state = ckpt.load_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler)
         if state["world_size"] != self.rt.world_size:
             self.say(f"note: checkpoint was written with {state['world_size']} processes, resuming with "
                      f"{self.rt.world_size}; the global batches are the same")
@@ -282,7 +336,10 @@ class Trainer:
             history = self.maybe_resume()
             self._open_output_dir()
             logger = MetricsLogger(self.output_dir, self.rt.is_main, self.total_steps, self.step, self.t.progress_bar)
-            last_eval, self._tokens, self._t0 = None, 0, time.perf_counter()
+            last_eval, self._tokens, self._t0, self._first_step = None, 0, time.perf_counter(), self.step
+            if self.meter.peak:
+                self.say(f"efficiency: model FLOPs against {self.meter.peak / 1e12:.3g} TFLOP/s peak "
+                         f"({self.meter.peak_source}, x{self.rt.world_size} process(es))")
             stop_at = self.step + self.t.stop_after_steps if self.t.stop_after_steps else self.total_steps
             while self.step < min(stop_at, self.total_steps):
                 metrics = self._step_and_log(logger, history)
@@ -304,6 +361,8 @@ class Trainer:
         self._tokens += metrics.pop("tokens")
         elapsed = time.perf_counter() - self._t0
         metrics["tokens_per_s"] = self._tokens / elapsed if elapsed > 0 else 0.0
+        items = (self.step - self._first_step) * self.t.batch_size * self.t.grad_accum * self.rt.world_size
+        metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self._tokens / max(items, 1)))
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()
@@ -313,7 +372,8 @@ class Trainer:
             history.append({"step": self.step, **logged})
             if not self.t.progress_bar:  # the bar shows the same numbers
                 self.say(format_metrics(self.step, self.total_steps, logged))
-        logger.progress(1, {"loss": metrics["loss"], "lr": metrics["lr"], "tok/s": metrics["tokens_per_s"]})
+        shown = {"loss": metrics["loss"], "lr": metrics["lr"], "tok/s": metrics["tokens_per_s"]}
+        logger.progress(1, shown | ({"mfu": metrics["mfu"]} if "mfu" in metrics else {}))
         return metrics
 
     def _stopped(self, logger, history, last_eval, signum) -> TrainResult:

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-NOW = ("lr", "tokens_per_s", "eval_loss")  # logged as they are at the log step; every other metric as a window mean
+NOW = ("lr", "tokens_per_s", "mfu", "model_tflops", "eval_loss")  # logged as they are at the log step; every other metric as a window mean
 
 
 class MetricWindow:
@@ -23,7 +23,7 @@ class MetricWindow:
                 self.sums[key] = self.sums.get(key, 0.0) + value
 
     def flush(self, metrics: dict) -> dict:
-        """The window's means plus the current values of lr, tokens/s and eval loss; starts a new window."""
+        """The window's means plus the current values of lr, tokens/s, MFU and eval loss; starts a new window."""
         out = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
         out.update({k: metrics[k] for k in NOW if k in metrics})
         self.n, self.sums = 0, {}
@@ -43,6 +43,8 @@ def fmt(key: str, value) -> str:
         return str(value)
     if key == "lr":
         return f"{value:.2e}"
+    if key == "mfu":  # a fraction in metrics.jsonl, a percentage on screen
+        return f"{100 * value:.1f}%"
     if key.startswith("tokens_per_s") or key in ("tok/s",):
         return f"{value:.0f}"
     return f"{value:.4g}"

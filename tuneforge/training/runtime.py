@@ -26,6 +26,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    engine: str = "none"  # training.distributed resolved: none, ddp, fsdp or deepspeed (training/distributed.py)
 
     @property
     def is_main(self) -> bool:
@@ -84,19 +85,35 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
-def setup_runtime(device: str, precision: str) -> Runtime:
-    """Initialise the process group when launched by torchrun; otherwise a single process."""
+def setup_runtime(device: str, precision: str, distributed: str = "auto") -> Runtime:
+    """Initialise the process group when launched by torchrun (or, for a sharding engine, a group of one process,
+    so FSDP and its sharded checkpoints work the same in one process); otherwise a single process."""
+    from tuneforge.training.distributed import resolve_engine
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    engine = resolve_engine(distributed, world_size)
+    if (world_size > 1 or engine in ("fsdp", "deepspeed")) and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:  # one process started without torchrun
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                    world_size=1)
     dtype = DTYPES[resolve_precision(precision, dev)]
-    return Runtime(device=dev, dtype=dtype, rank=rank, world_size=world_size, local_rank=local_rank)
+    return Runtime(device=dev, dtype=dtype, rank=rank, world_size=world_size, local_rank=local_rank, engine=engine)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from tuneforge.configs.schema import TrainConfig
+from tuneforge.errors import UserError
 from tuneforge.methods import get_method
-from tuneforge.methods.base import Method, unwrap
+from tuneforge.methods.base import Method
 from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
 from tuneforge.training.metrics import fmt
 from tuneforge.training.model_card import finish_output_folder
@@ -23,7 +24,11 @@ from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
 
 def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     """Runtime and seeds, and the output_dir check (nothing is written there until training starts)."""
-    runtime = setup_runtime(cfg.training.device, cfg.training.precision)
+    runtime = setup_runtime(cfg.training.device, cfg.training.precision, cfg.training.distributed)
+    if runtime.engine == "deepspeed":
+        from tuneforge.training.distributed import check_deepspeed
+
+        check_deepspeed(runtime)
     # every rank checks, after the process group is up: no rank can have started writing the folder yet
     check_output_dir(cfg)
     resume_from = find_resume(cfg.training.resume, Path(cfg.output_dir))
@@ -33,21 +38,48 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     if runtime.is_main:
         t = cfg.training
         asked = f" (training.device: {t.device}, training.precision: {t.precision})"
+        engine = f" ({runtime.engine})" if runtime.engine != "none" else ""
         log(f"runtime: device {runtime.device}, precision {runtime.precision}, {runtime.world_size} process(es)"
-            + (asked if "auto" in (t.device, t.precision) else ""))
+            + engine + (asked if "auto" in (t.device, t.precision) else ""))
     return runtime
 
 
 def setup_model(cfg: TrainConfig, runtime: Runtime, extend=None):
-    """Load the base model in the compute dtype, apply the method, keep trainable weights in fp32. `extend`: a
-    stage's addition to the model (rm: a scalar head), `extend(model) -> model`, applied before the wrapping."""
+    """Load the base model in the compute dtype, apply the method, keep trainable weights in fp32; then the
+    distributed engine (DDP, FSDP2) wraps it from outside. `extend`: a stage's addition to the model (rm: a scalar
+    head), `extend(model) -> model`, applied before the wrapping."""
+    from tuneforge.training.distributed import build_strategy, check_method_supported
+
+    check_method_supported(runtime.engine, cfg.method)
+    model, tokenizer, method = build_model(cfg, runtime, runtime.device, extend)
+    if cfg.training.compile:  # torchtitan's order: compile the blocks, then shard/replicate
+        compile_blocks(model)
+    model = build_strategy(cfg, runtime).wrap(model, runtime)
+    model.tuneforge_extend = extend  # the FSDP export rebuilds the plain model the same way
+    return model, tokenizer, method
+
+
+def compile_blocks(model) -> None:
+    """torch.compile each decoder block in place: the blocks are identical, so one compiled graph serves all, and
+    the loss, sampling and optimizer code stays eager (no recompiles when batch shapes change between steps)."""
+    from tuneforge.training.distributed import decoder_blocks
+
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise UserError("training.compile: found no decoder blocks to compile in this model (no "
+                        "`_no_split_modules`); set `training.compile=false`.")
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
+def build_model(cfg: TrainConfig, runtime: Runtime, device: torch.device, extend=None):
+    """The model as one process trains it (no distributed wrapper), its tokenizer and method."""
     from tuneforge.models.loading import load_model_and_tokenizer
 
     method = get_method(cfg.method)
     opts = cfg.options(method.section) if method.section else None
     load_kwargs = getattr(method, "load_kwargs", lambda _o, _c: {})(opts, cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=runtime.dtype, device=runtime.device,
-                                                **load_kwargs)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=runtime.dtype, device=device, **load_kwargs)
     model.config.use_cache = False
     if cfg.training.gradient_checkpointing:
         # transformers 5.x renamed gradient_checkpointing_enable (the old name warns); keep both for older versions
@@ -61,17 +93,8 @@ def setup_model(cfg: TrainConfig, runtime: Runtime, extend=None):
     for p in model.parameters():  # fp32 master copies of what trains; frozen weights stay in the compute dtype
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    model.to(runtime.device)
-    if runtime.distributed:
-        model = wrap_ddp(model, runtime)
+    model.to(device)
     return model, tokenizer, method
-
-
-def wrap_ddp(model, runtime: Runtime):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
 
 
 def read_data(cfg: TrainConfig):
@@ -103,7 +126,12 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
 def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runtime, write=None) -> Path | None:
     """The method's export (HF model folder or PEFT adapter) plus the tokenizer, written into output_dir file by
     file through a temp folder so a crash never leaves a half-written model. `write(folder)`: a stage's own export
-    instead (rm: a sequence-classification model)."""
+    instead (rm: a sequence-classification model). A sharded model (FSDP) is gathered to rank 0 first."""
+    from tuneforge.training.distributed import build_strategy
+
+    extend = getattr(model, "tuneforge_extend", None)
+    plain = build_strategy(cfg, runtime).export_model(
+        model, lambda: build_model(cfg, runtime, torch.device("cpu"), extend)[0])
     if not runtime.is_main:
         runtime.barrier()
         return None
@@ -112,7 +140,7 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
     if write is not None:
         write(tmp)
     else:
-        method.save(unwrap(model), tmp)
+        method.save(plain, tmp)
         tokenizer.save_pretrained(tmp)
     finish_output_folder(cfg, method, tmp, out / "metrics.jsonl")  # portable base reference + model card
     for item in tmp.iterdir():

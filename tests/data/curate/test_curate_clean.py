@@ -208,3 +208,31 @@ def test_band_table_finds_rows_before_and_after_merging():
     assert table.query(keys[10]) == {10, 3999} and table.query(keys[3999]) == {10, 3999}
     assert table.query(keys[2500]) == {2500}
     assert table.query(rng.integers(0, 2**63, size=17, dtype=np.uint64)) == set()
+
+
+def test_bad_lines_are_rejected_by_file_line_through_the_data_path_reader(tmp_path):
+    """The data tools stream JSON lines through readers.iter_jsonl: the row guard (a row nested too deeply), bad
+    JSON and non-UTF-8 bytes cost one row each, named by file:line, as in training."""
+    path = tmp_path / "rows.jsonl"
+    good = json.dumps(qa("Say hi", "Hello there")).encode()
+    deep = b'{"instruction": "x", "output": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path.write_bytes(b"\n".join([good, b'{"instruction": broken', b'{"instruction": "caf\xff", "output": "ok"}',
+                                 deep, json.dumps(qa("Other", "Fine answer")).encode()]) + b"\n")
+    report = run(tmp_path, [str(path)])
+    rejected = {r["source"]: r for r in check_ledger(report, tmp_path)}
+    assert set(rejected) == {f"{path}:line {n}" for n in (2, 3, 4)}
+    assert all(r["rule"] == "bad_row" for r in rejected.values())
+    assert "not valid JSON" in rejected[f"{path}:line 2"]["detail"]
+    assert "nested too deeply" in rejected[f"{path}:line 4"]["detail"]
+    assert report["rows_kept"] == 2
+
+
+def test_gzipped_json_lines_stream_too(tmp_path):
+    import gzip
+
+    path = tmp_path / "rows.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps(qa("Say hi", "Hello there")) + "\n" + json.dumps(qa("Bye", "Goodbye friend")) + "\n")
+    report = run(tmp_path, [str(path)])
+    assert report["rows_kept"] == 2
+    assert read_jsonl(tmp_path / "out" / "clean.jsonl")[1]["source"] == f"{path}:line 2"

@@ -5,10 +5,12 @@
     tuneforge data mix     --data data/clean/clean.jsonl zh.jsonl --strategy temperature --T 2 --size 20000 \\
                            --out data/mix
     tuneforge data safety  --data cvalues_comparison.jsonl --out data/safety
+    tuneforge data safety  --distill --data risky_prompts.jsonl --out data/distill --base-url URL --model NAME
+    tuneforge data synth   self_instruct --data seed_tasks.jsonl --out data/synth --base-url URL --model NAME
 
 Each sub-verb reads the same dataset specs as `data.train` (`--data`, or `--config train.yaml`), writes into
 `--out DIR` (rows as .jsonl that `tuneforge train` reads, report.json + report.md) and never overwrites its input.
-One module per sub-verb; rows.py holds the shared reading and atomic writing.
+One module per sub-verb (synth/: a package, one module per method; distill.py: `safety --distill`); rows.py holds the shared reading and atomic writing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ SUBVERBS = {
     "mix": ("tuneforge.data.curate.mix:mix_cli", "tuneforge.data.curate.mix:MixArgs",
             "Mix datasets to a target size: proportional, temperature (T5) or equal shares."),
     "safety": ("tuneforge.data.curate.safety:safety_cli", "tuneforge.data.curate.safety:SafetyArgs",
-               "Expand typed safety responses (CValues style) into every ordered preference pair."),
+               "Typed safety responses (CValues style) -> every ordered preference pair; --distill: safety "
+               "context distillation through a teacher."),
+    "synth": ("tuneforge.data.curate.synth:synth_cli", "tuneforge.data.curate.synth:SynthArgs",
+              "Build rows with a teacher endpoint: self_instruct, evol_instruct, qa_from_docs, backtranslate."),
 }
 
 

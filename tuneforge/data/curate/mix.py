@@ -12,7 +12,8 @@ Strategies (the share r_m of dataset m, with e_m its number of rows):
 Counts: size * r_m rounded down, then the rows left over go one each to the datasets with the largest remainders
 (ties: the earlier dataset), so the counts sum to `--size` exactly. A dataset asked for more rows than it has is
 repeated: every row k times and a seeded sample of the rest (the report says so). Rows are sampled without
-replacement with `--seed` and the result is shuffled with it. Writes mix.jsonl (OpenAI `messages` / `text` rows with
+replacement with `--seed` and the result is shuffled with it. A training config mixes the same way with
+`data.mix: {strategy: temperature, T: 2, K: ..., size: ...}` (build.read_datasets, seeded by `data.seed`). Writes mix.jsonl (OpenAI `messages` / `text` rows with
 `source` and `dataset`), report.json and report.md; prints the shares.
 """
 
@@ -82,6 +83,19 @@ def sample(n_rows: int, count: int, rng: random.Random) -> list[int]:
     return sorted(list(range(n_rows)) * full + picked)
 
 
+def draw(groups: list[list], strategy: str, T: float, K: int | None, size: int, seed: int,
+         shuffle: bool = True) -> tuple[list[tuple[int, object]], list[int]]:
+    """The mixture of `groups` (one list of items per dataset): ([(group index, item)], counts per group). The one
+    implementation behind `tuneforge data mix` and a training config's `data.mix`; a function of the seed alone."""
+    counts = allocate(size, weights([len(g) for g in groups], strategy, T, K))
+    rng = random.Random(seed)
+    picked = [(m, group[i]) for m, (group, count) in enumerate(zip(groups, counts))
+              for i in sample(len(group), count, rng)]
+    if shuffle:
+        rng.shuffle(picked)
+    return picked, counts
+
+
 def mix_cli(args: MixArgs) -> int:
     report = mix(args)
     print(f"{report['size']} rows ({args.strategy}) -> {report['out']}/mix.jsonl")
@@ -99,15 +113,11 @@ def mix(args: MixArgs) -> dict:
     sizes = [len(examples) for _, examples in datasets]
     shares = rates(sizes, args.strategy, args.T, args.K)
     size = args.size if args.size is not None else sum(sizes)
-    counts = allocate(size, weights(sizes, args.strategy, args.T, args.K))
-    rng = random.Random(args.seed)
-    picked = [(name, examples[i]) for (name, examples), count in zip(datasets, counts)
-              for i in sample(len(examples), count, rng)]
-    if args.shuffle:
-        rng.shuffle(picked)
+    picked, counts = draw([examples for _, examples in datasets], args.strategy, args.T, args.K, size, args.seed,
+                          args.shuffle)
     with rows.AtomicWriter(out / "mix.jsonl") as w:
-        for name, (source, example) in picked:
-            w.write_row(rows.example_row(example, source=source, dataset=name))
+        for m, (source, example) in picked:
+            w.write_row(rows.example_row(example, source=source, dataset=datasets[m][0]))
     report = {"out": str(out), "strategy": args.strategy, "T": args.T, "K": args.K, "seed": args.seed, "size": size,
               "bad_rows_skipped": bad,
               "datasets": [{"name": name, "rows": e, "share": round(s, 6), "count": c, "repeat": round(c / e, 4)}

@@ -132,30 +132,14 @@ def _adapt(raw, spec, guessed: dict) -> Row:
 
 def _raw_rows(local: Path) -> Iterator:
     if local.is_dir():
-        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix.lower() in readers.SUFFIXES
+        files = sorted(p for p in local.rglob("*") if p.is_file() and readers.data_suffix(p) in readers.READERS
                        and not p.name.startswith(".") and p.name != "dataset_info.json")
         for file in files:
             yield from _raw_rows(file)
-    elif local.suffix.lower() == ".jsonl":
-        yield from _stream_jsonl(local)
+    elif readers.data_suffix(local) == ".jsonl":  # streamed (also .jsonl.gz): 100k rows are not held
+        yield from readers.iter_jsonl(local)
     else:
         yield from readers.read_local(local)
-
-
-def _stream_jsonl(path: Path) -> Iterator:
-    """readers.read_jsonl one line at a time (same sources, same bad-row messages), so 100k rows are not held."""
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:line {n}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield BadRow(source, "<line>", f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            yield (readers.RawRow(source, item, str(path)) if isinstance(item, dict)
-                   else BadRow(source, "<line>", f"expected an object {{...}}, got {type(item).__name__}"))
 
 
 # ---- output ---------------------------------------------------------------------------------------------------
@@ -193,7 +177,11 @@ class AtomicWriter:
         self.file = os.fdopen(fd, "w", encoding="utf-8")
 
     def write_row(self, row: dict) -> None:
-        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        line = json.dumps(row, ensure_ascii=False)
+        try:
+            self.file.write(line + "\n")
+        except UnicodeEncodeError:  # a rejected row holding a byte that was not UTF-8 (a lone surrogate, see
+            self.file.write(json.dumps(row) + "\n")  # readers.ENCODING): written as a \udcXX escape, valid JSON
 
     def commit(self) -> None:
         self.file.close()

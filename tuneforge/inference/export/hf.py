@@ -36,7 +36,7 @@ def parse_shard_size(text: str) -> int:
 
 def export_generation_config(model, tokenizer):
     """The model's generation config with every stop token as `eos_token_id` (and the pad/bos ids filled in)."""
-    from tuneforge.generation import stop_token_ids
+    from tuneforge.inference import stop_token_ids
 
     config = copy.deepcopy(model.generation_config)
     stops = stop_token_ids(model, tokenizer)

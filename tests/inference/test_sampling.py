@@ -1,0 +1,91 @@
+"""Sampling on tensors: each filter against a hand-worked case, the repetition penalty against transformers', draws
+that follow the distribution, and per-row generators that make a row's draws independent of its batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.inference.sampling import BatchParams, apply_repetition_penalty, choose_tokens, filtered_probs
+from tuneforge.inference.types import SamplingParams
+
+PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+LOGITS = PROBS.log()
+
+
+def _kept(**kw) -> list[int]:
+    args = dict(temperature=torch.ones(1), top_k=torch.zeros(1, dtype=torch.long), top_p=torch.ones(1),
+                min_p=torch.zeros(1))
+    args.update({k: torch.tensor([v]) for k, v in kw.items()})
+    probs, order = filtered_probs(LOGITS, **args)
+    return sorted(order[0][probs[0] > 0].tolist())
+
+
+def test_filters():
+    assert _kept() == [0, 1, 2, 3]
+    assert _kept(top_k=2) == [0, 1]
+    assert _kept(top_p=0.5) == [0]  # token 0 alone reaches 0.5
+    assert _kept(top_p=0.6) == [0, 1]
+    assert _kept(top_p=0.96) == [0, 1, 2, 3]
+    assert _kept(min_p=0.5) == [0, 1]  # 0.15 < 0.5 * 0.5
+    assert _kept(min_p=0.99) == [0]
+    assert _kept(top_k=3, top_p=0.7, min_p=0.2) == [0, 1]
+
+
+def test_repetition_penalty_equals_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 10)
+    history = torch.tensor([[1, 4, 4, 7], [0, 2, 9, 9]])
+    seen = torch.zeros(2, 10, dtype=torch.bool).scatter_(1, history, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(history, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, torch.tensor([1.7, 1.7])), expected)
+
+
+def _generators(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_draws_follow_the_distribution():
+    params = BatchParams.of([SamplingParams(temperature=0.5)], "cpu")
+    gen = _generators(0)
+    counts = torch.zeros(4)
+    for _ in range(3000):
+        counts[choose_tokens(LOGITS.clone(), params, gen)] += 1
+    expected = torch.softmax(LOGITS[0] / 0.5, dim=-1)
+    assert torch.allclose(counts / counts.sum(), expected, atol=0.03)
+
+
+def test_a_rows_draws_do_not_depend_on_its_batch():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    alone = BatchParams.of([SamplingParams(temperature=1.0, top_p=0.9)], "cpu")
+    mixed = BatchParams.of([SamplingParams(temperature=1.3, top_k=5), SamplingParams(),
+                            SamplingParams(temperature=1.0, top_p=0.9)], "cpu")
+    g_alone, g_mixed = _generators(7), _generators(3, 0, 7)
+    for _ in range(20):
+        mine = choose_tokens(logits[2:].clone(), alone, g_alone)
+        together = choose_tokens(logits.clone(), mixed, g_mixed)
+        assert together[2] == mine[0]
+        assert together[1] == logits[1].argmax()  # greedy row
+
+
+@pytest.mark.parametrize("sharpness", [0.5, 3.0, 10.0])
+def test_candidate_shortcut_keeps_what_a_full_sort_keeps(sharpness):
+    """Sorting only the most likely tokens must keep exactly the tokens (and probabilities) a full sort keeps."""
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * sharpness
+    settings = dict(temperature=torch.tensor([1.0, 0.7, 1.3, 1.0, 0.9, 2.0]),
+                    top_k=torch.tensor([0, 40, 0, 0, 300, 3000]),
+                    top_p=torch.tensor([0.9, 1.0, 0.5, 0.99, 0.8, 1.0]),
+                    min_p=torch.tensor([0.0, 0.0, 0.0, 0.05, 0.01, 0.0]))
+    probs, order = filtered_probs(logits, **settings)
+    full = (logits / settings["temperature"][:, None]).softmax(dim=-1).sort(dim=-1, descending=True)
+    ranks = torch.arange(5000)
+    keep = (settings["top_k"][:, None] == 0) | (ranks < settings["top_k"][:, None])
+    keep &= (full.values.cumsum(dim=-1) - full.values) < settings["top_p"][:, None]
+    keep &= full.values >= settings["min_p"][:, None] * full.values[:, :1]
+    keep[:, 0] = True
+    for row in range(6):
+        got = {int(t): float(p) for t, p in zip(order[row], probs[row]) if p > 0}
+        want = {int(t): float(p) for t, p in zip(full.indices[row], full.values[row] * keep[row]) if p > 0}
+        assert got.keys() == want.keys() and got == pytest.approx(want)

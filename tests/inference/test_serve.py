@@ -1,0 +1,320 @@
+"""`tuneforge serve` through the official openai client, against a real server on a loopback port.
+
+The server (uvicorn in a thread, the tiny Llama model, two LoRA adapters with random non-zero weights so each
+answers differently) is started once for the module. Answers are compared with what plain transformers/PEFT
+`generate` gives for the same adapter, and streamed answers with non-streamed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tuneforge.errors import UserError
+from tuneforge.inference import SamplingParams
+from tuneforge.inference.serve.app import create_app
+from tuneforge.inference.serve.main import ServeArgs, ServerThread, build_state
+
+KEY = "sk-test-key"
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def make_lora(base_dir, out_dir, seed: int, targets=("q_proj", "v_proj", "o_proj", "down_proj")):
+    """A PEFT LoRA adapter folder with random non-zero A and B (an untrained LoRA would change nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return {"math": make_lora(tiny_llama_dir, root / "math", 1), "poet": make_lora(tiny_llama_dir, root / "poet", 2)}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, adapters):
+    args = ServeArgs(model=str(tiny_llama_dir), adapter=[f"{n}={d}" for n, d in adapters.items()], api_key=KEY,
+                     max_tokens_limit=2000, max_body_bytes=20_000, max_batch_size=8, max_n=4)
+    state = build_state(args)
+    with ServerThread(create_app(state)) as url:
+        yield url, state
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def idle(engine, timeout: float = 10.0) -> bool:
+    """The engine holds no request (running or waiting) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine.scheduler.batch is None and not engine.scheduler.waiting:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def hf_greedy_text(base_dir, adapter_dir, ids: list[int], stop_ids, max_new_tokens: int) -> str:
+    """What plain transformers (+ PEFT with this one adapter) generates greedily for these prompt ids."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.eval().generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                    do_sample=False, eos_token_id=list(stop_ids), pad_token_id=min(stop_ids))
+    new = out[0, len(ids):].tolist()
+    new = new[:next((i for i, t in enumerate(new) if t in stop_ids), len(new))]
+    return AutoTokenizer.from_pretrained(base_dir).decode(new, skip_special_tokens=True)
+
+
+def test_models_lists_base_and_each_adapter(client, server):
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["tiny-llama", "math", "poet"]
+    assert client.models.retrieve("math").id == "math"
+    assert httpx.get(server[0] + "/health").json()["status"] == "ok"  # no key needed for health checks
+
+
+def test_each_model_answers_with_its_own_weights(client, server, tiny_llama_dir, adapters):
+    engine = server[1].engine
+    ids = engine.encode_chat(HI)
+    answers = {}
+    for model_id, adapter_dir in [("tiny-llama", None), *adapters.items()]:
+        r = client.chat.completions.create(model=model_id, messages=HI, max_tokens=10, temperature=0)
+        answers[model_id] = r.choices[0].message.content
+        assert answers[model_id] == hf_greedy_text(tiny_llama_dir, adapter_dir, ids, engine.stop_ids, 10)
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens >= 1
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert len(set(answers.values())) == 3, answers  # the adapters really change the answer
+
+
+def test_streaming_equals_non_streaming_with_usage(client):
+    kwargs = dict(model="math", messages=HI, max_tokens=12, temperature=0.9, top_p=0.95, seed=7)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"model": "poet", "messages": HI, "max_tokens": 4, "stream": True}
+    r = httpx.post(server[0] + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_n_choices_streamed_equal_non_streamed(client):
+    kwargs = dict(model="poet", messages=HI, max_tokens=8, temperature=1.0, seed=11, n=3)
+    whole = client.chat.completions.create(**kwargs)
+    texts = {i: "" for i in range(3)}
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert [texts[i] for i in range(3)] == [c.message.content for c in whole.choices]
+    assert len({c.message.content for c in whole.choices}) > 1  # seed + i per choice: they differ
+
+
+def test_stop_and_logprobs(client, server):
+    base = client.chat.completions.create(model="math", messages=HI, max_tokens=12, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = base.choices[0].logprobs.content
+    assert len(content) == base.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5) for t in content)  # greedy = best
+    text = base.choices[0].message.content
+    assert b"".join(bytes(t.bytes) for t in content).decode("utf-8", "replace") == text  # bytes rebuild the text
+    stop = text[len(text) // 2:][:2]
+    cut = client.chat.completions.create(model="math", messages=HI, max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    eos = sorted(server[1].engine.stop_ids)
+    forced = client.chat.completions.create(model="math", messages=HI, max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True, "stop_token_ids": eos})
+    assert forced.usage.completion_tokens == 12 and forced.choices[0].finish_reason == "length"
+
+
+def test_text_completions(client, server):
+    engine = server[1].engine
+    r = client.completions.create(model="tiny-llama", prompt=["Hello", "Two plus"], max_tokens=6, temperature=0,
+                                  logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    direct = [engine.stream(p, SamplingParams(max_new_tokens=6)) for p in ("Hello", "Two plus")]
+    assert [c.text for c in r.choices] == ["".join(d.text for d in s) for s in direct]
+    assert len(r.choices[0].logprobs.tokens) == len(r.choices[0].logprobs.token_logprobs)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-llama", prompt="Hello", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_auth_required(server):
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.chat.completions.create(model="math", messages=HI, max_tokens=2)
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    r = httpx.get(server[0] + "/v1/models")  # no header at all
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    (dict(model="nope"), 404, "model"),
+    (dict(max_tokens=2001), 400, "max_tokens"),
+    (dict(max_completion_tokens=5000), 400, "max_completion_tokens"),
+    (dict(temperature=3.5), 400, "temperature"),
+    (dict(top_p=0), 400, "top_p"),
+    (dict(n=5), 400, "n"),
+    (dict(presence_penalty=0.5), 400, "presence_penalty"),
+    (dict(messages=[]), 400, "messages"),
+    (dict(tool_choice="required"), 400, "tool_choice"),
+])
+def test_bad_requests_get_openai_errors(client, kwargs, status, param):
+    request = {"model": "math", "messages": HI, "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(**request)
+    assert err.value.status_code == status
+    assert err.value.body["param"] == param and err.value.body["message"]
+
+
+def test_body_limit_malformed_json_and_server_survives(client, server):
+    url, headers = server[0] + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}",
+                                                         "Content-Type": "application/json"}
+    r = httpx.post(url, content=b"{" + b" " * 30_000 + b"}", headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunked = httpx.post(url, content=iter([b"{", b" " * 30_000, b"}"]), headers=headers)  # no Content-Length
+    assert chunked.status_code == 413
+    assert httpx.post(url, content=b'{"model": "math", "messages": [', headers=headers).status_code == 400
+    too_long = [{"role": "user", "content": "x " * 5000}]  # body under the limit, prompt over the context
+    assert httpx.post(url, json={"model": "math", "messages": too_long}, headers=headers).status_code == 400
+    assert client.chat.completions.create(model="math", messages=HI, max_tokens=2).choices[0].message is not None
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    url, engine = server[0], server[1].engine
+    body = {"model": "math", "messages": HI, "max_tokens": 2000, "stream": True, "temperature": 0,
+            "ignore_eos": True}  # runs for 2000 tokens (many seconds) unless cancelled
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = (line for line in r.iter_lines() if line)
+        assert all(next(lines).startswith("data: ") for _ in range(3))  # role chunk, then tokens flowing
+        assert engine.scheduler.batch is not None or engine.scheduler.waiting  # it is being generated
+    assert idle(engine, timeout=5.0), "the disconnected request still holds a slot"
+
+
+def test_adapter_matching_no_module_is_an_error_at_load(tiny_llama_dir, adapters, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "renamed"
+    shutil.copytree(adapters["math"], bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    save_file({k.replace("self_attn", "attention"): v for k, v in tensors.items()}, bad / "adapter_model.safetensors")
+    args = ServeArgs(model=str(tiny_llama_dir), adapter=[f"bad={bad}"])
+    with pytest.raises(UserError, match="match no module of the base model"):
+        build_state(args)
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"x={tmp_path}"]))
+
+
+def test_echo_and_token_prompts(client, server):
+    engine = server[1].engine
+    ids = engine.encode("Hello")
+    by_text = client.completions.create(model="poet", prompt="Hello", max_tokens=4, temperature=0, echo=True)
+    by_ids = client.completions.create(model="poet", prompt=ids, max_tokens=4, temperature=0)
+    assert by_text.choices[0].text.startswith("Hello")
+    assert by_text.choices[0].text.endswith(by_ids.choices[0].text) and by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_serve_verb_binds_loopback_and_warns_when_open_without_key(tiny_llama_dir, monkeypatch, capsys):
+    import uvicorn
+
+    from tuneforge.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app.state.tf, kw)))
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--port", "8123"]) == 0
+    state, kw = calls[-1]
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and state.api_key is None
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("TUNEFORGE_API_KEY", "from-env")
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0"]) == 0
+    assert calls[-1][0].api_key == "from-env" and "warning" not in capsys.readouterr().err
+    monkeypatch.delenv("TUNEFORGE_API_KEY")
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0"]) == 0
+    assert "without an API key" in capsys.readouterr().err
+
+
+def test_adapter_values_are_checked_after_loading(tiny_llama_dir, adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.inference.serve.models import check_adapter_matches
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(adapters["math"]),
+                                      adapter_name="math")
+    weights = adapters["math"] / "adapter_model.safetensors"
+    check_adapter_matches(model, "math", weights)  # loaded as saved: fine
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B.math" in n).zero_()  # as if mis-loaded
+    with pytest.raises(UserError, match="do not hold the file's values"):
+        check_adapter_matches(model, "math", weights)
+
+
+def test_serve_verb_end_to_end_in_its_own_process(tiny_llama_dir, adapters):
+    """The real `tuneforge serve` process: starts, answers the openai client, and stops cleanly on SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--model", str(tiny_llama_dir), "--port",
+                             str(port), "--adapter", f"math={adapters['math']}", "--log-level", "warning"],
+                            env={**os.environ, "TUNEFORGE_API_KEY": KEY, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert [m.id for m in client.models.list()] == ["tiny-llama", "math"]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.3)
+        r = client.chat.completions.create(model="math", messages=HI, max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal after a graceful shutdown
+    assert f"Serving tiny-llama, math at http://127.0.0.1:{port}/v1" in out

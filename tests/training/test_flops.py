@@ -1,0 +1,68 @@
+"""Model FLOPs per token against a count by hand, and every run logging MFU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_training import losses, train
+from tuneforge.training import flops
+from tuneforge.training.metrics import read_metrics
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def test_flops_per_token_of_a_full_fine_tune_by_hand():
+    # per layer: q 8x8=64, k 8x4=32 (1 kv head of dim 4), v 32, o 64, gate/up/down 8x16=128 each -> 576;
+    # 2 layers 1152 + lm_head 32x8=256 (tied to the embedding, but a matmul all the same) -> N = 1408
+    model = tiny_llama()
+    assert flops.matmul_weights(model) == (1408, 1408)
+    layers, hidden = flops.model_shape(model)
+    # 6N + attention 12 * L * d * S at S = 10: 8448 + 1920
+    assert flops.flops_per_token(1408, 1408, layers, hidden, 10) == 6 * 1408 + 12 * 2 * 8 * 10 == 10368
+
+
+def test_flops_per_token_of_lora_by_hand():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    # LoRA A (8 -> 2) and B (2 -> out) on q (out 8) and v (out 4): 16+16 + 16+8 = 56 per layer, 112 in all
+    n, trainable = flops.matmul_weights(model)
+    assert (n, trainable) == (1408 + 112, 112)
+    assert flops.model_shape(model) == (2, 8)
+    # forward 2N + backward through activations 2N + weight gradients of the adapters 2T + attention
+    assert flops.flops_per_token(n, trainable, 2, 8, 10) == 4 * 1520 + 2 * 112 + 1920 == 8224
+
+
+def test_gpu_peaks_come_from_the_datasheet_table():
+    assert flops.gpu_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert flops.gpu_peak("NVIDIA H100 PCIe") == 756e12
+    assert flops.gpu_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert flops.gpu_peak("NVIDIA GeForce RTX 4090") == 165e12
+    assert flops.gpu_peak("Some Future Accelerator") is None
+
+
+def test_cpu_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
+    assert flops.probe_cpu_peak(torch.float32, size=64, seconds=0.01) > 0
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype: calls.append(dtype) or 1e11)
+    assert flops.cpu_peak(torch.float32) == 1e11 and flops.cpu_peak(torch.float32) == 1e11
+    assert calls == [torch.float32] and (tmp_path / "cpu_peak.json").is_file()
+
+
+def test_every_run_logs_mfu(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_llama_dir, out, "training.max_steps=2")
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses(out)) == 2
+    assert all(0 < r["mfu"] < 1 and r["model_tflops"] > 0 for r in rows), rows
+    # mfu is achieved/peak: recompute it from the logged throughput and the cached probe
+    peak = flops.cpu_peak(torch.float32)
+    assert rows[-1]["mfu"] == pytest.approx(rows[-1]["model_tflops"] * 1e12 / peak, rel=1e-3)

@@ -1,0 +1,237 @@
+"""The sampling stages (grpo, ppo) end to end on the tiny presets: rewards rise on a learnable reward, the GRPO loss
+types differ as specified, resume is bit-identical, rewards that fail are reported with their context, and the
+constant-reward trap is said in the log."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuneforge.configs.schema import load_train_config
+from tuneforge.errors import ConfigError, UserError
+from tuneforge.train import run_config
+from tuneforge.training.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = str(ROOT / "tuneforge/assets/example_task/train.jsonl")
+
+REWARDS = textwrap.dedent('''
+    import math
+
+    def share_of(completion, completion_ids=(), **_):
+        """Share of sampled tokens in a fixed set (ids divisible by 3): learnable by a random tiny model."""
+        return sum(i % 3 == 0 for i in completion_ids) / max(len(completion_ids), 1)
+
+    def boom(completion, **_):
+        raise RuntimeError("reward server down")
+
+    def nan(completion):
+        return math.nan
+
+    def same(completion):
+        return 1.0
+''')
+
+
+@pytest.fixture
+def rewards_module(tmp_path, monkeypatch):
+    (tmp_path / "rl_test_rewards.py").write_text(REWARDS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "rl_test_rewards"
+
+
+def config(stage: str, model_dir, out, *overrides, method: str = "full"):
+    base = [f"stage={stage}", f"method={method}", f"model.name_or_path={model_dir}", f"output_dir={out}",
+            f"data.train=[{DATA}]", "data.max_length=64", "training.progress_bar=false", "training.plot_loss=false",
+            "training.scheduler=constant", "training.save_steps=0", f"{stage}.max_new_tokens=8"]
+    return load_train_config(None, base + list(overrides))
+
+
+def rewards_of(out) -> list[float]:
+    return [r["reward"] for r in read_metrics(Path(out) / "metrics.jsonl") if "reward" in r]
+
+
+def test_grpo_reward_rises_on_a_learnable_reward(tiny_qwen2_dir, tmp_path, rewards_module):
+    cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", f"grpo.reward={{{rewards_module}:share_of: 1.0}}",
+                 "grpo.num_generations=8", "grpo.beta=0.0", "training.batch_size=4", "training.max_steps=16",
+                 "training.lr=1e-2")
+    result = run_config(cfg, log=lambda _: None)
+    rewards = rewards_of(tmp_path / "run")
+    assert result.finished and len(rewards) == 16
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.2, rewards
+
+
+def test_ppo_reward_rises_and_logs_what_ppo_logs(tiny_qwen2_dir, tmp_path, rewards_module):
+    cfg = config("ppo", tiny_qwen2_dir, tmp_path / "run", f"ppo.reward={{{rewards_module}:share_of: 1.0}}",
+                 "training.batch_size=16", "training.max_steps=12", "training.lr=1e-2", "ppo.kl_coef=0.01",
+                 "ppo.mini_batch_size=8")
+    run_config(cfg, log=lambda _: None)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    for key in ("reward", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss"):
+        assert key in rows[0], sorted(rows[0])
+    rewards = [r["reward"] for r in rows]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.25, rewards
+    head = load_file(str(tmp_path / "run" / "value_head.safetensors"))
+    assert head["weight"].shape == (1, 64)
+    # the saved policy is a plain model: no value head inside it
+    assert not any("v_head" in k for k in load_file(str(tmp_path / "run" / "model.safetensors")))
+
+
+def _one_update_loss(tiny_qwen2_dir, tmp_path, rewards_module, loss_type: str) -> tuple[float, float]:
+    out = tmp_path / loss_type
+    cfg = config("grpo", tiny_qwen2_dir, out, f"grpo.reward={{{rewards_module}:share_of: 1.0}}",
+                 f"grpo.loss_type={loss_type}", "grpo.beta=0.0", "grpo.scale_rewards=false",
+                 "training.batch_size=2", "training.max_steps=1", "training.lr=1e-9")
+    run_config(cfg, log=lambda _: None)
+    row = read_metrics(out / "metrics.jsonl")[0]
+    return row["loss"], row["completion_length"]
+
+
+@pytest.fixture
+def varied_lengths(monkeypatch):
+    """Completions cut to 1..8 tokens by row, so the normalisations differ (sampled ones all run to the limit)."""
+    import dataclasses
+
+    from tuneforge.inference.engine import Engine
+
+    real = Engine.generate
+
+    def generate(self, prompts, params=None, adapter=None):
+        out = real(self, prompts, params, adapter)
+        return [dataclasses.replace(c, token_ids=c.token_ids[:1 + r % 8], finish_reason="length")
+                for r, c in enumerate(out)]
+
+    monkeypatch.setattr(Engine, "generate", generate)
+
+
+def test_grpo_loss_types_normalise_as_specified(tiny_qwen2_dir, tmp_path, rewards_module, varied_lengths):
+    """Same seed -> same completions and advantages A (group-centred, unscaled: they sum to 0 per group). At ratio 1
+    the per-token loss is -A, so with S = -sum_i A_i L_i: dapo = S / sum L, dr_grpo = S / (N * max_new_tokens), grpo =
+    mean over sequences of -A_i = 0."""
+    losses = {t: _one_update_loss(tiny_qwen2_dir, tmp_path, rewards_module, t) for t in ("grpo", "dr_grpo", "dapo")}
+    (dapo, length), (dr, length_dr), (grpo, _) = losses["dapo"], losses["dr_grpo"], losses["grpo"]
+    assert length == length_dr < 8 and abs(dapo) > 1e-4, losses
+    assert grpo == pytest.approx(0.0, abs=1e-7)
+    assert dr == pytest.approx(dapo * length / 8, rel=1e-4)
+
+
+@pytest.mark.parametrize("stage,method", [("grpo", "lora"), ("ppo", "full")])
+def test_resume_is_bit_identical(stage, method, tiny_llama_dir, tmp_path, rewards_module):
+    common = [f"{stage}.reward={{{rewards_module}:share_of: 1.0}}", "training.batch_size=2", "training.max_steps=4",
+              "training.lr=1e-2", "training.save_steps=2"]
+    if stage == "grpo":
+        common += ["grpo.num_generations=2", "grpo.epochs=2"]
+    straight = tmp_path / "straight"
+    run_config(config(stage, tiny_llama_dir, straight, *common, method=method), log=lambda _: None)
+    resumed = tmp_path / "resumed"
+    first = run_config(config(stage, tiny_llama_dir, resumed, *common, "training.stop_after_steps=2", method=method),
+                       log=lambda _: None)
+    assert not first.finished
+    run_config(config(stage, tiny_llama_dir, resumed, *common, "training.resume=auto", method=method),
+               log=lambda _: None)
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    keep = ("loss", "reward", "completion_length", "grad_norm")
+    assert [{k: r.get(k) for k in keep} for r in a] == [{k: r.get(k) for k in keep} for r in b]
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    wa, wb = load_file(str(straight / name)), load_file(str(resumed / name))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("fn,said", [("boom", "raised RuntimeError: reward server down"), ("nan", "returned nan")])
+def test_a_failing_reward_names_the_function_and_the_prompt(fn, said, tiny_qwen2_dir, tmp_path, rewards_module):
+    cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", f"grpo.reward={{{rewards_module}:{fn}: 1.0}}",
+                 "training.batch_size=2", "training.max_steps=1", "grpo.num_generations=2")
+    with pytest.raises(UserError) as e:
+        run_config(cfg, log=lambda _: None)
+    msg = str(e.value)
+    assert f"`{rewards_module}:{fn}` {said}" in msg and "train.jsonl:" in msg and "on_reward_error: skip" in msg
+
+
+def test_a_failing_reward_can_be_counted_and_skipped(tiny_qwen2_dir, tmp_path, rewards_module):
+    lines = []
+    cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", f"grpo.reward={{{rewards_module}:nan: 1.0}}",
+                 "grpo.on_reward_error=skip", "training.batch_size=2", "training.max_steps=1",
+                 "grpo.num_generations=2")
+    assert run_config(cfg, log=lines.append).finished
+    skips = [line for line in lines if "returned nan" in line]
+    assert len(skips) == 4 and skips[-1].endswith("skipped so far: 4)"), skips
+
+
+def test_constant_rewards_are_said_in_the_log(tiny_qwen2_dir, tmp_path, rewards_module):
+    lines = []
+    cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", f"grpo.reward={{{rewards_module}:same: 1.0}}",
+                 "training.batch_size=2", "training.max_steps=1", "grpo.num_generations=2")
+    run_config(cfg, log=lines.append)
+    said = [line for line in lines if "got the same reward for every completion" in line]
+    assert said and "2 of 2 prompt groups" in said[0]
+    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert row["constant_groups"] == 1.0 and row["loss"] == 0.0
+
+
+def test_unknown_reward_is_a_config_error(tiny_qwen2_dir, tmp_path):
+    with pytest.raises(ConfigError, match="`grpo.reward` names `no_such_reward`"):  # before any model loads
+        config("grpo", tiny_qwen2_dir, tmp_path / "run", "grpo.reward={no_such_reward: 1.0}")
+    cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", "grpo.reward={no_such_module:fn: 1.0}",
+                 "training.max_steps=1")
+    with pytest.raises(ConfigError, match="no_such_module:fn` cannot be loaded"):
+        run_config(cfg, log=lambda _: None)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_exact_match_reward_uses_the_reference_answer():
+    from tuneforge.data.types import EncodedPrompt
+    from tuneforge.training.rl import Rewards
+
+    section = load_train_config(None, ["stage=grpo", "data.train=[x]",
+                                       "grpo.reward={exact_match: 1.0, length: 0.5}", "grpo.length_target=4"]).grpo
+    rewards = Rewards(section, runtime=None)
+    prompt = EncodedPrompt([1, 2], [{"role": "user", "content": "What is 3 + 4?"}], reference="7", source="f:1")
+    total, means = rewards.score(["7.", "8", "7 is it"], [[], [], []], [prompt] * 3)
+    # exact match after normalisation ("7." == "7"); length: 1 - |len - 4| / 4
+    assert total.tolist() == pytest.approx([1 + 0.5 * 0.5, 0 + 0.5 * 0.25, 0 + 0.5 * 0.25])
+    assert means["reward/exact_match"] == pytest.approx(1 / 3)
+    no_ref = EncodedPrompt([1], [{"role": "user", "content": "Hi"}], reference=None, source="f:2")
+    with pytest.raises(UserError, match="no reference answer"):
+        rewards.score(["x"], [[]], [no_ref])
+    assert json.dumps(means)  # plain floats, loggable
+
+
+def test_settings_that_cannot_work_are_refused_up_front():
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["stage=grpo", "data.train=[x]", "grpo.num_generations=1", "grpo.temperature=0"])
+    assert "grpo.num_generations` must be at least 2" in str(e.value) and "grpo.temperature` must be > 0" in str(e.value)
+
+
+def test_pipeline_sft_rm_ppo_and_dpo(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """examples/pipeline_align.py, shortened: each stage starts from the SFT model; PPO's reward is the rm folder."""
+    import importlib.util
+
+    monkeypatch.chdir(ROOT)
+    spec = importlib.util.spec_from_file_location("pipeline_align", ROOT / "examples" / "pipeline_align.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    lines = []
+    folders = pipeline.run_pipeline(tmp_path, str(tiny_qwen2_dir), [
+        "training.max_steps=2", "training.batch_size=2", "training.save_steps=0", "training.eval_steps=0",
+        "training.progress_bar=false", "training.plot_loss=false", "data.max_length=64", "data.eval_ratio=0"],
+        log=lines.append)
+    assert set(folders) == {"sft", "rm", "ppo", "dpo"}
+    assert (folders["sft"] / "model.safetensors").is_file() and (folders["rm"] / "config.json").is_file()
+    ppo_cfg = load_train_config(str(folders["ppo"] / "tuneforge_config.yaml"))
+    assert ppo_cfg.model.name_or_path == str(folders["sft"]) and ppo_cfg.ppo.reward == {str(folders["rm"]): 1.0}
+    rewards = rewards_of(folders["ppo"])
+    assert len(rewards) == 2 and all(r == r for r in rewards)  # scored by the reward model, finite
+    assert (folders["dpo"] / "adapter_model.safetensors").is_file()
+
+
+def test_a_reward_folder_of_the_wrong_kind_is_a_clear_error(tiny_qwen2_dir, tmp_path):
+    cfg = config("ppo", tiny_qwen2_dir, tmp_path / "run", f"ppo.reward={{{tiny_qwen2_dir}: 1.0}}",
+                 "training.max_steps=1")
+    with pytest.raises(UserError, match="reward"):
+        run_config(cfg, log=lambda _: None)

@@ -1,0 +1,85 @@
+"""Config sections of the sampling stages: `grpo:` and `ppo:` (rollouts through the engine, rewards, updates).
+
+Rewards (`reward:` in either section) map a reward to its weight; the total is the weighted sum. A reward is
+- a built-in: `exact_match` (1 when the completion equals the row's reference answer after normalising whitespace
+  and trailing punctuation, else 0), `format` (1 when the completion matches `format_pattern`), `length` (1 at
+  `length_target` characters, falling linearly to 0 at twice or zero that length);
+- a Python function `module:function` (importable from the working directory), called once per completion as
+  `function(completion, prompt=messages, reference=answer_or_None, completion_ids=ids)` with the keywords it accepts,
+  returning a number;
+- a reward-model folder (the output of a `stage: rm` run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tuneforge.configs.typed import opt
+
+REWARD_HELP = ("Rewards and their weights, e.g. {exact_match: 1.0, 'my_rewards:short': 0.2}: built-ins exact_match, "
+               "format, length; `module:function` (called per completion, returns a number); or an rm output folder.")
+
+
+@dataclass
+class SamplingSection:
+    """What rollouts share: the engine's sampling settings and the reward."""
+
+    reward: dict[str, float] = opt(factory=lambda: {"exact_match": 1.0}, help=REWARD_HELP)
+    max_new_tokens: int = opt(32, "Longest completion sampled per prompt (tokens).")
+    temperature: float = opt(1.0, "Sampling temperature of rollouts (> 0: RL needs varied completions).")
+    top_p: float = opt(1.0, "Nucleus sampling of rollouts (1 = off).")
+    top_k: int = opt(0, "Top-k sampling of rollouts (0 = off).")
+    epochs: int = opt(1, "Optimisation passes over each rollout batch (PPO epochs / GRPO iterations).")
+    mini_batch_size: int = opt(0, "Completions per optimizer update within a rollout batch (0: all of them).")
+    clip_eps: float = opt(0.2, "Clip range of the policy ratio.")
+    format_pattern: str = opt(r"(?s)^\s*\S.*$", "Regular expression the `format` reward checks (re.fullmatch).")
+    length_target: int = opt(20, "Target completion length in characters for the `length` reward.")
+    on_reward_error: Literal["raise", "skip"] = opt(
+        "raise", "A reward function that raises or returns NaN/inf: stop with an error naming the function and "
+                 "prompt (raise), or count and log it and give that completion reward 0 (skip).")
+
+
+@dataclass
+class GRPOConfig(SamplingSection):
+    num_generations: int = opt(4, "G: completions sampled per prompt (a group; at least 2).")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = opt(
+        "dapo", "Token normalisation: grpo (per-sequence mean, then mean), dr_grpo (sum / max_new_tokens per "
+                "sequence), dapo (mean over all tokens of the batch).")
+    advantage: Literal["group", "rloo"] = opt("group", "group: reward - group mean; rloo: leave-one-out baseline.")
+    scale_rewards: bool = opt(True, "Divide advantages by the group's reward std (Dr. GRPO turns this off).")
+    beta: float = opt(0.04, "Weight of the k3 KL to the reference model (0: no reference is kept).")
+    clip_eps_high: float | None = opt(None, "Upper clip range (DAPO clip-higher); default clip_eps.")
+
+
+@dataclass
+class PPOConfig(SamplingSection):
+    kl_coef: float = opt(0.05, "Per-token KL penalty to the reference, subtracted from the reward.")
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "KL estimate of the penalty: k1 (log ratio) or k3.")
+    gamma: float = opt(1.0, "GAE discount.")
+    lam: float = opt(0.95, "GAE lambda.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    cliprange_value: float = opt(0.2, "Clip range of the value loss.")
+    whiten_advantages: bool = opt(True, "Normalise advantages over the rollout batch.")
+    epochs: int = opt(4, "PPO epochs over each rollout batch.")
+
+
+def rl_problems(cfg) -> list[str]:
+    """Settings of the sampling stages that cannot work (checked with the rest of the config)."""
+    problems = []
+    section = {"grpo": cfg.grpo, "ppo": cfg.ppo}.get(cfg.stage)
+    if section is None:
+        return problems
+    if cfg.stage == "grpo" and cfg.grpo.num_generations < 2:
+        problems.append(f"`grpo.num_generations` must be at least 2 (advantages compare completions within a group), "
+                        f"got {cfg.grpo.num_generations}.")
+    if section.temperature <= 0:
+        problems.append(f"`{cfg.stage}.temperature` must be > 0: greedy rollouts are all alike and teach nothing.")
+    for name in section.reward:
+        if name not in ("exact_match", "format", "length") and ":" not in name and not Path(name).is_dir():
+            problems.append(f"`{cfg.stage}.reward` names `{name}`: neither a built-in (exact_match, format, length), "
+                            f"a `module:function` nor an existing rm output folder.")
+    if section.epochs < 1 or section.max_new_tokens < 1:
+        problems.append(f"`{cfg.stage}.epochs` and `{cfg.stage}.max_new_tokens` must be at least 1.")
+    return problems

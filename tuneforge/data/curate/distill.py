@@ -1,0 +1,73 @@
+"""`tuneforge data safety --distill`: safety context distillation (Llama 2, Touvron et al. 2023, section 4.2.4).
+
+The teacher answers each prompt with a safety system prompt (`--safety-system`, default below: a preprompt in the
+style of the paper's); the training row is the prompt and that answer *without* the system prompt, so the tuned
+model behaves as if it had it. Prompts come from any rows with a request (alpaca `instruction`, `prompt`, CValues'
+`prompt`, or the first user turn; a prompt repeated in several rows is asked once); rows that already have a
+system prompt keep theirs in the generation request after the safety one, and in the training row. Rules: `teacher_failed`, `empty_answer`. Writes distill.jsonl
+(OpenAI `messages` rows with `source`), rejected.jsonl, report.json / report.md, progress.jsonl (resumable, as for
+`data synth`).
+"""
+
+from __future__ import annotations
+
+from tuneforge.data.curate import rows
+from tuneforge.errors import DataError, UserError
+
+SAFETY_SYSTEM = ("You are a safe and responsible assistant. Answer helpfully and honestly, but do not give "
+                 "instructions or content that could cause harm (violence, crime, self-harm, hate, dangerous "
+                 "goods, privacy violations). When a request is risky, decline the harmful part, explain briefly "
+                 "why, and offer safe, positive guidance or alternatives.")
+
+
+def distill_cli(args) -> int:
+    report = distill(args)
+    t = report["teacher"]
+    print(f"{report['rows']} distilled rows -> {report['out']}/distill.jsonl (teacher: {t['answered']} answered, "
+          f"{t['reused']} reused, {t['failed']} failed); dropped: {report['rejected'] or 'none'}")
+    return 0
+
+
+def distill(args) -> dict:
+    from tuneforge.data.curate.synth import Result, input_paths, prompt_of, raw_rows
+    from tuneforge.data.curate.synth.teacher import Teacher
+
+    if not args.data:
+        raise UserError("No prompts: name files of prompts (alpaca, `prompt` rows, CValues) with `--data PATH`.")
+    if not args.safety_system.strip():
+        raise UserError("`--safety-system` is empty: distillation needs the safety prompt to generate with.")
+    files = [p.resolve() for p in input_paths(args.data)]
+    out = rows.prepare_out(args.out, files, ["distill.jsonl", "rejected.jsonl", "report.json", "report.md",
+                                             "progress.jsonl"])
+    prompts, seen = [], set()
+    for source, row in raw_rows(files):  # CValues has several rows per prompt: each prompt once
+        text, own = prompt_of(row), row.get("system") if isinstance(row.get("system"), str) else None
+        if text and (text, own) not in seen:
+            seen.add((text, own))
+            prompts.append((source, text, own))
+    if not prompts:
+        raise DataError(f"No prompts in {', '.join(map(str, files))}: rows need `instruction`, `prompt` or a user "
+                        f"turn.")
+    teacher = Teacher(args, out / "progress.jsonl")
+    system = args.safety_system.strip()
+    requests = [[{"role": "system", "content": f"{system}\n\n{own}" if own else system},
+                 {"role": "user", "content": text}] for _, text, own in prompts]
+    result = Result()
+    for (source, text, own), answer in zip(prompts, teacher.complete(requests)):
+        if answer is None:
+            result.reject("teacher_failed", source=source, prompt=text)
+        elif not answer.strip():
+            result.reject("empty_answer", source=source, prompt=text)
+        else:
+            messages = ([{"role": "system", "content": own}] if own else []) + [
+                {"role": "user", "content": text}, {"role": "assistant", "content": answer.strip()}]
+            result.keep({"messages": messages, "source": source, "method": "safety_context_distillation"})
+    result.extra["safety_system"] = system
+    return result.write(out, _Named("distill"), teacher)
+
+
+class _Named:
+    """Result.write names its files after `method`."""
+
+    def __init__(self, method: str):
+        self.method = method

@@ -1,0 +1,75 @@
+"""backtranslate: instructions for given responses (instruction back-translation, Humpback, Li et al. 2023).
+
+For each response the teacher writes --candidates candidate instructions (self-augmentation: "what request does
+this text answer?"), then scores each (instruction, response) pair on the paper's 1-5 quality scale (self-curation).
+The best-scored candidate is kept when it scores --min-score or more (ties: the earlier candidate). Rules:
+`no_instruction` (every candidate empty or failed), `unscored` (no score could be parsed from any judgement),
+`low_score`.
+"""
+
+from __future__ import annotations
+
+from tuneforge.data.curate.synth import chat_row, raw_rows, response_of, user
+from tuneforge.data.curate.synth.parse import clean_instruction, parse_score
+from tuneforge.errors import DataError
+
+ASK = ("Below is a response written by an AI assistant. Write the instruction a user gave that this is the answer "
+       "to. Reply with the instruction only.\n\nResponse:\n{response}\n\nInstruction:")
+SCORE = ("Below is an instruction from a user and a candidate answer. Evaluate whether the answer is a good example "
+         "of how an AI assistant should respond to the instruction, on a 5-point scale:\n1: not relevant, or "
+         "missing or off-topic content.\n2: addresses most of the request but not directly.\n3: helpful but not "
+         "written by an AI assistant (a blog post, a web page).\n4: written from an AI assistant's perspective, "
+         "complete and clear, may have minor issues.\n5: a perfect answer from an AI assistant.\nReason briefly, "
+         "then write the score on the last line as \"Score: <1-5>\".\n\nInstruction: {instruction}\n\n"
+         "Answer: {response}")
+
+
+def run(args, teacher, files, result) -> None:
+    items = [(source, text) for source, row in raw_rows(files) if (text := response_of(row))]
+    if not items:
+        raise DataError(f"No responses in {', '.join(map(str, files))}: rows need `output`, `response`, `text` or "
+                        f"an assistant turn.")
+    asks = [(i, k) for i in range(len(items)) for k in range(args.candidates)]
+    replies = _ask_all(args, teacher, items, asks)
+    candidates: dict[int, list[str]] = {}
+    for (i, _), reply in zip(asks, replies):
+        text = clean_instruction(reply) if reply else ""
+        if text and text not in candidates.setdefault(i, []):
+            candidates[i].append(text)
+        candidates.setdefault(i, [])
+    pairs = [(i, c) for i in range(len(items)) for c in candidates[i]]
+    judged = teacher.complete([user(SCORE.format(instruction=c, response=items[i][1])) for i, c in pairs],
+                              temperature=0.0)
+    scores: dict[int, list[tuple[int | None, str]]] = {}
+    for (i, c), reply in zip(pairs, judged):
+        scores.setdefault(i, []).append((parse_score(reply) if reply else None, c))
+    for i, (source, response) in enumerate(items):
+        _choose(i, source, response, scores.get(i, []), args.min_score, result)
+
+
+def _ask_all(args, teacher, items, asks) -> list[str | None]:
+    """One concurrent batch per candidate index. `seed` differs per candidate: different samples from the
+    teacher, and a distinct request key (so progress.jsonl keeps each)."""
+    replies: dict[tuple[int, int], str | None] = {}
+    for k in range(args.candidates):
+        idx = [i for i, kk in asks if kk == k]
+        for i, reply in zip(idx, teacher.complete([user(ASK.format(response=items[i][1])) for i in idx],
+                                                  seed=args.seed + k)):
+            replies[(i, k)] = reply
+    return [replies[a] for a in asks]
+
+
+def _choose(i, source, response, scored, min_score, result) -> None:
+    if not scored:
+        result.reject("no_instruction", source=source, response=response)
+        return
+    valid = [(s, c) for s, c in scored if s is not None]
+    if not valid:
+        result.reject("unscored", source=source, response=response, candidates=[c for _, c in scored])
+        return
+    best_score = max(s for s, _ in valid)
+    best = next(c for s, c in valid if s == best_score)
+    if best_score < min_score:
+        result.reject("low_score", source=source, response=response, instruction=best, score=best_score)
+        return
+    result.keep(chat_row(best, response, source=source, score=best_score, method="backtranslate"))

@@ -1,0 +1,179 @@
+"""The teacher: any OpenAI-compatible chat endpoint (a hosted model, vLLM, `tuneforge serve`), called concurrently.
+
+Requests run at most `--concurrency` at a time, start at most `--rate` per second, and are retried on 429, 5xx and
+connection errors with exponential backoff (`--backoff` seconds, doubled per attempt; a Retry-After header wins).
+Every finished request is appended to `progress.jsonl` in the output folder, keyed by a hash of what was asked
+(model, messages, sampling settings): a rerun into the same folder reuses those replies instead of asking again, so
+an interrupted run resumes where it stopped. A request that still fails after its retries is counted and left out
+(its key is not saved, so the next run asks again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneforge.configs.typed import opt
+from tuneforge.errors import UserError
+
+RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
+
+
+@dataclass(kw_only=True)
+class TeacherArgs:
+    """Options of the teacher endpoint (shared by `data synth` and `data safety --distill`)."""
+
+    base_url: str | None = opt(None, "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (env "
+                                     "TUNEFORGE_TEACHER_BASE_URL or OPENAI_BASE_URL).")
+    model: str | None = opt(None, "Teacher model name as the endpoint knows it (env TUNEFORGE_TEACHER_MODEL).")
+    api_key: str | None = opt(None, "API key (env TUNEFORGE_TEACHER_API_KEY or OPENAI_API_KEY; none for a "
+                                    "local server).")
+    concurrency: int = opt(8, "Requests in flight at once.")
+    rate: float = opt(0.0, "At most this many requests started per second (0: no limit).")
+    retries: int = opt(5, "Retries of a request on 429/5xx/connection errors.")
+    backoff: float = opt(1.0, "First retry wait in seconds, doubled per retry.")
+    timeout: float = opt(120.0, "Seconds to wait for one reply.")
+    temperature: float = opt(0.7, "Sampling temperature of the teacher.")
+    max_tokens: int = opt(1024, "Most tokens per teacher reply.")
+
+
+@dataclass
+class Stats:
+    sent: int = 0  # HTTP requests made (retries included)
+    answered: int = 0  # requests answered in this run
+    reused: int = 0  # requests answered by progress.jsonl from an earlier run
+    retried: int = 0
+    failed: int = 0
+    errors: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"sent": self.sent, "answered": self.answered, "reused": self.reused, "retried": self.retried,
+                "failed": self.failed, "first_errors": self.errors[:5]}
+
+
+def endpoint(args: TeacherArgs) -> tuple[str, str, str | None]:
+    env = os.environ.get
+    base = args.base_url or env("TUNEFORGE_TEACHER_BASE_URL") or env("OPENAI_BASE_URL")
+    model = args.model or env("TUNEFORGE_TEACHER_MODEL")
+    key = args.api_key or env("TUNEFORGE_TEACHER_API_KEY") or env("OPENAI_API_KEY")
+    if not base or not model:
+        raise UserError("No teacher endpoint: give `--base-url URL --model NAME` (any OpenAI-compatible server, "
+                        "e.g. `tuneforge serve` at http://127.0.0.1:8000/v1) or set TUNEFORGE_TEACHER_BASE_URL and "
+                        "TUNEFORGE_TEACHER_MODEL.")
+    if args.concurrency < 1 or args.retries < 0 or args.rate < 0:
+        raise UserError("`--concurrency` must be >= 1, `--retries` >= 0 and `--rate` >= 0.")
+    return base.rstrip("/"), model, key
+
+
+class Teacher:
+    """Chat completions for batches of prompts, with the saved progress of `progress_path` (see the module doc)."""
+
+    def __init__(self, args: TeacherArgs, progress_path: Path):
+        self.args = args
+        self.base_url, self.model, self.api_key = endpoint(args)
+        self.path = Path(progress_path)
+        self.done = load_progress(self.path)
+        self.stats = Stats()
+
+    def key(self, messages: list[dict], params: dict) -> str:
+        blob = json.dumps({"model": self.model, "messages": messages, **params}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def complete(self, batch: list[list[dict]], **params) -> list[str | None]:
+        """The reply text for each conversation of `batch` (None where it failed after retries), in order.
+        `params` (e.g. n=candidate index as `seed`) are part of the request and of its key."""
+        params = {"temperature": self.args.temperature, "max_tokens": self.args.max_tokens, **params}
+        return asyncio.run(self._all(batch, params))
+
+    async def _all(self, batch, params) -> list[str | None]:
+        import httpx
+
+        self._gate = asyncio.Semaphore(self.args.concurrency)
+        self._lock, self._next_start = asyncio.Lock(), 0.0
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with httpx.AsyncClient(timeout=self.args.timeout, headers=headers) as client:
+            return list(await asyncio.gather(*(self._one(client, m, params) for m in batch)))
+
+    async def _one(self, client, messages: list[dict], params: dict) -> str | None:
+        key = self.key(messages, params)
+        if key in self.done:
+            self.stats.reused += 1
+            return self.done[key]
+        async with self._gate:
+            reply = await self._ask(client, messages, params)
+        if reply is not None:
+            self.done[key] = reply
+            self.stats.answered += 1
+            with self.path.open("a", encoding="utf-8") as f:  # one line per finished request: resumable
+                f.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
+        return reply
+
+    async def _ask(self, client, messages, params) -> str | None:
+        body = {"model": self.model, "messages": messages, **params}
+        for attempt in range(self.args.retries + 1):
+            await self._throttle()
+            wait, error = self.args.backoff * 2 ** attempt, None
+            try:
+                self.stats.sent += 1
+                resp = await client.post(f"{self.base_url}/chat/completions", json=body)
+                if resp.status_code == 200:
+                    return parse_reply(resp.json())
+                error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                if resp.status_code not in RETRY_STATUS:
+                    raise UserError(f"The teacher at {self.base_url} refused a request ({error}). Check "
+                                    f"`--model` and `--api-key`.")
+                wait = _retry_after(resp.headers.get("retry-after"), wait)
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # connection, bad JSON, bad shape
+                error = f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - httpx transport errors (timeouts, disconnects) are retried
+                if type(e).__module__.split(".")[0] != "httpx":
+                    raise
+                error = f"{type(e).__name__}: {e}"
+            if attempt < self.args.retries:
+                self.stats.retried += 1
+                await asyncio.sleep(wait)
+        self.stats.failed += 1
+        self.stats.errors.append(error)
+        return None
+
+    async def _throttle(self) -> None:
+        if self.args.rate <= 0:
+            return
+        async with self._lock:  # request starts at least 1/rate seconds apart
+            now = time.monotonic()
+            start = max(now, self._next_start)
+            self._next_start = start + 1.0 / self.args.rate
+        await asyncio.sleep(start - now)
+
+
+def parse_reply(data: dict) -> str:
+    content = data["choices"][0]["message"]["content"]
+    if not isinstance(content, str):
+        raise TypeError(f"reply content is {type(content).__name__}, not text")
+    return content
+
+
+def _retry_after(header: str | None, default: float) -> float:
+    try:
+        return min(float(header), 60.0) if header else default
+    except ValueError:
+        return default
+
+
+def load_progress(path: Path) -> dict[str, str]:
+    """{request key: reply} of earlier runs; a last line cut short by an interruption is ignored."""
+    done = {}
+    if path.exists():
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    item = json.loads(line)
+                    done[item["key"]] = item["reply"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    return done

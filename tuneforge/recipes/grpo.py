@@ -1,0 +1,83 @@
+"""GRPO (Shao et al., 2024, "DeepSeekMath"): G sampled completions per prompt, rewards from functions or a reward
+model, advantages normalised within each group, a clipped objective with a k3 KL to the reference.
+
+    tuneforge train examples/grpo_tiny.yaml
+
+One trainer step: take `training.batch_size` prompts, sample `grpo.num_generations` completions of each through the
+engine (seeded per step and row), score them, then run `grpo.epochs` passes of minibatch updates. Groups whose
+completions all got the same reward have advantage 0 and teach nothing: the log says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.losses import constant_reward_groups, group_advantages, grpo_loss
+from tuneforge.training.loop import TrainResult
+from tuneforge.training.rl import (
+    Reference,
+    Rewards,
+    RLStage,
+    make_engine,
+    policy_forward,
+    run_rl,
+    sample,
+    sampling_seed,
+)
+
+
+class GRPOStage(RLStage):
+    def __init__(self, cfg, model, tokenizer, runtime, log=print):
+        self.s, self.seed, self.rt, self.log = cfg.grpo, cfg.seed, runtime, log
+        self.reference = Reference(model) if self.s.beta else None  # before training changes the weights
+        self.rewards = Rewards(self.s, runtime, log)
+        self.engine = make_engine(model, tokenizer)
+        self._told_constant = False
+
+    def rl_step(self, trainer, prompts) -> dict:
+        s, G = self.s, self.s.num_generations
+        rows = [p for p in prompts for _ in range(G)]
+        seeds = [sampling_seed(self.seed, trainer.step, r) for r in range(len(rows))]
+        roll = sample(self.engine, rows, s, seeds, self.rt.device)
+        rewards, means = self.rewards.score(roll.texts, roll.completion_ids, roll.prompts)
+        constant = constant_reward_groups(rewards, G)
+        self._report_constant(trainer.step + 1, int(constant.sum()), len(prompts))
+        advantages = group_advantages(rewards, G, s.advantage, s.scale_rewards).to(self.rt.device)
+        everything = torch.arange(len(rows))
+        batch = roll.rows(everything)
+        several_updates = s.epochs > 1 or 0 < s.mini_batch_size < len(rows)
+        with torch.no_grad(), self.rt.autocast():
+            old = policy_forward(trainer.model, batch)[0] if several_updates else None
+        ref = self.reference.token_logps(batch) if self.reference is not None else None
+        losses, stats = [], []
+        for epoch in range(s.epochs):
+            for idx in trainer.minibatches(len(rows), s.mini_batch_size, epoch):
+                with self.rt.autocast():
+                    logps, mask, _, _ = policy_forward(trainer.model, roll.rows(idx))
+                total, count, m = grpo_loss(logps, None if old is None else old[idx],
+                                            None if ref is None else ref[idx], advantages[idx], mask, s.beta,
+                                            s.clip_eps, s.clip_eps_high, s.loss_type, s.max_new_tokens)
+                loss = total / max(int(count), 1)
+                m["grad_norm"] = trainer.update(loss)
+                losses.append(float(loss.detach()))
+                stats.append({k: float(v) for k, v in m.items()})
+        lengths = [len(ids) for ids in roll.completion_ids]
+        return {"loss": sum(losses) / len(losses), "reward": float(rewards.mean()),
+                "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0, **means,
+                "constant_groups": float(constant.float().mean()), "completion_length": sum(lengths) / len(lengths),
+                **{k: sum(d[k] for d in stats) / len(stats) for k in stats[0]},
+                "tokens": int(roll.attention_mask.sum())}
+
+    def _report_constant(self, step: int, n_constant: int, n_groups: int) -> None:
+        """The "reward and loss stay 0" trap, said out loud: the first time, and whenever every group is constant."""
+        if n_constant == 0 or (self._told_constant and n_constant < n_groups):
+            return
+        self._told_constant = True
+        self.log(f"grpo: step {step}: {n_constant} of {n_groups} prompt groups got the same reward for every "
+                 f"completion, so their advantage (and loss) is 0 and they teach nothing. If this persists: the "
+                 f"prompts are too hard or too easy for the model, the reward never varies, or the groups are too "
+                 f"small (raise grpo.num_generations or grpo.temperature).")
+
+
+def run(cfg, log=print) -> TrainResult:
+    return run_rl(cfg, GRPOStage, log)
