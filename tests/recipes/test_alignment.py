@@ -199,6 +199,8 @@ def test_stage_options_are_checked(tiny_qwen2_dir, tmp_path):
         config("kto", tiny_qwen2_dir, tmp_path, "training.batch_size=1")
     with pytest.raises(ConfigError, match="uses no reference"):
         config("dpo", tiny_qwen2_dir, tmp_path, "dpo.loss=simpo", "dpo.precompute_reference=true")
+    with pytest.raises(ConfigError, match="cannot be merged"):
+        config("rm", tiny_qwen2_dir, tmp_path, "method=prompt_tuning")
     with pytest.raises(ConfigError, match="dpo.loss"):
         config("dpo", tiny_qwen2_dir, tmp_path, "dpo.loss=sigmod")
 
@@ -271,3 +273,20 @@ def test_dpo_two_processes_match_one(tiny_qwen2_dir, tmp_path):
 def test_rm_two_processes_match_one(tiny_qwen2_dir, tmp_path):
     _one_vs_two_processes("rm", tiny_qwen2_dir, tmp_path, 29562)
 
+
+
+def test_kto_reference_point_is_averaged_over_processes_while_training():
+    """Under DDP z0 is the mean over every process's mismatched rows (then clamped), so 1 and N processes agree."""
+    from tuneforge.losses import kto_reference_point
+    from tuneforge.recipes.kto import KTOStage
+
+    class TwoRanks:  # all_reduce_sum as if a second rank held rows with log-ratios 3.0 and 5.0
+        def all_reduce_sum(self, value):
+            return value + torch.tensor([8.0, 2.0])
+
+    stage = KTOStage(None, None, TwoRanks())
+    policy, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -4.0])  # log-ratios 1.0 and 2.0
+    assert float(stage.reference_point(policy, ref, average=True)) == pytest.approx((1 + 2 + 3 + 5) / 4)
+    assert float(stage.reference_point(policy, ref, average=False)) == pytest.approx(1.5)
+    assert float(stage.reference_point(policy, ref, average=False)) == float(kto_reference_point(policy, ref))
+    assert float(stage.reference_point(ref, policy, average=False)) == 0.0  # negative KL estimates clamp to 0

@@ -37,12 +37,14 @@ def run(stage: str, out: Path, *overrides: str, log=print):
 
 
 def test_rm_heldout_pairwise_accuracy(tmp_path):
+    """Measured 2026-11-30 (2 CPU cores, ~6 min): 60 steps (0.8 epoch) gave 0.867 held-out accuracy (train
+    accuracy still rising, 0.89 at step 60), short of the 0.9 goal; 150 steps (2 epochs) has not been run yet."""
     from tuneforge.models.loading import load_model_and_tokenizer
     from tuneforge.models.reward import load_reward_model
 
     rows = heldout()
     out = tmp_path / "rm"
-    run("rm", out, "training.max_steps=60", "training.lr=2e-4", "training.warmup_steps=5")
+    run("rm", out, "training.max_steps=150", "training.lr=2e-4", "training.warmup_steps=5")
     scorer = load_reward_model(out)
     _, tokenizer = load_model_and_tokenizer(load_train_config(None, [], base={"data": {"train": ["x"]}}).model)
 
@@ -52,7 +54,7 @@ def test_rm_heldout_pairwise_accuracy(tmp_path):
                 for r in rows]
 
     accuracy = float((scorer.score(texts("chosen")) > scorer.score(texts("rejected"))).float().mean())
-    print(f"rm held-out pairwise accuracy after 60 steps: {accuracy:.3f} on {len(rows)} pairs")
+    print(f"rm held-out pairwise accuracy after 150 steps: {accuracy:.3f} on {len(rows)} pairs")
     assert accuracy >= 0.9
 
 

@@ -341,6 +341,11 @@ def _stage_problems(cfg: TrainConfig) -> list[str]:
                         "`training.batch_size` must be at least 2.")
     if cfg.stage == "kto" and (cfg.kto.beta <= 0 or min(cfg.kto.desirable_weight, cfg.kto.undesirable_weight) < 0):
         problems.append("`kto.beta` must be > 0 and the kto weights >= 0.")
+    from tuneforge.methods import METHODS
+
+    if cfg.stage == "rm" and cfg.method in METHODS and not METHODS[cfg.method].mergeable:
+        problems.append(f"Stage rm saves a merged sequence-classification model, and method `{cfg.method}` cannot be "
+                        f"merged into the base weights. Use lora, full, freeze or another mergeable method.")
     if cfg.stage in ("rm", "dpo", "kto") and cfg.data.packing:
         problems.append(f"Stage {cfg.stage} never packs (each pair or reply is scored as a whole): drop "
                         f"`data.packing`.")

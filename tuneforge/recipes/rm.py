@@ -19,7 +19,6 @@ import torch
 
 from tuneforge.errors import ConfigError
 from tuneforge.losses import reward_pairwise_loss
-from tuneforge.methods import METHODS
 from tuneforge.methods.base import unwrap
 from tuneforge.models.reward import RewardModel, pick_pad_token, save_reward_model, transformer_of
 from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
@@ -58,9 +57,6 @@ def pairwise_accuracy(model, items: list, collate, batch_size: int, device) -> f
 
 
 def run(cfg, log=print) -> TrainResult:
-    if not METHODS[cfg.method].mergeable:
-        raise ConfigError(f"Stage rm saves a merged sequence-classification model, and method `{cfg.method}` cannot "
-                          f"be merged into the base weights. Use lora, full, freeze or another mergeable method.")
     runtime = setup_run(cfg, log)
     rows = read_data(cfg)
     model, tokenizer, method = setup_model(cfg, runtime, extend=RewardModel)

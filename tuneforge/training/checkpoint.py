@@ -139,6 +139,8 @@ def run_fingerprint(cfg, world_size: int, train_items: list | None) -> dict:
 def _tokens(item) -> list:
     if hasattr(item, "chosen"):  # a preference pair (EncodedPair): both sides
         return [_tokens(item.chosen), _tokens(item.rejected)]
+    if hasattr(item, "label"):  # a KTO row: whether it is desirable is part of the data
+        return [item.input_ids, item.labels, item.label]
     return [item.input_ids, getattr(item, "labels", None)]  # prompts (ppo, grpo) have no labels
 
 
