@@ -43,7 +43,9 @@ def spawn():
     started = []
 
     def start(cmd: list[str]) -> subprocess.Popen:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # the same thread count as this process, which runs the straight and resumed runs: float sums differ by
+        # thread count, and the comparison is bit for bit
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         started.append(proc)

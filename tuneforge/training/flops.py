@@ -71,8 +71,9 @@ def cache_file() -> Path:
 
 def probe_cpu_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
     """FLOP/s of a square matmul in `dtype` on this process's threads (the best of several timed runs)."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # never the global RNG: a probe must not change a run's dropout masks
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
     a @ b  # warm-up: thread pool and kernel selection
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
