@@ -66,3 +66,18 @@ def test_every_run_logs_mfu(tiny_llama_dir, tmp_path):
     # mfu is achieved/peak: recompute it from the logged throughput and the cached probe
     peak = flops.cpu_peak(torch.float32)
     assert rows[-1]["mfu"] == pytest.approx(rows[-1]["model_tflops"] * 1e12 / peak, rel=1e-3)
+
+
+def test_a_peak_probed_on_a_busy_cpu_is_raised_to_what_a_run_achieves(tmp_path, monkeypatch):
+    """A probe measured under load caches too low a peak (MFU read 270%): the first run that achieves more raises
+    the cached peak to that rate, so MFU never exceeds 100% and the cache never goes down."""
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype: 1e6)  # a probe that ran on a very busy machine
+    meter = flops.EfficiencyMeter(tiny_llama(), torch.device("cpu"), torch.float32, world_size=1)
+    achieved = meter.flops_per_token(16) * 1000.0
+    assert achieved > 1e6
+    assert meter.metrics(1000.0, seq_len=16)["mfu"] == pytest.approx(1.0)
+    assert flops.cpu_peak(torch.float32) == pytest.approx(achieved)  # cached for the next run
+    assert meter.metrics(500.0, seq_len=16)["mfu"] == pytest.approx(0.5)
+    flops.raise_cpu_peak(torch.float32, 1.0)  # a lower rate never lowers the cached peak
+    assert flops.cpu_peak(torch.float32) == pytest.approx(achieved)
