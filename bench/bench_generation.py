@@ -3,17 +3,18 @@
 
     .venv/bin/python bench/bench_generation.py                         # SmolLM2-135M-Instruct, 16 prompts, 64 tokens
     .venv/bin/python bench/bench_generation.py --model /tmp/tiny --max-new-tokens 32
+    .venv/bin/python bench/bench_generation.py --dtype bf16     # both sides in bf16 (fast on AVX512-BF16/AMX CPUs)
 
 Both sides get the same 16 chat prompts (held-out questions of the bundled task, rendered by the engine's
-chat-template code), greedy decoding, fp32, exactly --max-new-tokens new tokens per prompt (end-of-turn tokens are
-ignored on both sides so every prompt costs the same work), and the same torch thread count. Measured in the same
-run, after one warm-up call per side:
+chat-template code), greedy decoding, the same weights in the same precision (--dtype), exactly --max-new-tokens new
+tokens per prompt (end-of-turn tokens are ignored on both sides so every prompt costs the same work), and the same
+torch thread count. Measured in the same run, after one warm-up call per side:
 - baseline: `model.generate(input_ids, max_new_tokens=N, do_sample=False)` for one prompt at a time, in a loop;
 - engine batch 1: `Engine.generate` one prompt at a time (the engine's own loop, no batching);
 - engine batch 16: `Engine.generate` of all prompts at once (continuous batching with 16 slots).
 tokens/s = new tokens / wall time of the best of --repeats runs per variant (the order rotates between repeats, so
-a change in machine load does not favour one side). The engine's greedy replies (up to the end-of-turn token) are compared with the
-baseline's.
+a change in machine load does not favour one side). The engine's greedy replies (up to the end-of-turn token) are
+compared with the baseline's.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="precision of both sides")
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant, in rotating order; the best counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,7 +79,8 @@ def main() -> None:
     from tuneforge.inference import Engine
     from tuneforge.models.loading import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=args.model))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=args.model), dtype=dtype)
     model.eval()
     engine = Engine(model, tok, max_batch_size=args.batch)
     ids = [engine.encode_chat(p) for p in prompts(args.prompts)]
@@ -98,6 +101,7 @@ def main() -> None:
     ref, one, batched = outs["naive"], outs["one"], outs["batch"]
     rows = [("naive model.generate loop", t_naive), ("engine, batch 1", t_one), (f"engine, batch {args.batch}", t_batch)]
     print(f"model {args.model}  prompts {len(ids)}  new tokens/prompt {args.max_new_tokens}  threads {args.threads}  "
+          f"dtype {args.dtype}  "
           f"prompt tokens {min(map(len, ids))}-{max(map(len, ids))}  torch {torch.__version__}  "
           f"cpu {platform.processor() or platform.machine()}")
     for name, t in rows:

@@ -18,6 +18,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tuneforge.configs.schema import ModelConfig
 from tuneforge.configs.typed import opt
@@ -41,6 +42,10 @@ class ChatArgs:
     repetition_penalty: float = opt(1.1, "Penalty for repeating tokens (1.0: none); keeps small models out of "
                                          "loops.")
     chat_template: str | None = opt(None, "Override the chat template (chatml, llama3, qwen, default or a .jinja).")
+    device: str = opt("auto", "Where the model runs: auto (the GPU when there is one), cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "Precision of the weights. auto: bf16 on a GPU that computes it, fp32 on CPU (bf16 on CPU is faster "
+                "only with AVX512-BF16/AMX, and its replies can differ slightly from fp32's).")
     trust_remote_code: bool = opt(False, "Run Python code shipped with the model (only for sources you trust).")
     allow_pickle: bool = opt(False, "Allow pickle (.bin/.pt) weights, which can execute code when loaded.")
 
@@ -162,15 +167,16 @@ def _trained_template(folder: Path) -> str | None:
 
 def load_for_chat(args: ChatArgs):
     """(model, tokenizer) through the one loading path, with the adapter applied when given."""
-    from tuneforge.models.loading import load_model_and_tokenizer
+    from tuneforge.models.loading import inference_placement, load_model_and_tokenizer
 
+    device, dtype = inference_placement(args.device, args.dtype)  # checked before minutes of loading
     base, template = _base_for(args)
     model_cfg = ModelConfig(name_or_path=base, trust_remote_code=args.trust_remote_code,
                             allow_pickle=args.allow_pickle, chat_template=template)
     if args.adapter:  # refuse a base of another shape before loading it (a 7B model takes minutes)
         folder = adapter_folder(args.adapter)
         check_base_matches(folder, recorded_base(folder), base)
-    model, tokenizer = load_model_and_tokenizer(model_cfg)
+    model, tokenizer = load_model_and_tokenizer(model_cfg, dtype=dtype, device=device)
     if args.adapter:
         model = load_adapter(model, args.adapter, base)
     return model.eval(), tokenizer

@@ -212,10 +212,10 @@ def test_stream_adds_up_to_generate(engine):
 def test_stopping_a_stream_early_frees_its_slot(engine):
     stream = engine.stream(HI, SamplingParams(max_new_tokens=200, ignore_eos=True))
     next(stream)
-    assert len(engine.scheduler.batch) == 1
+    assert engine.in_flight == 1
     stream.close()
     engine.generate([HI], SamplingParams(max_new_tokens=2))  # the next step retires the abandoned request
-    assert engine.scheduler.batch is None
+    assert engine.in_flight == 0
 
 
 def test_model_mode_is_restored(loaded):

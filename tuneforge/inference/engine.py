@@ -145,6 +145,13 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None
 
+    @property
+    def in_flight(self) -> int:
+        """Requests decoding or waiting to join the batch (0: idle, every slot free)."""
+        with self.scheduler.lock:
+            batch = self.scheduler.batch
+            return len(self.scheduler.waiting) + (len(batch) if batch is not None else 0)
+
     def _step(self) -> None:
         with self._step_lock:  # several threads may drive the same scheduler without a background thread
             self.scheduler.step()

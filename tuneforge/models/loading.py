@@ -246,3 +246,36 @@ def load_model_and_tokenizer(model_cfg, dtype: torch.dtype | None = torch.float3
     if device is not None and "device_map" not in from_pretrained_kwargs:
         model.to(device)
     return model, tokenizer
+
+
+INFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def inference_placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Where and in which precision chat, serve and eval run a model.
+
+    device auto: the GPU when there is one, else the CPU. dtype auto: bf16 on a GPU that computes it, else fp32.
+    On CPU auto stays fp32 even where the CPU multiplies bf16 natively (AVX512-BF16/AMX, where bf16 decodes a batch
+    ~2.5x faster), because bf16 replies can differ from those of the fp32 model that was trained and evaluated;
+    `bf16` asks for it."""
+    from tuneforge.training.runtime import DTYPES, cpu_has_native_bf16, pick_device
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device {device} is not a device; use auto, cpu, cuda or cuda:N.")
+    if dtype not in INFERENCE_DTYPES:
+        raise UserError(f"--dtype {dtype} is not a precision; use one of {', '.join(INFERENCE_DTYPES)}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asks for a GPU, but torch sees none (the CPU build of torch, or no "
+                        f"driver); use --device cpu.")
+    dev = torch.device(device) if device.startswith("cuda:") else pick_device(device, 0)
+    if dtype == "auto":
+        dtype = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype == "fp16" and dev.type == "cpu":
+        raise UserError("--dtype fp16 needs a GPU: CPUs compute fp16 slowly and PyTorch lacks some fp16 CPU kernels. "
+                        "Use fp32 or bf16 on CPU.")
+    if dtype == "bf16" and dev.type == "cpu" and not cpu_has_native_bf16():
+        import logging
+
+        logging.getLogger(__name__).warning("This CPU has no native bf16 (AVX512-BF16/AMX): bf16 runs emulated, "
+                                            "far slower than fp32.")
+    return dev, DTYPES[dtype]

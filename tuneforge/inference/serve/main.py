@@ -34,6 +34,11 @@ class ServeArgs:
     api_key: str | None = opt(None, f"Require `Authorization: Bearer KEY` on /v1 (env {API_KEY_ENV} also works).")
     backend: Literal["tuneforge", "vllm"] = opt("tuneforge", "tuneforge: this package's engine (CPU or GPU). vllm: "
                                                              "exec vLLM's OpenAI server (needs vllm and a GPU).")
+    device: str = opt("auto", "Where the model runs: auto (the GPU when there is one), cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "Precision of the served weights. auto: bf16 on a GPU that computes it, fp32 on CPU. On CPUs with "
+                "AVX512-BF16/AMX, bf16 serves batches ~2.5x faster (bench/RESULTS.md) with replies that can differ "
+                "slightly from fp32's.")
     max_batch_size: int = opt(16, "Requests decoded together; more wait and join as slots free up.")
     max_body_bytes: int = opt(4 * 1024 * 1024, "Largest request body accepted (413 above).")
     max_tokens_limit: int = opt(4096, "Largest max_tokens a request may ask for (400 above); also the default "
@@ -72,13 +77,15 @@ def build_state(args: ServeArgs):
     from tuneforge.inference.serve.completions import Limits
     from tuneforge.inference.serve.models import load_served, parse_adapter_specs
     from tuneforge.inference.serve.tools import tool_family
+    from tuneforge.models.loading import inference_placement
 
     for name in ("max_batch_size", "max_body_bytes", "max_tokens_limit", "max_n"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be at least 1.")
     model_cfg = ModelConfig(name_or_path=args.model, trust_remote_code=args.trust_remote_code,
                             allow_pickle=args.allow_pickle, chat_template=args.chat_template)
-    served = load_served(model_cfg, parse_adapter_specs(args.adapter), args.served_model_name)
+    placement = inference_placement(args.device, args.dtype)
+    served = load_served(model_cfg, parse_adapter_specs(args.adapter), args.served_model_name, placement)
     engine = Engine(served.model, served.tokenizer, max_batch_size=args.max_batch_size)
     family = None if args.tool_parser == "none" else (
         tool_family(getattr(served.tokenizer, "chat_template", None)) if args.tool_parser == "auto"

@@ -145,14 +145,19 @@ def attach_adapters(model, adapters: dict[str, str], allow_pickle: bool = False)
     return model
 
 
-def load_served(model_cfg, adapters: dict[str, str], served_name: str | None = None) -> ServedModels:
-    """Load the base model and tokenizer through the one loading path, then the adapters (checked)."""
+def load_served(model_cfg, adapters: dict[str, str], served_name: str | None = None,
+                placement: tuple | None = None) -> ServedModels:
+    """Load the base model and tokenizer through the one loading path, then the adapters (checked).
+    placement: (device, dtype), default the CPU in fp32."""
     from tuneforge.models.loading import load_model_and_tokenizer
 
     base_id = served_name or base_model_id(model_cfg.name_or_path)
     if base_id in adapters:
         raise UserError(f"The adapter name {base_id!r} is also the base model's id; give the adapter another name "
                         f"(--adapter OTHER=DIR) or the base another one (--served-model-name).")
-    model, tokenizer = load_model_and_tokenizer(model_cfg)
+    import torch
+
+    device, dtype = placement or ("cpu", torch.float32)
+    model, tokenizer = load_model_and_tokenizer(model_cfg, dtype=dtype, device=device)
     model = attach_adapters(model, adapters, allow_pickle=model_cfg.allow_pickle)
     return ServedModels(model=model.eval(), tokenizer=tokenizer, base_id=base_id, adapters=dict(adapters))
