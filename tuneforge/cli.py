@@ -43,7 +43,7 @@ VERBS = [
     Verb("train", "tuneforge.train:main", None, "Run a training stage from a YAML config (+ key=value overrides)."),
     Verb("init-model", "tuneforge.models.presets:init_model_cli", "tuneforge.models.presets:InitModelArgs",
          "Write a tiny random-init model (HF format, with a trained BPE tokenizer) from a preset."),
-    Verb("chat", "tuneforge.chat:chat_cli", "tuneforge.chat:ChatArgs",
+    Verb("chat", "tuneforge.inference.chat:chat_cli", "tuneforge.inference.chat:ChatArgs",
          "Chat in the terminal with a model (and optional adapter) using its chat template.",
          "In the conversation: /reset forgets the history, /system TEXT sets a new system prompt and starts over, "
          "/help lists the commands, /exit (or Ctrl-D) quits. With --adapter and no --model, the base model "

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge.chat import ChatArgs, load_for_chat
 from tuneforge.errors import UserError
 from tuneforge.inference import SamplingParams
+from tuneforge.inference.chat import ChatArgs, load_for_chat
 from tuneforge.inference.serve.main import ServeArgs, build_state
 from tuneforge.models.loading import inference_placement
 

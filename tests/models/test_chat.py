@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from tuneforge.chat import ChatArgs, load_for_chat, repl, reply
 from tuneforge.cli import main as cli_main
 from tuneforge.configs.schema import ModelConfig
 from tuneforge.errors import UserError
+from tuneforge.inference.chat import ChatArgs, load_for_chat, repl, reply
 from tuneforge.models.loading import load_model_and_tokenizer
 
 

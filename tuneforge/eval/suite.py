@@ -64,7 +64,7 @@ def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path) -> dic
 
 
 def load_model(entry: ModelEntry):
-    from tuneforge.chat import ChatArgs, load_for_chat
+    from tuneforge.inference.chat import ChatArgs, load_for_chat
 
     return load_for_chat(ChatArgs(model=entry.model, adapter=entry.adapter, chat_template=entry.chat_template))
 

@@ -14,15 +14,13 @@ comparisons of a fine-tune meaningful; `--temperature` > 0 samples, and `--seed`
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from tuneforge.configs.schema import ModelConfig
 from tuneforge.configs.typed import opt
-from tuneforge.errors import UserError
+from tuneforge.models.adapter_loading import adapter_folder, base_for, check_base_matches, load_adapter, recorded_base
 
 
 @dataclass
@@ -50,127 +48,12 @@ class ChatArgs:
     allow_pickle: bool = opt(False, "Allow pickle (.bin/.pt) weights, which can execute code when loaded.")
 
 
-DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
-# config.json fields that must agree between the model an adapter was trained on and the one it is put on
-SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size")
-
-
-def adapter_folder(adapter: str) -> Path:
-    """The adapter folder, checked; anything else gets an error saying what it is."""
-    folder = Path(adapter).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"Adapter folder {adapter} does not exist. Pass the output_dir of a LoRA (or other "
-                        f"adapter) training run, which holds adapter_config.json.")
-    if (folder / "adapter_config.json").is_file():
-        return folder
-    if (folder / "config.json").is_file():
-        raise UserError(f"{folder} holds a full model, not an adapter. Chat with it directly: "
-                        f"`tuneforge chat --model {folder}`.")
-    raise UserError(f"{folder} has no adapter_config.json, so it is not a PEFT adapter folder. Pass the output_dir "
-                    f"of an adapter training run (LoRA etc.).")
-
-
-def recorded_base(folder: Path) -> str | None:
-    """The base model an adapter folder names (`base_model_name_or_path`: how the user named it, for TuneForge
-    adapters; whatever the trainer wrote, for other PEFT adapters)."""
-    try:
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    return base if isinstance(base, str) and base else None
-
-
-def _shape_of(name_or_path: str) -> dict | None:
-    """The shape fields of a model's config.json, when it is on disk (never downloads or converts anything)."""
-    if name_or_path.startswith("builtin:"):
-        from tuneforge.models.builtin import cache_root
-
-        folder = cache_root() / name_or_path.removeprefix("builtin:")
-    else:
-        folder = Path(name_or_path).expanduser()
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    config = config.get("text_config", config)
-    return {k: config.get(k) for k in SHAPE_FIELDS}
-
-
-def check_base_matches(folder: Path, recorded: str | None, given: str) -> None:
-    """Refuse an adapter on a base of another shape before PEFT fails with a size-mismatch traceback."""
-    if recorded is None or recorded == given:
-        return
-    want, have = _shape_of(recorded), _shape_of(given)
-    if want is None or have is None:
-        return  # one of them is not on disk: the load itself is the check (see load_adapter)
-    diff = {k: (want[k], have[k]) for k in SHAPE_FIELDS if want[k] is not None and want[k] != have[k]}
-    if diff:
-        shown = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
-        raise UserError(_mismatch(folder, recorded, given, shown))
-
-
-def _mismatch(folder: Path, recorded: str | None, given: str, detail: str) -> str:
-    trained = f"was trained on `{recorded}`" if recorded else "records no base model"
-    return (f"The adapter {folder} does not fit the base model `{given}` ({detail}): it {trained}. Leave out "
-            f"--model to use the recorded base, or pass the model it was trained on.")
-
-
-def load_adapter(model, adapter: str, given: str | None = None):
-    """Put an adapter folder (PEFT or TuneForge format) on `model` (loaded from `given`); a base of another shape
-    is a UserError naming both models, never PEFT's size-mismatch traceback."""
-    folder = adapter_folder(adapter)
-    recorded = recorded_base(folder)
-    if given is not None:
-        check_base_matches(folder, recorded, given)
-    from tuneforge.methods.adapters import load_adapter_folder
-
-    try:
-        return load_adapter_folder(model, folder)  # PEFT folders and TuneForge's own (bottleneck adapters)
-    except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, missing target modules, unknown keys
-        detail = str(e).strip().splitlines()
-        raise UserError(_mismatch(folder, recorded, given or "the given model",
-                                  detail[-1].strip().rstrip(".")[:300] if detail else type(e).__name__)) from e
-
-
-def _base_for(args: ChatArgs) -> tuple[str, str | None]:
-    """(base model to load, chat template override): --model, else the adapter's recorded base, else the default.
-    A template override the run was trained with is kept unless --chat-template says otherwise."""
-    if not args.adapter:
-        return args.model or DEFAULT_MODEL, args.chat_template
-    folder = adapter_folder(args.adapter)
-    template = args.chat_template or _trained_template(folder)
-    if args.model:
-        return args.model, template
-    base = recorded_base(folder)
-    if base is None:
-        raise UserError(f"The adapter {folder} does not say which base model it was trained on "
-                        f"(no base_model_name_or_path in adapter_config.json). Pass it with --model.")
-    from tuneforge.models.loading import looks_local
-
-    if looks_local(base) and not Path(base).expanduser().exists():
-        raise UserError(f"The adapter {folder} was trained on the model folder `{base}`, which does not exist here "
-                        f"(a relative path counts from where training ran). Pass the base model with --model.")
-    return base, template
-
-
-def _trained_template(folder: Path) -> str | None:
-    """The `model.chat_template` override recorded in the run's tuneforge_config.yaml, if any."""
-    import yaml
-
-    try:
-        config = yaml.safe_load((folder / "tuneforge_config.yaml").read_text(encoding="utf-8"))
-        return (config.get("model") or {}).get("chat_template")
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
-
-
 def load_for_chat(args: ChatArgs):
     """(model, tokenizer) through the one loading path, with the adapter applied when given."""
     from tuneforge.models.loading import inference_placement, load_model_and_tokenizer
 
     device, dtype = inference_placement(args.device, args.dtype)  # checked before minutes of loading
-    base, template = _base_for(args)
+    base, template = base_for(args.adapter, args.model, args.chat_template)
     model_cfg = ModelConfig(name_or_path=base, trust_remote_code=args.trust_remote_code,
                             allow_pickle=args.allow_pickle, chat_template=template)
     if args.adapter:  # refuse a base of another shape before loading it (a 7B model takes minutes)
