@@ -20,6 +20,7 @@ import torch
 
 from tuneforge.errors import UserError
 from tuneforge.inference import kv
+from tuneforge.inference.fast_linear import onednn_linears
 from tuneforge.methods.base import unwrap
 
 
@@ -118,6 +119,10 @@ class ModelRunner:
 
     def forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]) -> torch.Tensor:
         """Logits of the last position of every row, [B, V] float32."""
+        with onednn_linears(input_ids.device):  # fp32 on CPU: oneDNN's GEMMs (see fast_linear.py)
+            return self._forward(input_ids, attention_mask, position_ids, cache, adapters)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]) -> torch.Tensor:
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=cache, use_cache=True, logits_to_keep=1)
         if self.prompt_learning:  # the prefix is already in the cache
