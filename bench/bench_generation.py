@@ -13,8 +13,9 @@ torch thread count. Measured in the same run, after one warm-up call per side:
 - engine batch 1: `Engine.generate` one prompt at a time (the engine's own loop, no batching);
 - engine batch 16: `Engine.generate` of all prompts at once (continuous batching with 16 slots).
 tokens/s = new tokens / wall time of the best of --repeats runs per variant (the order rotates between repeats, so
-a change in machine load does not favour one side). The engine's greedy replies (up to the end-of-turn token) are
-compared with the baseline's.
+a change in machine load does not favour one side). Both sides are checked to make exactly --max-new-tokens tokens
+(`generate` gets `min_new_tokens`: left to itself it stops at end of turn, doing less work). The engine's greedy
+replies (up to the end-of-turn token) are compared with the baseline's.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def prompts(n: int) -> list[list[dict]]:
 def naive_loop(model, ids: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # min_new_tokens: transformers fills an unset eos_token_id from the model's generation config, so without it
+    # `generate` stops at end of turn and does less work than the engine (which ignores eos here)
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     outs = []
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -48,6 +51,7 @@ def naive_loop(model, ids: list[list[int]], new_tokens: int) -> tuple[float, lis
             x = torch.tensor([prompt])
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
             outs.append(out[0, len(prompt):].tolist())
+            assert len(outs[-1]) == new_tokens, f"generate made {len(outs[-1])} tokens, not {new_tokens}"
     return time.perf_counter() - t0, outs
 
 
@@ -60,7 +64,9 @@ def engine_run(engine, ids: list[list[int]], new_tokens: int, together: bool) ->
         done = engine.generate(ids, params)
     else:
         done = [engine.generate([p], params)[0] for p in ids]
-    return time.perf_counter() - t0, [c.token_ids for c in done]
+    elapsed = time.perf_counter() - t0
+    assert all(c.completion_tokens == new_tokens for c in done), "the engine stopped early"
+    return elapsed, [c.token_ids for c in done]
 
 
 def main() -> None:
@@ -106,11 +112,14 @@ def main() -> None:
           f"cpu {platform.processor() or platform.machine()}")
     for name, t in rows:
         print(f"  {name:<28} {t:7.2f} s  {n_new / t:8.1f} tok/s  {t_naive / t:5.2f}x")
-    def reply(tokens):  # the reply proper: up to its end-of-turn token (what follows is decoding past the end)
-        return tokens[:next((i for i, t in enumerate(tokens) if t in engine.stop_ids), len(tokens))]
+    def same_reply(engine_tokens, generate_tokens):
+        """The engine's reply proper (up to its end-of-turn token) opens generate's tokens: at that position
+        `min_new_tokens` makes generate take its second choice, so the two part there by design."""
+        end = next((i for i, t in enumerate(engine_tokens) if t in engine.stop_ids), len(engine_tokens))
+        return engine_tokens[:end] == generate_tokens[:end]
 
-    same = sum(reply(a) == reply(b) for a, b in zip(batched, ref))
-    same_one = sum(reply(a) == reply(b) for a, b in zip(one, ref))
+    same = sum(same_reply(a, b) for a, b in zip(batched, ref))
+    same_one = sum(same_reply(a, b) for a, b in zip(one, ref))
     print(f"greedy replies (up to end of turn) equal to the baseline's: batch 1 {same_one}/{len(ids)}, "
           f"batch {args.batch} {same}/{len(ids)}")
     print(f"RATIO engine batch {args.batch} / naive loop: {t_naive / t_batch:.2f}x")
