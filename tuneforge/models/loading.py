@@ -256,7 +256,7 @@ def inference_placement(device: str = "auto", dtype: str = "auto") -> tuple[torc
 
     device auto: the GPU when there is one, else the CPU. dtype auto: bf16 on a GPU that computes it, else fp32.
     On CPU auto stays fp32 even where the CPU multiplies bf16 natively (AVX512-BF16/AMX, where bf16 decodes a batch
-    ~2.5x faster), because bf16 replies can differ from those of the fp32 model that was trained and evaluated;
+    ~1.5x faster here), because bf16 replies can differ from those of the fp32 model that was trained and evaluated;
     `bf16` asks for it."""
     from tuneforge.training.runtime import DTYPES, cpu_has_native_bf16, pick_device
 

@@ -37,7 +37,7 @@ class ServeArgs:
     device: str = opt("auto", "Where the model runs: auto (the GPU when there is one), cpu, cuda or cuda:N.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "Precision of the served weights. auto: bf16 on a GPU that computes it, fp32 on CPU. On CPUs with "
-                "AVX512-BF16/AMX, bf16 serves batches ~2.5x faster (bench/RESULTS.md) with replies that can differ "
+                "AVX512-BF16/AMX, bf16 decoded a batch 1.5x faster (bench/RESULTS.md) with replies that can differ "
                 "slightly from fp32's.")
     max_batch_size: int = opt(16, "Requests decoded together; more wait and join as slots free up.")
     max_body_bytes: int = opt(4 * 1024 * 1024, "Largest request body accepted (413 above).")
