@@ -43,6 +43,21 @@ def collate(batch: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_padding_free(batch: list[Encoded], pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
+    """The micro-batch as ONE row of its examples end to end (TRL's `padding_free`, transformers'
+    `DataCollatorWithFlattening`): `input_ids`, `position_ids` restarting at 0 per example (a packed row keeps its
+    own), `labels` with each example's first label ignored (it would be predicted from the previous example; the
+    padded batch never predicts it either), no `attention_mask` and not one padding position. For FlashAttention
+    varlen (training/padding_free.py); `pad_token_id` is unused, kept for the collate signature."""
+    ids, labels, positions = [], [], []
+    for item in batch:
+        ids += item.input_ids
+        labels += [IGNORE_INDEX] + list(item.labels[1:])
+        positions += list(item.position_ids) if isinstance(item, PackedRow) else list(range(len(item)))
+    return {"input_ids": torch.tensor([ids], dtype=torch.long), "position_ids": torch.tensor([positions]),
+            "labels": torch.tensor([labels], dtype=torch.long)}
+
+
 def _position_ids(batch: list[Encoded], width: int) -> torch.Tensor:
     rows = []
     for item in batch:
