@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import sys
 import tempfile
@@ -74,6 +75,8 @@ class Result:
     params: int = 0
     trainable: int = 0
     chunked_loss: bool = False
+    flops_per_token: float = 0.0
+    peak_source: str = ""
     note: str = ""
 
     @property
@@ -191,14 +194,12 @@ def run_one(args, method: str) -> Result:
     batch = args.batch or DEFAULT_BATCH[shape]
     runtime = setup_runtime(args.device, args.precision, "none")
     res = Result(method, shape, str(runtime.device), batch, args.seq, args.steps)
-    if runtime.device.type != "cuda":
-        if shape != "tiny" and not args.allow_big_on_cpu:
-            raise UserError(f"--shape {shape} on {runtime.device}: this benchmark is for GPUs (an {shape} model on "
-                            f"CPU takes hours). Use `--shape tiny` for a CPU smoke run, or --allow-big-on-cpu.")
-        if method == "qlora":
-            res.note = ("skipped: QLoRA peak memory is read from the CUDA allocator (and bitsandbytes' 4-bit "
-                        "training kernels are for GPUs); run it on a GPU")
-            return res
+    if runtime.device.type != "cuda" and shape != "tiny" and not args.allow_big_on_cpu:
+        raise UserError(f"--shape {shape} on {runtime.device}: this benchmark is for GPUs (an {shape} model on CPU "
+                        f"takes hours). Use `--shape tiny` for a CPU smoke run, or --allow-big-on-cpu.")
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        res.note = "skipped: QLoRA needs bitsandbytes: pip install 'tuneforge[qlora]'"
+        return res
     with tempfile.TemporaryDirectory(prefix="tuneforge-bench-gpu-") as tmp:
         work = Path(tmp)
         cfg = train_config(args, method, batch, work / "out")
@@ -208,6 +209,8 @@ def run_one(args, method: str) -> Result:
                           log=lambda _: None)
         res.trainable, res.params = count_parameters(unwrap(model))
         res.chunked_loss = trainer.stage.chunked_loss
+        res.flops_per_token = trainer.meter.flops_per_token(args.seq)
+        res.peak_source = trainer.meter.peak_source
         measure(trainer, runtime, res, args.warmup)
         res.estimate_gb = estimate_gb(cfg, shape, batch, args.seq, work)
         del trainer, model
@@ -245,14 +248,19 @@ def fmt(value, spec: str, empty: str = "-") -> str:
 
 
 def render(results: list[Result]) -> str:
-    head = ["method", "shape", "device", "batch x seq", "tokens", "tokens/s", "TFLOP/s", "MFU", "peak GB",
-            "estimate GB", "peak vs est."]
-    rows = [[r.method, r.shape, r.device, f"{r.batch} x {r.seq}", str(r.tokens), fmt(r.tokens_per_s, ".1f"),
-             fmt(r.model_tflops, ".3g"), fmt(r.mfu, ".1%"), fmt(r.peak_gb, ".2f"), fmt(r.estimate_gb, ".2f"),
-             fmt(r.memory_diff, "+.1%")] for r in results]
+    from tuneforge.estimate import fmt_count
+
+    head = ["method", "shape", "device", "trainable", "batch x seq", "tokens", "tokens/s", "TFLOP/s", "MFU",
+            "peak GB", "estimate GB", "peak vs est."]
+    rows = [[r.method, r.shape, r.device, "-", f"{r.batch} x {r.seq}"] + ["-"] * 7 if r.note else
+            [r.method, r.shape, r.device, f"{fmt_count(r.trainable)} of {fmt_count(r.params)}",
+             f"{r.batch} x {r.seq}", str(r.tokens), fmt(r.tokens_per_s, ".1f"), fmt(r.model_tflops, ".3g"),
+             fmt(r.mfu, ".1%"), fmt(r.peak_gb, ".3g"), fmt(r.estimate_gb, ".3g"), fmt(r.memory_diff, "+.1%")]
+            for r in results]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *rows]]
-    return "\n".join(lines + ratio_lines(results))
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *rows]]
+    sources = sorted({f"MFU against {r.peak_source}" for r in results if r.peak_source})
+    return "\n".join(lines + sources + ratio_lines(results))
 
 
 def ratio_lines(results: list[Result]) -> list[str]:
