@@ -112,6 +112,7 @@ def test_flat_batch_with_sdpa_gives_the_unpacked_loss(examples):
 def test_padding_free_setting_resolves():
     assert use_padding_free("auto", "sft", "lora", "flash_attention_2")
     assert use_padding_free("auto", "pt", "full", "flash_attention_3")
+    assert use_padding_free("auto", "sft", "lora", "kernels-community/flash-attn2")  # a hub kernel transformers knows
     assert not use_padding_free("auto", "sft", "lora", "sdpa")  # sdpa's mask over a joined row costs more
     assert not use_padding_free("auto", "dpo", "lora", "flash_attention_2")
     assert not use_padding_free("auto", "sft", "prompt_tuning", "flash_attention_2")
