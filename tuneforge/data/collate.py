@@ -8,11 +8,15 @@ Every key except `labels` goes straight into `model(**inputs)`:
   `find_packed_sequence_indices`) only when `attention_mask` is None; a 2D mask would switch that off and let
   examples see each other. Padding gets positions 0, 1, ... too, so it forms a block of its own and is never seen
   by a real token. (A 4D mask is also accepted by transformers, but eager wants it additive-float and sdpa boolean
-  or of the query dtype; position ids work unchanged for sdpa, eager, flex and flash-attention.)
+  or of the query dtype; position ids work unchanged for sdpa, eager and flex. FlashAttention needs the sequence
+  boundaries as `cu_seq_lens` when a batch has more than one row: the training loop adds them,
+  training/padding_free.py.)
 
   The model must run without a KV cache (`model.config.use_cache = False`, as training sets it, or
   `use_cache=False` in the call): with a cache, transformers skips the packed-sequence detection and packed
   examples would attend to each other.
+- padding-free (`collate_padding_free`, `training.padding_free`): the whole micro-batch as one row, position ids
+  restarting per example, no mask and no padding; FlashAttention's varlen kernel runs it (training/padding_free.py).
 
 Alignment batches (`collate_pairs`, `collate_kto`, `collate_prompts`) add keys that are not model inputs (named
 below); a recipe pops them before `model(**inputs)`.
