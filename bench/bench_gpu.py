@@ -171,15 +171,16 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def estimate_gb(cfg, shape: str, batch: int, seq: int, work: Path) -> float:
+def estimate_gb(cfg, runtime, shape: str, batch: int, seq: int, work: Path) -> float:
     """`tuneforge estimate`'s total for the same settings (its model read from the shape's config.json)."""
     from tuneforge.estimate import EstimateArgs, estimate
 
     hf_config(shape, seq).save_pretrained(work / "shape")
     opts = cfg.options("lora")
     report = estimate(EstimateArgs(model=str(work / "shape"), method=cfg.method, batch_size=batch, seq_len=seq,
-                                   dtype=cfg.training.precision if cfg.training.precision != "auto" else "bf16",
-                                   lora_rank=opts.rank, lora_targets=",".join(opts.target_modules),
+                                   dtype=runtime.precision, lora_rank=opts.rank,
+                                   lora_targets=",".join(opts.target_modules),
+                                   attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
                                    gradient_checkpointing=cfg.training.gradient_checkpointing))
     return report.columns[0].total / 1e9
 
@@ -212,7 +213,7 @@ def run_one(args, method: str) -> Result:
         res.flops_per_token = trainer.meter.flops_per_token(args.seq)
         res.peak_source = trainer.meter.peak_source
         measure(trainer, runtime, res, args.warmup)
-        res.estimate_gb = estimate_gb(cfg, shape, batch, args.seq, work)
+        res.estimate_gb = estimate_gb(cfg, runtime, shape, batch, args.seq, work)
         del trainer, model
         free_memory()
     return res
