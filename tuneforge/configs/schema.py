@@ -132,6 +132,11 @@ class TrainingConfig:
         "held whole (Liger Kernel's fused version on CUDA when installed). Same loss and gradients, far less memory "
         "with big vocabularies. auto: on GPUs, for vocabularies of 32k and more where it applies (not with fsdp, "
         "R-Drop or prompt-learning methods).")
+    padding_free: Literal["auto", "always", "never"] = opt(
+        "auto", "Stages pt/sft: each micro-batch becomes one row of its examples end to end (no padding, no mask, "
+        "position ids restart per example), run by FlashAttention's varlen kernel; same loss. auto: on when "
+        "`model.attn_implementation` is a FlashAttention kernel (flash_attention_2, ...); always: also with "
+        "sdpa/eager (correct, but their mask over the joined row costs more than the padding saved).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
                                "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
@@ -318,6 +323,13 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
     if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
         problems.append("`data.loss_on` applies to chat data in sft; stage pt trains on all text tokens.")
+    if t.padding_free == "always":
+        from tuneforge.training.padding_free import use_padding_free
+
+        try:
+            use_padding_free("always", cfg.stage, cfg.method, cfg.model.attn_implementation)
+        except ConfigError as e:
+            problems += typed.problems_of(e)
     problems += _stage_problems(cfg) + rl_problems(cfg)
     if cfg.method in METHODS:
         try:

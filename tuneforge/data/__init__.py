@@ -10,7 +10,14 @@
 """
 
 from tuneforge.data.build import build_datasets, load_examples
-from tuneforge.data.collate import collate, collate_for, collate_kto, collate_pairs, collate_prompts
+from tuneforge.data.collate import (
+    collate,
+    collate_for,
+    collate_kto,
+    collate_padding_free,
+    collate_pairs,
+    collate_prompts,
+)
 from tuneforge.data.encode import encode_chat
 from tuneforge.data.packing import PackedRow, pack
 from tuneforge.data.templates import BUILTIN_TEMPLATES, resolve_chat_template
@@ -26,7 +33,8 @@ from tuneforge.data.types import (
     PairExample,
 )
 
-__all__ = ["build_datasets", "load_examples", "collate", "collate_for", "collate_pairs", "collate_kto", "collate_prompts",
+__all__ = ["build_datasets", "load_examples", "collate", "collate_for", "collate_padding_free", "collate_pairs",
+           "collate_kto", "collate_prompts",
            "encode_chat", "exact_match", "generate_example_task",
            "PackedRow", "pack", "BUILTIN_TEMPLATES", "resolve_chat_template", "IGNORE_INDEX", "BadRow", "DataReport",
            "Encoded", "EncodedKTO", "EncodedPair", "EncodedPrompt", "Example", "PairExample"]

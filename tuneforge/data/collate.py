@@ -8,11 +8,15 @@ Every key except `labels` goes straight into `model(**inputs)`:
   `find_packed_sequence_indices`) only when `attention_mask` is None; a 2D mask would switch that off and let
   examples see each other. Padding gets positions 0, 1, ... too, so it forms a block of its own and is never seen
   by a real token. (A 4D mask is also accepted by transformers, but eager wants it additive-float and sdpa boolean
-  or of the query dtype; position ids work unchanged for sdpa, eager, flex and flash-attention.)
+  or of the query dtype; position ids work unchanged for sdpa, eager and flex. FlashAttention needs the sequence
+  boundaries as `cu_seq_lens` when a batch has more than one row: the training loop adds them,
+  training/padding_free.py.)
 
   The model must run without a KV cache (`model.config.use_cache = False`, as training sets it, or
   `use_cache=False` in the call): with a cache, transformers skips the packed-sequence detection and packed
   examples would attend to each other.
+- padding-free (`collate_padding_free`, `training.padding_free`): the whole micro-batch as one row, position ids
+  restarting per example, no mask and no padding; FlashAttention's varlen kernel runs it (training/padding_free.py).
 
 Alignment batches (`collate_pairs`, `collate_kto`, `collate_prompts`) add keys that are not model inputs (named
 below); a recipe pops them before `model(**inputs)`.
@@ -41,6 +45,21 @@ def collate(batch: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
     for row, item in enumerate(batch):
         attention_mask[row, :len(item)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_padding_free(batch: list[Encoded], pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
+    """The micro-batch as ONE row of its examples end to end (TRL's `padding_free`, transformers'
+    `DataCollatorWithFlattening`): `input_ids`, `position_ids` restarting at 0 per example (a packed row keeps its
+    own), `labels` with each example's first label ignored (it would be predicted from the previous example; the
+    padded batch never predicts it either), no `attention_mask` and not one padding position. For FlashAttention
+    varlen (training/padding_free.py); `pad_token_id` is unused, kept for the collate signature."""
+    ids, labels, positions = [], [], []
+    for item in batch:
+        ids += item.input_ids
+        labels += [IGNORE_INDEX] + list(item.labels[1:])
+        positions += list(item.position_ids) if isinstance(item, PackedRow) else list(range(len(item)))
+    return {"input_ids": torch.tensor([ids], dtype=torch.long), "position_ids": torch.tensor([positions]),
+            "labels": torch.tensor([labels], dtype=torch.long)}
 
 
 def _position_ids(batch: list[Encoded], width: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ dataset order), which is deterministic and wastes little room. In each row:
 
 - position ids restart at 0 for every example, which is how transformers (5.x) recognises packed sequences: when
   a batch has `position_ids` and no `attention_mask`, its mask builder gives every example its own causal block
-  (for the sdpa, eager and flex kernels; flash-attention uses the same position ids for its varlen path);
+  (for the sdpa, eager and flex kernels; for flash-attention the training loop turns the same position ids into
+  the varlen kernel's `cu_seq_lens`, training/padding_free.py);
 - the first label of every example is IGNORE_INDEX: it would otherwise be predicted from the previous example.
 """
 

@@ -30,6 +30,7 @@ from tuneforge.training.interrupt import StopRequest, resume_command
 from tuneforge.training.metrics import MetricsLogger, MetricWindow, format_metrics
 from tuneforge.training.optim import build_optimizer, build_scheduler, total_steps_for
 from tuneforge.training.output_dir import prepare_output_dir, write_atomic
+from tuneforge.training.padding_free import install_varlen_hook, uses_flash_attention
 from tuneforge.training.runtime import Runtime
 
 
@@ -190,6 +191,7 @@ class Trainer:
             check_rdrop_applicable(unwrap(self.model))
             self.stage.rdrop_alpha = self.t.rdrop_alpha
         self.stage.logits_at_labels = accepts_logits_to_keep(self.model)
+        self._varlen = install_varlen_hook(self.model) if uses_flash_attention(self.model) else None
         self.stage.chunked_loss = use_chunked_loss(self.t.chunked_loss, self.model, self.stage, self.rt)
 
     # ---- one optimizer step -------------------------------------------------------------------------------
@@ -402,8 +404,9 @@ class Trainer:
 
     def _finish(self, logger, history, last_eval) -> TrainResult:
         final_eval = self.evaluate()
-        if self._neftune is not None:
-            self._neftune.remove()
+        for hook in (self._neftune, self._varlen):
+            if hook is not None:
+                hook.remove()
         if final_eval is not None:
             logger.log(self.step, {"eval_loss": final_eval})
             last_eval = final_eval

@@ -80,6 +80,14 @@ def build_model(cfg: TrainConfig, runtime: Runtime, device: torch.device, extend
     opts = cfg.options(method.section) if method.section else None
     load_kwargs = getattr(method, "load_kwargs", lambda _o, _c: {})(opts, cfg)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=runtime.dtype, device=device, **load_kwargs)
+    return prepare_model(cfg, model, method, device, extend), tokenizer, method
+
+
+def prepare_model(cfg: TrainConfig, model, method: Method, device: torch.device, extend=None):
+    """A loaded base model made ready to train: no KV cache, optional activation checkpointing, the method applied,
+    the stage's extension, trainable weights in fp32. Split from `build_model` so the GPU benchmark
+    (bench/bench_gpu.py) trains a random-init model built from a config through exactly these steps."""
+    opts = cfg.options(method.section) if method.section else None
     model.config.use_cache = False
     if cfg.training.gradient_checkpointing:
         # transformers 5.x renamed gradient_checkpointing_enable (the old name warns); keep both for older versions
@@ -94,7 +102,7 @@ def build_model(cfg: TrainConfig, runtime: Runtime, device: torch.device, extend
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     model.to(device)
-    return model, tokenizer, method
+    return model
 
 
 def read_data(cfg: TrainConfig):
@@ -105,7 +113,8 @@ def read_data(cfg: TrainConfig):
 
 
 def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=print, read=None):
-    from tuneforge.data import build_datasets, collate_for
+    from tuneforge.data import build_datasets, collate_for, collate_padding_free
+    from tuneforge.training.padding_free import use_padding_free
 
     train, evals, report = build_datasets(cfg.data, tokenizer, stage, chat_template=cfg.model.chat_template,
                                           read=read)
@@ -116,6 +125,8 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     collate = collate_for(stage)
+    if use_padding_free(cfg.training.padding_free, cfg.stage, cfg.method, cfg.model.attn_implementation):
+        collate = collate_padding_free  # one row per micro-batch: training/padding_free.py
 
     def collate_fn(items):
         return collate(items, pad_id)

@@ -1,0 +1,183 @@
+"""Padding-free batches (training/padding_free.py): a flat micro-batch and packed rows give the unpacked loss, the
+varlen kwargs reach the attention call and mark every sequence, and `training.padding_free` resolves as documented.
+
+FlashAttention itself needs a GPU: on CPU a reference varlen attention (sdpa per segment, registered in transformers'
+AttentionInterface) reads the `cu_seq_lens_q` the hook passes down, exactly where FlashAttention's varlen kernel
+would. The `gpu` test at the end runs the real kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.data.test_packing import QUESTIONS, mean_loss
+from tuneforge.data import Encoded, collate, collate_padding_free, encode_chat, pack
+from tuneforge.data.types import IGNORE_INDEX
+from tuneforge.errors import ConfigError
+from tuneforge.training.padding_free import install_varlen_hook, use_padding_free, varlen_kwargs
+
+REFERENCE = "tuneforge_test_varlen"
+
+
+def reference_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """What flash_attn_varlen_func computes: causal attention inside each [cu[i], cu[i+1]) span of the flattened
+    batch. Fails loudly without the kwargs (transformers alone would not pass them for this batch)."""
+    cu = kwargs["cu_seq_lens_q"].tolist()
+    assert attention_mask is None and kwargs["max_length_q"] == max(b - a for a, b in zip(cu, cu[1:]))
+    batch, heads, seq, dim = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    q, k, v = (x.transpose(1, 2).reshape(batch * seq, heads, dim).transpose(0, 1) for x in (query, key, value))
+    out = torch.empty_like(q)
+    for start, end in zip(cu, cu[1:]):
+        out[:, start:end] = F.scaled_dot_product_attention(q[:, start:end], k[:, start:end], v[:, start:end],
+                                                           is_causal=True, scale=scaling)
+    return out.transpose(0, 1).reshape(batch, seq, heads, dim), None
+
+
+@pytest.fixture(scope="module")
+def examples():
+    from tests.data.chat_fixtures import make_tokenizer
+
+    tokenizer = make_tokenizer(None)
+    out = []
+    for question, answer in QUESTIONS:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        out.append(encode_chat(tokenizer, messages, chat_template="chatml"))
+    return tokenizer, out
+
+
+def tiny_llama(attn: str, vocab_size: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
+
+    AttentionInterface.register(REFERENCE, reference_varlen_attention)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=vocab_size, max_position_embeddings=256,
+                         initializer_range=0.1, use_cache=False)  # 0.1: a leak moves the loss by ~1e-2
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype).eval()
+
+
+def test_collate_padding_free_is_one_row_without_padding():
+    rows = [Encoded([5, 6, 7], [5, 6, 7]), Encoded([8, 9], [IGNORE_INDEX, 9])]
+    batch = collate_padding_free(rows)
+    assert set(batch) == {"input_ids", "position_ids", "labels"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]  # never predicted across examples
+    packed = pack([Encoded([1, 2], [1, 2]), Encoded([3, 4, 5], [3, 4, 5])], max_length=8)
+    assert collate_padding_free(packed + rows[1:])["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+
+
+def test_varlen_kwargs_mark_every_sequence_and_padding_block():
+    positions = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])  # two packed rows; the last 0 is padding
+    kwargs = varlen_kwargs(positions)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 10]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 4
+    with pytest.raises(ValueError, match="start at 0"):
+        varlen_kwargs(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("layout", ["flat", "packed"])
+def test_varlen_batches_give_the_unpacked_loss(examples, layout):
+    tokenizer, encoded = examples
+    expected, n_expected = mean_loss(tiny_llama("sdpa", len(tokenizer)), collate(encoded, tokenizer.pad_token_id))
+    model = tiny_llama(REFERENCE, len(tokenizer))
+    if layout == "flat":
+        batch = collate_padding_free(encoded)
+    else:  # several packed rows with padding: transformers' own FlashAttention path would leak across examples
+        batch = collate(pack(encoded, max_length=48), tokenizer.pad_token_id)
+        assert batch["input_ids"].shape[0] > 1 and (batch["position_ids"][:, 1:] == 0).any()
+    with pytest.raises(KeyError, match="cu_seq_lens_q"):  # without the hook nothing tells the kernel the spans
+        mean_loss(model, batch)
+    handle = install_varlen_hook(model)
+    loss, n = mean_loss(model, batch)
+    handle.remove()
+    assert n == n_expected
+    assert abs(loss - expected) < 1e-5
+
+
+def test_flat_batch_with_sdpa_gives_the_unpacked_loss(examples):
+    tokenizer, encoded = examples
+    model = tiny_llama("sdpa", len(tokenizer))
+    expected, _ = mean_loss(model, collate(encoded, tokenizer.pad_token_id))
+    flat = collate_padding_free(encoded)
+    assert abs(mean_loss(model, flat)[0] - expected) < 1e-5
+    leaky = {**flat, "position_ids": torch.arange(flat["input_ids"].shape[1])[None]}  # one long sequence
+    assert abs(mean_loss(model, leaky)[0] - expected) > 1e-4
+
+
+def test_padding_free_setting_resolves():
+    assert use_padding_free("auto", "sft", "lora", "flash_attention_2")
+    assert use_padding_free("auto", "pt", "full", "flash_attention_3")
+    assert use_padding_free("auto", "sft", "lora", "kernels-community/flash-attn2")  # a hub kernel transformers knows
+    assert not use_padding_free("auto", "sft", "lora", "sdpa")  # sdpa's mask over a joined row costs more
+    assert not use_padding_free("auto", "dpo", "lora", "flash_attention_2")
+    assert not use_padding_free("auto", "sft", "prompt_tuning", "flash_attention_2")
+    assert not use_padding_free("never", "sft", "lora", "flash_attention_2")
+    assert use_padding_free("always", "sft", "lora", "eager")
+    with pytest.raises(ConfigError, match="stage dpo"):
+        use_padding_free("always", "dpo", "lora", "sdpa")
+
+
+def test_padding_free_always_is_checked_with_the_config():
+    from tuneforge.configs.schema import load_train_config
+
+    with pytest.raises(ConfigError, match="padding_free"):
+        load_train_config(None, ["training.padding_free=always"], base={"stage": "rm", "data": {"train": ["x"]}})
+
+
+def test_train_padding_free_equals_padded(tiny_llama_dir, tmp_path, monkeypatch):
+    """The whole `tuneforge train` path: the same run, padded and padding-free, logs the same losses."""
+    import tuneforge.data
+    from tests.test_training import TASK
+
+    flat_rows = []
+
+    def spy(batch, pad_token_id=None):
+        out = collate_padding_free(batch, pad_token_id)
+        flat_rows.append(out["input_ids"].shape[0])
+        return out
+
+    monkeypatch.setattr(tuneforge.data, "collate_padding_free", spy)
+    from tuneforge.configs.schema import load_train_config
+    from tuneforge.train import run_config
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(TASK.read_text(encoding="utf-8").splitlines(keepends=True)[:8]), encoding="utf-8")
+    losses = {}
+    for setting in ("never", "always"):
+        cfg = load_train_config(None, [f"training.padding_free={setting}"], base={
+            "stage": "sft", "method": "lora", "output_dir": str(tmp_path / setting),
+            "model": {"name_or_path": str(tiny_llama_dir)}, "data": {"train": [str(data)], "max_length": 96},
+            "training": {"batch_size": 4, "max_steps": 2, "lr": 1e-3, "device": "cpu", "progress_bar": False,
+                         "plot_loss": False}})
+        losses[setting] = [h["loss"] for h in run_config(cfg, log=lambda _: None).history]
+    assert len(losses["always"]) == 2 and flat_rows == [1, 1]  # only the `always` run, one row per step
+    assert losses["always"] == pytest.approx(losses["never"], abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_flash_attention_varlen_on_gpu(examples):
+    """The real kernel: packed rows and a flat batch under flash_attention_2 give the unpacked sdpa loss."""
+    pytest.importorskip("flash_attn")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tuneforge.training.padding_free import uses_flash_attention
+
+    tokenizer, encoded = examples
+    reference = tiny_llama("sdpa", len(tokenizer), "cuda", torch.bfloat16)
+    expected, _ = mean_loss(reference, {k: v.cuda() for k, v in collate(encoded, tokenizer.pad_token_id).items()})
+    model = tiny_llama("flash_attention_2", len(tokenizer), "cuda", torch.bfloat16)
+    assert uses_flash_attention(model)
+    packed = {k: v.cuda() for k, v in collate(pack(encoded, max_length=48), tokenizer.pad_token_id).items()}
+    leaky, _ = mean_loss(model, packed)  # transformers alone: plain causal attention across a row's examples
+    handle = install_varlen_hook(model)
+    errors = [abs(mean_loss(model, batch)[0] - expected)
+              for batch in (packed, {k: v.cuda() for k, v in collate_padding_free(encoded).items()})]
+    handle.remove()
+    assert max(errors) < 2e-2  # bf16 noise
+    assert abs(leaky - expected) > 3 * max(errors)  # the leak is far outside it
