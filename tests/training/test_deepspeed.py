@@ -120,8 +120,8 @@ def test_user_json_auto_values_are_filled_and_others_kept(tmp_path, tiny_llama_d
 
 @pytest.mark.parametrize("content, match", [
     ("{not json", "not valid JSON \\(line 1"),
-    (json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}),
-     "train_micro_batch_size_per_gpu to 8, but this run has \\d+ \\(training.batch_size\\)"),
+    (json.dumps({"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 2}}),
+     "train_micro_batch_size_per_gpu to 7, but this run has \\d+ \\(training.batch_size\\)"),
     (json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}), "training.precision"),
     (json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}), "has a `optimizer` section"),
     (json.dumps({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}),
