@@ -88,8 +88,8 @@ def use_chunked_loss(setting: str, model, stage: Stage, runtime: Runtime) -> boo
     ok, why = supports_chunked_loss(model)
     if not stage.logits_at_labels:
         ok, why = False, "the model does not take `logits_to_keep` (prompt-learning methods shift positions)"
-    elif runtime.engine == "fsdp":
-        ok, why = False, "with distributed=fsdp the output layer is sharded"
+    elif runtime.engine in ("fsdp", "deepspeed"):
+        ok, why = False, f"with distributed={runtime.engine} the output layer may be sharded"
     elif stage.rdrop_alpha > 0:
         ok, why = False, "R-Drop compares full logits of two passes"
     if setting == "always" and not ok:
