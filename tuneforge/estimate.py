@@ -78,7 +78,8 @@ class EstimateArgs:
     distributed: Literal["ddp", "fsdp", "zero2", "zero3"] | None = opt(
         None, "The engine of `training.distributed`, sharding over --gpus as it does: ddp a full copy per GPU, "
               "zero2 (DeepSpeed ZeRO-2) gradients + optimizer states, zero3 and fsdp (PyTorch FSDP2, full shard) "
-              "also the weights. Sets --zero.")
+              "also the weights. Sets --zero. zero2/zero3 are `training.distributed=deepspeed` with "
+              "`training.deepspeed` 2/3 (without offload).")
     gradient_checkpointing: bool = opt(False, "Count activations with gradient checkpointing in the total (both "
                                               "variants are always shown).")
     lora_rank: int = opt(8, "LoRA rank r (LoRA family and QLoRA).")

@@ -139,6 +139,7 @@ def test_bad_user_json_is_a_clear_error(tmp_path, tiny_llama_dir, content, match
 
 @pytest.mark.parametrize("overrides, match", [
     (["training.deepspeed=4"], "a ZeRO stage, 2 or 3"),
+    (["training.deepspeed=0"], "a ZeRO stage, 2 or 3"),
     (["training.deepspeed=missing.json"], "no such DeepSpeed config file"),
     (["training.deepspeed=2", "training.deepspeed_offload=all"], "only ZeRO-3 shards"),
     (["stage=grpo"], "Stage grpo samples"),

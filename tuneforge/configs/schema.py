@@ -343,7 +343,7 @@ def _deepspeed_problems(cfg: TrainConfig) -> list[str]:
         touched = t.deepspeed is not None or t.deepspeed_offload != "none"
         return ["`training.deepspeed` and `training.deepspeed_offload` apply with `training.distributed: "
                 "deepspeed`: set that too, or drop them."] if touched else []
-    stage = str(t.deepspeed or 2)
+    stage = "2" if t.deepspeed is None else str(t.deepspeed)
     if stage.isdigit() and int(stage) not in (2, 3):
         return [f"`training.deepspeed` is a ZeRO stage, 2 or 3 (or the path of a DeepSpeed JSON); got {stage}. "
                 f"(Stages 0 and 1 through your own JSON file.)"]

@@ -50,9 +50,14 @@ def import_deepspeed(device: torch.device):
 
 
 # ---- the DeepSpeed config ------------------------------------------------------------------------------------------
+def zero_setting(t) -> str:
+    """training.deepspeed as text: a stage ("2", "3") or a file path; unset means ZeRO-2."""
+    return "2" if t.deepspeed is None else str(t.deepspeed)
+
+
 def build_config(t, world_size: int) -> dict:
     """A ZeRO config from our own settings: batch geometry, clipping, precision and offload."""
-    zero: dict = {"stage": int(t.deepspeed or 2)}
+    zero: dict = {"stage": int(zero_setting(t))}
     if t.deepspeed_offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu"}
     if t.deepspeed_offload == "all":
@@ -155,7 +160,7 @@ class DeepSpeedStrategy(Strategy):
 
     @property
     def is_user_file(self) -> bool:
-        return not str(self.cfg.training.deepspeed or 2).isdigit()
+        return not zero_setting(self.cfg.training).isdigit()
 
     def wrap(self, model, runtime):
         return model  # deepspeed.initialize needs the optimizer too: `prepare` wraps, once the Trainer built it
@@ -207,7 +212,7 @@ class DeepSpeedStrategy(Strategy):
 
     def load_shards(self, path: Path, model, optimizer) -> None:
         state = json.loads((path / "trainer_state.json").read_text())
-        if state.get("world_size") != int(os.environ.get("WORLD_SIZE", "1")):
+        if state.get("world_size") != torch.distributed.get_world_size():
             raise UserError(f"{path} was written by {state.get('world_size')} DeepSpeed processes; its ZeRO "
                             f"optimizer shards resume with that same number of processes. Start torchrun with "
                             f"--nproc-per-node {state.get('world_size')} (or use fsdp, whose checkpoints reshard).")
