@@ -154,8 +154,34 @@ def test_deepspeed_keys_without_the_engine_are_refused(tmp_path, tiny_llama_dir)
         config(tiny_llama_dir, tmp_path / "out", "training.deepspeed=3")
 
 
+def test_resume_refuses_another_zero_setting(tmp_path, tiny_llama_dir):
+    """ZeRO-2 optimizer shards cannot load into a ZeRO-3 engine: the run fingerprint names the setting."""
+    from tuneforge.training.checkpoint import fingerprint_differences, run_fingerprint
+
+    cfg = config(tiny_llama_dir, tmp_path / "out", *DS, "training.deepspeed=3")
+    written = run_fingerprint(cfg, 2, None)
+    cfg.training.deepspeed = 2
+    assert fingerprint_differences(written, run_fingerprint(cfg, 2, None)) == [
+        "training.deepspeed: 3 in the checkpoint, 2 now"]
+    assert "training.deepspeed" not in run_fingerprint(config(tiny_llama_dir, tmp_path / "out"), 2, None)
+
 def test_missing_deepspeed_package_is_a_clear_error(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` sees when it is not installed
     with pytest.raises(UserError, match=r"needs the DeepSpeed package.*pip install 'tuneforge\[deepspeed\]'"):
         train(tiny_llama_dir, tmp_path / "out", *COMMON, *DS)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.gpu
+@needs_deepspeed
+def test_zero3_bf16_on_cuda_follows_the_plain_loop(tiny_llama_dir, tmp_path):
+    """On a GPU: DeepSpeed's own bf16 mode (bf16 weights, fp32 master copy in the optimizer) over NCCL, one process,
+    against the plain loop's bf16 autocast: the same curve up to bf16 rounding; the export holds fp32 masters."""
+    gpu = ["training.device=cuda", "training.precision=bf16", "method=full", "training.batch_size=4"]
+    one, zero = tmp_path / "one", tmp_path / "zero3"
+    launch(tmp_path, tiny_llama_dir, one, *gpu)
+    launch(tmp_path, tiny_llama_dir, zero, *gpu, *DS, "training.deepspeed=3")
+    assert losses(one) == pytest.approx(losses(zero), abs=0.05) and len(losses(zero)) == 4
+    b = load_file(str(zero / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in b.values())
+    assert max_diff(load_file(str(one / "model.safetensors")), b) < 0.05
