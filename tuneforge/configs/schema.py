@@ -130,7 +130,7 @@ class TrainingConfig:
     chunked_loss: Literal["auto", "always", "never"] = opt(
         "auto", "Compute lm_head and the loss in chunks of positions so the [tokens x vocabulary] logits are never "
         "held whole (Liger Kernel's fused version on CUDA when installed). Same loss and gradients, far less memory "
-        "with big vocabularies. auto: on GPUs, for vocabularies of 32k and more where it applies (not with fsdp, deepspeed, "
+        "with big vocabularies. auto: on GPUs, for vocabularies of 32k and more where it applies (not with fsdp, "
         "R-Drop or prompt-learning methods).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
                                "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
