@@ -185,3 +185,21 @@ def test_zero3_bf16_on_cuda_follows_the_plain_loop(tiny_llama_dir, tmp_path):
     b = load_file(str(zero / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in b.values())
     assert max_diff(load_file(str(one / "model.safetensors")), b) < 0.05
+
+
+def test_estimate_offload_moves_the_optimizer_side_to_cpu():
+    """`tuneforge estimate --offload` mirrors training.deepspeed_offload: full fine-tune of a 7B under ZeRO-3 over
+    8 GPUs keeps (4 + 8) bytes x N / 8 of master weights + AdamW states in CPU memory (all: + 2 x N / 8 weights)."""
+    from tuneforge.estimate import EstimateArgs, estimate
+
+    def full(**kw):
+        return estimate(EstimateArgs(model="llama-7b", methods="full", gpus=8, distributed="zero3", **kw))
+
+    base, opt, every = full(), full(offload="optimizer"), full(offload="all")
+    n = base.columns[0].trainable_params
+    assert opt.columns[0].master_weights == opt.columns[0].optimizer_states == 0.0
+    assert base.columns[0].total - opt.columns[0].total == pytest.approx(12 * n / 8)
+    assert opt.columns[0].weights == base.columns[0].weights and every.columns[0].weights == 0.0
+    assert any(f"{14 * n / 8 / 1e9:.3g} GB per GPU process in CPU memory" in note for note in every.notes)
+    with pytest.raises(UserError, match="needs ZeRO-3"):
+        estimate(EstimateArgs(model="llama-7b", methods="full", gpus=8, distributed="zero2", offload="all"))
