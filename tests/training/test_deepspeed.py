@@ -1,5 +1,6 @@
 """training.distributed: deepspeed. DeepSpeed's CPU accelerator runs ZeRO over the gloo group TuneForge starts, so
-the engine itself is tested here on CPU (fp32): ZeRO-2/3 train exactly like 1 plain process, resume exactly from the
+the engine itself is tested here on CPU (fp32; the 2-process runs are marked slow): ZeRO-2/3 train exactly like 1
+plain process, resume exactly from the
 engine's own checkpoints, export the usual HF/PEFT folder; a user's DeepSpeed JSON is used with "auto" filled; bad
 JSON, mismatches and a missing package are clear errors."""
 
@@ -22,15 +23,15 @@ needs_deepspeed = pytest.mark.skipif(find_spec("deepspeed") is None, reason="pip
 DS = ["training.distributed=deepspeed"]
 
 
-@pytest.mark.slow  # ~1 min: 2 launches of 2 processes (the 1-process JSON test below runs by default)
+@pytest.mark.slow  # ~1 min: 2 launches of 2 processes (the 1-process ZeRO-3 test below runs by default)
 @needs_deepspeed
-def test_zero3_two_processes_match_one_resume_and_export(tiny_llama_dir, tmp_path):
-    """Full fine-tune: 1 plain process x batch 4 == ZeRO-3 over 2 processes x batch 2, stopped after step 2 (the
-    engine's checkpoint) and resumed. The gathered export loads in plain transformers."""
-    one, zero = tmp_path / "one", tmp_path / "zero3"
+def test_zero2_two_processes_match_one_resume_and_export(tiny_llama_dir, tmp_path):
+    """Full fine-tune: 1 plain process x batch 4 == ZeRO-2 (built from training.*) over 2 processes x batch 2,
+    stopped after step 2 (the engine's checkpoint) and resumed. The gathered export loads in plain transformers."""
+    one, zero = tmp_path / "one", tmp_path / "zero2"
     train(tiny_llama_dir, one, *COMMON, "method=full", "training.batch_size=4")
     for extra in ("training.stop_after_steps=2", "training.resume=auto"):
-        launch(tmp_path, tiny_llama_dir, zero, "method=full", "training.batch_size=2", *DS, "training.deepspeed=3",
+        launch(tmp_path, tiny_llama_dir, zero, "method=full", "training.batch_size=2", *DS, "training.deepspeed=2",
                extra, nproc=2, port=29561)
         if extra.startswith("training.stop"):
             shards = sorted(p.name for p in (zero / "checkpoint-2" / "deepspeed" / "state").glob("*optim_states.pt"))
@@ -47,15 +48,23 @@ def test_zero3_two_processes_match_one_resume_and_export(tiny_llama_dir, tmp_pat
 
 
 @needs_deepspeed
-def test_user_json_zero2_in_one_process_matches_plain(tiny_llama_dir, tmp_path):
-    """A user's DeepSpeed JSON ("auto" values, its own bucket size) in one process without torchrun: same losses as
-    the plain loop, and the resolved values follow training.*."""
+def zero3_json(tmp_path) -> str:
+    """ZeRO-3 that partitions every tensor: DeepSpeed keeps tensors under 1e5 elements whole by default, which is
+    all of a tiny model's (threshold 0 makes the test exercise the gather/release path)."""
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                                 "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-                                "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto",
-                                                      "overlap_comm": False}}))
-    one, zero = tmp_path / "one", tmp_path / "zero2"
+                                "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                                      "stage3_param_persistence_threshold": 0}}))
+    return str(user)
+
+
+@needs_deepspeed
+def test_user_json_zero3_in_one_process_matches_plain(tiny_llama_dir, tmp_path):
+    """A user's DeepSpeed JSON ("auto" values filled from training.*) in one process without torchrun, 2
+    micro-batches per step through the engine's accumulation boundary: the losses and weights of the plain loop."""
+    user = zero3_json(tmp_path)
+    one, zero = tmp_path / "one", tmp_path / "zero3"
     common = ["method=full", "training.batch_size=2", "training.grad_accum=2"]
     train(tiny_llama_dir, one, *COMMON, *common)
     launch(tmp_path, tiny_llama_dir, zero, *common, *DS, f"training.deepspeed={user}")
@@ -66,13 +75,15 @@ def test_user_json_zero2_in_one_process_matches_plain(tiny_llama_dir, tmp_path):
 @pytest.mark.slow
 @needs_deepspeed
 def test_zero3_lora_resumes_exactly_and_exports_a_peft_adapter(tiny_qwen2_dir, tmp_path):
-    """LoRA on a ZeRO-3-sharded frozen base, 2 processes x batch 1 x 2 micro-batches (the engine's accumulation
-    boundary), stopped at step 2 and resumed: the curve and adapter of 1 plain process with batch 4."""
+    """LoRA on a ZeRO-3-partitioned frozen base (every tensor, see zero3_json), 2 processes x batch 1 x 2
+    micro-batches (the engine's accumulation boundary), stopped at step 2 and resumed: the curve and adapter of 1
+    plain process with batch 4. ~1-3 min: every tensor is gathered over gloo in each forward and backward."""
     one, zero = tmp_path / "one", tmp_path / "zero3"
     lora = ["training.batch_size=1", "training.grad_accum=2", "training.lr=5e-3"]
     train(tiny_qwen2_dir, one, *COMMON, "training.batch_size=4", "training.lr=5e-3")
     for extra in ("training.stop_after_steps=2", "training.resume=auto"):
-        launch(tmp_path, tiny_qwen2_dir, zero, *lora, *DS, "training.deepspeed=3", extra, nproc=2, port=29563)
+        launch(tmp_path, tiny_qwen2_dir, zero, *lora, *DS, f"training.deepspeed={zero3_json(tmp_path)}", extra,
+               nproc=2, port=29563)
     assert losses(one) == pytest.approx(losses(zero), abs=1e-5)
     a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(zero / "adapter_model.safetensors"))
     assert max_diff(a, b) < 1e-5 and any("lora_A" in k for k in a)
