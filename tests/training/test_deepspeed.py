@@ -1,8 +1,7 @@
 """training.distributed: deepspeed. DeepSpeed's CPU accelerator runs ZeRO over the gloo group TuneForge starts, so
 the engine itself is tested here on CPU (fp32; the 2-process runs are marked slow): ZeRO-2/3 train exactly like 1
-plain process, resume exactly from the
-engine's own checkpoints, export the usual HF/PEFT folder; a user's DeepSpeed JSON is used with "auto" filled; bad
-JSON, mismatches and a missing package are clear errors."""
+plain process, resume exactly from the engine's own checkpoints and export the usual HF/PEFT folder; a user's
+DeepSpeed JSON is used with "auto" filled; bad JSON, mismatches and a missing package are clear errors."""
 
 from __future__ import annotations
 
