@@ -175,6 +175,16 @@ def test_resume_refuses_another_zero_setting(tmp_path, tiny_llama_dir):
         "training.deepspeed: 3 in the checkpoint, 2 now"]
     assert "training.deepspeed" not in run_fingerprint(config(tiny_llama_dir, tmp_path / "out"), 2, None)
 
+def test_resume_with_another_process_count_is_refused(tmp_path, tiny_llama_dir, monkeypatch):
+    """ZeRO's optimizer shards are cut per process: a checkpoint of 2 processes names the count to resume with."""
+    checkpoint = tmp_path / "checkpoint-2"
+    (checkpoint / "deepspeed").mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"world_size": 2}))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    strategy = dz.DeepSpeedStrategy(config(tiny_llama_dir, tmp_path / "out", *DS))
+    with pytest.raises(UserError, match="written by 2 DeepSpeed processes.*--nproc-per-node 2"):
+        strategy.load_shards(checkpoint, model=None, optimizer=None)
+
 def test_missing_deepspeed_package_is_a_clear_error(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` sees when it is not installed
     with pytest.raises(UserError, match=r"needs the DeepSpeed package.*pip install 'tuneforge\[deepspeed\]'"):
