@@ -185,6 +185,17 @@ def test_resume_with_another_process_count_is_refused(tmp_path, tiny_llama_dir, 
     with pytest.raises(UserError, match="written by 2 DeepSpeed processes.*--nproc-per-node 2"):
         strategy.load_shards(checkpoint, model=None, optimizer=None)
 
+def test_user_json_is_checked_before_the_model_loads(tmp_path, tiny_llama_dir, monkeypatch):
+    from tuneforge.training.distributed import check_deepspeed
+    from tuneforge.training.runtime import Runtime
+
+    monkeypatch.setattr(dz, "import_deepspeed", lambda device: None)  # installed or not, the file is read first
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"gradient_accumulation_steps": 5, "zero_optimization": {"stage": 3}}))
+    cfg = config(tiny_llama_dir, tmp_path / "out", *DS, f"training.deepspeed={user}", "training.grad_accum=2")
+    with pytest.raises(UserError, match="gradient_accumulation_steps to 5, but this run has 2"):
+        check_deepspeed(cfg, Runtime(device=torch.device("cpu"), dtype=torch.float32))
+
 def test_missing_deepspeed_package_is_a_clear_error(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` sees when it is not installed
     with pytest.raises(UserError, match=r"needs the DeepSpeed package.*pip install 'tuneforge\[deepspeed\]'"):

@@ -189,11 +189,14 @@ class FSDPStrategy(Strategy):
         return plain
 
 
-def check_deepspeed(runtime: Runtime) -> None:
-    """Before the model loads: DeepSpeed is installed (it picks the run's device as its accelerator)."""
-    from tuneforge.training.deepspeed_zero import import_deepspeed
+def check_deepspeed(cfg, runtime: Runtime) -> None:
+    """Before the model loads: DeepSpeed is installed (it picks the run's device as its accelerator) and a user's
+    DeepSpeed JSON reads and agrees with training.* (its bucket sizes are filled later, from the model)."""
+    from tuneforge.training.deepspeed_zero import DeepSpeedStrategy, import_deepspeed, load_user_config
 
     import_deepspeed(runtime.device)
+    if DeepSpeedStrategy(cfg).is_user_file:
+        load_user_config(cfg.training.deepspeed, cfg.training, runtime.world_size, hidden_size=1)
 
 
 def build_strategy(cfg, runtime: Runtime) -> Strategy:
