@@ -327,7 +327,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
     if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
         problems.append("`data.loss_on` applies to chat data in sft; stage pt trains on all text tokens.")
-    problems += _stage_problems(cfg) + rl_problems(cfg) + _deepspeed_problems(cfg)
+    problems += _stage_problems(cfg) + rl_problems(cfg)
+    problems += _deepspeed_problems(cfg)
     if cfg.method in METHODS:
         try:
             METHODS[cfg.method].validate(cfg)
