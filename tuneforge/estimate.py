@@ -78,7 +78,11 @@ class EstimateArgs:
     distributed: Literal["ddp", "fsdp", "zero2", "zero3"] | None = opt(
         None, "The engine of `training.distributed`, sharding over --gpus as it does: ddp a full copy per GPU, "
               "zero2 (DeepSpeed ZeRO-2) gradients + optimizer states, zero3 and fsdp (PyTorch FSDP2, full shard) "
-              "also the weights. Sets --zero.")
+              "also the weights. Sets --zero. zero2/zero3 are `training.distributed=deepspeed` with "
+              "`training.deepspeed` 2/3 (without offload).")
+    offload: Literal["none", "optimizer", "all"] = opt(
+        "none", "As `training.deepspeed_offload`: optimizer keeps the master weights and optimizer states in CPU "
+                "memory (0 on the GPU; their CPU size goes in the notes), all the weights too (ZeRO-3 only).")
     gradient_checkpointing: bool = opt(False, "Count activations with gradient checkpointing in the total (both "
                                               "variants are always shown).")
     lora_rank: int = opt(8, "LoRA rank r (LoRA family and QLoRA).")
@@ -391,9 +395,21 @@ def column(shape: ModelShape, method: str, args: EstimateArgs) -> Column:
                  activations_checkpointed=activation_bytes(shape, method, args, checkpointing=True),
                  total=0.0, notes=params.notes, weights_unsharded=weights, gradients_unsharded=grads,
                  optimizer_unsharded=master + states)
+    if args.offload != "none":
+        offload(col, args.offload)
     act = col.activations_checkpointed if args.gradient_checkpointing else col.activations
     col.total = col.before_activations + act
     return col
+
+
+def offload(col: Column, what: str) -> None:
+    """DeepSpeed's offload moves the (sharded) optimizer side, and with `all` the weight shards, to CPU memory."""
+    cpu = col.master_weights + col.optimizer_states + (col.weights if what == "all" else 0.0)
+    col.master_weights = col.optimizer_states = 0.0
+    if what == "all":
+        col.weights = 0.0
+    col.notes = [*col.notes, f"{col.method}: offload={what} keeps {cpu / GB:.3g} GB per GPU process in CPU memory "
+                             f"instead (not in the totals)."]
 
 
 def parse_methods(args: EstimateArgs) -> list[str]:
@@ -415,6 +431,9 @@ def validate(args: EstimateArgs, shape: ModelShape) -> list[str]:
         raise UserError(f"`--gpus` must be at least 1, got {args.gpus}.")
     if args.zero not in (0, 1, 2, 3):
         raise UserError(f"`--zero` must be a ZeRO stage 0, 1, 2 or 3, got {args.zero}.")
+    if args.offload != "none" and args.zero < (3 if args.offload == "all" else 1):
+        need = "ZeRO-3 (--distributed zero3)" if args.offload == "all" else "a ZeRO stage (--distributed zero2|zero3)"
+        raise UserError(f"`--offload {args.offload}` is DeepSpeed's offload of sharded state and needs {need}.")
     for key in ("encoder_hidden", "llama_adapter_layers"):
         if getattr(args, key) < 0:
             raise UserError(f"`--{key.replace('_', '-')}` must be 0 (the default size) or positive, "

@@ -156,9 +156,18 @@ class TrainingConfig:
         "auto", "How the model is spread over processes started by torchrun. auto: ddp with more than one process, "
         "none with one. ddp: every process holds the whole model. fsdp: PyTorch FSDP2 shards weights, gradients "
         "and optimizer state over the processes (sharded checkpoints, resumable with another process count). "
-        "deepspeed: DeepSpeed ZeRO (CUDA only; pip install tuneforge[deepspeed]). See README `Scaling out`.")
+        "deepspeed: DeepSpeed ZeRO 2/3 (training.deepspeed; pip install tuneforge[deepspeed]; CPU works too). See "
+        "README `Scaling out`.")
     fsdp_cpu_offload: bool = opt(False, "With distributed=fsdp: keep the sharded weights, gradients and optimizer "
                                         "state in CPU memory between uses (fits bigger models, runs slower).")
+    deepspeed: int | str | None = opt(
+        None, "With distributed=deepspeed: the ZeRO stage, 2 (gradients and optimizer state sharded) or 3 (the "
+        "weights too), built from batch_size, grad_accum, max_grad_norm and precision; or the path of your own "
+        "DeepSpeed JSON, used as is with its \"auto\" values filled from this config (as Hugging Face Trainer does; "
+        "no optimizer/scheduler sections: those come from training.lr etc.). Default: 2.")
+    deepspeed_offload: Literal["none", "optimizer", "all"] = opt(
+        "none", "With a ZeRO stage in training.deepspeed: keep the optimizer state (optimizer) or also the weights "
+                "(all, stage 3 only) in CPU memory (fits bigger models, runs slower).")
     num_workers: int = opt(0, "DataLoader worker processes.")
     plot_loss: bool = opt(True, "Write loss.png to the output folder at the end.")
     progress_bar: bool = opt(True, "Show a progress bar.")
@@ -331,6 +340,7 @@ def validate(cfg: TrainConfig) -> None:
         except ConfigError as e:
             problems += typed.problems_of(e)
     problems += _stage_problems(cfg) + rl_problems(cfg)
+    problems += _deepspeed_problems(cfg)
     if cfg.method in METHODS:
         try:
             METHODS[cfg.method].validate(cfg)
@@ -338,6 +348,32 @@ def validate(cfg: TrainConfig) -> None:
             problems += typed.problems_of(e)
     if problems:
         raise typed.config_error(problems, where="the config")
+
+
+def _deepspeed_problems(cfg: TrainConfig) -> list[str]:
+    t = cfg.training
+    if t.distributed != "deepspeed":
+        touched = t.deepspeed is not None or t.deepspeed_offload != "none"
+        return ["`training.deepspeed` and `training.deepspeed_offload` apply with `training.distributed: "
+                "deepspeed`: set that too, or drop them."] if touched else []
+    stage = "2" if t.deepspeed is None else str(t.deepspeed)
+    if stage.isdigit() and int(stage) not in (2, 3):
+        return [f"`training.deepspeed` is a ZeRO stage, 2 or 3 (or the path of a DeepSpeed JSON); got {stage}. "
+                f"(Stages 0 and 1 through your own JSON file.)"]
+    problems = []
+    if not stage.isdigit() and not Path(stage).is_file():
+        problems.append(f"`training.deepspeed`: no such DeepSpeed config file {stage!r}. Give a JSON file or a "
+                        f"ZeRO stage (2 or 3).")
+    if not stage.isdigit() and t.deepspeed_offload != "none":
+        problems.append("`training.deepspeed_offload` goes with a ZeRO stage; with your own JSON, set "
+                        "zero_optimization.offload_optimizer / offload_param there.")
+    if stage == "2" and t.deepspeed_offload == "all":
+        problems.append("`training.deepspeed_offload: all` offloads the weights, which only ZeRO-3 shards: use "
+                        "`training.deepspeed: 3`, or `deepspeed_offload: optimizer` with stage 2.")
+    if cfg.stage in ("ppo", "grpo"):
+        problems.append(f"Stage {cfg.stage} samples with the generation engine between updates, which is not wired "
+                        f"to DeepSpeed's engine: use `training.distributed` ddp or fsdp for {cfg.stage}.")
+    return problems
 
 
 def _stage_problems(cfg: TrainConfig) -> list[str]:

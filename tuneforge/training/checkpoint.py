@@ -131,6 +131,8 @@ def run_fingerprint(cfg, world_size: int, train_items: list | None) -> dict:
              "method options": {s: to_dict(cfg.options(s)) for s in sections},
              "global micro-batch (training.batch_size x processes)": cfg.training.batch_size * world_size,
              "training.grad_accum": cfg.training.grad_accum, "data.seed": cfg.data.seed}
+    if cfg.training.distributed == "deepspeed":  # ZeRO-2 optimizer shards do not load into ZeRO-3 (or another file)
+        found["training.deepspeed"] = cfg.training.deepspeed
     if train_items is not None:
         found.update({"training examples": len(train_items), "training data hash": data_hash(train_items)})
     return json.loads(json.dumps(found))  # as it reads back from trainer_state.json (tuples become lists)

@@ -8,7 +8,8 @@ of a micro-batch, how to clip, how to write and read a checkpoint, and how to ga
     training.distributed: fsdp    PyTorch FSDP2: `fully_shard` per decoder block, then the root; parameters,
                                   gradients and optimizer state sharded over ranks; checkpoints through
                                   torch.distributed.checkpoint (sharded, resumable with another process count)
-    training.distributed: deepspeed   DeepSpeed ZeRO 2/3 (needs CUDA and `pip install tuneforge[deepspeed]`)
+    training.distributed: deepspeed   DeepSpeed ZeRO 2/3 through DeepSpeed's engine (training/deepspeed_zero.py;
+                                      `pip install tuneforge[deepspeed]`; runs on CPU too)
 """
 
 from __future__ import annotations
@@ -45,14 +46,30 @@ class Strategy:
     """One process, or ranks that each hold the whole model (the base for DDP)."""
 
     name = "none"
-    sharded_checkpoints = False  # True: checkpoints hold dcp/ (one file per rank) instead of safetensors + .pt
+    sharded_checkpoints = False  # True: checkpoints hold `shard_dir`/ (files per rank) instead of safetensors + .pt
+    shard_dir = ""
 
     def wrap(self, model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
         return model
 
+    def prepare(self, model, optimizer, runtime: Runtime):
+        """Once the optimizer exists: (model, optimizer) as the loop uses them (DeepSpeed's engine wraps both)."""
+        return model, optimizer
+
     def no_sync(self, model, last: bool):
         """Skip the gradient exchange on all but the last micro-batch of a step (the sum is the same)."""
         return contextlib.nullcontext()
+
+    def backward(self, model, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, model, optimizer, max_norm: float) -> float:
+        """Clip, step the optimizer, zero the gradients; the gradient norm before clipping."""
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        norm = self.clip(params, max_norm) if params else 0.0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def clip(self, params: list[torch.Tensor], max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -94,6 +111,7 @@ class FSDPStrategy(Strategy):
 
     name = "fsdp"
     sharded_checkpoints = True
+    shard_dir = "dcp"
 
     def __init__(self, cpu_offload: bool = False):
         self.cpu_offload = cpu_offload
@@ -124,6 +142,36 @@ class FSDPStrategy(Strategy):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return float(norm)
 
+    @staticmethod
+    def _state_dicts(model, optimizer):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+    def save_shards(self, tmp: Path, model, optimizer) -> None:
+        """torch.distributed.checkpoint: the trainable tensors and their optimizer state, one file per rank."""
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = self._state_dicts(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+
+    def load_shards(self, path: Path, model, optimizer) -> None:
+        """DCP reshards on load: a checkpoint written by N processes loads into M."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        model_sd, optim_sd = self._state_dicts(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        # strict=False: the state holds only the trainable tensors (frozen weights come from the base model)
+        loaded = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                                options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = [k for k in loaded.missing_keys if k in trainable]
+        if missing:
+            raise UserError(f"Checkpoint {path} lacks trainable tensors of this model (first: {missing[0]}). Resume "
+                            f"with the same model, method and options.")
+
     def export_model(self, model, build_plain):
         """Gather the trained tensors to rank 0 (full, on CPU) and load them into a plain copy of the model built
         the way training built it, so every method's own `save` writes the usual HF/PEFT folder. Costs one more
@@ -141,26 +189,14 @@ class FSDPStrategy(Strategy):
         return plain
 
 
-class DeepSpeedStrategy(Strategy):
-    name = "deepspeed"
+def check_deepspeed(cfg, runtime: Runtime) -> None:
+    """Before the model loads: DeepSpeed is installed (it picks the run's device as its accelerator) and a user's
+    DeepSpeed JSON reads and agrees with training.* (its bucket sizes are filled later, from the model)."""
+    from tuneforge.training.deepspeed_zero import DeepSpeedStrategy, import_deepspeed, load_user_config
 
-    def wrap(self, model, runtime):
-        raise UserError("training.distributed: deepspeed is not wired into the training loop yet in this version. "
-                        "Use `training.distributed=fsdp` (PyTorch FSDP2: the same ZeRO-3 sharding of parameters, "
-                        "gradients and optimizer state).")
-
-
-def check_deepspeed(runtime: Runtime) -> None:
-    """DeepSpeed's ZeRO engine runs on CUDA devices only (its CPU accelerator needs Intel's extension and oneCCL)."""
-    if runtime.device.type != "cuda":
-        raise UserError(f"training.distributed: deepspeed needs a CUDA GPU; this run is on {runtime.device.type}. "
-                        f"Use `training.distributed=fsdp` (PyTorch FSDP2 shards the same way and runs on CPU with "
-                        f"gloo) or `ddp`.")
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise UserError("training.distributed: deepspeed needs the DeepSpeed package: "
-                        "`pip install tuneforge[deepspeed]`.") from None
+    import_deepspeed(runtime.device)
+    if DeepSpeedStrategy(cfg).is_user_file:
+        load_user_config(cfg.training.deepspeed, cfg.training, runtime.world_size, hidden_size=1)
 
 
 def build_strategy(cfg, runtime: Runtime) -> Strategy:
@@ -169,7 +205,9 @@ def build_strategy(cfg, runtime: Runtime) -> Strategy:
     if engine == "fsdp":
         return FSDPStrategy(cpu_offload=t.fsdp_cpu_offload)
     if engine == "deepspeed":
-        return DeepSpeedStrategy()
+        from tuneforge.training.deepspeed_zero import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg)
     return DDPStrategy() if engine == "ddp" else Strategy()
 
 
@@ -180,45 +218,24 @@ def check_method_supported(engine: str, method_name: str) -> None:
                         "over the processes instead of quantized).")
 
 
-# ---- sharded checkpoints (torch.distributed.checkpoint) -----------------------------------------------------------
-def _state_dicts(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-
-
-def save_sharded(tmp: Path, model, optimizer, scheduler, trainer_state: dict, runtime: Runtime) -> None:
-    """Every rank writes its shards of the trainable tensors and their optimizer state into `tmp/dcp`; rank 0 adds
-    the scheduler, RNG and trainer state (the same files as an unsharded checkpoint)."""
-    import torch.distributed.checkpoint as dcp
-
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+# ---- sharded checkpoints: the engine writes the tensors, rank 0 the rest ---------------------------------------------
+def save_sharded(tmp: Path, strategy: Strategy, model, optimizer, scheduler, trainer_state: dict,
+                 runtime: Runtime) -> None:
+    """Every rank writes its shards of the trainable tensors and their optimizer state into `tmp/<shard_dir>`;
+    rank 0 adds the scheduler, RNG and trainer state (the same files as an unsharded checkpoint)."""
+    strategy.save_shards(tmp, model, optimizer)
     if runtime.is_main:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
 
 
-def load_sharded(path: Path, model, optimizer, scheduler) -> dict:
-    """DCP reshards on load: a checkpoint written by N processes loads into M."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    if not (path / "dcp").is_dir():
-        raise UserError(f"{path} was written without training.distributed=fsdp (it has no dcp/ folder of sharded "
-                        f"tensors). Resume it with the engine that wrote it (see its tuneforge_config.yaml).")
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
-    # strict=False: the state holds only the trainable tensors (frozen weights come from the base model)
-    loaded = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                            options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = [k for k in loaded.missing_keys if k in trainable]
-    if missing:
-        raise UserError(f"Checkpoint {path} lacks trainable tensors of this model (first: {missing[0]}). Resume "
-                        f"with the same model, method and options.")
+def load_sharded(path: Path, strategy: Strategy, model, optimizer, scheduler) -> dict:
+    if not (path / strategy.shard_dir).is_dir():
+        raise UserError(f"{path} was written without training.distributed={strategy.name} (it has no "
+                        f"{strategy.shard_dir}/ folder of sharded tensors). Resume it with the engine that wrote it "
+                        f"(see its tuneforge_config.yaml).")
+    strategy.load_shards(path, model, optimizer)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())

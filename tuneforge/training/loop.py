@@ -89,8 +89,8 @@ def use_chunked_loss(setting: str, model, stage: Stage, runtime: Runtime) -> boo
     ok, why = supports_chunked_loss(model)
     if not stage.logits_at_labels:
         ok, why = False, "the model does not take `logits_to_keep` (prompt-learning methods shift positions)"
-    elif runtime.engine == "fsdp":
-        ok, why = False, "with distributed=fsdp the output layer is sharded"
+    elif runtime.engine in ("fsdp", "deepspeed"):
+        ok, why = False, f"with distributed={runtime.engine} the output layer may be sharded"
     elif stage.rdrop_alpha > 0:
         ok, why = False, "R-Drop compares full logits of two passes"
     if setting == "always" and not ok:
@@ -174,6 +174,8 @@ class Trainer:
         self.strategy = build_strategy(cfg, runtime)
         self.optimizer = build_optimizer(model, method, cfg)
         self.scheduler = build_scheduler(self.optimizer, self.t, self.total_steps)
+        # DeepSpeed wraps model and optimizer in its engine here (the others wrapped the model in setup_model)
+        self.model, self.optimizer = self.strategy.prepare(model, self.optimizer, runtime)
         self.say = log if runtime.is_main else (lambda _: None)
         self.step, self.position = 0, 0
         self.window = MetricWindow()
@@ -205,7 +207,7 @@ class Trainer:
         return out
 
     def _no_sync(self, last: bool):
-        if self.rt.distributed:
+        if self.rt.distributed or self.strategy.sharded_checkpoints:  # an engine also in one process (ZeRO, FSDP)
             return self.strategy.no_sync(self.model, last)
         return contextlib.nullcontext()
 
@@ -220,22 +222,18 @@ class Trainer:
         for i, (batch, _) in enumerate(micro):
             with self._no_sync(last=i == len(micro) - 1), self.rt.autocast():
                 loss_sum, extra = self.stage.loss(self.model, batch)
-            (loss_sum * scale).backward()
+            self.strategy.backward(self.model, loss_sum * scale)
             loss_total += loss_sum.detach().float()
-        grad_norm = self._clip()
-        self.optimizer.step()
+        grad_norm = self._step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         loss = self.rt.all_reduce_sum(loss_total).item() / max(n_targets, 1)
         return {"loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
                 **{k: float(v) for k, v in extra.items()}}
 
-    def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        if not params:
-            return 0.0
+    def _step(self) -> float:
+        """Clip, optimizer step, zero the gradients (the engine's way); the gradient norm before clipping."""
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
-        return self.strategy.clip(params, max_norm)
+        return self.strategy.step(self.model, self.optimizer, max_norm)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     tokenizer = None  # set by run_stage: the eval suite (training.eval_suite) renders prompts with it
@@ -288,13 +286,13 @@ class Trainer:
         return path
 
     def _save_sharded(self, history: list[dict]) -> Path:
-        """FSDP: every rank writes its shards into one temp folder; rank 0 renames it once all are done."""
+        """FSDP, DeepSpeed: every rank writes its shards into one temp folder; rank 0 renames it once all are done."""
         final = self.output_dir / f"checkpoint-{self.step}"
         tmp = shared_temp_name(final, self.rt)
         if self.rt.is_main:
             ckpt.atomic_dir(final, tmp)
         self.rt.barrier()
-        save_sharded(tmp, self.model, self.optimizer, self.scheduler, self._state(history), self.rt)
+        save_sharded(tmp, self.strategy, self.model, self.optimizer, self.scheduler, self._state(history), self.rt)
         self.rt.barrier()
         if self.rt.is_main:
             ckpt.commit(tmp, final)
@@ -313,10 +311,11 @@ class Trainer:
         if not ckpt.check_same_run(path, self.fingerprint):
             self.say(f"note: {path} does not record its run's settings; cannot check they match this run")
         if self.strategy.sharded_checkpoints:
-            state = load_sharded(path, self.model, self.optimizer, self.scheduler)
-        elif (path / "dcp").is_dir():
-            raise UserError(f"{path} holds sharded tensors written with training.distributed=fsdp; resume it "
-                            f"with `training.distributed=fsdp` (any number of processes).")
+            state = load_sharded(path, self.strategy, self.model, self.optimizer, self.scheduler)
+        elif (path / "dcp").is_dir() or (path / "deepspeed").is_dir():
+            engine = "fsdp` (any number of processes)" if (path / "dcp").is_dir() else "deepspeed`"
+            raise UserError(f"{path} holds sharded tensors written by a sharding engine; resume it with "
+                            f"`training.distributed={engine}.")
         else:
             state = ckpt.load_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler)
         if state["world_size"] != self.rt.world_size:

@@ -249,10 +249,7 @@ class RLTrainer(Trainer):
     def update(self, loss: torch.Tensor) -> float:
         """One optimizer update from a loss already normalised for this minibatch; returns the grad norm."""
         loss.backward()
-        grad_norm = self._clip()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return self._step()
 
     def evaluate(self):
         return None  # sampling stages have no held-out loss; rewards are logged per step

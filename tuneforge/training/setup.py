@@ -28,7 +28,7 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     if runtime.engine == "deepspeed":
         from tuneforge.training.distributed import check_deepspeed
 
-        check_deepspeed(runtime)
+        check_deepspeed(cfg, runtime)
     # every rank checks, after the process group is up: no rank can have started writing the folder yet
     check_output_dir(cfg)
     resume_from = find_resume(cfg.training.resume, Path(cfg.output_dir))

@@ -1,0 +1,244 @@
+"""training.distributed: deepspeed: DeepSpeed ZeRO 2/3 through DeepSpeed's own engine (`deepspeed.initialize`).
+
+    training.deepspeed: 2          ZeRO-2: gradients and optimizer state sharded over the processes
+    training.deepspeed: 3          ZeRO-3: the weights too (gathered block by block for forward and backward)
+    training.deepspeed_offload: optimizer | all      optimizer state (and with `all` the weights) in CPU memory
+    training.deepspeed: ds.json    your own DeepSpeed config, used as is; its "auto" values are filled from this
+                                   config the way Hugging Face Trainer fills them
+
+The engine takes over what the loop does itself for the other engines: the micro-batch boundary
+(`set_gradient_accumulation_boundary`), backward, gradient clipping and the optimizer step. TuneForge still builds
+the optimizer (AdamW from training.lr, betas, weight decay, the method's parameter groups) and steps the schedule, so
+a run is the same objective as one process. DeepSpeed also runs on CPU (its CPU accelerator, over the gloo process
+group TuneForge starts), which is how the tests run it.
+
+Checkpoints go through the engine's save/load_checkpoint (`checkpoint-N/deepspeed/`, one optimizer-state file per
+process, the trainable tensors only); the final save gathers the fp32 master copy of every trained tensor to rank 0
+and writes the usual Hugging Face / PEFT folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from tuneforge.errors import UserError
+from tuneforge.methods.base import unwrap
+from tuneforge.training.distributed import Strategy
+from tuneforge.training.runtime import Runtime
+
+SHARD_DIR = "deepspeed"  # inside checkpoint-N/
+TAG = "state"  # the engine's checkpoint tag: one checkpoint per folder, so a fixed name
+
+
+def import_deepspeed(device: torch.device):
+    """DeepSpeed picks its accelerator at import time; make it the device this run trains on (a CUDA machine running
+    `training.device=cpu` would otherwise get the CUDA accelerator)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError("training.distributed: deepspeed needs the DeepSpeed package, which is not installed: "
+                        "`pip install 'tuneforge[deepspeed]'` (or `pip install deepspeed`), or use "
+                        "`training.distributed=fsdp` (PyTorch FSDP2 shards like ZeRO-3).") from None
+    return deepspeed
+
+
+# ---- the DeepSpeed config ------------------------------------------------------------------------------------------
+def zero_setting(t) -> str:
+    """training.deepspeed as text: a stage ("2", "3") or a file path; unset means ZeRO-2."""
+    return "2" if t.deepspeed is None else str(t.deepspeed)
+
+
+def build_config(t, world_size: int) -> dict:
+    """A ZeRO config from our own settings: batch geometry, clipping, precision and offload."""
+    zero: dict = {"stage": int(zero_setting(t))}
+    if t.deepspeed_offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.deepspeed_offload == "all":
+        zero["offload_param"] = {"device": "cpu"}
+    return {**_ours(t, world_size), "zero_optimization": zero}
+
+
+def _ours(t, world_size: int) -> dict:
+    """The values our loop decides; a user's config must agree with them (or say "auto")."""
+    return {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.batch_size * t.grad_accum * world_size,
+            "gradient_clipping": float(t.max_grad_norm) if t.max_grad_norm > 0 else 0.0,
+            "bf16": {"enabled": t.precision == "bf16"}, "fp16": {"enabled": t.precision == "fp16"}}
+
+
+def load_user_config(path: str, t, world_size: int, hidden_size: int) -> dict:
+    """The user's DeepSpeed JSON as is, with "auto" filled (HF Trainer's rules) and checked against our loop."""
+    try:
+        user = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"training.deepspeed: cannot read {path} ({e.strerror}). Give a DeepSpeed JSON file or a "
+                        f"ZeRO stage (2 or 3).") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"training.deepspeed: {path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                        f"{e.msg}). Fix the file, or give a ZeRO stage (2 or 3) instead.") from None
+    if not isinstance(user, dict) or not isinstance(user.get("zero_optimization", {}), dict):
+        raise UserError(f"training.deepspeed: {path} must hold a JSON object with a `zero_optimization` object.")
+    for section in ("optimizer", "scheduler"):
+        if section in user:
+            raise UserError(f"training.deepspeed: {path} has a `{section}` section. TuneForge builds the optimizer "
+                            f"and learning-rate schedule from training.lr, adam_betas, weight_decay, scheduler and "
+                            f"warmup (and the method's parameter groups); remove `{section}` from the file and set "
+                            f"those keys instead.")
+    stage = user.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"training.deepspeed: {path} has zero_optimization.stage {stage!r}; use 0, 1, 2 or 3.")
+    return fill_auto(user, _ours(t, world_size), hidden_size, path)
+
+
+# what HF Trainer puts for these "auto" bucket sizes (transformers.integrations.deepspeed)
+def _bucket_sizes(hidden: int) -> dict:
+    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+
+
+def fill_auto(user: dict, ours: dict, hidden_size: int, path: str) -> dict:
+    """Fill "auto" and missing loop values from `ours`; a value that differs from what the loop does is an error
+    (the loop draws training.batch_size examples per micro-batch whatever the file says)."""
+    out = copy.deepcopy(user)
+    for key, value in ours.items():
+        if isinstance(value, dict):  # bf16 / fp16: {"enabled": ...}
+            section = out.setdefault(key, {})
+            given = section.get("enabled", False)
+            if given == "auto":
+                section["enabled"] = value["enabled"]
+            elif bool(given) != value["enabled"]:
+                _mismatch(path, f"{key}.enabled", given, value["enabled"], "training.precision")
+        elif out.get(key, "auto") == "auto":
+            out[key] = value
+        elif out[key] != value:
+            _mismatch(path, key, out[key], value, _SOURCE[key])
+    zero = out.setdefault("zero_optimization", {})
+    for key, value in _bucket_sizes(hidden_size).items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    left = _autos(out)
+    if left:
+        raise UserError(f"training.deepspeed: {path} sets {left[0]} to \"auto\", which TuneForge does not know how to "
+                        f"fill. Give it a value.")
+    return out
+
+
+_SOURCE = {"train_micro_batch_size_per_gpu": "training.batch_size", "gradient_accumulation_steps":
+           "training.grad_accum", "train_batch_size": "training.batch_size x grad_accum x processes",
+           "gradient_clipping": "training.max_grad_norm"}
+
+
+def _mismatch(path, key, given, ours, source):
+    raise UserError(f"training.deepspeed: {path} sets {key} to {given!r}, but this run has {ours!r} "
+                    f"({source}). Set it to \"auto\" (or remove it) so the file follows the config, or change "
+                    f"{source}.")
+
+
+def _autos(tree, prefix="") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _autos(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if tree == "auto" else []
+
+
+# ---- the strategy --------------------------------------------------------------------------------------------------
+class DeepSpeedStrategy(Strategy):
+    """The engine owns backward, clipping and the optimizer step; `prepare` hands it our model and optimizer."""
+
+    name = "deepspeed"
+    sharded_checkpoints = True
+    shard_dir = SHARD_DIR
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @property
+    def is_user_file(self) -> bool:
+        return not zero_setting(self.cfg.training).isdigit()
+
+    def wrap(self, model, runtime):
+        return model  # deepspeed.initialize needs the optimizer too: `prepare` wraps, once the Trainer built it
+
+    def ds_config(self, model, runtime: Runtime) -> dict:
+        t = self.cfg.training
+        if self.is_user_file:
+            hidden = getattr(unwrap(model).config, "hidden_size", 1024)
+            config = load_user_config(t.deepspeed, t, runtime.world_size, hidden)
+        else:
+            config = build_config(t, runtime.world_size)
+        # our optimizer is torch's AdamW (DeepSpeed warns about "untested" client optimizers and, with offload,
+        # would insist on its own compiled CPU Adam)
+        config.setdefault("zero_allow_untested_optimizer", True)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+        config.setdefault("steps_per_print", 10**9)  # TuneForge logs the metrics itself
+        return config
+
+    def prepare(self, model, optimizer, runtime: Runtime):
+        deepspeed = import_deepspeed(runtime.device)
+        # DeepSpeed reads these even when the process group exists (one process started without torchrun has none)
+        for key, value in (("LOCAL_RANK", runtime.local_rank), ("RANK", runtime.rank),
+                           ("WORLD_SIZE", runtime.world_size)):
+            os.environ.setdefault(key, str(value))
+        try:
+            engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                              config=self.ds_config(model, runtime))
+        except (AssertionError, ValueError, KeyError) as e:
+            source = self.cfg.training.deepspeed if self.is_user_file else "the config built from training.*"
+            raise UserError(f"training.deepspeed: DeepSpeed refused {source}: {e}. Check it against DeepSpeed's "
+                            f"config reference (deepspeed.ai/docs/config-json).") from None
+        return engine, ds_optimizer
+
+    def no_sync(self, model, last):
+        model.set_gradient_accumulation_boundary(last)  # reduce (and later step) only on the last micro-batch
+        return contextlib.nullcontext()
+
+    def backward(self, model, loss):
+        # our loss is already divided by the global batch's target count: no further division by grad_accum
+        model.backward(loss, scale_wrt_gas=False)
+
+    def step(self, model, optimizer, max_norm: float) -> float:
+        model.step()  # clips to gradient_clipping, steps the optimizer, zeroes the gradients
+        norm = model.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def save_shards(self, tmp: Path, model, optimizer) -> None:
+        model.save_checkpoint(str(tmp / SHARD_DIR), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def load_shards(self, path: Path, model, optimizer) -> None:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("world_size") != torch.distributed.get_world_size():
+            raise UserError(f"{path} was written by {state.get('world_size')} DeepSpeed processes; its ZeRO "
+                            f"optimizer shards resume with that same number of processes. Start torchrun with "
+                            f"--nproc-per-node {state.get('world_size')} (or use fsdp, whose checkpoints reshard).")
+        loaded, _ = model.load_checkpoint(str(path / SHARD_DIR), tag=TAG, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise UserError(f"Checkpoint {path}: DeepSpeed found no state in {path / SHARD_DIR}. Resume from "
+                            f"another checkpoint or start again.")
+
+    def export_model(self, model, build_plain):
+        """Gather the fp32 master copy of each trained tensor (a collective under ZeRO-3: every rank, same order)
+        to rank 0 and load it into a plain copy of the model, so each method's `save` writes its usual folder."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        rank0 = torch.distributed.get_rank() == 0
+        trained = {}
+        for name, p in unwrap(model).named_parameters():
+            if not p.requires_grad:
+                continue
+            full = safe_get_full_fp32_param(p)
+            if rank0:
+                trained[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        if not rank0:
+            return None
+        plain = build_plain()
+        result = plain.load_state_dict(trained, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"export: gathered tensors the plain model lacks: {result.unexpected_keys[:3]}")
+        return plain
