@@ -79,8 +79,9 @@ class EvalConfig:
     data_dir: str = opt("../shared/assets/eval", "Folder holding mmlu/, ceval/, cmmlu/, gsm8k/ in their layouts.")
     out: str = opt("eval_out", "Output folder (results.json, report.md/html, predictions).")
     limit: int | None = opt(None, "At most N items per task (per subject for multiple choice).")
-    mc_limit: int | None = opt(None, "Questions per subject for multiple-choice tasks, overriding `limit` there (a "
-                                     "report can sample MMLU and still score every row of the other tasks).")
+    task_limits: dict[str, int] = opt(factory=dict, help="Per-task `limit`, keyed by the task as written in `tasks` "
+                                                          "(e.g. {mmlu@5: 1}): sample a costly task, score all of "
+                                                          "another.")
     shots: int = opt(5, "Examples from the dev split in multiple-choice prompts.")
     gsm8k_shots: int = opt(4, "Solved examples before each GSM8K question.")
     cot: bool = opt(True, "Ask GSM8K questions for step-by-step reasoning ending in '#### N'.")
@@ -120,6 +121,10 @@ def load_eval_config(path: str | None, overrides: list[str], base: dict | None =
 
 def _check_tasks(cfg: EvalConfig) -> None:
     """Fail before any model is loaded, not after an hour of generation: a bad shot count, a judge without URL."""
+    unknown = sorted(set(cfg.task_limits) - set(cfg.tasks))
+    if unknown:
+        raise ConfigError(f"task_limits names {', '.join(unknown)}, not in `tasks` ({', '.join(cfg.tasks)}): key it by "
+                          f"the task exactly as written there.")
     for task in cfg.tasks:
         kind, _, shots = task.partition(":")[0].partition("@")
         if shots and (kind not in ("mmlu", "ceval", "cmmlu") or not shots.isdigit()):

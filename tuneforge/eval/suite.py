@@ -45,8 +45,8 @@ def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path, judge=
 
     kind, _, path = task.partition(":")
     kind, _, shots = kind.partition("@")  # mmlu@0: this task 0-shot whatever `shots` says
+    limit = cfg.task_limits.get(task, cfg.limit)
     if kind in MC_TASKS:
-        limit = cfg.mc_limit if cfg.mc_limit is not None else cfg.limit
         settings = MCSettings(kind, path or str(Path(cfg.data_dir) / kind), limit=limit,
                               shots=int(shots) if shots else cfg.shots,
                               chat_template=cfg.mc_chat_template, option_text=cfg.option_text,
@@ -54,17 +54,17 @@ def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path, judge=
         return run_multiple_choice(model, tokenizer, settings, out_dir, cfg.progress)
     if kind == "gsm8k":
         return gen.run_gsm8k(model, tokenizer, path or Path(cfg.data_dir) / "gsm8k", out_dir, cfg.gsm8k_shots,
-                             cfg.limit, cfg.cot, cfg.max_new_tokens, cfg.progress)
+                             limit, cfg.cot, cfg.max_new_tokens, cfg.progress)
     if kind in ("data", "judge", "grade") and path:
-        return gen.run_dataset(model, tokenizer, path, out_dir, cfg.limit, max_new_tokens=cfg.max_new_tokens,
+        return gen.run_dataset(model, tokenizer, path, out_dir, limit, max_new_tokens=cfg.max_new_tokens,
                                progress=cfg.progress)
     if kind == "ppl" and path:
-        return gen.run_perplexity(model, tokenizer, path, out_dir, cfg.limit)
+        return gen.run_perplexity(model, tokenizer, path, out_dir, limit)
     if kind in ("xstest", "cvalues"):
         reader = safety.read_xstest if kind == "xstest" else safety.read_cvalues
         if cfg.safety.detector == "judge" and judge is None:
             judge = judge_client(cfg, Path(out_dir))
-        return safety.run_safety(model, tokenizer, reader(_safety_path(cfg, task)), out_dir, kind, cfg.limit,
+        return safety.run_safety(model, tokenizer, reader(_safety_path(cfg, task)), out_dir, kind, limit,
                                  min(cfg.max_new_tokens, cfg.safety.max_new_tokens), cfg.progress,
                                  judge if cfg.safety.detector == "judge" else None)
     raise UserError(f"Unknown task `{task}`. Tasks: mmlu, ceval, cmmlu, gsm8k, xstest, cvalues, data:PATH, "
@@ -82,8 +82,9 @@ def _notes(cfg: EvalConfig) -> list[str]:
     notes.append(f"multiple choice: {cfg.shots}-shot from dev (a task named mmlu@K: K-shot), scored by "
                  f"log-likelihood of the answer {'option text' if cfg.option_text else 'letter'}, chat template "
                  f"{'applied' if cfg.mc_chat_template else 'not applied (lm-evaluation-harness convention)'}")
-    per_subject = f"{cfg.mc_limit} per subject" if cfg.mc_limit is not None else "per subject"
-    notes.append(f"limit: {cfg.limit or 'none'} items per task ({per_subject} for multiple choice); greedy generation, "
+    limits = "".join(f", {n} for {t}" for t, n in cfg.task_limits.items())
+    notes.append(f"limit: {cfg.limit or 'none'} items per task{limits} (per subject for multiple choice); greedy "
+                 f"generation, "
                  f"max {cfg.max_new_tokens} new tokens; BLEU 0-100, other scores fractions")
     if any(t.partition(":")[0] in ("xstest", "cvalues") for t in cfg.tasks):
         how = (f"judge `{cfg.judge.model}` at {cfg.judge.url} with XSTest's classifier prompt (judge_fallbacks: "
