@@ -16,6 +16,7 @@ from tuneforge.eval.safety import is_refusal, parse_refusal_class, refusal_rates
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,34 @@ def served(tiny_llama_dir):
 
     with ServerThread(app) as url:
         yield url + "/v1", received
+
+
+RUBRIC = "Which answer is better? Reply [[A]], [[B]] or [[C]] for a tie."
+
+
+@pytest.fixture(scope="module")
+def biased_judge(tiny_llama_dir, tmp_path_factory):
+    """`tuneforge serve` with a copy of the tiny model fine-tuned (tuneforge train, full SFT, ~40 tiny steps) to answer
+    every judge prompt "Verdict: [[A]]": a judge with a pure position bias, whose verdicts parse."""
+    from tuneforge.configs.schema import load_train_config
+    from tuneforge.inference.serve.app import create_app
+    from tuneforge.inference.serve.main import ServeArgs, ServerThread, build_state
+    from tuneforge.train import run_config
+
+    root = tmp_path_factory.mktemp("biased_judge")
+    answers = ["hello", "blue", "x y z", "你好", "The sky is blue because of Rayleigh scattering.", "?"]
+    rows = [{"messages": J._pair_prompt(RUBRIC, f"Question {i}?", a, answers[i - 1])
+             + [{"role": "assistant", "content": "Verdict: [[A]]"}]} for i, a in enumerate(answers)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cfg = load_train_config(str(ROOT / "examples/sft_full_tiny.yaml"), [
+        f"model.name_or_path={tiny_llama_dir}", f"output_dir={root / 'judge'}", f"data.train=[{root / 'train.jsonl'}]",
+        "data.max_length=256", "data.packing=false", "training.max_steps=40", "training.lr=3e-3",
+        "training.batch_size=4", "training.grad_accum=1", "training.save_steps=0", "training.warmup_steps=0",
+        "training.progress_bar=false", "training.plot_loss=false"])
+    run_config(cfg, log=lambda _: None)
+    app = create_app(build_state(ServeArgs(model=str(root / "judge"), served_model_name="biased", max_batch_size=8)))
+    with ServerThread(app) as url:
+        yield url + "/v1"
 
 
 def _rows(path: Path) -> list[dict]:
@@ -137,3 +166,21 @@ def _slug(task: str) -> str:
     from tuneforge.eval.suite import slug
 
     return slug(task)
+
+
+def test_position_biased_judge_through_tuneforge_serve_gives_ties(biased_judge, tiny_llama_dir, tiny_qwen2_dir,
+                                                                  tmp_path):
+    """A judge that always says A, asked in both orders, calls every pair a tie: the verdicts parse, nothing is
+    invalid, and the rates are the counts."""
+    task = _write_task(tmp_path)
+    config = {"models": [{"name": "a", "model": str(tiny_llama_dir)}, {"name": "b", "model": str(tiny_qwen2_dir)}],
+              "tasks": [f"judge:{task}"], "out": str(tmp_path / "out"), "max_new_tokens": 4, "progress": False,
+              "judge": {"url": biased_judge, "model": "biased", "max_tokens": 16, "rubric": RUBRIC, "retries": 0}}
+    (tmp_path / "eval.yaml").write_text(json.dumps(config))
+    assert main(["eval", str(tmp_path / "eval.yaml")]) == 0
+    got = json.loads((tmp_path / "out" / "results.json").read_text())["b"][f"judge:{task}"]
+    judgements = _rows(tmp_path / "out" / "b" / _slug(f"judge:{task}") / "judgements.jsonl")
+    assert [(j["verdict_first"], j["verdict_swapped"], j["outcome"]) for j in judgements] == [("A", "A", "tie")] * 3
+    assert all(j["reply_first"].startswith("Verdict: [[A]]") for j in judgements)
+    assert (got["pairs"], got["invalid"], got["unparsed_replies"], got["ties"]) == (3, 0, 0, 3)
+    assert (got["win_rate"], got["tie_rate"], got["loss_rate"], got["score"]) == (0.0, 1.0, 0.0, 0.5)
