@@ -62,11 +62,9 @@ def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path, judge=
         return gen.run_perplexity(model, tokenizer, path, out_dir, limit)
     if kind in ("xstest", "cvalues"):
         reader = safety.read_xstest if kind == "xstest" else safety.read_cvalues
-        if cfg.safety.detector == "judge" and judge is None:
-            judge = judge_client(cfg, Path(out_dir))
+        detector = (judge or judge_client(cfg, Path(out_dir))) if cfg.safety.detector == "judge" else None
         return safety.run_safety(model, tokenizer, reader(_safety_path(cfg, task)), out_dir, kind, limit,
-                                 min(cfg.max_new_tokens, cfg.safety.max_new_tokens), cfg.progress,
-                                 judge if cfg.safety.detector == "judge" else None)
+                                 min(cfg.max_new_tokens, cfg.safety.max_new_tokens), cfg.progress, detector)
     raise UserError(f"Unknown task `{task}`. Tasks: mmlu, ceval, cmmlu, gsm8k, xstest, cvalues, data:PATH, "
                     f"ppl:PATH, judge:PATH, grade:PATH.")
 
@@ -84,8 +82,7 @@ def _notes(cfg: EvalConfig) -> list[str]:
                  f"{'applied' if cfg.mc_chat_template else 'not applied (lm-evaluation-harness convention)'}")
     limits = "".join(f", {n} for {t}" for t, n in cfg.task_limits.items())
     notes.append(f"limit: {cfg.limit or 'none'} items per task{limits} (per subject for multiple choice); greedy "
-                 f"generation, "
-                 f"max {cfg.max_new_tokens} new tokens; BLEU 0-100, other scores fractions")
+                 f"generation, max {cfg.max_new_tokens} new tokens; BLEU 0-100, other scores fractions")
     if any(t.partition(":")[0] in ("xstest", "cvalues") for t in cfg.tasks):
         how = (f"judge `{cfg.judge.model}` at {cfg.judge.url} with XSTest's classifier prompt (judge_fallbacks: "
                f"replies naming no class, decided by the rules)" if cfg.safety.detector == "judge"
