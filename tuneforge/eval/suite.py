@@ -77,7 +77,9 @@ def load_model(entry: ModelEntry):
 
 def _notes(cfg: EvalConfig) -> list[str]:
     notes = [f"{m.label()}: model={m.model or '(adapter base)'} adapter={m.adapter or '-'}" for m in cfg.models]
-    notes.append(f"multiple choice: {cfg.shots}-shot from dev (a task named mmlu@K: K-shot), scored by "
+    mc = [t.partition(":")[0].partition("@") for t in cfg.tasks if t.partition(":")[0].partition("@")[0] in MC_TASKS]
+    shots = "/".join(sorted({k or str(cfg.shots) for _, _, k in mc}, key=int)) or str(cfg.shots)
+    notes.append(f"multiple choice: {shots}-shot from dev (a task named mmlu@K: K-shot), scored by "
                  f"log-likelihood of the answer {'option text' if cfg.option_text else 'letter'}, chat template "
                  f"{'applied' if cfg.mc_chat_template else 'not applied (lm-evaluation-harness convention)'}")
     limits = "".join(f", {n} for {t}" for t, n in cfg.task_limits.items())
