@@ -46,7 +46,6 @@ class JudgeClient:
         self.http = httpx.Client(timeout=timeout, headers=headers)
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache: dict[str, str] = {}
-        self.sent = 0  # requests answered by the endpoint (not the cache) in this client's life
         self.lock = threading.Lock()
         if self.cache_path and self.cache_path.is_file():
             for line in self.cache_path.read_text(encoding="utf-8").splitlines():
@@ -88,7 +87,6 @@ class JudgeClient:
                 return self.cache[key]
         reply = self._post(messages)
         with self.lock:
-            self.sent += 1
             self.cache[key] = reply
             if self.cache_path:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
