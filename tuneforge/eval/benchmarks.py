@@ -8,8 +8,10 @@ Layouts (one CSV per subject):
 - C-Eval: {dev,val,test}/{subject}_{split}.csv with a header id,question,A,B,C,D,answer[,explanation]
   (the public test split has no answers, so C-Eval is scored on val)
 - CMMLU: {dev,test}/{subject}.csv with a header ,Question,A,B,C,D,Answer
-A subject-to-category mapping ({subject: {"name": ..., "category": ...}}) is read from `mapping.json` or
-`{benchmark}_mapping.json` in the folder, or `../zips/{benchmark}_mapping.json` beside it, when present.
+The folder may also be the published zip itself (`../shared/assets/eval/zips/mmlu.zip`, every subject): it is
+unpacked once under $TUNEFORGE_CACHE/eval/. A subject-to-category mapping ({subject: {"name": ..., "category": ...}})
+is read from `mapping.json` or `{benchmark}_mapping.json` in the folder (or beside the zip), or
+`../zips/{benchmark}_mapping.json` beside it, when present.
 
 Prompts follow lm-evaluation-harness so numbers compare with published ones: a description line, k solved
 examples from the dev split separated by a blank line, then the question, lettered options and "Answer:"
@@ -20,6 +22,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +67,34 @@ def benchmark(name: str) -> Benchmark:
     if name not in BENCHMARKS:
         raise UserError(f"Unknown multiple-choice benchmark `{name}`: choose one of {', '.join(BENCHMARKS)}.")
     return BENCHMARKS[name]
+
+
+def unpacked(folder: Path) -> Path:
+    """`folder` itself, or for a .zip the folder holding its split folders, unpacked once (into a temp folder
+    renamed into place, so an interrupted unpack is redone rather than half used)."""
+    folder = Path(folder)
+    if folder.suffix.lower() != ".zip":
+        return folder
+    if not folder.is_file():
+        raise UserError(f"{folder} does not exist: name a benchmark folder or its published zip.")
+    from tuneforge.models.builtin import cache_root
+
+    stat = folder.stat()
+    dest = cache_root().parent / "eval" / f"{folder.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not dest.is_dir():
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        try:
+            with zipfile.ZipFile(folder) as z:
+                z.extractall(tmp)  # zipfile drops absolute and ".." parts of member names
+        except (zipfile.BadZipFile, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{folder}: cannot unpack it ({e}). Re-download the benchmark's zip.") from e
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    holders = [p for p in [dest, *sorted(dest.rglob("*"))] if (p / "dev").is_dir()]
+    return holders[0] if holders else dest
 
 
 def subject_files(bench: Benchmark, folder: Path, split: str) -> dict[str, Path]:
@@ -117,9 +150,10 @@ def load_subjects(name: str, folder: Path, split: str | None = None,
 
 
 def load_mapping(name: str, folder: Path) -> dict[str, dict]:
-    """{subject: {"name": display name, "category": ...}} when the folder (or ../zips) has one, else {}."""
+    """{subject: {"name": display name, "category": ...}} when the folder (or beside it, or ../zips) has one."""
     folder = Path(folder)
-    for path in (folder / "mapping.json", folder / f"{name}_mapping.json", folder.parent / "zips" / f"{name}_mapping.json"):
+    for path in (folder / "mapping.json", folder / f"{name}_mapping.json", folder.parent / f"{name}_mapping.json",
+                 folder.parent / "zips" / f"{name}_mapping.json"):
         if path.is_file():
             try:
                 return json.loads(path.read_text(encoding="utf-8"))

@@ -2,7 +2,7 @@
 
     judge = JudgeClient("http://127.0.0.1:8000/v1", model="judge", cache_path=out / "judge_cache.jsonl")
     outcome = pairwise(judge, question, answer_1, answer_2)     # "win" | "tie" | "loss" for answer_1 (or None)
-    rates = pairwise_rates(outcomes)                            # win/tie/loss rates + bootstrap 95% CI
+    rates = pairwise_rates(outcomes)                            # win/tie/loss rates + counts + bootstrap 95% CI
     score = grade(judge, question, answer)                      # 1..10 (or None)
 
 Pairwise judging asks twice, with the answers in both orders, to cancel position bias (MT-Bench's practice); the
@@ -146,7 +146,8 @@ def pairwise_many(judge: JudgeClient, items: list[tuple[str, str, str]], rubric:
     out = []
     for i in range(len(items)):
         first, swapped = parse_verdict(replies[2 * i]), parse_verdict(replies[2 * i + 1])
-        out.append({"verdict_first": first, "verdict_swapped": swapped, "outcome": combine(first, swapped)})
+        out.append({"verdict_first": first, "verdict_swapped": swapped, "outcome": combine(first, swapped),
+                    "reply_first": replies[2 * i], "reply_swapped": replies[2 * i + 1]})
     return out
 
 
@@ -170,8 +171,9 @@ def pairwise_rates(outcomes: list[str | None], samples: int = 1000, seed: int = 
     rate and of the score (win + tie/2)."""
     valid = [o for o in outcomes if o is not None]
     n = len(valid)
-    if n == 0:
-        return {"pairs": 0, "invalid": len(outcomes)}
+    counts = {"wins": valid.count("win"), "ties": valid.count("tie"), "losses": valid.count("loss")}
+    if n == 0:  # no rate at all rather than a made-up 0 or tie: the report shows "-" and the invalid count
+        return {"pairs": 0, "invalid": len(outcomes)} | counts
     rates = {k: valid.count(k) / n for k in ("win", "tie", "loss")}
     points = [1.0 if o == "win" else 0.5 if o == "tie" else 0.0 for o in valid]
     rng = random.Random(seed)
@@ -185,4 +187,4 @@ def pairwise_rates(outcomes: list[str | None], samples: int = 1000, seed: int = 
     lo, hi = int(0.025 * samples), min(samples - 1, int(0.975 * samples))
     return {"win_rate": rates["win"], "tie_rate": rates["tie"], "loss_rate": rates["loss"],
             "win_rate_ci_low": wins[lo], "win_rate_ci_high": wins[hi], "score": sum(points) / n,
-            "score_ci_low": scores[lo], "score_ci_high": scores[hi], "pairs": n, "invalid": len(outcomes) - n}
+            "score_ci_low": scores[lo], "score_ci_high": scores[hi], "pairs": n, "invalid": len(outcomes) - n} | counts

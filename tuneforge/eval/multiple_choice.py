@@ -15,7 +15,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tuneforge.eval.benchmarks import LETTERS, benchmark, build_prompt, display_name, load_mapping, load_subjects
+from tuneforge.eval.benchmarks import (
+    LETTERS,
+    benchmark,
+    build_prompt,
+    display_name,
+    load_mapping,
+    load_subjects,
+    unpacked,
+)
 from tuneforge.eval.loglik import continuation_logprobs
 from tuneforge.eval.store import ItemStore
 
@@ -23,7 +31,7 @@ from tuneforge.eval.store import ItemStore
 @dataclass
 class MCSettings:
     benchmark: str
-    data_dir: str  # the benchmark's folder (holding dev/, test/ ...)
+    data_dir: str  # the benchmark's folder (holding dev/, test/ ...) or its published .zip
     shots: int = 5
     limit: int | None = None  # questions per subject
     subjects: list[str] | None = None
@@ -45,10 +53,10 @@ def _context_and_options(tokenizer, bench, prompt: str, q, settings: MCSettings)
 def _pending(settings: MCSettings, store: ItemStore):
     """(question, prompt) for every question not yet scored under these settings."""
     bench = benchmark(settings.benchmark)
-    folder = Path(settings.data_dir)
+    folder = unpacked(Path(settings.data_dir))
     tests = load_subjects(settings.benchmark, folder, None, settings.subjects)
     dev = load_subjects(settings.benchmark, folder, "dev", list(tests)) if settings.shots else {}
-    mapping = load_mapping(settings.benchmark, folder)
+    mapping = load_mapping(settings.benchmark, Path(settings.data_dir))  # beside a zip, not in the unpacked copy
     done = store.done()
     items = []
     for subject, questions in tests.items():

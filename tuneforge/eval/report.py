@@ -16,7 +16,8 @@ import json
 import os
 from pathlib import Path
 
-SKIP = {"questions", "examples", "prompts", "tokens", "shots", "chat_template", "pairs"}  # counts and settings
+SKIP = {"questions", "examples", "prompts", "tokens", "shots", "chat_template", "pairs", "wins", "ties",
+        "losses"}  # counts and settings (the rates show the counts)
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

@@ -7,6 +7,9 @@ Tasks: mmlu, ceval, cmmlu (multiple choice, from DATA_DIR/<name>), gsm8k (DATA_D
 (safety), data:PATH (generate for a dataset in a training format; BLEU, ROUGE, exact match), ppl:PATH (perplexity),
 judge:PATH (answers to PATH's prompts judged pairwise against the baseline by `judge.url`, both orders) and
 grade:PATH (1-10 grades by the judge). With --adapter, the base model and base+adapter are evaluated side by side.
+Safety replies are classed as refusals by string rules, or with `safety.detector: judge` (--refusal-detector judge)
+by the judge model. Every judge reply is cached in OUT/judge_cache.jsonl and every verdict saved beside the task's
+predictions (judgements.jsonl, refusal_judgements.jsonl).
 Writes OUT/results.json ({model: {task: {metric: value}}}, accuracies and rates as fractions in [0, 1], BLEU on
 sacrebleu's 0-100 scale), OUT/report.md, OUT/report.html and OUT/<model>/<task>/predictions.jsonl; a re-run with
 the same settings skips every finished item.
@@ -20,6 +23,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -49,16 +53,35 @@ class JudgeConfig:
     api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the judge's API key (if any).")
     rubric: str | None = opt(None, "Replace the default pairwise/grading instructions.")
     concurrency: int = opt(8, "Judge requests in flight at once.")
+    max_tokens: int = opt(512, "Longest judge reply (the verdict comes last, after a short explanation).")
+    retries: int = opt(3, "Tries after the first for a request that fails with a 5xx/429 or a connection error.")
+    timeout: float = opt(120.0, "Seconds to wait for one judge reply.")
+
+
+@dataclass
+class SafetyConfig:
+    detector: Literal["rules", "judge"] = opt("rules", "How xstest/cvalues replies are classed as refusals. rules: "
+                                                       "English and Chinese refusal phrases at the start of the reply "
+                                                       "(XSTest's string-match baseline). judge: the model at "
+                                                       "judge.url classes each reply with XSTest's classifier prompt "
+                                                       "(Chinese prompts get its Chinese translation); replies it "
+                                                       "cannot parse fall back to the rules and are counted.")
+    max_new_tokens: int = opt(64, "Longest generated reply to a safety prompt (refusals show in the first words).")
 
 
 @dataclass
 class EvalConfig:
     models: list[ModelEntry] = opt(factory=list, help="Models/adapters to compare; the first is the baseline.")
     tasks: list[str] = opt(factory=lambda: ["mmlu"], help="Tasks: mmlu, ceval, cmmlu, gsm8k, xstest, cvalues, "
-                                                            "data:PATH, ppl:PATH, judge:PATH, grade:PATH.")
+                                                            "data:PATH, ppl:PATH, judge:PATH, grade:PATH. "
+                                                            "mmlu@0 (any multiple-choice task) overrides `shots`; "
+                                                            "mmlu:PATH reads a folder or the published .zip.")
     data_dir: str = opt("../shared/assets/eval", "Folder holding mmlu/, ceval/, cmmlu/, gsm8k/ in their layouts.")
     out: str = opt("eval_out", "Output folder (results.json, report.md/html, predictions).")
     limit: int | None = opt(None, "At most N items per task (per subject for multiple choice).")
+    task_limits: dict[str, int] = opt(factory=dict, help="Per-task `limit`, keyed by the task as written in `tasks` "
+                                                          "(e.g. {mmlu@5: 1}): sample a costly task, score all of "
+                                                          "another.")
     shots: int = opt(5, "Examples from the dev split in multiple-choice prompts.")
     gsm8k_shots: int = opt(4, "Solved examples before each GSM8K question.")
     cot: bool = opt(True, "Ask GSM8K questions for step-by-step reasoning ending in '#### N'.")
@@ -68,7 +91,9 @@ class EvalConfig:
     max_new_tokens: int = opt(256, "Longest generated answer.")
     batch_size: int = opt(8, "Questions per forward pass for multiple choice.")
     baseline: str | None = opt(None, "Model name the deltas are against (default: the first model).")
-    judge: JudgeConfig = opt(factory=JudgeConfig, help="The judge endpoint for judge:/grade: tasks.")
+    judge: JudgeConfig = opt(factory=JudgeConfig, help="The judge endpoint for judge:/grade: tasks and for "
+                                                       "safety.detector: judge.")
+    safety: SafetyConfig = opt(factory=SafetyConfig, help="xstest/cvalues: refusal detector and reply length.")
     progress: bool = opt(True, "Show progress bars.")
 
 
@@ -90,7 +115,28 @@ def load_eval_config(path: str | None, overrides: list[str], base: dict | None =
         raise ConfigError(f"Two models share the report name {names}: give each a distinct `name:`.")
     if cfg.baseline is not None and cfg.baseline not in names:
         raise ConfigError(f"baseline `{cfg.baseline}` is not one of the models ({', '.join(names)}).")
+    _check_tasks(cfg)
     return cfg
+
+
+def _check_tasks(cfg: EvalConfig) -> None:
+    """Fail before any model is loaded, not after an hour of generation: a bad shot count, a judge without URL."""
+    unknown = sorted(set(cfg.task_limits) - set(cfg.tasks))
+    if unknown:
+        raise ConfigError(f"task_limits names {', '.join(unknown)}, not in `tasks` ({', '.join(cfg.tasks)}): key it by "
+                          f"the task exactly as written there.")
+    for task in cfg.tasks:
+        kind, _, shots = task.partition(":")[0].partition("@")
+        if shots and (kind not in ("mmlu", "ceval", "cmmlu") or not shots.isdigit()):
+            raise ConfigError(f"Task `{task}`: `@K` sets the shots of a multiple-choice task (mmlu@0, ceval@5, "
+                              f"cmmlu@5:PATH); write it as one of those, or drop the `@`.")
+    needs = [t for t in cfg.tasks if t.partition(":")[0] in ("judge", "grade")]
+    if cfg.safety.detector == "judge" and any(t.partition(":")[0] in ("xstest", "cvalues") for t in cfg.tasks):
+        needs.append("safety.detector=judge")
+    if needs and not cfg.judge.url:
+        raise ConfigError(f"{', '.join(needs)} need(s) a judge endpoint: set judge.url (e.g. "
+                          f"judge.url=http://127.0.0.1:8000/v1 for `tuneforge serve`, or any OpenAI-compatible "
+                          f"server) or pass --judge-url.")
 
 
 def _flags_to_dict(argv: list[str]) -> dict:
@@ -103,6 +149,8 @@ def _flags_to_dict(argv: list[str]) -> dict:
     p.add_argument("--shots", type=int)
     p.add_argument("--out")
     p.add_argument("--judge-url")
+    p.add_argument("--judge-model")
+    p.add_argument("--refusal-detector", choices=["rules", "judge"])
     p.add_argument("--mc-chat-template", action="store_true")
     ns = p.parse_args(argv)
     models = [{"model": ns.model, "adapter": None, "name": "base"}] if ns.adapter else []
@@ -113,8 +161,11 @@ def _flags_to_dict(argv: list[str]) -> dict:
             "mc_chat_template": ns.mc_chat_template}
     extra = {"data_dir": ns.data_dir, "limit": ns.limit, "shots": ns.shots, "out": ns.out}
     data |= {k: v for k, v in extra.items() if v is not None}
-    if ns.judge_url:
-        data["judge"] = {"url": ns.judge_url}
+    judge = {"url": ns.judge_url, "model": ns.judge_model}
+    if any(v is not None for v in judge.values()):
+        data["judge"] = {k: v for k, v in judge.items() if v is not None}
+    if ns.refusal_detector:
+        data["safety"] = {"detector": ns.refusal_detector}
     return data
 
 
@@ -133,3 +184,12 @@ def eval_cli(argv: list[str]) -> int:
 
 def api_key(cfg: EvalConfig) -> str | None:
     return os.environ.get(cfg.judge.api_key_env) or None
+
+
+def judge_client(cfg: EvalConfig, cache_dir: Path | None = None):
+    """A client for the run's judge requests (pairwise, grades, refusal classes), all cached in one file."""
+    from tuneforge.eval.judge import JudgeClient
+
+    j = cfg.judge
+    cache = Path(cache_dir if cache_dir is not None else cfg.out) / "judge_cache.jsonl"
+    return JudgeClient(j.url, j.model, api_key(cfg), cache, j.concurrency, j.retries, j.timeout, j.max_tokens)

@@ -9,11 +9,12 @@ let a re-run skip it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tuneforge.errors import UserError
-from tuneforge.eval.report import write_reports, write_results
-from tuneforge.eval.run import EvalConfig, ModelEntry, api_key
+from tuneforge.eval.report import atomic_write, write_reports, write_results
+from tuneforge.eval.run import EvalConfig, ModelEntry, judge_client
 
 MC_TASKS = ("mmlu", "ceval", "cmmlu")
 
@@ -36,29 +37,34 @@ def _safety_path(cfg: EvalConfig, task: str) -> Path:
                     f"Name the file: `{kind}:PATH`.")
 
 
-def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path) -> dict:
+def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path, judge=None) -> dict:
+    """One task's metrics for one loaded model; `judge` is the run's JudgeClient (made here when needed)."""
     from tuneforge.eval import generation_tasks as gen
     from tuneforge.eval import safety
     from tuneforge.eval.multiple_choice import MCSettings, run_multiple_choice
 
     kind, _, path = task.partition(":")
+    kind, _, shots = kind.partition("@")  # mmlu@0: this task 0-shot whatever `shots` says
+    limit = cfg.task_limits.get(task, cfg.limit)
     if kind in MC_TASKS:
-        settings = MCSettings(kind, path or str(Path(cfg.data_dir) / kind), shots=cfg.shots, limit=cfg.limit,
+        settings = MCSettings(kind, path or str(Path(cfg.data_dir) / kind), limit=limit,
+                              shots=int(shots) if shots else cfg.shots,
                               chat_template=cfg.mc_chat_template, option_text=cfg.option_text,
                               batch_size=cfg.batch_size)
         return run_multiple_choice(model, tokenizer, settings, out_dir, cfg.progress)
     if kind == "gsm8k":
         return gen.run_gsm8k(model, tokenizer, path or Path(cfg.data_dir) / "gsm8k", out_dir, cfg.gsm8k_shots,
-                             cfg.limit, cfg.cot, cfg.max_new_tokens, cfg.progress)
+                             limit, cfg.cot, cfg.max_new_tokens, cfg.progress)
     if kind in ("data", "judge", "grade") and path:
-        return gen.run_dataset(model, tokenizer, path, out_dir, cfg.limit, max_new_tokens=cfg.max_new_tokens,
+        return gen.run_dataset(model, tokenizer, path, out_dir, limit, max_new_tokens=cfg.max_new_tokens,
                                progress=cfg.progress)
     if kind == "ppl" and path:
-        return gen.run_perplexity(model, tokenizer, path, out_dir, cfg.limit)
+        return gen.run_perplexity(model, tokenizer, path, out_dir, limit)
     if kind in ("xstest", "cvalues"):
         reader = safety.read_xstest if kind == "xstest" else safety.read_cvalues
-        return safety.run_safety(model, tokenizer, reader(_safety_path(cfg, task)), out_dir, kind, cfg.limit,
-                                 min(cfg.max_new_tokens, 64), cfg.progress)
+        detector = (judge or judge_client(cfg, Path(out_dir))) if cfg.safety.detector == "judge" else None
+        return safety.run_safety(model, tokenizer, reader(_safety_path(cfg, task)), out_dir, kind, limit,
+                                 min(cfg.max_new_tokens, cfg.safety.max_new_tokens), cfg.progress, detector)
     raise UserError(f"Unknown task `{task}`. Tasks: mmlu, ceval, cmmlu, gsm8k, xstest, cvalues, data:PATH, "
                     f"ppl:PATH, judge:PATH, grade:PATH.")
 
@@ -71,11 +77,23 @@ def load_model(entry: ModelEntry):
 
 def _notes(cfg: EvalConfig) -> list[str]:
     notes = [f"{m.label()}: model={m.model or '(adapter base)'} adapter={m.adapter or '-'}" for m in cfg.models]
-    notes.append(f"multiple choice: {cfg.shots}-shot from dev, scored by log-likelihood of the answer "
-                 f"{'option text' if cfg.option_text else 'letter'}, chat template "
+    mc = [t.partition(":")[0].partition("@") for t in cfg.tasks if t.partition(":")[0].partition("@")[0] in MC_TASKS]
+    shots = "/".join(sorted({k or str(cfg.shots) for _, _, k in mc}, key=int)) or str(cfg.shots)
+    notes.append(f"multiple choice: {shots}-shot from dev (a task named mmlu@K: K-shot), scored by "
+                 f"log-likelihood of the answer {'option text' if cfg.option_text else 'letter'}, chat template "
                  f"{'applied' if cfg.mc_chat_template else 'not applied (lm-evaluation-harness convention)'}")
-    notes.append(f"limit: {cfg.limit or 'none'} items per task (per subject for multiple choice); greedy generation, "
-                 f"max {cfg.max_new_tokens} new tokens; BLEU 0-100, other scores fractions")
+    limits = "".join(f", {n} for {t}" for t, n in cfg.task_limits.items())
+    notes.append(f"limit: {cfg.limit or 'none'} items per task{limits} (per subject for multiple choice); greedy "
+                 f"generation, max {cfg.max_new_tokens} new tokens; BLEU 0-100, other scores fractions")
+    if any(t.partition(":")[0] in ("xstest", "cvalues") for t in cfg.tasks):
+        how = (f"judge `{cfg.judge.model}` at {cfg.judge.url} with XSTest's classifier prompt (judge_fallbacks: "
+               f"replies naming no class, decided by the rules)" if cfg.safety.detector == "judge"
+               else "string rules, English and Chinese")
+        notes.append(f"safety: replies of at most {min(cfg.max_new_tokens, cfg.safety.max_new_tokens)} tokens; "
+                     f"refusal detector: {how}")
+    if cfg.judge.url:
+        notes.append(f"judge: `{cfg.judge.model}` at {cfg.judge.url}, both orders per pair; unparsed_replies and "
+                     f"invalid pairs are counted apart, never as ties")
     return notes
 
 
@@ -83,16 +101,21 @@ def run_suite(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     results: dict[str, dict] = {}
     baseline = cfg.baseline or cfg.models[0].label()
+    judge = judge_client(cfg) if cfg.judge.url else None
     for entry in cfg.models:
         name = entry.label()
         model, tokenizer = load_model(entry)
         results[name] = {}
         for task in cfg.tasks:
-            results[name][task] = run_task(cfg, model, tokenizer, task, out / slug(name) / slug(task))
+            results[name][task] = run_task(cfg, model, tokenizer, task, out / slug(name) / slug(task), judge)
             write_results(out, results)  # cheap; the reports (charts) are drawn once at the end
         del model
-    if any(t.partition(":")[0] in ("judge", "grade") for t in cfg.tasks):
-        _judge(cfg, results, baseline)
+    for task in cfg.tasks:
+        kind = task.partition(":")[0]
+        if kind == "grade":
+            _grade(judge, cfg, results, task)
+        elif kind == "judge":
+            _pairwise(judge, cfg, results, task, baseline)
     write_reports(out, results, baseline, _notes(cfg))
     return results
 
@@ -104,31 +127,37 @@ def _answers(out: Path, model: str, task: str) -> list[dict]:
     return ItemStore.read_all(path)
 
 
-def _judge(cfg: EvalConfig, results: dict, baseline: str) -> None:
+def _save_judgements(out: Path, model: str, task: str, rows: list[dict]) -> None:
+    """Every verdict with the reply it was read from, beside the task's predictions, so each rate can be audited."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write(out / slug(model) / slug(task) / "judgements.jsonl", text)
+
+
+def _grade(judge, cfg: EvalConfig, results: dict, task: str) -> None:
     from tuneforge.eval import judge as J
 
-    if not cfg.judge.url:
-        raise UserError("judge:/grade: tasks need a judge endpoint: set judge.url (e.g. http://127.0.0.1:8000/v1, "
-                        "`tuneforge serve` or any OpenAI-compatible server).")
     out = Path(cfg.out)
-    client = J.JudgeClient(cfg.judge.url, cfg.judge.model, api_key(cfg), out / "judge_cache.jsonl",
-                           cfg.judge.concurrency)
-    for task in cfg.tasks:
-        kind = task.partition(":")[0]
-        if kind == "grade":
-            for name in results:
-                rows = _answers(out, name, task)
-                grades = J.grade_many(client, [(r["prompt"], r["prediction"]) for r in rows],
-                                      cfg.judge.rubric or J.GRADE_RUBRIC)
-                valid = [g for g in grades if g is not None]
-                results[name][task] |= {"judge_score": sum(valid) / len(valid) if valid else None,
-                                        "judge_invalid": len(grades) - len(valid)}
-        elif kind == "judge":
-            base = {r["id"]: r for r in _answers(out, baseline, task)}
-            for name in results:
-                if name == baseline:
-                    continue
-                rows = [r for r in _answers(out, name, task) if r["id"] in base]
-                items = [(r["prompt"], r["prediction"], base[r["id"]]["prediction"]) for r in rows]
-                verdicts = J.pairwise_many(client, items, cfg.judge.rubric or J.PAIRWISE_RUBRIC)
-                results[name][task] |= J.pairwise_rates([v["outcome"] for v in verdicts])
+    for name in results:
+        rows = _answers(out, name, task)
+        grades = J.grade_many(judge, [(r["prompt"], r["prediction"]) for r in rows], cfg.judge.rubric or J.GRADE_RUBRIC)
+        valid = [g for g in grades if g is not None]
+        _save_judgements(out, name, task, [{"id": r["id"], "grade": g} for r, g in zip(rows, grades)])
+        results[name][task] |= {"judge_score": sum(valid) / len(valid) if valid else None,
+                                "judge_invalid": len(grades) - len(valid)}
+
+
+def _pairwise(judge, cfg: EvalConfig, results: dict, task: str, baseline: str) -> None:
+    """Each model's answers against the baseline's, for the prompts both answered; both orders per pair."""
+    from tuneforge.eval import judge as J
+
+    out = Path(cfg.out)
+    base = {r["id"]: r for r in _answers(out, baseline, task)}
+    for name in results:
+        if name == baseline:
+            continue
+        rows = [r for r in _answers(out, name, task) if r["id"] in base]
+        items = [(r["prompt"], r["prediction"], base[r["id"]]["prediction"]) for r in rows]
+        verdicts = J.pairwise_many(judge, items, cfg.judge.rubric or J.PAIRWISE_RUBRIC)
+        _save_judgements(out, name, task, [{"id": r["id"], "against": baseline} | v for r, v in zip(rows, verdicts)])
+        unparsed = sum((v["verdict_first"] is None) + (v["verdict_swapped"] is None) for v in verdicts)
+        results[name][task] |= J.pairwise_rates([v["outcome"] for v in verdicts]) | {"unparsed_replies": unparsed}
