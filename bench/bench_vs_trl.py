@@ -236,12 +236,14 @@ def check_dpo(job: dict) -> dict:
     picked = items[:4]
     rows = [int(item.source.rsplit(" ", 1)[-1]) - 1 for item in picked]  # "path:line N"
     tf_batch = collate(picked)
-    tf_loss = float(stage.loss(model, tf_batch)[0]) / len(picked)
+    tf_loss = float(stage.loss(model, tf_batch)[0].detach()) / len(picked)
     args = trl_args(job, tempfile.mkdtemp(), DPOConfig, beta=job["beta"], max_length=job["max_length"],
                     loss_type=["sigmoid"])
     args.model_init_kwargs = None
     trainer = DPOTrainer(model=model, ref_model=reference.copy, args=args, train_dataset=trl_pairs(),
                          processing_class=tokenizer)
+    if "ref" in getattr(trainer.model, "peft_config", {}):  # TRL copies a pretrained adapter as the reference;
+        trainer.model.delete_adapter("ref")                 # TuneForge's (and a fresh TRL run's) is adapters off
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
     trl_loss = float(trainer.compute_loss(trainer.model, trl_batch))
     same_ids = all(a[m.bool()].tolist() == b[n.bool()].tolist() for a, m, b, n in zip(
