@@ -97,8 +97,11 @@ def run_tuneforge(job: dict, out: str) -> dict:
         return original_dpo(self, model, batch)
 
     trainer_class.train_step, DPOStage.loss = timed_step, counted_dpo
-    torch.manual_seed(0)
-    run_config(tuneforge_config(job, out), log=lambda _: None)
+    try:
+        torch.manual_seed(0)
+        run_config(tuneforge_config(job, out), log=lambda _: None)
+    finally:  # the hooks go once the run ends (the smoke test runs this in the test process)
+        trainer_class.train_step, DPOStage.loss = original_step, original_dpo
     return {"steps": steps}
 
 
@@ -245,7 +248,7 @@ def check_dpo(job: dict) -> dict:
     if "ref" in getattr(trainer.model, "peft_config", {}):  # TRL copies a pretrained adapter as the reference;
         trainer.model.delete_adapter("ref")                 # TuneForge's (and a fresh TRL run's) is adapters off
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
-    trl_loss = float(trainer.compute_loss(trainer.model, trl_batch))
+    trl_loss = float(trainer.compute_loss(trainer.model, trl_batch).detach())
     same_ids = all(a[m.bool()].tolist() == b[n.bool()].tolist() for a, m, b, n in zip(
         tf_batch["input_ids"], tf_batch["attention_mask"], trl_batch["input_ids"], trl_batch["attention_mask"]))
     return {"tuneforge": tf_loss, "trl": trl_loss, "same_token_ids": same_ids}
@@ -293,7 +296,7 @@ def check_grpo(job: dict) -> dict:
         ref_model = trainer.model if job["method"] == "lora" else trainer.ref_model
         ref = trainer._get_per_token_logps_and_entropies(ref_model, ids, att, inputs["completion_ids"].shape[1])[0]
     inputs.update(advantages=adv, ref_per_token_logps=ref, num_items_in_batch=inputs["completion_mask"].sum().float())
-    trl_loss = float(trainer._compute_loss(trainer.model, inputs))
+    trl_loss = float(trainer._compute_loss(trainer.model, inputs).detach())
     return {"tuneforge": float(total) / max(int(count), 1), "trl": trl_loss,
             "max_advantage_difference": float((adv - trl_adv).abs().max())}
 
