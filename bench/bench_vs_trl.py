@@ -23,6 +23,9 @@ per optimizer step. DPO: the 2B rows of chosen and rejected sequences (the promp
 B x G rows of prompt + sampled completion (the stop token included). tokens/s = those tokens over the timed steps /
 the timed wall time; for GRPO it includes sampling, scoring, the reference pass and the update.
 
+`--before` adds, for GRPO, TuneForge as before its lm_head change (the output layer over every rollout position
+instead of only those that predict a completion token), to measure that change in the same run.
+
 `--check` runs instead the loss sanity check: the DPO loss of both on the same 4 pairs with a policy moved away from
 the reference (LoRA B matrices set to small random values), the token ids of both renderings, and for GRPO the first
 step's loss under both normalisations (see bench/RESULTS.md for what it can and cannot show).
@@ -76,8 +79,10 @@ def run_tuneforge(job: dict, out: str) -> dict:
     import torch
 
     import tuneforge.training.loop as loop
+    from tuneforge.losses import label_positions
     from tuneforge.recipes.dpo import DPOStage
     from tuneforge.train import run_config
+    from tuneforge.training import rl
     from tuneforge.training.rl import RLTrainer
 
     steps, tokens = [], [0]
@@ -97,11 +102,14 @@ def run_tuneforge(job: dict, out: str) -> dict:
         return original_dpo(self, model, batch)
 
     trainer_class.train_step, DPOStage.loss = timed_step, counted_dpo
+    if job.get("whole_logits"):  # GRPO as before the fix: lm_head over every position of the rollout
+        rl.label_positions = lambda labels: None
     try:
         torch.manual_seed(0)
         run_config(tuneforge_config(job, out), log=lambda _: None)
     finally:  # the hooks go once the run ends (the smoke test runs this in the test process)
         trainer_class.train_step, DPOStage.loss = original_step, original_dpo
+        rl.label_positions = label_positions
     return {"steps": steps}
 
 
@@ -361,9 +369,12 @@ def bench(args, dirs: dict[str, str]) -> list[dict]:
     loads = [os.getloadavg()[0]]
     for round_ in range(args.repeats):
         for i, v in enumerate(variants):
-            frameworks = ["tuneforge", "trl"] if (round_ + i) % 2 == 0 else ["trl", "tuneforge"]  # rotate the order
-            for framework in frameworks:
-                job = {**v, "framework": framework, "model_dir": dirs[v["model"]], **settings(args, v["algo"])}
+            frameworks = ["tuneforge", "trl"] + (["before"] if args.before and v["algo"] == "grpo" else [])
+            frameworks = frameworks[(round_ + i) % len(frameworks):] + frameworks[:(round_ + i) % len(frameworks)]
+            for framework in frameworks:  # the order rotates from round to round
+                job = {**v, "framework": "tuneforge" if framework == "before" else framework,
+                       "whole_logits": framework == "before", "model_dir": dirs[v["model"]],
+                       **settings(args, v["algo"])}
                 res = spawn(job, args.threads)
                 loads.append(os.getloadavg()[0])
                 key = (v["model"], v["method"], v["algo"], framework)
@@ -393,6 +404,13 @@ def table(args, variants, best, loads) -> None:
         print(f"| {v['model']} | {v['method']} | {v['algo']} | {tf['tok_s']:.1f} | {trl['tok_s']:.1f} | "
               f"**{tf['tok_s'] / trl['tok_s']:.2f}x** | {tf['s_step']:.2f} / {trl['s_step']:.2f} | "
               f"{tf['tokens_step']:.0f} / {trl['tokens_step']:.0f} | {fmt(tf['first_loss'])} / {fmt(trl['first_loss'])} |")
+    for v in variants:
+        before = best.get((v["model"], v["method"], v["algo"], "before"))
+        if before:
+            tf = best[(v["model"], v["method"], v["algo"], "tuneforge")]
+            print(f"{v['model']} {v['method']} {v['algo']}: TuneForge with lm_head over whole rollouts (before the "
+                  f"fix) {before['tok_s']:.1f} tok/s, {before['s_step']:.2f} s/step: the fix gives "
+                  f"{tf['tok_s'] / before['tok_s']:.2f}x")
 
 
 def fmt(x) -> str:
@@ -415,6 +433,8 @@ def parse(argv=None):
     ap.add_argument("--grpo-beta", type=float, default=0.04)
     ap.add_argument("--G", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--before", action="store_true",
+                    help="GRPO also as before the lm_head fix (TuneForge with lm_head over whole rollouts)")
     ap.add_argument("--json", help="also write the best results here")
     ap.add_argument("--check", action="store_true", help="run the loss sanity check instead of the timing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
