@@ -150,7 +150,8 @@ def trl_prompts():
 
 def trl_digit_share(completions, **_):
     """examples.rl_rewards.digit_share on TRL's conversational completions."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from examples.rl_rewards import digit_share
 
     return [digit_share(c[0]["content"] if isinstance(c, list) else c) for c in completions]
