@@ -121,6 +121,56 @@ def test_grpo_loss_types_normalise_as_specified(tiny_qwen2_dir, tmp_path, reward
     assert dr == pytest.approx(dapo * length / 8, rel=1e-4)
 
 
+def test_policy_log_probs_at_completion_positions_equal_the_whole_sequence_ones(tiny_qwen2_dir):
+    """policy_forward(at_labels=True) runs lm_head only where completion tokens are predicted: same log-probs, mask
+    and gradients as the whole-sequence path, in the same [B, T-1] layout."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.data.types import IGNORE_INDEX
+    from tuneforge.training.rl import policy_forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 60, (3, 20), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # a shorter row, right-padded
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :12] = IGNORE_INDEX  # the prompt
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    found = []
+    for at_labels in (False, True):
+        model.zero_grad()
+        logps, m, logits, _ = policy_forward(model, batch, at_labels=at_labels)
+        (logps * torch.linspace(0.5, 1.5, logps.shape[1])).sum().backward()
+        found.append((logps.detach(), m, logits.shape[1], model.lm_head.weight.grad.clone()))
+    (whole, m0, width0, g0), (picked, m1, width1, g1) = found
+    assert width1 == 8 < width0  # logits for the 8 positions (11..18) that predict a completion token only
+    assert torch.equal(m0, m1) and picked.shape == whole.shape
+    torch.testing.assert_close(picked, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_step_is_the_same_with_logits_at_completion_positions_only(tiny_qwen2_dir, tmp_path, rewards_module,
+                                                                          monkeypatch, varied_lengths):
+    """One GRPO step (two epochs of two minibatches: old, reference and policy log-probs all used) gives the same loss,
+    KL and gradient norm whether lm_head runs at completion positions only (the default) or everywhere."""
+    import tuneforge.training.loop as loop
+
+    def one_step(name: str) -> dict:
+        cfg = config("grpo", tiny_qwen2_dir, tmp_path / name, f"grpo.reward={{{rewards_module}:share_of: 1.0}}",
+                     "grpo.epochs=2", "grpo.mini_batch_size=4", "grpo.beta=0.1", "training.batch_size=2",
+                     "training.max_steps=1", "training.lr=1e-3", method="lora")
+        run_config(cfg, log=lambda _: None)
+        return read_metrics(tmp_path / name / "metrics.jsonl")[0]
+
+    selected = one_step("selected")
+    monkeypatch.setattr(loop, "accepts_logits_to_keep", lambda model: False)
+    whole = one_step("whole")
+    assert selected["reward"] == whole["reward"] and abs(selected["loss"]) > 1e-4
+    for key in ("loss", "kl", "grad_norm", "ratio"):
+        assert selected[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-7), key
+
+
 @pytest.mark.parametrize("stage,method", [("grpo", "lora"), ("ppo", "full")])
 def test_resume_is_bit_identical(stage, method, tiny_llama_dir, tmp_path, rewards_module):
     common = [f"{stage}.reward={{{rewards_module}:share_of: 1.0}}", "training.batch_size=2", "training.max_steps=4",

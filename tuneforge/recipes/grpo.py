@@ -45,15 +45,16 @@ class GRPOStage(RLStage):
         advantages = group_advantages(rewards, G, s.advantage, s.scale_rewards).to(self.rt.device)
         everything = torch.arange(len(rows))
         batch = roll.rows(everything)
+        at = self.logits_at_labels  # lm_head only where completion tokens are predicted
         several_updates = s.epochs > 1 or 0 < s.mini_batch_size < len(rows)
         with torch.no_grad(), self.rt.autocast():
-            old = policy_forward(trainer.model, batch)[0] if several_updates else None
-        ref = self.reference.token_logps(batch) if self.reference is not None else None
+            old = policy_forward(trainer.model, batch, at_labels=at)[0] if several_updates else None
+        ref = self.reference.token_logps(batch, at) if self.reference is not None else None
         losses, stats = [], []
         for epoch in range(s.epochs):
             for idx in trainer.minibatches(len(rows), s.mini_batch_size, epoch):
                 with self.rt.autocast():
-                    logps, mask, _, _ = policy_forward(trainer.model, roll.rows(idx))
+                    logps, mask, _, _ = policy_forward(trainer.model, roll.rows(idx), at_labels=at)
                 total, count, m = grpo_loss(logps, None if old is None else old[idx],
                                             None if ref is None else ref[idx], advantages[idx], mask, s.beta,
                                             s.clip_eps, s.clip_eps_high, s.loss_type, s.max_new_tokens)

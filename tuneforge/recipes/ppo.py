@@ -52,7 +52,7 @@ class PPOStage(RLStage):
         with torch.no_grad(), self.rt.autocast():
             old, mask, _, hidden = policy_forward(model, batch, hidden=True)
             old_values = self.values(model, hidden)
-        ref = self.reference.token_logps(batch)
+        ref = self.reference.token_logps(batch, self.logits_at_labels)
         rewards, kl = kl_shaped_rewards(scores.to(self.rt.device), old, ref, mask, s.kl_coef, s.kl_estimator)
         advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
         if s.whiten_advantages:

@@ -26,7 +26,7 @@ import torch
 from tuneforge.data.example_task import exact_match
 from tuneforge.data.types import IGNORE_INDEX, EncodedPrompt
 from tuneforge.errors import ConfigError, UserError
-from tuneforge.losses import token_logps
+from tuneforge.losses import label_positions, token_logps
 from tuneforge.methods.base import unwrap
 from tuneforge.training import reference
 from tuneforge.training.loop import Stage, Trainer
@@ -196,12 +196,26 @@ def sampling_seed(seed: int, step: int, row: int) -> int:
     return (seed * 1_000_003 + step * 65_537 + row) % (2 ** 31 - 1)
 
 
-def policy_forward(model, batch: dict, hidden: bool = False):
-    """(per-token log-probs [B, T-1], mask [B, T-1], logits, last hidden state or None)."""
+def policy_forward(model, batch: dict, hidden: bool = False, at_labels: bool = False):
+    """(per-token log-probs [B, T-1], mask [B, T-1], logits, last hidden state or None).
+
+    `at_labels` (the stage's `logits_at_labels`: the model takes `logits_to_keep`; ignored with `hidden`): the output
+    layer runs only at positions that predict a completion token (`label_positions`) and `logits` holds only those;
+    log-probs and mask keep the [B, T-1] layout (0 / False elsewhere), so callers see no difference. Why: the prompt
+    is most of a rollout, and lm_head is a fifth of a small model's forward (SmolLM2-135M: vocabulary 49152); the
+    GRPO comparison with TRL (bench/bench_vs_trl.py) measured the saving."""
+    labels = batch["labels"]
+    positions = label_positions(labels) if at_labels and not hidden else None
+    if positions is not None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=positions).logits
+        picked, _ = token_logps(logits, labels, positions)
+        logps = picked.new_zeros(labels.shape[0], labels.shape[1] - 1).index_copy(1, positions, picked)
+        return logps, labels[:, 1:] != IGNORE_INDEX, logits, None
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
-    logits = out.logits[:, -batch["labels"].shape[1]:]
-    logps, mask = token_logps(logits, batch["labels"])
-    return logps, mask, logits, (out.hidden_states[-1][:, -batch["labels"].shape[1]:] if hidden else None)
+    logits = out.logits[:, -labels.shape[1]:]
+    logps, mask = token_logps(logits, labels)
+    return logps, mask, logits, (out.hidden_states[-1][:, -labels.shape[1]:] if hidden else None)
 
 
 class Reference(reference.Reference):
@@ -209,9 +223,9 @@ class Reference(reference.Reference):
     component as dpo/kto), giving per-token log-probs of a rollout."""
 
     @torch.no_grad()
-    def token_logps(self, batch: dict) -> torch.Tensor:
+    def token_logps(self, batch: dict, at_labels: bool = False) -> torch.Tensor:
         with self._context():
-            return policy_forward(self.module, batch)[0]
+            return policy_forward(self.module, batch, at_labels=at_labels)[0]
 
 
 # ---- the outer step ----------------------------------------------------------------------------------------------
