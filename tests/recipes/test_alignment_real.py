@@ -99,6 +99,8 @@ def _implicit_reward_accuracy(peft_model, tokenizer, rows) -> float:
     return wins / len(rows)
 
 
+# Measured 2026-11-30 for dpo (load 10-12, 44 min): exact match 0.017 -> 0.017 and implicit-reward accuracy 0.850, so
+# both goals fail at these settings (the rejected replies' log-ratio fell, the chosen one barely rose); kto not run.
 PREFERENCE_STEPS = ("training.max_steps=60", "training.lr=3e-4", "training.warmup_steps=5", "training.precision=bf16")
 
 
@@ -122,6 +124,7 @@ def test_preference_training_raises_exact_match(stage, tmp_path):
 
 
 PROMPTS = ROOT / "tuneforge" / "assets" / "example_prompts"
+# Not yet run: the +0.5 margin in the assertion below is a placeholder until the first measurement.
 PPO_STEPS = ("training.max_steps=30", "training.lr=2e-4", "training.precision=bf16")
 
 
