@@ -14,16 +14,19 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ROOT / "tuneforge/assets/example_prompts"
 
 
-def heldout_reward(model, tokenizer, rows) -> float:
+def heldout_reward(model, tokenizer, rows) -> tuple[float, float]:
+    """(mean short_and_right reward, exact-match share) of greedy replies."""
     import sys
 
     sys.path.insert(0, str(ROOT))
     from examples.rl_rewards import short_and_right
+    from tuneforge.data.example_task import exact_match
     from tuneforge.inference import generate_replies
 
     replies = generate_replies(model, tokenizer, [r["messages"][:1] for r in rows], max_new_tokens=24,
                                batch_size=16)
-    return sum(short_and_right(c, reference=r["answer"]) for c, r in zip(replies, rows)) / len(rows)
+    reward = sum(short_and_right(c, reference=r["answer"]) for c, r in zip(replies, rows)) / len(rows)
+    return reward, sum(exact_match(c, r["answer"]) for c, r in zip(replies, rows)) / len(rows)
 
 
 @pytest.mark.slow
@@ -43,8 +46,10 @@ def test_grpo_raises_the_heldout_reward_of_smollm2(tmp_path, monkeypatch):
         f"data.train=[{PROMPTS / 'train.jsonl'}]", "data.max_length=96", "lora.rank=16", "lora.alpha=32",
         "lora.target_modules=[all-linear]", "grpo.reward={examples.rl_rewards:short_and_right: 1.0}",
         "grpo.num_generations=8", "grpo.max_new_tokens=24", "grpo.beta=0.0", "training.batch_size=4",
-        "training.max_steps=40", "training.lr=5e-4", "training.scheduler=constant", "training.progress_bar=false"])
+        "training.max_steps=40", "training.lr=5e-4", "training.scheduler=constant", "training.progress_bar=false",
+        "training.precision=bf16"])
     run_config(cfg)
     after = heldout_reward(PeftModel.from_pretrained(base, str(tmp_path)), tokenizer, rows)
-    print(f"held-out mean reward (32 prompts, greedy): before {before:.3f}, after {after:.3f}")
-    assert after > before + 0.1, (before, after)
+    print(f"held-out mean reward (32 prompts, greedy): before {before[0]:.3f}, after {after[0]:.3f}; exact match "
+          f"{before[1]:.3f} -> {after[1]:.3f}")
+    assert after[0] > before[0] + 0.1, (before, after)
