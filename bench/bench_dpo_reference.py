@@ -81,9 +81,9 @@ def main() -> None:
     model_dir = init_model("tiny-llama", tmp / "model", hidden_size=args.hidden, layers=args.layers)
     load_before = os.getloadavg()[0]
     best: dict[tuple, tuple[dict, float]] = {}
-    for _ in range(args.repeats):  # interleaved: a burst of load on the shared machine hits every configuration
+    for round_ in range(args.repeats):  # interleaved: a burst of load on the shared machine hits every configuration
         for method, precompute in RUNS:
-            result, rss = run_one(model_dir, tmp, method, precompute, args.steps)
+            result, rss = run_one(model_dir, tmp / f"round{round_}", method, precompute, args.steps)
             if (method, precompute) not in best or result["step_s"] < best[(method, precompute)][0]["step_s"]:
                 best[(method, precompute)] = (result, rss)
     print(f"tiny-llama h{args.hidden} L{args.layers}, {args.steps} steps, batch 8 pairs, max_length 128, fp32, best of "
