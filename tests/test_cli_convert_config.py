@@ -179,7 +179,8 @@ def test_real_llamafactory_registry(shared_assets):
 
 
 @pytest.mark.parametrize("lf, words", [
-    ({"stage": "dpo"}, "stage: dpo"),
+    ({"stage": "dpo", "pref_loss": "kto_pair"}, "pref_loss: kto_pair"),
+    ({"stage": "grpo"}, "stage: grpo"),
     ({"finetuning_type": "oft"}, "finetuning_type: oft"),
     ({"quantization_bit": 4, "quantization_method": "hqq"}, "quantization_method: hqq"),
     ({"do_predict": True, "adapter_name_or_path": "saves/x"}, "predicts or evaluates"),

@@ -263,6 +263,10 @@ def _one_vs_two_processes(stage, model_dir, tmp_path, port, *extra):
                    check=True, env=env, cwd=ROOT)
     one, two = metric(tmp_path / "one"), metric(tmp_path / "two")
     assert len(one) == len(two) == 3 and one == pytest.approx(two, abs=1e-5), (one, two)
+    # the stage's metrics are the step's over both ranks, not rank 0's half of the batch
+    for key in ("accuracy", "reward_margin") if stage == "rm" else ("rewards/accuracies", "rewards/margins"):
+        a, b = metric(tmp_path / "one", key), metric(tmp_path / "two", key)
+        assert a == pytest.approx(b, abs=1e-5), (key, a, b)
 
 
 def test_dpo_two_processes_match_one(tiny_qwen2_dir, tmp_path):
@@ -273,6 +277,45 @@ def test_dpo_two_processes_match_one(tiny_qwen2_dir, tmp_path):
 def test_rm_two_processes_match_one(tiny_qwen2_dir, tmp_path):
     _one_vs_two_processes("rm", tiny_qwen2_dir, tmp_path, 29562)
 
+
+
+def _recording(monkeypatch, stage_class) -> list[dict]:
+    """Every metrics dict the stage returns while training, as it returned it (per pair)."""
+    seen = []
+    original = stage_class.loss
+
+    def loss(self, model, batch):
+        loss_sum, metrics = original(self, model, batch)
+        if model.training:
+            seen.append({k: torch.as_tensor(v).detach().clone() for k, v in metrics.items()})
+        return loss_sum, metrics
+
+    monkeypatch.setattr(stage_class, "loss", loss)
+    return seen
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "kto"])
+def test_logged_metrics_are_the_mean_over_every_micro_batch_of_the_step(stage, tiny_qwen2_dir, tmp_path,
+                                                                        monkeypatch):
+    """grad_accum 2 x batch 4: the logged accuracy / margins are the means over all 8 pairs of the step (weighted by
+    pairs), worked out here from what each micro-batch returned; not the last micro-batch's. Step 2 of dpo/kto,
+    where the policy has moved from the reference (at step 1 every implicit reward is 0)."""
+    from tuneforge.recipes.dpo import DPOStage
+    from tuneforge.recipes.kto import KTOStage
+    from tuneforge.recipes.rm import RewardStage
+
+    seen = _recording(monkeypatch, {"rm": RewardStage, "dpo": DPOStage, "kto": KTOStage}[stage])
+    train(stage, tiny_qwen2_dir, tmp_path / "out", "training.max_steps=2", "training.batch_size=4",
+          "training.grad_accum=2", "training.lr=1e-2", "method=full")
+    step2 = seen[2:4]
+    assert len(seen) == 4
+    key = {"rm": "accuracy", "dpo": "rewards/accuracies", "kto": "rewards/chosen"}[stage]
+    by_hand = torch.cat([m[key].flatten() for m in step2]).mean().item()
+    last_only = step2[-1][key].mean().item()
+    assert metric(tmp_path / "out", key)[1] == pytest.approx(by_hand, abs=1e-6)
+    assert by_hand != pytest.approx(last_only, abs=1e-6)  # the micro-batches differ: the test tells them apart
+    if stage == "kto":  # desirable rows only, however many each micro-batch had
+        assert metric(tmp_path / "out", "kl")[1] == pytest.approx(sum(float(m["kl"]) for m in step2) / 2, abs=1e-6)
 
 
 def test_kto_reference_point_is_averaged_over_processes_while_training():

@@ -5,6 +5,7 @@ constant-reward trap is said in the log."""
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -285,3 +286,58 @@ def test_a_reward_folder_of_the_wrong_kind_is_a_clear_error(tiny_qwen2_dir, tmp_
                  "training.max_steps=1")
     with pytest.raises(UserError, match="reward"):
         run_config(cfg, log=lambda _: None)
+
+
+RL_SCRIPT = """
+import sys
+from tuneforge.configs.schema import load_train_config
+from tuneforge.train import run_config
+cfg = load_train_config(None, sys.argv[1:])
+run_config(cfg, log=lambda _: None)
+"""
+
+
+def _run_processes(tmp_path, out, args, nproc: int, port: int) -> None:
+    """`tuneforge train`'s code path in fresh processes (torchrun with gloo for nproc > 1)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "rl_run.py"
+    script.write_text(RL_SCRIPT)
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                      f"--master_port={port}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run([sys.executable, *launcher, str(script), *args, f"output_dir={out}"], env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+@pytest.mark.parametrize("stage,method,port", [("grpo", "full", 29571),
+                                               pytest.param("ppo", "lora", 29572, marks=pytest.mark.slow)])
+def test_two_processes_sample_and_learn_as_one(stage, method, port, tiny_qwen2_dir, tmp_path, rewards_module):
+    """torchrun, 2 gloo processes x 2 prompts against 1 process x 4 prompts: each rank samples its own prompts with
+    the seeds 1 process gives those rows (so the rollouts are the same), the reference and the value head live per
+    rank, the loss is normalised over both ranks and the metrics are over both ranks' rollouts. So the first step
+    (before any update) logs the same loss, reward and KL as 1 process. Later steps only agree approximately: the
+    DDP-averaged gradients differ from 1 process's in rounding, and a sampled token can flip on that, so for them
+    the test asserts a finite loss. Rank 0 alone writes the log, the checkpoints and the final model."""
+    args = [f"stage={stage}", f"method={method}", f"model.name_or_path={tiny_qwen2_dir}", f"data.train=[{DATA}]",
+            "data.max_length=64", "training.progress_bar=false", "training.plot_loss=false", "training.device=cpu",
+            "training.scheduler=constant", "training.save_steps=2", "training.max_steps=3", "training.lr=1e-2",
+            f"{stage}.max_new_tokens=8", f"{stage}.reward={{{rewards_module}:share_of: 1.0}}"]
+    args += ["grpo.num_generations=4", "grpo.beta=0.04"] if stage == "grpo" else ["ppo.epochs=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run_processes(tmp_path, one, [*args, "training.batch_size=4"], 1, port)
+    _run_processes(tmp_path, two, [*args, "training.batch_size=2"], 2, port)
+    a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3]  # one log line per step: only rank 0 writes
+    keys = ["loss", "reward", "completion_length"] + (["reward_std", "constant_groups"] if stage == "grpo" else
+                                                      ["kl", "policy_loss", "value_loss"])
+    for key in keys:
+        assert b[0][key] == pytest.approx(a[0][key], rel=1e-4, abs=1e-6), (key, a[0], b[0])
+    assert b[0]["loss"] != 0 and all(math.isfinite(r["loss"]) for r in b)
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert not [p for p in two.rglob("*") if ".tmp" in p.name]
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    assert (two / weights).is_file() and (stage != "ppo" or (two / "value_head.safetensors").is_file())

@@ -8,7 +8,13 @@ run trains the same way: Hugging Face's learning rate (5e-5), epochs (3), batch 
 LLaMA-Factory's cutoff_len (2048), lora_alpha (2 x rank), lora_target (all) and gradient checkpointing (on).
 Dataset names stay names and `data.registry` points at `<dataset_dir>/dataset_info.json`, which TuneForge reads in
 LLaMA-Factory's own format. Every key without an equivalent is listed (in the output file's header and on the
-terminal) with the reason; nothing is dropped silently. Stages other than pt and sft are refused.
+terminal) with the reason; nothing is dropped silently.
+
+Stages pt, sft, rm, dpo, kto and ppo convert (`_alignment`): pref_beta, pref_loss, pref_ftx, simpo_gamma and
+dpo_label_smoothing become the `dpo:` section; pref_beta and kto_chosen/rejected_weight the `kto:` section;
+reward_model, ppo_epochs, the PPO batch layout (ppo_buffer_size) and the generation settings the `ppo:` section,
+with TRL's PPO defaults that differ from TuneForge's written out. A separate reference model, BCO, LD-DPO, adaptive
+KL control and score normalisation have no equivalent and are listed as such.
 """
 
 from __future__ import annotations
@@ -43,6 +49,38 @@ DEFAULTS = {"learning_rate": 5e-5, "num_train_epochs": 3.0, "per_device_train_ba
             "lr_scheduler_type": "linear", "cutoff_len": 2048, "lora_rank": 8, "lora_target": "all"}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager", "eager": "eager"}
+STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo")
+PREF_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "orpo": "orpo", "simpo": "simpo"}
+# the alignment keys that do not carry over (when set to something other than their no-op value), and why
+ALIGN_NO_EQUIVALENT = {
+    "ref_model": "TuneForge's reference is the model training starts from (its adapters switched off, or a frozen "
+                 "copy); a separate reference model is not supported. Start from that model instead, or leave it "
+                 "out to use the base model as LLaMA-Factory does by default.",
+    "ref_model_adapters": "the reference is the starting model; reference adapters are not supported.",
+    "ref_model_quantization_bit": "the reference is the starting model, in the training precision.",
+    "pref_bco_weight": "BCO (binary classifier optimisation) is not implemented.",
+    "ld_alpha": "LD-DPO's length-desensitised log-probs are not implemented.",
+    "pref_ftx": "TuneForge's kto has no SFT-loss term (dpo.sft_weight exists for dpo only).",
+    "ppo_score_norm": "TuneForge does not normalise reward-model scores (TRL's use_score_norm/use_score_scaling).",
+    "ppo_whiten_rewards": "TuneForge whitens the advantages (ppo.whiten_advantages), not the rewards.",
+    "ppo_target": "TuneForge keeps a fixed KL coefficient (ppo.kl_coef); TRL's adaptive KL controller that steers "
+                  "towards this target is not implemented (converted: kl_coef 0.2, TRL's starting value).",
+    "reward_model_adapters": "the reward is a whole `rm` output folder (TuneForge merges the adapter into it).",
+    "reward_model_quantization_bit": "the reward model runs in the training precision.",
+    "reward_model_type": "TuneForge reads a reward-model folder written by its own `stage: rm`.",
+}
+# the alignment keys and the LLaMA-Factory stages that read them: in a config of another stage they do nothing
+STAGE_OF = {"pref_beta": ("dpo", "kto"), "pref_ftx": ("dpo", "kto"), "pref_loss": ("dpo",),
+            "dpo_label_smoothing": ("dpo",), "simpo_gamma": ("dpo",), "pref_bco_weight": ("dpo",),
+            "ld_alpha": ("dpo",), "kto_chosen_weight": ("kto",), "kto_rejected_weight": ("kto",),
+            "ref_model": ("dpo", "kto", "ppo"), "ref_model_adapters": ("dpo", "kto", "ppo"),
+            "ref_model_quantization_bit": ("dpo", "kto", "ppo"),
+            **{k: ("ppo",) for k in ("reward_model", "reward_model_adapters", "reward_model_quantization_bit",
+                                     "reward_model_type", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm",
+                                     "ppo_target", "ppo_whiten_rewards")}}
+# TRL's PPOTrainer (the one LLaMA-Factory runs) defaults that differ from TuneForge's, and LLaMA-Factory's
+# generation defaults (GeneratingArguments), written out so the converted PPO run samples and updates the same way
+PPO_DEFAULTS = {"kl_coef": 0.2, "max_new_tokens": 1024, "temperature": 0.95, "top_p": 0.7, "top_k": 50}
 
 
 @dataclass
@@ -89,14 +127,19 @@ class _Converter:
         self._model()
         self._data()
         self._training()
+        self._alignment(self.config["stage"])
         for key, dotted in RENAMES.items():
             if key in self.lf and key not in self.used:
                 _put(self.config, dotted, self.take(key))
         dropped = [f"{key}: {self.lf[key]!r} ({self._why(key)})" for key in self.lf if key not in self.used]
         return Conversion(self.config, dropped, self.notes)
 
-    @staticmethod
-    def _why(key: str) -> str:
+    def _why(self, key: str) -> str:
+        stage = self.config["stage"]
+        if stage not in STAGE_OF.get(key, (stage,)):
+            return f"only LLaMA-Factory's stage {' and '.join(STAGE_OF[key])} reads it; this config is stage {stage}"
+        if key in ALIGN_NO_EQUIVALENT:
+            return ALIGN_NO_EQUIVALENT[key]
         if key in NO_EQUIVALENT:
             return NO_EQUIVALENT[key]
         if FOREIGN.get(key, ("", ""))[1]:
@@ -109,9 +152,9 @@ class _Converter:
                             "convert-config translates training configs. Chat with a trained adapter through "
                             "`tuneforge chat --adapter DIR`.")
         stage = self.take("stage", "sft")
-        if stage not in ("pt", "sft"):
-            raise UserError(f"LLaMA-Factory `stage: {stage}` has no TuneForge recipe yet: convert-config handles the "
-                            f"pt and sft stages.")
+        if stage not in STAGES:
+            raise UserError(f"LLaMA-Factory `stage: {stage}` has no TuneForge recipe: convert-config handles the "
+                            f"stages {', '.join(STAGES)}.")
         ftype = self.take("finetuning_type", "lora")
         if ftype not in ("lora", "freeze", "full"):
             raise UserError(f"LLaMA-Factory `finetuning_type: {ftype}` has no TuneForge equivalent; use lora, freeze "
@@ -262,6 +305,109 @@ class _Converter:
             _put(self.config, ours, bool(self.take("overwrite_output_dir")))
 
 
+    # ---- alignment stages ---------------------------------------------------------------------------------------
+    def _alignment(self, stage: str) -> None:
+        """The stage's own section. Keys of another stage, and settings TuneForge cannot honour, are left untaken:
+        they are listed as not carried over (ALIGN_NO_EQUIVALENT says why)."""
+        if stage in ("dpo", "kto", "ppo"):
+            self._reference_model()
+        if stage == "dpo":
+            self._dpo()
+        elif stage == "kto":
+            kto = {"beta": self.take("pref_beta", 0.1), "desirable_weight": self.take("kto_chosen_weight", 1.0),
+                   "undesirable_weight": self.take("kto_rejected_weight", 1.0)}
+            self.config["kto"] = kto
+            self._kto_batch()
+            if not self.lf.get("pref_ftx"):
+                self.take("pref_ftx")  # 0: nothing to carry over
+        elif stage == "ppo":
+            self._ppo()
+        for key in ("pref_bco_weight", "ppo_score_norm", "ppo_whiten_rewards"):
+            if not self.lf.get(key):
+                self.take(key)  # off: LLaMA-Factory does what TuneForge does
+
+    def _reference_model(self) -> None:
+        """LLaMA-Factory's default reference is the starting model, as TuneForge's; naming that same model is fine."""
+        if self.lf.get("ref_model") in (None, self.lf.get("model_name_or_path")):
+            self.take("ref_model")
+        if not self.lf.get("ref_model_adapters"):
+            self.take("ref_model_adapters")
+        if not self.lf.get("ld_alpha"):
+            self.take("ld_alpha")
+
+    def _kto_batch(self) -> None:
+        """TuneForge's KTO estimates its KL reference point from the other rows of a micro-batch, so it needs 2 rows
+        per micro-batch; LLaMA-Factory's examples use 1 with gradient accumulation. Keep the global batch."""
+        t = self.config["training"]
+        if t["batch_size"] >= 2:
+            return
+        t["batch_size"] = 2
+        if t["grad_accum"] % 2 == 0:
+            t["grad_accum"] //= 2
+            self.notes.append(f"per_device_train_batch_size 1: TuneForge's kto needs at least 2 rows per "
+                              f"micro-batch (its KL reference point); converted to batch_size 2 x grad_accum "
+                              f"{t['grad_accum']}, the same global batch.")
+        else:
+            self.notes.append("per_device_train_batch_size 1: TuneForge's kto needs at least 2 rows per micro-batch "
+                              "(its KL reference point); converted to batch_size 2, which doubles the global batch.")
+
+    def _dpo(self) -> None:
+        loss = self.take("pref_loss", "sigmoid")
+        if loss not in PREF_LOSSES:
+            raise UserError(f"LLaMA-Factory `pref_loss: {loss}` has no TuneForge equivalent (TRL removed kto_pair): "
+                            f"use `stage: kto` for unpaired feedback, or one of {', '.join(PREF_LOSSES)}.")
+        dpo = {"loss": PREF_LOSSES[loss], "beta": self.take("pref_beta", 0.1), "sft_weight": self.take("pref_ftx", 0.0)}
+        smoothing = self.take("dpo_label_smoothing", 0.0)
+        if smoothing:
+            dpo["label_smoothing"] = smoothing  # cDPO for sigmoid, as LLaMA-Factory (TRL) applies it
+        if loss == "simpo":
+            dpo["simpo_gamma"] = self.take("simpo_gamma", 0.5)  # LLaMA-Factory's default; TuneForge's is 1.0
+        else:
+            self.take("simpo_gamma")  # only SimPO reads it, in LLaMA-Factory too
+        if loss == "orpo":
+            self.notes.append("pref_loss orpo: TuneForge's dpo.beta is ORPO's lambda (the odds-ratio weight), as "
+                              "pref_beta is in LLaMA-Factory.")
+        self.config["dpo"] = dpo
+
+    def _ppo(self) -> None:
+        reward = self.take("reward_model")
+        if not reward:
+            raise UserError("LLaMA-Factory `stage: ppo` needs `reward_model` (it refuses to run without one too). Add "
+                            "the path of a reward model trained with `stage: rm`.")
+        kind = self.lf.get("reward_model_type", "lora")
+        if kind == "api":
+            raise UserError("LLaMA-Factory `reward_model_type: api` (a reward served over HTTP) has no TuneForge "
+                            "equivalent: write a Python reward function (`ppo.reward: {'module:function': 1.0}`) "
+                            "that calls your server, or train a reward model with `stage: rm`.")
+        self.notes.append(f"reward_model {reward}: TuneForge reads the output folder of its own `stage: rm` run "
+                          f"(a sequence classifier), not LLaMA-Factory's value-head checkpoint. Convert and run "
+                          f"the rm config first, then point ppo.reward at its output_dir.")
+        t = self.config["training"]
+        buffer = int(self.take("ppo_buffer_size", 1))
+        # TRL's PPO: a rollout of batch x grad_accum x buffer prompts, each update on batch x grad_accum of them
+        ppo = {"reward": {str(reward): 1.0}, "epochs": self.take("ppo_epochs", 4),
+               "mini_batch_size": t["batch_size"] * t["grad_accum"], "kl_coef": PPO_DEFAULTS["kl_coef"]}
+        if buffer > 1:
+            t["grad_accum"] *= buffer
+        for key in ("max_new_tokens", "temperature", "top_p", "top_k"):
+            ppo[key] = self.take(key, PPO_DEFAULTS[key])
+        if self.take("do_sample", True) is False:
+            self.notes.append("do_sample false: PPO needs sampled rollouts; TuneForge samples at ppo.temperature.")
+        if "ppo_target" not in self.lf:
+            self.notes.append("TRL's PPO adapts the KL coefficient (from 0.2 towards ppo_target 6.0); TuneForge keeps "
+                              "ppo.kl_coef fixed at 0.2.")
+        self.config["ppo"] = ppo
+
+
+def loadable(config: dict) -> dict:
+    """The converted config as `load_train_config` can check it now: a PPO reward-model folder that does not exist
+    yet (trained later from the converted rm config) is swapped for a built-in reward; the rest is unchanged."""
+    ppo = config.get("ppo")
+    if not ppo or all(Path(name).is_dir() for name in ppo["reward"]):
+        return config
+    return {**config, "ppo": {**ppo, "reward": {"exact_match": 1.0}}}
+
+
 def _our_key(name: str) -> str | None:
     from tuneforge.configs.foreign import known_keys
 
@@ -285,7 +431,7 @@ def render(conv: Conversion, source: str) -> str:
         lines += ["# Not carried over (no TuneForge equivalent):"] + [f"#   {d}" for d in conv.dropped]
     if conv.notes:
         lines += ["# Differences to check:"] + [f"#   {n}" for n in conv.notes]
-    order = ["stage", "method", "output_dir", "model", "data", "training"]
+    order = ["stage", "method", "output_dir", "model", "data", "training", "rm", "dpo", "kto", "ppo"]
     config = {k: conv.config[k] for k in order if k in conv.config} | conv.config  # readable order, nothing lost
     return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
@@ -303,7 +449,7 @@ def convert_cli(args: ConvertArgs) -> int:
         raise ConfigError(f"{args.source} is not valid YAML: {e}") from e
     conv = convert(lf, path)
     text = render(conv, args.source)
-    load_train_config(None, base=yaml.safe_load(text))  # what we write must load; a failure here is our bug
+    load_train_config(None, base=loadable(yaml.safe_load(text)))  # what we write must load; else it is our bug
     if args.out is None:
         print(text, end="")
         return 0

@@ -32,7 +32,7 @@ class SamplingSection:
     top_p: float = opt(1.0, "Nucleus sampling of rollouts (1 = off).")
     top_k: int = opt(0, "Top-k sampling of rollouts (0 = off).")
     epochs: int = opt(1, "Optimisation passes over each rollout batch (PPO epochs / GRPO iterations).")
-    mini_batch_size: int = opt(0, "Completions per optimizer update within a rollout batch (0: all of them).")
+    mini_batch_size: int = opt(0, "Completions per optimizer update within a rollout batch, per process (0: all of them).")
     clip_eps: float = opt(0.2, "Clip range of the policy ratio.")
     format_pattern: str = opt(r"(?s)^\s*\S.*$", "Regular expression the `format` reward checks (re.fullmatch).")
     length_target: int = opt(20, "Target completion length in characters for the `length` reward.")

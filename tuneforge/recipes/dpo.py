@@ -40,7 +40,7 @@ class DPOStage(Stage):
         losses, metrics = self.pair_losses(policy, self.reference_sums(batch))
         if self.opts.sft_weight > 0:  # RPO: the chosen reply's per-token NLL keeps it likely
             losses = losses + self.opts.sft_weight * -policy.mean.chunk(2)[0]
-        return losses.sum(), {k: v.float().mean() for k, v in metrics.items() if v.numel()}
+        return losses.sum(), metrics  # per pair: the trainer averages them over the whole step
 
     def reference_sums(self, batch: dict) -> torch.Tensor | None:
         if self.opts.loss in REFERENCE_FREE:

@@ -6,6 +6,9 @@ model, advantages normalised within each group, a clipped objective with a k3 KL
 One trainer step: take `training.batch_size` prompts, sample `grpo.num_generations` completions of each through the
 engine (seeded per step and row), score them, then run `grpo.epochs` passes of minibatch updates. Groups whose
 completions all got the same reward have advantage 0 and teach nothing: the log says so.
+
+Under torchrun each process samples the groups of its own prompts (a group never spans processes, so advantages
+are what 1 process computes); see tuneforge/training/rl.py for seeds, normalisation and metrics over ranks.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from tuneforge.training.rl import (
     Reference,
     Rewards,
     RLStage,
+    gather,
     make_engine,
+    mean_over_ranks,
     policy_forward,
+    rows_offset,
     run_rl,
     sample,
     sampling_seed,
@@ -28,7 +34,8 @@ from tuneforge.training.rl import (
 
 class GRPOStage(RLStage):
     def __init__(self, cfg, model, tokenizer, runtime, log=print):
-        self.s, self.seed, self.rt, self.log = cfg.grpo, cfg.seed, runtime, log
+        self.s, self.seed, self.rt = cfg.grpo, cfg.seed, runtime
+        self.log = log if runtime.is_main else (lambda _: None)  # rank 0 reports for all ranks
         self.reference = Reference(model) if self.s.beta else None  # before training changes the weights
         self.rewards = Rewards(self.s, runtime, log)
         self.engine = make_engine(model, tokenizer)
@@ -37,11 +44,13 @@ class GRPOStage(RLStage):
     def rl_step(self, trainer, prompts) -> dict:
         s, G = self.s, self.s.num_generations
         rows = [p for p in prompts for _ in range(G)]
-        seeds = [sampling_seed(self.seed, trainer.step, r) for r in range(len(rows))]
+        first = rows_offset(self.rt, len(rows))  # seeds by global row: N processes sample what 1 process does
+        seeds = [sampling_seed(self.seed, trainer.step, first + r) for r in range(len(rows))]
         roll = sample(self.engine, rows, s, seeds, self.rt.device)
         rewards, means = self.rewards.score(roll.texts, roll.completion_ids, roll.prompts)
         constant = constant_reward_groups(rewards, G)
-        self._report_constant(trainer.step + 1, int(constant.sum()), len(prompts))
+        everyone = gather(self.rt, torch.stack([rewards, constant.repeat_interleave(G).float()], dim=1))
+        self._report_constant(trainer.step + 1, int(everyone[:, 1].sum()) // G, len(everyone) // G)
         advantages = group_advantages(rewards, G, s.advantage, s.scale_rewards).to(self.rt.device)
         everything = torch.arange(len(rows))
         batch = roll.rows(everything)
@@ -58,16 +67,16 @@ class GRPOStage(RLStage):
                 total, count, m = grpo_loss(logps, None if old is None else old[idx],
                                             None if ref is None else ref[idx], advantages[idx], mask, s.beta,
                                             s.clip_eps, s.clip_eps_high, s.loss_type, s.max_new_tokens)
-                loss = total / max(int(count), 1)
-                m["grad_norm"] = trainer.update(loss)
-                losses.append(float(loss.detach()))
+                loss, m["grad_norm"] = trainer.update(total / trainer.global_count(count))
+                losses.append(loss)
                 stats.append({k: float(v) for k, v in m.items()})
         lengths = [len(ids) for ids in roll.completion_ids]
-        return {"loss": sum(losses) / len(losses), "reward": float(rewards.mean()),
-                "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0, **means,
-                "constant_groups": float(constant.float().mean()), "completion_length": sum(lengths) / len(lengths),
-                **{k: sum(d[k] for d in stats) / len(stats) for k in stats[0]},
-                "tokens": int(roll.attention_mask.sum())}
+        local = {**means, "completion_length": sum(lengths) / len(lengths), "tokens": int(roll.attention_mask.sum()),
+                 **{k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}}
+        all_rewards = everyone[:, 0]
+        return {"loss": sum(losses) / len(losses), "reward": float(all_rewards.mean()),
+                "reward_std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
+                "constant_groups": float(everyone[:, 1].mean()), **mean_over_ranks(self.rt, local)}
 
     def _report_constant(self, step: int, n_constant: int, n_groups: int) -> None:
         """The "reward and loss stay 0" trap, said out loud: the first time, and whenever every group is constant."""

@@ -49,7 +49,7 @@ class KTOStage(Stage):
         losses, metrics = kto_loss(policy[:n], ref[:n], batch["kto_label"], z0, beta=self.opts.beta,
                                    desirable_weight=self.opts.desirable_weight,
                                    undesirable_weight=self.opts.undesirable_weight)
-        return losses.sum(), {k: v.float().mean() for k, v in metrics.items() if v.numel()}
+        return losses.sum(), metrics  # per row (rewards/chosen: desirable rows only); averaged over the step
 
     def reference_point(self, kl_policy: torch.Tensor, kl_ref: torch.Tensor, average: bool) -> torch.Tensor:
         """z0 = max(0, mean log-ratio of the mismatched rows), the mean taken over every process's rows while

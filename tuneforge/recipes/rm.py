@@ -39,8 +39,8 @@ class RewardStage(Stage):
         scores = model(batch["input_ids"], batch["attention_mask"])
         chosen, rejected = scores.chunk(2)
         losses, metrics = reward_pairwise_loss(chosen, rejected, batch["margin"] if self.use_margin else None)
-        return losses.sum(), {"accuracy": metrics["rewards/accuracies"].mean(),
-                              "reward_margin": metrics["rewards/margins"].mean()}
+        return losses.sum(), {"accuracy": metrics["rewards/accuracies"],  # per pair: averaged over the step
+                              "reward_margin": metrics["rewards/margins"]}
 
 
 @torch.no_grad()

@@ -47,7 +47,9 @@ class Stage:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        """(sum of loss terms, extra metrics)."""
+        """(sum of loss terms, extra metrics). A metric is a tensor of per-item values (one per pair, row, ...;
+        possibly empty) or a number (one item): the trainer logs the mean over every item of the whole step, all
+        micro-batches and all ranks (`StepMetrics`). Return the same keys on every call."""
         if self.rdrop_alpha > 0 and model.training:
             from tuneforge.tricks import rdrop_stage_loss
 
@@ -98,6 +100,34 @@ def use_chunked_loss(setting: str, model, stage: Stage, runtime: Runtime) -> boo
                         f"`training.chunked_loss=auto` (on where it applies) or never.")
     vocab = getattr(getattr(unwrap(model), "config", None), "vocab_size", 0) or 0
     return ok and (setting == "always" or (vocab >= 32_000 and runtime.device.type == "cuda"))
+
+
+class StepMetrics:
+    """A stage's extra metrics over a whole optimizer step: per key, the sum and the count of the items it reported
+    (pairs, rows) over every micro-batch, summed over ranks. Without this a logged accuracy would be the last
+    micro-batch's of rank 0 only."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per micro-batch
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            value = torch.as_tensor(value).detach().double()
+            self.sums[key] = self.sums.get(key, 0) + value.sum()
+            self.counts[key] = self.counts.get(key, 0) + value.numel()
+
+    def means(self, runtime: Runtime) -> dict[str, float]:
+        """The step's mean per key; a key no rank had an item for (KTO's rewards/chosen in a step of undesirable
+        rows only) is left out rather than logged as 0. Collective: every rank calls it with the same keys."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        sums = torch.stack([self.sums[k].to(runtime.device) for k in keys])
+        counts = torch.tensor([float(self.counts[k]) for k in keys], dtype=torch.float64, device=runtime.device)
+        totals = torch.stack([sums, counts])
+        totals = runtime.all_reduce_sum(totals)
+        return {k: float(totals[0, i] / totals[1, i]) for i, k in enumerate(keys) if totals[1, i] > 0}
 
 
 @dataclass
@@ -218,17 +248,18 @@ class Trainer:
         n_targets = int(self.rt.all_reduce_sum(torch.tensor(n_targets, device=self.rt.device)).item())
         n_tokens = int(self.rt.all_reduce_sum(torch.tensor(sum(n for _, n in micro), device=self.rt.device)).item())
         scale = self.rt.world_size / max(n_targets, 1)  # DDP averages gradients over ranks; undo that
-        loss_total, extra = torch.zeros((), device=self.rt.device), {}
+        loss_total, extra = torch.zeros((), device=self.rt.device), StepMetrics()
         for i, (batch, _) in enumerate(micro):
             with self._no_sync(last=i == len(micro) - 1), self.rt.autocast():
-                loss_sum, extra = self.stage.loss(self.model, batch)
+                loss_sum, metrics = self.stage.loss(self.model, batch)
             self.strategy.backward(self.model, loss_sum * scale)
             loss_total += loss_sum.detach().float()
+            extra.add(metrics)
         grad_norm = self._step()
         self.scheduler.step()
         loss = self.rt.all_reduce_sum(loss_total).item() / max(n_targets, 1)
         return {"loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
-                **{k: float(v) for k, v in extra.items()}}
+                **extra.means(self.rt)}
 
     def _step(self) -> float:
         """Clip, optimizer step, zero the gradients (the engine's way); the gradient norm before clipping."""

@@ -11,31 +11,35 @@ NOW = ("lr", "tokens_per_s", "mfu", "model_tflops", "eval_loss")  # logged as th
 
 class MetricWindow:
     """Sums of the per-step metrics since the last log line, so a logged loss is the mean over the logging window
-    (logging_steps), not the last step's. Its state goes into checkpoints: a resumed run logs the same numbers."""
+    (logging_steps), not the last step's. Each key is averaged over the steps that reported it (a stage may leave a
+    key out of a step: KTO's rewards/chosen when no row was desirable). Its state goes into checkpoints: a resumed
+    run logs the same numbers."""
 
     def __init__(self):
-        self.n, self.sums = 0, {}
+        self.n, self.sums, self.counts = 0, {}, {}
 
     def add(self, metrics: dict) -> None:
         self.n += 1
         for key, value in metrics.items():
             if key not in NOW and isinstance(value, (int, float)):
                 self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
 
     def flush(self, metrics: dict) -> dict:
         """The window's means plus the current values of lr, tokens/s, MFU and eval loss; starts a new window."""
-        out = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
+        out = {k: v / self.counts.get(k, self.n) for k, v in self.sums.items()} if self.n else {}
         out.update({k: metrics[k] for k in NOW if k in metrics})
         out.update({k: v for k, v in metrics.items() if k.startswith("suite/")})  # training.eval_suite scores
-        self.n, self.sums = 0, {}
+        self.n, self.sums, self.counts = 0, {}, {}
         return out
 
     def state(self) -> dict:
-        return {"n": self.n, "sums": dict(self.sums)}
+        return {"n": self.n, "sums": dict(self.sums), "counts": dict(self.counts)}
 
     def load(self, state: dict | None) -> None:
-        if state:
+        if state:  # checkpoints from before per-key counts: every key was in every step
             self.n, self.sums = state["n"], dict(state["sums"])
+            self.counts = dict(state.get("counts") or {k: self.n for k in self.sums})
 
 
 def fmt(key: str, value) -> str:

@@ -8,6 +8,14 @@ stop-on-signal handling and the final save are the loop's own. The learning-rate
 rollout batch. Sampling seeds are derived from (seed, step, row), so a resumed run samples exactly the same
 completions. Dropout stays off for the whole run (rollout, reference and updates run in eval mode), as RL
 implementations do, so the policy ratio is exactly 1 at the first update.
+
+Under torchrun (DDP) each process takes its share of the step's prompts (the data order's slice, as for any batch),
+samples and scores them itself, with seeds from the row's index in the global batch: rank r's rows get the seeds
+1 process would give those rows, so N processes sample what 1 process does. Each rank keeps its own reference model
+(or disabled adapters), reward functions or reward model and value head replica; DDP all-reduces the gradients, the
+loss of an update is normalised by the token/sequence count over all ranks, and the logged rewards, KL and the
+other statistics are over all ranks' rollouts. `mini_batch_size` counts completions per process. Rank 0 writes
+checkpoints, logs and the final model (the loop's own rules).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch
 from tuneforge.data.example_task import exact_match
 from tuneforge.data.types import IGNORE_INDEX, EncodedPrompt
 from tuneforge.errors import ConfigError, UserError
-from tuneforge.losses import label_positions, token_logps
+from tuneforge.losses import label_positions, token_logps, whiten
 from tuneforge.methods.base import unwrap
 from tuneforge.training import reference
 from tuneforge.training.loop import Stage, Trainer
@@ -218,6 +226,46 @@ def policy_forward(model, batch: dict, hidden: bool = False, at_labels: bool = F
     return logps, mask, logits, (out.hidden_states[-1][:, -labels.shape[1]:] if hidden else None)
 
 
+def rows_offset(runtime, n_rows: int) -> int:
+    """Index in the global rollout batch of this rank's first row (ranks hold equal shares, in rank order)."""
+    return runtime.rank * n_rows
+
+
+def gather(runtime, values: torch.Tensor) -> torch.Tensor:
+    """Every rank's `values` (same shape on each), concatenated in rank order; the tensor itself in one process."""
+    if not runtime.distributed:
+        return values
+    import torch.distributed as dist
+
+    local = values.to(runtime.device)
+    parts = [torch.empty_like(local) for _ in range(runtime.world_size)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(values.device)
+
+
+def mean_over_ranks(runtime, metrics: dict) -> dict:
+    """Per-rank means (of equal shares of rows) averaged over ranks; `tokens` summed. Identity in one process."""
+    if not runtime.distributed:
+        return metrics
+    keys = sorted(metrics)
+    values = runtime.all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
+                                                 device=runtime.device))
+    return {k: (int(v) if k == "tokens" else float(v) / runtime.world_size) for k, v in zip(keys, values.tolist())}
+
+
+def whiten_over_ranks(runtime, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`whiten` (losses/rl.py) with the mean and unbiased variance of every rank's masked values, so N processes
+    normalise PPO's advantages as 1 process does over the whole rollout batch."""
+    if not runtime.distributed:
+        return whiten(x, mask)
+    m = mask.to(torch.float64)
+    x64 = x.to(torch.float64)
+    total = runtime.all_reduce_sum(torch.stack([(x64 * m).sum(), m.sum()]))
+    mean = total[0] / total[1]
+    var = runtime.all_reduce_sum(((x64 - mean) ** 2 * m).sum()) / (total[1] - 1).clamp(min=1)
+    return ((x64 - mean) * torch.rsqrt(var + 1e-8) * m).to(x.dtype)
+
+
 class Reference(reference.Reference):
     """The frozen reference policy (adapters disabled, or a frozen copy made before the first step: the same
     component as dpo/kto), giving per-token log-probs of a rollout."""
@@ -260,10 +308,17 @@ class RLTrainer(Trainer):
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
-    def update(self, loss: torch.Tensor) -> float:
-        """One optimizer update from a loss already normalised for this minibatch; returns the grad norm."""
-        loss.backward()
-        return self._step()
+    def global_count(self, count) -> int:
+        """A loss normaliser (tokens or sequences) summed over every rank's minibatch: dividing this rank's loss sum
+        by it makes the ranks' losses add up to the loss 1 process computes over all their rows."""
+        return max(int(self.rt.all_reduce_sum(torch.as_tensor(count, device=self.rt.device).float()).item()), 1)
+
+    def update(self, loss: torch.Tensor) -> tuple[float, float]:
+        """One optimizer update from this rank's share of the minibatch loss (normalised by `global_count`);
+        returns (the whole minibatch's loss over all ranks, grad norm)."""
+        (loss * self.rt.world_size).backward()  # DDP averages gradients over ranks; the shares add up: undo that
+        grad_norm = self._step()
+        return float(self.rt.all_reduce_sum(loss.detach().float())), grad_norm
 
     def evaluate(self):
         return None  # sampling stages have no held-out loss; rewards are logged per step
@@ -284,30 +339,35 @@ def make_engine(model, tokenizer):
     return Engine(unwrap(model), tokenizer, max_batch_size=64, default_adapter=active_adapter(model))
 
 
-def run_rl(cfg, make_stage, log=print):
+def run_rl(cfg, make_stage, log=print, extend=None):
     """The whole run of a sampling stage: runtime, prompts (read first: a bad row fails before the model loads),
-    model + method, the stage (reference, rewards, value head), the RL trainer, the final save."""
+    model + method (`extend`: what the stage adds to the model before DDP wraps it, PPO's value head), the stage
+    (reference, rewards), the RL trainer, the final save."""
     from tuneforge.data.build import read_datasets
     from tuneforge.training.loop import describe_model
     from tuneforge.training.metrics import fmt
     from tuneforge.training.setup import save_final, setup_data, setup_model, setup_run
 
     runtime = setup_run(cfg, log)
-    if runtime.distributed:
-        raise UserError(f"Stage {cfg.stage} runs in one process for now; run it without torchrun.")
+    if runtime.engine not in ("none", "ddp"):
+        raise UserError(f"Stage {cfg.stage} samples with the whole model on every process, so it runs in one "
+                        f"process or under DDP, not with training.distributed={runtime.engine}. Set "
+                        f"`training.distributed=ddp` (or auto).")
     rows = read_datasets(cfg.data, stage=cfg.stage)
-    model, tokenizer, method = setup_model(cfg, runtime)
-    if runtime.is_main:
-        log(describe_model(model, method))
+    model, tokenizer, method = setup_model(cfg, runtime, extend=extend)
+    main_log = log if runtime.is_main else (lambda _: None)
+    main_log(describe_model(model, method))
     prompts, evals, _ = setup_data(cfg, tokenizer, cfg.stage, runtime, log, read=rows)
     if evals:
-        log(f"note: stage {cfg.stage} does not score the {len(evals)} held-out prompts during training; the "
-            f"rewards logged per step are those of the training rollouts")
+        main_log(f"note: stage {cfg.stage} does not score the {len(evals)} held-out prompts during training; the "
+                 f"rewards logged per step are those of the training rollouts")
     stage = make_stage(cfg, model, tokenizer, runtime, log)
     result = RLTrainer(cfg, runtime, model, method, prompts, stage, log).train()
     if result.finished:
         stage.before_save(model)
         save_final(cfg, model, method, tokenizer, runtime)
-        stage.after_save(Path(cfg.output_dir))
-        log(f"done: {result.steps} steps, final loss {fmt('loss', result.final_loss)}; saved to {cfg.output_dir}")
+        if runtime.is_main:
+            stage.after_save(Path(cfg.output_dir))
+        main_log(f"done: {result.steps} steps, final loss {fmt('loss', result.final_loss)}; saved to "
+                 f"{cfg.output_dir}")
     return result
