@@ -16,6 +16,7 @@ from tuneforge.cli import main as cli_main
 from tuneforge.configs.schema import load_train_config
 from tuneforge.train import run_config
 from tuneforge.training.metrics import read_metrics
+from tuneforge.training.runtime import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = ROOT / "tuneforge" / "assets" / "example_task" / "train.jsonl"
@@ -173,7 +174,8 @@ def test_two_cpu_processes_match_one(tiny_llama_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
                     "training.batch_size=4"], check=True, env=env, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    port = free_port()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     str(script), *common, f"output_dir={tmp_path / 'two'}", "training.batch_size=2"],
                    check=True, env=env, cwd=ROOT)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")

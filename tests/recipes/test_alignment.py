@@ -17,6 +17,7 @@ from tuneforge.configs.schema import load_train_config
 from tuneforge.errors import ConfigError, DataError, UserError
 from tuneforge.train import run_config
 from tuneforge.training.metrics import read_metrics
+from tuneforge.training.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFS = ROOT / "tuneforge" / "assets" / "example_prefs" / "train.jsonl"
@@ -270,12 +271,12 @@ def _one_vs_two_processes(stage, model_dir, tmp_path, port, *extra):
 
 
 def test_dpo_two_processes_match_one(tiny_qwen2_dir, tmp_path):
-    _one_vs_two_processes("dpo", tiny_qwen2_dir, tmp_path, 29561, "method=full")
+    _one_vs_two_processes("dpo", tiny_qwen2_dir, tmp_path, free_port(), "method=full")
 
 
 @pytest.mark.slow
 def test_rm_two_processes_match_one(tiny_qwen2_dir, tmp_path):
-    _one_vs_two_processes("rm", tiny_qwen2_dir, tmp_path, 29562)
+    _one_vs_two_processes("rm", tiny_qwen2_dir, tmp_path, free_port())
 
 
 

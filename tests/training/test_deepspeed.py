@@ -31,7 +31,7 @@ def test_zero2_two_processes_match_one_resume_and_export(tiny_llama_dir, tmp_pat
     train(tiny_llama_dir, one, *COMMON, "method=full", "training.batch_size=4")
     for extra in ("training.stop_after_steps=2", "training.resume=auto"):
         launch(tmp_path, tiny_llama_dir, zero, "method=full", "training.batch_size=2", *DS, "training.deepspeed=2",
-               extra, nproc=2, port=29561)
+               extra, nproc=2)
         if extra.startswith("training.stop"):
             shards = sorted(p.name for p in (zero / "checkpoint-2" / "deepspeed" / "state").glob("*optim_states.pt"))
             assert len(shards) == 2 and not (zero / "checkpoint-2" / "trainable.safetensors").exists()
@@ -82,7 +82,7 @@ def test_zero3_lora_resumes_exactly_and_exports_a_peft_adapter(tiny_qwen2_dir, t
     train(tiny_qwen2_dir, one, *COMMON, "training.batch_size=4", "training.lr=5e-3")
     for extra in ("training.stop_after_steps=2", "training.resume=auto"):
         launch(tmp_path, tiny_qwen2_dir, zero, *lora, *DS, f"training.deepspeed={zero3_json(tmp_path)}", extra,
-               nproc=2, port=29563)
+               nproc=2)
     assert losses(one) == pytest.approx(losses(zero), abs=1e-5)
     a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(zero / "adapter_model.safetensors"))
     assert max_diff(a, b) < 1e-5 and any("lora_A" in k for k in a)

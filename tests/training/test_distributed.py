@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from tests.test_training import DDP_SCRIPT, ROOT, TASK, losses, train
 from tuneforge.errors import UserError
+from tuneforge.training.runtime import free_port
 
 COMMON = [f"data.train=[{TASK}]", "training.max_steps=4", "training.progress_bar=false", "training.plot_loss=false",
           "data.eval_ratio=0.0", "training.eval_steps=0", "training.save_steps=0", "data.max_length=96",
@@ -22,7 +23,7 @@ COMMON = [f"data.train=[{TASK}]", "training.max_steps=4", "training.progress_bar
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(tmp_path: Path, model_dir, out: Path, *overrides, nproc: int = 1, port: int = 29541,
+def launch(tmp_path: Path, model_dir, out: Path, *overrides, nproc: int = 1, port: int | None = None,
            torchrun: tuple = ()) -> subprocess.CompletedProcess:
     """`tuneforge train`'s code path in a fresh process: plain python for 1 process, torchrun otherwise."""
     script = tmp_path / "run.py"
@@ -33,7 +34,7 @@ def launch(tmp_path: Path, model_dir, out: Path, *overrides, nproc: int = 1, por
         cmd = [sys.executable, str(script), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", *(torchrun or (f"--nproc_per_node={nproc}",
-                                                                            f"--master_port={port}")),
+                                                                            f"--master_port={port or free_port()}")),
                str(script), *args]
     done = subprocess.run(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -98,8 +99,10 @@ def test_two_nodes_on_one_machine_match_two_processes(tiny_llama_dir, tmp_path):
     script.write_text(DDP_SCRIPT)
     args = [str(ROOT / "examples" / "sft_lora_tiny.yaml"), f"model.name_or_path={tiny_llama_dir}", *COMMON,
             f"output_dir={nodes}", "method=full", "training.batch_size=2", "training.distributed=fsdp"]
+    endpoint_port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
-                               "--nproc-per-node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29547",
+                               "--nproc-per-node=1", "--rdzv-backend=c10d",
+                               f"--rdzv-endpoint=127.0.0.1:{endpoint_port}",
                                "--rdzv-id=tuneforge-test", str(script), *args], env=ENV, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outs = [p.communicate(timeout=300)[0] for p in procs]

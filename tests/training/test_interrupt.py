@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from tests.test_training import ROOT, TASK, losses, train
 from tuneforge.training.interrupt import StopRequest
+from tuneforge.training.runtime import free_port
 
 # batch 1, short rows: a step takes milliseconds. The child is frozen (SIGSTOP) as soon as its first step is logged,
 # so the signal lands a step or two in, far before step 40, however loaded the machine is
@@ -135,7 +136,7 @@ def test_under_torchrun_a_signal_stops_every_rank_at_the_same_step(tiny_llama_di
     reaches every process of the group, and torchrun forwards it once more; here the copies coalesce (the workers
     are stopped when they arrive), so the echo case itself is covered by the unit test above."""
     out = tmp_path / "ddp"
-    proc = spawn([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+    proc = spawn([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                   "-m", "tuneforge", "train", *cli_args(tiny_llama_dir, out, "training.device=cpu")])
     metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
     while not (metrics.exists() and metrics.read_text().strip()):

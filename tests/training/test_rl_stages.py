@@ -17,6 +17,7 @@ from tuneforge.configs.schema import load_train_config
 from tuneforge.errors import ConfigError, UserError
 from tuneforge.train import run_config
 from tuneforge.training.metrics import read_metrics
+from tuneforge.training.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = str(ROOT / "tuneforge/assets/example_task/train.jsonl")
@@ -313,9 +314,8 @@ def _run_processes(tmp_path, out, args, nproc: int, port: int) -> None:
     assert done.returncode == 0, done.stdout[-3000:]
 
 
-@pytest.mark.parametrize("stage,method,port", [("grpo", "full", 29571),
-                                               pytest.param("ppo", "lora", 29572, marks=pytest.mark.slow)])
-def test_two_processes_sample_and_learn_as_one(stage, method, port, tiny_qwen2_dir, tmp_path, rewards_module):
+@pytest.mark.parametrize("stage,method", [("grpo", "full"), pytest.param("ppo", "lora", marks=pytest.mark.slow)])
+def test_two_processes_sample_and_learn_as_one(stage, method, tiny_qwen2_dir, tmp_path, rewards_module):
     """torchrun, 2 gloo processes x 2 prompts against 1 process x 4 prompts: each rank samples its own prompts with
     the seeds 1 process gives those rows (so the rollouts are the same), the reference and the value head live per
     rank, the loss is normalised over both ranks and the metrics are over both ranks' rollouts. So the first step
@@ -328,8 +328,8 @@ def test_two_processes_sample_and_learn_as_one(stage, method, port, tiny_qwen2_d
             f"{stage}.max_new_tokens=8", f"{stage}.reward={{{rewards_module}:share_of: 1.0}}"]
     args += ["grpo.num_generations=4", "grpo.beta=0.04"] if stage == "grpo" else ["ppo.epochs=1"]
     one, two = tmp_path / "one", tmp_path / "two"
-    _run_processes(tmp_path, one, [*args, "training.batch_size=4"], 1, port)
-    _run_processes(tmp_path, two, [*args, "training.batch_size=2"], 2, port)
+    _run_processes(tmp_path, one, [*args, "training.batch_size=4"], 1, free_port())
+    _run_processes(tmp_path, two, [*args, "training.batch_size=2"], 2, free_port())
     a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3]  # one log line per step: only rank 0 writes
     keys = ["loss", "reward", "completion_length"] + (["reward_std", "constant_groups"] if stage == "grpo" else
