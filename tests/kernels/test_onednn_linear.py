@@ -154,3 +154,29 @@ def test_auto_and_onednn_resolve_per_run():
     assert not use_onednn_matmul("default", cpu, compile_blocks=False)
     with pytest.raises(UserError, match="cpu_matmul"):
         use_onednn_matmul("onednn", bf16, compile_blocks=False)
+
+
+def test_gradient_checkpointing_recomputes_under_the_mode():
+    """The autograd engine drops Python function modes in the backward pass; `checkpoint_contexts` puts the mode
+    back around the recomputation, so it saves the same tensors as the forward (else checkpoint raises)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    (block(x) ** 2).sum().backward()
+    want = [p.grad.clone() for p in block.parameters()] + [x.grad.clone()]
+    block.zero_grad()
+    x.grad = None
+    modes_in_recompute = []
+
+    def run(inp):
+        modes_in_recompute.append(onednn_linear.active())
+        return block(inp)
+
+    with onednn_linears("cpu"):
+        out = checkpoint(run, x, **onednn_linear.checkpointing_kwargs())
+        (out ** 2).sum().backward()
+    assert modes_in_recompute == [True, True]
+    for got, expected in zip([p.grad for p in block.parameters()] + [x.grad], want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -32,7 +32,7 @@ import os
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 _LINEAR = torch._C._nn.linear  # what torch.nn.functional.linear (and so nn.Linear) calls
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor (FSDP), not 4-bit/8-bit parameter classes
@@ -101,6 +101,24 @@ class _OneDNNLinears(TorchFunctionMode):
             if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and takes(x, weight, bias):
                 return linear(x, weight, bias)
         return func(*args, **kwargs)
+
+
+def active() -> bool:
+    """Whether the calling thread is inside `onednn_linears()`."""
+    return any(isinstance(mode, _OneDNNLinears) for mode in _get_current_function_mode_stack())
+
+
+def checkpoint_contexts():
+    """`context_fn` for torch.utils.checkpoint (non-reentrant): the recomputation in the backward pass runs under
+    the mode when the forward did. The autograd engine does not carry Python function modes into the backward, so
+    without this a recomputed block would save other tensors than the first forward and checkpoint refuses it."""
+    return contextlib.nullcontext(), (_OneDNNLinears() if active() else contextlib.nullcontext())
+
+
+def checkpointing_kwargs() -> dict:
+    """torch.utils.checkpoint options of every run (gradient checkpointing): non-reentrant, and blocks recomputed
+    in the backward pass use the same matmul library as their forward did."""
+    return {"use_reentrant": False, "context_fn": checkpoint_contexts}
 
 
 def onednn_linears(device: torch.device | str = "cpu", enabled: bool = True):
