@@ -243,7 +243,7 @@ class Trainer:
             with self.matmuls():
                 with self._no_sync(last=i == len(micro) - 1), self.rt.autocast():
                     loss_sum, extra = self.stage.loss(self.model, batch)
-                (loss_sum * scale).backward()  # in the context too: gradient checkpointing recomputes forwards
+                (loss_sum * scale).backward()  # recomputed (checkpointed) blocks: see checkpointing_kwargs()
             loss_total += loss_sum.detach().float()
         grad_norm = self._clip()
         self.optimizer.step()
