@@ -192,7 +192,7 @@ def tuneforge_config(model_dir: Path, out: Path, a) -> dict:
         "training": {"lr": a.lr, "scheduler": "cosine", "warmup_steps": 0, "batch_size": a.batch_size,
                      "grad_accum": 1, "max_steps": a.steps, "precision": a.precision, "max_grad_norm": 1.0,
                      "gradient_checkpointing": False, "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
-                     "device": "cpu", "plot_loss": False, "progress_bar": False},
+                     "device": "cpu", "plot_loss": False, "progress_bar": False, "cpu_matmul": a.tf_cpu_matmul},
     }
 
 
@@ -280,6 +280,8 @@ def main() -> int:
                         "core stalls each multi-threaded op")
     p.add_argument("--order", choices=["tf-first", "lf-first"], default="tf-first",
                    help="which side runs first for each model")
+    p.add_argument("--tf-cpu-matmul", choices=["auto", "onednn", "default"], default="auto",
+                   help="TuneForge's training.cpu_matmul (default: PyTorch's MKL sgemm, as before oneDNN)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs, per-step records)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=["tuneforge", "llamafactory"], help=argparse.SUPPRESS)
@@ -362,6 +364,7 @@ def main() -> int:
                 metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
                 own = [m for m in metrics if "tokens_per_s" in m]
                 r["own_tokens_per_s_last"] = own[-1]["tokens_per_s"] if own else None
+                r["mfu_last"] = own[-1].get("mfu") if own else None
             row[side] = r
             print(f"[{label}] {side}: {r['tokens_per_s']:.0f} tok/s ({r['tokens']} tokens in {r['seconds']:.2f} s,"
                   f" {r['s_per_step']:.3f} s/step), peak RSS {r['peak_rss_mib']:.0f} MiB, process {wall:.0f} s",
@@ -370,7 +373,7 @@ def main() -> int:
         row["rss_ratio"] = row["tuneforge"]["peak_rss_mib"] / row["llamafactory"]["peak_rss_mib"]
         results.append(row)
 
-    settings = (f"LoRA r={a.rank} alpha={a.alpha:g} dropout=0 on {','.join(TARGETS)}; batch {a.batch_size}, "
+    settings = (f"TuneForge training.cpu_matmul={a.tf_cpu_matmul}; LoRA r={a.rank} alpha={a.alpha:g} dropout=0 on {','.join(TARGETS)}; batch {a.batch_size}, "
                 f"grad accum 1, max_length {a.max_length}, {a.precision}, lr {a.lr:g} cosine, no packing, "
                 f"{'group_by_length on both sides, ' if a.group_by_length else ''}no gradient checkpointing; rate over steps {a.warmup + 1}..N")
     print("\n" + settings)
@@ -390,6 +393,7 @@ def main() -> int:
             r = row[side]
             own = (f"; its own metrics.jsonl tokens_per_s (all steps) {r['own_tokens_per_s_last']:.0f}"
                    if r.get("own_tokens_per_s_last") else "")
+            own += f", mfu {r['mfu_last']:.1%}" if r.get("mfu_last") else ""
             print(f"  {row['model']:<24} {side:<12} {r['tokens']:>6} tok / {r['seconds']:6.2f} s / "
                   f"{r['s_per_step']:.3f} s/step / pad {100 * r['pad_share']:.0f}% / {r['rss_before_train_mib']:.0f} MiB "
                   f"before train / "

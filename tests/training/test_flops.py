@@ -57,6 +57,19 @@ def test_cpu_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
     assert calls == [torch.float32] and (tmp_path / "cpu_peak.json").is_file()
 
 
+def test_cpu_peak_probe_takes_the_faster_of_mkl_and_onednn(monkeypatch):
+    from tuneforge.kernels import onednn_linear
+
+    products = []
+    monkeypatch.setattr(flops, "_best_rate", lambda product, n, s: products.append(product()) or 1e9 * len(products))
+    peak = flops.probe_cpu_peak(torch.float32, size=8)
+    if onednn_linear.available():  # both products computed a @ b (oneDNN: a @ b.T of the same FLOPs)
+        assert len(products) == 2 and peak == 2e9 and products[0].shape == products[1].shape == (8, 8)
+    before = len(products)
+    flops.probe_cpu_peak(torch.bfloat16, size=8)
+    assert len(products) == before + 1  # bf16: torch's own matmul only
+
+
 def test_every_run_logs_mfu(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny_llama_dir, out, "training.max_steps=2")

@@ -139,6 +139,11 @@ class TrainingConfig:
         "sdpa/eager (correct, but their mask over the joined row costs more than the padding saved).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
                                "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
+    cpu_matmul: Literal["auto", "onednn", "default"] = opt(
+        "auto", "Which library multiplies fp32 matrices on CPU, forward and backward. onednn: oneDNN (measured ~2x "
+        "faster than PyTorch's default MKL sgemm on an AMD EPYC; same fp32 results to rounding; "
+        "tuneforge/kernels/onednn_linear.py); default: PyTorch's own choice. auto: onednn for fp32 runs on CPU "
+        "where this torch build has it, except with compile or distributed=fsdp/deepspeed.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     eval_steps: int = opt(0, "Evaluate on the held-out split every N steps (0: only at the end when there is one).")
     eval_suite: dict[str, Any] | None = opt(None, "A small evaluation suite run at every eval step (stages pt and "

@@ -21,6 +21,7 @@ import torch
 
 from tuneforge.configs.typed import opt
 from tuneforge.errors import ConfigError, UserError
+from tuneforge.kernels.onednn_linear import checkpointing_kwargs
 from tuneforge.methods import get_method, register
 from tuneforge.methods.base import unwrap
 from tuneforge.methods.lora import Lora
@@ -138,7 +139,7 @@ class QLora(Lora):
                               f"bitsandbytes layers. Load it with `from_pretrained(quantization_config="
                               f"method.quantization_config(opts))` (the model loader does this for {self.name}).")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                gradient_checkpointing_kwargs=checkpointing_kwargs())
         model = get_method("lora").apply(model, cfg.options("lora"), cfg)
         keep_4bit_training_layout(model)
         return model

@@ -20,6 +20,7 @@ import torch
 from tuneforge.configs.schema import dump_config
 from tuneforge.data.types import IGNORE_INDEX
 from tuneforge.errors import UserError
+from tuneforge.kernels import onednn_linear
 from tuneforge.losses import causal_lm_loss, label_positions, selected_positions_loss
 from tuneforge.methods.base import Method, unwrap
 from tuneforge.training import checkpoint as ckpt
@@ -130,6 +131,24 @@ class StepMetrics:
         return {k: float(totals[0, i] / totals[1, i]) for i, k in enumerate(keys) if totals[1, i] > 0}
 
 
+def use_onednn_matmul(setting: str, runtime: Runtime, compile_blocks: bool) -> bool:
+    """`training.cpu_matmul`: whether fp32 CPU linears (forward and backward) run through oneDNN
+    (kernels/onednn_linear.py). auto leaves out what it is not tested with: compiled blocks (Dynamo would trace
+    the mode) and sharded engines (FSDP2 swaps parameters around the forward; DeepSpeed runs on GPUs)."""
+    if setting == "default":
+        return False
+    applies = runtime.device.type == "cpu" and runtime.dtype == torch.float32
+    if setting == "onednn":
+        if not (applies and onednn_linear.available()):
+            why = ("this run is not fp32 on CPU" if not applies else "this torch build has no oneDNN linear "
+                   "(or TUNEFORGE_ONEDNN_LINEAR=0 is set)")
+            raise UserError(f"training.cpu_matmul: onednn cannot apply: {why}. Set `training.cpu_matmul=auto` "
+                            f"(oneDNN where it applies) or default.")
+        return True
+    return applies and onednn_linear.available() and not compile_blocks and runtime.engine not in ("fsdp",
+                                                                                                  "deepspeed")
+
+
 @dataclass
 class DataOrder:
     """A deterministic, resumable order of micro-batches: epoch e is a permutation seeded by (seed, e); rank r takes
@@ -225,6 +244,11 @@ class Trainer:
         self.stage.logits_at_labels = accepts_logits_to_keep(self.model)
         self._varlen = install_varlen_hook(self.model) if uses_flash_attention(self.model) else None
         self.stage.chunked_loss = use_chunked_loss(self.t.chunked_loss, self.model, self.stage, self.rt)
+        self._onednn = use_onednn_matmul(self.t.cpu_matmul, self.rt, self.t.compile)
+
+    def matmuls(self):
+        """The context of every forward and backward (training.cpu_matmul): thread-local, changes no module."""
+        return onednn_linear.onednn_linears(self.rt.device, self._onednn)
 
     # ---- one optimizer step -------------------------------------------------------------------------------
     def _micro_batches(self) -> list[tuple[dict, int]]:
@@ -250,9 +274,11 @@ class Trainer:
         scale = self.rt.world_size / max(n_targets, 1)  # DDP averages gradients over ranks; undo that
         loss_total, extra = torch.zeros((), device=self.rt.device), StepMetrics()
         for i, (batch, _) in enumerate(micro):
-            with self._no_sync(last=i == len(micro) - 1), self.rt.autocast():
-                loss_sum, metrics = self.stage.loss(self.model, batch)
-            self.strategy.backward(self.model, loss_sum * scale)
+            with self.matmuls():
+                with self._no_sync(last=i == len(micro) - 1), self.rt.autocast():
+                    loss_sum, metrics = self.stage.loss(self.model, batch)
+                # recomputed (checkpointed) blocks run under the same context: see checkpointing_kwargs()
+                self.strategy.backward(self.model, loss_sum * scale)
             loss_total += loss_sum.detach().float()
             extra.add(metrics)
         grad_norm = self._step()
@@ -290,7 +316,7 @@ class Trainer:
         total = torch.zeros(2, device=self.rt.device, dtype=torch.float64)
         for start in range(0, len(mine), self.t.batch_size):
             batch = {k: v.to(self.rt.device) for k, v in self.collate(mine[start:start + self.t.batch_size]).items()}
-            with self.rt.autocast():
+            with self.rt.autocast(), self.matmuls():
                 loss_sum, _ = self.stage.loss(self.model, batch)
             total += torch.tensor([loss_sum.item(), self.stage.targets(batch)], device=self.rt.device,
                                   dtype=torch.float64)

@@ -303,7 +303,8 @@ class RLTrainer(Trainer):
         for _ in range(self.t.grad_accum):
             items += [self.train_items[i] for i in self.order.indices(self.position)]
             self.position += 1
-        metrics = self.stage.rl_step(self, items)
+        with self.matmuls():  # rollouts, log-probs and updates alike (training.cpu_matmul)
+            metrics = self.stage.rl_step(self, items)
         self.scheduler.step()
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics

@@ -13,6 +13,7 @@ import torch
 
 from tuneforge.configs.schema import TrainConfig
 from tuneforge.errors import UserError
+from tuneforge.kernels.onednn_linear import checkpointing_kwargs
 from tuneforge.methods import get_method
 from tuneforge.methods.base import Method
 from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
@@ -91,10 +92,11 @@ def prepare_model(cfg: TrainConfig, model, method: Method, device: torch.device,
     model.config.use_cache = False
     if cfg.training.gradient_checkpointing:
         # transformers 5.x renamed gradient_checkpointing_enable (the old name warns); keep both for older versions
+        kwargs = checkpointing_kwargs()
         if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model = method.apply(model, opts, cfg)
     if extend is not None:
         model = extend(model)
