@@ -134,7 +134,7 @@ class StepMetrics:
 def use_onednn_matmul(setting: str, runtime: Runtime, compile_blocks: bool) -> bool:
     """`training.cpu_matmul`: whether fp32 CPU linears (forward and backward) run through oneDNN
     (kernels/onednn_linear.py). auto leaves out what it is not tested with: compiled blocks (Dynamo would trace
-    the mode) and sharded engines (FSDP2 swaps parameters around the forward; DeepSpeed runs on GPUs)."""
+    the mode) and sharded engines (FSDP2 and DeepSpeed swap parameters around the forward)."""
     if setting == "default":
         return False
     applies = runtime.device.type == "cpu" and runtime.dtype == torch.float32
