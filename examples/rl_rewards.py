@@ -12,12 +12,16 @@ def digit_share(completion: str, **_) -> float:
 
 def short_and_right(completion: str, reference: str | None = None, **_) -> float:
     """1 for exactly the reference answer, 0.5 when the answer appears inside a longer reply, minus 0.002 per
-    character beyond the answer's length: partial credit that a chatty instruct model can climb (the real-model
+    character beyond the answer's length, -0.1 for any reply without it (flat: with a length penalty there too, the
+    policy learned to say nothing, measured on SmolLM2): partial credit that a chatty instruct model can climb (the real-model
     demo; plain exact_match gives a group of all-wrong chatty replies nothing to compare)."""
     from tuneforge.data.example_task import exact_match, normalize_answer
 
     if reference is None:
         raise ValueError("short_and_right needs the row's reference answer")
     answer = normalize_answer(reference)
-    score = 1.0 if exact_match(completion, reference) else 0.5 if answer and answer in completion else 0.0
-    return score - 0.002 * max(0, len(completion) - len(answer))
+    if exact_match(completion, reference):
+        return 1.0
+    if not (answer and answer in completion):
+        return -0.1  # flat: a short wrong reply (or an empty one) must not beat a long wrong one
+    return 0.5 - 0.002 * max(0, len(completion) - len(answer))
