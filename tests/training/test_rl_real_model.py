@@ -29,8 +29,8 @@ def heldout_reward(model, tokenizer, rows) -> tuple[float, float]:
     return reward, sum(exact_match(c, r["answer"]) for c, r in zip(replies, rows)) / len(rows)
 
 
-# Measured 2026-11-30 15:06 UTC, idle machine: held-out reward -0.074 -> 0.000, so this proof FAILS: the policy
-# learned near-empty replies (short_and_right gives an empty reply 0, above a wrong chatty one); see bench/RESULTS.md.
+# Measured 2026-11-30 15:11 UTC, idle machine, 2 threads, 5 min: held-out reward -0.086 -> 0.080, exact match 0 -> 0.
+# (Before short_and_right gave every reply without the answer a flat -0.1, the policy learned near-empty replies.)
 @pytest.mark.slow
 def test_grpo_raises_the_heldout_reward_of_smollm2(tmp_path, monkeypatch):
     from peft import PeftModel
