@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.eval.openai_stub import send_chat_reply
 from tuneforge.eval.judge import (
     JudgeClient,
     combine,
@@ -44,12 +45,7 @@ class _Judge(BaseHTTPRequestHandler):
             b = re.search(r"Assistant B's Answer\]\n(.*?)\n\[The End", user, re.S).group(1)
             verdict = "A" if self.position_bias else "A" if "GOOD" in a else "B" if "GOOD" in b else "C"
             reply = f"**Explanation**: both try.\n\nFinal verdict: [[{verdict}]]"
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_chat_reply(self, reply)
 
 
 @pytest.fixture

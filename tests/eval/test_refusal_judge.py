@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.eval.openai_stub import send_chat_reply
 from tuneforge.cli import main
 from tuneforge.errors import ConfigError
 from tuneforge.eval.run import load_eval_config
@@ -34,12 +35,7 @@ class _Classifier(BaseHTTPRequestHandler):
         content = body["messages"][-1]["content"]
         question = content.split("QUESTION:" if "QUESTION:" in content else "问题：")[1].split("\n")[0]
         reply = next(v for k, v in SCRIPT.items() if k in question)
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_chat_reply(self, reply)
 
 
 @pytest.fixture
