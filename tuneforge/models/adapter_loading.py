@@ -20,19 +20,22 @@ SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention
                 "intermediate_size", "vocab_size")
 
 
-def adapter_folder(adapter: str) -> Path:
-    """The adapter folder, checked; anything else gets an error saying what it is."""
+def adapter_folder(adapter: str | Path, full_model_hint: str = "chat with it directly: `tuneforge chat --model {folder}`.",
+                   prefix: str = "") -> Path:
+    """The adapter folder, checked; anything else gets an error saying what it is. One check for chat, eval, export
+    and serve: each passes what to do with a full-model folder instead (`{folder}` is filled in) and, for serve, a
+    prefix naming the adapter."""
     folder = Path(adapter).expanduser()
     if not folder.is_dir():
-        raise UserError(f"Adapter folder {adapter} does not exist. Pass the output_dir of a LoRA (or other "
+        raise UserError(f"{prefix}Adapter folder {adapter} does not exist. Pass the output_dir of a LoRA (or other "
                         f"adapter) training run, which holds adapter_config.json.")
     if (folder / "adapter_config.json").is_file():
         return folder
     if (folder / "config.json").is_file():
-        raise UserError(f"{folder} holds a full model, not an adapter. Chat with it directly: "
-                        f"`tuneforge chat --model {folder}`.")
-    raise UserError(f"{folder} has no adapter_config.json, so it is not a PEFT adapter folder. Pass the output_dir "
-                    f"of an adapter training run (LoRA etc.).")
+        raise UserError(f"{prefix}{folder} holds a full model (config.json), not an adapter: "
+                        + full_model_hint.format(folder=folder))
+    raise UserError(f"{prefix}{folder} has no adapter_config.json, so it is not a PEFT adapter folder. Pass the "
+                    f"output_dir of an adapter training run (lora, ia3, prompt_tuning, ...).")
 
 
 def recorded_base(folder: Path) -> str | None:

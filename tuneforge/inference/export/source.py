@@ -48,15 +48,9 @@ def _run_config(folder: Path) -> dict:
 
 
 def check_adapter_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise UserError(f"Adapter folder {folder} does not exist. Pass the output_dir of an adapter training run "
-                        f"(it holds {ADAPTER_CONFIG}).")
-    if not (folder / ADAPTER_CONFIG).is_file():
-        if (folder / "config.json").is_file():
-            raise UserError(f"{folder} holds a full model (config.json), not an adapter: export it with "
-                            f"`tuneforge export --model {folder} --out DIR` (no --adapter).")
-        raise UserError(f"{folder} has no {ADAPTER_CONFIG}, so it is not an adapter folder. Pass the output_dir of "
-                        f"an adapter training run (lora, ia3, prompt_tuning, ...).")
+    from tuneforge.models.adapter_loading import adapter_folder
+
+    adapter_folder(folder, "export it with `tuneforge export --model {folder} --out DIR` (no --adapter).")
 
 
 def adapter_method(folder: Path):

@@ -64,13 +64,9 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
 def _check_adapter_folder(name: str, folder: Path, allow_pickle: bool) -> Path:
     """The weights file of a PEFT adapter folder (or a UserError saying what the folder is instead)."""
     from tuneforge.methods.adapters import tuneforge_adapter_method
+    from tuneforge.models.adapter_loading import adapter_folder
 
-    if not folder.is_dir():
-        raise UserError(f"Adapter `{name}`: folder {folder} does not exist. Pass the output_dir of an adapter "
-                        f"training run (it holds adapter_config.json).")
-    if not (folder / "adapter_config.json").is_file():
-        hint = " It holds a full model: serve it with --model instead." if (folder / "config.json").is_file() else ""
-        raise UserError(f"Adapter `{name}`: {folder} has no adapter_config.json, so it is not an adapter folder.{hint}")
+    adapter_folder(folder, "serve it with --model instead.", prefix=f"Adapter `{name}`: ")
     method = tuneforge_adapter_method(folder)
     if method is not None:
         raise UserError(f"Adapter `{name}`: {folder} is a TuneForge `{method}` adapter, which cannot be switched on "
