@@ -39,17 +39,20 @@ def metric(out, key="loss") -> list[float]:
     return [r[key] for r in read_metrics(Path(out) / "metrics.jsonl") if key in r]
 
 
-# 16 pairs seen again and again (2 batches of 8), 12 steps. Measured on tiny-qwen2, mean of the first -> last 3
+# 16 pairs seen again and again (2 batches of 8), 12 steps. Measured on tiny-qwen2 (first data), mean of the first -> last 3
 # losses: rm lora 0.41 -> 0.18 (accuracy 0.92), full 0.59 -> 0.13; dpo lora 0.62 -> 0.38 (accuracy 0.875), full
 # 0.57 -> 0.25; kto lora 0.50 -> 0.42, full 0.50 -> 0.37; coh lora 7.10 -> 6.53, full 7.03 -> 5.93
+# rm with LoRA at 1e-2 oscillated on the rebuilt data (0.45 -> 0.60): 5e-3 gives 0.46 -> 0.20.
 LEARNS = {"lora": ["training.lr=1e-2", "lora.target_modules=[all-linear]"], "full": ["training.lr=1e-3"]}
+STAGE_LR = {("rm", "lora"): "training.lr=5e-3"}
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("stage", ["rm", "dpo", "kto", "coh"])
 def test_stage_learns(stage, method, tiny_qwen2_dir, tmp_path):
     out = tmp_path / "run"
-    train(stage, tiny_qwen2_dir, out, f"method={method}", "training.max_steps=12", *LEARNS[method])
+    train(stage, tiny_qwen2_dir, out, f"method={method}", "training.max_steps=12", *LEARNS[method],
+          *[STAGE_LR[stage, method]] if (stage, method) in STAGE_LR else [])
     curve = metric(out)
     assert len(curve) == 12 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.02, curve
     if stage in ("rm", "dpo"):

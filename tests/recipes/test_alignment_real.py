@@ -151,8 +151,8 @@ PROMPTS = ROOT / "tuneforge" / "assets" / "example_prompts"
 PPO_STEPS = ("training.max_steps=30", "training.lr=2e-4", "training.precision=bf16")
 
 
-def _mean_reward(scorer, model, tokenizer, rows) -> tuple[float, float]:
-    """(mean reward-model score, exact-match share) of greedy replies to held-out prompts."""
+def _mean_reward(scorer, model, tokenizer, rows) -> tuple[float, float, list[str]]:
+    """(mean reward-model score, exact-match share, the replies) of greedy replies to held-out prompts."""
     from tuneforge.data.example_task import exact_match
     from tuneforge.inference import generate_replies
 
@@ -161,7 +161,7 @@ def _mean_reward(scorer, model, tokenizer, rows) -> tuple[float, float]:
     texts = [tokenizer.apply_chat_template([*p, {"role": "assistant", "content": c}], tokenize=False)
              for p, c in zip(prompts, replies)]
     matches = sum(exact_match(c, r["answer"]) for c, r in zip(replies, rows))
-    return float(scorer.score(texts).mean()), matches / len(rows)
+    return float(scorer.score(texts).mean()), matches / len(rows), replies
 
 
 def test_ppo_raises_the_reward_model_score_of_heldout_replies(reward_model, tmp_path, monkeypatch):
@@ -187,4 +187,6 @@ def test_ppo_raises_the_reward_model_score_of_heldout_replies(reward_model, tmp_
     after = _mean_reward(scorer, PeftModel.from_pretrained(base, str(tmp_path)), tokenizer, rows)
     print(f"ppo: held-out mean reward {before[0]:.3f} -> {after[0]:.3f} (exact match {before[1]:.3f} -> "
           f"{after[1]:.3f}) on {len(rows)} prompts")
+    for row, reply in list(zip(rows, after[2]))[:4]:  # what the score rewards: read them, not only the mean
+        print(f"  {row['messages'][0]['content']!r} -> {reply!r} (answer {row['answer']!r})")
     assert after[0] > before[0] + 0.5
