@@ -173,7 +173,7 @@ def free_memory() -> None:
 
 def estimate_gb(cfg, runtime, shape: str, batch: int, seq: int, work: Path) -> float:
     """`tuneforge estimate`'s total for the same settings (its model read from the shape's config.json)."""
-    from tuneforge.estimate import EstimateArgs, estimate
+    from tuneforge.estimate.memory import EstimateArgs, estimate
 
     hf_config(shape, seq).save_pretrained(work / "shape")
     opts = cfg.options("lora")
@@ -249,7 +249,7 @@ def fmt(value, spec: str, empty: str = "-") -> str:
 
 
 def render(results: list[Result]) -> str:
-    from tuneforge.estimate import fmt_count
+    from tuneforge.estimate.memory import fmt_count
 
     head = ["method", "shape", "device", "trainable", "batch x seq", "tokens", "tokens/s", "TFLOP/s", "MFU",
             "peak GB", "estimate GB", "peak vs est."]

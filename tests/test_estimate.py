@@ -25,8 +25,8 @@ import torch
 
 from tuneforge.cli import main
 from tuneforge.errors import UserError
-from tuneforge.estimate import EstimateArgs, activation_bytes, estimate, trainable_params
-from tuneforge.estimate_presets import PRESETS, resolve_shape
+from tuneforge.estimate.memory import EstimateArgs, activation_bytes, estimate, trainable_params
+from tuneforge.estimate.shapes import PRESETS, resolve_shape
 
 GB = 1e9
 LLAMA_7B = 6_738_415_616
@@ -517,6 +517,6 @@ def test_distributed_conflicting_with_zero_is_an_error_and_fsdp_notes_the_gather
     report = estimate(EstimateArgs(model="llama-7b", methods="full", distributed="fsdp", gpus=8))
     block = 4 * 4096 * 4096 + 3 * 4096 * 11008  # q, k, v, o and the 3 MLP projections of one llama-7b block
     assert any(f"{2 * block * 2 / 1e9:.2f} GB" in note and note.startswith("FSDP") for note in report.notes)
-    from tuneforge.estimate import render_table
+    from tuneforge.estimate.memory import render_table
 
     assert "FSDP (= ZeRO-3) over 8 GPUs" in render_table(report)

@@ -51,7 +51,7 @@ VERBS = [
     Verb("methods", "tuneforge.cli:list_methods", None, "List the fine-tuning methods and what they train."),
     Verb("quickstart", "tuneforge.quickstart:quickstart_cli", "tuneforge.quickstart:QuickstartArgs",
          "Fine-tune the built-in chat model on the bundled task and show answers and accuracy before/after."),
-    Verb("estimate", "tuneforge.estimate:estimate_cli", "tuneforge.estimate:EstimateArgs",
+    Verb("estimate", "tuneforge.estimate.memory:estimate_cli", "tuneforge.estimate.memory:EstimateArgs",
          "Estimate trainable parameters and memory per GPU for each fine-tuning method, side by side."),
     Verb("convert-config", "tuneforge.configs.llamafactory:convert_cli", "tuneforge.configs.llamafactory:ConvertArgs",
          "Translate a LLaMA-Factory training YAML into a TuneForge config and list what has no equivalent."),

@@ -41,8 +41,8 @@ def verbs_table() -> str:
 
 def _share(method: str, preset: str) -> str:
     """Trainable share of a 7B model with the method's default options, from the estimator (`tuneforge estimate`)."""
-    from tuneforge.estimate import EstimateArgs, trainable_params
-    from tuneforge.estimate_presets import resolve_shape
+    from tuneforge.estimate.memory import EstimateArgs, trainable_params
+    from tuneforge.estimate.shapes import resolve_shape
     from tuneforge.methods import METHODS
 
     shape = resolve_shape(preset)

@@ -221,7 +221,7 @@ def test_zero3_bf16_on_cuda_follows_the_plain_loop(tiny_llama_dir, tmp_path):
 def test_estimate_offload_moves_the_optimizer_side_to_cpu():
     """`tuneforge estimate --offload` mirrors training.deepspeed_offload: full fine-tune of a 7B under ZeRO-3 over
     8 GPUs keeps (4 + 8) bytes x N / 8 of master weights + AdamW states in CPU memory (all: + 2 x N / 8 weights)."""
-    from tuneforge.estimate import EstimateArgs, estimate
+    from tuneforge.estimate.memory import EstimateArgs, estimate
 
     def full(**kw):
         return estimate(EstimateArgs(model="llama-7b", methods="full", gpus=8, distributed="zero3", **kw))

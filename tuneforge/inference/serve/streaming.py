@@ -50,17 +50,24 @@ def _chat_delta(choice: Choice, events: list, calls_before: int) -> dict:
     return delta
 
 
-async def chat_stream(req, choices: list[Choice], prompt_tokens: int, token_text: TokenText, first_events: list):
-    rid, created = new_id("chatcmpl"), int(time.time())
+def chunk_writer(req, id_prefix: str, object_name: str):
+    """(chunk(payloads, counts=None) -> one SSE event, include_usage) for one stream: every chunk of a stream shares
+    its id, creation time and model; with include_usage each carries `usage` (null until the last)."""
+    rid, created = new_id(id_prefix), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    top_n = req.top_logprobs or 0
 
     def chunk(payloads: list[dict], counts: dict | None = None) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                "choices": payloads}
+        body = {"id": rid, "object": object_name, "created": created, "model": req.model, "choices": payloads}
         if include_usage:
             body["usage"] = counts
         return sse(body)
+
+    return chunk, include_usage
+
+
+async def chat_stream(req, choices: list[Choice], prompt_tokens: int, token_text: TokenText, first_events: list):
+    chunk, include_usage = chunk_writer(req, "chatcmpl", "chat.completion.chunk")
+    top_n = req.top_logprobs or 0
 
     try:
         for c, events in zip(choices, first_events):
@@ -91,14 +98,7 @@ async def chat_stream(req, choices: list[Choice], prompt_tokens: int, token_text
 
 async def completion_stream(req, choices: list[Choice], prompt_tokens: int, token_text: TokenText,
                             echoes: list[str]):
-    rid, created = new_id("cmpl"), int(time.time())
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    def chunk(payloads: list[dict], counts: dict | None = None) -> str:
-        body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": payloads}
-        if include_usage:
-            body["usage"] = counts
-        return sse(body)
+    chunk, include_usage = chunk_writer(req, "cmpl", "text_completion")
 
     try:
         if req.echo:

@@ -4,7 +4,7 @@
     tuneforge estimate --model ./my-model --methods full,lora,qlora --batch-size 4 --seq-len 1024 --gpus 8 --zero 3
     tuneforge estimate --model qwen2.5-7b --method lora --lora-rank 16 --lora-targets q_proj,v_proj --json
 
-Everything is computed analytically from the model's shapes (`estimate_presets.ModelShape`); no model is built.
+Everything is computed analytically from the model's shapes (`estimate.shapes.ModelShape`); no model is built.
 1 GB = 1e9 bytes throughout.
 
 Memory model (per GPU, bytes; e = bytes per element of --dtype: 2 for bf16/fp16, 4 for fp32; N_t = trainable params)
@@ -48,7 +48,7 @@ from typing import Literal
 
 from tuneforge.configs.typed import opt
 from tuneforge.errors import UserError, did_you_mean
-from tuneforge.estimate_presets import PRESETS, ModelShape, resolve_shape
+from tuneforge.estimate.shapes import PRESETS, ModelShape, resolve_shape
 
 GB = 1e9
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
