@@ -145,10 +145,11 @@ def test_preference_training_raises_exact_match(stage, tmp_path):
 
 
 PROMPTS = ROOT / "tuneforge" / "assets" / "example_prompts"
-# Measured 2026-11-30 17:08 UTC, idle machine, 2 threads (8 min 43 s with the rm): rm score -2.055 -> 3.947, exact
-# match 0 -> 0, KL 19.1 at step 30 and every reply at the 24-token limit: the policy over-optimises this rm (see
-# README); the +0.5 margin below holds with room.
-PPO_STEPS = ("training.max_steps=30", "training.lr=2e-4", "training.precision=bf16")
+# Measured 2026-11-30 on an idle machine, 2 threads. At the default kl_coef 0.05 (17:08 UTC, 8 min 43 s with the rm): rm
+# score -2.055 -> 3.947, but by reward hacking: KL 19.1 and every greedy reply a fragment like "Python:\n```python:\n```"
+# that this rm over-scores. At kl_coef 0.3 (17:32 UTC, 4 min for ppo): -2.055 -> 0.257, KL 5.2, replies still
+# sentences ("To convert 85 kg to grams, we need to ..."); exact match 0 -> 0 both times.
+PPO_STEPS = ("training.max_steps=30", "training.lr=2e-4", "training.precision=bf16", "ppo.kl_coef=0.3")
 
 
 def _mean_reward(scorer, model, tokenizer, rows) -> tuple[float, float, list[str]]:
