@@ -230,6 +230,15 @@ def test_argument_errors_before_any_load(tmp_path):
     assert parse_shard_size("2GB") == 2 * 10**9 and parse_shard_size("1GiB") == 2**30
 
 
+def test_adapter_that_is_not_an_adapter_folder_says_what_it_is(tiny_llama_dir, tmp_path):
+    """A full model passed as --adapter is told to go through --model; a missing folder and an empty one are named."""
+    cases = [(tiny_llama_dir, "holds a full model.*tuneforge export --model"), (tmp_path / "gone", "does not exist"),
+             (tmp_path, "no adapter_config.json")]
+    for adapter, message in cases:
+        with pytest.raises(UserError, match=message):
+            export_cli(ExportArgs(out=str(tmp_path / "x"), model=str(tiny_llama_dir), adapter=str(adapter)))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal is for machines without CUDA")
 def test_bitsandbytes_export_on_cpu_says_why(tiny_llama_dir, tmp_path):
     with pytest.raises(UserError, match="needs a CUDA GPU|needs bitsandbytes"):

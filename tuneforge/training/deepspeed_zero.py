@@ -29,7 +29,7 @@ import torch
 
 from tuneforge.errors import UserError
 from tuneforge.methods.base import unwrap
-from tuneforge.training.distributed import Strategy
+from tuneforge.training.distributed import Strategy, load_into_plain
 from tuneforge.training.runtime import Runtime
 
 SHARD_DIR = "deepspeed"  # inside checkpoint-N/
@@ -235,10 +235,4 @@ class DeepSpeedStrategy(Strategy):
             full = safe_get_full_fp32_param(p)
             if rank0:
                 trained[name] = (full if full is not None else p.detach()).float().cpu().clone()
-        if not rank0:
-            return None
-        plain = build_plain()
-        result = plain.load_state_dict(trained, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"export: gathered tensors the plain model lacks: {result.unexpected_keys[:3]}")
-        return plain
+        return load_into_plain(trained, build_plain) if rank0 else None

@@ -180,13 +180,17 @@ class FSDPStrategy(Strategy):
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         trained = get_model_state_dict(model, options=options)
-        if dist.get_rank() != 0:
-            return None
-        plain = build_plain()
-        result = plain.load_state_dict(trained, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"export: gathered tensors the plain model lacks: {result.unexpected_keys[:3]}")
-        return plain
+        return load_into_plain(trained, build_plain) if dist.get_rank() == 0 else None
+
+
+def load_into_plain(trained: dict, build_plain):
+    """The gathered trained tensors (rank 0) in a plain copy of the model, built the way training built it, so each
+    method's own `save` writes the usual HF/PEFT folder (FSDP2 and DeepSpeed exports share this)."""
+    plain = build_plain()
+    result = plain.load_state_dict(trained, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"export: gathered tensors the plain model lacks: {result.unexpected_keys[:3]}")
+    return plain
 
 
 def check_deepspeed(cfg, runtime: Runtime) -> None:

@@ -24,6 +24,7 @@ import torch
 from tuneforge.configs.schema import ModelConfig
 from tuneforge.configs.typed import opt
 from tuneforge.errors import UserError
+from tuneforge.models.adapter_loading import adapter_folder
 
 
 @dataclass
@@ -155,7 +156,7 @@ def export_cli(args: ExportArgs) -> int:
         adapter, args.model = Path(args.model).expanduser(), None  # `--model outputs/lora-run`: meant as adapter
     method = None
     if adapter is not None:
-        source.check_adapter_folder(adapter)
+        adapter_folder(adapter, "export it with `tuneforge export --model {folder} --out DIR` (no --adapter).")
         method = source.adapter_method(adapter)
     base = args.model or source.base_reference(adapter)
     out = Path(args.out).expanduser()

@@ -47,12 +47,6 @@ def _run_config(folder: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def check_adapter_folder(folder: Path) -> None:
-    from tuneforge.models.adapter_loading import adapter_folder
-
-    adapter_folder(folder, "export it with `tuneforge export --model {folder} --out DIR` (no --adapter).")
-
-
 def adapter_method(folder: Path):
     """The registered method that wrote the adapter folder: TuneForge's own key, else the training run's config
     (which tells LoRA variants apart), else PEFT's `peft_type`."""
