@@ -52,3 +52,14 @@ def shared_assets() -> Path:
     if not SHARED_ASSETS.is_dir():
         pytest.skip(f"{SHARED_ASSETS} is absent (the shared offline assets live next to the repository, not in it)")
     return SHARED_ASSETS
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests (opt-in: `-m gpu`) skip with a reason where torch sees no CUDA device, instead of failing
+    at their first .cuda()."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (a gpu-marked test; torch sees no CUDA device)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

@@ -55,6 +55,33 @@ def test_under_bf16_autocast_it_matches_the_autocast_logits():
     assert torch.allclose(gg, gw, atol=3e-2, rtol=3e-2)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])  # full fine-tune's fp32 head; LoRA's bf16
+def test_liger_on_cuda_matches_the_full_logits(weight_dtype):
+    """On CUDA with Liger Kernel installed, linear_cross_entropy takes Liger's fused kernel: under bf16 autocast, as
+    the training step calls it, its loss and gradients equal full autocast logits (up to bf16 rounding)."""
+    pytest.importorskip("liger_kernel")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tuneforge.training.chunked_loss import _liger
+
+    assert _liger() is not None
+    torch.manual_seed(0)
+    hidden = torch.randn(600, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(32000, 256, device="cuda") * 0.05).to(weight_dtype).requires_grad_()
+    targets = torch.randint(0, 32000, (600,), device="cuda")
+    targets[::7] = IGNORE_INDEX
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        got = linear_cross_entropy(hidden, weight, targets)
+    want_grads = torch.autograd.grad(want, [hidden, weight])
+    got_grads = torch.autograd.grad(got, [hidden, weight])
+    assert got.item() == pytest.approx(want.item(), rel=2e-3)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == w.dtype and (g.float() - w.float()).norm() <= 2e-2 * w.float().norm()
+    assert got_grads[0][::7].abs().sum() == 0  # ignored rows get no gradient
+
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_stage_loss_equals_the_full_logits_path(fixture, request):
     """On a real (tiny) model with LoRA: the Stage's chunked loss and its gradients equal today's path."""
