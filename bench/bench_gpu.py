@@ -139,13 +139,15 @@ def build_model(cfg, runtime, shape: str, seq: int, work: Path):
     from transformers import AutoModelForCausalLM
 
     from tuneforge.methods import get_method
+    from tuneforge.models.attention import resolve_attention
     from tuneforge.training.setup import prepare_model
 
     method = get_method(cfg.method)
     torch.manual_seed(0)
     with torch.device(runtime.device):  # initialise on the GPU: an 8B init on CPU takes minutes
         model = AutoModelForCausalLM.from_config(hf_config(shape, seq), dtype=runtime.dtype,
-                                                 attn_implementation=cfg.model.attn_implementation)
+                                                 attn_implementation=resolve_attention(cfg.model.attn_implementation,
+                                                                                       runtime.device))
     if cfg.method == "qlora":
         from tuneforge.models.loading import _load_model_from
 

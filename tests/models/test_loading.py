@@ -20,7 +20,7 @@ def test_local_folder_loads_ready_for_training(tiny_llama_dir):
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir)), dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
     assert tok.padding_side == "right" and tok.pad_token == "<|finetune_right_pad_id|>"
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "tuneforge_auto"  # model.attn_implementation: auto, on CPU
     assert model.generation_config.pad_token_id == tok.pad_token_id
 
 

@@ -35,7 +35,9 @@ class ModelConfig:
     trust_remote_code: bool = opt(False, "Run Python code shipped with the model. Off unless you trust the source.")
     allow_pickle: bool = opt(False, "Allow loading pickle (.bin/.pt) weights, which can execute code. Prefer "
                                     "safetensors; turn on only for files you trust.")
-    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (GPU only).")
+    attn_implementation: str = opt("auto", "Attention kernel: auto, sdpa, eager, or flash_attention_2 (GPU only). "
+                                           "auto: sdpa, but eager for bf16 batches of up to 192 positions on CPU, "
+                                           "where it is faster (models/attention.py).")
     chat_template: str | None = opt(None, "Override the tokenizer's chat template: a built-in name (chatml, llama3, "
                                           "qwen, default) or a path to a .jinja file. Default: the tokenizer's own.")
 

@@ -214,9 +214,12 @@ def load_tokenizer(model_cfg):
     return _load_tokenizer_from(resolve_source(model_cfg.name_or_path), model_cfg)
 
 
-def _load_model_from(source: str, model_cfg, dtype, **kwargs):
+def _load_model_from(source: str, model_cfg, dtype, device: str | torch.device | None = None, **kwargs):
     from transformers import AutoModelForCausalLM
 
+    from tuneforge.models.attention import resolve_attention
+
+    attention = resolve_attention(model_cfg.attn_implementation, _target_device(device, kwargs.get("device_map")))
     if Path(source).is_dir():
         check_pickle(Path(source), model_cfg.allow_pickle)
     if not model_cfg.allow_pickle:
@@ -224,10 +227,18 @@ def _load_model_from(source: str, model_cfg, dtype, **kwargs):
     try:
         return _from_pretrained(AutoModelForCausalLM.from_pretrained, source, "model", dtype=dtype,
                                 trust_remote_code=model_cfg.trust_remote_code,
-                                attn_implementation=model_cfg.attn_implementation, **kwargs)
+                                attn_implementation=attention, **kwargs)
     except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package or a GPU
         raise UserError(f"`model.attn_implementation: {model_cfg.attn_implementation}` is not available here: "
-                        f"{e} Use sdpa (the default) or eager.") from e
+                        f"{e} Use auto (the default), sdpa or eager.") from e
+
+
+def _target_device(device, device_map) -> str | torch.device | None:
+    """Where the model will run: `device`, or a GPU when transformers places it by `device_map` (QLoRA)."""
+    if device_map is None:
+        return device
+    first = next(iter(device_map.values()), None) if isinstance(device_map, dict) else device_map
+    return "cuda" if isinstance(first, int) or str(first).startswith("cuda") else None
 
 
 def load_model_and_tokenizer(model_cfg, dtype: torch.dtype | None = torch.float32,
@@ -238,7 +249,7 @@ def load_model_and_tokenizer(model_cfg, dtype: torch.dtype | None = torch.float3
     `device_map` among them the model is left where transformers placed it instead of moved to `device`."""
     source = resolve_source(model_cfg.name_or_path)
     tokenizer = _load_tokenizer_from(source, model_cfg)
-    model = _load_model_from(source, model_cfg, dtype, **from_pretrained_kwargs)
+    model = _load_model_from(source, model_cfg, dtype, device, **from_pretrained_kwargs)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # only when prepare_tokenizer added <|pad|>
         model.resize_token_embeddings(len(tokenizer))
     if model.generation_config.pad_token_id is None:

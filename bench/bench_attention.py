@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""`model.attn_implementation: auto` against `sdpa` on CPU: one attention call by row length, then the quickstart.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_attention.py                 # both parts (about 6 minutes)
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_attention.py --part kernel   # seconds
+
+Part 1 (kernel): forward + backward of one attention call (9 heads of 64 dims as SmolLM2-135M, 1024 positions per
+batch, causal + padding mask as transformers makes it) through torch's SDPA and through the eager matmul-softmax-
+matmul, in bf16 and fp32, by row length. Part 2 (train): `tuneforge train examples/quickstart.yaml` (SmolLM2-135M
+LoRA, bf16 on CPUs that compute it, rows up to 128 tokens) with `model.attn_implementation` sdpa and auto,
+alternating, --pairs times; tokens/s as the run logs it (its last logging window), the ratio auto / sdpa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def eager(q, k, v, additive_mask):
+    """transformers' eager attention: scores + an fp32 additive mask, softmax in fp32."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + additive_mask
+    return torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def seconds_per_call(fn, *args, repeats: int = 5) -> float:
+    for _ in range(2):
+        fn(*args).sum().backward()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(*args).sum().backward()
+    return (time.perf_counter() - start) / repeats
+
+
+def kernel_part() -> None:
+    print("one attention call, forward + backward, about 1024 positions per batch (ms; eager / sdpa < 1 means eager faster)")
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch, length in ((16, 64), (8, 128), (5, 192), (4, 256), (2, 512), (1, 1024)):
+            gen = torch.Generator().manual_seed(length)
+            q, k, v = (torch.randn(batch, 9, length, 64, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+            lengths = torch.randint(length // 2, length + 1, (batch,), generator=gen)
+            lengths[0] = length
+            keep = torch.arange(length)[None, :] < lengths[:, None]
+            mask = (torch.ones(length, length, dtype=torch.bool).tril()[None] & keep[:, None, :])[:, None]
+            t_sdpa = seconds_per_call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), q, k, v)
+            additive = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+            t_eager = seconds_per_call(lambda q, k, v: eager(q, k, v, additive), q, k, v)
+            print(f"  {str(dtype)[6:]:8} rows of {length:4}: sdpa {t_sdpa * 1e3:6.1f}  eager {t_eager * 1e3:6.1f}  "
+                  f"eager / sdpa {t_eager / t_sdpa:.2f}", flush=True)
+
+
+def train_tokens_per_s(attn: str, steps: int, work: Path) -> float:
+    out = work / attn
+    cmd = [sys.executable, "-m", "tuneforge", "train", str(ROOT / "examples" / "quickstart.yaml"),
+           f"model.attn_implementation={attn}", f"output_dir={out}", f"training.max_steps={steps}",
+           "training.progress_bar=false", f"training.logging_steps={steps // 2}", "overwrite_output_dir=true"]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "tokens_per_s" in r][-1]["tokens_per_s"]
+
+
+def train_part(pairs: int, steps: int) -> None:
+    print(f"\ntuneforge train examples/quickstart.yaml, {steps} steps, tokens/s of the last {steps // 2} "
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    ratios = []
+    with tempfile.TemporaryDirectory(prefix="tuneforge-bench-attn-") as tmp:
+        for pair in range(pairs):
+            sdpa = train_tokens_per_s("sdpa", steps, Path(tmp))
+            auto = train_tokens_per_s("auto", steps, Path(tmp))
+            ratios.append(auto / sdpa)
+            print(f"  pair {pair + 1}: sdpa {sdpa:6.1f} tok/s  auto {auto:6.1f} tok/s  auto / sdpa {auto / sdpa:.2f}x",
+                  flush=True)
+    print(f"  median auto / sdpa: {sorted(ratios)[len(ratios) // 2]:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["kernel", "train", "both"], default="both")
+    p.add_argument("--pairs", type=int, default=3, help="Alternating sdpa/auto training runs.")
+    p.add_argument("--steps", type=int, default=20, help="Optimizer steps per training run.")
+    args = p.parse_args(argv)
+    if args.part in ("kernel", "both"):
+        kernel_part()
+    if args.part in ("train", "both"):
+        train_part(args.pairs, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""`model.attn_implementation: auto`: SDPA, except where the model's own eager attention is measurably faster.
+
+PyTorch's SDPA on CPU runs a flash-attention kernel, and in bf16 that kernel's fixed cost dominates short
+rows: forward + backward of one attention call (9 heads of 64 dims, 1024 positions per batch) took 10.4 ms at 64
+positions per row against 3.4 ms for eager's matmul-softmax-matmul, 13.1 against 6.3 at 128, about the same at
+192-256, and eager lost at 1024 (bench/bench_attention.py; bench/RESULTS.md, "Attention kernel on CPU"). In fp32, and
+on GPUs, SDPA is as fast or faster at every length.
+Transformers picks one kernel per model, but a batch's length is known only when it arrives; so `auto` registers an
+attention function (transformers' AttentionInterface) that decides per call: CPU + bf16 + at most
+EAGER_MAX_KEYS keys goes to the model's own `eager_attention_forward` (each model file has one, with its own
+softcapping or sinks), everything else to transformers' SDPA function, unchanged. Masks are made as for SDPA
+(a boolean mask, or none where plain causal attention is meant) and turned into eager's additive mask here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+AUTO_ATTENTION = "tuneforge_auto"
+EAGER_MAX_KEYS = 192  # eager 2-3x faster at 64-128 keys, even at 192-256, slower beyond (bench_attention.py)
+
+
+def resolve_attention(setting: str, device: str | torch.device | None) -> str:
+    """The attn_implementation to hand transformers for `model.attn_implementation` on `device`: auto becomes
+    sdpa on GPUs and the per-call choice above on CPUs; any other setting is returned as it is."""
+    if setting != "auto":
+        return setting
+    if device is not None and torch.device(device).type != "cpu":
+        return "sdpa"
+    register()
+    return AUTO_ATTENTION
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(AUTO_ATTENTION, auto_attention)
+    AttentionMaskInterface.register(AUTO_ATTENTION, sdpa_mask)  # masks as SDPA gets them: boolean, or None
+
+
+def auto_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if (query.device.type != "cpu" or compute_dtype(query) != torch.bfloat16 or key.shape[-2] > EAGER_MAX_KEYS
+            or eager is None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    is_causal = kwargs.pop("is_causal", None)
+    mask = additive_mask(attention_mask, query, key, getattr(module, "is_causal", True) if is_causal is None
+                         else is_causal)
+    return eager(module, query, key, value, mask, **kwargs)
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the attention products run in: autocast's where it is on (under autocast the queries come out of
+    RoPE in fp32, and both SDPA and eager's matmuls are cast down), else the tensor's own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+                  is_causal: bool) -> torch.Tensor | None:
+    """SDPA's mask (True = attend; None = causal, or no mask at all) as eager's: 0 where attended, the dtype's
+    minimum elsewhere, in fp32 as transformers' own eager mask is under autocast (the embeddings' dtype)."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if mask is None:
+        if not is_causal or q_len == 1:  # SDPA's own rule: one query (decoding) attends to every key
+            return None
+        # bottom-right aligned: query i is position k_len - q_len + i
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    elif mask.dtype != torch.bool:  # already additive (a caller-made float mask): SDPA adds it as it is
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=query.device).masked_fill_(
+        ~mask, torch.finfo(torch.float32).min)
