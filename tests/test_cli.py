@@ -110,3 +110,18 @@ def test_readme_first_demo_answers_with_text(tmp_path, monkeypatch, capsys):
     assert re.search(r"\w", answer), f"{config}: the demo's chat answered {answer!r}"
     for rest in commands[3:]:  # the remaining lines (estimate, --help, --version) run as written
         assert cli_main(rest) == 0, rest
+
+
+def test_bitsandbytes_cpu_kernel_notice_is_filtered_and_nothing_else(caplog):
+    """bitsandbytes logs "Failed to load CPU gemm_4bit_forward ..." on avx512_bf16 CPUs whenever PEFT imports it
+    (every LoRA run); the CLI drops that one message from that one logger."""
+    import logging
+
+    cli_main(["--version"])
+    cli_main(["--version"])
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")
+        log.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    assert len(log.filters) == 1  # main() run twice adds it once

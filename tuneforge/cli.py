@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import logging
 import os
 import sys
 import textwrap
@@ -188,9 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         return _quiet_broken_pipe()
 
 
+def _not_the_bnb_cpu_kernel_notice(record: logging.LogRecord) -> bool:
+    """bitsandbytes (imported by PEFT's LoRA on every run) logs "Failed to load CPU gemm_4bit_forward" on CPUs with
+    avx512_bf16 unless the `kernels` package fetches a hub kernel, which only 4-bit CPU inference would use."""
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
 def _main(argv: list[str]) -> int:
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise the user cannot act on
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_bnb_cpu_kernel_notice)  # once: same object
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0
