@@ -85,6 +85,10 @@ def test_live_and_precomputed_reference_give_the_same_loss_and_gradients(method,
     for key in ("loss", "grad_norm", "rewards/margins"):
         assert metric(tmp_path / "live", key) == pytest.approx(metric(tmp_path / "pre", key), rel=1e-4, abs=1e-6)
     assert metric(tmp_path / "live", "rewards/margins")[-1] != 0  # the policy moved: the test compares something
+    # the MFU counts the live reference's forward pass (2N + 4LdS per token) and not the precomputed one
+    live, pre = ([r["model_tflops"] / r["tokens_per_s"] for r in read_metrics(tmp_path / run / "metrics.jsonl")
+                  if "mfu" in r][-1] for run in ("live", "pre"))
+    assert live > pre * 1.2
 
 
 def _lora_model(model_dir):

@@ -38,6 +38,8 @@ def test_flops_per_token_of_lora_by_hand():
     assert flops.model_shape(model) == (2, 8)
     # forward 2N + backward through activations 2N + weight gradients of the adapters 2T + attention
     assert flops.flops_per_token(n, trainable, 2, 8, 10) == 4 * 1520 + 2 * 112 + 1920 == 8224
+    # DPO/KTO with a live reference: one more forward pass over the same tokens, 2N + a third of the attention
+    assert flops.flops_per_token(n, trainable, 2, 8, 10, extra_forwards=1) == 8224 + 2 * 1520 + 4 * 2 * 8 * 10
 
 
 def test_gpu_peaks_come_from_the_datasheet_table():

@@ -77,6 +77,7 @@ def run(cfg, log=print) -> TrainResult:
         reference = Reference(model, keep_copy=not cfg.dpo.precompute_reference)
     stage = DPOStage(cfg.dpo, reference)
     trainer = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log)
+    stage.reference_forwards = int(reference is not None and not cfg.dpo.precompute_reference)  # for the MFU
     if cfg.dpo.precompute_reference:
         table = precompute(reference, train + evals, collate, cfg.training.batch_size, runtime.device,
                            runtime.autocast, stage.logits_at_labels)

@@ -32,6 +32,8 @@ def _stack(a: torch.Tensor, b: torch.Tensor, fill: int) -> torch.Tensor:
 
 
 class KTOStage(Stage):
+    reference_forwards = 1  # the reference model runs on every batch (counted for the MFU)
+
     def __init__(self, opts, reference: Reference, runtime):
         self.opts, self.reference, self.runtime = opts, reference, runtime
 

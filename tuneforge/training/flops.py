@@ -9,6 +9,8 @@ hidden size, S the sequence length:
 
     forward 2N, backward through the activations 2N, weight gradients 2T, attention 12 L d S
     full fine-tune: 6N + 12 L d S;  adapters (LoRA, ...): 4N + 2T + 12 L d S
+    plus, per extra forward-only pass the algorithm makes over the same tokens (DPO's and KTO's live reference
+    model: `Stage.reference_forwards`), 2N + 4 L d S
 
 The peak: the datasheet dense bf16 tensor-core figure for known GPUs, or, for CPUs, a short matmul probe in the
 run's dtype at start (the faster of MKL and oneDNN), cached per machine under the TuneForge cache folder.
@@ -48,9 +50,12 @@ def matmul_weights(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def flops_per_token(n_matmul: int, n_trainable: int, layers: int, hidden: int, seq_len: float) -> float:
-    """Training FLOPs per token (forward + backward), see the module docstring."""
-    return 4 * n_matmul + 2 * n_trainable + 12 * layers * hidden * seq_len
+def flops_per_token(n_matmul: int, n_trainable: int, layers: int, hidden: int, seq_len: float,
+                    extra_forwards: int = 0) -> float:
+    """Training FLOPs per token (forward + backward, and `extra_forwards` forward-only passes), see the module
+    docstring."""
+    return (4 * n_matmul + 2 * n_trainable + 12 * layers * hidden * seq_len
+            + extra_forwards * (2 * n_matmul + 4 * layers * hidden * seq_len))
 
 
 def model_shape(model: torch.nn.Module) -> tuple[int, int]:
@@ -168,11 +173,11 @@ class EfficiencyMeter:
         self.peak = peak * world_size if peak else None
         self.device, self.dtype, self.world_size = device, dtype, world_size
 
-    def flops_per_token(self, seq_len: float) -> float:
-        return flops_per_token(self.n_matmul, self.n_trainable, self.layers, self.hidden, seq_len)
+    def flops_per_token(self, seq_len: float, extra_forwards: int = 0) -> float:
+        return flops_per_token(self.n_matmul, self.n_trainable, self.layers, self.hidden, seq_len, extra_forwards)
 
-    def metrics(self, tokens_per_s: float, seq_len: float) -> dict:
-        achieved = self.flops_per_token(seq_len) * tokens_per_s
+    def metrics(self, tokens_per_s: float, seq_len: float, extra_forwards: int = 0) -> dict:
+        achieved = self.flops_per_token(seq_len, extra_forwards) * tokens_per_s
         out = {"model_tflops": achieved / 1e12}
         if self.peak and achieved > self.peak and self.device.type == "cpu":  # the cached probe ran on a busy CPU
             raise_cpu_peak(self.dtype, achieved / self.world_size)

@@ -42,6 +42,7 @@ class Stage:
     rdrop_alpha: float = 0.0
     logits_at_labels: bool = False  # set by the trainer when the model takes `logits_to_keep` (see below)
     chunked_loss: bool = False  # set by the trainer from `training.chunked_loss` (training/chunked_loss.py)
+    reference_forwards: int = 0  # forward-only passes of a frozen model over the same tokens per step (MFU count)
 
     def targets(self, batch: dict) -> int:
         """How many loss terms the batch contributes (the normaliser across micro-batches and ranks)."""
@@ -434,7 +435,8 @@ class Trainer:
         elapsed = time.perf_counter() - self._t0
         metrics["tokens_per_s"] = self._tokens / elapsed if elapsed > 0 else 0.0
         items = (self.step - self._first_step) * self.t.batch_size * self.t.grad_accum * self.rt.world_size
-        metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self._tokens / max(items, 1)))
+        metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self._tokens / max(items, 1),
+                                          extra_forwards=self.stage.reference_forwards))
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()
