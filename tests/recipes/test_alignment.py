@@ -110,10 +110,11 @@ def test_lora_reference_is_the_untouched_base_model(tiny_qwen2_dir):
     labels[:, :5] = -100
     peft_model = _lora_model(tiny_qwen2_dir)  # random B: the adapters change the outputs
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     with torch.no_grad():
-        want = response_logps(base, ids, mask, labels).sum
-        policy = response_logps(peft_model, ids, mask, labels).sum
-    got = Reference(peft_model).logps(ids, mask, labels).sum
+        want = response_logps(base, batch).sum
+        policy = response_logps(peft_model, batch).sum
+    got = Reference(peft_model).logps(batch).sum
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(policy, want, atol=1e-3)
     assert Reference(peft_model).copy is None  # no second copy of the model is held
 

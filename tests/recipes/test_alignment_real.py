@@ -107,7 +107,8 @@ def _implicit_reward_wins(peft_model, tokenizer, rows) -> list[bool]:
         mask = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in sides])
         labels = torch.tensor([s.labels + [IGNORE_INDEX] * (width - len(s.labels)) for s in sides])
         with torch.no_grad():
-            ratio = response_logps(peft_model, ids, mask, labels).sum - reference.logps(ids, mask, labels).sum
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            ratio = response_logps(peft_model, batch).sum - reference.logps(batch).sum
         wins.append(bool(ratio[0] > ratio[1]))
     return wins
 

@@ -89,13 +89,21 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Ten
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
-                   chunk_size: int = DEFAULT_CHUNK) -> SequenceLogps:
+                   chunk_size: int = DEFAULT_CHUNK, sequence_ids: torch.Tensor | None = None) -> SequenceLogps:
     """Summed and length-normalised log-probability of each sequence's label tokens (the response of a preference
     pair, when the prompt is masked with IGNORE_INDEX). Arguments as `token_logps`. A sequence without label tokens
-    gets sum 0, mean 0, length 0."""
+    gets sum 0, mean 0, length 0.
+
+    `sequence_ids` (shaped like labels, 0..S-1 in order) for padding-free batches, where one row holds several
+    sequences end to end: the sums are then per sequence id, [S], not per row."""
     logps, mask = token_logps(logits, labels, positions, chunk_size)
-    total = logps.sum(-1)
-    length = mask.sum(-1).float()
+    if sequence_ids is None:
+        total, length = logps.sum(-1), mask.sum(-1).float()
+    else:
+        owner = shifted_targets(sequence_ids, positions)[mask]  # the sequence of each label token
+        n = int(sequence_ids.max()) + 1
+        total = logps.new_zeros(n).index_add(0, owner, logps[mask])
+        length = logps.new_zeros(n).index_add(0, owner, torch.ones_like(logps[mask]))
     return SequenceLogps(total, total / length.clamp(min=1), length)
 
 

@@ -35,8 +35,7 @@ class DPOStage(Stage):
         return int(batch["margin"].shape[0])
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        policy = response_logps(model, ids, mask, labels, self.logits_at_labels)
+        policy = response_logps(model, batch, self.logits_at_labels)
         losses, metrics = self.pair_losses(policy, self.reference_sums(batch))
         if self.opts.sft_weight > 0:  # RPO: the chosen reply's per-token NLL keeps it likely
             losses = losses + self.opts.sft_weight * -policy.mean.chunk(2)[0]
@@ -47,8 +46,7 @@ class DPOStage(Stage):
             return None
         if "ref_logps" in batch:  # precomputed before training
             return batch["ref_logps"]
-        return self.reference.logps(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                    self.logits_at_labels).sum
+        return self.reference.logps(batch, self.logits_at_labels).sum
 
     def pair_losses(self, policy, ref_sums: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         o = self.opts

@@ -42,11 +42,11 @@ class KTOStage(Stage):
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         n = batch["kto_label"].shape[0]
-        ids = _stack(batch["input_ids"], batch["kl_input_ids"], 0)  # padding: masked out and never labelled
-        mask = _stack(batch["attention_mask"], batch["kl_attention_mask"], 0)
-        labels = _stack(batch["labels"], batch["kl_labels"], IGNORE_INDEX)
-        policy = response_logps(model, ids, mask, labels, self.logits_at_labels).sum
-        ref = self.reference.logps(ids, mask, labels, self.logits_at_labels).sum
+        both = {"input_ids": _stack(batch["input_ids"], batch["kl_input_ids"], 0),  # padding: masked, never labelled
+                "attention_mask": _stack(batch["attention_mask"], batch["kl_attention_mask"], 0),
+                "labels": _stack(batch["labels"], batch["kl_labels"], IGNORE_INDEX)}
+        policy = response_logps(model, both, self.logits_at_labels).sum
+        ref = self.reference.logps(both, self.logits_at_labels).sum
         z0 = self.reference_point(policy[n:], ref[n:], average=model.training)
         losses, metrics = kto_loss(policy[:n], ref[:n], batch["kto_label"], z0, beta=self.opts.beta,
                                    desirable_weight=self.opts.desirable_weight,

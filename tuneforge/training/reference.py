@@ -1,8 +1,11 @@
 """Response log-probs of the policy and of the reference model, for the preference stages (dpo, kto).
 
-    logps = response_logps(model, input_ids, attention_mask, labels)      # SequenceLogps: .sum, .mean, .length
-    reference = Reference(model, keep_copy=True)                          # before training changes the weights
-    ref = reference.logps(input_ids, attention_mask, labels)              # no gradient
+    logps = response_logps(model, batch)          # SequenceLogps: .sum, .mean, .length, one per sequence
+    reference = Reference(model, keep_copy=True)  # before training changes the weights
+    ref = reference.logps(batch)                  # no gradient
+
+A batch is padded rows (`input_ids`, `attention_mask`, `labels`) or one padding-free row of the sequences end to
+end (`input_ids`, `position_ids` restarting at 0 per sequence, `labels`, `sequence_ids`; `data.collate`).
 
 Where the reference comes from:
 - an adapter method (the model is a PEFT model: lora, qlora, dora, ia3, ...): the same model with its adapters
@@ -22,17 +25,16 @@ from tuneforge.losses import SequenceLogps, label_positions, sequence_logps
 from tuneforge.methods.base import unwrap
 
 
-def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   at_labels: bool = True) -> SequenceLogps:
-    """Summed and mean log-probs of each row's label tokens, through the chunked helper (never a full-vocabulary
+def response_logps(model, batch: dict, at_labels: bool = True) -> SequenceLogps:
+    """Summed and mean log-probs of each sequence's label tokens, through the chunked helper (never a full-vocabulary
     fp32 copy of the batch's logits). `at_labels`: the model takes `logits_to_keep` (see `accepts_logits_to_keep`),
     so the output layer runs only where some row has a label."""
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     positions = label_positions(labels) if at_labels else None
     if positions is not None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return sequence_logps(logits, labels, positions)
+        inputs["logits_to_keep"] = positions
+    return sequence_logps(model(**inputs).logits, labels, positions, sequence_ids=batch.get("sequence_ids"))
 
 
 class Reference:
@@ -52,9 +54,9 @@ class Reference:
         return self.module.disable_adapter() if self.uses_adapters else contextlib.nullcontext()
 
     @torch.no_grad()
-    def logps(self, input_ids, attention_mask, labels, at_labels: bool = True) -> SequenceLogps:
+    def logps(self, batch: dict, at_labels: bool = True) -> SequenceLogps:
         with self._context():
-            return response_logps(self.module, input_ids, attention_mask, labels, at_labels)
+            return response_logps(self.module, batch, at_labels)
 
 
 @torch.inference_mode()
@@ -74,7 +76,7 @@ def precompute(reference: Reference, items: list, collate, batch_size: int, devi
         chunk = [items[i] for i in order[start:start + 2 * batch_size]]
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
         with autocast():
-            sums = reference.logps(batch["input_ids"], batch["attention_mask"], batch["labels"], at_labels).sum
+            sums = reference.logps(batch, at_labels).sum
         chosen, rejected = sums.float().cpu().chunk(2)
         for i, pair in enumerate(chunk):  # plain floats: no inference-mode tensor reaches the training step
             table[id(pair)] = (float(chosen[i]), float(rejected[i]))
