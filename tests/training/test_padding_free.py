@@ -115,12 +115,15 @@ def test_padding_free_setting_resolves():
     assert use_padding_free("auto", "pt", "full", "flash_attention_3")
     assert use_padding_free("auto", "sft", "lora", "kernels-community/flash-attn2")  # a hub kernel transformers knows
     assert not use_padding_free("auto", "sft", "lora", "sdpa")  # sdpa's mask over a joined row costs more
-    assert not use_padding_free("auto", "dpo", "lora", "flash_attention_2")
+    assert use_padding_free("auto", "dpo", "lora", "flash_attention_2")  # per-sequence sums (sequence_ids)
+    assert not use_padding_free("auto", "dpo", "lora", "auto")
+    assert not use_padding_free("auto", "kto", "lora", "flash_attention_2")
     assert not use_padding_free("auto", "sft", "prompt_tuning", "flash_attention_2")
     assert not use_padding_free("never", "sft", "lora", "flash_attention_2")
-    assert use_padding_free("always", "sft", "lora", "eager")
-    with pytest.raises(ConfigError, match="stage dpo"):
-        use_padding_free("always", "dpo", "lora", "sdpa")
+    assert use_padding_free("always", "sft", "lora", "eager") and use_padding_free("always", "dpo", "full", "sdpa")
+    for stage in ("kto", "rm", "grpo"):
+        with pytest.raises(ConfigError, match=f"stage {stage}"):
+            use_padding_free("always", stage, "lora", "sdpa")
 
 
 def test_padding_free_always_is_checked_with_the_config():
@@ -132,7 +135,8 @@ def test_padding_free_always_is_checked_with_the_config():
 
 def test_train_padding_free_equals_padded(tiny_llama_dir, tmp_path, monkeypatch):
     """The whole `tuneforge train` path: the same run, padded and padding-free, logs the same losses."""
-    import tuneforge.data
+    import importlib
+
     from tests.test_training import TASK
 
     flat_rows = []
@@ -142,7 +146,8 @@ def test_train_padding_free_equals_padded(tiny_llama_dir, tmp_path, monkeypatch)
         flat_rows.append(out["input_ids"].shape[0])
         return out
 
-    monkeypatch.setattr(tuneforge.data, "collate_padding_free", spy)
+    # the module, not the function `tuneforge.data.collate` that the package's namespace holds under that name
+    monkeypatch.setattr(importlib.import_module("tuneforge.data.collate"), "collate_padding_free", spy)
     from tuneforge.configs.schema import load_train_config
     from tuneforge.train import run_config
 
@@ -158,6 +163,38 @@ def test_train_padding_free_equals_padded(tiny_llama_dir, tmp_path, monkeypatch)
         losses[setting] = [h["loss"] for h in run_config(cfg, log=lambda _: None).history]
     assert len(losses["always"]) == 2 and flat_rows == [1, 1]  # only the `always` run, one row per step
     assert losses["always"] == pytest.approx(losses["never"], abs=1e-5)
+
+
+def test_pairs_padding_free_is_one_row_of_both_sides_with_their_sequence_ids():
+    from tuneforge.data import EncodedPair, collate_pairs_padding_free
+
+    pairs = [EncodedPair(Encoded([1, 2, 3], [-100, 2, 3]), Encoded([1, 4], [-100, 4]), margin=0.5),
+             EncodedPair(Encoded([5, 6], [-100, 6]), Encoded([5, 7, 8, 9], [-100, 7, 8, 9]))]
+    out = collate_pairs_padding_free(pairs)
+    assert out["input_ids"].tolist() == [[1, 2, 3, 5, 6, 1, 4, 5, 7, 8, 9]]  # chosen sides, then rejected
+    assert out["sequence_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 0, 1, 2, 3]]
+    assert out["margin"].tolist() == [0.5, 0.0] and "attention_mask" not in out
+
+
+@pytest.mark.parametrize("method, loss, precompute", [("lora", "sigmoid", False), ("full", "ipo", False),
+                                                      ("lora", "simpo", False), ("lora", "sigmoid", True)])
+def test_dpo_padding_free_equals_padded(tiny_qwen2_dir, tmp_path, method, loss, precompute):
+    """The whole dpo path, padded and padding-free: the same losses, rewards and gradient norms (sums, IPO's
+    per-token means and SimPO's averages all come per sequence from `sequence_ids`; the precomputed reference
+    pass takes flat batches of twice the size)."""
+    from tests.recipes.test_alignment import metric, train
+
+    runs = {}
+    for setting in ("never", "always"):
+        out = tmp_path / setting
+        train("dpo", tiny_qwen2_dir, out, f"method={method}", f"dpo.loss={loss}", "training.max_steps=3",
+              "training.batch_size=4", "training.lr=5e-3", f"training.padding_free={setting}",
+              f"dpo.precompute_reference={str(precompute).lower()}")
+        runs[setting] = {k: metric(out, k) for k in ("loss", "grad_norm", "rewards/margins")}
+    assert len(runs["always"]["loss"]) == 3 and runs["always"]["rewards/margins"][-1] != 0
+    for key, values in runs["never"].items():
+        assert runs["always"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
 
 
 @pytest.mark.gpu

@@ -135,8 +135,9 @@ class TrainingConfig:
         "with big vocabularies. auto: on GPUs, for vocabularies of 32k and more where it applies (not with fsdp, "
         "R-Drop or prompt-learning methods).")
     padding_free: Literal["auto", "always", "never"] = opt(
-        "auto", "Stages pt/sft: each micro-batch becomes one row of its examples end to end (no padding, no mask, "
-        "position ids restart per example), run by FlashAttention's varlen kernel; same loss. auto: on when "
+        "auto", "Stages pt/sft/dpo: each micro-batch becomes one row of its examples (dpo: of both sides of its "
+        "pairs) end to end (no padding, no mask, position ids restart per example), run by FlashAttention's varlen "
+        "kernel; same loss. auto: on when "
         "`model.attn_implementation` is a FlashAttention kernel (flash_attention_2, ...); always: also with "
         "sdpa/eager (correct, but their mask over the joined row costs more than the padding saved).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "

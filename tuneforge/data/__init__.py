@@ -16,6 +16,7 @@ from tuneforge.data.collate import (
     collate_kto,
     collate_padding_free,
     collate_pairs,
+    collate_pairs_padding_free,
     collate_prompts,
 )
 from tuneforge.data.encode import encode_chat
@@ -34,7 +35,7 @@ from tuneforge.data.types import (
 )
 
 __all__ = ["build_datasets", "load_examples", "collate", "collate_for", "collate_padding_free", "collate_pairs",
-           "collate_kto", "collate_prompts",
+           "collate_pairs_padding_free", "collate_kto", "collate_prompts",
            "encode_chat", "exact_match", "generate_example_task",
            "PackedRow", "pack", "BUILTIN_TEMPLATES", "resolve_chat_template", "IGNORE_INDEX", "BadRow", "DataReport",
            "Encoded", "EncodedKTO", "EncodedPair", "EncodedPrompt", "Example", "PairExample"]

@@ -78,6 +78,17 @@ def collate_pairs(batch: list[EncodedPair], pad_token_id: int) -> dict[str, torc
     return out
 
 
+def collate_pairs_padding_free(batch: list[EncodedPair], pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
+    """`collate_pairs` as ONE row: the B chosen sides then the B rejected ones end to end (`collate_padding_free`),
+    plus `sequence_ids` (which of the 2B sequences each position belongs to, for the per-sequence log-prob sums) and
+    `margin`. No position is padding."""
+    sides = [p.chosen for p in batch] + [p.rejected for p in batch]
+    out = collate_padding_free(sides)
+    out["sequence_ids"] = torch.tensor([[i for i, side in enumerate(sides) for _ in range(len(side))]])
+    out["margin"] = torch.tensor([p.margin or 0.0 for p in batch], dtype=torch.float)
+    return out
+
+
 def collate_kto(batch: list[EncodedKTO], pad_token_id: int) -> dict[str, torch.Tensor]:
     """The B conversations plus, for KTO's KL reference point, B mismatched ones: row i's prompt with row
     (i + 1) % B's reply (as TRL builds them). Extra keys: `kto_label` (B bools) and `kl_input_ids`,
@@ -109,9 +120,13 @@ def collate_prompts(batch: list[EncodedPrompt], pad_token_id: int) -> dict:
             "reference": [item.reference for item in batch]}
 
 
-def collate_for(stage: str):
-    """The collate function of a data stage (pt, sft, pairwise, kto, prompt) or training stage (dpo, grpo, ...)."""
+def collate_for(stage: str, padding_free: bool = False):
+    """The collate function of a data stage (pt, sft, pairwise, kto, prompt) or training stage (dpo, grpo, ...);
+    `padding_free`: its one-row form (stages pt, sft and dpo: training/padding_free.py)."""
     from tuneforge.data.build import DATA_STAGE
 
+    data_stage = DATA_STAGE.get(stage, stage)
+    if padding_free:
+        return {"pairwise": collate_pairs_padding_free}.get(data_stage, collate_padding_free)
     by_data = {"pairwise": collate_pairs, "kto": collate_kto, "prompt": collate_prompts}
-    return by_data.get(DATA_STAGE.get(stage, stage), collate)
+    return by_data.get(data_stage, collate)

@@ -1,7 +1,10 @@
 """Padding-free batches on GPU: FlashAttention's varlen kernel over examples laid end to end, no padding, no mask.
 
-    training: {padding_free: auto}        # the default: on with a FlashAttention kernel, stages pt and sft
+    training: {padding_free: auto}        # the default: on with a FlashAttention kernel, stages pt, sft and dpo
     model: {attn_implementation: flash_attention_2}
+
+dpo's flat row holds the chosen sides of its pairs, then the rejected ones (`collate_pairs_padding_free`), with
+`sequence_ids` so that the log-prob sums come out per sequence (`losses.sequence_logps`).
 
 Two pieces, both needed because of how transformers (5.x) dispatches packed batches (read in its
 `masking_utils.py` and `modeling_flash_attention_utils.py`):
@@ -56,11 +59,12 @@ def uses_flash_attention(model: torch.nn.Module) -> bool:
 
 def use_padding_free(setting: Literal["auto", "always", "never"], stage: str, method: str,
                      attn_implementation: str | None) -> bool:
-    """`training.padding_free` resolved for a run. Only stages pt and sft feed plain causal-LM batches."""
+    """`training.padding_free` resolved for a run: stages pt and sft (causal-LM batches) and dpo (log-prob sums per
+    sequence); the other stages score a row's last token (rm), stack mismatched replies (kto) or generate."""
     if setting == "never":
         return False
     why = None
-    if stage not in ("pt", "sft"):
+    if stage not in ("pt", "sft", "dpo"):
         why = f"stage {stage} scores whole pairs, replies or prompts, each in its own row"
     elif method in PREFIX_METHODS:
         why = f"method {method} puts virtual tokens before the input, which one flat row would give to one example"

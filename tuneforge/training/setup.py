@@ -115,7 +115,7 @@ def read_data(cfg: TrainConfig):
 
 
 def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=print, read=None):
-    from tuneforge.data import build_datasets, collate_for, collate_padding_free
+    from tuneforge.data import build_datasets, collate_for
     from tuneforge.training.padding_free import use_padding_free
 
     train, evals, report = build_datasets(cfg.data, tokenizer, stage, chat_template=cfg.model.chat_template,
@@ -126,9 +126,9 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
         log(f"data: {len(train)} training and {len(evals)} evaluation examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    collate = collate_for(stage)
-    if use_padding_free(cfg.training.padding_free, cfg.stage, cfg.method, cfg.model.attn_implementation):
-        collate = collate_padding_free  # one row per micro-batch: training/padding_free.py
+    # one row per micro-batch where it applies: training/padding_free.py
+    collate = collate_for(stage, use_padding_free(cfg.training.padding_free, cfg.stage, cfg.method,
+                                                  cfg.model.attn_implementation))
 
     def collate_fn(items):
         return collate(items, pad_id)
