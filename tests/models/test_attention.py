@@ -80,3 +80,50 @@ def test_saved_config_does_not_name_the_auto_kernel(models, tmp_path):
     models["auto"].save_pretrained(tmp_path)
     assert AUTO_ATTENTION not in (tmp_path / "config.json").read_text()
     assert "attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def flat_and_padded(lengths: list[int]):
+    gen = torch.Generator().manual_seed(sum(lengths))
+    seqs = [torch.randint(5, 200, (n,), generator=gen) for n in lengths]
+    flat = {"input_ids": torch.cat(seqs)[None], "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    return flat, {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_padding_free_row_attends_per_sequence_like_the_padded_batch(models, monkeypatch, dtype):
+    """A padding-free row (training.padding_free) on CPU: attention gathers each sequence into a padded batch of its
+    own, so the row computes exactly the padded batch's logits and gradients (same kernel, same shapes inside)."""
+    calls = []
+    real = attention.segment_attention
+    monkeypatch.setattr(attention, "segment_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = models["auto"]
+    flat, padded = flat_and_padded([5, 17, 9, 30])
+    grads = []
+    for batch in (flat, padded):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = model(**batch, use_cache=False).logits.float()
+        logits = logits[0] if batch is flat else logits[padded["attention_mask"].bool()]
+        (logits ** 2).mean().backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(calls) == 2  # both layers of the flat row, none of the padded batch
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_only_a_cpu_row_of_several_sequences_is_split():
+    module = torch.nn.Module()
+    q = k = torch.zeros(1, 2, 6, 4)
+    block = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    two = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    index, valid = attention.flat_segments(module, q, k, block, two)
+    assert index.tolist() == [[0, 1, 2], [3, 4, 5]] and valid.all()
+    assert attention.flat_segments(module, q, k, block, torch.arange(6)[None]) is None  # one sequence
+    assert attention.flat_segments(module, q, k, None, two) is None  # no mask: transformers saw plain causal
+    assert attention.flat_segments(module, torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6, 4), block, two) is None
+    module.sliding_window = 2  # a window shorter than a sequence: its mask says more than the blocks do
+    assert attention.flat_segments(module, q, k, block, two) is None

@@ -42,6 +42,14 @@ def register() -> None:
 
 
 def auto_attention(module, query, key, value, attention_mask, **kwargs):
+    segments = flat_segments(module, query, key, attention_mask, kwargs.get("position_ids"))
+    if segments is not None:
+        return segment_attention(module, query, key, value, segments, **kwargs)
+    return short_or_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+
+def short_or_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """The per-call choice of the module docstring: the model's eager attention or transformers' SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
@@ -75,3 +83,42 @@ def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Ten
         return mask
     return torch.zeros(mask.shape, dtype=torch.float32, device=query.device).masked_fill_(
         ~mask, torch.finfo(torch.float32).min)
+
+
+def flat_segments(module, query, key, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a padding-free row on CPU (one row of several sequences, `position_ids` restarting at 0, the block-
+    diagonal mask transformers builds for it): (index [S, Lmax] of each sequence's positions in the row, valid
+    [S, Lmax]); None for any other call. A sliding-window layer shorter than a sequence is left to its mask."""
+    if (query.device.type != "cpu" or query.shape[0] != 1 or position_ids is None or attention_mask is None
+            or query.shape[-2] != key.shape[-2] or position_ids.shape[-1] != query.shape[-2]):
+        return None
+    starts = (position_ids.reshape(-1) == 0).nonzero().view(-1)
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    lengths = torch.diff(starts, append=torch.tensor([position_ids.shape[-1]]))
+    longest = int(lengths.max())
+    window = getattr(module, "sliding_window", None)
+    if window and longest > window:
+        return None
+    offsets = torch.arange(longest)
+    valid = offsets[None, :] < lengths[:, None]
+    index = torch.where(valid, starts[:, None] + offsets[None, :], 0)
+    return index, valid
+
+
+def segment_attention(module, query, key, value, segments, **kwargs):
+    """Attention of a padding-free row, one sequence per batch row: each sequence's queries, keys and values are
+    gathered into a padded [S, heads, Lmax, dim] batch, attended with a causal + padding mask (`short_or_sdpa`),
+    and scattered back. Why: the linear layers keep the row's no-padding saving, while attention costs what the
+    padded batch's did; a dense block-diagonal mask over the whole row costs (S x L)^2 instead (on CPU there is no
+    varlen kernel). Same numbers as the padded batch (tests/models/test_attention.py)."""
+    index, valid = segments
+
+    def gather(t):  # [1, heads, T, dim] -> [S, heads, Lmax, dim]
+        return t[0][:, index].transpose(0, 1)
+
+    causal = torch.ones(index.shape[1], index.shape[1], dtype=torch.bool).tril()
+    mask = (causal[None] & valid[:, None, :])[:, None]  # [S, 1, Lmax, Lmax]; every query sees its first key
+    kwargs.pop("position_ids", None)
+    out, weights = short_or_sdpa(module, gather(query), gather(key), gather(value), mask, **kwargs)
+    return out[valid][None], weights  # [S, Lmax, heads, dim] -> [1, T, heads, dim], in the row's order
