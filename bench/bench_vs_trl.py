@@ -61,7 +61,8 @@ def tuneforge_config(job: dict, out: str):
               f"training.max_steps={job['steps']}", f"training.lr={job['lr']}", "training.scheduler=cosine",
               "training.warmup_steps=0", "training.max_grad_norm=1.0", "training.save_steps=0",
               "training.eval_steps=0", "training.progress_bar=false", "training.plot_loss=false",
-              "training.device=cpu", "training.precision=fp32", "training.logging_steps=1", "seed=42"]
+              "training.device=cpu", "training.precision=fp32", "training.logging_steps=1", "seed=42",
+              "training.padding_free=never"]  # TRL's default (padding_free=False): padded batches on both sides
     if job["algo"] == "dpo":
         return load_train_config(str(ROOT / "examples" / "dpo_tiny.yaml"), common + [
             f"data.train=[{{path: {PREFS}, format: pairwise}}]", "dpo.loss=sigmoid", f"dpo.beta={job['beta']}",

@@ -15,6 +15,7 @@ from tests.data.test_packing import QUESTIONS, mean_loss
 from tuneforge.data import Encoded, collate, collate_padding_free, encode_chat, pack
 from tuneforge.data.types import IGNORE_INDEX
 from tuneforge.errors import ConfigError
+from tuneforge.models.loading import load_tokenizer
 from tuneforge.training.padding_free import install_varlen_hook, use_padding_free, varlen_kwargs
 
 REFERENCE = "tuneforge_test_varlen"
@@ -116,7 +117,9 @@ def test_padding_free_setting_resolves():
     assert use_padding_free("auto", "sft", "lora", "kernels-community/flash-attn2")  # a hub kernel transformers knows
     assert not use_padding_free("auto", "sft", "lora", "sdpa")  # sdpa's mask over a joined row costs more
     assert use_padding_free("auto", "dpo", "lora", "flash_attention_2")  # per-sequence sums (sequence_ids)
-    assert not use_padding_free("auto", "dpo", "lora", "auto")
+    assert not use_padding_free("auto", "dpo", "lora", "auto")  # auto attention on a GPU: sdpa
+    assert use_padding_free("auto", "sft", "lora", "auto", cpu_auto_attention=True)  # on CPU: per sequence
+    assert not use_padding_free("auto", "kto", "lora", "auto", cpu_auto_attention=True)
     assert not use_padding_free("auto", "kto", "lora", "flash_attention_2")
     assert not use_padding_free("auto", "sft", "prompt_tuning", "flash_attention_2")
     assert not use_padding_free("never", "sft", "lora", "flash_attention_2")
@@ -163,6 +166,24 @@ def test_train_padding_free_equals_padded(tiny_llama_dir, tmp_path, monkeypatch)
         losses[setting] = [h["loss"] for h in run_config(cfg, log=lambda _: None).history]
     assert len(losses["always"]) == 2 and flat_rows == [1, 1]  # only the `always` run, one row per step
     assert losses["always"] == pytest.approx(losses["never"], abs=1e-5)
+
+
+@pytest.mark.parametrize("overrides, flat", [
+    ([], True),                                       # CPU defaults: auto attention attends the row per sequence
+    (["model.attn_implementation=sdpa"], False),      # a dense mask over the row would cost more than padding
+    (["training.neftune_alpha=5"], False),            # NEFTune's noise scales with the row's length
+    (["training.rdrop_alpha=1"], False),              # R-Drop doubles the row
+])
+def test_cpu_runs_are_padding_free_by_default(tiny_llama_dir, tmp_path, overrides, flat):
+    from tests.test_training import config
+    from tuneforge.training.runtime import setup_runtime
+    from tuneforge.training.setup import setup_data
+
+    cfg = config(tiny_llama_dir, tmp_path / "out", *overrides)
+    runtime = setup_runtime("cpu", "fp32", "none")
+    train, _, collate_fn = setup_data(cfg, load_tokenizer(cfg.model), "sft", runtime, log=lambda _: None)
+    batch = collate_fn(train[:4])
+    assert (batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch) == flat
 
 
 def test_pairs_padding_free_is_one_row_of_both_sides_with_their_sequence_ids():

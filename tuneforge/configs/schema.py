@@ -138,8 +138,9 @@ class TrainingConfig:
         "auto", "Stages pt/sft/dpo: each micro-batch becomes one row of its examples (dpo: of both sides of its "
         "pairs) end to end (no padding, no mask, position ids restart per example), run by FlashAttention's varlen "
         "kernel; same loss. auto: on when "
-        "`model.attn_implementation` is a FlashAttention kernel (flash_attention_2, ...); always: also with "
-        "sdpa/eager (correct, but their mask over the joined row costs more than the padding saved).")
+        "`model.attn_implementation` is a FlashAttention kernel (flash_attention_2, ...), and on CPU with "
+        "attn_implementation auto (it attends per sequence; not with R-Drop, NEFTune or compile); always: also with "
+        "sdpa/eager on GPUs (correct, but their mask over the joined row costs more than the padding saved).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
                                "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     cpu_matmul: Literal["auto", "onednn", "default"] = opt(

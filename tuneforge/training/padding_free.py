@@ -1,4 +1,5 @@
-"""Padding-free batches on GPU: FlashAttention's varlen kernel over examples laid end to end, no padding, no mask.
+"""Padding-free batches: examples laid end to end in one row, no padding, no mask; attended per example by
+FlashAttention's varlen kernel on GPUs and by the `auto` attention on CPUs (models/attention.py).
 
     training: {padding_free: auto}        # the default: on with a FlashAttention kernel, stages pt, sft and dpo
     model: {attn_implementation: flash_attention_2}
@@ -22,7 +23,10 @@ Two pieces, both needed because of how transformers (5.x) dispatches packed batc
 
 With sdpa or eager nothing here is needed for correctness: a packed or flat batch without a mask gets a
 block-diagonal causal mask from `find_packed_sequence_indices`. But that mask is dense over the row, so a flat
-row of B examples costs (B x length)^2 attention instead of B x length^2: `auto` leaves sdpa batches padded.
+row of B examples costs (B x length)^2 attention instead of B x length^2: `auto` leaves sdpa batches on GPUs
+padded. On CPU, `model.attn_implementation: auto` (the default) gathers each sequence of a flat row into a padded
+batch of its own for attention alone (models/attention.py), so `auto` turns padding-free on there: the linear
+layers skip the padding and attention costs what it did padded.
 """
 
 from __future__ import annotations
@@ -58,9 +62,11 @@ def uses_flash_attention(model: torch.nn.Module) -> bool:
 
 
 def use_padding_free(setting: Literal["auto", "always", "never"], stage: str, method: str,
-                     attn_implementation: str | None) -> bool:
+                     attn_implementation: str | None, cpu_auto_attention: bool = False) -> bool:
     """`training.padding_free` resolved for a run: stages pt and sft (causal-LM batches) and dpo (log-prob sums per
-    sequence); the other stages score a row's last token (rm), stack mismatched replies (kto) or generate."""
+    sequence); the other stages score a row's last token (rm), stack mismatched replies (kto) or generate.
+    auto turns it on where attention runs per sequence without a dense mask over the row: a FlashAttention kernel
+    (varlen), or `cpu_auto_attention`, the `auto` attention on CPU (models/attention.py `segment_attention`)."""
     if setting == "never":
         return False
     why = None
@@ -71,7 +77,7 @@ def use_padding_free(setting: Literal["auto", "always", "never"], stage: str, me
     if setting == "always" and why:
         raise ConfigError(f"`training.padding_free: always` cannot apply: {why}. Set `training.padding_free=auto` "
                           f"(on where it applies) or never.")
-    return why is None and (setting == "always" or flash_attention(attn_implementation))
+    return why is None and (setting == "always" or flash_attention(attn_implementation) or cpu_auto_attention)
 
 
 def varlen_kwargs(position_ids: torch.Tensor) -> dict:

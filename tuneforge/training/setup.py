@@ -126,9 +126,14 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
         log(f"data: {len(train)} training and {len(evals)} evaluation examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    # one row per micro-batch where it applies: training/padding_free.py
-    collate = collate_for(stage, use_padding_free(cfg.training.padding_free, cfg.stage, cfg.method,
-                                                  cfg.model.attn_implementation))
+    # one row per micro-batch where it applies: training/padding_free.py. On CPU the `auto` attention attends such
+    # a row per sequence; not under R-Drop (two copies of the row), torch.compile (its per-call branches) or NEFTune
+    # (its noise scales with 1/sqrt(row length): a joined row would get less than the padded batch)
+    t = cfg.training
+    cpu_auto = (runtime.device.type == "cpu" and cfg.model.attn_implementation == "auto" and not t.compile
+                and not t.rdrop_alpha and not t.neftune_alpha)
+    collate = collate_for(stage, use_padding_free(t.padding_free, cfg.stage, cfg.method,
+                                                  cfg.model.attn_implementation, cpu_auto))
 
     def collate_fn(items):
         return collate(items, pad_id)
