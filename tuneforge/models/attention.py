@@ -1,4 +1,4 @@
-"""`model.attn_implementation: auto`: SDPA, except where the model's own eager attention is measurably faster.
+"""`model.attn_implementation: auto`: SDPA, except where something else is measurably faster on CPU.
 
 PyTorch's SDPA on CPU runs a flash-attention kernel, and in bf16 that kernel's fixed cost dominates short
 rows: forward + backward of one attention call (9 heads of 64 dims, 1024 positions per batch) took 10.4 ms at 64
@@ -10,6 +10,12 @@ attention function (transformers' AttentionInterface) that decides per call: CPU
 EAGER_MAX_KEYS keys goes to the model's own `eager_attention_forward` (each model file has one, with its own
 softcapping or sinks), everything else to transformers' SDPA function, unchanged. Masks are made as for SDPA
 (a boolean mask, or none where plain causal attention is meant) and turned into eager's additive mask here.
+
+A padding-free row on CPU (`training.padding_free`: several sequences end to end, position ids restarting at 0)
+gets from transformers a dense block-diagonal mask over the whole row, whose attention costs (S x L)^2 instead of
+S x L^2 (there is no varlen kernel on CPU). `segment_attention` gathers each sequence into a padded batch of its own
+for attention alone and scatters the result back: the row's linear layers skip the padding, attention costs what
+the padded batch's did, and the numbers are the padded batch's (tests/models/test_attention.py).
 """
 
 from __future__ import annotations
