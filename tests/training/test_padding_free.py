@@ -119,12 +119,13 @@ def test_padding_free_setting_resolves():
     assert use_padding_free("auto", "dpo", "lora", "flash_attention_2")  # per-sequence sums (sequence_ids)
     assert not use_padding_free("auto", "dpo", "lora", "auto")  # auto attention on a GPU: sdpa
     assert use_padding_free("auto", "sft", "lora", "auto", cpu_auto_attention=True)  # on CPU: per sequence
-    assert not use_padding_free("auto", "kto", "lora", "auto", cpu_auto_attention=True)
-    assert not use_padding_free("auto", "kto", "lora", "flash_attention_2")
+    assert not use_padding_free("auto", "rm", "lora", "auto", cpu_auto_attention=True)
+    assert use_padding_free("auto", "kto", "lora", "flash_attention_2")
+    assert not use_padding_free("auto", "rm", "lora", "flash_attention_2")
     assert not use_padding_free("auto", "sft", "prompt_tuning", "flash_attention_2")
     assert not use_padding_free("never", "sft", "lora", "flash_attention_2")
     assert use_padding_free("always", "sft", "lora", "eager") and use_padding_free("always", "dpo", "full", "sdpa")
-    for stage in ("kto", "rm", "grpo"):
+    for stage in ("rm", "grpo"):
         with pytest.raises(ConfigError, match=f"stage {stage}"):
             use_padding_free("always", stage, "lora", "sdpa")
 
@@ -217,6 +218,36 @@ def test_dpo_padding_free_equals_padded(tiny_qwen2_dir, tmp_path, method, loss, 
     assert len(runs["always"]["loss"]) == 3 and runs["always"]["rewards/margins"][-1] != 0
     for key, values in runs["never"].items():
         assert runs["always"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
+
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_kto_padding_free_equals_padded(tiny_qwen2_dir, tmp_path, method):
+    """kto's row holds the batch's conversations, then their mismatched ones (the KL reference point): the same
+    losses, rewards and gradient norms as the padded batches."""
+    from tests.recipes.test_alignment import metric, train
+
+    runs = {}
+    for setting in ("never", "always"):
+        out = tmp_path / setting
+        train("kto", tiny_qwen2_dir, out, f"method={method}", "training.max_steps=3", "training.batch_size=4",
+              "training.lr=5e-3", f"training.padding_free={setting}")
+        runs[setting] = {k: metric(out, k) for k in ("loss", "grad_norm", "rewards/chosen", "kl")}
+    assert len(runs["always"]["loss"]) == 3
+    for key, values in runs["never"].items():
+        assert runs["always"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
+
+
+def test_kto_padding_free_row_holds_the_mismatched_conversations_too():
+    from tuneforge.data import EncodedKTO, collate_kto, collate_kto_padding_free
+
+    batch = [EncodedKTO([1, 2, 3], [-100, -100, 3], label=True, prompt_length=2),
+             EncodedKTO([4, 5, 6, 7], [-100, 5, 6, 7], label=False, prompt_length=1)]
+    flat, padded = collate_kto_padding_free(batch), collate_kto(batch, 0)
+    # row 0's prompt + row 1's reply, row 1's prompt + row 0's reply, cut to the longest row (4)
+    assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 1, 2, 5, 6, 4, 3]]
+    assert flat["sequence_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]]
+    assert padded["kl_input_ids"][0].tolist() == [1, 2, 5, 6] and flat["kto_label"].tolist() == [True, False]
 
 
 @pytest.mark.gpu

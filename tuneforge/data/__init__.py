@@ -14,6 +14,7 @@ from tuneforge.data.collate import (
     collate,
     collate_for,
     collate_kto,
+    collate_kto_padding_free,
     collate_padding_free,
     collate_pairs,
     collate_pairs_padding_free,
@@ -35,7 +36,8 @@ from tuneforge.data.types import (
 )
 
 __all__ = ["build_datasets", "load_examples", "collate", "collate_for", "collate_padding_free", "collate_pairs",
-           "collate_pairs_padding_free", "collate_kto", "collate_prompts",
+           "collate_pairs_padding_free", "collate_kto",
+           "collate_kto_padding_free", "collate_prompts",
            "encode_chat", "exact_match", "generate_example_task",
            "PackedRow", "pack", "BUILTIN_TEMPLATES", "resolve_chat_template", "IGNORE_INDEX", "BadRow", "DataReport",
            "Encoded", "EncodedKTO", "EncodedPair", "EncodedPrompt", "Example", "PairExample"]

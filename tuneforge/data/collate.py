@@ -96,14 +96,29 @@ def collate_kto(batch: list[EncodedKTO], pad_token_id: int) -> dict[str, torch.T
     max_length; with B = 1 it is the row itself)."""
     out = collate(batch, pad_token_id)
     out["kto_label"] = torch.tensor([item.label for item in batch], dtype=torch.bool)
-    width, mismatched = out["input_ids"].shape[1], []
+    kl = collate(_mismatched(batch), pad_token_id)
+    out.update({f"kl_{key}": value for key, value in kl.items()})
+    return out
+
+
+def collate_kto_padding_free(batch: list[EncodedKTO], pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
+    """`collate_kto` as ONE row: the B conversations then their B mismatched ones end to end, with `sequence_ids`
+    (for the per-sequence log-prob sums) and `kto_label`. No position is padding."""
+    sequences = list(batch) + _mismatched(batch)
+    out = collate_padding_free(sequences)
+    out["sequence_ids"] = torch.tensor([[i for i, seq in enumerate(sequences) for _ in range(len(seq))]])
+    out["kto_label"] = torch.tensor([item.label for item in batch], dtype=torch.bool)
+    return out
+
+
+def _mismatched(batch: list[EncodedKTO]) -> list[Encoded]:
+    """Row i's prompt with row (i + 1) % B's reply, cut to the batch's longest row (never past max_length)."""
+    width, out = max(len(item) for item in batch), []
     for i, item in enumerate(batch):
         other = batch[(i + 1) % len(batch)]
         cut = other.prompt_length
-        mismatched.append(Encoded((item.input_ids[:item.prompt_length] + other.input_ids[cut:])[:width],
-                                  ([IGNORE_INDEX] * item.prompt_length + other.labels[cut:])[:width]))
-    kl = collate(mismatched, pad_token_id)
-    out.update({f"kl_{key}": value for key, value in kl.items()})
+        out.append(Encoded((item.input_ids[:item.prompt_length] + other.input_ids[cut:])[:width],
+                           ([IGNORE_INDEX] * item.prompt_length + other.labels[cut:])[:width]))
     return out
 
 
@@ -122,11 +137,12 @@ def collate_prompts(batch: list[EncodedPrompt], pad_token_id: int) -> dict:
 
 def collate_for(stage: str, padding_free: bool = False):
     """The collate function of a data stage (pt, sft, pairwise, kto, prompt) or training stage (dpo, grpo, ...);
-    `padding_free`: its one-row form (stages pt, sft and dpo: training/padding_free.py)."""
+    `padding_free`: its one-row form (stages pt, sft, dpo and kto: training/padding_free.py)."""
     from tuneforge.data.build import DATA_STAGE
 
     data_stage = DATA_STAGE.get(stage, stage)
     if padding_free:
-        return {"pairwise": collate_pairs_padding_free}.get(data_stage, collate_padding_free)
+        return {"pairwise": collate_pairs_padding_free, "kto": collate_kto_padding_free}.get(data_stage,
+                                                                                          collate_padding_free)
     by_data = {"pairwise": collate_pairs, "kto": collate_kto, "prompt": collate_prompts}
     return by_data.get(data_stage, collate)

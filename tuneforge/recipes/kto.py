@@ -42,9 +42,10 @@ class KTOStage(Stage):
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         n = batch["kto_label"].shape[0]
-        both = {"input_ids": _stack(batch["input_ids"], batch["kl_input_ids"], 0),  # padding: masked, never labelled
-                "attention_mask": _stack(batch["attention_mask"], batch["kl_attention_mask"], 0),
-                "labels": _stack(batch["labels"], batch["kl_labels"], IGNORE_INDEX)}
+        both = batch if "sequence_ids" in batch else {  # padding-free: one row holds both already
+            "input_ids": _stack(batch["input_ids"], batch["kl_input_ids"], 0),  # padding: masked, never labelled
+            "attention_mask": _stack(batch["attention_mask"], batch["kl_attention_mask"], 0),
+            "labels": _stack(batch["labels"], batch["kl_labels"], IGNORE_INDEX)}
         policy = response_logps(model, both, self.logits_at_labels).sum
         ref = self.reference.logps(both, self.logits_at_labels).sum
         z0 = self.reference_point(policy[n:], ref[n:], average=model.training)
