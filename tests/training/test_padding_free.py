@@ -119,13 +119,14 @@ def test_padding_free_setting_resolves():
     assert use_padding_free("auto", "dpo", "lora", "flash_attention_2")  # per-sequence sums (sequence_ids)
     assert not use_padding_free("auto", "dpo", "lora", "auto")  # auto attention on a GPU: sdpa
     assert use_padding_free("auto", "sft", "lora", "auto", cpu_auto_attention=True)  # on CPU: per sequence
-    assert not use_padding_free("auto", "rm", "lora", "auto", cpu_auto_attention=True)
+    assert not use_padding_free("auto", "grpo", "lora", "auto", cpu_auto_attention=True)
     assert use_padding_free("auto", "kto", "lora", "flash_attention_2")
-    assert not use_padding_free("auto", "rm", "lora", "flash_attention_2")
+    assert use_padding_free("auto", "rm", "lora", "flash_attention_2")
+    assert not use_padding_free("auto", "ppo", "lora", "flash_attention_2")
     assert not use_padding_free("auto", "sft", "prompt_tuning", "flash_attention_2")
     assert not use_padding_free("never", "sft", "lora", "flash_attention_2")
     assert use_padding_free("always", "sft", "lora", "eager") and use_padding_free("always", "dpo", "full", "sdpa")
-    for stage in ("rm", "grpo"):
+    for stage in ("ppo", "grpo"):
         with pytest.raises(ConfigError, match=f"stage {stage}"):
             use_padding_free("always", stage, "lora", "sdpa")
 
@@ -134,7 +135,7 @@ def test_padding_free_always_is_checked_with_the_config():
     from tuneforge.configs.schema import load_train_config
 
     with pytest.raises(ConfigError, match="padding_free"):
-        load_train_config(None, ["training.padding_free=always"], base={"stage": "rm", "data": {"train": ["x"]}})
+        load_train_config(None, ["training.padding_free=always"], base={"stage": "grpo", "data": {"train": ["x"]}})
 
 
 def test_train_padding_free_equals_padded(tiny_llama_dir, tmp_path, monkeypatch):
@@ -234,6 +235,23 @@ def test_kto_padding_free_equals_padded(tiny_qwen2_dir, tmp_path, method):
               "training.lr=5e-3", f"training.padding_free={setting}")
         runs[setting] = {k: metric(out, k) for k in ("loss", "grad_norm", "rewards/chosen", "kl")}
     assert len(runs["always"]["loss"]) == 3
+    for key, values in runs["never"].items():
+        assert runs["always"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_rm_padding_free_equals_padded(tiny_qwen2_dir, tmp_path, method):
+    """rm scores each sequence of the row at its own last token: the same losses, accuracies, margins and gradient
+    norms as the padded batches, and the same held-out accuracy."""
+    from tests.recipes.test_alignment import metric, train
+
+    runs = {}
+    for setting in ("never", "always"):
+        out = tmp_path / setting
+        train("rm", tiny_qwen2_dir, out, f"method={method}", "training.max_steps=3", "training.batch_size=4",
+              "training.lr=5e-3", f"training.padding_free={setting}")
+        runs[setting] = {k: metric(out, k) for k in ("loss", "grad_norm", "accuracy", "reward_margin")}
+    assert len(runs["always"]["loss"]) == 3 and runs["always"]["reward_margin"][-1] != 0
     for key, values in runs["never"].items():
         assert runs["always"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
 

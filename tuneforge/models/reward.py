@@ -30,10 +30,16 @@ def transformer_of(model) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def pooled_scores(transformer, score: torch.nn.Linear, input_ids, attention_mask) -> torch.Tensor:
-    """One scalar per row: the head applied to the hidden state of the row's last real token."""
-    hidden = transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+def pooled_scores(transformer, score: torch.nn.Linear, input_ids, attention_mask=None, position_ids=None,
+                  sequence_ids=None) -> torch.Tensor:
+    """One scalar per sequence: the head applied to the hidden state of its last real token. Padded rows
+    (`attention_mask`), or one padding-free row (`position_ids`, `sequence_ids`: training/padding_free.py)."""
+    hidden = transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+    if sequence_ids is None:
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    else:  # each sequence ends where the next begins
+        last = hidden[0, torch.bincount(sequence_ids[0]).cumsum(0) - 1]
     return score(last.to(score.weight.dtype)).squeeze(-1).float()
 
 
@@ -51,8 +57,9 @@ class RewardModel(torch.nn.Module):
         self.score = torch.nn.Linear(hidden, 1, bias=False, device=next(lm.parameters()).device)
         torch.nn.init.normal_(self.score.weight, std=1 / (hidden + 1) ** 0.5)  # as TRL's reward trainer starts
 
-    def forward(self, input_ids, attention_mask):
-        return pooled_scores(transformer_of(self.lm), self.score, input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, sequence_ids=None):
+        return pooled_scores(transformer_of(self.lm), self.score, input_ids, attention_mask, position_ids,
+                             sequence_ids)
 
 
 def pick_pad_token(tokenizer, last_ids: set[int]) -> int | None:

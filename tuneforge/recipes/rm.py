@@ -36,11 +36,16 @@ class RewardStage(Stage):
         return int(batch["margin"].shape[0])
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        scores = model(batch["input_ids"], batch["attention_mask"])
+        scores = model(**model_inputs(batch))
         chosen, rejected = scores.chunk(2)
         losses, metrics = reward_pairwise_loss(chosen, rejected, batch["margin"] if self.use_margin else None)
         return losses.sum(), {"accuracy": metrics["rewards/accuracies"],  # per pair: averaged over the step
                               "reward_margin": metrics["rewards/margins"]}
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the reward model takes from a batch: padded rows, or one padding-free row with its sequence ids."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "sequence_ids") if k in batch}
 
 
 @torch.no_grad()
@@ -49,8 +54,8 @@ def pairwise_accuracy(model, items: list, collate, batch_size: int, device) -> f
     model.eval()
     wins = 0
     for start in range(0, len(items), batch_size):
-        batch = collate(items[start:start + batch_size])
-        chosen, rejected = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).chunk(2)
+        batch = {k: v.to(device) for k, v in model_inputs(collate(items[start:start + batch_size])).items()}
+        chosen, rejected = model(**batch).chunk(2)
         wins += int((chosen > rejected).sum())
     model.train()
     return wins / max(len(items), 1)

@@ -1,12 +1,13 @@
 """Padding-free batches: examples laid end to end in one row, no padding, no mask; attended per example by
 FlashAttention's varlen kernel on GPUs and by the `auto` attention on CPUs (models/attention.py).
 
-    training: {padding_free: auto}        # the default: on with a FlashAttention kernel, stages pt, sft, dpo, kto
+    training: {padding_free: auto}        # the default: on with FlashAttention (and on CPU): pt, sft, dpo, kto, rm
     model: {attn_implementation: flash_attention_2}
 
 dpo's flat row holds the chosen sides of its pairs, then the rejected ones (`collate_pairs_padding_free`); kto's
 its conversations, then their mismatched ones (`collate_kto_padding_free`); both with `sequence_ids` so that the
-log-prob sums come out per sequence (`losses.sequence_logps`).
+log-prob sums come out per sequence (`losses.sequence_logps`). rm reads each sequence's last hidden state where its
+sequence id ends (`models/reward.py`).
 
 Two pieces, both needed because of how transformers (5.x) dispatches packed batches (read in its
 `masking_utils.py` and `modeling_flash_attention_utils.py`):
@@ -65,13 +66,13 @@ def uses_flash_attention(model: torch.nn.Module) -> bool:
 def use_padding_free(setting: Literal["auto", "always", "never"], stage: str, method: str,
                      attn_implementation: str | None, cpu_auto_attention: bool = False) -> bool:
     """`training.padding_free` resolved for a run: stages pt and sft (causal-LM batches), dpo and kto (log-prob sums
-    per sequence); the other stages score a row's last token (rm) or generate.
+    per sequence) and rm (each sequence's last token); the sampling stages (ppo, grpo) generate.
     auto turns it on where attention runs per sequence without a dense mask over the row: a FlashAttention kernel
     (varlen), or `cpu_auto_attention`, the `auto` attention on CPU (models/attention.py `segment_attention`)."""
     if setting == "never":
         return False
     why = None
-    if stage not in ("pt", "sft", "dpo", "kto"):
+    if stage not in ("pt", "sft", "dpo", "kto", "rm"):
         why = f"stage {stage} scores whole pairs, replies or prompts, each in its own row"
     elif method in PREFIX_METHODS:
         why = f"method {method} puts virtual tokens before the input, which one flat row would give to one example"

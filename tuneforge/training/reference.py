@@ -31,6 +31,7 @@ def response_logps(model, batch: dict, at_labels: bool = True) -> SequenceLogps:
     so the output layer runs only where some row has a label."""
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs["use_cache"] = False  # with a cache transformers would not see a padding-free row's sequence boundaries
     positions = label_positions(labels) if at_labels else None
     if positions is not None:
         inputs["logits_to_keep"] = positions

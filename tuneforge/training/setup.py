@@ -134,7 +134,7 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
     # (its noise scales with 1/sqrt(row length): a joined row would get less than the padded batch), and not for
     # rows that could pass CPU_FLAT_ROW_LIMIT positions (transformers still builds a dense row x row mask for them)
     t = cfg.training
-    row = t.batch_size * cfg.data.max_length * (2 if stage in ("dpo", "kto") else 1)  # pairs; kto's KL rows
+    row = t.batch_size * cfg.data.max_length * (2 if stage in ("dpo", "kto", "rm") else 1)  # pairs; kto's KL rows
     cpu_auto = (runtime.device.type == "cpu" and cfg.model.attn_implementation == "auto" and not t.compile
                 and not t.rdrop_alpha and not t.neftune_alpha and row <= CPU_FLAT_ROW_LIMIT)
     collate = collate_for(stage, use_padding_free(t.padding_free, cfg.stage, cfg.method,
