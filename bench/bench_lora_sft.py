@@ -68,9 +68,9 @@ class StepRecorder:
             self.pending_positions += int(ids.numel()) if ids is not None else 0
             if mask is not None:
                 self.pending_tokens += int(mask.sum().item())
-            else:  # no 2D mask: count every input position (would include padding; flagged in the output)
-                self.pending_tokens += int(ids.numel()) if ids is not None else 0
-                self.mask_missing += 1
+            else:  # no 2D mask: count every input position; padding-free rows (position ids) hold no padding,
+                self.pending_tokens += int(ids.numel()) if ids is not None else 0  # anything else is flagged
+                self.mask_missing += kwargs.get("position_ids") is None
             self.pending_forwards += 1
             return None
 
