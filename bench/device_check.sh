@@ -3,7 +3,8 @@
 #
 #   here, once:  bash bench/fetch_device_wheels.sh          # .whl/: bitsandbytes, DeepSpeed, Liger, peft, ...
 #   device tool: run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=600)
-#   rehearsal:   PY_VERSION=3.11 bash bench/fetch_device_wheels.sh && PY=/path/to/python bash bench/device_check.sh
+#   rehearsal:   PY_VERSION=3.11 DEST=/tmp/whl bash bench/fetch_device_wheels.sh
+#                WHEELS=/tmp/whl PY=/path/to/python bash bench/device_check.sh      # CPU: the tiny shape
 #
 # The machine reaches no registry: its image holds CUDA torch, transformers, accelerate, safetensors, triton,
 # pytest (with pytest-timeout) and most of TuneForge's needs; .whl/ brings the rest (bench/fetch_device_wheels.sh).
@@ -19,6 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/device}
 PY=${PY:-python3}
 SITE=${SITE:-/tmp/tuneforge-site}
+WHEELS=${WHEELS:-.whl}  # a rehearsal here: PY_VERSION=3.11 DEST=/tmp/whl bash bench/fetch_device_wheels.sh; WHEELS=/tmp/whl
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -35,11 +37,12 @@ step() {  # step NAME SECONDS LOGFILE CMD...: run under a time limit, append to 
 }
 
 install_wheels() {
-  [ -d .whl ] || { echo "no .whl/: run bash bench/fetch_device_wheels.sh here first and carry .whl"; return 1; }
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl &&
+  [ -d "$WHEELS" ] || { echo "no $WHEELS/: run bash bench/fetch_device_wheels.sh here first and carry it"; return 1; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl &&
     # DeepSpeed is a source archive; its C++/CUDA ops are left to be compiled on first use (DS_BUILD_OPS=0)
     DS_BUILD_OPS=0 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
-      --target "$SITE" .whl/deepspeed-*.tar.gz
+      --target "$SITE" "$WHEELS"/deepspeed-*.tar.gz
 }
 
 environment() {
@@ -62,7 +65,7 @@ GPU_TESTS=(tests/training/test_chunked_loss.py tests/test_estimate.py tests/infe
            tests/methods/test_peft_methods.py tests/training/test_deepspeed.py tests/training/test_padding_free.py)
 
 log "device_check in $PWD, OUT=$OUT"
-export PY SITE
+export PY SITE WHEELS
 export -f install_wheels environment  # `timeout` runs programs, so the two functions run in bash -c
 step install 60 env.txt bash -c install_wheels
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
