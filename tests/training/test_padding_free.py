@@ -289,3 +289,25 @@ def test_flash_attention_varlen_on_gpu(examples):
     handle.remove()
     assert max(errors) < 2e-2  # bf16 noise
     assert abs(leaky - expected) > 3 * max(errors)  # the leak is far outside it
+
+
+def test_the_varlen_hook_finds_the_decoder_under_the_reward_model(tiny_qwen2_dir):
+    """rm trains a RewardModel around the causal LM: the padding-free hook and the FlashAttention check must reach
+    its decoder stack, as they reach a causal LM's, and the hook must add the varlen kwargs there."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models.reward import RewardModel
+    from tuneforge.training.padding_free import decoder_of
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
+    for wrapped in (lm, get_peft_model(lm, LoraConfig(r=2, target_modules=["q_proj"]))):
+        rm = RewardModel(wrapped)
+        assert decoder_of(rm) is decoder_of(wrapped) and type(decoder_of(rm)).__name__ == "Qwen2Model"
+    seen = []
+    handle = install_varlen_hook(rm)  # then the spy, which sees what the hook passed on
+    decoder_of(rm).register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(kw)), with_kwargs=True)
+    rm(torch.tensor([[5, 6, 7, 8, 9]]), position_ids=torch.tensor([[0, 1, 2, 0, 1]]),
+       sequence_ids=torch.tensor([[0, 0, 0, 1, 1]]))
+    handle.remove()
+    assert "cu_seq_lens_q" in seen[0]

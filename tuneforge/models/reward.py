@@ -57,9 +57,14 @@ class RewardModel(torch.nn.Module):
         self.score = torch.nn.Linear(hidden, 1, bias=False, device=next(lm.parameters()).device)
         torch.nn.init.normal_(self.score.weight, std=1 / (hidden + 1) ** 0.5)  # as TRL's reward trainer starts
 
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The decoder stack, as transformers' task models name it: where the loop's padding-free (varlen) hook and
+        its FlashAttention check look (training/padding_free.py `decoder_of`)."""
+        return transformer_of(self.lm)
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, sequence_ids=None):
-        return pooled_scores(transformer_of(self.lm), self.score, input_ids, attention_mask, position_ids,
-                             sequence_ids)
+        return pooled_scores(self.base_model, self.score, input_ids, attention_mask, position_ids, sequence_ids)
 
 
 def pick_pad_token(tokenizer, last_ids: set[int]) -> int | None:
