@@ -207,53 +207,40 @@ def test_dpo_padding_free_equals_padded(tiny_qwen2_dir, tmp_path, method, loss, 
     """The whole dpo path, padded and padding-free: the same losses, rewards and gradient norms (sums, IPO's
     per-token means and SimPO's averages all come per sequence from `sequence_ids`; the precomputed reference
     pass takes flat batches of twice the size)."""
+    padded_and_flat_agree("dpo", tiny_qwen2_dir, tmp_path, ("loss", "grad_norm", "rewards/margins"),
+                          f"method={method}", f"dpo.loss={loss}",
+                          f"dpo.precompute_reference={str(precompute).lower()}")
+
+
+def padded_and_flat_agree(stage, model_dir, tmp_path, keys, *overrides):
+    """Train `stage` 3 steps padded and padding-free; the logged `keys` agree step by step (and the last one moved)."""
     from tests.recipes.test_alignment import metric, train
 
     runs = {}
     for setting in ("never", "always"):
         out = tmp_path / setting
-        train("dpo", tiny_qwen2_dir, out, f"method={method}", f"dpo.loss={loss}", "training.max_steps=3",
-              "training.batch_size=4", "training.lr=5e-3", f"training.padding_free={setting}",
-              f"dpo.precompute_reference={str(precompute).lower()}")
-        runs[setting] = {k: metric(out, k) for k in ("loss", "grad_norm", "rewards/margins")}
-    assert len(runs["always"]["loss"]) == 3 and runs["always"]["rewards/margins"][-1] != 0
+        train(stage, model_dir, out, "training.max_steps=3", "training.batch_size=4", "training.lr=5e-3",
+              f"training.padding_free={setting}", *overrides)
+        runs[setting] = {k: metric(out, k) for k in keys}
+    assert len(runs["always"]["loss"]) == 3 and runs["always"][keys[-1]][-1] != 0
     for key, values in runs["never"].items():
         assert runs["always"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
-
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_kto_padding_free_equals_padded(tiny_qwen2_dir, tmp_path, method):
     """kto's row holds the batch's conversations, then their mismatched ones (the KL reference point): the same
     losses, rewards and gradient norms as the padded batches."""
-    from tests.recipes.test_alignment import metric, train
-
-    runs = {}
-    for setting in ("never", "always"):
-        out = tmp_path / setting
-        train("kto", tiny_qwen2_dir, out, f"method={method}", "training.max_steps=3", "training.batch_size=4",
-              "training.lr=5e-3", f"training.padding_free={setting}")
-        runs[setting] = {k: metric(out, k) for k in ("loss", "grad_norm", "rewards/chosen", "kl")}
-    assert len(runs["always"]["loss"]) == 3
-    for key, values in runs["never"].items():
-        assert runs["always"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
+    padded_and_flat_agree("kto", tiny_qwen2_dir, tmp_path, ("loss", "grad_norm", "kl", "rewards/chosen"),
+                          f"method={method}")
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_rm_padding_free_equals_padded(tiny_qwen2_dir, tmp_path, method):
     """rm scores each sequence of the row at its own last token: the same losses, accuracies, margins and gradient
-    norms as the padded batches, and the same held-out accuracy."""
-    from tests.recipes.test_alignment import metric, train
-
-    runs = {}
-    for setting in ("never", "always"):
-        out = tmp_path / setting
-        train("rm", tiny_qwen2_dir, out, f"method={method}", "training.max_steps=3", "training.batch_size=4",
-              "training.lr=5e-3", f"training.padding_free={setting}")
-        runs[setting] = {k: metric(out, k) for k in ("loss", "grad_norm", "accuracy", "reward_margin")}
-    assert len(runs["always"]["loss"]) == 3 and runs["always"]["reward_margin"][-1] != 0
-    for key, values in runs["never"].items():
-        assert runs["always"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
+    norms as the padded batches."""
+    padded_and_flat_agree("rm", tiny_qwen2_dir, tmp_path, ("loss", "grad_norm", "accuracy", "reward_margin"),
+                          f"method={method}")
 
 
 def test_kto_padding_free_row_holds_the_mismatched_conversations_too():

@@ -136,11 +136,12 @@ class TrainingConfig:
         "R-Drop or prompt-learning methods).")
     padding_free: Literal["auto", "always", "never"] = opt(
         "auto", "Stages pt/sft/dpo/kto/rm: each micro-batch becomes one row of its examples (dpo, rm: both sides "
-        "of its pairs; kto: with its mismatched KL conversations) end to end (no padding, no mask, position ids restart per example), run by FlashAttention's varlen "
-        "kernel; same loss. auto: on when "
-        "`model.attn_implementation` is a FlashAttention kernel (flash_attention_2, ...), and on CPU with "
-        "attn_implementation auto (it attends per sequence; not with R-Drop, NEFTune or compile, nor when batch_size x max_length, x2 for dpo, kto and rm, passes 8192); always: also with "
-        "sdpa/eager on GPUs (correct, but their mask over the joined row costs more than the padding saved).")
+        "of its pairs; kto: with its mismatched KL conversations) end to end (no padding, no mask, position ids "
+        "restart per example), attended per example; same loss. auto: on when `model.attn_implementation` is a "
+        "FlashAttention kernel (flash_attention_2, ...; its varlen kernel), and on CPU with attn_implementation auto "
+        "(it attends per example; not with R-Drop, NEFTune or compile, nor when batch_size x max_length, x2 for "
+        "dpo, kto and rm, passes 8192); always: also with sdpa/eager on GPUs (correct, but their mask over the "
+        "joined row costs more than the padding saved).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
                                "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     cpu_matmul: Literal["auto", "onednn", "default"] = opt(
