@@ -44,7 +44,8 @@ def seconds_per_call(fn, *args, repeats: int = 5) -> float:
 
 
 def kernel_part() -> None:
-    print("one attention call, forward + backward, about 1024 positions per batch (ms; eager / sdpa < 1 means eager faster)")
+    print("one attention call, forward + backward, about 1024 positions per batch "
+          "(ms; eager / sdpa < 1 means eager faster)")
     for dtype in (torch.bfloat16, torch.float32):
         for batch, length in ((16, 64), (8, 128), (5, 192), (4, 256), (2, 512), (1, 1024)):
             gen = torch.Generator().manual_seed(length)

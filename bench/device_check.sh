@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every check issue 11 left for a GPU, as one command on a lent GPU machine (limits add up to 570 s; a run's timeout_s is at most 600):
+# Every check issue 11 left for a GPU, as one command on a lent GPU machine (its steps' limits add up to 570 s;
+# a device run's timeout_s is at most 600):
 #
 #   here, once:  bash bench/fetch_device_wheels.sh          # .whl/: bitsandbytes, DeepSpeed, Liger, peft, ...
 #   device tool: run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=600)
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/device}
 PY=${PY:-python3}
 SITE=${SITE:-/tmp/tuneforge-site}
-WHEELS=${WHEELS:-.whl}  # a rehearsal here: PY_VERSION=3.11 DEST=/tmp/whl bash bench/fetch_device_wheels.sh; WHEELS=/tmp/whl
+WHEELS=${WHEELS:-.whl}  # another folder for a rehearsal (see above)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
