@@ -29,20 +29,21 @@ def heldout() -> list[dict]:
 
 
 def run(stage: str, out: Path, *overrides: str, log=print):
-    """One stage from its example config on the real model. Eager attention: at these lengths (30-60 tokens) SDPA's
-    CPU backward kernel cost a quarter of the step; eager ran 1.33x faster (measured 2026-11-30, rm, bf16)."""
+    """One stage from its example config on the real model, with the product's defaults: `auto` attention (eager at
+    these lengths, 30-60 tokens, where SDPA's CPU backward cost a quarter of the step) and padding-free batches."""
     cfg = load_train_config(str(ROOT / "examples" / f"{stage}_tiny.yaml"), [
         f"model.name_or_path={MODEL}", f"output_dir={out}", "data.eval=[]", "data.max_length=128",
         "training.progress_bar=false", "training.plot_loss=false", "training.save_steps=0", "training.eval_steps=0",
-        "training.logging_steps=10", "model.attn_implementation=eager", "lora.target_modules=[all-linear]", "lora.rank=16", "lora.alpha=32",
+        "training.logging_steps=10", "lora.target_modules=[all-linear]", "lora.rank=16", "lora.alpha=32",
         *overrides])
     return run_config(cfg, log=log)
 
 
-# bf16 autocast: this CPU multiplies bf16 natively, a quarter of the fp32 cost. Measured 2026-11-30 16:40 UTC on an idle
-# machine (2 threads, 4 min): 0.920 on all 150 held-out pairs; near misses are the weak kind (arithmetic 4/11, units
-# 12/15). On the earlier data (every rejected reply a near miss or rambling, no unit value ending in 0) the same run
-# scored 0.82-0.85: the model had learned "kg -> g has 3 trailing zeros" and preferred "5000 g" for "50 kg".
+# bf16 autocast: this CPU multiplies bf16 natively, a quarter of the fp32 cost. Measured 2026-11-30 20:05 UTC on an idle
+# machine (2 threads, 3 min 40 s): 0.940 on all 150 held-out pairs (16:40, eager and padded: 0.920); near misses are
+# the weak kind (arithmetic 5/11, units 13/15). On the earlier data (every rejected reply a near miss or rambling, no
+# unit value ending in 0) the same run scored 0.82-0.85: the model had learned "kg -> g has 3 trailing zeros" and
+# preferred "5000 g" for "50 kg".
 RM_STEPS = ("training.max_steps=150", "training.lr=4e-4", "training.warmup_steps=5", "training.precision=bf16")
 
 
