@@ -98,18 +98,29 @@ def flat_segments(module, query, key, attention_mask, position_ids) -> tuple[tor
     if (query.device.type != "cpu" or query.shape[0] != 1 or position_ids is None or attention_mask is None
             or query.shape[-2] != key.shape[-2] or position_ids.shape[-1] != query.shape[-2]):
         return None
-    starts = (position_ids.reshape(-1) == 0).nonzero().view(-1)
-    if starts.numel() < 2 or int(starts[0]) != 0:
-        return None
-    lengths = torch.diff(starts, append=torch.tensor([position_ids.shape[-1]]))
-    longest = int(lengths.max())
+    segments = _segments_of(position_ids)
     window = getattr(module, "sliding_window", None)
-    if window and longest > window:
+    if segments is None or (window and segments[0].shape[1] > window):
         return None
-    offsets = torch.arange(longest)
-    valid = offsets[None, :] < lengths[:, None]
-    index = torch.where(valid, starts[:, None] + offsets[None, :], 0)
-    return index, valid
+    return segments
+
+
+_LAST_SEGMENTS: list = [None, None]  # (position_ids, its segments): every layer of one forward passes the same tensor
+
+
+def _segments_of(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(index, valid) of the sequences in a row, computed once per forward rather than once per layer."""
+    if _LAST_SEGMENTS[0] is position_ids:
+        return _LAST_SEGMENTS[1]
+    starts = (position_ids.reshape(-1) == 0).nonzero().view(-1)
+    segments = None
+    if starts.numel() >= 2 and int(starts[0]) == 0:
+        lengths = torch.diff(starts, append=torch.tensor([position_ids.shape[-1]]))
+        offsets = torch.arange(int(lengths.max()))
+        valid = offsets[None, :] < lengths[:, None]
+        segments = torch.where(valid, starts[:, None] + offsets[None, :], 0), valid
+    _LAST_SEGMENTS[:] = [position_ids, segments]
+    return segments
 
 
 def segment_attention(module, query, key, value, segments, **kwargs):
