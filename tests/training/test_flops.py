@@ -42,6 +42,36 @@ def test_flops_per_token_of_lora_by_hand():
     assert flops.flops_per_token(n, trainable, 2, 8, 10, extra_forwards=1) == 8224 + 2 * 1520 + 4 * 2 * 8 * 10
 
 
+def test_lm_head_is_charged_only_where_its_logits_are_read():
+    """lm_head (32x8 = 256 of N = 1408) runs at label positions only: at a quarter of the tokens it costs a quarter
+    of its 6 FLOPs per weight; with every token labelled the count is the plain 6N + attention."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    assert flops.head_weights(model) == (256, 256)
+    full = flops.flops_per_token(1408, 1408, 2, 8, 10, head=(256, 256), head_share=0.25)
+    assert full == 6 * (1408 - 256) + 0.25 * 6 * 256 + 1920
+    assert flops.flops_per_token(1408, 1408, 2, 8, 10, head=(256, 256)) == flops.flops_per_token(1408, 1408, 2, 8, 10)
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert flops.head_weights(lora) == (256, 0)  # frozen: forward and backward through it, no weight gradient
+    # a live reference forward runs the head at the same positions: 2H per head position
+    assert (flops.flops_per_token(1520, 112, 2, 8, 10, 1, head=(256, 0), head_share=0.5)
+            == 4 * 1264 + 2 * 112 + 1920 + 0.5 * 4 * 256 + 2 * 1264 + 2 * 256 * 0.5 + 4 * 2 * 8 * 10)
+
+
+def test_fed_counts_take_both_sides_of_a_pair_and_each_document_of_a_packed_row():
+    from tuneforge.data import Encoded, EncodedPair
+    from tuneforge.data.packing import PackedRow
+
+    pair = EncodedPair(Encoded([1] * 5, [1] * 5), Encoded([1] * 3, [1] * 3))
+    packed = PackedRow([1] * 6, [1] * 6, position_ids=[0, 1, 2, 3, 0, 1])
+    assert flops.fed_counts([pair]) == (8, 25 + 9)  # len(pair) is 5: the padded width, not the work
+    assert flops.fed_counts([packed, Encoded([1] * 2, [1] * 2)]) == (8, 16 + 4 + 4)
+    tally = flops.WorkTally()
+    tally.add(8, 34, 2)
+    assert tally.seq_len == 34 / 8 and tally.head_share == 0.25
+
+
 def test_gpu_peaks_come_from_the_datasheet_table():
     assert flops.gpu_peak("NVIDIA H100 80GB HBM3") == 989e12
     assert flops.gpu_peak("NVIDIA H100 PCIe") == 756e12

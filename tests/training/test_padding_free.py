@@ -213,7 +213,8 @@ def test_dpo_padding_free_equals_padded(tiny_qwen2_dir, tmp_path, method, loss, 
 
 
 def padded_and_flat_agree(stage, model_dir, tmp_path, keys, *overrides):
-    """Train `stage` 3 steps padded and padding-free; the logged `keys` agree step by step (and the last one moved)."""
+    """Train `stage` 3 steps padded and padding-free; the logged `keys` agree step by step (and the last one moved),
+    and so do the model FLOPs per token the MFU counts (tokens, attention lengths and lm_head positions)."""
     from tests.recipes.test_alignment import metric, train
 
     runs = {}
@@ -222,6 +223,8 @@ def padded_and_flat_agree(stage, model_dir, tmp_path, keys, *overrides):
         train(stage, model_dir, out, "training.max_steps=3", "training.batch_size=4", "training.lr=5e-3",
               f"training.padding_free={setting}", *overrides)
         runs[setting] = {k: metric(out, k) for k in keys}
+        runs[setting]["flops_per_token"] = [f * 1e12 / t for f, t in zip(metric(out, "model_tflops"),
+                                                                           metric(out, "tokens_per_s"))]
     assert len(runs["always"]["loss"]) == 3 and runs["always"][keys[-1]][-1] != 0
     for key, values in runs["never"].items():
         assert runs["always"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key

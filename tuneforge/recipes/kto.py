@@ -40,6 +40,13 @@ class KTOStage(Stage):
     def targets(self, batch: dict) -> int:
         return int(batch["kto_label"].shape[0])
 
+    def head_positions(self, batch: dict) -> int:
+        """The label positions of the B conversations (the MFU counts their tokens, not the mismatched ones')."""
+        labelled = batch["labels"][:, 1:] != IGNORE_INDEX
+        if "sequence_ids" in batch:  # padding-free: one row, the B conversations first
+            labelled &= batch["sequence_ids"][:, 1:] < batch["kto_label"].shape[0]
+        return int(labelled.sum())
+
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         n = batch["kto_label"].shape[0]
         both = batch if "sequence_ids" in batch else {  # padding-free: one row holds both already

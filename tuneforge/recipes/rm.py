@@ -35,6 +35,9 @@ class RewardStage(Stage):
     def targets(self, batch: dict) -> int:
         return int(batch["margin"].shape[0])
 
+    def head_positions(self, batch: dict) -> int:
+        return 0  # the LM's output layer never runs: the score head reads the hidden states
+
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         scores = model(**model_inputs(batch))
         chosen, rejected = scores.chunk(2)

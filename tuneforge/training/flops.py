@@ -12,6 +12,12 @@ hidden size, S the sequence length:
     plus, per extra forward-only pass the algorithm makes over the same tokens (DPO's and KTO's live reference
     model: `Stage.reference_forwards`), 2N + 4 L d S
 
+The output layer (lm_head, H of the N weights, H_T of them trained) is charged per *head position* instead: a
+position whose logits the loss reads (a label position; none for a reward model, which reads its score head). Its
+work anywhere else is not needed by the objective, and TuneForge skips it (`logits_to_keep`), so counting it at
+every token overstated MFU on prompt-heavy SFT rows (one run read the 100% cap). Per head position: 4H + 2H_T, and
+2H per extra forward. `head_share` = head positions / tokens; at 1 the formulas above hold unchanged.
+
 The peak: the datasheet dense bf16 tensor-core figure for known GPUs, or, for CPUs, a short matmul probe in the
 run's dtype at start (the faster of MKL and oneDNN), cached per machine under the TuneForge cache folder.
 """
@@ -22,10 +28,13 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tuneforge.data.packing import PackedRow
+from tuneforge.data.types import EncodedPair
 from tuneforge.kernels import onednn_linear
 
 # dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' datasheets; the first name found wins
@@ -50,12 +59,26 @@ def matmul_weights(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def head_weights(model: torch.nn.Module) -> tuple[int, int]:
+    """(H, H_T): the output layer's share of `matmul_weights` (the module `get_output_embeddings` names, under any
+    wrapper: PEFT, a reward model's `lm`); (0, 0) when the model has none."""
+    for module in model.modules():
+        get = getattr(module, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if isinstance(head, torch.nn.Module):
+            return matmul_weights(head)
+    return 0, 0
+
+
 def flops_per_token(n_matmul: int, n_trainable: int, layers: int, hidden: int, seq_len: float,
-                    extra_forwards: int = 0) -> float:
+                    extra_forwards: int = 0, head: tuple[int, int] = (0, 0), head_share: float = 1.0) -> float:
     """Training FLOPs per token (forward + backward, and `extra_forwards` forward-only passes), see the module
-    docstring."""
-    return (4 * n_matmul + 2 * n_trainable + 12 * layers * hidden * seq_len
-            + extra_forwards * (2 * n_matmul + 4 * layers * hidden * seq_len))
+    docstring: `head` = (H, H_T) of the N and T weights run only at `head_share` of the tokens."""
+    h, h_trained = head
+    body, body_trained = n_matmul - h, n_trainable - h_trained
+    return (4 * body + 2 * body_trained + 12 * layers * hidden * seq_len
+            + head_share * (4 * h + 2 * h_trained)
+            + extra_forwards * (2 * body + 2 * h * head_share + 4 * layers * hidden * seq_len))
 
 
 def model_shape(model: torch.nn.Module) -> tuple[int, int]:
@@ -66,6 +89,46 @@ def model_shape(model: torch.nn.Module) -> tuple[int, int]:
         config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
     return int(getattr(config, "num_hidden_layers", 0) or 0), int(getattr(config, "hidden_size", 0) or 0)
+
+
+def fed_counts(items: list) -> tuple[int, int]:
+    """(tokens, sum of squared sequence lengths) of what the model runs on for these examples: both sides of a
+    preference pair, each document of a packed row (KTO's mismatched KL rows are not counted). The attention term's
+    S is the token-weighted length, sum s^2 / sum s: a short and a long sequence cost what they each cost."""
+    tokens = squares = 0
+    for item in items:
+        for side in (item.chosen, item.rejected) if isinstance(item, EncodedPair) else (item,):
+            lengths = _document_lengths(side.position_ids) if isinstance(side, PackedRow) else [len(side)]
+            tokens += sum(lengths)
+            squares += sum(n * n for n in lengths)
+    return tokens, squares
+
+
+def _document_lengths(position_ids: list[int]) -> list[int]:
+    starts = [i for i, p in enumerate(position_ids) if p == 0] + [len(position_ids)]
+    return [b - a for a, b in zip(starts, starts[1:]) if b > a]
+
+
+@dataclass
+class WorkTally:
+    """What the steps since the run (re)started ran on, for the MFU: tokens, the sum of their sequences' squared
+    lengths, and head positions (where lm_head's logits are read)."""
+
+    tokens: int = 0
+    squares: float = 0.0
+    head_positions: int = 0
+
+    def add(self, tokens: int, squares: float, head_positions: int) -> None:
+        self.tokens, self.squares = self.tokens + tokens, self.squares + squares
+        self.head_positions += head_positions
+
+    @property
+    def seq_len(self) -> float:
+        return self.squares / max(self.tokens, 1)
+
+    @property
+    def head_share(self) -> float:
+        return self.head_positions / max(self.tokens, 1)
 
 
 def gpu_peak(name: str) -> float | None:
@@ -168,16 +231,18 @@ class EfficiencyMeter:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, world_size: int):
         self.n_matmul, self.n_trainable = matmul_weights(model)
+        self.head = head_weights(model)
         self.layers, self.hidden = model_shape(model)
         peak, self.peak_source = device_peak(device, dtype)
         self.peak = peak * world_size if peak else None
         self.device, self.dtype, self.world_size = device, dtype, world_size
 
-    def flops_per_token(self, seq_len: float, extra_forwards: int = 0) -> float:
-        return flops_per_token(self.n_matmul, self.n_trainable, self.layers, self.hidden, seq_len, extra_forwards)
+    def flops_per_token(self, seq_len: float, extra_forwards: int = 0, head_share: float = 1.0) -> float:
+        return flops_per_token(self.n_matmul, self.n_trainable, self.layers, self.hidden, seq_len, extra_forwards,
+                               self.head, head_share)
 
-    def metrics(self, tokens_per_s: float, seq_len: float, extra_forwards: int = 0) -> dict:
-        achieved = self.flops_per_token(seq_len, extra_forwards) * tokens_per_s
+    def metrics(self, tokens_per_s: float, seq_len: float, extra_forwards: int = 0, head_share: float = 1.0) -> dict:
+        achieved = self.flops_per_token(seq_len, extra_forwards, head_share) * tokens_per_s
         out = {"model_tflops": achieved / 1e12}
         if self.peak and achieved > self.peak and self.device.type == "cpu":  # the cached probe ran on a busy CPU
             raise_cpu_peak(self.dtype, achieved / self.world_size)

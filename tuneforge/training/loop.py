@@ -26,7 +26,7 @@ from tuneforge.methods.base import Method, unwrap
 from tuneforge.training import checkpoint as ckpt
 from tuneforge.training.chunked_loss import chunked_causal_loss
 from tuneforge.training.distributed import build_strategy, load_sharded, save_sharded, shared_temp_name
-from tuneforge.training.flops import EfficiencyMeter
+from tuneforge.training.flops import EfficiencyMeter, WorkTally, fed_counts
 from tuneforge.training.interrupt import StopRequest, resume_command
 from tuneforge.training.metrics import MetricsLogger, MetricWindow, format_metrics
 from tuneforge.training.optim import build_optimizer, build_scheduler, total_steps_for
@@ -46,6 +46,11 @@ class Stage:
 
     def targets(self, batch: dict) -> int:
         """How many loss terms the batch contributes (the normaliser across micro-batches and ranks)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def head_positions(self, batch: dict) -> int:
+        """Positions whose output-layer logits the loss reads: the label positions (the MFU count charges lm_head
+        there only, training/flops.py)."""
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -258,7 +263,7 @@ class Trainer:
             items = [self.train_items[i] for i in self.order.indices(self.position)]
             self.position += 1
             batch = {k: v.to(self.rt.device) for k, v in self.collate(items).items()}
-            out.append((batch, sum(len(x) for x in items)))
+            out.append((batch, fed_counts(items)))
         return out
 
     def _no_sync(self, last: bool):
@@ -269,9 +274,9 @@ class Trainer:
     def train_step(self) -> dict:
         self.model.train()
         micro = self._micro_batches()
-        n_targets = sum(self.stage.targets(b) for b, _ in micro)
-        n_targets = int(self.rt.all_reduce_sum(torch.tensor(n_targets, device=self.rt.device)).item())
-        n_tokens = int(self.rt.all_reduce_sum(torch.tensor(sum(n for _, n in micro), device=self.rt.device)).item())
+        counts = [[self.stage.targets(b), *fed, self.stage.head_positions(b)] for b, fed in micro]
+        counts = self.rt.all_reduce_sum(torch.tensor(counts, device=self.rt.device, dtype=torch.float64).sum(0))
+        n_targets, n_tokens, squares, n_head = (int(c) for c in counts.tolist())  # one collective for all four
         scale = self.rt.world_size / max(n_targets, 1)  # DDP averages gradients over ranks; undo that
         loss_total, extra = torch.zeros((), device=self.rt.device), StepMetrics()
         for i, (batch, _) in enumerate(micro):
@@ -286,7 +291,7 @@ class Trainer:
         self.scheduler.step()
         loss = self.rt.all_reduce_sum(loss_total).item() / max(n_targets, 1)
         return {"loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
-                **extra.means(self.rt)}
+                "token_squares": squares, "head_positions": n_head, **extra.means(self.rt)}
 
     def _step(self) -> float:
         """Clip, optimizer step, zero the gradients (the engine's way); the gradient norm before clipping."""
@@ -409,7 +414,7 @@ class Trainer:
             history = self.maybe_resume()
             self._open_output_dir()
             logger = MetricsLogger(self.output_dir, self.rt.is_main, self.total_steps, self.step, self.t.progress_bar)
-            last_eval, self._tokens, self._t0, self._first_step = None, 0, time.perf_counter(), self.step
+            last_eval, self.work, self._t0 = None, WorkTally(), time.perf_counter()
             if self.meter.peak:
                 self.say(f"efficiency: model FLOPs against {self.meter.peak / 1e12:.3g} TFLOP/s peak "
                          f"({self.meter.peak_source}, x{self.rt.world_size} process(es))")
@@ -431,12 +436,15 @@ class Trainer:
         """One optimizer step, then eval / log lines as due. The logged loss is the window mean (MetricWindow)."""
         metrics = self.train_step()
         self.step += 1
-        self._tokens += metrics.pop("tokens")
+        tokens = metrics.pop("tokens")
+        rows = self.t.batch_size * self.t.grad_accum * self.rt.world_size
+        self.work.add(tokens, metrics.pop("token_squares", tokens * tokens / rows),  # RL steps: rows of equal length
+                      metrics.pop("head_positions", tokens))  # RL steps: lm_head charged at every token
         elapsed = time.perf_counter() - self._t0
-        metrics["tokens_per_s"] = self._tokens / elapsed if elapsed > 0 else 0.0
-        items = (self.step - self._first_step) * self.t.batch_size * self.t.grad_accum * self.rt.world_size
-        metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self._tokens / max(items, 1),
-                                          extra_forwards=self.stage.reference_forwards))
+        metrics["tokens_per_s"] = self.work.tokens / elapsed if elapsed > 0 else 0.0
+        metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self.work.seq_len,
+                                          extra_forwards=self.stage.reference_forwards,
+                                          head_share=self.work.head_share))
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()
