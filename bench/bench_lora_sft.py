@@ -365,12 +365,16 @@ def main() -> int:
                 own = [m for m in metrics if "tokens_per_s" in m]
                 r["own_tokens_per_s_last"] = own[-1]["tokens_per_s"] if own else None
                 r["mfu_last"] = own[-1].get("mfu") if own else None
+                if own and own[-1].get("mfu"):  # the model FLOPs per token and the peak TuneForge's meter used
+                    r["flops_per_token"] = own[-1]["model_tflops"] * 1e12 / own[-1]["tokens_per_s"]
+                    r["peak_flops"] = own[-1]["model_tflops"] * 1e12 / own[-1]["mfu"]
             row[side] = r
             print(f"[{label}] {side}: {r['tokens_per_s']:.0f} tok/s ({r['tokens']} tokens in {r['seconds']:.2f} s,"
                   f" {r['s_per_step']:.3f} s/step), peak RSS {r['peak_rss_mib']:.0f} MiB, process {wall:.0f} s",
                   flush=True)
         row["speed_ratio"] = row["tuneforge"]["tokens_per_s"] / row["llamafactory"]["tokens_per_s"]
         row["rss_ratio"] = row["tuneforge"]["peak_rss_mib"] / row["llamafactory"]["peak_rss_mib"]
+        add_mfu(row)
         results.append(row)
 
     settings = (f"TuneForge training.cpu_matmul={a.tf_cpu_matmul}; LoRA r={a.rank} alpha={a.alpha:g} dropout=0 on {','.join(TARGETS)}; batch {a.batch_size}, "
@@ -378,13 +382,14 @@ def main() -> int:
                 f"{'group_by_length on both sides, ' if a.group_by_length else ''}no gradient checkpointing; rate over steps {a.warmup + 1}..N")
     print("\n" + settings)
     head = (f"| {'model':<24} | {'steps':>5} | {'TF tok/s':>9} | {'LF tok/s':>9} | {'TF/LF tok/s':>11} | "
-            f"{'TF peak RSS':>11} | {'LF peak RSS':>11} | {'TF/LF RSS':>9} |")
+            f"{'TF MFU':>6} | {'LF MFU':>6} | {'TF peak RSS':>11} | {'LF peak RSS':>11} | {'TF/LF RSS':>9} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for row in results:
         tf, lf = row["tuneforge"], row["llamafactory"]
         print(f"| {row['model']:<24} | {row['steps']:>5} | {tf['tokens_per_s']:>9.0f} | {lf['tokens_per_s']:>9.0f} | "
-              f"{row['speed_ratio']:>10.2f}x | {tf['peak_rss_mib']:>7.0f} MiB | {lf['peak_rss_mib']:>7.0f} MiB | "
+              f"{row['speed_ratio']:>10.2f}x | {percent(tf.get('mfu')):>6} | {percent(lf.get('mfu')):>6} | "
+              f"{tf['peak_rss_mib']:>7.0f} MiB | {lf['peak_rss_mib']:>7.0f} MiB | "
               f"{row['rss_ratio']:>8.2f}x |")
     print("\ndetails (per side: non-pad tokens / seconds / s per step / share of padded positions / RSS peak before "
           "training / threads):")
@@ -410,6 +415,20 @@ def main() -> int:
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def add_mfu(row: dict) -> None:
+    """Hardware efficiency of both sides over the timed steps: the same model, data and settings need the same model
+    FLOPs per real token (TuneForge's count, training/flops.py), so each side's MFU is that x its own tokens/s over
+    the peak TuneForge measured (the faster of MKL and oneDNN on CPU)."""
+    tf = row["tuneforge"]
+    if tf.get("flops_per_token") and tf.get("peak_flops"):
+        for side in ("tuneforge", "llamafactory"):
+            row[side]["mfu"] = tf["flops_per_token"] * row[side]["tokens_per_s"] / tf["peak_flops"]
+
+
+def percent(value) -> str:
+    return f"{value:.1%}" if value is not None else "-"
 
 
 if __name__ == "__main__":

@@ -164,9 +164,10 @@ def _best_rate(product, flops: float, seconds: float) -> float:
 
 
 def _peak_key(dtype: torch.dtype) -> str:
-    # probe=2: the best of MKL and oneDNN (figures cached by the MKL-only probe were too low on AMD CPUs)
+    # probe=2: the best of MKL and oneDNN (figures cached by the MKL-only probe were too low on AMD CPUs);
+    # probe=3: peaks cached since were raised by runs whose count charged lm_head at every position (too high)
     return (f"{platform.processor() or platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}"
-            f"|probe=2")
+            f"|probe=3")
 
 
 def _read_peaks() -> dict:
