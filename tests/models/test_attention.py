@@ -115,15 +115,62 @@ def test_a_padding_free_row_attends_per_sequence_like_the_padded_batch(models, m
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
-def test_only_a_cpu_row_of_several_sequences_is_split():
-    module = torch.nn.Module()
+def test_only_a_row_of_several_sequences_is_split():
     q = k = torch.zeros(1, 2, 6, 4)
-    block = torch.ones(1, 1, 6, 6, dtype=torch.bool)
     two = torch.tensor([[0, 1, 2, 0, 1, 2]])
-    index, valid = attention.flat_segments(module, q, k, block, two)
+    index, valid = attention.flat_segments(q, k, two)
     assert index.tolist() == [[0, 1, 2], [3, 4, 5]] and valid.all()
-    assert attention.flat_segments(module, q, k, block, torch.arange(6)[None]) is None  # one sequence
-    assert attention.flat_segments(module, q, k, None, two) is None  # no mask: transformers saw plain causal
-    assert attention.flat_segments(module, torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6, 4), block, two) is None
-    module.sliding_window = 2  # a window shorter than a sequence: its mask says more than the blocks do
-    assert attention.flat_segments(module, q, k, block, two) is None
+    assert attention.flat_segments(q, k, torch.arange(6)[None]) is None  # one sequence
+    assert attention.flat_segments(torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6, 4), two) is None  # two rows
+    assert attention.flat_segments(q, k, None) is None
+
+
+def test_a_padding_free_row_never_builds_the_row_by_row_mask(models, monkeypatch):
+    """transformers would build a dense (row x row) boolean mask for a padding-free row; `auto` defers it and the
+    per-sequence attention never asks for it. A padded batch still gets its mask, as SDPA does."""
+    from transformers import masking_utils
+
+    built = []
+    real = masking_utils.sdpa_mask
+    monkeypatch.setattr(masking_utils, "sdpa_mask", lambda **kw: built.append(kw["q_length"]) or real(**kw))
+    flat, padded = flat_and_padded([5, 17, 9])
+    with torch.no_grad():
+        models["auto"](**flat, use_cache=False)
+        assert built == []
+        models["auto"](**padded, use_cache=False)
+    assert built == [17]
+
+
+def test_a_deferred_mask_is_built_where_a_layer_cannot_attend_per_sequence():
+    """A one-row batch whose mask could not be skipped but whose positions do not restart (one sequence under a
+    custom mask): the deferred mask becomes exactly transformers' own, once."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    args = dict(batch_size=1, q_length=6, kv_length=6, mask_function=causal_mask_function, attention_mask=None,
+                allow_is_causal_skip=False, device="cpu")
+    deferred = attention.auto_mask(**args)
+    assert isinstance(deferred, attention.DeferredMask) and deferred.window is None
+    assert torch.equal(deferred.dense(), sdpa_mask(**args)) and deferred.dense() is deferred.dense()
+    assert attention.auto_mask(**{**args, "allow_is_causal_skip": True}) is None  # plain causal: SDPA's is_causal
+
+
+@pytest.mark.parametrize("window", [4, 64])
+def test_a_sliding_window_layer_attends_per_sequence_within_its_window(window):
+    """Qwen2 with sliding-window layers: a padding-free row's sequences longer than the window attend to the last
+    `window` keys only, exactly as the padded batch's sliding mask does (and a wide window changes nothing)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                         sliding_window=window, max_window_layers=0, attn_implementation=attention.resolve_attention(
+                             "auto", "cpu"))
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    assert all(layer.self_attn.sliding_window == window for layer in model.model.layers)
+    flat, padded = flat_and_padded([5, 17, 9])
+    with torch.no_grad():
+        row = model(**flat, use_cache=False).logits[0]
+        rows = model(**padded, use_cache=False).logits[padded["attention_mask"].bool()]
+        plain = model(input_ids=flat["input_ids"][:, 5:22], use_cache=False).logits[0]  # the 17-token sequence alone
+    assert torch.allclose(row, rows, atol=1e-5)
+    assert torch.allclose(row[5:22], plain, atol=1e-5)

@@ -139,9 +139,8 @@ class TrainingConfig:
         "of its pairs; kto: with its mismatched KL conversations) end to end (no padding, no mask, position ids "
         "restart per example), attended per example; same loss. auto: on when `model.attn_implementation` is a "
         "FlashAttention kernel (flash_attention_2, ...; its varlen kernel), and on CPU with attn_implementation auto "
-        "(it attends per example; not with R-Drop, NEFTune or compile, nor when batch_size x max_length, x2 for "
-        "dpo, kto and rm, passes 8192); always: also with sdpa/eager on GPUs (correct, but their mask over the "
-        "joined row costs more than the padding saved).")
+        "(it attends per example; not with R-Drop, NEFTune or compile); always: also with sdpa/eager on GPUs "
+        "(correct, but their mask over the joined row costs more than the padding saved).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
                                "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     cpu_matmul: Literal["auto", "onednn", "default"] = opt(

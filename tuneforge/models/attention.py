@@ -12,10 +12,13 @@ softcapping or sinks), everything else to transformers' SDPA function, unchanged
 (a boolean mask, or none where plain causal attention is meant) and turned into eager's additive mask here.
 
 A padding-free row on CPU (`training.padding_free`: several sequences end to end, position ids restarting at 0)
-gets from transformers a dense block-diagonal mask over the whole row, whose attention costs (S x L)^2 instead of
-S x L^2 (there is no varlen kernel on CPU). `segment_attention` gathers each sequence into a padded batch of its own
-for attention alone and scatters the result back: the row's linear layers skip the padding, attention costs what
-the padded batch's did, and the numbers are the padded batch's (tests/models/test_attention.py).
+would get from transformers a dense block-diagonal mask over the whole row, whose attention costs (S x L)^2 instead
+of S x L^2 (there is no varlen kernel on CPU). `segment_attention` gathers each sequence into a padded batch of its
+own for attention alone and scatters the result back: the row's linear layers skip the padding, attention costs what
+the padded batch's did, and the numbers are the padded batch's (tests/models/test_attention.py). The row x row mask
+is not even built: for a one-row batch whose mask transformers could not skip, `auto_mask` hands the layers a
+`DeferredMask` (the arguments to build it), which only a layer that cannot attend per sequence turns into the dense
+mask. So a row's length is not limited by a (row x row) mask's memory (64 MiB at 8192 positions, 1 GiB at 32768).
 """
 
 from __future__ import annotations
@@ -41,16 +44,45 @@ def resolve_attention(setting: str, device: str | torch.device | None) -> str:
 
 def register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(AUTO_ATTENTION, auto_attention)
-    AttentionMaskInterface.register(AUTO_ATTENTION, sdpa_mask)  # masks as SDPA gets them: boolean, or None
+    AttentionMaskInterface.register(AUTO_ATTENTION, auto_mask)
+
+
+class DeferredMask:
+    """The mask of a one-row batch, not built yet: transformers' `sdpa_mask` arguments. `window` is the layer's
+    sliding window (transformers' `local_size`), which per-sequence attention applies itself."""
+
+    def __init__(self, mask_args: dict):
+        self.mask_args, self.window, self._dense = mask_args, mask_args.get("local_size"), None
+
+    def dense(self) -> torch.Tensor | None:
+        """The mask SDPA would have got (built once, then shared by every layer that asks)."""
+        if self._dense is None:
+            from transformers.masking_utils import sdpa_mask
+
+            self._dense = sdpa_mask(**self.mask_args)
+        return self._dense
+
+
+def auto_mask(**mask_args):
+    """Masks as SDPA gets them (boolean, or None where plain causal attention is meant), except a one-row batch's
+    that transformers could not skip (a padding-free row: position ids restarting), which is deferred."""
+    from transformers.masking_utils import sdpa_mask
+
+    if (mask_args.get("batch_size") == 1 and mask_args.get("attention_mask") is None
+            and not mask_args.get("allow_is_causal_skip", True) and mask_args.get("q_length", 1) > 1):
+        return DeferredMask(mask_args)
+    return sdpa_mask(**mask_args)
 
 
 def auto_attention(module, query, key, value, attention_mask, **kwargs):
-    segments = flat_segments(module, query, key, attention_mask, kwargs.get("position_ids"))
-    if segments is not None:
-        return segment_attention(module, query, key, value, segments, **kwargs)
+    if isinstance(attention_mask, DeferredMask):
+        segments = flat_segments(query, key, kwargs.get("position_ids"))
+        if segments is not None:
+            return segment_attention(module, query, key, value, segments, attention_mask.window, **kwargs)
+        attention_mask = attention_mask.dense()
     return short_or_sdpa(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -91,18 +123,13 @@ def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Ten
         ~mask, torch.finfo(torch.float32).min)
 
 
-def flat_segments(module, query, key, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For a padding-free row on CPU (one row of several sequences, `position_ids` restarting at 0, the block-
-    diagonal mask transformers builds for it): (index [S, Lmax] of each sequence's positions in the row, valid
-    [S, Lmax]); None for any other call. A sliding-window layer shorter than a sequence is left to its mask."""
-    if (query.device.type != "cpu" or query.shape[0] != 1 or position_ids is None or attention_mask is None
-            or query.shape[-2] != key.shape[-2] or position_ids.shape[-1] != query.shape[-2]):
+def flat_segments(query, key, position_ids) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a padding-free row (one row of several sequences, `position_ids` restarting at 0; its mask deferred):
+    (index [S, Lmax] of each sequence's positions in the row, valid [S, Lmax]); None for any other call."""
+    if (query.shape[0] != 1 or position_ids is None or query.shape[-2] != key.shape[-2]
+            or position_ids.shape[-1] != query.shape[-2]):
         return None
-    segments = _segments_of(position_ids)
-    window = getattr(module, "sliding_window", None)
-    if segments is None or (window and segments[0].shape[1] > window):
-        return None
-    return segments
+    return _segments_of(position_ids)
 
 
 _LAST_SEGMENTS: list = [None, None]  # (position_ids, its segments): every layer of one forward passes the same tensor
@@ -112,30 +139,35 @@ def _segments_of(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """(index, valid) of the sequences in a row, computed once per forward rather than once per layer."""
     if _LAST_SEGMENTS[0] is position_ids:
         return _LAST_SEGMENTS[1]
-    starts = (position_ids.reshape(-1) == 0).nonzero().view(-1)
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1)
     segments = None
     if starts.numel() >= 2 and int(starts[0]) == 0:
-        lengths = torch.diff(starts, append=torch.tensor([position_ids.shape[-1]]))
-        offsets = torch.arange(int(lengths.max()))
+        lengths = torch.diff(starts, append=starts.new_tensor([flat.numel()]))
+        offsets = torch.arange(int(lengths.max()), device=flat.device)
         valid = offsets[None, :] < lengths[:, None]
         segments = torch.where(valid, starts[:, None] + offsets[None, :], 0), valid
     _LAST_SEGMENTS[:] = [position_ids, segments]
     return segments
 
 
-def segment_attention(module, query, key, value, segments, **kwargs):
+def segment_attention(module, query, key, value, segments, window: int | None = None, **kwargs):
     """Attention of a padding-free row, one sequence per batch row: each sequence's queries, keys and values are
-    gathered into a padded [S, heads, Lmax, dim] batch, attended with a causal + padding mask (`short_or_sdpa`),
-    and scattered back. Why: the linear layers keep the row's no-padding saving, while attention costs what the
-    padded batch's did; a dense block-diagonal mask over the whole row costs (S x L)^2 instead (on CPU there is no
-    varlen kernel). Same numbers as the padded batch (tests/models/test_attention.py)."""
+    gathered into a padded [S, heads, Lmax, dim] batch, attended with a causal + padding mask (and the layer's
+    sliding `window`: a key at most window - 1 positions back), through `short_or_sdpa`, and scattered back. Why:
+    the linear layers keep the row's no-padding saving, while attention costs what the padded batch's did; a dense
+    block-diagonal mask over the whole row costs (S x L)^2 instead (on CPU there is no varlen kernel). Same numbers
+    as the padded batch (tests/models/test_attention.py)."""
     index, valid = segments
 
     def gather(t):  # [1, heads, T, dim] -> [S, heads, Lmax, dim]
         return t[0][:, index].transpose(0, 1)
 
-    causal = torch.ones(index.shape[1], index.shape[1], dtype=torch.bool).tril()
-    mask = (causal[None] & valid[:, None, :])[:, None]  # [S, 1, Lmax, Lmax]; every query sees its first key
+    offsets = torch.arange(index.shape[1], device=query.device)
+    allowed = offsets[None, :] <= offsets[:, None]  # [query, key]: causal
+    if window:
+        allowed &= offsets[:, None] - offsets[None, :] < window
+    mask = (allowed[None] & valid[:, None, :])[:, None]  # [S, 1, Lmax, Lmax]; every query sees its first key
     kwargs.pop("position_ids", None)
     out, weights = short_or_sdpa(module, gather(query), gather(key), gather(value), mask, **kwargs)
     return out[valid][None], weights  # [S, Lmax, heads, dim] -> [1, T, heads, dim], in the row's order

@@ -114,7 +114,6 @@ def read_data(cfg: TrainConfig):
     return read_datasets(cfg.data, stage=cfg.stage)
 
 
-CPU_FLAT_ROW_LIMIT = 8192  # positions: a 64 MiB boolean mask per forward pass
 
 
 def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=print, read=None):
@@ -130,13 +129,12 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # one row per micro-batch where it applies: training/padding_free.py. On CPU the `auto` attention attends such
-    # a row per sequence; not under R-Drop (two copies of the row), torch.compile (its per-call branches) or NEFTune
-    # (its noise scales with 1/sqrt(row length): a joined row would get less than the padded batch), and not for
-    # rows that could pass CPU_FLAT_ROW_LIMIT positions (transformers still builds a dense row x row mask for them)
+    # a row per sequence (models/attention.py, no row x row mask is built); not under R-Drop (two copies of the
+    # row), torch.compile (its per-call branches) or NEFTune (its noise scales with 1/sqrt(row length): a joined row
+    # would get less than the padded batch)
     t = cfg.training
-    row = t.batch_size * cfg.data.max_length * (2 if stage in ("dpo", "kto", "rm") else 1)  # pairs; kto's KL rows
     cpu_auto = (runtime.device.type == "cpu" and cfg.model.attn_implementation == "auto" and not t.compile
-                and not t.rdrop_alpha and not t.neftune_alpha and row <= CPU_FLAT_ROW_LIMIT)
+                and not t.rdrop_alpha and not t.neftune_alpha)
     collate = collate_for(stage, use_padding_free(t.padding_free, cfg.stage, cfg.method,
                                                   cfg.model.attn_implementation, cpu_auto))
 
