@@ -3,12 +3,15 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_attention.py                 # both parts (about 6 minutes)
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_attention.py --part kernel   # seconds
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_attention.py --part mask     # seconds
 
 Part 1 (kernel): forward + backward of one attention call (9 heads of 64 dims as SmolLM2-135M, 1024 positions per
 batch, causal + padding mask as transformers makes it) through torch's SDPA and through the eager matmul-softmax-
 matmul, in bf16 and fp32, by row length. Part 2 (train): `tuneforge train examples/quickstart.yaml` (SmolLM2-135M
 LoRA, bf16 on CPUs that compute it, rows up to 128 tokens) with `model.attn_implementation` sdpa and auto,
 alternating, --pairs times; tokens/s as the run logs it (its last logging window), the ratio auto / sdpa.
+Part 3 (mask): what transformers' `create_causal_mask` costs for one padding-free row (position ids restarting every
+L positions) under `sdpa` (a dense row x row boolean mask) and under `auto` (deferred, never built).
 """
 
 from __future__ import annotations
@@ -61,6 +64,30 @@ def kernel_part() -> None:
                   f"eager / sdpa {t_eager / t_sdpa:.2f}", flush=True)
 
 
+def mask_part() -> None:
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    from tuneforge.models.attention import resolve_attention
+
+    print("the mask of one padding-free row (best of 3)")
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=100)
+    for sequences, length in ((16, 512), (16, 1024), (32, 1024)):
+        row = sequences * length
+        positions, embeds = torch.arange(length).repeat(sequences)[None], torch.zeros(1, row, 8)
+        for attn in ("sdpa", resolve_attention("auto", "cpu")):
+            config._attn_implementation = attn
+            best, mask = float("inf"), None
+            for _ in range(3):
+                start = time.perf_counter()
+                mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None,
+                                          past_key_values=None, position_ids=positions)
+                best = min(best, time.perf_counter() - start)
+            mib = mask.numel() * mask.element_size() / 2 ** 20 if isinstance(mask, torch.Tensor) else 0
+            print(f"  {sequences} x {length} = {row:6}  {attn:15} {best * 1e3:8.1f} ms  {mib:6.0f} MiB  "
+                  f"{type(mask).__name__}")
+
+
 def train_tokens_per_s(attn: str, steps: int, work: Path) -> float:
     out = work / attn
     cmd = [sys.executable, "-m", "tuneforge", "train", str(ROOT / "examples" / "quickstart.yaml"),
@@ -87,7 +114,8 @@ def train_part(pairs: int, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["kernel", "train", "both"], default="both")
+    p.add_argument("--part", choices=["kernel", "train", "mask", "both"], default="both",
+                   help="both: kernel and train")
     p.add_argument("--pairs", type=int, default=3, help="Alternating sdpa/auto training runs.")
     p.add_argument("--steps", type=int, default=20, help="Optimizer steps per training run.")
     args = p.parse_args(argv)
@@ -95,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         kernel_part()
     if args.part in ("train", "both"):
         train_part(args.pairs, args.steps)
+    if args.part == "mask":
+        mask_part()
     return 0
 
 
