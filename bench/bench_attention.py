@@ -75,7 +75,7 @@ def mask_part() -> None:
     for sequences, length in ((16, 512), (16, 1024), (32, 1024)):
         row = sequences * length
         positions, embeds = torch.arange(length).repeat(sequences)[None], torch.zeros(1, row, 8)
-        for attn in ("sdpa", resolve_attention("auto", "cpu")):
+        for attn in ("sdpa", resolve_attention("auto")):
             config._attn_implementation = attn
             best, mask = float("inf"), None
             for _ in range(3):

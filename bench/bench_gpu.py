@@ -146,8 +146,7 @@ def build_model(cfg, runtime, shape: str, seq: int, work: Path):
     torch.manual_seed(0)
     with torch.device(runtime.device):  # initialise on the GPU: an 8B init on CPU takes minutes
         model = AutoModelForCausalLM.from_config(hf_config(shape, seq), dtype=runtime.dtype,
-                                                 attn_implementation=resolve_attention(cfg.model.attn_implementation,
-                                                                                       runtime.device))
+                                                 attn_implementation=resolve_attention(cfg.model.attn_implementation))
     if cfg.method == "qlora":
         from tuneforge.models.loading import _load_model_from
 

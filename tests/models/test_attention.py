@@ -69,10 +69,21 @@ def test_decoding_with_a_cache_matches_the_full_forward(models):
     assert torch.allclose(step, full, atol=0.05) and torch.equal(full, eager)
 
 
-def test_auto_is_sdpa_on_gpus_and_other_settings_pass_through():
-    assert resolve_attention("auto", "cuda") == resolve_attention("auto", torch.device("cuda:1")) == "sdpa"
-    assert resolve_attention("auto", "cpu") == resolve_attention("auto", None) == AUTO_ATTENTION
-    assert resolve_attention("eager", "cpu") == "eager" and resolve_attention("sdpa", "cpu") == "sdpa"
+def test_auto_is_sdpa_off_the_cpu_and_other_settings_pass_through(models, monkeypatch):
+    """On a GPU every call but a padding-free row's goes to transformers' own SDPA function, even a short bf16 one
+    that the CPU would give to eager (meta tensors stand in for a device that is not the CPU)."""
+    from transformers.integrations import sdpa_attention
+
+    assert resolve_attention("auto") == AUTO_ATTENTION
+    assert resolve_attention("eager") == "eager" and resolve_attention("sdpa") == "sdpa"
+    called = []
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **k: called.append(a[1].device.type))
+    module = models["auto"].model.layers[0].self_attn  # its model file has an eager_attention_forward
+    for device in ("meta", "cpu"):
+        q = torch.zeros(1, module.config.num_attention_heads, 8, module.head_dim, dtype=torch.bfloat16, device=device)
+        kv = q[:, :module.config.num_key_value_heads]
+        attention.auto_attention(module, q, kv, kv, None, scaling=0.5, dropout=0.0)
+    assert called == ["meta"]  # the CPU's short bf16 call went to eager
 
 
 def test_saved_config_does_not_name_the_auto_kernel(models, tmp_path):
@@ -162,8 +173,7 @@ def test_a_sliding_window_layer_attends_per_sequence_within_its_window(window):
 
     config = Qwen2Config(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                         sliding_window=window, max_window_layers=0, attn_implementation=attention.resolve_attention(
-                             "auto", "cpu"))
+                         sliding_window=window, max_window_layers=0, attn_implementation=attention.resolve_attention("auto"))
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval()
     assert all(layer.self_attn.sliding_window == window for layer in model.model.layers)

@@ -284,6 +284,30 @@ def test_flash_attention_varlen_on_gpu(examples):
     assert abs(leaky - expected) > 3 * max(errors)  # the leak is far outside it
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_attention_attends_a_flat_row_per_sequence_on_gpu(examples, dtype):
+    """Without FlashAttention (the device image has none): `auto` attention on CUDA runs a padding-free row through
+    SDPA one sequence per batch row, with no mask over the whole row, and gets the padded batch's loss."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tuneforge.models import attention
+
+    tokenizer, encoded = examples
+    model = tiny_llama(attention.resolve_attention("auto"), len(tokenizer), "cuda", dtype)
+    padded = {k: v.cuda() for k, v in collate(encoded, tokenizer.pad_token_id).items()}
+    flat = {k: v.cuda() for k, v in collate_padding_free(encoded).items()}
+    calls = []
+    real = attention.segment_attention
+    attention.segment_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        expected, flat_loss = mean_loss(model, padded)[0], mean_loss(model, flat)[0]
+    finally:
+        attention.segment_attention = real
+    assert calls == [1, 1]  # both layers of the flat row, none of the padded batch
+    assert abs(flat_loss - expected) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 def test_the_varlen_hook_finds_the_decoder_under_the_reward_model(tiny_qwen2_dir):
     """rm trains a RewardModel around the causal LM: the padding-free hook and the FlashAttention check must reach
     its decoder stack, as they reach a causal LM's, and the hook must add the varlen kwargs there."""

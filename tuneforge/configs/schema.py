@@ -37,7 +37,8 @@ class ModelConfig:
                                     "safetensors; turn on only for files you trust.")
     attn_implementation: str = opt("auto", "Attention kernel: auto, sdpa, eager, or flash_attention_2 (GPU only). "
                                            "auto: sdpa, but eager for bf16 batches of up to 192 positions on CPU, "
-                                           "where it is faster (models/attention.py).")
+                                           "where it is faster, and per sequence for a padding-free row, without a "
+                                           "mask over the whole row (models/attention.py).")
     chat_template: str | None = opt(None, "Override the tokenizer's chat template: a built-in name (chatml, llama3, "
                                           "qwen, default) or a path to a .jinja file. Default: the tokenizer's own.")
 
@@ -139,8 +140,9 @@ class TrainingConfig:
         "of its pairs; kto: with its mismatched KL conversations) end to end (no padding, no mask, position ids "
         "restart per example), attended per example; same loss. auto: on when `model.attn_implementation` is a "
         "FlashAttention kernel (flash_attention_2, ...; its varlen kernel), and on CPU with attn_implementation auto "
-        "(it attends per example; not with R-Drop, NEFTune or compile); always: also with sdpa/eager on GPUs "
-        "(correct, but their mask over the joined row costs more than the padding saved).")
+        "(it attends per example; not with R-Drop, NEFTune or compile); always: also on GPUs without FlashAttention "
+        "(with attn_implementation auto each example through SDPA, not measured on a GPU yet; with sdpa/eager under "
+        "a mask over the joined row, which costs more than the padding saved).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
                                "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
     cpu_matmul: Literal["auto", "onednn", "default"] = opt(

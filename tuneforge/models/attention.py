@@ -1,4 +1,5 @@
-"""`model.attn_implementation: auto`: SDPA, except where something else is measurably faster on CPU.
+"""`model.attn_implementation: auto`: SDPA, except where something else is measurably faster on CPU, and per
+sequence for a padding-free row (on any device).
 
 PyTorch's SDPA on CPU runs a flash-attention kernel, and in bf16 that kernel's fixed cost dominates short
 rows: forward + backward of one attention call (9 heads of 64 dims, 1024 positions per batch) took 10.4 ms at 64
@@ -11,14 +12,15 @@ EAGER_MAX_KEYS keys goes to the model's own `eager_attention_forward` (each mode
 softcapping or sinks), everything else to transformers' SDPA function, unchanged. Masks are made as for SDPA
 (a boolean mask, or none where plain causal attention is meant) and turned into eager's additive mask here.
 
-A padding-free row on CPU (`training.padding_free`: several sequences end to end, position ids restarting at 0)
-would get from transformers a dense block-diagonal mask over the whole row, whose attention costs (S x L)^2 instead
-of S x L^2 (there is no varlen kernel on CPU). `segment_attention` gathers each sequence into a padded batch of its
-own for attention alone and scatters the result back: the row's linear layers skip the padding, attention costs what
-the padded batch's did, and the numbers are the padded batch's (tests/models/test_attention.py). The row x row mask
-is not even built: for a one-row batch whose mask transformers could not skip, `auto_mask` hands the layers a
-`DeferredMask` (the arguments to build it), which only a layer that cannot attend per sequence turns into the dense
-mask. So a row's length is not limited by a (row x row) mask's memory (64 MiB at 8192 positions, 1 GiB at 32768).
+A padding-free row (`training.padding_free`: several sequences end to end, position ids restarting at 0) would get
+from transformers a dense block-diagonal mask over the whole row, whose attention costs (S x L)^2 instead of
+S x L^2 (there is no varlen kernel on CPU, nor in SDPA on GPUs: FlashAttention's comes in its own package).
+`segment_attention` gathers each sequence into a padded batch of its own for attention alone and scatters the
+result back: the row's linear layers skip the padding, attention costs what the padded batch's did, and the numbers
+are the padded batch's (tests/models/test_attention.py). The row x row mask is not even built: for a one-row batch
+whose mask transformers could not skip, `auto_mask` hands the layers a `DeferredMask` (the arguments to build it),
+which only a layer that cannot attend per sequence turns into the dense mask. So a row's length is not limited by a
+(row x row) mask's memory (64 MiB at 8192 positions, 1 GiB at 32768).
 """
 
 from __future__ import annotations
@@ -31,13 +33,12 @@ AUTO_ATTENTION = "tuneforge_auto"
 EAGER_MAX_KEYS = 192  # eager 2-3x faster at 64-128 keys, even at 192-256, slower beyond (bench_attention.py)
 
 
-def resolve_attention(setting: str, device: str | torch.device | None) -> str:
-    """The attn_implementation to hand transformers for `model.attn_implementation` on `device`: auto becomes
-    sdpa on GPUs and the per-call choice above on CPUs; any other setting is returned as it is."""
+def resolve_attention(setting: str) -> str:
+    """The attn_implementation to hand transformers for `model.attn_implementation`: auto becomes the per-call
+    choice above, on every device (on GPUs each call but a padding-free row's is transformers' SDPA, unchanged); any
+    other setting is returned as it is."""
     if setting != "auto":
         return setting
-    if device is not None and torch.device(device).type != "cpu":
-        return "sdpa"
     register()
     return AUTO_ATTENTION
 
@@ -90,9 +91,10 @@ def short_or_sdpa(module, query, key, value, attention_mask, **kwargs):
     """The per-call choice of the module docstring: the model's eager attention or transformers' SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if query.device.type != "cpu" or compute_dtype(query) != torch.bfloat16 or key.shape[-2] > EAGER_MAX_KEYS:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if (query.device.type != "cpu" or compute_dtype(query) != torch.bfloat16 or key.shape[-2] > EAGER_MAX_KEYS
-            or eager is None):
+    if eager is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     is_causal = kwargs.pop("is_causal", None)
     mask = additive_mask(attention_mask, query, key, getattr(module, "is_causal", True) if is_causal is None
@@ -156,7 +158,7 @@ def segment_attention(module, query, key, value, segments, window: int | None = 
     gathered into a padded [S, heads, Lmax, dim] batch, attended with a causal + padding mask (and the layer's
     sliding `window`: a key at most window - 1 positions back), through `short_or_sdpa`, and scattered back. Why:
     the linear layers keep the row's no-padding saving, while attention costs what the padded batch's did; a dense
-    block-diagonal mask over the whole row costs (S x L)^2 instead (on CPU there is no varlen kernel). Same numbers
+    block-diagonal mask over the whole row costs (S x L)^2 instead (no varlen kernel on CPU or in SDPA). Same numbers
     as the padded batch (tests/models/test_attention.py)."""
     index, valid = segments
 

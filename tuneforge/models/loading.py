@@ -219,7 +219,7 @@ def _load_model_from(source: str, model_cfg, dtype, device: str | torch.device |
 
     from tuneforge.models.attention import resolve_attention
 
-    attention = resolve_attention(model_cfg.attn_implementation, _target_device(device, kwargs.get("device_map")))
+    attention = resolve_attention(model_cfg.attn_implementation)
     if Path(source).is_dir():
         check_pickle(Path(source), model_cfg.allow_pickle)
     if not model_cfg.allow_pickle:
@@ -231,14 +231,6 @@ def _load_model_from(source: str, model_cfg, dtype, device: str | torch.device |
     except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package or a GPU
         raise UserError(f"`model.attn_implementation: {model_cfg.attn_implementation}` is not available here: "
                         f"{e} Use auto (the default), sdpa or eager.") from e
-
-
-def _target_device(device, device_map) -> str | torch.device | None:
-    """Where the model will run: `device`, or a GPU when transformers places it by `device_map` (QLoRA)."""
-    if device_map is None:
-        return device
-    first = next(iter(device_map.values()), None) if isinstance(device_map, dict) else device_map
-    return "cuda" if isinstance(first, int) or str(first).startswith("cuda") else None
 
 
 def load_model_and_tokenizer(model_cfg, dtype: torch.dtype | None = torch.float32,
