@@ -9,6 +9,10 @@ built-in SmolLM2-135M-Instruct, as the Hugging Face folder TuneForge caches) it 
 LLaMA-Factory's `run_exp` on the same model folder, the same rows (tuneforge/assets/example_task/train.jsonl,
 converted to LLaMA-Factory's sharegpt/openai layout), the same max length, batch size, steps, LoRA rank/alpha/
 targets/dropout, learning rate and precision; no gradient checkpointing, no packing, grad accum 1, no eval.
+`--settings` picks what is compared (several in one run, comma-separated): `equal` (the above), `grouped` (the same
+with length-grouped batches on both sides) and `own-defaults` (each tool as its README example runs LoRA SFT:
+TuneForge's examples/quickstart.yaml, LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml; only the model, data,
+step count and output folder replaced).
 
 What is measured, identically on both sides (each side runs as its own process; this file is also that worker):
 - tokens/s: non-pad tokens fed to the model (the sum of `attention_mask` in every training forward call, seen by a
@@ -18,6 +22,9 @@ What is measured, identically on both sides (each side runs as its own process; 
   their token counts differ a little; counting each side's real tokens keeps the rate fair.
 - peak memory: ru_maxrss of the worker process (os.wait4), i.e. the peak RSS over its whole life (imports, model
   load, data prep and training). The RSS peak reached before training starts is printed too.
+- hardware efficiency (MFU): TuneForge's model FLOPs per real token (training/flops.py, from its metrics.jsonl) x
+  each side's tokens/s, over the peak TuneForge measured. Where LLaMA-Factory trains another LoRA rank
+  (own-defaults), its count differs by 6 FLOPs per token per extra adapter weight, added here.
 """
 
 from __future__ import annotations
@@ -196,6 +203,39 @@ def tuneforge_config(model_dir: Path, out: Path, a) -> dict:
     }
 
 
+def tuneforge_own_defaults(model_dir: Path, out: Path, a) -> dict:
+    """examples/quickstart.yaml (TuneForge's README example of LoRA SFT) with the model, data, steps and output
+    replaced and the per-step logging the benchmark reads."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text(encoding="utf-8"))
+    cfg.update({"output_dir": str(out), "seed": a.seed, "model": {"name_or_path": str(model_dir)}})
+    cfg["data"]["train"] = [{"path": str(TASK), "format": "openai"}]
+    cfg["training"].update({"max_steps": a.steps, "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
+                            "device": "cpu", "plot_loss": False, "progress_bar": False})
+    return cfg
+
+
+# LLaMA-Factory 0.9.5 examples/train_lora/llama3_lora_sft.yaml, its training settings as they are (the dataset,
+# model and output are the benchmark's; num_train_epochs gives way to max_steps; preprocessing_num_workers 16 -> 1
+# changes only the data preparation, which is not timed)
+LF_OWN_DEFAULTS = {
+    "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all", "cutoff_len": 2048,
+    "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "learning_rate": 1.0e-4,
+    "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "bf16": True, "dataloader_num_workers": 4,
+    "logging_steps": 10, "plot_loss": True,
+}
+
+
+def llamafactory_own_defaults(model_dir: Path, template: str, default_system: str | None, data_dir: Path, out: Path,
+                              a) -> dict:
+    cfg = llamafactory_config(model_dir, template, default_system, data_dir, out, a)
+    for key in ("lora_alpha", "lora_dropout", "max_grad_norm", "warmup_steps", "disable_gradient_checkpointing",
+                "train_sampling_strategy", "flash_attn"):
+        cfg.pop(key, None)  # LLaMA-Factory's own defaults for these
+    return {**cfg, **LF_OWN_DEFAULTS}
+
+
 def llamafactory_config(model_dir: Path, template: str, default_system: str | None, data_dir: Path, out: Path,
                         a) -> dict:
     cfg = {
@@ -270,8 +310,10 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--group-by-length", action="store_true",
-                   help="both sides batch similar lengths together (TuneForge data.group_by_length, HF group_by_length)")
+    p.add_argument("--settings", default="equal",
+                   help="comma list of: equal (same settings on both sides), grouped (equal + length-grouped "
+                        "batches), own-defaults (each tool's README example settings)")
+    p.add_argument("--group-by-length", action="store_true", help="the same as --settings grouped")
     p.add_argument("--tiny-hidden", type=int, default=256)
     p.add_argument("--tiny-layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=0,
@@ -328,18 +370,21 @@ def main() -> int:
         else:
             p.error(f"unknown model {name!r}")
 
+    settings = ["grouped"] if a.group_by_length else [x.strip() for x in a.settings.split(",") if x.strip()]
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        p.error(f"unknown --settings {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
     results = []
-    for label, model_dir, template, system, steps in models:
+    for setting, (label, model_dir, template, system, steps) in [(x, m) for x in settings for m in models]:
         sides = ["tuneforge", "llamafactory"] if a.order == "tf-first" else ["llamafactory", "tuneforge"]
-        row = {"model": label, "model_dir": str(model_dir), "steps": steps}
+        row = {"setting": setting, "model": label, "model_dir": str(model_dir), "steps": steps}
         for side in sides:
-            tag = f"{label.split()[0]}-{side}"
+            tag = f"{setting}-{label.split()[0]}-{side}"
             out = work / f"out-{tag}"
             cfg_path = work / f"{tag}.yaml"
             record = work / f"{tag}.record.json"
-            local = argparse.Namespace(**{**vars(a), "steps": steps})
-            cfg = (tuneforge_config(model_dir, out, local) if side == "tuneforge"
-                   else llamafactory_config(model_dir, template, system, data_dir, out, local))
+            local = argparse.Namespace(**{**vars(a), "steps": steps, "group_by_length": setting == "grouped"})
+            cfg = side_config(side, setting, model_dir, template, system, data_dir, out, local)
             # JSON is YAML: `tuneforge train` reads it as is, and the driver needs only the standard library
             cfg_path.write_text(json.dumps(cfg, indent=1, ensure_ascii=False), encoding="utf-8")
             python = a.tuneforge_python if side == "tuneforge" else str(lf_python)
@@ -374,20 +419,24 @@ def main() -> int:
                   flush=True)
         row["speed_ratio"] = row["tuneforge"]["tokens_per_s"] / row["llamafactory"]["tokens_per_s"]
         row["rss_ratio"] = row["tuneforge"]["peak_rss_mib"] / row["llamafactory"]["peak_rss_mib"]
-        add_mfu(row)
+        add_mfu(row, model_dir)
         results.append(row)
 
-    settings = (f"TuneForge training.cpu_matmul={a.tf_cpu_matmul}; LoRA r={a.rank} alpha={a.alpha:g} dropout=0 on {','.join(TARGETS)}; batch {a.batch_size}, "
-                f"grad accum 1, max_length {a.max_length}, {a.precision}, lr {a.lr:g} cosine, no packing, "
-                f"{'group_by_length on both sides, ' if a.group_by_length else ''}no gradient checkpointing; rate over steps {a.warmup + 1}..N")
-    print("\n" + settings)
-    head = (f"| {'model':<24} | {'steps':>5} | {'TF tok/s':>9} | {'LF tok/s':>9} | {'TF/LF tok/s':>11} | "
-            f"{'TF MFU':>6} | {'LF MFU':>6} | {'TF peak RSS':>11} | {'LF peak RSS':>11} | {'TF/LF RSS':>9} |")
+    described = (f"equal: TuneForge training.cpu_matmul={a.tf_cpu_matmul}; LoRA r={a.rank} alpha={a.alpha:g} dropout=0 "
+                 f"on {','.join(TARGETS)}; batch {a.batch_size}, grad accum 1, max_length {a.max_length}, "
+                 f"{a.precision}, lr {a.lr:g} cosine, no packing, no gradient checkpointing (grouped: the same with "
+                 f"length-grouped batches on both sides; own-defaults: examples/quickstart.yaml vs "
+                 f"llama3_lora_sft.yaml); rate over steps {a.warmup + 1}..N")
+    print("\n" + described)
+    head = (f"| {'setting':<12} | {'model':<24} | {'steps':>5} | {'TF tok/s':>9} | {'LF tok/s':>9} | "
+            f"{'TF/LF tok/s':>11} | {'TF MFU':>6} | {'LF MFU':>6} | {'TF peak RSS':>11} | {'LF peak RSS':>11} | "
+            f"{'TF/LF RSS':>9} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for row in results:
         tf, lf = row["tuneforge"], row["llamafactory"]
-        print(f"| {row['model']:<24} | {row['steps']:>5} | {tf['tokens_per_s']:>9.0f} | {lf['tokens_per_s']:>9.0f} | "
+        print(f"| {row['setting']:<12} | {row['model']:<24} | {row['steps']:>5} | {tf['tokens_per_s']:>9.0f} | "
+              f"{lf['tokens_per_s']:>9.0f} | "
               f"{row['speed_ratio']:>10.2f}x | {percent(tf.get('mfu')):>6} | {percent(lf.get('mfu')):>6} | "
               f"{tf['peak_rss_mib']:>7.0f} MiB | {lf['peak_rss_mib']:>7.0f} MiB | "
               f"{row['rss_ratio']:>8.2f}x |")
@@ -399,7 +448,7 @@ def main() -> int:
             own = (f"; its own metrics.jsonl tokens_per_s (all steps) {r['own_tokens_per_s_last']:.0f}"
                    if r.get("own_tokens_per_s_last") else "")
             own += f", mfu {r['mfu_last']:.1%}" if r.get("mfu_last") else ""
-            print(f"  {row['model']:<24} {side:<12} {r['tokens']:>6} tok / {r['seconds']:6.2f} s / "
+            print(f"  {row['setting']:<12} {row['model']:<24} {side:<12} {r['tokens']:>6} tok / {r['seconds']:6.2f} s / "
                   f"{r['s_per_step']:.3f} s/step / pad {100 * r['pad_share']:.0f}% / {r['rss_before_train_mib']:.0f} MiB "
                   f"before train / "
                   f"{r['threads']} threads; {side} {r['version']}, transformers {r['transformers']}, peft "
@@ -409,7 +458,7 @@ def main() -> int:
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average now {load_avg()}")
     if a.json:
-        a.json.write_text(json.dumps({"settings": settings, "results": results}, indent=1), encoding="utf-8")
+        a.json.write_text(json.dumps({"settings": described, "results": results}, indent=1), encoding="utf-8")
     if a.keep:
         print(f"kept {work}")
     else:
@@ -417,14 +466,45 @@ def main() -> int:
     return 0
 
 
-def add_mfu(row: dict) -> None:
+SETTINGS = ("equal", "grouped", "own-defaults")
+
+
+def side_config(side: str, setting: str, model_dir: Path, template: str, system: str | None, data_dir: Path,
+                out: Path, a) -> dict:
+    if side == "tuneforge":
+        return tuneforge_own_defaults(model_dir, out, a) if setting == "own-defaults" else \
+            tuneforge_config(model_dir, out, a)
+    if setting == "own-defaults":
+        return llamafactory_own_defaults(model_dir, template, system, data_dir, out, a)
+    return llamafactory_config(model_dir, template, system, data_dir, out, a)
+
+
+def add_mfu(row: dict, model_dir: Path) -> None:
     """Hardware efficiency of both sides over the timed steps: the same model, data and settings need the same model
     FLOPs per real token (TuneForge's count, training/flops.py), so each side's MFU is that x its own tokens/s over
-    the peak TuneForge measured (the faster of MKL and oneDNN on CPU)."""
+    the peak TuneForge measured (the faster of MKL and oneDNN on CPU). own-defaults: the two sides train LoRA of
+    different ranks on every linear layer; each adapter weight costs 6 FLOPs per token (forward, backward, gradient)."""
     tf = row["tuneforge"]
-    if tf.get("flops_per_token") and tf.get("peak_flops"):
-        for side in ("tuneforge", "llamafactory"):
-            row[side]["mfu"] = tf["flops_per_token"] * row[side]["tokens_per_s"] / tf["peak_flops"]
+    if not (tf.get("flops_per_token") and tf.get("peak_flops")):
+        return
+    lf_flops = tf["flops_per_token"]
+    if row["setting"] == "own-defaults":
+        import yaml
+
+        tf_rank = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text(encoding="utf-8"))["lora"]["rank"]
+        lf_flops += 6 * all_linear_adapter_weights(model_dir, LF_OWN_DEFAULTS["lora_rank"] - tf_rank)
+    row["tuneforge"]["mfu"] = tf["flops_per_token"] * tf["tokens_per_s"] / tf["peak_flops"]
+    row["llamafactory"]["mfu"] = lf_flops * row["llamafactory"]["tokens_per_s"] / tf["peak_flops"]
+
+
+def all_linear_adapter_weights(model_dir: Path, rank: int) -> int:
+    """LoRA weights of `rank` on every projection of the decoder: rank x (in + out) each (A and B)."""
+    c = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    head_dim = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head_dim, c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim
+    per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + inter) + (inter + h)
+    return rank * per_layer * layers
 
 
 def percent(value) -> str:
