@@ -342,3 +342,50 @@ def test_kto_reference_point_is_averaged_over_processes_while_training():
     assert float(stage.reference_point(policy, ref, average=False)) == pytest.approx(1.5)
     assert float(stage.reference_point(policy, ref, average=False)) == float(kto_reference_point(policy, ref))
     assert float(stage.reference_point(ref, policy, average=False)) == 0.0  # negative KL estimates clamp to 0
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_kto_runs_the_mismatched_rows_without_autograd_and_loses_nothing(tiny_qwen2_dir, padding_free):
+    """The policy's pass over the B mismatched rows (z0 only, detached) runs under no_grad, the B conversations with
+    autograd: the same loss and gradients as one joint pass over all 2B rows, which also ran backward through them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.data import EncodedKTO, collate_kto, collate_kto_padding_free
+    from tuneforge.losses import kto_loss
+    from tuneforge.recipes.kto import KTOStage, _stack
+    from tuneforge.training.reference import Reference, response_logps
+
+    class OneRank:
+        def all_reduce_sum(self, value):
+            return value
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    items = [EncodedKTO([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9], label=True, prompt_length=2),
+             EncodedKTO([10, 11, 12, 13], [-100, 11, 12, 13], label=False, prompt_length=1),
+             EncodedKTO([14, 15, 16, 17, 18, 19], [-100, -100, -100, 17, 18, 19], label=True, prompt_length=3)]
+    batch = collate_kto_padding_free(items) if padding_free else collate_kto(items, 0)
+    opts = load_train_config(str(ROOT / "examples" / "kto_tiny.yaml"), [f"model.name_or_path={tiny_qwen2_dir}"]).kto
+    stage, reference = KTOStage(opts, Reference(model), OneRank()), Reference(model)
+    passes = []
+    hook = model.get_base_model().model.register_forward_pre_hook(
+        lambda m, a, kw: passes.append((torch.is_grad_enabled(), kw["input_ids"].shape)), with_kwargs=True)
+    loss, _ = stage.loss(model, batch)
+    hook.remove()
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    joint = collate_kto(items, 0)  # what the stage did before: one pass with autograd over all 2B rows
+    both = {k: _stack(joint[k], joint[f"kl_{k}"], -100 if k == "labels" else 0)
+            for k in ("input_ids", "attention_mask", "labels")}
+    policy, ref = response_logps(model, both).sum, reference.logps(both).sum
+    z0 = stage.reference_point(policy[3:], ref[3:], average=True)
+    want, _ = kto_loss(policy[:3], ref[:3], joint["kto_label"], z0, beta=opts.beta)
+    want.sum().backward()
+    assert float(loss) == pytest.approx(float(want.sum()), rel=1e-5)
+    assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7)
+               for a, p in zip(got, [p for p in model.parameters() if p.requires_grad]))
+    with_grad = [shape for grad, shape in passes if grad]
+    assert len(with_grad) == 1 and with_grad[0].numel() == (15 if padding_free else 3 * 6)  # the conversations only
