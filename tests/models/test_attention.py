@@ -104,13 +104,18 @@ def flat_and_padded(lengths: list[int]):
     return flat, {"input_ids": ids, "attention_mask": mask}
 
 
+@pytest.mark.parametrize("one_by_one", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_padding_free_row_attends_per_sequence_like_the_padded_batch(models, monkeypatch, dtype):
-    """A padding-free row (training.padding_free) on CPU: attention gathers each sequence into a padded batch of its
-    own, so the row computes exactly the padded batch's logits and gradients (same kernel, same shapes inside)."""
+def test_a_padding_free_row_attends_per_sequence_like_the_padded_batch(models, monkeypatch, dtype, one_by_one):
+    """A padding-free row (training.padding_free) on CPU: attention runs within each sequence, gathered into a padded
+    batch of its own (the same kernel and shapes as the padded batch: the same logits, bit for bit) or, in fp32, one
+    call per sequence (no padding at all: the same to rounding), with the padded batch's gradients. bf16 always
+    gathers."""
     calls = []
     real = attention.segment_attention
     monkeypatch.setattr(attention, "segment_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(attention, "attend_one_by_one", lambda lengths: one_by_one)
+    attention._LAST_SEGMENTS[:] = [None, None]
     model = models["auto"]
     flat, padded = flat_and_padded([5, 17, 9, 30])
     grads = []
@@ -122,15 +127,20 @@ def test_a_padding_free_row_attends_per_sequence_like_the_padded_batch(models, m
         (logits ** 2).mean().backward()
         grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
     assert len(calls) == 2  # both layers of the flat row, none of the padded batch
-    assert torch.equal(grads[0][0], grads[1][0])
+    if one_by_one and dtype == torch.float32:
+        assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5) and not torch.equal(grads[0][0], grads[1][0])
+    else:
+        assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def test_only_a_row_of_several_sequences_is_split():
     q = k = torch.zeros(1, 2, 6, 4)
     two = torch.tensor([[0, 1, 2, 0, 1, 2]])
-    index, valid = attention.flat_segments(q, k, two)
-    assert index.tolist() == [[0, 1, 2], [3, 4, 5]] and valid.all()
+    attention._LAST_SEGMENTS[:] = [None, None]
+    segments = attention.flat_segments(q, k, two)
+    assert segments.index.tolist() == [[0, 1, 2], [3, 4, 5]] and segments.valid.all()
+    assert segments.bounds == [(0, 3), (3, 6)] and segments.one_by_one
     assert attention.flat_segments(q, k, torch.arange(6)[None]) is None  # one sequence
     assert attention.flat_segments(torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6, 4), two) is None  # two rows
     assert attention.flat_segments(q, k, None) is None
@@ -165,8 +175,16 @@ def test_a_deferred_mask_is_built_where_a_layer_cannot_attend_per_sequence():
     assert attention.auto_mask(**{**args, "allow_is_causal_skip": True}) is None  # plain causal: SDPA's is_causal
 
 
+def test_rows_of_many_uneven_sequences_are_gathered_and_rows_of_few_looped():
+    assert attention.attend_one_by_one([60, 40, 80, 50, 70, 45, 55, 65])  # up to 8: always one call each
+    assert attention.attend_one_by_one([500, 300, 200, 400] * 4)  # 16: the padded batch would add > 1.5x scores
+    assert not attention.attend_one_by_one([120, 130, 110, 140] * 4)  # 16 of similar lengths: about even
+    assert not attention.attend_one_by_one([20, 35, 28, 40] * 8)  # 32 short: each call's fixed cost dominates
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
 @pytest.mark.parametrize("window", [4, 64])
-def test_a_sliding_window_layer_attends_per_sequence_within_its_window(window):
+def test_a_sliding_window_layer_attends_per_sequence_within_its_window(window, one_by_one, monkeypatch):
     """Qwen2 with sliding-window layers: a padding-free row's sequences longer than the window attend to the last
     `window` keys only, exactly as the padded batch's sliding mask does (and a wide window changes nothing)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -174,6 +192,8 @@ def test_a_sliding_window_layer_attends_per_sequence_within_its_window(window):
     config = Qwen2Config(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                          sliding_window=window, max_window_layers=0, attn_implementation=attention.resolve_attention("auto"))
+    monkeypatch.setattr(attention, "attend_one_by_one", lambda lengths: one_by_one)
+    attention._LAST_SEGMENTS[:] = [None, None]
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval()
     assert all(layer.self_attn.sliding_window == window for layer in model.model.layers)

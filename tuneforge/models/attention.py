@@ -26,6 +26,7 @@ which only a layer that cannot attend per sequence turns into the dense mask. So
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -125,9 +126,32 @@ def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Ten
         ~mask, torch.finfo(torch.float32).min)
 
 
-def flat_segments(query, key, position_ids) -> tuple[torch.Tensor, torch.Tensor] | None:
+class RowSegments(NamedTuple):
+    """The sequences of a padding-free row: `bounds` (start, end) of each in the row; `index` [S, Lmax] of each
+    sequence's positions and `valid` [S, Lmax] (for the gathered batch); `one_by_one`: attend them in a loop."""
+
+    bounds: list[tuple[int, int]]
+    index: torch.Tensor
+    valid: torch.Tensor
+    one_by_one: bool
+
+
+LOOP_ALWAYS, LOOP_MAX = 8, 16  # sequences per row: see `attend_one_by_one`
+
+
+def attend_one_by_one(lengths: list[int]) -> bool:
+    """Whether a loop of one causal attention call per sequence (no padding, no mask) beats one call over the
+    gathered, padded batch: measured on CPU in fp32 (bench/RESULTS.md), forward + backward of the attention call,
+    1.3-3x faster up to 8 sequences (the padded batch computes S x Lmax^2 scores, the loop the sum of L^2), about
+    even at 16 of similar lengths, slower at 32 short ones (a call's fixed cost). So: up to 8 always, up to 16 where
+    padding would add half again to the scores."""
+    longest, squares = max(lengths), sum(n * n for n in lengths)
+    return len(lengths) <= LOOP_ALWAYS or (len(lengths) <= LOOP_MAX and len(lengths) * longest ** 2 >= 1.5 * squares)
+
+
+def flat_segments(query, key, position_ids) -> RowSegments | None:
     """For a padding-free row (one row of several sequences, `position_ids` restarting at 0; its mask deferred):
-    (index [S, Lmax] of each sequence's positions in the row, valid [S, Lmax]); None for any other call."""
+    its `RowSegments`; None for any other call."""
     if (query.shape[0] != 1 or position_ids is None or query.shape[-2] != key.shape[-2]
             or position_ids.shape[-1] != query.shape[-2]):
         return None
@@ -137,39 +161,60 @@ def flat_segments(query, key, position_ids) -> tuple[torch.Tensor, torch.Tensor]
 _LAST_SEGMENTS: list = [None, None]  # (position_ids, its segments): every layer of one forward passes the same tensor
 
 
-def _segments_of(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(index, valid) of the sequences in a row, computed once per forward rather than once per layer."""
+def _segments_of(position_ids: torch.Tensor) -> RowSegments | None:
+    """The sequences of a row, worked out once per forward rather than once per layer (one host sync)."""
     if _LAST_SEGMENTS[0] is position_ids:
         return _LAST_SEGMENTS[1]
     flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().view(-1)
+    starts = (flat == 0).nonzero().view(-1).tolist()
     segments = None
-    if starts.numel() >= 2 and int(starts[0]) == 0:
-        lengths = torch.diff(starts, append=starts.new_tensor([flat.numel()]))
-        offsets = torch.arange(int(lengths.max()), device=flat.device)
-        valid = offsets[None, :] < lengths[:, None]
-        segments = torch.where(valid, starts[:, None] + offsets[None, :], 0), valid
+    if len(starts) >= 2 and starts[0] == 0:
+        bounds = list(zip(starts, starts[1:] + [flat.numel()]))
+        lengths = [end - start for start, end in bounds]
+        begin, length = (torch.tensor(x, device=flat.device) for x in (starts, lengths))
+        offsets = torch.arange(max(lengths), device=flat.device)
+        valid = offsets[None, :] < length[:, None]
+        segments = RowSegments(bounds, torch.where(valid, begin[:, None] + offsets[None, :], 0), valid,
+                               attend_one_by_one(lengths))
     _LAST_SEGMENTS[:] = [position_ids, segments]
     return segments
 
 
-def segment_attention(module, query, key, value, segments, window: int | None = None, **kwargs):
-    """Attention of a padding-free row, one sequence per batch row: each sequence's queries, keys and values are
-    gathered into a padded [S, heads, Lmax, dim] batch, attended with a causal + padding mask (and the layer's
-    sliding `window`: a key at most window - 1 positions back), through `short_or_sdpa`, and scattered back. Why:
-    the linear layers keep the row's no-padding saving, while attention costs what the padded batch's did; a dense
-    block-diagonal mask over the whole row costs (S x L)^2 instead (no varlen kernel on CPU or in SDPA). Same numbers
-    as the padded batch (tests/models/test_attention.py)."""
-    index, valid = segments
+def causal_window_mask(length: int, window: int | None, device) -> torch.Tensor:
+    """[length, length] booleans, query by key: causal, and within the sliding `window` (a key at most window - 1
+    positions back, as transformers' sliding masks) where one is given."""
+    offsets = torch.arange(length, device=device)
+    allowed = offsets[None, :] <= offsets[:, None]
+    if window:
+        allowed &= offsets[:, None] - offsets[None, :] < window
+    return allowed
+
+
+def segment_attention(module, query, key, value, segments: RowSegments, window: int | None = None, **kwargs):
+    """Attention of a padding-free row, within each of its sequences (and the layer's sliding `window`), through
+    `short_or_sdpa`; [1, T, heads, dim] in the row's order. Why: the linear layers keep the row's no-padding saving,
+    while attention costs no more than the padded batch's did; a dense block-diagonal mask over the whole row costs
+    (S x L)^2 instead (no varlen kernel on CPU or in SDPA). Two ways: a loop of one causal call per sequence (slices
+    of the row, no padding, no mask) where `attend_one_by_one` says so, for fp32 on CPU; else (bf16: many small
+    matmuls lost to one batched one, 0.9x on the quickstart; GPUs: not measured) each sequence gathered into a padded
+    [S, heads, Lmax, dim] batch attended under a causal + padding mask and scattered back. Same numbers as the padded
+    batch to rounding (tests/models/test_attention.py)."""
+    kwargs.pop("position_ids", None)
+    kwargs.pop("is_causal", None)
+    if segments.one_by_one and query.device.type == "cpu" and compute_dtype(query) == torch.float32:
+        outs = []
+        for start, end in segments.bounds:
+            part = [t[:, :, start:end] for t in (query, key, value)]
+            mask = causal_window_mask(end - start, window, query.device)[None, None] \
+                if window and end - start > window else None
+            outs.append(short_or_sdpa(module, *part, mask, is_causal=mask is None, **kwargs)[0])
+        return torch.cat(outs, dim=1), None
+
+    index, valid = segments.index, segments.valid
 
     def gather(t):  # [1, heads, T, dim] -> [S, heads, Lmax, dim]
         return t[0][:, index].transpose(0, 1)
 
-    offsets = torch.arange(index.shape[1], device=query.device)
-    allowed = offsets[None, :] <= offsets[:, None]  # [query, key]: causal
-    if window:
-        allowed &= offsets[:, None] - offsets[None, :] < window
-    mask = (allowed[None] & valid[:, None, :])[:, None]  # [S, 1, Lmax, Lmax]; every query sees its first key
-    kwargs.pop("position_ids", None)
+    mask = (causal_window_mask(index.shape[1], window, query.device)[None] & valid[:, None, :])[:, None]
     out, weights = short_or_sdpa(module, gather(query), gather(key), gather(value), mask, **kwargs)
-    return out[valid][None], weights  # [S, Lmax, heads, dim] -> [1, T, heads, dim], in the row's order
+    return out[valid][None], weights  # [S, Lmax, heads, dim] -> [1, T, heads, dim]; every query saw its first key
