@@ -4,20 +4,16 @@ MFU is PEFT's own."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_lora_sft.py"
+from tests.bench.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lora_sft", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_lora_sft")
 
 
 def test_all_linear_adapter_weights_are_what_peft_trains(bench, tiny_qwen2_dir):

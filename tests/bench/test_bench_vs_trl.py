@@ -3,23 +3,17 @@ toolkits, and its sanity check (same pairs, same moved policy) finds the same DP
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
+from tests.bench.scripts import load_script
+
 pytest.importorskip("trl")
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_vs_trl.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_vs_trl")
 
 
 def job(model_dir, framework: str, algo: str) -> dict:
