@@ -126,3 +126,15 @@ def test_a_peak_probed_on_a_busy_cpu_is_raised_to_what_a_run_achieves(tmp_path, 
     assert meter.metrics(500.0, seq_len=16)["mfu"] == pytest.approx(0.5)
     flops.raise_cpu_peak(torch.float32, 1.0)  # a lower rate never lowers the cached peak
     assert flops.cpu_peak(torch.float32) == pytest.approx(achieved)
+
+
+def test_r_drop_counts_both_copies_of_each_row(tiny_llama_dir, tmp_path):
+    """R-Drop runs every row twice (two dropout masks) in one forward and backward: twice the model FLOPs per token
+    of the same run without it, on the same batches."""
+    per_token = []
+    for overrides in ([], ["training.rdrop_alpha=1"]):  # both with LoRA dropout, which R-Drop needs
+        out = tmp_path / f"run{len(per_token)}"
+        train(tiny_llama_dir, out, "training.max_steps=2", "lora.dropout=0.1", *overrides)
+        last = [r for r in read_metrics(out / "metrics.jsonl") if "mfu" in r][-1]
+        per_token.append(last["model_tflops"] / last["tokens_per_s"])
+    assert per_token[1] == pytest.approx(2 * per_token[0], rel=1e-6)

@@ -16,7 +16,8 @@ The output layer (lm_head, H of the N weights, H_T of them trained) is charged p
 position whose logits the loss reads (a label position; none for a reward model, which reads its score head). Its
 work anywhere else is not needed by the objective, and TuneForge skips it (`logits_to_keep`), so counting it at
 every token overstated MFU on prompt-heavy SFT rows (one run read the 100% cap). Per head position: 4H + 2H_T, and
-2H per extra forward. `head_share` = head positions / tokens; at 1 the formulas above hold unchanged.
+2H per extra forward. `head_share` = head positions / tokens; at 1 the formulas above hold unchanged. R-Drop trains
+on two copies of every row: the loop counts its tokens twice for the FLOPs (not for tokens/s).
 
 The peak: the datasheet dense bf16 tensor-core figure for known GPUs, or, for CPUs, a short matmul probe in the
 run's dtype at start (the faster of MKL and oneDNN), cached per machine under the TuneForge cache folder.

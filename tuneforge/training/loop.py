@@ -442,7 +442,8 @@ class Trainer:
                       metrics.pop("head_positions", tokens))  # RL steps: lm_head charged at every token
         elapsed = time.perf_counter() - self._t0
         metrics["tokens_per_s"] = self.work.tokens / elapsed if elapsed > 0 else 0.0
-        metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self.work.seq_len,
+        copies = 2 if self.stage.rdrop_alpha > 0 else 1  # R-Drop trains on each row twice (two dropout masks)
+        metrics.update(self.meter.metrics(metrics["tokens_per_s"] * copies, seq_len=self.work.seq_len,
                                           extra_forwards=self.stage.reference_forwards,
                                           head_share=self.work.head_share))
         self.window.add(metrics)
