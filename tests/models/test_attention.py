@@ -204,3 +204,51 @@ def test_a_sliding_window_layer_attends_per_sequence_within_its_window(window, o
         plain = model(input_ids=flat["input_ids"][:, 5:22], use_cache=False).logits[0]  # the 17-token sequence alone
     assert torch.allclose(row, rows, atol=1e-5)
     assert torch.allclose(row[5:22], plain, atol=1e-5)
+
+
+def test_auto_gives_a_model_that_cannot_run_sdpa_its_eager_attention(models):
+    """Gemma2 softcaps its attention logits, which SDPA refuses: `auto` settles on the model's own eager attention
+    (transformers' own default for such a class), and computes what an eager model computes."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8)
+    torch.manual_seed(0)
+    auto = attention.settle_attention(Gemma2ForCausalLM._from_config(config, attn_implementation=resolve_attention(
+        "auto")).eval())
+    eager = Gemma2ForCausalLM._from_config(config, attn_implementation="eager").eval()
+    eager.load_state_dict(auto.state_dict())
+    ids = torch.randint(5, 290, (2, 12))
+    assert auto.config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert torch.equal(auto(input_ids=ids).logits, eager(input_ids=ids).logits)
+    assert models["auto"].config._attn_implementation == AUTO_ATTENTION  # Llama runs SDPA: it keeps `auto`
+
+
+ARCHITECTURES = {  # config class prefix: extra config; Mistral and Gemma3 with windows shorter than a sequence
+    "Qwen3": {"head_dim": 8}, "Mistral": {"sliding_window": 8}, "Gemma3Text": {"head_dim": 8, "sliding_window": 8},
+    "Phi3": {}, "Olmo2": {}, "Qwen3Moe": {"head_dim": 8}, "Gemma2": {"head_dim": 8, "sliding_window": 8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_gives_a_padding_free_row_the_padded_batch_logits(name):
+    """`auto` is every model's default: for each family a padding-free row (of sequences longer than any sliding
+    window) computes the padded batch's logits, per sequence where the model runs SDPA, through its own eager
+    attention where it cannot (Gemma2)."""
+    import transformers
+
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **ARCHITECTURES[name])
+    torch.manual_seed(0)
+    model_class = getattr(transformers, f"{name.removesuffix('Text')}ForCausalLM")
+    model = attention.settle_attention(model_class._from_config(config, attn_implementation=resolve_attention(
+        "auto"))).eval()
+    flat, padded = flat_and_padded([5, 17, 9, 12])
+    with torch.no_grad():
+        row = model(**flat, use_cache=False).logits[0]
+        rows = model(**padded, use_cache=False).logits[padded["attention_mask"].bool()]
+    assert torch.allclose(row, rows, atol=1e-5)
+    assert model.config._attn_implementation == ("eager" if name == "Gemma2" else AUTO_ATTENTION)

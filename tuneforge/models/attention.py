@@ -44,6 +44,15 @@ def resolve_attention(setting: str) -> str:
     return AUTO_ATTENTION
 
 
+def settle_attention(model):
+    """`auto` on a model class that cannot run SDPA (`_supports_sdpa` false: attention softcapping or sinks, as in
+    Gemma2 and GPT-OSS, whose extra arguments SDPA would refuse or ignore, or a remote-code class that does not say):
+    its own eager attention, as transformers' own default would pick. Returns the model."""
+    if model.config._attn_implementation == AUTO_ATTENTION and not getattr(type(model), "_supports_sdpa", False):
+        model.set_attn_implementation("eager")
+    return model
+
+
 def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface

@@ -217,7 +217,7 @@ def load_tokenizer(model_cfg):
 def _load_model_from(source: str, model_cfg, dtype, device: str | torch.device | None = None, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.models.attention import resolve_attention
+    from tuneforge.models.attention import resolve_attention, settle_attention
 
     attention = resolve_attention(model_cfg.attn_implementation)
     if Path(source).is_dir():
@@ -225,9 +225,9 @@ def _load_model_from(source: str, model_cfg, dtype, device: str | torch.device |
     if not model_cfg.allow_pickle:
         kwargs.setdefault("use_safetensors", True)  # never fall back to pickle files on the hub either
     try:
-        return _from_pretrained(AutoModelForCausalLM.from_pretrained, source, "model", dtype=dtype,
-                                trust_remote_code=model_cfg.trust_remote_code,
-                                attn_implementation=attention, **kwargs)
+        return settle_attention(_from_pretrained(AutoModelForCausalLM.from_pretrained, source, "model", dtype=dtype,
+                                                 trust_remote_code=model_cfg.trust_remote_code,
+                                                 attn_implementation=attention, **kwargs))
     except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package or a GPU
         raise UserError(f"`model.attn_implementation: {model_cfg.attn_implementation}` is not available here: "
                         f"{e} Use auto (the default), sdpa or eager.") from e
