@@ -36,9 +36,10 @@ class ModelConfig:
     allow_pickle: bool = opt(False, "Allow loading pickle (.bin/.pt) weights, which can execute code. Prefer "
                                     "safetensors; turn on only for files you trust.")
     attn_implementation: str = opt("auto", "Attention kernel: auto, sdpa, eager, or flash_attention_2 (GPU only). "
-                                           "auto: sdpa, but eager for bf16 batches of up to 192 positions on CPU, "
-                                           "where it is faster, and per sequence for a padding-free row, without a "
-                                           "mask over the whole row (models/attention.py).")
+                                           "auto: sdpa (eager for models that cannot run it, e.g. Gemma2), but eager "
+                                           "for bf16 batches of up to 192 positions on CPU, where it is faster, and "
+                                           "per sequence for a padding-free row, without a mask over the whole row "
+                                           "(models/attention.py).")
     chat_template: str | None = opt(None, "Override the tokenizer's chat template: a built-in name (chatml, llama3, "
                                           "qwen, default) or a path to a .jinja file. Default: the tokenizer's own.")
 
