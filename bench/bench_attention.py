@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_attention.py                 # both parts (about 6 minutes)
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_attention.py --part kernel   # seconds
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_attention.py --part mask     # seconds
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_attention.py --part row      # about a minute
 
 Part 1 (kernel): forward + backward of one attention call (9 heads of 64 dims as SmolLM2-135M, 1024 positions per
 batch, causal + padding mask as transformers makes it) through torch's SDPA and through the eager matmul-softmax-
@@ -12,6 +13,8 @@ LoRA, bf16 on CPUs that compute it, rows up to 128 tokens) with `model.attn_impl
 alternating, --pairs times; tokens/s as the run logs it (its last logging window), the ratio auto / sdpa.
 Part 3 (mask): what transformers' `create_causal_mask` costs for one padding-free row (position ids restarting every
 L positions) under `sdpa` (a dense row x row boolean mask) and under `auto` (deferred, never built).
+Part 4 (row): the attention of one padding-free row, forward + backward, both ways `segment_attention` has: its
+sequences gathered into a padded batch (one call under a mask), or one causal call per sequence; fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -88,6 +91,47 @@ def mask_part() -> None:
                   f"{type(mask).__name__}")
 
 
+class CausalModule(torch.nn.Module):
+    is_causal = True
+
+
+def gathered_row(segments):
+    from tuneforge.models import attention
+
+    def run(q, k, v):
+        return attention.segment_attention(CausalModule(), q, k, v, segments._replace(one_by_one=False), None,
+                                           scaling=0.125, dropout=0.0)[0]
+    return run
+
+
+def looped_row(segments):
+    """One causal SDPA call per sequence (what segment_attention runs in fp32 when it picks the loop)."""
+    def run(q, k, v):
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                         scale=0.125).transpose(1, 2) for a, b in segments.bounds], 1)
+    return run
+
+
+def row_part() -> None:
+    from tuneforge.models import attention
+
+    print("one padding-free row's attention, forward + backward, 9 heads x 64 dims (ms; loop / gathered < 1: loop "
+          "faster)")
+    rows = ([58, 40, 83, 61, 47, 70, 52, 80], [120, 30, 60, 90, 128, 45, 100, 70], [500, 300, 800, 200],
+            [58, 40, 83, 61, 47, 70, 52, 80] * 2, [120, 130, 90, 140] * 4, [20, 35, 28, 40] * 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        for lengths in rows:
+            gen = torch.Generator().manual_seed(len(lengths))
+            q, k, v = (torch.randn(1, 9, sum(lengths), 64, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+            attention._LAST_SEGMENTS[:] = [None, None]
+            segments = attention._segments_of(torch.cat([torch.arange(n) for n in lengths])[None])
+            gathered, looped = (min(seconds_per_call(make(segments), q, k, v) for _ in range(3))
+                                for make in (gathered_row, looped_row))
+            print(f"  {str(dtype)[6:]:8} {len(lengths):2} sequences of {min(lengths)}-{max(lengths)}: gathered "
+                  f"{gathered * 1e3:6.1f}  loop {looped * 1e3:6.1f}  loop / gathered {looped / gathered:.2f}  "
+                  f"(fp32 picks {'loop' if segments.one_by_one else 'gathered'})")
+
+
 def train_tokens_per_s(attn: str, steps: int, work: Path) -> float:
     out = work / attn
     cmd = [sys.executable, "-m", "tuneforge", "train", str(ROOT / "examples" / "quickstart.yaml"),
@@ -114,7 +158,7 @@ def train_part(pairs: int, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["kernel", "train", "mask", "both"], default="both",
+    p.add_argument("--part", choices=["kernel", "train", "mask", "row", "both"], default="both",
                    help="both: kernel and train")
     p.add_argument("--pairs", type=int, default=3, help="Alternating sdpa/auto training runs.")
     p.add_argument("--steps", type=int, default=20, help="Optimizer steps per training run.")
@@ -125,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         train_part(args.pairs, args.steps)
     if args.part == "mask":
         mask_part()
+    if args.part == "row":
+        row_part()
     return 0
 
 
