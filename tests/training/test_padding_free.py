@@ -259,6 +259,11 @@ def test_kto_padding_free_row_holds_the_mismatched_conversations_too():
     assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 1, 2, 5, 6, 4, 3]]
     assert flat["sequence_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]]
     assert padded["kl_input_ids"][0].tolist() == [1, 2, 5, 6] and flat["kto_label"].tolist() == [True, False]
+    from tuneforge.recipes.kto import KTOStage
+
+    # MFU: the reference over the 7 conversation tokens, policy and reference over the 6 mismatched ones
+    assert KTOStage(None, None, None).forward_only_tokens(flat, 7) == 7 + 2 * 6
+    assert KTOStage(None, None, None).forward_only_tokens(padded, 7) == 7 + 2 * 6
 
 
 @pytest.mark.gpu

@@ -36,6 +36,15 @@ def _stack(a: torch.Tensor, b: torch.Tensor, fill: int) -> torch.Tensor:
 class KTOStage(Stage):
     reference_forwards = 1  # the reference model runs on every batch (counted for the MFU)
 
+    def forward_only_tokens(self, batch: dict, tokens: int) -> int:
+        """MFU count: the reference over the conversations, and the policy and the reference over the mismatched
+        rows (forward only: they estimate the detached KL point)."""
+        if "sequence_ids" in batch:
+            mismatched = int((batch["sequence_ids"] >= batch["kto_label"].shape[0]).sum())
+        else:
+            mismatched = int(batch["kl_attention_mask"].sum())
+        return tokens + 2 * mismatched
+
     def __init__(self, opts, reference: Reference, runtime):
         self.opts, self.reference, self.runtime = opts, reference, runtime
 

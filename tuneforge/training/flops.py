@@ -9,8 +9,9 @@ hidden size, S the sequence length:
 
     forward 2N, backward through the activations 2N, weight gradients 2T, attention 12 L d S
     full fine-tune: 6N + 12 L d S;  adapters (LoRA, ...): 4N + 2T + 12 L d S
-    plus, per extra forward-only pass the algorithm makes over the same tokens (DPO's and KTO's live reference
-    model: `Stage.reference_forwards`), 2N + 4 L d S
+    plus 2N + 4 L d S per token pass of forward-only work the algorithm makes (DPO's and KTO's live reference
+    model over the trained tokens, and KTO's policy and reference passes over its mismatched KL rows:
+    `Stage.forward_only_tokens`), counted as `extra_forwards` = forward-only token passes / trained tokens
 
 The output layer (lm_head, H of the N weights, H_T of them trained) is charged per *head position* instead: a
 position whose logits the loss reads (a label position; none for a reward model, which reads its score head). Its
@@ -72,7 +73,7 @@ def head_weights(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def flops_per_token(n_matmul: int, n_trainable: int, layers: int, hidden: int, seq_len: float,
-                    extra_forwards: int = 0, head: tuple[int, int] = (0, 0), head_share: float = 1.0) -> float:
+                    extra_forwards: float = 0, head: tuple[int, int] = (0, 0), head_share: float = 1.0) -> float:
     """Training FLOPs per token (forward + backward, and `extra_forwards` forward-only passes), see the module
     docstring: `head` = (H, H_T) of the N and T weights run only at `head_share` of the tokens."""
     h, h_trained = head
@@ -113,15 +114,17 @@ def _document_lengths(position_ids: list[int]) -> list[int]:
 @dataclass
 class WorkTally:
     """What the steps since the run (re)started ran on, for the MFU: tokens, the sum of their sequences' squared
-    lengths, and head positions (where lm_head's logits are read)."""
+    lengths, head positions (where lm_head's logits are read) and token passes of forward-only work."""
 
     tokens: int = 0
     squares: float = 0.0
     head_positions: int = 0
+    forward_only_tokens: int = 0
 
-    def add(self, tokens: int, squares: float, head_positions: int) -> None:
+    def add(self, tokens: int, squares: float, head_positions: int, forward_only_tokens: int = 0) -> None:
         self.tokens, self.squares = self.tokens + tokens, self.squares + squares
         self.head_positions += head_positions
+        self.forward_only_tokens += forward_only_tokens
 
     @property
     def seq_len(self) -> float:
@@ -130,6 +133,10 @@ class WorkTally:
     @property
     def head_share(self) -> float:
         return self.head_positions / max(self.tokens, 1)
+
+    @property
+    def forward_share(self) -> float:
+        return self.forward_only_tokens / max(self.tokens, 1)
 
 
 def gpu_peak(name: str) -> float | None:
@@ -239,11 +246,12 @@ class EfficiencyMeter:
         self.peak = peak * world_size if peak else None
         self.device, self.dtype, self.world_size = device, dtype, world_size
 
-    def flops_per_token(self, seq_len: float, extra_forwards: int = 0, head_share: float = 1.0) -> float:
+    def flops_per_token(self, seq_len: float, extra_forwards: float = 0, head_share: float = 1.0) -> float:
         return flops_per_token(self.n_matmul, self.n_trainable, self.layers, self.hidden, seq_len, extra_forwards,
                                self.head, head_share)
 
-    def metrics(self, tokens_per_s: float, seq_len: float, extra_forwards: int = 0, head_share: float = 1.0) -> dict:
+    def metrics(self, tokens_per_s: float, seq_len: float, extra_forwards: float = 0,
+                head_share: float = 1.0) -> dict:
         achieved = self.flops_per_token(seq_len, extra_forwards, head_share) * tokens_per_s
         out = {"model_tflops": achieved / 1e12}
         if self.peak and achieved > self.peak and self.device.type == "cpu":  # the cached probe ran on a busy CPU

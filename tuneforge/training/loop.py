@@ -48,6 +48,11 @@ class Stage:
         """How many loss terms the batch contributes (the normaliser across micro-batches and ranks)."""
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
+    def forward_only_tokens(self, batch: dict, tokens: int) -> int:
+        """Token passes of forward-only work per micro-batch of `tokens` trained tokens (MFU count): a live
+        reference model's forward over the same tokens, `reference_forwards` times."""
+        return self.reference_forwards * tokens
+
     def head_positions(self, batch: dict) -> int:
         """Positions whose output-layer logits the loss reads: the label positions (the MFU count charges lm_head
         there only, training/flops.py)."""
@@ -274,9 +279,10 @@ class Trainer:
     def train_step(self) -> dict:
         self.model.train()
         micro = self._micro_batches()
-        counts = [[self.stage.targets(b), *fed, self.stage.head_positions(b)] for b, fed in micro]
+        counts = [[self.stage.targets(b), *fed, self.stage.head_positions(b),
+                   self.stage.forward_only_tokens(b, fed[0])] for b, fed in micro]
         counts = self.rt.all_reduce_sum(torch.tensor(counts, device=self.rt.device, dtype=torch.float64).sum(0))
-        n_targets, n_tokens, squares, n_head = (int(c) for c in counts.tolist())  # one collective for all four
+        n_targets, n_tokens, squares, n_head, n_forward = (int(c) for c in counts.tolist())  # one collective
         scale = self.rt.world_size / max(n_targets, 1)  # DDP averages gradients over ranks; undo that
         loss_total, extra = torch.zeros((), device=self.rt.device), StepMetrics()
         for i, (batch, _) in enumerate(micro):
@@ -291,7 +297,8 @@ class Trainer:
         self.scheduler.step()
         loss = self.rt.all_reduce_sum(loss_total).item() / max(n_targets, 1)
         return {"loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
-                "token_squares": squares, "head_positions": n_head, **extra.means(self.rt)}
+                "token_squares": squares, "head_positions": n_head, "forward_only_tokens": n_forward,
+                **extra.means(self.rt)}
 
     def _step(self) -> float:
         """Clip, optimizer step, zero the gradients (the engine's way); the gradient norm before clipping."""
@@ -439,12 +446,13 @@ class Trainer:
         tokens = metrics.pop("tokens")
         rows = self.t.batch_size * self.t.grad_accum * self.rt.world_size
         self.work.add(tokens, metrics.pop("token_squares", tokens * tokens / rows),  # RL steps: rows of equal length
-                      metrics.pop("head_positions", tokens))  # RL steps: lm_head charged at every token
+                      metrics.pop("head_positions", tokens),  # RL steps: lm_head charged at every token
+                      metrics.pop("forward_only_tokens", self.stage.reference_forwards * tokens))
         elapsed = time.perf_counter() - self._t0
         metrics["tokens_per_s"] = self.work.tokens / elapsed if elapsed > 0 else 0.0
         copies = 2 if self.stage.rdrop_alpha > 0 else 1  # R-Drop trains on each row twice (two dropout masks)
         metrics.update(self.meter.metrics(metrics["tokens_per_s"] * copies, seq_len=self.work.seq_len,
-                                          extra_forwards=self.stage.reference_forwards,
+                                          extra_forwards=self.work.forward_share,
                                           head_share=self.work.head_share))
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
