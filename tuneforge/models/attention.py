@@ -15,12 +15,16 @@ softcapping or sinks), everything else to transformers' SDPA function, unchanged
 A padding-free row (`training.padding_free`: several sequences end to end, position ids restarting at 0) would get
 from transformers a dense block-diagonal mask over the whole row, whose attention costs (S x L)^2 instead of
 S x L^2 (there is no varlen kernel on CPU, nor in SDPA on GPUs: FlashAttention's comes in its own package).
-`segment_attention` gathers each sequence into a padded batch of its own for attention alone and scatters the
-result back: the row's linear layers skip the padding, attention costs what the padded batch's did, and the numbers
-are the padded batch's (tests/models/test_attention.py). The row x row mask is not even built: for a one-row batch
+`segment_attention` attends within each sequence instead: one causal call per sequence (fp32 on CPU, few
+sequences), or the sequences gathered into a padded batch for attention alone and scattered back. The row's linear
+layers skip the padding, attention costs no more than the padded batch's did, and the numbers are the padded batch's
+(tests/models/test_attention.py). The row x row mask is not even built: for a one-row batch
 whose mask transformers could not skip, `auto_mask` hands the layers a `DeferredMask` (the arguments to build it),
 which only a layer that cannot attend per sequence turns into the dense mask. So a row's length is not limited by a
 (row x row) mask's memory (64 MiB at 8192 positions, 1 GiB at 32768).
+
+A model class that cannot run SDPA (`_supports_sdpa` false, e.g. Gemma2's softcapping) gets its own eager attention
+instead (`settle_attention`, at load), as transformers' own default would pick.
 """
 
 from __future__ import annotations
