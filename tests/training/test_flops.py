@@ -138,3 +138,30 @@ def test_r_drop_counts_both_copies_of_each_row(tiny_llama_dir, tmp_path):
         last = [r for r in read_metrics(out / "metrics.jsonl") if "mfu" in r][-1]
         per_token.append(last["model_tflops"] / last["tokens_per_s"])
     assert per_token[1] == pytest.approx(2 * per_token[0], rel=1e-6)
+
+
+def test_an_rl_step_counts_its_epochs_and_forward_passes():
+    """GRPO/PPO: each epoch trains on the rollout's tokens again (`copies`), and sampling, old-policy and reference
+    log-probs are forward-only passes over them; lm_head is read at the completion tokens."""
+    from tuneforge.training.rl import Rollout, mean_over_ranks, rollout_work
+
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    roll = Rollout(torch.zeros(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), labels,
+                   ["a", "b"], [[5, 6], [7]], [])
+    work = rollout_work(roll, epochs=2, forward_passes=3, head_at_labels=True)
+    assert work == {"tokens": 7, "train_copies": 2, "forward_only_tokens": 21, "head_positions": 3}
+    assert rollout_work(roll, 1, 1, head_at_labels=False)["head_positions"] == 7
+
+    class TwoRanks:  # the other rank held the same counts
+        distributed, world_size, device = True, 2, "cpu"
+
+        def all_reduce_sum(self, value):
+            return value * 2
+
+    summed = mean_over_ranks(TwoRanks(), {**work, "reward": 0.5})
+    assert summed == {"tokens": 14, "train_copies": 2.0, "forward_only_tokens": 42, "head_positions": 6,
+                      "reward": 0.5}
+    # two training passes and one forward-only pass per token, by hand against the formula
+    once = flops.flops_per_token(1408, 1408, 2, 8, 10)
+    forward = 2 * 1408 + 4 * 2 * 8 * 10
+    assert flops.flops_per_token(1408, 1408, 2, 8, 10, extra_forwards=1, copies=2) == 2 * once + forward

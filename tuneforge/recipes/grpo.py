@@ -25,6 +25,7 @@ from tuneforge.training.rl import (
     make_engine,
     mean_over_ranks,
     policy_forward,
+    rollout_work,
     rows_offset,
     run_rl,
     sample,
@@ -71,7 +72,8 @@ class GRPOStage(RLStage):
                 losses.append(loss)
                 stats.append({k: float(v) for k, v in m.items()})
         lengths = [len(ids) for ids in roll.completion_ids]
-        local = {**means, "completion_length": sum(lengths) / len(lengths), "tokens": int(roll.attention_mask.sum()),
+        work = rollout_work(roll, s.epochs, 1 + several_updates + (self.reference is not None), head_at_labels=at)
+        local = {**means, "completion_length": sum(lengths) / len(lengths), **work,
                  **{k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}}
         all_rewards = everyone[:, 0]
         return {"loss": sum(losses) / len(losses), "reward": float(all_rewards.mean()),

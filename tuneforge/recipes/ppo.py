@@ -25,6 +25,7 @@ from tuneforge.training.rl import (
     make_engine,
     mean_over_ranks,
     policy_forward,
+    rollout_work,
     rows_offset,
     run_rl,
     sample,
@@ -77,7 +78,8 @@ class PPOStage(RLStage):
                 stats.append(self.update(trainer, roll.rows(idx), old[idx], old_values[idx], advantages[idx],
                                          returns[idx]))
         local = {"reward": float(scores.mean()), **means, "kl": float((kl * mask).sum(-1).mean()),
-                 "completion_length": float(mask.sum(-1).float().mean()), "tokens": int(roll.attention_mask.sum()),
+                 "completion_length": float(mask.sum(-1).float().mean()),
+                 **rollout_work(roll, s.epochs, 3, head_at_labels=False),  # sampling, old policy, reference
                  **{k: sum(d[k] for d in stats) / len(stats) for k in stats[0] if k not in LOSSES}}
         return {**mean_over_ranks(self.rt, local), **{k: sum(d[k] for d in stats) / len(stats) for k in LOSSES}}
 

@@ -17,8 +17,8 @@ The output layer (lm_head, H of the N weights, H_T of them trained) is charged p
 position whose logits the loss reads (a label position; none for a reward model, which reads its score head). Its
 work anywhere else is not needed by the objective, and TuneForge skips it (`logits_to_keep`), so counting it at
 every token overstated MFU on prompt-heavy SFT rows (one run read the 100% cap). Per head position: 4H + 2H_T, and
-2H per extra forward. `head_share` = head positions / tokens; at 1 the formulas above hold unchanged. R-Drop trains
-on two copies of every row: the loop counts its tokens twice for the FLOPs (not for tokens/s).
+2H per extra forward. `head_share` = head positions / tokens; at 1 the formulas above hold unchanged. `copies`:
+training passes over each token per step (R-Drop's two copies of every row; an RL step's epochs over its rollout).
 
 The peak: the datasheet dense bf16 tensor-core figure for known GPUs, or, for CPUs, a short matmul probe in the
 run's dtype at start (the faster of MKL and oneDNN), cached per machine under the TuneForge cache folder.
@@ -73,13 +73,13 @@ def head_weights(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def flops_per_token(n_matmul: int, n_trainable: int, layers: int, hidden: int, seq_len: float,
-                    extra_forwards: float = 0, head: tuple[int, int] = (0, 0), head_share: float = 1.0) -> float:
-    """Training FLOPs per token (forward + backward, and `extra_forwards` forward-only passes), see the module
-    docstring: `head` = (H, H_T) of the N and T weights run only at `head_share` of the tokens."""
+                    extra_forwards: float = 0, head: tuple[int, int] = (0, 0), head_share: float = 1.0,
+                    copies: float = 1) -> float:
+    """Training FLOPs per token (`copies` forward + backward passes, and `extra_forwards` forward-only passes), see
+    the module docstring: `head` = (H, H_T) of the N and T weights run only at `head_share` of the tokens."""
     h, h_trained = head
     body, body_trained = n_matmul - h, n_trainable - h_trained
-    return (4 * body + 2 * body_trained + 12 * layers * hidden * seq_len
-            + head_share * (4 * h + 2 * h_trained)
+    return (copies * (4 * body + 2 * body_trained + 12 * layers * hidden * seq_len + head_share * (4 * h + 2 * h_trained))
             + extra_forwards * (2 * body + 2 * h * head_share + 4 * layers * hidden * seq_len))
 
 
@@ -246,13 +246,14 @@ class EfficiencyMeter:
         self.peak = peak * world_size if peak else None
         self.device, self.dtype, self.world_size = device, dtype, world_size
 
-    def flops_per_token(self, seq_len: float, extra_forwards: float = 0, head_share: float = 1.0) -> float:
+    def flops_per_token(self, seq_len: float, extra_forwards: float = 0, head_share: float = 1.0,
+                        copies: float = 1) -> float:
         return flops_per_token(self.n_matmul, self.n_trainable, self.layers, self.hidden, seq_len, extra_forwards,
-                               self.head, head_share)
+                               self.head, head_share, copies)
 
-    def metrics(self, tokens_per_s: float, seq_len: float, extra_forwards: float = 0,
-                head_share: float = 1.0) -> dict:
-        achieved = self.flops_per_token(seq_len, extra_forwards, head_share) * tokens_per_s
+    def metrics(self, tokens_per_s: float, seq_len: float, extra_forwards: float = 0, head_share: float = 1.0,
+                copies: float = 1) -> dict:
+        achieved = self.flops_per_token(seq_len, extra_forwards, head_share, copies) * tokens_per_s
         out = {"model_tflops": achieved / 1e12}
         if self.peak and achieved > self.peak and self.device.type == "cpu":  # the cached probe ran on a busy CPU
             raise_cpu_peak(self.dtype, achieved / self.world_size)

@@ -450,10 +450,10 @@ class Trainer:
                       metrics.pop("forward_only_tokens", self.stage.reference_forwards * tokens))
         elapsed = time.perf_counter() - self._t0
         metrics["tokens_per_s"] = self.work.tokens / elapsed if elapsed > 0 else 0.0
-        copies = 2 if self.stage.rdrop_alpha > 0 else 1  # R-Drop trains on each row twice (two dropout masks)
-        metrics.update(self.meter.metrics(metrics["tokens_per_s"] * copies, seq_len=self.work.seq_len,
+        copies = metrics.pop("train_copies", 2 if self.stage.rdrop_alpha > 0 else 1)  # R-Drop: each row twice
+        metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self.work.seq_len,
                                           extra_forwards=self.work.forward_share,
-                                          head_share=self.work.head_share))
+                                          head_share=self.work.head_share, copies=copies))
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()

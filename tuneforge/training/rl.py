@@ -243,14 +243,29 @@ def gather(runtime, values: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(values.device)
 
 
+SUMMED = ("tokens", "head_positions", "forward_only_tokens")  # counts, added up over ranks
+
+
 def mean_over_ranks(runtime, metrics: dict) -> dict:
-    """Per-rank means (of equal shares of rows) averaged over ranks; `tokens` summed. Identity in one process."""
+    """Per-rank means (of equal shares of rows) averaged over ranks; the counts in SUMMED added up. Identity in one
+    process."""
     if not runtime.distributed:
         return metrics
     keys = sorted(metrics)
     values = runtime.all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
                                                  device=runtime.device))
-    return {k: (int(v) if k == "tokens" else float(v) / runtime.world_size) for k, v in zip(keys, values.tolist())}
+    return {k: (int(v) if k in SUMMED else float(v) / runtime.world_size) for k, v in zip(keys, values.tolist())}
+
+
+def rollout_work(roll: Rollout, epochs: int, forward_passes: int, head_at_labels: bool) -> dict:
+    """An RL step's MFU counts (training/flops.py): `epochs` training passes over the rollout's tokens, and
+    `forward_passes` forward-only ones (sampling it, and the old-policy and reference log-probs where the stage takes
+    them); lm_head read at the completion tokens only where logits are taken only there. The reward model's and a
+    value model's own passes are not counted."""
+    tokens = int(roll.attention_mask.sum())
+    completion = int((roll.labels[:, 1:] != IGNORE_INDEX).sum())
+    return {"tokens": tokens, "train_copies": epochs, "forward_only_tokens": forward_passes * tokens,
+            "head_positions": completion if head_at_labels else tokens}
 
 
 def whiten_over_ranks(runtime, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
