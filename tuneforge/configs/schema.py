@@ -145,7 +145,8 @@ class TrainingConfig:
         "(with attn_implementation auto each example through SDPA, not measured on a GPU yet; with sdpa/eager under "
         "a mask over the joined row, which costs more than the padding saved).")
     compile: bool = opt(False, "torch.compile each decoder block (once, at start: tens of seconds). Same "
-                               "loss; one CPU measurement: 1.5x per step after ~2 min of compiling (bench/RESULTS.md).")
+                               "loss; on CPU no faster than the defaults it turns off (oneDNN linears, padding-free "
+                               "rows): 0.96x per step, measured (bench/RESULTS.md).")
     cpu_matmul: Literal["auto", "onednn", "default"] = opt(
         "auto", "Which library multiplies fp32 matrices on CPU, forward and backward. onednn: oneDNN (measured ~2x "
         "faster than PyTorch's default MKL sgemm on an AMD EPYC; same fp32 results to rounding; "
