@@ -398,21 +398,8 @@ def main() -> int:
                 print(f"[{label}] {side} FAILED (exit {rc}); log {work / f'{tag}.log'}:\n  " + "\n  ".join(tail))
                 a.keep = True
                 return 1
-            rec = json.loads(record.read_text(encoding="utf-8"))
-            r = rate(rec, a.warmup)
-            r.update({"peak_rss_mib": peak_kib / 1024, "rss_before_train_mib": (rec["rss_train_start_kib"] or 0) / 1024,
-                      "process_wall_s": wall, "threads": rec["threads"], "mask_missing": rec["mask_missing"],
-                      "version": rec["version"], "transformers": rec["transformers"], "peft": rec["peft"],
-                      "torch": rec["torch"], "optim": rec.get("optim", "torch.optim.AdamW"),
-                      "load_before": before, "load_after": load_avg()})
-            if side == "tuneforge":
-                metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-                own = [m for m in metrics if "tokens_per_s" in m]
-                r["own_tokens_per_s_last"] = own[-1]["tokens_per_s"] if own else None
-                r["mfu_last"] = own[-1].get("mfu") if own else None
-                if own and own[-1].get("mfu"):  # the model FLOPs per token and the peak TuneForge's meter used
-                    r["flops_per_token"] = own[-1]["model_tflops"] * 1e12 / own[-1]["tokens_per_s"]
-                    r["peak_flops"] = own[-1]["model_tflops"] * 1e12 / own[-1]["mfu"]
+            r = side_result(json.loads(record.read_text(encoding="utf-8")), a.warmup, peak_kib, wall, before,
+                            out if side == "tuneforge" else None)
             row[side] = r
             print(f"[{label}] {side}: {r['tokens_per_s']:.0f} tok/s ({r['tokens']} tokens in {r['seconds']:.2f} s,"
                   f" {r['s_per_step']:.3f} s/step), peak RSS {r['peak_rss_mib']:.0f} MiB, process {wall:.0f} s",
@@ -427,6 +414,37 @@ def main() -> int:
                  f"{a.precision}, lr {a.lr:g} cosine, no packing, no gradient checkpointing (grouped: the same with "
                  f"length-grouped batches on both sides; own-defaults: examples/quickstart.yaml vs "
                  f"llama3_lora_sft.yaml); rate over steps {a.warmup + 1}..N")
+    print_results(results, described)
+    if a.json:
+        a.json.write_text(json.dumps({"settings": described, "results": results}, indent=1), encoding="utf-8")
+    if a.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def side_result(rec: dict, warmup: int, peak_kib: int, wall: float, before: str, tf_out: Path | None) -> dict:
+    """One side's rate, memory and versions from its worker record; for TuneForge (`tf_out`) also its own logged
+    rate, MFU, model FLOPs per token and the peak its meter used."""
+    r = rate(rec, warmup)
+    r.update({"peak_rss_mib": peak_kib / 1024, "rss_before_train_mib": (rec["rss_train_start_kib"] or 0) / 1024,
+              "process_wall_s": wall, "threads": rec["threads"], "mask_missing": rec["mask_missing"],
+              "version": rec["version"], "transformers": rec["transformers"], "peft": rec["peft"],
+              "torch": rec["torch"], "optim": rec.get("optim", "torch.optim.AdamW"),
+              "load_before": before, "load_after": load_avg()})
+    if tf_out is not None:
+        metrics = [json.loads(x) for x in (tf_out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        own = [m for m in metrics if "tokens_per_s" in m]
+        r["own_tokens_per_s_last"] = own[-1]["tokens_per_s"] if own else None
+        r["mfu_last"] = own[-1].get("mfu") if own else None
+        if own and own[-1].get("mfu"):  # the model FLOPs per token and the peak TuneForge's meter used
+            r["flops_per_token"] = own[-1]["model_tflops"] * 1e12 / own[-1]["tokens_per_s"]
+            r["peak_flops"] = own[-1]["model_tflops"] * 1e12 / own[-1]["mfu"]
+    return r
+
+
+def print_results(results: list[dict], described: str) -> None:
     print("\n" + described)
     head = (f"| {'setting':<12} | {'model':<24} | {'steps':>5} | {'TF tok/s':>9} | {'LF tok/s':>9} | "
             f"{'TF/LF tok/s':>11} | {'TF MFU':>6} | {'LF MFU':>6} | {'TF peak RSS':>11} | {'LF peak RSS':>11} | "
@@ -457,13 +475,6 @@ def main() -> int:
                                                if r["mask_missing"] else ""))
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average now {load_avg()}")
-    if a.json:
-        a.json.write_text(json.dumps({"settings": described, "results": results}, indent=1), encoding="utf-8")
-    if a.keep:
-        print(f"kept {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
 
 
 SETTINGS = ("equal", "grouped", "own-defaults")
