@@ -149,7 +149,8 @@ def test_an_rl_step_counts_its_epochs_and_forward_passes():
     roll = Rollout(torch.zeros(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), labels,
                    ["a", "b"], [[5, 6], [7]], [])
     work = rollout_work(roll, epochs=2, forward_passes=3, head_at_labels=True)
-    assert work == {"tokens": 7, "train_copies": 2, "forward_only_tokens": 21, "head_positions": 3}
+    assert work == {"tokens": 7, "token_squares": 16 + 9, "train_copies": 2, "forward_only_tokens": 21,
+                    "head_positions": 3}
     assert rollout_work(roll, 1, 1, head_at_labels=False)["head_positions"] == 7
 
     class TwoRanks:  # the other rank held the same counts
@@ -159,8 +160,8 @@ def test_an_rl_step_counts_its_epochs_and_forward_passes():
             return value * 2
 
     summed = mean_over_ranks(TwoRanks(), {**work, "reward": 0.5})
-    assert summed == {"tokens": 14, "train_copies": 2.0, "forward_only_tokens": 42, "head_positions": 6,
-                      "reward": 0.5}
+    assert summed == {"tokens": 14, "token_squares": 50, "train_copies": 2.0, "forward_only_tokens": 42,
+                      "head_positions": 6, "reward": 0.5}
     # two training passes and one forward-only pass per token, by hand against the formula
     once = flops.flops_per_token(1408, 1408, 2, 8, 10)
     forward = 2 * 1408 + 4 * 2 * 8 * 10

@@ -444,10 +444,8 @@ class Trainer:
         metrics = self.train_step()
         self.step += 1
         tokens = metrics.pop("tokens")
-        rows = self.t.batch_size * self.t.grad_accum * self.rt.world_size
-        self.work.add(tokens, metrics.pop("token_squares", tokens * tokens / rows),  # RL steps: rows of equal length
-                      metrics.pop("head_positions", tokens),  # RL steps: lm_head charged at every token
-                      metrics.pop("forward_only_tokens", self.stage.reference_forwards * tokens))
+        self.work.add(tokens, metrics.pop("token_squares"), metrics.pop("head_positions"),
+                      metrics.pop("forward_only_tokens"))
         elapsed = time.perf_counter() - self._t0
         metrics["tokens_per_s"] = self.work.tokens / elapsed if elapsed > 0 else 0.0
         copies = metrics.pop("train_copies", 2 if self.stage.rdrop_alpha > 0 else 1)  # R-Drop: each row twice

@@ -243,7 +243,7 @@ def gather(runtime, values: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(values.device)
 
 
-SUMMED = ("tokens", "head_positions", "forward_only_tokens")  # counts, added up over ranks
+SUMMED = ("tokens", "token_squares", "head_positions", "forward_only_tokens")  # counts, added up over ranks
 
 
 def mean_over_ranks(runtime, metrics: dict) -> dict:
@@ -262,10 +262,11 @@ def rollout_work(roll: Rollout, epochs: int, forward_passes: int, head_at_labels
     `forward_passes` forward-only ones (sampling it, and the old-policy and reference log-probs where the stage takes
     them); lm_head read at the completion tokens only where logits are taken only there. The reward model's and a
     value model's own passes are not counted."""
-    tokens = int(roll.attention_mask.sum())
+    lengths = roll.attention_mask.sum(-1)
+    tokens = int(lengths.sum())
     completion = int((roll.labels[:, 1:] != IGNORE_INDEX).sum())
-    return {"tokens": tokens, "train_copies": epochs, "forward_only_tokens": forward_passes * tokens,
-            "head_positions": completion if head_at_labels else tokens}
+    return {"tokens": tokens, "token_squares": int((lengths ** 2).sum()), "train_copies": epochs,
+            "forward_only_tokens": forward_passes * tokens, "head_positions": completion if head_at_labels else tokens}
 
 
 def whiten_over_ranks(runtime, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -294,7 +295,8 @@ class Reference(reference.Reference):
 # ---- the outer step ----------------------------------------------------------------------------------------------
 
 class RLStage(Stage):
-    """What a sampling recipe supplies: `rl_step(trainer, prompts)` -> metrics (rollout, then updates)."""
+    """What a sampling recipe supplies: `rl_step(trainer, prompts)` -> metrics (rollout, then updates), with the
+    work counts of `rollout_work` among them (the loop's MFU)."""
 
     def rl_step(self, trainer: RLTrainer, prompts: list[EncodedPrompt]) -> dict:
         raise NotImplementedError
