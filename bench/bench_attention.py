@@ -123,8 +123,7 @@ def row_part() -> None:
         for lengths in rows:
             gen = torch.Generator().manual_seed(len(lengths))
             q, k, v = (torch.randn(1, 9, sum(lengths), 64, generator=gen).to(dtype).requires_grad_() for _ in range(3))
-            attention._LAST_SEGMENTS[:] = [None, None]
-            segments = attention._segments_of(torch.cat([torch.arange(n) for n in lengths])[None])
+            segments = attention.row_segments(torch.cat([torch.arange(n) for n in lengths])[None])
             gathered, looped = (min(seconds_per_call(make(segments), q, k, v) for _ in range(3))
                                 for make in (gathered_row, looped_row))
             print(f"  {str(dtype)[6:]:8} {len(lengths):2} sequences of {min(lengths)}-{max(lengths)}: gathered "

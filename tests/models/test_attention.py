@@ -115,7 +115,9 @@ def test_a_padding_free_row_attends_per_sequence_like_the_padded_batch(models, m
     real = attention.segment_attention
     monkeypatch.setattr(attention, "segment_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(attention, "attend_one_by_one", lambda lengths: one_by_one)
-    attention._LAST_SEGMENTS[:] = [None, None]
+    worked_out = []
+    real_rows = attention.row_segments
+    monkeypatch.setattr(attention, "row_segments", lambda p: worked_out.append(1) or real_rows(p))
     model = models["auto"]
     flat, padded = flat_and_padded([5, 17, 9, 30])
     grads = []
@@ -127,6 +129,7 @@ def test_a_padding_free_row_attends_per_sequence_like_the_padded_batch(models, m
         (logits ** 2).mean().backward()
         grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
     assert len(calls) == 2  # both layers of the flat row, none of the padded batch
+    assert len(worked_out) == 1  # the row's sequences: once per forward, not per layer
     if one_by_one and dtype == torch.float32:
         assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5) and not torch.equal(grads[0][0], grads[1][0])
     else:
@@ -137,7 +140,6 @@ def test_a_padding_free_row_attends_per_sequence_like_the_padded_batch(models, m
 def test_only_a_row_of_several_sequences_is_split():
     q = k = torch.zeros(1, 2, 6, 4)
     two = torch.tensor([[0, 1, 2, 0, 1, 2]])
-    attention._LAST_SEGMENTS[:] = [None, None]
     segments = attention.flat_segments(q, k, two)
     assert segments.index.tolist() == [[0, 1, 2], [3, 4, 5]] and segments.valid.all()
     assert segments.bounds == [(0, 3), (3, 6)] and segments.one_by_one
@@ -193,7 +195,6 @@ def test_a_sliding_window_layer_attends_per_sequence_within_its_window(window, o
                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                          sliding_window=window, max_window_layers=0, attn_implementation=attention.resolve_attention("auto"))
     monkeypatch.setattr(attention, "attend_one_by_one", lambda lengths: one_by_one)
-    attention._LAST_SEGMENTS[:] = [None, None]
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval()
     assert all(layer.self_attn.sliding_window == window for layer in model.model.layers)

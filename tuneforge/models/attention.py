@@ -67,10 +67,21 @@ def register() -> None:
 
 class DeferredMask:
     """The mask of a one-row batch, not built yet: transformers' `sdpa_mask` arguments. `window` is the layer's
-    sliding window (transformers' `local_size`), which per-sequence attention applies itself."""
+    sliding window (transformers' `local_size`), which per-sequence attention applies itself. Every layer of one
+    forward (and a checkpointed block's recomputation) gets the same object, so the row's sequences are worked out
+    once, here (one host sync per forward)."""
+
+    _UNSET = object()
 
     def __init__(self, mask_args: dict):
-        self.mask_args, self.window, self._dense = mask_args, mask_args.get("local_size"), None
+        self.mask_args, self.window, self._dense, self._segments = mask_args, mask_args.get("local_size"), None, \
+            self._UNSET
+
+    def segments(self, query, key, position_ids) -> RowSegments | None:
+        """The row's sequences (`flat_segments`), from the first layer that asks."""
+        if self._segments is self._UNSET:
+            self._segments = flat_segments(query, key, position_ids)
+        return self._segments
 
     def dense(self) -> torch.Tensor | None:
         """The mask SDPA would have got (built once, then shared by every layer that asks)."""
@@ -94,7 +105,7 @@ def auto_mask(**mask_args):
 
 def auto_attention(module, query, key, value, attention_mask, **kwargs):
     if isinstance(attention_mask, DeferredMask):
-        segments = flat_segments(query, key, kwargs.get("position_ids"))
+        segments = attention_mask.segments(query, key, kwargs.get("position_ids"))
         if segments is not None:
             return segment_attention(module, query, key, value, segments, attention_mask.window, **kwargs)
         attention_mask = attention_mask.dense()
@@ -168,29 +179,22 @@ def flat_segments(query, key, position_ids) -> RowSegments | None:
     if (query.shape[0] != 1 or position_ids is None or query.shape[-2] != key.shape[-2]
             or position_ids.shape[-1] != query.shape[-2]):
         return None
-    return _segments_of(position_ids)
+    return row_segments(position_ids)
 
 
-_LAST_SEGMENTS: list = [None, None]  # (position_ids, its segments): every layer of one forward passes the same tensor
-
-
-def _segments_of(position_ids: torch.Tensor) -> RowSegments | None:
-    """The sequences of a row, worked out once per forward rather than once per layer (one host sync)."""
-    if _LAST_SEGMENTS[0] is position_ids:
-        return _LAST_SEGMENTS[1]
+def row_segments(position_ids: torch.Tensor) -> RowSegments | None:
+    """The sequences of a row whose position ids restart at 0 for each; None for fewer than two."""
     flat = position_ids.reshape(-1)
     starts = (flat == 0).nonzero().view(-1).tolist()
-    segments = None
-    if len(starts) >= 2 and starts[0] == 0:
-        bounds = list(zip(starts, starts[1:] + [flat.numel()]))
-        lengths = [end - start for start, end in bounds]
-        begin, length = (torch.tensor(x, device=flat.device) for x in (starts, lengths))
-        offsets = torch.arange(max(lengths), device=flat.device)
-        valid = offsets[None, :] < length[:, None]
-        segments = RowSegments(bounds, torch.where(valid, begin[:, None] + offsets[None, :], 0), valid,
-                               attend_one_by_one(lengths))
-    _LAST_SEGMENTS[:] = [position_ids, segments]
-    return segments
+    if len(starts) < 2 or starts[0] != 0:
+        return None
+    bounds = list(zip(starts, starts[1:] + [flat.numel()]))
+    lengths = [end - start for start, end in bounds]
+    begin, length = (torch.tensor(x, device=flat.device) for x in (starts, lengths))
+    offsets = torch.arange(max(lengths), device=flat.device)
+    valid = offsets[None, :] < length[:, None]
+    return RowSegments(bounds, torch.where(valid, begin[:, None] + offsets[None, :], 0), valid,
+                       attend_one_by_one(lengths))
 
 
 def causal_window_mask(length: int, window: int | None, device) -> torch.Tensor:
