@@ -36,15 +36,6 @@ def _stack(a: torch.Tensor, b: torch.Tensor, fill: int) -> torch.Tensor:
 class KTOStage(Stage):
     reference_forwards = 1  # the reference model runs on every batch (counted for the MFU)
 
-    def forward_only_tokens(self, batch: dict, tokens: int) -> int:
-        """MFU count: the reference over the conversations, and the policy and the reference over the mismatched
-        rows (forward only: they estimate the detached KL point)."""
-        if "sequence_ids" in batch:
-            mismatched = int((batch["sequence_ids"] >= batch["kto_label"].shape[0]).sum())
-        else:
-            mismatched = int(batch["kl_attention_mask"].sum())
-        return tokens + 2 * mismatched
-
     def __init__(self, opts, reference: Reference, runtime):
         self.opts, self.reference, self.runtime = opts, reference, runtime
 
@@ -53,10 +44,14 @@ class KTOStage(Stage):
 
     def head_positions(self, batch: dict) -> int:
         """The label positions of the B conversations (the MFU counts their tokens, not the mismatched ones')."""
-        labelled = batch["labels"][:, 1:] != IGNORE_INDEX
-        if "sequence_ids" in batch:  # padding-free: one row, the B conversations first
-            labelled &= batch["sequence_ids"][:, 1:] < batch["kto_label"].shape[0]
-        return int(labelled.sum())
+        return super().head_positions(split_mismatched(batch, self.targets(batch))[0])
+
+    def forward_only_tokens(self, batch: dict, tokens: int) -> int:
+        """MFU count: the reference over the conversations, and the policy and the reference over the mismatched
+        rows (forward only: they estimate the detached KL point)."""
+        mismatched = split_mismatched(batch, self.targets(batch))[1]
+        fed = mismatched["attention_mask"].sum() if "attention_mask" in mismatched else mismatched["input_ids"].numel()
+        return tokens + 2 * int(fed)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         n = batch["kto_label"].shape[0]

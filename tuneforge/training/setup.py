@@ -114,8 +114,6 @@ def read_data(cfg: TrainConfig):
     return read_datasets(cfg.data, stage=cfg.stage)
 
 
-
-
 def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=print, read=None):
     from tuneforge.data import build_datasets, collate_for
     from tuneforge.training.padding_free import use_padding_free
