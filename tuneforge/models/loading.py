@@ -214,7 +214,7 @@ def load_tokenizer(model_cfg):
     return _load_tokenizer_from(resolve_source(model_cfg.name_or_path), model_cfg)
 
 
-def _load_model_from(source: str, model_cfg, dtype, device: str | torch.device | None = None, **kwargs):
+def _load_model_from(source: str, model_cfg, dtype, **kwargs):
     from transformers import AutoModelForCausalLM
 
     from tuneforge.models.attention import resolve_attention, settle_attention
@@ -241,7 +241,7 @@ def load_model_and_tokenizer(model_cfg, dtype: torch.dtype | None = torch.float3
     `device_map` among them the model is left where transformers placed it instead of moved to `device`."""
     source = resolve_source(model_cfg.name_or_path)
     tokenizer = _load_tokenizer_from(source, model_cfg)
-    model = _load_model_from(source, model_cfg, dtype, device, **from_pretrained_kwargs)
+    model = _load_model_from(source, model_cfg, dtype, **from_pretrained_kwargs)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # only when prepare_tokenizer added <|pad|>
         model.resize_token_embeddings(len(tokenizer))
     if model.generation_config.pad_token_id is None:

@@ -46,17 +46,22 @@ class Stage:
 
     def targets(self, batch: dict) -> int:
         """How many loss terms the batch contributes (the normaliser across micro-batches and ranks)."""
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return label_count(batch)
+
+    # ---- what the MFU counts (training/flops.py) ----
+    def head_positions(self, batch: dict) -> int:
+        """Positions whose output-layer logits the loss reads: the label positions (lm_head is charged there only)."""
+        return label_count(batch)
 
     def forward_only_tokens(self, batch: dict, tokens: int) -> int:
-        """Token passes of forward-only work per micro-batch of `tokens` trained tokens (MFU count): a live
-        reference model's forward over the same tokens, `reference_forwards` times."""
+        """Token passes of forward-only work per micro-batch of `tokens` trained tokens: a live reference model's
+        forward over the same tokens, `reference_forwards` times."""
         return self.reference_forwards * tokens
 
-    def head_positions(self, batch: dict) -> int:
-        """Positions whose output-layer logits the loss reads: the label positions (the MFU count charges lm_head
-        there only, training/flops.py)."""
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    @property
+    def train_copies(self) -> int:
+        """Training passes over each token per step: R-Drop runs every row twice (two dropout masks)."""
+        return 2 if self.rdrop_alpha > 0 else 1
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """(sum of loss terms, extra metrics). A metric is a tensor of per-item values (one per pair, row, ...;
@@ -77,6 +82,11 @@ class Stage:
         logits = logits[:, -batch["labels"].shape[1]:]  # prompt-learning methods prepend virtual-token positions
         loss_sum, _ = causal_lm_loss(logits, batch["labels"])
         return loss_sum, {}
+
+
+def label_count(batch: dict) -> int:
+    """Positions whose next token has a label (the loss terms of next-token cross-entropy)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -448,10 +458,9 @@ class Trainer:
                       metrics.pop("forward_only_tokens"))
         elapsed = time.perf_counter() - self._t0
         metrics["tokens_per_s"] = self.work.tokens / elapsed if elapsed > 0 else 0.0
-        copies = metrics.pop("train_copies", 2 if self.stage.rdrop_alpha > 0 else 1)  # R-Drop: each row twice
         metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self.work.seq_len,
-                                          extra_forwards=self.work.forward_share,
-                                          head_share=self.work.head_share, copies=copies))
+                                          extra_forwards=self.work.forward_share, head_share=self.work.head_share,
+                                          copies=metrics.pop("train_copies", self.stage.train_copies)))
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()
