@@ -203,12 +203,17 @@ def tuneforge_config(model_dir: Path, out: Path, a) -> dict:
     }
 
 
+def quickstart_config() -> dict:
+    """examples/quickstart.yaml as a dict (TuneForge's side of the own-defaults setting)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text(encoding="utf-8"))
+
+
 def tuneforge_own_defaults(model_dir: Path, out: Path, a) -> dict:
     """examples/quickstart.yaml (TuneForge's README example of LoRA SFT) with the model, data, steps and output
     replaced and the per-step logging the benchmark reads."""
-    import yaml
-
-    cfg = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text(encoding="utf-8"))
+    cfg = quickstart_config()
     cfg.update({"output_dir": str(out), "seed": a.seed, "model": {"name_or_path": str(model_dir)}})
     cfg["data"]["train"] = [{"path": str(TASK), "format": "openai"}]
     cfg["training"].update({"max_steps": a.steps, "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
@@ -500,9 +505,7 @@ def add_mfu(row: dict, model_dir: Path) -> None:
         return
     lf_flops = tf["flops_per_token"]
     if row["setting"] == "own-defaults":
-        import yaml
-
-        tf_rank = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text(encoding="utf-8"))["lora"]["rank"]
+        tf_rank = quickstart_config()["lora"]["rank"]
         lf_flops += 6 * all_linear_adapter_weights(model_dir, LF_OWN_DEFAULTS["lora_rank"] - tf_rank)
     row["tuneforge"]["mfu"] = tf["flops_per_token"] * tf["tokens_per_s"] / tf["peak_flops"]
     row["llamafactory"]["mfu"] = lf_flops * row["llamafactory"]["tokens_per_s"] / tf["peak_flops"]
