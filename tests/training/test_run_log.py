@@ -74,3 +74,16 @@ def test_format_metrics_rounds_each_kind():
     line = format_metrics(3, 10, {"loss": 2.345678, "grad_norm": 0.123456, "lr": 0.0002, "tokens_per_s": 1234.56,
                                   "eval_loss": 12.34567})
     assert line == "step 3/10: loss 2.346, grad_norm 0.1235, lr 2.00e-04, tokens_per_s 1235, eval_loss 12.35"
+
+
+def test_metrics_file_keeps_small_numbers_significant(tmp_path):
+    """A tiny model's model_tflops (~1e-4) and a decayed lr (~1e-9) keep their digits in metrics.jsonl: eight
+    decimals would leave 4 significant digits of the one and 0 for the other."""
+    from tuneforge.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, enabled=True, total_steps=1, start_step=0, progress_bar=False)
+    logger.log(1, {"lr": 1.234567891e-9, "model_tflops": 9.297648615598922e-07, "loss": 2.0})
+    logger.close(plot=False)
+    row = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert row["lr"] == pytest.approx(1.234567891e-9, rel=1e-8)
+    assert row["model_tflops"] == pytest.approx(9.297648615598922e-07, rel=1e-8)

@@ -87,7 +87,9 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()},
+        # 9 significant digits, not 8 decimals: a tiny model's model_tflops (1e-4) or a late lr (1e-9) keeps its
+        # precision instead of collapsing to a few digits or to 0
+        record = {"step": step, **{k: (float(f"{v:.9g}") if isinstance(v, float) else v) for k, v in metrics.items()},
                   "time": round(time.time(), 3)}
         self.history.append(record)
         self._jsonl.write(json.dumps(record) + "\n")
