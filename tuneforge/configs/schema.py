@@ -152,6 +152,11 @@ class TrainingConfig:
         "faster than PyTorch's default MKL sgemm on an AMD EPYC; same fp32 results to rounding; "
         "tuneforge/kernels/onednn_linear.py); default: PyTorch's own choice. auto: onednn for fp32 runs on CPU "
         "where this torch build has it, except with compile or distributed=fsdp/deepspeed.")
+    fused_layers: Literal["auto", "always", "never"] = opt(
+        "auto", "RMSNorm layers (Llama formula) and plain LoRA layers each as one autograd node with a hand-written "
+        "backward (tuneforge/kernels/rms_norm.py, lora_linear.py): the same values to rounding, fewer full-size "
+        "passes over the activations. The LoRA one applies to fp32 CPU tensors only. auto: on CPU, except with "
+        "compile or distributed=fsdp/deepspeed; always: also on GPUs (RMSNorm; not measured there).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     eval_steps: int = opt(0, "Evaluate on the held-out split every N steps (0: only at the end when there is one).")
     eval_suite: dict[str, Any] | None = opt(None, "A small evaluation suite run at every eval step (stages pt and "

@@ -104,7 +104,21 @@ def prepare_model(cfg: TrainConfig, model, method: Method, device: torch.device,
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     model.to(device)
+    if use_fused_layers(cfg.training, device):
+        from tuneforge.kernels.lora_linear import fuse_lora_linears
+        from tuneforge.kernels.rms_norm import fuse_rms_norms
+
+        fuse_rms_norms(model)
+        fuse_lora_linears(model)
     return model
+
+
+def use_fused_layers(t, device: torch.device) -> bool:
+    """`training.fused_layers`. auto leaves out what it is not measured or tested with: GPUs, compiled blocks
+    (Inductor fuses these itself) and the sharded engines (they swap parameters around the forward)."""
+    if t.fused_layers != "auto":
+        return t.fused_layers == "always"
+    return device.type == "cpu" and not t.compile and t.distributed not in ("fsdp", "deepspeed")
 
 
 def read_data(cfg: TrainConfig):
