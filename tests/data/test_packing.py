@@ -41,6 +41,7 @@ def test_pack_best_fit_decreasing_is_deterministic_and_complete():
     assert rows == pack(synthetic([6, 5, 4, 3, 2]), max_length=10)
     row = rows[1]
     assert row.position_ids == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]
+    assert row.example_lengths() == [5, 3, 2] and rows[0].example_lengths() == [6, 4]
     # the first label of every packed example is ignored: it would be predicted from the previous example
     assert [row.labels[i] for i in (0, 5, 8)] == [IGNORE_INDEX] * 3
     assert row.labels[1:5] == [2, 3, 4, 5]

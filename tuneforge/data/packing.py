@@ -25,6 +25,11 @@ class PackedRow(Encoded):
     position_ids: list[int] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
+    def example_lengths(self) -> list[int]:
+        """The tokens of each example in the row, from where its positions restart at 0."""
+        starts = [i for i, p in enumerate(self.position_ids) if p == 0] + [len(self.position_ids)]
+        return [b - a for a, b in zip(starts, starts[1:]) if b > a]
+
 
 def pack(examples: list[Encoded], max_length: int) -> list[PackedRow]:
     """Pack examples (each at most max_length tokens) into rows of at most max_length tokens."""

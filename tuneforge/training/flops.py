@@ -100,15 +100,10 @@ def fed_counts(items: list) -> tuple[int, int]:
     tokens = squares = 0
     for item in items:
         for side in (item.chosen, item.rejected) if isinstance(item, EncodedPair) else (item,):
-            lengths = _document_lengths(side.position_ids) if isinstance(side, PackedRow) else [len(side)]
+            lengths = side.example_lengths() if isinstance(side, PackedRow) else [len(side)]
             tokens += sum(lengths)
             squares += sum(n * n for n in lengths)
     return tokens, squares
-
-
-def _document_lengths(position_ids: list[int]) -> list[int]:
-    starts = [i for i, p in enumerate(position_ids) if p == 0] + [len(position_ids)]
-    return [b - a for a, b in zip(starts, starts[1:]) if b > a]
 
 
 @dataclass
