@@ -177,3 +177,34 @@ def test_auto_resolves_per_device_and_engine():
     assert not use_fused_layers(TrainingConfig(distributed="fsdp"), cpu)
     assert use_fused_layers(TrainingConfig(fused_layers="always"), gpu)
     assert not use_fused_layers(TrainingConfig(fused_layers="never"), cpu)
+
+
+@pytest.mark.parametrize("name, fused_norms", [("Qwen3", 2 * 4 + 1), ("Mistral", 2 * 2 + 1), ("Phi3", 2 * 2 + 1),
+                                               ("Olmo2", 2 * 4 + 1), ("Gemma3Text", 0), ("Gemma2", 0)])
+def test_model_families_train_the_same_fused(name, fused_norms):
+    """Across families: the norms of the Llama formula are switched (Qwen3's per-head q/k norms too), Gemma's
+    `1 + weight` norms are not, and a LoRA model's loss and adapter gradients are unchanged."""
+    import transformers
+
+    from tests.models.test_attention import ARCHITECTURES
+
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, **ARCHITECTURES[name])
+    torch.manual_seed(0)
+    base = getattr(transformers, f"{name.removesuffix('Text')}ForCausalLM")._from_config(config)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False))
+    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with onednn_linear.onednn_linears("cpu"):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return [loss.detach()] + [p.grad for p in lora_params(model)]
+
+    want = loss_and_grads()
+    assert fuse_rms_norms(model) == fused_norms
+    assert fuse_lora_linears(model) == 2
+    for a, b in zip(loss_and_grads(), want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
