@@ -43,14 +43,13 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        y = (x.float() * rstd).to(x.dtype)  # recomputed: one pass, instead of holding a second [tokens, hidden]
+        yf = x.float() * rstd  # recomputed: one pass, instead of holding a second [tokens, hidden]
         grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * y).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[1]:  # the weight multiplied the normalised x as rounded to x's dtype
+            grad_weight = (grad * yf.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # through the cast to x's dtype (an identity for gradients) in fp32
             grad_y = (grad * weight).to(x.dtype).float()
-            yf = y.float() if x.dtype != torch.float32 else y
             dot = torch.linalg.vecdot(grad_y, yf).div_(x.shape[-1]).unsqueeze(-1)
             grad_x = torch.addcmul(grad_y, yf, dot, value=-1).mul_(rstd).to(x.dtype)
         return grad_x, grad_weight, None
