@@ -167,6 +167,15 @@ def test_training_losses_match_with_and_without(tiny_llama_dir, tmp_path):
     assert got[-1] != got[0]
 
 
+def test_gradient_checkpointing_recomputes_the_fused_layers(tiny_llama_dir, tmp_path):
+    """Checkpointed blocks run the fused norm and LoRA layers again in the backward pass: same losses as the
+    op-by-op layers without checkpointing."""
+    common = ("training.max_steps=3", "training.lr=1e-3")
+    train(tiny_llama_dir, tmp_path / "plain", *common, "training.fused_layers=never")
+    train(tiny_llama_dir, tmp_path / "ckpt", *common, "training.gradient_checkpointing=true")
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
+
+
 def test_auto_resolves_per_device_and_engine():
     from tuneforge.configs.schema import TrainingConfig
     from tuneforge.training.setup import use_fused_layers
