@@ -3,8 +3,8 @@
 Why this is hand-written: PEFT's `lora.Linear` computes the adapter as four separate ops (lora_A, lora_B, the
 scaling multiply, the add to the base output), each a module call or tensor op with its own autograd node, and its
 backward adds the adapter's input gradient into the base layer's as one more pass. For rank-8 adapters on
-SmolLM2-sized layers those [tokens, features] passes and per-op costs are most of what LoRA adds to a step (the
-rank-8 products themselves are tiny). Here the rank update is folded into the products with `addmm` (forward:
+SmolLM2-sized layers those [tokens, features] passes and per-op costs cost more than the rank-8 products themselves
+(one q_proj layer, forward + backward: 1.5x faster fused; bench/RESULTS.md run 15). Here the rank update is folded into the products with `addmm` (forward:
 into the base output; backward: into the input gradient), so the adapter costs two small products each way and no
 full-size elementwise pass. Same values as PEFT's forward to float rounding (the products are the same, summed in
 another order). No library does this for CPU tensors (Unsloth's fused LoRA is Triton, for NVIDIA GPUs).
@@ -30,9 +30,6 @@ def _product(onednn: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if onednn:
         return onednn_linear._onednn(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
-
-
-FP32_TYPES = (torch.Tensor, torch.nn.Parameter)  # not quantized or sharded parameter classes
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -76,12 +73,9 @@ def _plain_lora(module, x: torch.Tensor, args, kwargs) -> str | None:
             or type(lora_b) is not torch.nn.Linear or lora_b.bias is not None
             or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
         return None
-    tensors = [x, base.weight, lora_a.weight, lora_b.weight] + ([base.bias] if base.bias is not None else [])
-    if not (all(type(t) in FP32_TYPES and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and all(t.is_contiguous() for t in tensors[1:]) and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu")):
-        return None
-    return name
+    plain = (onednn_linear.takes(x, base.weight, base.bias) and onednn_linear.takes(x, lora_a.weight, None)
+             and onednn_linear.plain_fp32_cpu(lora_b.weight) and lora_b.weight.is_contiguous())
+    return name if plain else None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

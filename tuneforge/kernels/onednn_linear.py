@@ -53,12 +53,17 @@ def _strided_2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
 
 
+def plain_fp32_cpu(*tensors: torch.Tensor) -> bool:
+    """Plain (not quantized or sharded) fp32 CPU tensors, outside autocast: what the hand-written CPU kernels take."""
+    return (all(type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not torch.is_autocast_enabled("cpu"))
+
+
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `F.linear(x, weight, bias)` is one this module computes (fp32, CPU, plain tensors, no autocast)."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (all(type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    return (plain_fp32_cpu(*((x, weight) if bias is None else (x, weight, bias)))
             and weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
-            and x.numel() > 0 and (bias is None or bias.dim() == 1) and not torch.is_autocast_enabled("cpu"))
+            and x.numel() > 0 and (bias is None or bias.dim() == 1))
 
 
 class OneDNNLinear(torch.autograd.Function):

@@ -10,7 +10,8 @@ AMD EPYC, 1 thread, torch 2.13, SmolLM2's norm at 560 tokens x 576 took 0.9-2.0 
     y = x * r,  r = rsqrt(mean(x^2) + eps),  out = w * y
     dL/dx = r * (g*w - y * mean(g*w * y)),   dL/dw = sum over tokens of g * y
 
-is four contiguous passes and one row-wise dot product: 3x faster, same values to float rounding. Liger Kernel's
+is four contiguous passes and one row-wise dot product: 1.5-3x faster per norm (bench/RESULTS.md run 15), same values
+to float rounding. Liger Kernel's
 fused RMSNorm does this on GPUs (Triton); no library does it for CPU tensors, and torch's own `F.rms_norm` on CPU is
 the same op-by-op composite.
 
