@@ -360,6 +360,7 @@ def main() -> int:
     if a.threads == 0 and os.getloadavg()[0] > 0.5:
         print("warning: the machine is busy (load average above 0.5) and each side uses every core; timings will "
               "be noisy. Consider --threads 1.", flush=True)
+    refresh_peaks(a.tuneforge_python, env)
     data_dir = work / "lf_data"
     data_dir.mkdir()
     write_task_for_llamafactory(data_dir)
@@ -427,6 +428,17 @@ def main() -> int:
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def refresh_peaks(python: str, env: dict) -> None:
+    """Probe this CPU's matmul peaks now (fp32 and bf16, the bench's thread count), so both sides' MFU is measured
+    against today's figure, not one cached on a busier day (the cache keeps the better of the two)."""
+    code = ("import torch; from tuneforge.training import flops; "
+            "print(' '.join(f'{d}: {flops.refresh_cpu_peak(d, seconds=1.0) / 1e9:.0f}' "
+            "for d in (torch.float32, torch.bfloat16)))")
+    out = subprocess.run([python, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    print(f"CPU matmul peaks, GFLOP/s (probed now, or better cached): {out.stdout.strip() or out.stderr[-500:]}",
+          flush=True)
 
 
 def side_result(rec: dict, warmup: int, peak_kib: int, wall: float, before: str, tf_out: Path | None) -> dict:

@@ -42,3 +42,18 @@ def test_own_defaults_is_the_quickstart_on_the_benchmark_model_and_data(bench, t
     lf = bench.llamafactory_own_defaults(Path(tiny_qwen2_dir), "qwen", None, tmp_path, tmp_path / "lf", args)
     assert lf["per_device_train_batch_size"] == 1 and lf["gradient_accumulation_steps"] == 8 and lf["bf16"]
     assert "disable_gradient_checkpointing" not in lf and lf["max_steps"] == 3  # LLaMA-Factory's own default: on
+
+
+def test_the_bench_probes_both_peaks_before_it_runs(bench, tmp_path, capsys):
+    """Both sides' MFU is read against the peaks probed as the bench starts, not a figure cached on a busier day."""
+    import json
+    import os
+    import sys
+
+    bench.refresh_peaks(sys.executable, {**os.environ, "TUNEFORGE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    printed = capsys.readouterr().out
+    cached = json.loads((tmp_path / "cpu_peak.json").read_text(encoding="utf-8"))
+    peaks = {key.split("|")[3]: value for key, value in cached.items() if key != "probed_at"}
+    assert set(peaks) == {"torch.float32", "torch.bfloat16"} and all(v > 0 for v in peaks.values())
+    assert set(cached["probed_at"]) == set(cached) - {"probed_at"}
+    assert f"torch.float32: {peaks['torch.float32'] / 1e9:.0f}" in printed, printed

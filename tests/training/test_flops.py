@@ -84,9 +84,28 @@ def test_cpu_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
     assert flops.probe_cpu_peak(torch.float32, size=64, seconds=0.01) > 0
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype: calls.append(dtype) or 1e11)
+    monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype, **kw: calls.append(dtype) or 1e11)
     assert flops.cpu_peak(torch.float32) == 1e11 and flops.cpu_peak(torch.float32) == 1e11
     assert calls == [torch.float32] and (tmp_path / "cpu_peak.json").is_file()
+
+
+def test_a_day_old_peak_is_probed_again_and_never_lowered(tmp_path, monkeypatch):
+    """A peak probed once on a busy CPU used to stand for good (and overstate every later MFU): a day on, the probe
+    runs again, and the better of the two figures is kept."""
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    probes = iter([1e11, 3e11, 2e11])
+    monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype, **kw: next(probes))
+    clock = [1_000_000.0]
+    monkeypatch.setattr(flops.time, "time", lambda: clock[0])
+    assert flops.cpu_peak(torch.float32) == 1e11
+    clock[0] += flops.PEAK_MAX_AGE_S - 1
+    assert flops.cpu_peak(torch.float32) == 1e11  # fresh enough: no probe
+    clock[0] += 2
+    assert flops.cpu_peak(torch.float32) == 3e11  # a day old: probed again, higher
+    clock[0] += flops.PEAK_MAX_AGE_S + 1
+    assert flops.cpu_peak(torch.float32) == 3e11  # probed again, lower: the better figure stays
+    clock[0] += flops.PEAK_MAX_AGE_S - 1
+    assert flops.cpu_peak(torch.float32) == 3e11  # that probe restarted the day: no probe (none is left to run)
 
 
 def test_cpu_peak_probe_takes_the_faster_of_mkl_and_onednn(monkeypatch):
@@ -117,7 +136,7 @@ def test_a_peak_probed_on_a_busy_cpu_is_raised_to_what_a_run_achieves(tmp_path, 
     """A probe measured under load caches too low a peak (MFU read 270%): the first run that achieves more raises
     the cached peak to that rate, so MFU never exceeds 100% and the cache never goes down."""
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype: 1e6)  # a probe that ran on a very busy machine
+    monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype, **kw: 1e6)  # a probe that ran on a very busy machine
     meter = flops.EfficiencyMeter(tiny_llama(), torch.device("cpu"), torch.float32, world_size=1)
     achieved = meter.flops_per_token(16) * 1000.0
     assert achieved > 1e6

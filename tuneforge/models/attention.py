@@ -219,11 +219,14 @@ def segment_attention(module, query, key, value, segments: RowSegments, window: 
     kwargs.pop("position_ids", None)
     kwargs.pop("is_causal", None)
     if segments.one_by_one and query.device.type == "cpu" and compute_dtype(query) == torch.float32:
+        # split, not slices: a slice's backward writes its gradient into a zero-filled tensor of the whole row, so S
+        # sequences cost S full-size fills and adds per tensor; split's backward is one concatenation (10% of the
+        # loop's time, bench/RESULTS.md)
+        lengths = [end - start for start, end in segments.bounds]
         outs = []
-        for start, end in segments.bounds:
-            part = [t[:, :, start:end] for t in (query, key, value)]
-            mask = causal_window_mask(end - start, window, query.device)[None, None] \
-                if window and end - start > window else None
+        for part in zip(*(t.split(lengths, dim=2) for t in (query, key, value))):
+            length = part[0].shape[2]
+            mask = causal_window_mask(length, window, query.device)[None, None] if window and length > window else None
             outs.append(short_or_sdpa(module, *part, mask, is_causal=mask is None, **kwargs)[0])
         return torch.cat(outs, dim=1), None
 
