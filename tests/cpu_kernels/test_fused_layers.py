@@ -13,10 +13,11 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from tests.test_training import losses, train
+from tests.test_training import config, losses, train
 from tuneforge.kernels import onednn_linear
 from tuneforge.kernels.lora_linear import LoRALinearFunction, fuse_lora_linears
 from tuneforge.kernels.rms_norm import fuse_rms_norms, is_llama_rms_norm
+from tuneforge.train import run_config
 
 
 def forward_backward(module, x, *params):
@@ -158,10 +159,15 @@ def test_other_lora_calls_run_pefts_forward(case):
 # ---- the training loop (training.fused_layers) ---------------------------------------------------------------------
 def test_training_losses_match_with_and_without(tiny_llama_dir, tmp_path):
     common = ("training.max_steps=4", "training.lr=1e-3")
-    train(tiny_llama_dir, tmp_path / "never", *common, "training.fused_layers=never")
+    said = {"never": [], "auto": []}
+    run_config(config(tiny_llama_dir, tmp_path / "never", *common, "training.fused_layers=never"),
+               log=said["never"].append)
     with profile() as prof:
-        train(tiny_llama_dir, tmp_path / "auto", *common)
+        run_config(config(tiny_llama_dir, tmp_path / "auto", *common), log=said["auto"].append)
     assert {"RMSNormFunction", "LoRALinearFunction"} <= {e.name for e in prof.events()}  # both took the fused path
+    # the run says what it switched: the tiny Llama's 2 layers x 2 norms + the final one; LoRA on 4 projections x 2 layers
+    assert "fused layers (training.fused_layers): 5 RMSNorm, 8 LoRA" in said["auto"], said["auto"]
+    assert not any(line.startswith("fused layers") for line in said["never"])
     want, got = losses(tmp_path / "never"), losses(tmp_path / "auto")
     assert len(got) == 4 and got == pytest.approx(want, abs=1e-5)
     assert got[-1] != got[0]

@@ -425,6 +425,14 @@ class Trainer:
                 truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         self.rt.barrier()
 
+    def _say_fused_layers(self) -> None:
+        from tuneforge.kernels import fused_layer_counts
+
+        counts = fused_layer_counts(self.model)
+        if any(counts.values()):
+            self.say("fused layers (training.fused_layers): "
+                     + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n))
+
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         with StopRequest() as stop:  # from here on SIGINT/SIGTERM stop after a whole step, with a checkpoint
@@ -435,6 +443,7 @@ class Trainer:
             if self.meter.peak:
                 self.say(f"efficiency: model FLOPs against {self.meter.peak / 1e12:.3g} TFLOP/s peak "
                          f"({self.meter.peak_source}, x{self.rt.world_size} process(es))")
+            self._say_fused_layers()
             stop_at = self.step + self.t.stop_after_steps if self.t.stop_after_steps else self.total_steps
             while self.step < min(stop_at, self.total_steps):
                 metrics = self._step_and_log(logger, history)
