@@ -57,10 +57,11 @@ VERBS = [
     Verb("convert-config", "tuneforge.configs.llamafactory:convert_cli", "tuneforge.configs.llamafactory:ConvertArgs",
          "Translate a LLaMA-Factory training YAML into a TuneForge config and list what has no equivalent."),
     Verb("eval", "tuneforge.eval.run:eval_cli", None, "Evaluate models/adapters side by side (MMLU-style, GSM8K, "
-         "BLEU/ROUGE, perplexity, safety, LLM judge) into one report.", "Flags: --model M --adapter DIR --tasks "
-         "mmlu,gsm8k,... --data-dir DIR --limit N --shots K --out DIR --judge-url URL --mc-chat-template; or a YAML "
-         "config with keys models, tasks, data_dir, out, limit, shots, gsm8k_shots, cot, mc_chat_template, "
-         "option_text, max_new_tokens, batch_size, baseline, judge.{url,model,api_key_env,rubric,concurrency}."),
+         "BLEU/ROUGE, perplexity, safety, LLM judge) into one report.", "Or a YAML config (first argument) with "
+         "keys models (a list of {model, adapter, name, chat_template}), tasks, data_dir, out, limit, task_limits, "
+         "shots, gsm8k_shots, cot, mc_chat_template, option_text, max_new_tokens, batch_size, baseline, "
+         "judge.{url,model,api_key_env,rubric,concurrency,max_tokens,retries,timeout}, "
+         "safety.{detector,max_new_tokens}, progress; key=value overrides after it (README: Evaluate)."),
     Verb("export", "tuneforge.inference.export.cli:export_cli", "tuneforge.inference.export.cli:ExportArgs",
          "Merge an adapter into its base and write a Hugging Face folder or a GGUF file (llama.cpp, Ollama)."),
     Verb("data", "tuneforge.data.curate:data_cli", None,
@@ -102,6 +103,8 @@ def _arg_parser_for(verb: Verb) -> argparse.ArgumentParser:
     if verb.name == "train":
         return _train_parser(verb)
     parser = _new_parser(verb)
+    if verb.name == "eval":  # parses its own argv (a config file or flags); its flags' help is the config's
+        return _load("tuneforge.eval.run:flag_parser")(parser)
     if verb.args is None:
         return parser
     cls = _load(verb.args)

@@ -4,6 +4,7 @@ promised shape, both reports with embedded charts, a judge stub, and a re-run th
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -80,6 +81,26 @@ def test_config_errors_name_the_key(tmp_path):
         load_eval_config(str(ROOT / "examples/eval/base_vs_quickstart.yaml"), ["limt=3"])
     cfg = load_eval_config(str(ROOT / "examples/eval/base_vs_quickstart.yaml"), ["limit=3"])
     assert cfg.limit == 3 and [m.label() for m in cfg.models] == ["base", "quickstart"]
+    # a limit of 0 crashed in sacrebleu and -1 silently dropped each task's last item ([:limit]); no task ran nothing
+    for bad, message in [("limit=0", "`limit` is 0"), ("limit=-1", "`limit` is -1"), ("tasks=[]", "No task to run"),
+                         ("task_limits={mmlu: 0}", "`task_limits.mmlu` is 0"), ("max_new_tokens=0", "max_new_tokens")]:
+        with pytest.raises(ConfigError, match=message):
+            load_eval_config(str(ROOT / "examples/eval/base_vs_quickstart.yaml"), [bad])
+
+
+def test_paths_are_checked_before_any_model_loads(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A missing adapter of the second model, or an output folder that is a file, fails in a second, not after the
+    first model's whole benchmark (or the model's load)."""
+    monkeypatch.setattr("tuneforge.eval.suite.load_model", lambda entry: pytest.fail("loaded a model"))
+    (tmp_path / "afile").write_text("x")
+    cases = [(["--adapter", str(tmp_path / "nope")], "Adapter folder .*nope does not exist"),
+             (["--out", str(tmp_path / "afile")], "afile: it is a file"),
+             (["--out", str(tmp_path / "afile" / "sub")], "afile is a file, not a folder"),
+             (["--model", str(tmp_path / "no_model")], "Model folder .*no_model does not exist")]
+    for flags, message in cases:
+        argv = ["eval", "--model", str(tiny_llama_dir), "--tasks", "mmlu", "--out", str(tmp_path / "o"), *flags]
+        assert main(argv) == 2
+        assert re.search(message, capsys.readouterr().err), (flags, message)
 
 
 def test_suite_metrics_during_training(tiny_llama_dir, tmp_path):

@@ -207,6 +207,22 @@ def test_refuses_non_empty_out_unless_overwrite(tiny_llama_dir, tmp_path, capsys
     assert "being exported" in capsys.readouterr().err
 
 
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_load(tiny_llama_dir, tmp_path, monkeypatch):
+    """A file on the way (or a read-only place) used to surface as a traceback after loading and merging."""
+    from tuneforge.inference.export import source
+
+    monkeypatch.setattr(source, "load_merged", lambda *a, **k: pytest.fail("loaded before checking --out"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="Cannot write --out .*afile is a file, not a folder"):
+        export_cli(ExportArgs(out=str(tmp_path / "afile" / "sub"), model=str(tiny_llama_dir)))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere: the check is only meaningful for other users
+        with pytest.raises(UserError, match="Cannot write --out .*locked.*permission denied"):
+            export_cli(ExportArgs(out=str(locked / "x"), model=str(tiny_llama_dir)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "locked"]
+
+
 def test_a_failed_export_leaves_no_folder(tiny_llama_dir, tmp_path, monkeypatch):
     from tuneforge.inference.export import hf
 

@@ -1,6 +1,6 @@
 """`tuneforge eval`: benchmarks, task metrics, safety and an LLM judge for one or several models, in one report.
 
-    tuneforge eval examples/eval_base_vs_lora.yaml limit=20
+    tuneforge eval examples/eval/base_vs_quickstart.yaml limit=20
     tuneforge eval --model builtin:smollm2-135m-instruct --adapter outputs/quickstart --tasks mmlu,gsm8k --data-dir ../shared/assets/eval --limit 20 --out eval_out
 
 Tasks: mmlu, ceval, cmmlu (multiple choice, from DATA_DIR/<name>), gsm8k (DATA_DIR/gsm8k), xstest and cvalues
@@ -102,7 +102,7 @@ def load_eval_config(path: str | None, overrides: list[str], base: dict | None =
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"Eval config {path} does not exist. Pass a YAML file, e.g. examples/eval_quick.yaml.")
+            raise ConfigError(f"Eval config {path} does not exist. Pass a YAML file, e.g. examples/eval/base_vs_quickstart.yaml.")
         loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of eval config keys at the top level.")
@@ -121,6 +121,17 @@ def load_eval_config(path: str | None, overrides: list[str], base: dict | None =
 
 def _check_tasks(cfg: EvalConfig) -> None:
     """Fail before any model is loaded, not after an hour of generation: a bad shot count, a judge without URL."""
+    if not cfg.tasks:
+        raise ConfigError("No task to run: list at least one in `tasks` (or --tasks), e.g. mmlu,gsm8k or "
+                          "data:PATH.")
+    limits = {"limit": cfg.limit, **{f"task_limits.{t}": n for t, n in cfg.task_limits.items()}}
+    bad = [f"`{key}` is {n}" for key, n in limits.items() if n is not None and n < 1]
+    bad += [f"`{key}` is {getattr(cfg, key)}" for key, least in (("shots", 0), ("gsm8k_shots", 0),
+                                                                 ("max_new_tokens", 1), ("batch_size", 1))
+            if getattr(cfg, key) < least]
+    if bad:
+        raise ConfigError(f"{'; '.join(bad)}: limits, max_new_tokens and batch_size must be at least 1, shot counts "
+                          f"at least 0 (leave `limit` unset to score every item).")
     unknown = sorted(set(cfg.task_limits) - set(cfg.tasks))
     if unknown:
         raise ConfigError(f"task_limits names {', '.join(unknown)}, not in `tasks` ({', '.join(cfg.tasks)}): key it by "
@@ -139,20 +150,35 @@ def _check_tasks(cfg: EvalConfig) -> None:
                           f"server) or pass --judge-url.")
 
 
+# the command-line flags and the config key each sets; their help is the config field's (one source of help text)
+FLAGS = {"--model": "models.model", "--adapter": "models.adapter", "--tasks": "tasks", "--data-dir": "data_dir",
+         "--limit": "limit", "--shots": "shots", "--out": "out", "--judge-url": "judge.url",
+         "--judge-model": "judge.model", "--refusal-detector": "safety.detector",
+         "--mc-chat-template": "mc_chat_template"}
+
+
+def flag_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`tuneforge eval`'s flags (its --help too), each with its config key's help text."""
+    from tuneforge.configs.typed import field_help_rows
+
+    parser = parser or argparse.ArgumentParser(prog="tuneforge eval")
+    rows = {key: (tp, text) for key, tp, _, text in field_help_rows(EvalConfig)}
+    rows |= {f"models.{key}": (tp, text) for key, tp, _, text in field_help_rows(ModelEntry)}
+    for flag, key in FLAGS.items():
+        tp, text = rows[key]
+        text = f"{text} (config key `{key.removeprefix('models.')}`)"
+        if key == "mc_chat_template":
+            parser.add_argument(flag, action="store_true", help=text)
+        elif key == "safety.detector":
+            parser.add_argument(flag, choices=["rules", "judge"], help=text)
+        else:
+            parser.add_argument(flag, type=int if key in ("limit", "shots") else str, help=text,
+                                default="mmlu" if key == "tasks" else None)
+    return parser
+
+
 def _flags_to_dict(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="tuneforge eval")
-    p.add_argument("--model")
-    p.add_argument("--adapter")
-    p.add_argument("--tasks", default="mmlu")
-    p.add_argument("--data-dir")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--shots", type=int)
-    p.add_argument("--out")
-    p.add_argument("--judge-url")
-    p.add_argument("--judge-model")
-    p.add_argument("--refusal-detector", choices=["rules", "judge"])
-    p.add_argument("--mc-chat-template", action="store_true")
-    ns = p.parse_args(argv)
+    ns = flag_parser().parse_args(argv)
     models = [{"model": ns.model, "adapter": None, "name": "base"}] if ns.adapter else []
     models.append({"model": ns.model, "adapter": ns.adapter})
     if not ns.model and not ns.adapter:
@@ -176,10 +202,25 @@ def eval_cli(argv: list[str]) -> int:
         cfg = load_eval_config(None, [], _flags_to_dict(argv))
     from tuneforge.eval.suite import run_suite
 
+    check_paths(cfg)
     results = run_suite(cfg)
     print(json.dumps(results, indent=2, ensure_ascii=False)[:4000])
     print(f"report: {Path(cfg.out) / 'report.md'} and report.html; predictions under {cfg.out}/<model>/<task>/")
     return 0
+
+
+def check_paths(cfg: EvalConfig) -> None:
+    """Every model folder, adapter folder and the output folder checked before the first model loads: a typo in
+    the second model's adapter must not surface after the first model's whole benchmark."""
+    from tuneforge.models.adapter_loading import adapter_folder
+    from tuneforge.models.loading import check_can_create, resolve_source
+
+    check_can_create(Path(cfg.out), "the eval output folder")
+    for entry in cfg.models:
+        if entry.adapter:
+            adapter_folder(entry.adapter, "evaluate it as a model: `models: [{{model: {folder}}}]` (or --model).")
+        if entry.model and not entry.model.startswith("builtin:"):
+            resolve_source(entry.model)
 
 
 def api_key(cfg: EvalConfig) -> str | None:

@@ -1,6 +1,6 @@
 """Run an eval config: every model through every task, then the judge, then the reports.
 
-    results = run_suite(load_eval_config("examples/eval_quick.yaml", []))
+    results = run_suite(load_eval_config("examples/eval/base_vs_quickstart.yaml", []))
 
 Models are loaded one at a time (a 7B model and its adapter twin need not fit together). results.json is
 rewritten after every task, so an interrupted run leaves what it finished readable, and the per-item predictions
@@ -79,12 +79,15 @@ def _notes(cfg: EvalConfig) -> list[str]:
     notes = [f"{m.label()}: model={m.model or '(adapter base)'} adapter={m.adapter or '-'}" for m in cfg.models]
     mc = [t.partition(":")[0].partition("@") for t in cfg.tasks if t.partition(":")[0].partition("@")[0] in MC_TASKS]
     shots = "/".join(sorted({k or str(cfg.shots) for _, _, k in mc}, key=int)) or str(cfg.shots)
-    notes.append(f"multiple choice: {shots}-shot from dev (a task named mmlu@K: K-shot), scored by "
-                 f"log-likelihood of the answer {'option text' if cfg.option_text else 'letter'}, chat template "
-                 f"{'applied' if cfg.mc_chat_template else 'not applied (lm-evaluation-harness convention)'}")
+    if mc:
+        notes.append(f"multiple choice: {shots}-shot from dev (a task named mmlu@K: K-shot), scored by "
+                     f"log-likelihood of the answer {'option text' if cfg.option_text else 'letter'}, chat template "
+                     f"{'applied' if cfg.mc_chat_template else 'not applied (lm-evaluation-harness convention)'}")
     limits = "".join(f", {n} for {t}" for t, n in cfg.task_limits.items())
-    notes.append(f"limit: {cfg.limit or 'none'} items per task{limits} (per subject for multiple choice); greedy "
-                 f"generation, max {cfg.max_new_tokens} new tokens; BLEU 0-100, other scores fractions")
+    per_subject = " (per subject for multiple choice)" if mc else ""
+    limit = f"at most {cfg.limit} items per task" if cfg.limit else "every item of each task"
+    notes.append(f"limit: {limit}{limits}{per_subject}; greedy generation, max {cfg.max_new_tokens} new tokens; "
+                 f"BLEU 0-100, other scores fractions")
     if any(t.partition(":")[0] in ("xstest", "cvalues") for t in cfg.tasks):
         how = (f"judge `{cfg.judge.model}` at {cfg.judge.url} with XSTest's classifier prompt (judge_fallbacks: "
                f"replies naming no class, decided by the rules)" if cfg.safety.detector == "judge"

@@ -32,10 +32,9 @@ def atomic_folder(final: Path, replace: bool = True):
     """Yield a temp folder next to `final`; on success it is renamed to `final` (replacing an existing one when
     `replace`), on error it is removed. Readers therefore see either no folder or a complete one."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    _make_folder(tmp, final)
     try:
         yield tmp
     except BaseException:
@@ -51,6 +50,30 @@ def atomic_folder(final: Path, replace: bool = True):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+
+
+def check_can_create(final: Path, what: str = "") -> None:
+    """Fail before any work when `atomic_folder(final)` could not create its temp folder (a file on the way, a
+    read-only or forbidden place): the error names the folder and the reason, instead of a traceback after the
+    model has loaded and merged. Leaves only the parent folders, which the real write creates anyway."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise UserError(f"Cannot write {what + ' ' if what else ''}{final}: it is a file, not a folder. Pick a "
+                        f"folder path.")
+    probe = final.with_name(f".{final.name}.probe-{os.getpid()}")
+    _make_folder(probe, final, what)
+    probe.rmdir()
+
+
+def _make_folder(folder: Path, final: Path, what: str = "") -> None:
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+    except OSError as e:
+        blocker = next((p for p in [final, *final.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e)).lower()
+        raise UserError(f"Cannot write {what + ' ' if what else ''}{final}: {why}. Pick a folder you can write "
+                        f"to.") from None
 
 
 def resolve_source(name_or_path: str) -> str:

@@ -75,6 +75,9 @@ def check_out(out: Path, overwrite: bool, sources: list[Path]) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} already exists and is not empty. Choose another folder or pass --overwrite "
                         f"to replace it.")
+    from tuneforge.models.loading import check_can_create
+
+    check_can_create(out, "--out")  # a read-only place or a file on the way: say so before loading and merging
 
 
 def target_dtype(args: ExportArgs, source_folder: Path) -> torch.dtype:
