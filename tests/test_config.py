@@ -64,6 +64,10 @@ def test_literal_suggests_closest_choice():
     (["training.precision=fp16", "training.device=cpu"], "needs a GPU"),
     (["data.eval_ratio=1.5"], "data.eval_ratio"),
     (["training.resume=/nonexistent/ckpt"], "no such checkpoint"),
+    (["lora.alpha=-1"], "lora.alpha` must be > 0"),
+    (["training.warmup_ratio=2"], "warmup_ratio` is a share"),
+    (["model.name_or_path="], "model.name_or_path` is empty"),
+    (["dpo.beta=0.5"], "`dpo:` holds options of stage dpo, and this run is stage sft"),
 ])
 def test_impossible_combinations(override, words):
     with pytest.raises(ConfigError, match=words):
@@ -168,6 +172,18 @@ def test_every_config_error_is_reported_at_once(tmp_path):
                 "training.epochs"):
         assert f"`{key}`" in message, key
     assert e.value.problems[0].startswith("Unknown config key")  # the single problems stay available
+
+
+def test_key_mistakes_and_combination_errors_come_in_one_error(tmp_path):
+    """An unknown method or a batch size of 0 used to surface only after the typos were fixed: a second round."""
+    path = tmp_path / "c.yaml"
+    path.write_text("method: lroa\ndata: {train: [a.jsonl], max_lenght: 5}\ntraining: {batch_size: 0, lrr: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(path), [])
+    assert str(e.value).startswith(f"4 problems in {path}:"), str(e.value)
+    for words in ("`data.max_lenght`", "`training.lrr`", "Unknown method `lroa`. Did you mean `lora`?",
+                  "`training.batch_size` and `training.grad_accum` must be at least 1"):
+        assert words in str(e.value), words
 
 
 def test_combination_errors_are_reported_at_once():

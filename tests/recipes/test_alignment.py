@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,13 @@ STAGE_LR = {("rm", "lora"): "training.lr=5e-3"}
 @pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("stage", ["rm", "dpo", "kto", "coh"])
 def test_stage_learns(stage, method, tiny_qwen2_dir, tmp_path):
-    out = tmp_path / "run"
+    out, logs = tmp_path / "run", []
     train(stage, tiny_qwen2_dir, out, f"method={method}", "training.max_steps=12", *LEARNS[method],
-          *[STAGE_LR[stage, method]] if (stage, method) in STAGE_LR else [])
+          *[STAGE_LR[stage, method]] if (stage, method) in STAGE_LR else [], log=logs.append)
     curve = metric(out)
+    done = [line for line in logs if line.startswith("done:")]  # every stage ends as sft does: with its loss
+    said = re.match(r"done: 12 steps, final loss ([-\d.e]+)[,;]", done[0]) if done else None
+    assert said and float(said.group(1)) == pytest.approx(curve[-1], rel=1e-3), done
     assert len(curve) == 12 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.02, curve
     if stage in ("rm", "dpo"):
         key = "accuracy" if stage == "rm" else "rewards/accuracies"

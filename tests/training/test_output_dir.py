@@ -160,3 +160,18 @@ def test_quickstart_runs_twice_into_its_folder(tiny_llama_dir, tmp_path, capsys)
     (tmp_path / "qs" / "checkpoint-9").mkdir()  # something only an earlier run could have left
     assert cli_main(args) == 0, capsys.readouterr().err
     assert not (tmp_path / "qs" / "checkpoint-9").exists() and (tmp_path / "qs" / "data" / "train.jsonl").is_file()
+
+
+def test_resuming_past_the_runs_last_step_is_refused_and_rewrites_nothing(tiny_llama_dir, tmp_path):
+    """max_steps lowered below the checkpoint's step: nothing to train. It used to say the schedule "now ends at step
+    3", report done at step 8, and rewrite the final model and config with the lower max_steps."""
+    out = tmp_path / "run"
+    train(tiny_llama_dir, out, *FAST, "training.max_steps=4", "training.save_steps=2")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"checkpoint-4 is at step 4, past this run's 3 steps .*max_steps above 4"):
+        train(tiny_llama_dir, out, *FAST, "training.max_steps=3", "training.save_steps=2", "training.resume=auto")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
+    logs = []  # at exactly the last step: said, and the final model saved from it
+    run_config(config(tiny_llama_dir, out, *FAST, "training.max_steps=4", "training.save_steps=2",
+                      "training.resume=auto"), log=logs.append)
+    assert any("is this run's last step: nothing is left to train" in line for line in logs), logs

@@ -287,7 +287,7 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, base
         data.update(loaded)
     apply_overrides(data, overrides or [])
     cfg = _typed_config(data, path)
-    validate(cfg)
+    validate(cfg, where=path)
     return cfg
 
 
@@ -309,17 +309,41 @@ def _typed_config(data: dict, path: str | None) -> TrainConfig:
                 options[name] = from_dict(opts_cls, data.get(name) or {}, prefix=name)
             except ConfigError as e:
                 problems += typed.problems_of(e)
+    stage = data.get("stage", "sft")
+    problems += [f"`{name}:` holds options of stage {name}, and this run is stage {stage}, which would ignore them: "
+                 f"drop the section (or set `stage: {name}`)." for name in ALIGN_SECTIONS if data.get(name)
+                 and name != stage]
     if problems and len(LLAMAFACTORY_MARKERS & set(data)) >= 2:
         problems.insert(0, f"This looks like a LLaMA-Factory config: `tuneforge convert-config {path or 'FILE'} --out "
                         f"tuneforge.yaml` translates it and lists what has no equivalent.")
     if problems:
+        problems += _problems_of_the_rest(data, sections)
         raise typed.config_error(problems, where=path or "the config")
     cfg.method_options.update(options)
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def _problems_of_the_rest(data: dict, sections: dict) -> list[str]:
+    """The combination checks (`validate`) of a config with its unknown keys and bad values left out, so the first
+    error lists those problems too (an unknown method, a batch size of 0) instead of a second round after the
+    first fixes. Defaults stand in for what was left out, and they pass these checks on their own."""
+    try:
+        cfg = from_dict(TrainConfig, typed.valid_part(TrainConfig, data), extra_sections=sections)
+        cfg.method_options.update({name: from_dict(opts_cls, typed.valid_part(opts_cls, data.get(name) or {}),
+                                                   prefix=name) for name, opts_cls in sections.items()})
+        return validation_problems(cfg)
+    except (ConfigError, TypeError, ValueError, AttributeError):  # what is left does not build: report what we have
+        return []
+
+
+def validate(cfg: TrainConfig, where: str | None = None) -> None:
     """Combinations that cannot work are refused before any work starts, all of them in one error."""
+    problems = validation_problems(cfg)
+    if problems:
+        raise typed.config_error(problems, where=where or "the config")
+
+
+def validation_problems(cfg: TrainConfig) -> list[str]:
     from tuneforge.methods import METHODS
 
     t, problems = cfg.training, []
@@ -331,6 +355,12 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("Nothing to train: set `training.max_steps` > 0 or `training.epochs` > 0.")
     if not cfg.data.train:
         problems.append("`data.train` is empty: name at least one dataset (a file path or registry name).")
+    if not cfg.model.name_or_path.strip():
+        problems.append("`model.name_or_path` is empty: give a Hugging Face model folder, a hub id or "
+                        "builtin:smollm2-135m-instruct.")
+    if not 0.0 <= t.warmup_ratio <= 1.0 or t.warmup_steps < 0:
+        problems.append(f"`training.warmup_ratio` is a share of all steps, in [0, 1] (got {t.warmup_ratio}), and "
+                        f"`training.warmup_steps` at least 0 (got {t.warmup_steps}).")
     if not 0.0 <= cfg.data.eval_ratio < 1.0:
         problems.append(f"`data.eval_ratio` must be in [0, 1), got {cfg.data.eval_ratio}.")
     if cfg.data.max_length < 8:
@@ -364,8 +394,7 @@ def validate(cfg: TrainConfig) -> None:
             METHODS[cfg.method].validate(cfg)
         except ConfigError as e:
             problems += typed.problems_of(e)
-    if problems:
-        raise typed.config_error(problems, where="the config")
+    return problems
 
 
 def _deepspeed_problems(cfg: TrainConfig) -> list[str]:

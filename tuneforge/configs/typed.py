@@ -203,6 +203,26 @@ def from_dict(cls, data: dict, prefix: str = "", extra_sections: dict | None = N
     return obj
 
 
+def valid_part(cls, data: dict) -> dict:
+    """The keys of `data` that `from_dict(cls, ...)` accepts (known, and values of the right type), nested sections
+    pruned the same way: what a config would be with its mistakes left out."""
+    hints = _resolved_hints(cls)
+    names = {f.name for f in fields(cls) if f.init}
+    kept = {}
+    for key, value in data.items():
+        if key not in names:
+            continue
+        if is_dataclass(hints[key]) and isinstance(value, dict):
+            kept[key] = valid_part(hints[key], value)
+            continue
+        try:
+            coerce(value, hints[key], key)
+        except ConfigError:
+            continue
+        kept[key] = value
+    return kept
+
+
 def to_dict(obj) -> Any:
     """A plain-data view of a config (for YAML dumps)."""
     if is_dataclass(obj):

@@ -46,6 +46,8 @@ class Lora(Method):
             raise ConfigError(f"`lora.rank` must be at least 1, got {o.rank}.")
         if not 0.0 <= o.dropout < 1.0:
             raise ConfigError(f"`lora.dropout` must be in [0, 1), got {o.dropout}.")
+        if o.alpha <= 0:  # the update is scaled by alpha / rank: 0 trains nothing, a negative alpha flips it
+            raise ConfigError(f"`lora.alpha` must be > 0 (the update is scaled by alpha / rank), got {o.alpha}.")
         if o.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"`lora.bias` must be none, all or lora_only, got {o.bias!r}.")
         if not o.target_modules:

@@ -23,7 +23,7 @@ import random
 from tuneforge.data.types import Example, PairExample
 from tuneforge.recipes.sft import SFTStage
 from tuneforge.training.loop import Trainer, TrainResult, describe_model
-from tuneforge.training.setup import read_data, save_final, setup_data, setup_model, setup_run
+from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
 
 def hindsight_example(pair: PairExample, opts, seed: int) -> Example:
@@ -52,5 +52,5 @@ def run(cfg, log=print) -> TrainResult:
     if result.finished:
         save_final(cfg, model, method, tokenizer, runtime)
         if runtime.is_main:
-            log(f"done: {result.steps} steps; saved to {cfg.output_dir}")
+            log(done_line(result, cfg.output_dir))
     return result

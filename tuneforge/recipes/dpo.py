@@ -20,7 +20,7 @@ import torch
 from tuneforge.losses import dpo_loss, orpo_loss, simpo_loss
 from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
 from tuneforge.training.reference import Reference, precompute, response_logps, with_reference
-from tuneforge.training.setup import read_data, save_final, setup_data, setup_model, setup_run
+from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -86,5 +86,5 @@ def run(cfg, log=print) -> TrainResult:
     if result.finished:
         save_final(cfg, model, method, tokenizer, runtime)
         if runtime.is_main:
-            log(f"done: {result.steps} steps; saved to {cfg.output_dir}")
+            log(done_line(result, cfg.output_dir))
     return result

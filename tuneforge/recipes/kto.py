@@ -23,7 +23,7 @@ from tuneforge.data.types import IGNORE_INDEX
 from tuneforge.losses import kto_loss
 from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
 from tuneforge.training.reference import Reference, response_logps
-from tuneforge.training.setup import read_data, save_final, setup_data, setup_model, setup_run
+from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
 
 def _stack(a: torch.Tensor, b: torch.Tensor, fill: int) -> torch.Tensor:
@@ -106,5 +106,5 @@ def run(cfg, log=print) -> TrainResult:
     if result.finished:
         save_final(cfg, model, method, tokenizer, runtime)
         if runtime.is_main:
-            log(f"done: {result.steps} steps; saved to {cfg.output_dir}")
+            log(done_line(result, cfg.output_dir))
     return result

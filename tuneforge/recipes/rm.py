@@ -23,7 +23,7 @@ from tuneforge.methods.base import unwrap
 from tuneforge.models.reward import RewardModel, pick_pad_token, save_reward_model, transformer_of
 from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
 from tuneforge.training.model_card import record_base
-from tuneforge.training.setup import read_data, save_final, setup_data, setup_model, setup_run
+from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
 
 class RewardStage(Stage):
@@ -93,5 +93,5 @@ def run(cfg, log=print) -> TrainResult:
 
     save_final(cfg, model, method, tokenizer, runtime, write=write)
     if runtime.is_main:
-        log(f"done: {result.steps} steps; reward model saved to {cfg.output_dir}")
+        log(done_line(result, cfg.output_dir, "reward model saved to"))
     return result

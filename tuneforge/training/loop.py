@@ -401,6 +401,14 @@ class Trainer:
         if state["world_size"] != self.rt.world_size:
             self.say(f"note: checkpoint was written with {state['world_size']} processes, resuming with "
                      f"{self.rt.world_size}; the global batches are the same")
+        if state["step"] > self.total_steps:
+            raise UserError(f"{path} is at step {state['step']}, past this run's {self.total_steps} steps "
+                            f"(training.max_steps or epochs): there is nothing left to train, and going on would "
+                            f"only rewrite {self.output_dir}'s final model. Raise training.max_steps above "
+                            f"{state['step']} to train further, or use {path} as it is.")
+        if state["step"] == self.total_steps:
+            self.say(f"note: {path} is this run's last step: nothing is left to train; the final model is saved "
+                     f"from it")
         if state.get("total_steps", self.total_steps) != self.total_steps:
             self.say(f"note: the checkpoint's run had {state['total_steps']} steps in all, this one has "
                      f"{self.total_steps} (training.max_steps or epochs changed): the learning-rate schedule now "

@@ -363,8 +363,7 @@ def run_rl(cfg, make_stage, log=print, extend=None):
     (reference, rewards), the RL trainer, the final save."""
     from tuneforge.data.build import read_datasets
     from tuneforge.training.loop import describe_model
-    from tuneforge.training.metrics import fmt
-    from tuneforge.training.setup import save_final, setup_data, setup_model, setup_run
+    from tuneforge.training.setup import done_line, save_final, setup_data, setup_model, setup_run
 
     runtime = setup_run(cfg, log)
     if runtime.engine not in ("none", "ddp"):
@@ -386,6 +385,5 @@ def run_rl(cfg, make_stage, log=print, extend=None):
         save_final(cfg, model, method, tokenizer, runtime)
         if runtime.is_main:
             stage.after_save(Path(cfg.output_dir))
-        main_log(f"done: {result.steps} steps, final loss {fmt('loss', result.final_loss)}; saved to "
-                 f"{cfg.output_dir}")
+        main_log(done_line(result, cfg.output_dir))
     return result

@@ -204,7 +204,13 @@ def run_stage(cfg: TrainConfig, data_kind: str, stage, log=print):
     if result.finished:
         save_final(cfg, model, method, tokenizer, runtime)
         if runtime.is_main:
-            evaluated = f", eval loss {fmt('loss', result.eval_loss)}" if result.eval_loss is not None else ""
-            log(f"done: {result.steps} steps, final loss {fmt('loss', result.final_loss)}{evaluated}; "
-                f"saved to {cfg.output_dir}")
+            log(done_line(result, cfg.output_dir))
     return result
+
+
+def done_line(result, output_dir, saved: str = "saved to") -> str:
+    """A stage's last line: its steps, last training loss and last eval loss (where it evaluated), and where it
+    saved; every stage says the same things the same way."""
+    losses = "".join(f", {label} {fmt('loss', value)}" for label, value in
+                     (("final loss", result.final_loss), ("eval loss", result.eval_loss)) if value is not None)
+    return f"done: {result.steps} steps{losses}; {saved} {output_dir}"
