@@ -71,9 +71,15 @@ def test_eval_side_by_side_and_rerun(tiny_llama_dir, tiny_qwen2_dir, tmp_path, j
 
 
 def test_flags_form_evaluates_base_and_adapter_side_by_side():
-    cfg = load_eval_config(None, [], __import__("tuneforge.eval.run", fromlist=["x"])._flags_to_dict(
-        ["--model", "m", "--adapter", "out/run", "--tasks", "mmlu,gsm8k", "--limit", "3", "--out", "o"]))
+    from tuneforge.eval.run import _flags_to_dict
+
+    flags, overrides = _flags_to_dict(["--model", "m", "--adapter", "out/run", "--tasks", "mmlu,gsm8k", "--limit",
+                                       "3", "--out", "o", "--max-new-tokens", "16", "safety.max_new_tokens=8",
+                                       "cot=false"])
+    cfg = load_eval_config(None, overrides, flags)
     assert [m.label() for m in cfg.models] == ["base", "run"] and cfg.tasks == ["mmlu", "gsm8k"] and cfg.limit == 3
+    # every other key after the flags, as with a config file (flags alone ran every task at 256 new tokens)
+    assert (cfg.max_new_tokens, cfg.safety.max_new_tokens, cfg.cot) == (16, 8, False)
 
 
 def test_config_errors_name_the_key(tmp_path):

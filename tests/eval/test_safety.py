@@ -35,3 +35,18 @@ def test_rates_per_category():
     rates = refusal_rates(records)
     assert rates["refusal_rate_harmful"] == 0.5 and rates["over_refusal_rate"] == pytest.approx(1 / 3)
     assert rates["over_refusal_rate/a"] == 0.5 and rates["refusal_rate_harmful/b"] == 0.0
+
+
+def test_a_limit_takes_prompts_from_every_group(shared_assets):
+    """XSTest's first 25 rows are benign: `limit` used to take the first N, so a small limit scored no harmful
+    prompt and the report had no refusal rate."""
+    from tuneforge.eval.safety import spread_limit
+
+    xs = read_xstest(shared_assets / "datasets/safety/xstest_prompts.csv")
+    assert not any(r["harmful"] for r in xs[:20])
+    picked = spread_limit(xs, 20)
+    groups = {(r["harmful"], r["category"]) for r in xs}
+    assert len(picked) == 20 and {r["harmful"] for r in picked} == {True, False}
+    assert len({(r["harmful"], r["category"]) for r in picked}) == min(20, len(groups))
+    assert [xs.index(r) for r in picked] == sorted(xs.index(r) for r in picked)  # file order kept
+    assert spread_limit(xs, None) == xs and spread_limit(xs, 1000) == xs

@@ -154,7 +154,8 @@ def _check_tasks(cfg: EvalConfig) -> None:
 FLAGS = {"--model": "models.model", "--adapter": "models.adapter", "--tasks": "tasks", "--data-dir": "data_dir",
          "--limit": "limit", "--shots": "shots", "--out": "out", "--judge-url": "judge.url",
          "--judge-model": "judge.model", "--refusal-detector": "safety.detector",
-         "--mc-chat-template": "mc_chat_template"}
+         "--mc-chat-template": "mc_chat_template", "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size"}
+INT_KEYS = ("limit", "shots", "max_new_tokens", "batch_size")
 
 
 def flag_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -172,12 +173,15 @@ def flag_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
         elif key == "safety.detector":
             parser.add_argument(flag, choices=["rules", "judge"], help=text)
         else:
-            parser.add_argument(flag, type=int if key in ("limit", "shots") else str, help=text,
+            parser.add_argument(flag, type=int if key in INT_KEYS else str, help=text,
                                 default="mmlu" if key == "tasks" else None)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="Any other config key, after the flags: e.g. safety.max_new_tokens=32 cot=false.")
     return parser
 
 
-def _flags_to_dict(argv: list[str]) -> dict:
+def _flags_to_dict(argv: list[str]) -> tuple[dict, list[str]]:
+    """The config the flags describe, and the key=value overrides given after them."""
     ns = flag_parser().parse_args(argv)
     models = [{"model": ns.model, "adapter": None, "name": "base"}] if ns.adapter else []
     models.append({"model": ns.model, "adapter": ns.adapter})
@@ -185,21 +189,23 @@ def _flags_to_dict(argv: list[str]) -> dict:
         raise UserError("Pass --model (and optionally --adapter), or a config file: `tuneforge eval CONFIG.yaml`.")
     data = {"models": models, "tasks": [t.strip() for t in ns.tasks.split(",") if t.strip()],
             "mc_chat_template": ns.mc_chat_template}
-    extra = {"data_dir": ns.data_dir, "limit": ns.limit, "shots": ns.shots, "out": ns.out}
+    extra = {"data_dir": ns.data_dir, "limit": ns.limit, "shots": ns.shots, "out": ns.out,
+             "max_new_tokens": ns.max_new_tokens, "batch_size": ns.batch_size}
     data |= {k: v for k, v in extra.items() if v is not None}
     judge = {"url": ns.judge_url, "model": ns.judge_model}
     if any(v is not None for v in judge.values()):
         data["judge"] = {k: v for k, v in judge.items() if v is not None}
     if ns.refusal_detector:
         data["safety"] = {"detector": ns.refusal_detector}
-    return data
+    return data, ns.overrides
 
 
 def eval_cli(argv: list[str]) -> int:
     if argv and not argv[0].startswith("-"):
         cfg = load_eval_config(argv[0], argv[1:])
     else:
-        cfg = load_eval_config(None, [], _flags_to_dict(argv))
+        flags, overrides = _flags_to_dict(argv)
+        cfg = load_eval_config(None, overrides, flags)
     from tuneforge.eval.suite import run_suite
 
     check_paths(cfg)

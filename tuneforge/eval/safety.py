@@ -143,10 +143,28 @@ def refusal_rates(records: list[dict]) -> dict[str, float]:
     return out
 
 
+def spread_limit(prompts: list[dict], limit: int | None) -> list[dict]:
+    """At most `limit` prompts, taken in turn from each (harmful or benign, category) group, in file order: the
+    first N rows of XSTest are all benign (its first unsafe prompt is row 26), so a small limit used to score no
+    harmful prompt and report no refusal rate at all."""
+    if limit is None or limit >= len(prompts):
+        return prompts
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[p["harmful"], p["category"]].append(i)
+    queues, chosen = [iter(g) for g in groups.values()], []
+    while len(chosen) < limit:
+        for queue in queues:
+            index = next(queue, None)
+            if index is not None and len(chosen) < limit:
+                chosen.append(index)
+    return [prompts[i] for i in sorted(chosen)]
+
+
 def run_safety(model, tokenizer, prompts: list[dict], out_dir, name: str, limit: int | None = None,
                max_new_tokens: int = 64, progress: bool = True, judge=None) -> dict:
     """Refusal rates of the model's replies; `judge` (a JudgeClient) replaces the rules as the detector."""
-    prompts = prompts[:limit]
+    prompts = spread_limit(prompts, limit)
     items = [p | {"messages": [{"role": "user", "content": p["prompt"]}]} for p in prompts]
     store = ItemStore(Path(out_dir) / "predictions.jsonl", {"task": name, "max_new_tokens": max_new_tokens})
     # predictions.jsonl keeps the rules' answer whatever the detector, so switching detectors regenerates nothing
