@@ -125,3 +125,15 @@ def test_bitsandbytes_cpu_kernel_notice_is_filtered_and_nothing_else(caplog):
         log.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
     assert len(log.filters) == 1  # main() run twice adds it once
+
+
+def test_deepspeed_cpu_notice_is_filtered_and_nothing_else(caplog):
+    """DeepSpeed warns "Setting accelerator to CPU" on every export of a machine without a GPU; only that goes."""
+    import logging
+
+    cli_main(["--version"])
+    log = logging.getLogger("DeepSpeed")
+    with caplog.at_level(logging.WARNING, logger="DeepSpeed"):
+        log.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        log.warning("something else")
+    assert [r.getMessage() for r in caplog.records if r.name == "DeepSpeed"] == ["something else"]

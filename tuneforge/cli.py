@@ -198,10 +198,17 @@ def _not_the_bnb_cpu_kernel_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 
 
+def _not_the_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
+    """DeepSpeed, when installed, warns "Setting accelerator to CPU" whenever transformers asks it anything on a
+    machine without a GPU (every `export`), although nothing of DeepSpeed runs: a CPU run knows it is on the CPU."""
+    return not str(record.msg).startswith("Setting accelerator to CPU")
+
+
 def _main(argv: list[str]) -> int:
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise the user cannot act on
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_bnb_cpu_kernel_notice)  # once: same object
+    logging.getLogger("DeepSpeed").addFilter(_not_the_deepspeed_cpu_notice)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0
