@@ -127,13 +127,19 @@ def test_bitsandbytes_cpu_kernel_notice_is_filtered_and_nothing_else(caplog):
     assert len(log.filters) == 1  # main() run twice adds it once
 
 
-def test_deepspeed_cpu_notice_is_filtered_and_nothing_else(caplog):
-    """DeepSpeed warns "Setting accelerator to CPU" on every export of a machine without a GPU; only that goes."""
+@pytest.mark.parametrize("logger, notice", [
+    ("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."),
+    ("transformers.tokenization_utils_base", "Token indices sequence length is longer than the specified maximum "
+                                             "sequence length for this model (9048 > 8192)."),
+])
+def test_library_notices_that_contradict_what_happens_are_filtered_and_nothing_else(caplog, logger, notice):
+    """DeepSpeed's "Setting accelerator to CPU" (every export without a GPU) and transformers' "will result in
+    indexing errors" for long rows (TuneForge cuts rows and checks prompts itself): only those go."""
     import logging
 
     cli_main(["--version"])
-    log = logging.getLogger("DeepSpeed")
-    with caplog.at_level(logging.WARNING, logger="DeepSpeed"):
-        log.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+    log = logging.getLogger(logger)
+    with caplog.at_level(logging.WARNING, logger=logger):
+        log.warning(notice)
         log.warning("something else")
-    assert [r.getMessage() for r in caplog.records if r.name == "DeepSpeed"] == ["something else"]
+    assert [r.getMessage() for r in caplog.records if r.name == logger] == ["something else"]

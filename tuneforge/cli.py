@@ -204,11 +204,19 @@ def _not_the_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Setting accelerator to CPU")
 
 
+def _not_the_tokenizer_length_notice(record: logging.LogRecord) -> bool:
+    """transformers warns "Token indices sequence length is longer than the specified maximum ... will result in
+    indexing errors" when it tokenizes a long row or prompt; TuneForge cuts rows to data.max_length itself and refuses
+    a prompt past the context with its own error, so the warning only contradicts what happens."""
+    return not str(record.msg).startswith("Token indices sequence length is longer")
+
+
 def _main(argv: list[str]) -> int:
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise the user cannot act on
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_bnb_cpu_kernel_notice)  # once: same object
     logging.getLogger("DeepSpeed").addFilter(_not_the_deepspeed_cpu_notice)
+    logging.getLogger("transformers.tokenization_utils_base").addFilter(_not_the_tokenizer_length_notice)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0

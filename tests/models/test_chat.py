@@ -72,6 +72,18 @@ def test_conversation_keeps_history_and_resets(tiny_llama_dir):
     assert second != fresh  # the history really was part of the second prompt
 
 
+def test_a_message_past_the_context_is_dropped_and_the_conversation_goes_on(tiny_llama_dir):
+    """One over-long message used to end the whole session (the error left the loop)."""
+    args = ChatArgs(model=str(tiny_llama_dir), max_new_tokens=4)
+    model, tok = load_for_chat(args)
+    too_long = "hello " * (model.config.max_position_embeddings + 10)
+    out = io.StringIO()
+    repl(model, tok, args, stdin=io.StringIO(f"{too_long}\nHi\n"), out=out)
+    lines = [line for line in out.getvalue().splitlines() if line]
+    assert lines[0].startswith("error: The prompt is") and "/reset" in lines[0], lines
+    assert lines[1:] == [reply(model, tok, [{"role": "user", "content": "Hi"}], args)]  # without the dropped turn
+
+
 def test_end_of_input_quits(tiny_llama_dir):
     args = ChatArgs(model=str(tiny_llama_dir), max_new_tokens=4)
     model, tok = load_for_chat(args)

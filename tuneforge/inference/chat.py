@@ -20,6 +20,7 @@ from typing import Literal
 
 from tuneforge.configs.schema import ModelConfig
 from tuneforge.configs.typed import opt
+from tuneforge.errors import UserError
 from tuneforge.models.adapter_loading import adapter_folder, base_for, check_base_matches, load_adapter, recorded_base
 
 
@@ -152,7 +153,13 @@ def repl(model, tokenizer, args: ChatArgs, stdin=None, out=None) -> None:
         history.append({"role": "user", "content": text})
         if interactive:
             out.write("assistant> ")
-        answer = stream_reply(engine, history, params, out)
+        try:
+            answer = stream_reply(engine, history, params, out)
+        except UserError as e:  # e.g. a message past the context window: say so, drop it, keep the conversation
+            history.pop()
+            out.write(f"\nerror: {e} That message was not kept; send a shorter one, or /reset to start over.\n")
+            out.flush()
+            continue
         history.append({"role": "assistant", "content": answer})
 
 

@@ -9,6 +9,7 @@ unmodified base model.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +86,12 @@ class MutatingInitLora(LoraVariant):
             init_dir.mkdir()
             save_file({k: v.contiguous() for k, v in initial.items()}, str(init_dir / "adapter_model.safetensors"))
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
-            peft_model.save_pretrained(str(out_dir), safe_serialization=True,
-                                       path_initial_model_for_weight_conversion=str(init_dir))
+            with warnings.catch_warnings():
+                # PEFT loads the initial adapter beside the trained one to convert it, and warns that PiSSA/OLoRA
+                # "should not be used with other adapters; consider converting": this is that conversion
+                warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA|CorDA) changes the base weights")
+                peft_model.save_pretrained(str(out_dir), safe_serialization=True,
+                                           path_initial_model_for_weight_conversion=str(init_dir))
             for p in trainable:  # loading/deleting the helper adapter must not change what trains
                 p.requires_grad_(True)
 
