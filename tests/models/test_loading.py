@@ -86,7 +86,7 @@ def test_missing_folder_is_a_clear_error(name):
         load_tokenizer(ModelConfig(name_or_path=name))
 
 
-def test_folders_that_are_not_models(tmp_path, tiny_llama_dir):
+def test_folders_that_are_not_models(tmp_path, tiny_llama_dir, tiny_qwen2_dir):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(UserError, match="adapter"):
@@ -96,6 +96,15 @@ def test_folders_that_are_not_models(tmp_path, tiny_llama_dir):
         load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "empty")))
     with pytest.raises(UserError, match="is a file"):
         load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir / "config.json")))
+    # config and weights copied without the tokenizer files: transformers builds an empty tokenizer, and the run
+    # used to fail on "no trainable token was left" in the data
+    for model_dir in (tiny_llama_dir, tiny_qwen2_dir):  # llama fails inside transformers, qwen2 loads empty
+        folder = tmp_path / f"no_tokenizer_{model_dir.name}"
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(model_dir / name, folder / name)
+        with pytest.raises(UserError, match="no_tokenizer.* has no usable tokenizer.*Copy the tokenizer files"):
+            load_tokenizer(ModelConfig(name_or_path=str(folder)))
 
 
 def test_hub_id_without_hub_fails_fast_with_advice():

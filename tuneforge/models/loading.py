@@ -225,8 +225,20 @@ def apply_chat_template_override(tokenizer, override: str | None) -> None:
 def _load_tokenizer_from(source: str, model_cfg):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer",
-                                 trust_remote_code=model_cfg.trust_remote_code)
+    no_tokenizer = UserError(f"{source} has no usable tokenizer (no tokenizer.json, tokenizer.model or vocab files "
+                             f"there). Copy the tokenizer files of the base model into {source} (or write them with "
+                             f"tokenizer.save_pretrained).")
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer",
+                                     trust_remote_code=model_cfg.trust_remote_code)
+    except ValueError as e:
+        if Path(source).is_dir() and "instantiate the backend tokenizer" in str(e):
+            raise no_tokenizer from e
+        raise
+    if not tokenizer("hello world", add_special_tokens=False).input_ids:
+        # config.json and weights without tokenizer files can load as an empty tokenizer (transformers builds one
+        # from the config's class), and the run then failed on "no trainable token" in the data
+        raise no_tokenizer
     prepare_tokenizer(tokenizer)
     apply_chat_template_override(tokenizer, model_cfg.chat_template)
     return tokenizer
