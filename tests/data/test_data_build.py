@@ -114,6 +114,17 @@ def test_pretraining_chunks_eos_and_packing_by_default(tmp_path, tokenizer):
     assert sum(len(e) for e in unpacked) == sum(len(r) for r in train)  # packing loses no token
 
 
+def test_the_size_line_says_how_many_examples_were_packed_into_how_many_rows(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [qa(f"Question {i}?", f"Answer {i}.") for i in range(12)])
+    train, evals, report = build_datasets(config([path], max_length=128, packing=True), tokenizer, "sft")
+    assert report.packed == (12, 0, 128) and len(train) < 12
+    assert report.sizes_line(len(train), len(evals)) == (f"12 training examples packed into {len(train)} rows of 128 "
+                                                         f"tokens; 0 evaluation examples")
+    train, evals, report = build_datasets(config([path], eval_ratio=0.25), tokenizer, "sft")
+    assert report.packed is None and report.sizes_line(len(train), len(evals)) == ("9 training and 3 evaluation "
+                                                                                   "examples")
+
+
 def test_stage_and_format_mismatch_is_a_bad_row(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain"}])
     with pytest.raises(DataError, match="stage sft needs conversations"):
@@ -167,3 +178,17 @@ def test_every_file_format_end_to_end(tmp_path, tokenizer):
                for e in train]
     assert replies == ["A colour.<|im_end|>", "Hello<|im_end|>", "Forge.<|im_end|>"]
     assert report.rows_read == 3 and not report.bad_rows
+
+
+def test_a_row_of_another_format_says_the_format_was_detected_from_the_first_line(tmp_path, tokenizer):
+    from tuneforge.data.build import read_spec
+
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        qa("a", "b"), {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+        {"instruction": "no answer"}])
+    _, sharegpt, alpaca = read_spec(DatasetSpec(path=path), None, None)
+    assert (sharegpt.field, sharegpt.problem) == ("<row>", "this row looks like sharegpt, but the file's format was "
+                                                           "detected as alpaca from its line 1 (format auto reads each "
+                                                           "file in one format). Keep one format per file, or convert "
+                                                           "this row to alpaca.")
+    assert alpaca.field == "output" and alpaca.problem.startswith("missing")  # an alpaca row keeps its own problem

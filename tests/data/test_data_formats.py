@@ -138,3 +138,34 @@ def test_guess_format_names_file_and_keys():
         guess_format({"question": "a", "answer": "b"}, {}, "f.jsonl")
     assert guess_format({"question": "a", "answer": "b"}, {"instruction": "question", "output": "answer"},
                         "f.jsonl") == "alpaca"
+
+
+def test_errors_name_the_rows_own_field_not_the_internal_messages():
+    from tuneforge.data.formats import strings_of, user_field
+
+    assert problem({"instruction": "e", "output": "caf\udce9"}, "alpaca")[0] == "output"
+    assert problem({"instruction": "e", "input": "\udce9", "output": "x"}, "alpaca")[0] == "input"
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "caf\udce9"}]}
+    assert problem(sharegpt, "sharegpt")[0] == "conversations[1].value"
+    # what is found later (a special token, while encoding) is named through Example.origins
+    ex = example({"instruction": "Q", "input": "ctx", "output": "A", "system": "S", "history": [["h1", "h2"]]},
+                 "alpaca")
+    def fields(ex) -> dict:  # of the message contents (strings_of also yields keys and roles)
+        return {text: field for field, text in strings_of(ex) if not field.endswith((".role", ".<key>"))}
+
+    assert fields(ex) == {"S": "system", "h1": "history[0][0]", "h2": "history[0][1]", "Q\nctx": "instruction + input",
+                          "A": "output"}
+    ex = example({**sharegpt, "conversations": sharegpt["conversations"][:1] + [{"from": "gpt", "value": "B"}],
+                  "system": "S"}, "sharegpt")  # the system column comes first and shifts our indexes
+    assert fields(ex) == {"S": "system", "Hi": "conversations[0].value", "B": "conversations[1].value"}
+    ex = example({"dialog": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "B"}],
+                  "system": "S"}, "openai", columns={"messages": "dialog"})
+    assert user_field(ex.origins, "messages[2].content") == "dialog[1].content"
+    assert user_field(ex.origins, "messages[0].content") == "system"
+
+
+def test_null_is_reported_as_null_not_missing():
+    assert problem({"instruction": "e", "output": None}, "alpaca") == ("output", "is null; this format needs text "
+                                                                                "here (fill it in, or drop the row)")
+    assert problem({"conversations": None}, "sharegpt")[1].startswith("is null")
+    assert problem({"instruction": "e"}, "alpaca")[1].startswith("missing")

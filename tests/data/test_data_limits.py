@@ -98,7 +98,7 @@ def test_special_token_spellings_are_refused_by_default(tmp_path):
     tokenizer = make_tokenizer(CHATML)
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Hi", "output": "Hello"}, SPELLED])
     assert DataConfig().special_tokens_in_text == "error"
-    with pytest.raises(DataError, match=r"line 2: field `messages\[\d\].content`: .*special token '<\|im_end\|>'"):
+    with pytest.raises(DataError, match=r"line 2: field `output`: .*special token '<\|im_end\|>'"):  # the row's own
         build_datasets(config(path), tokenizer, "sft")
     train, _, report = build_datasets(config(path, on_error="skip"), tokenizer, "sft")
     assert len(train) == 1 and len(report.bad_rows) == 1

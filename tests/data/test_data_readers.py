@@ -117,3 +117,14 @@ def test_paths_that_look_local():
     assert readers.looks_like_local_path("data/train.jsonl")
     assert readers.looks_like_local_path("./x")
     assert not readers.looks_like_local_path("tatsu-lab/alpaca")
+
+
+@pytest.mark.parametrize(("encoding", "bom"), [("utf-16-le", "FF FE"), ("utf-16-be", "FE FF")])
+def test_a_utf16_file_is_one_file_error(tmp_path, encoding, bom):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(("\ufeff" + json.dumps({"instruction": "a", "output": "b"}) + "\n").encode(encoding))
+    with pytest.raises(DataError) as err:
+        read_local(path)
+    assert str(err.value).startswith(f"{path} is UTF-16 (byte order mark {bom}); save it as UTF-8")
+    with pytest.raises(DataError, match="is UTF-16"):
+        list(readers.iter_jsonl(path))  # the data tools' streaming reader too

@@ -98,3 +98,52 @@ def test_unknown_name_gets_a_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "read_hub", offline)
     with pytest.raises(DataError, match="Did you mean `alpaca_en_demo`"):
         read_spec(DatasetSpec(path="alpaca_en_dem"), Registry(registry_path), None)
+
+
+def _registry(tmp_path, entries: dict) -> Registry:
+    path = tmp_path / "dataset_info.json"
+    path.write_text(json.dumps(entries), encoding="utf-8")
+    return Registry(path)
+
+
+def _hub_fails(monkeypatch, reachable: bool = False) -> None:
+    def fails(name, split):
+        raise DataError(f"`{name}` ... hub failed") from ConnectionError("no route to host")
+
+    monkeypatch.setattr(readers, "read_hub", fails)
+    monkeypatch.setattr("tuneforge.data.build.hub_reachable", lambda: reachable)
+
+
+def test_registry_entry_whose_file_is_missing_names_the_entry_and_file(tmp_path, monkeypatch):
+    registry = _registry(tmp_path, {"mllm_demo": {"file_name": "mllm_demo.json"}, "identity": {"file_name": "i.json"}})
+    monkeypatch.chdir(tmp_path.parent)  # the file is looked up next to the registry, not in the current folder
+    with pytest.raises(DataError) as err:
+        read_spec(DatasetSpec(path="mllm_demo"), registry, None)
+    message = str(err.value)
+    assert f"registry entry `mllm_demo` points at {tmp_path / 'mllm_demo.json'}, which does not exist" in message
+    assert "current folder" not in message and "Valid names" not in message and "Did you mean" not in message
+
+
+def test_name_not_in_registry_says_so_and_suggests_only_close_names(tmp_path, monkeypatch):
+    registry = _registry(tmp_path, {name: {"file_name": f"{name}.json"} for name in
+                                    ("alpaca_en_demo", "evol_instruct_de", "identity", "glaive_toolcall_en_demo")})
+    _hub_fails(monkeypatch)
+    with pytest.raises(DataError) as err:
+        read_spec(DatasetSpec(path="no_such_ds"), registry, None)
+    assert f"`no_such_ds` is not a name in the dataset registry {registry.path}" in str(err.value)
+    assert "Did you mean" not in str(err.value) and "evol_instruct_de" not in str(err.value)
+    with pytest.raises(DataError, match="Did you mean `identity`"):
+        read_spec(DatasetSpec(path="identty"), registry, None)
+
+
+def test_hub_entry_with_the_hub_unreachable_says_it_is_a_hub_dataset(tmp_path, monkeypatch):
+    registry = _registry(tmp_path, {"alpaca_en": {"hf_hub_url": "llamafactory/alpaca_en"}})
+    _hub_fails(monkeypatch)
+    with pytest.raises(DataError) as err:
+        read_spec(DatasetSpec(path="alpaca_en"), registry, None)
+    message = str(err.value)
+    assert "Registry entry `alpaca_en`" in message and "Hugging Face hub dataset `llamafactory/alpaca_en`" in message
+    assert "the hub is unreachable from here" in message and "Did you mean" not in message
+    _hub_fails(monkeypatch, reachable=True)
+    with pytest.raises(DataError, match=r"loading it from the hub failed \(ConnectionError: no route to host\)"):
+        read_spec(DatasetSpec(path="alpaca_en"), registry, None)

@@ -515,8 +515,13 @@ def test_reading_for_a_stage_refuses_rows_of_another_kind_before_the_model_loads
     pairs = jsonl(tmp_path, [PAIR_ROWS["alpaca"]], "pairs.jsonl")
     sft = jsonl(tmp_path, [{"instruction": "Hi", "output": "Hello"}], "sft.jsonl")
     both = DataConfig(train=[DatasetSpec(path=pairs), DatasetSpec(path=sft)])
-    with pytest.raises(DataError, match=r"(?s)1 of 2 .*sft.jsonl:line 1: field `chosen`: stage pairwise needs preference"):
-        read_datasets(both, stage="dpo")
+    for stage in ("dpo", "rm"):  # the training stage, not `pairwise` (the kind of data it reads)
+        with pytest.raises(DataError, match=rf"(?s)1 of 2 .*sft.jsonl:line 1: field `chosen`: stage {stage} needs "
+                                            r"preference pairs"):
+            read_datasets(both, stage=stage)
+    text = DataConfig(train=[DatasetSpec(path=jsonl(tmp_path, [{"text": "A document."}], "doc.jsonl"))])
+    with pytest.raises(DataError, match=r"doc.jsonl:line 1: field `text`: stage grpo needs conversations"):
+        read_datasets(text, stage="grpo")
     with pytest.raises(DataError, match=r"(?s)1 of 2 .*pairs.jsonl:line 1: field `chosen`: this is alignment data"):
         read_datasets(both, stage="sft")
     train, _, report = read_datasets(both, stage="grpo")

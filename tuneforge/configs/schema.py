@@ -344,6 +344,7 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
 
 
 def validation_problems(cfg: TrainConfig) -> list[str]:
+    from tuneforge.data.specs import data_config_problems
     from tuneforge.methods import METHODS
 
     t, problems = cfg.training, []
@@ -389,6 +390,7 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
             problems += typed.problems_of(e)
     problems += _stage_problems(cfg) + rl_problems(cfg)
     problems += _deepspeed_problems(cfg)
+    problems += data_config_problems(cfg.data)  # dataset specs and data.mix, checked by the data layer
     if cfg.method in METHODS:
         try:
             METHODS[cfg.method].validate(cfg)

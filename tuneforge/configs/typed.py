@@ -91,6 +91,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        if _optional_of(tp) is not tp:  # X or nothing: X's own message names the bad key (inside a section too)
+            return coerce(value, _optional_of(tp), key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -212,8 +214,9 @@ def valid_part(cls, data: dict) -> dict:
     for key, value in data.items():
         if key not in names:
             continue
-        if is_dataclass(hints[key]) and isinstance(value, dict):
-            kept[key] = valid_part(hints[key], value)
+        section = _optional_of(hints[key])
+        if is_dataclass(section) and isinstance(value, dict):
+            kept[key] = valid_part(section, value)
             continue
         try:
             coerce(value, hints[key], key)
@@ -221,6 +224,12 @@ def valid_part(cls, data: dict) -> dict:
             continue
         kept[key] = value
     return kept
+
+
+def _optional_of(tp: Any) -> Any:
+    """X for `X | None`, else the type itself."""
+    options = [arg for arg in get_args(tp) if arg is not type(None)]
+    return options[0] if get_origin(tp) in (Union, types.UnionType) and len(options) == 1 else tp
 
 
 def to_dict(obj) -> Any:

@@ -5,7 +5,8 @@
 Where a dataset comes from (`DatasetSpec.path`), in this order: a name in the registry (`data.registry`, a
 LLaMA-Factory `dataset_info.json`); `builtin:<path>` under tuneforge/assets (e.g. builtin:example_task/train.jsonl);
 a local file or folder (relative paths: the current folder first, then `base_dir`, usually the config's folder);
-otherwise a Hugging Face hub dataset name.
+otherwise a Hugging Face hub dataset name (`split` picks its split; a local file has none, so `split` on one is
+refused). The specs themselves (`max_samples`, the roles in `columns`, `data.mix`) are checked first (specs.py).
 
 Stages:
 - sft: chat rows rendered with the chat template, loss on assistant replies (`data.loss_on`). Rows longer than
@@ -33,6 +34,7 @@ from tuneforge.data import encode_align, formats, readers
 from tuneforge.data.encode import CHARS_PER_TOKEN, encode_chat, special_tokens_in
 from tuneforge.data.packing import pack
 from tuneforge.data.registry import Registry
+from tuneforge.data.specs import check_data_config
 from tuneforge.data.templates import resolve_chat_template
 from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example, PairExample, RowProblem, bad_row
 from tuneforge.errors import ConfigError, DataError
@@ -54,6 +56,7 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | Non
     """Read and validate every row (train, eval) without a tokenizer. With `on_error: raise` a bad row fails here,
     before a recipe spends minutes loading the model. `stage` (optional): rows of a kind the stage does not train
     on (a preference pair in sft, a plain conversation in dpo) are bad rows here too."""
+    check_data_config(data_cfg)
     report = DataReport()
     registry = open_registry(data_cfg.registry, base_dir)
     if data_cfg.mix is not None:
@@ -61,18 +64,17 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | Non
     else:
         train_examples = load_examples(data_cfg.train, registry, base_dir, report)
     eval_examples = load_examples(data_cfg.eval, registry, base_dir, report)
-    if stage is not None:
-        stage = DATA_STAGE.get(stage, stage)
-        train_examples = fitting_stage(train_examples, stage, report)
-        eval_examples = fitting_stage(eval_examples, stage, report)
+    if stage is not None:  # errors name the training stage (dpo), not the kind of data it reads (pairwise)
+        train_examples = fitting_stage(train_examples, DATA_STAGE.get(stage, stage), report, stage)
+        eval_examples = fitting_stage(eval_examples, DATA_STAGE.get(stage, stage), report, stage)
     if not data_cfg.eval and data_cfg.eval_ratio > 0:
         train_examples, eval_examples = split_eval(train_examples, data_cfg.eval_ratio, data_cfg.seed)
     if data_cfg.on_error == "raise":
         check_bad_rows(report, data_cfg)
     if data_cfg.train and not train_examples:
         check_bad_rows(report, data_cfg)  # lists what was skipped
-        raise DataError(f"No training rows left: all {report.rows_read} rows read are bad. "
-                        + "; ".join(report.lines()[1:]))
+        raise DataError(" ".join([f"No training rows left: all {report.rows_read} rows read are bad.",
+                                  "; ".join(report.lines()[1:])]).rstrip())
     return train_examples, eval_examples, report
 
 
@@ -83,10 +85,10 @@ def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = 
     """(train, eval, report) for `stage` (pt, sft, pairwise, kto or prompt, or a training stage such as dpo, see
     DATA_STAGE); see the module docstring. `read`: the result of
     `read_datasets` when the caller validated the rows already."""
-    stage = DATA_STAGE.get(stage, stage)
+    name, stage = stage, DATA_STAGE.get(stage, stage)
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES} or a training stage {tuple(DATA_STAGE)}, got {stage!r}")
-    train_examples, eval_examples, report = read if read is not None else read_datasets(data_cfg, base_dir)
+    train_examples, eval_examples, report = read if read is not None else read_datasets(data_cfg, base_dir, name)
     template = resolve_chat_template(tokenizer, chat_template) if stage != "pt" else None
     train = encode_examples(train_examples, tokenizer, stage, data_cfg, template, report)
     evals = encode_examples(eval_examples, tokenizer, stage, data_cfg, template, report)
@@ -95,6 +97,7 @@ def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = 
         raise DataError(f"No training examples left after reading {report.rows_read} rows. "
                         + "; ".join(report.lines()[1:]))
     if stage in ("pt", "sft") and (data_cfg.packing if data_cfg.packing is not None else stage == "pt"):
+        report.packed = (len(train), len(evals), data_cfg.max_length)
         train, evals = pack(train, data_cfg.max_length), pack(evals, data_cfg.max_length)
     return train, evals, report
 
@@ -120,12 +123,13 @@ def find_local(path: str, base_dir) -> Path | None:
     return None
 
 
-def fitting_stage(examples: list, stage: str, report: DataReport) -> list:
-    """The examples whose kind `stage` trains on; the others become bad rows (see encode_align.for_stage)."""
+def fitting_stage(examples: list, stage: str, report: DataReport, name: str | None = None) -> list:
+    """The examples whose kind `stage` trains on; the others become bad rows (see encode_align.for_stage). `name`:
+    the training stage, for the messages."""
     kept = []
     for example in examples:
         try:
-            encode_align.for_stage(example, stage)
+            encode_align.for_stage(example, stage, name)
             kept.append(example)
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
             report.bad_rows.append(bad_row(e, example.source))
@@ -156,15 +160,13 @@ def load_groups(specs: list, registry: Registry | None, base_dir, report: DataRe
 
 def mixed(groups: list[list[Example]], data_cfg) -> list[Example]:
     """`data.mix`: the train datasets mixed by `tuneforge data mix`'s allocation (one implementation), seeded by
-    `data.seed` so a resumed run draws the same rows. A dataset with no usable rows takes no share."""
+    `data.seed` so a resumed run draws the same rows. A dataset with no usable rows takes no share. The settings
+    were checked in `read_datasets` (specs.mix_problems)."""
     from tuneforge.data.curate.mix import draw
 
     mix, usable = data_cfg.mix, [g for g in groups if g]
     if not usable:
         return []
-    if mix.T <= 0 or (mix.K is not None and mix.K < 1) or (mix.size is not None and mix.size < 1):
-        raise ConfigError(f"`data.mix`: T must be > 0, K and size at least 1; got T={mix.T}, K={mix.K}, "
-                          f"size={mix.size}.")
     size = mix.size if mix.size is not None else sum(len(g) for g in usable)
     picked, _ = draw(usable, mix.strategy, mix.T, mix.K, size, data_cfg.seed, shuffle=True)
     return [example for _, example in picked]
@@ -173,22 +175,45 @@ def mixed(groups: list[list[Example]], data_cfg) -> list[Example]:
 def read_spec(spec, registry: Registry | None, base_dir) -> list:
     """Examples and BadRows of one dataset spec, in file order."""
     if registry is not None and spec.path in registry:
-        spec = registry.resolve(spec)
+        spec, rows = read_registry_entry(spec, registry)
+    else:
+        rows = read_source(spec, registry, base_dir)
+    return adapt_rows(rows, spec)
+
+
+def read_registry_entry(spec, registry: Registry) -> tuple:
+    """(the spec with the entry's settings, its rows). The entry's file is next to the registry, so a missing one
+    is the entry's fault, not a path to look up elsewhere."""
+    name = spec.path
+    missing = registry.missing_file(name)
+    if missing is not None:
+        raise registry.missing_file_error(name, missing)
+    spec = registry.resolve(spec)
+    local = find_local(spec.path, None)
+    if local is not None:
+        return spec, read_local_spec(spec, local)
+    try:
+        return spec, read_hub_or_cache(spec)
+    except DataError as e:
+        raise registry.hub_error(name, spec.path, hub_reachable(), root_cause(e)) from e
+
+
+def read_source(spec, registry: Registry | None, base_dir) -> list:
+    """The rows of a path or hub name that is not a registry name."""
     local = find_local(spec.path, base_dir)
     if local is not None:
-        rows = readers.read_local(local)
-    elif readers.looks_like_local_path(spec.path) or spec.path.startswith("builtin:") or looks_local(spec.path):
+        return read_local_spec(spec, local)
+    if readers.looks_like_local_path(spec.path) or spec.path.startswith("builtin:") or looks_local(spec.path):
         where = f"the current folder{' or ' + str(base_dir) if base_dir else ''}"
-        hint = registry.hint(spec.path) if registry is not None else " (no `data.registry` is set)"
-        raise DataError(f"Dataset {spec.path}: no such file or folder (relative paths are looked up in {where}).{hint}")
-    else:
-        try:
-            rows = read_hub_or_cache(spec)
-        except DataError as e:
-            if registry is None:
-                raise
-            raise DataError(f"{e}{registry.hint(spec.path)}") from e
-    return adapt_rows(rows, spec)
+        hint = registry.suggestion(spec.path) if registry is not None else " (no `data.registry` is set)"
+        raise DataError(f"Dataset {spec.path}: no such file or folder (relative paths are looked up in {where})."
+                        f"{hint}")
+    try:
+        return read_hub_or_cache(spec)
+    except DataError as e:
+        if registry is None:
+            raise
+        raise DataError(f"{e}{registry.hint(spec.path)}") from e
 
 
 def read_hub_or_cache(spec) -> list:
@@ -205,8 +230,32 @@ def read_hub_or_cache(spec) -> list:
                             f"start from the current folder) or add the name to the registry.") from e
 
 
+def read_local_spec(spec, local: Path) -> list:
+    """The rows of a local file or folder (see `check_no_split`)."""
+    check_no_split(spec, local)
+    return readers.read_local(local)
+
+
+def check_no_split(spec, local: Path) -> None:
+    """`split` picks a split of a hub dataset; a local file has none, so a split other than the default is refused
+    rather than silently ignored (which would train on rows the user meant to hold out)."""
+    if spec.split != "train":
+        raise ConfigError(f"Dataset {spec.path}: `split: {spec.split}` selects a split of a Hugging Face hub dataset, "
+                          f"but {local} is local and has no splits. Remove `split`, or point `path` at the file "
+                          f"that holds the {spec.split} rows.")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """What the library raised first, under our DataErrors."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def adapt_rows(rows: list, spec) -> list:
-    formats_by_file: dict[str, str] = {}
+    """Each raw row as an Example (or a list of pairs), or a BadRow. `format: auto` guesses each file's format from
+    its first row."""
+    formats_by_file: dict[str, tuple[str, str]] = {}  # file -> (format, where it was guessed: "line 1")
     out = []
     for row in rows:
         if isinstance(row, BadRow):
@@ -214,18 +263,34 @@ def adapt_rows(rows: list, spec) -> list:
             continue
         if spec.format == "auto" and row.file not in formats_by_file:
             try:
-                formats_by_file[row.file] = formats.guess_format(row.data, spec.columns, row.file)
+                guessed = formats.guess_format(row.data, spec.columns, row.file)
+                formats_by_file[row.file] = (guessed, row.source.rsplit(":", 1)[-1])
             except DataError:  # no format fits the file's first row: a file error
                 raise
             except Exception as e:  # noqa: BLE001 - the row guard; the next row may tell the format
                 out.append(bad_row(e, row.source))
                 continue
-        fmt = formats_by_file[row.file] if spec.format == "auto" else spec.format
+        fmt = formats_by_file[row.file][0] if spec.format == "auto" else spec.format
         try:
             out.append(formats.to_example(row.data, fmt, row.source, spec.columns, spec.tags, spec.ranking))
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
-            out.append(bad_row(e, row.source))
+            bad = bad_row(e, row.source)
+            out.append(other_format(bad, row, spec, *formats_by_file[row.file]) if spec.format == "auto" else bad)
     return out
+
+
+def other_format(bad: BadRow, row, spec, fmt: str, first: str) -> BadRow:
+    """A bad row of a file whose format was guessed from its first row: when the row itself looks like another
+    format, say so; the adapter's own complaint (`instruction` missing, map a column to it) would mislead."""
+    try:
+        looks = formats.guess_format(row.data, spec.columns, row.file)
+    except Exception:  # noqa: BLE001 - the row fits no format either: the adapter's complaint stands
+        return bad
+    if looks == fmt:
+        return bad
+    return BadRow(bad.source, "<row>", f"this row looks like {looks}, but the file's format was detected as {fmt} "
+                                       f"from its {first} (format auto reads each file in one format). Keep one "
+                                       f"format per file, or convert this row to {fmt}.")
 
 
 def split_eval(examples: list, ratio: float, seed: int) -> tuple[list, list]:

@@ -107,14 +107,15 @@ def fit_replies(sides: list[Encoded], source: str, data_cfg, report: DataReport)
 
 # ---- what each stage accepts ----------------------------------------------------------------------------------
 
-def for_stage(example, stage: str) -> list:
-    """The examples `stage` trains on from one read example; RowProblem when the row's kind does not fit.
+def for_stage(example, stage: str, name: str | None = None) -> list:
+    """The examples `stage` trains on from one read example; RowProblem, naming the training stage `name` (dpo
+    for pairwise) when given, when the row's kind does not fit.
     Preference pairs also serve kto (chosen: desirable, rejected: undesirable; not typed rows of more than two
     ranks) and prompt (the prompt alone, once per row); chat rows serve prompt (the conversation before the last
     reply, which becomes the reference)."""
     from tuneforge.data.preference import as_prompt
 
-    is_pair = isinstance(example, PairExample)
+    is_pair, name = isinstance(example, PairExample), name or stage
     if stage in ("pt", "sft") and (is_pair or example.label is not None):
         raise RowProblem("chosen" if is_pair else "label",
                          f"this is alignment data ({'a preference pair' if is_pair else 'a KTO row'}), which stages "
@@ -122,7 +123,7 @@ def for_stage(example, stage: str) -> list:
     if stage in ("pt", "sft"):
         return [example]
     if stage == "pairwise" and not is_pair:
-        raise RowProblem("chosen", f"stage {stage} needs preference pairs (`chosen` and `rejected`); this row is "
+        raise RowProblem("chosen", f"stage {name} needs preference pairs (`chosen` and `rejected`); this row is "
                                    f"{_kind_of(example)}")
     if is_pair and stage in ("kto", "prompt") and example.pair_index[1] > 1:
         if stage == "prompt":  # the pairs of one typed row share its prompt: sample it once
@@ -140,7 +141,7 @@ def for_stage(example, stage: str) -> list:
     if stage == "prompt" and is_pair:
         return [Example(example.source, messages=example.prompt, tools=example.tools)]
     if stage in ("kto", "prompt") and example.messages is None:
-        raise RowProblem("text", f"stage {stage} needs conversations; this is a plain-text row (for stage pt)")
+        raise RowProblem("text", f"stage {name} needs conversations; this is a plain-text row (for stage pt)")
     if stage == "prompt" and example.messages[-1]["role"] == "assistant":
         return [as_prompt(example)]
     return [example]

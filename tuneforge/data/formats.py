@@ -36,6 +36,20 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
 
 ROLES = ("system", "user", "assistant", "tool")
 
+# The names `DatasetSpec.columns` may map, per format (the adapters here and in preference.py read these). The
+# alignment formats read their prompt the way the chat formats do, so they take those roles too.
+_CHAT_ROLES = ("messages", "instruction", "input", "history", "system", "tools")
+COLUMN_ROLES = {
+    "alpaca": ("instruction", "input", "output", "system", "history", "reference"),
+    "sharegpt": ("messages", "system", "tools", "reference"),
+    "openai": ("messages", "system", "tools", "reference"),
+    "text": ("text",),
+    "pairwise": ("prompt", "chosen", "rejected", "chosen_messages", "rejected_messages", "margin", *_CHAT_ROLES),
+    "kto": ("label", "prompt", "completion", "output", "reference", *_CHAT_ROLES),
+    "typed": ("prompt", "responses", *_CHAT_ROLES),
+    "prompt": ("prompt", "reference", "output", "completion", *_CHAT_ROLES),
+}
+
 
 def to_example(data: dict, fmt: str, source: str, columns: dict, tags: dict, ranking: list[str] | None = None):
     """One raw row in format `fmt` -> Example (PairExample for pairwise, a list of them for typed); raises
@@ -64,33 +78,52 @@ def to_example(data: dict, fmt: str, source: str, columns: dict, tags: dict, ran
 def check_unicode(example: Example) -> None:
     """Every string must be valid Unicode. JSON may spell half a UTF-16 pair (`"\\ud83d"`), and readers keep a byte
     that is not UTF-8 as a lone surrogate (errors="surrogateescape") so it is reported here, with its row, instead
-    of failing the whole file or, later, the tokenizer."""
+    of failing the whole file or, later, the tokenizer. The text columns are checked as they are read
+    (`checked_text`), so this names the row's own field there; this pass catches the rest."""
     for field, text in strings_of(example):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            char = ord(text[e.start])
-            line = text.count("\n", 0, e.start)
-            where = f" (line {line + 1} of this value)" if line else ""
-            what = (f"the byte 0x{char - 0xDC00:02X}, which is not UTF-8 (or the escape \\u{char:04x})"
-                    if 0xDC80 <= char <= 0xDCFF else f"the lone surrogate escape \\u{char:04x} (half of a UTF-16 pair)")
-            raise RowProblem(field, f"not valid Unicode text: {what} at character {e.start + 1}{where}. Fix the "
-                                    f"encoding of this row (save the file as UTF-8).") from None
+        checked_text(text, field)
+
+
+def checked_text(text: str, field: str) -> str:
+    """`text`, or a RowProblem when it is not valid Unicode (see check_unicode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        line = text.count("\n", 0, e.start)
+        where = f" (line {line + 1} of this value)" if line else ""
+        what = (f"the byte 0x{char - 0xDC00:02X}, which is not UTF-8 (or the escape \\u{char:04x})"
+                if 0xDC80 <= char <= 0xDCFF else f"the lone surrogate escape \\u{char:04x} (half of a UTF-16 pair)")
+        raise RowProblem(field, f"not valid Unicode text: {what} at character {e.start + 1}{where}. Fix the "
+                                f"encoding of this row (save the file as UTF-8).") from None
+    return text
 
 
 def strings_of(example: Example):
-    """(field, string) for every string of an example: texts, message contents, tool calls and tool schemas."""
+    """(field, string) for every string of an example: texts, message contents, tool calls and tool schemas. The
+    field is the row's own (`output`, `conversations[1].value`) where the example knows it (`Example.origins`)."""
     names = ("text", "messages", "prompt", "chosen", "rejected", "tools", "reference")
     stack = [(name, getattr(example, name)) for name in names if getattr(example, name, None) is not None]
+    origins = getattr(example, "origins", None) or {}
     while stack:  # iterative: a row may nest deeper than Python's recursion limit allows
         field, value = stack.pop()
         if isinstance(value, str):
-            yield field, value
+            yield user_field(origins, field), value
         elif isinstance(value, dict):  # keys may be invalid Unicode themselves: printed escaped
             stack += [(f"{field}.<key>", k) for k in value if isinstance(k, str)]
             stack += [(f"{field}.{str(k).encode('utf-8', 'backslashreplace').decode()}", v) for k, v in value.items()]
         elif isinstance(value, (list, tuple)):
             stack += [(f"{field}[{i}]", v) for i, v in enumerate(value)]
+
+
+def user_field(origins: dict[str, str], field: str) -> str:
+    """`field` (ours, e.g. `messages[1].content`) as the row's own field, by the `Example.origins` entry that is a
+    prefix of it (`messages[1].content` -> `output`; `messages[1]` -> `turns[1]`, so `messages[1].role` ->
+    `turns[1].role`); unchanged when none is."""
+    for prefix, user in origins.items():
+        if field == prefix or field.startswith((prefix + ".", prefix + "[")):
+            return user + field[len(prefix):]
+    return field
 
 
 def guess_format(data: dict, columns: dict, where: str) -> str:
@@ -144,7 +177,20 @@ def alpaca_example(data: dict, source: str, columns: dict) -> Example:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     prompt = f"{instruction}\n{extra}" if extra else instruction
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return Example(source=source, messages=messages)
+    return Example(source=source, messages=messages, origins=_alpaca_origins(messages, col, bool(extra)))
+
+
+def _alpaca_origins(messages: list[dict], col: dict, with_input: bool) -> dict[str, str]:
+    """The column of each message (see `Example.origins`): system, history pairs, the prompt (instruction, with
+    input when there is one) and output."""
+    system = int(messages[0]["role"] == "system")
+    origins = {"messages[0].content": col["system"]} if system else {}
+    for k in range(system, len(messages) - 2):
+        origins[f"messages[{k}].content"] = f"{col['history']}[{(k - system) // 2}][{(k - system) % 2}]"
+    origins[f"messages[{len(messages) - 2}].content"] = (f"{col['instruction']} + {col['input']}" if with_input
+                                                        else col["instruction"])
+    origins[f"messages[{len(messages) - 1}].content"] = col["output"]
+    return origins
 
 
 def history_pairs(data: dict, field: str) -> list[tuple[str, str]]:
@@ -174,8 +220,21 @@ def sharegpt_example(data: dict, source: str, columns: dict, tags: dict) -> Exam
     calls = _CallIds()
     messages = [_sharegpt_turn(turn, f"{field}[{i}]", tags, roles, calls) for i, turn in enumerate(turns)]
     validate_conversation(messages, field)
-    return Example(source=source, messages=_with_system_column(messages, data, columns),
-                   tools=tools_column(data, columns))
+    # a turn's text is its content; tool calls parsed from a function_call turn keep our names
+    return _chat_example(source, messages, data, columns, ".content",
+                         [f"{field}[{i}].{tags['content_tag']}" for i in range(len(turns))])
+
+
+def _chat_example(source: str, messages: list[dict], data: dict, columns: dict, part: str,
+                  fields: list[str]) -> Example:
+    """A conversation with the row's `system` and `tools` columns. `fields`: the row's field of each message's
+    `part` (see `Example.origins`)."""
+    full = _with_system_column(messages, data, columns)
+    added = len(full) - len(messages)
+    origins = {f"messages[{k + added}]{part}": name for k, name in enumerate(fields)}
+    if added:
+        origins["messages[0].content"] = columns.get("system", "system")
+    return Example(source=source, messages=full, tools=tools_column(data, columns), origins=origins)
 
 
 def _sharegpt_turn(turn: Any, field: str, tags: dict, roles: dict, calls: _CallIds) -> dict:
@@ -191,6 +250,7 @@ def _sharegpt_turn(turn: Any, field: str, tags: dict, roles: dict, calls: _CallI
     value = turn.get(content_tag)
     if not isinstance(value, str):
         raise RowProblem(f"{field}.{content_tag}", f"expected a string, got {_kind(value)}")
+    checked_text(value, f"{field}.{content_tag}")
     if role == "function_call":
         return {"role": "assistant", "content": "", "tool_calls": _function_calls(value, f"{field}.{content_tag}",
                                                                                    calls)}
@@ -234,8 +294,7 @@ def openai_example(data: dict, source: str, columns: dict) -> Example:
     raw = required_list(data, field)
     messages = [_openai_message(m, f"{field}[{i}]") for i, m in enumerate(raw)]
     validate_conversation(messages, field)
-    return Example(source=source, messages=_with_system_column(messages, data, columns),
-                   tools=tools_column(data, columns))
+    return _chat_example(source, messages, data, columns, "", [f"{field}[{i}]" for i in range(len(raw))])
 
 
 def _openai_message(message: Any, field: str) -> dict:
@@ -367,13 +426,12 @@ def _arguments(args: Any, field: str) -> dict | str:
 
 def required_text(data: dict, field: str) -> str:
     value = data.get(field)
-    if field not in data or value is None:
-        raise RowProblem(field, f"missing; this format needs `{field}` (map another column to it with `columns`)")
+    check_present(data, field, "text")
     if not isinstance(value, str):
         raise RowProblem(field, f"expected a string, got {_kind(value)}")
     if not value.strip():
         raise RowProblem(field, "empty")
-    return value
+    return checked_text(value, field)
 
 
 def optional_text(data: dict, field: str) -> str:
@@ -382,12 +440,19 @@ def optional_text(data: dict, field: str) -> str:
         return ""
     if not isinstance(value, str):
         raise RowProblem(field, f"expected a string, got {_kind(value)}")
-    return value
+    return checked_text(value, field)
+
+
+def check_present(data: dict, field: str, what: str) -> None:
+    """A RowProblem for a required field that is absent or null (two different fixes: map a column, or fill it)."""
+    if field not in data:
+        raise RowProblem(field, f"missing; this format needs `{field}` (map another column to it with `columns`)")
+    if data[field] is None:
+        raise RowProblem(field, f"is null; this format needs {what} here (fill it in, or drop the row)")
 
 
 def required_list(data: dict, field: str) -> list:
-    if data.get(field) is None:
-        raise RowProblem(field, f"missing; this format needs `{field}` (map another column to it with `columns`)")
+    check_present(data, field, "a list")
     value = _maybe_json(data[field])
     if not isinstance(value, list):
         raise RowProblem(field, f"expected a list (or JSON text of one), got {_kind(value)}")

@@ -15,7 +15,8 @@ A JSON file that holds JSON lines (a common misnaming) is read as JSON lines. A 
 (a broken JSON line, a CSV row with the wrong number of cells, JSON nested deeper than the parser can go, anything
 else one row raises) is reported as a bad row, not raised, so the `data.on_error` policy decides what happens to
 it. Text is decoded with errors="surrogateescape": a byte that is not UTF-8 stays in its row (as a lone surrogate)
-and the format adapter reports that row with its line, so one bad byte costs one row, not the file. A file that
+and the format adapter reports that row with its line, so one bad byte costs one row, not the file; a file saved
+as UTF-16 (a byte order mark FF FE or FE FF) is one file error instead of a bad row per line. A file that
 cannot be read at all, or that holds no rows (empty, blank lines only, `[]`, a CSV header alone, a zero-row
 Parquet file), raises DataError naming it.
 """
@@ -84,9 +85,25 @@ def data_suffix(path: Path) -> str:
 
 def open_text(path: Path, newline: str | None = None):
     """The file as text (see ENCODING), through gzip when it ends in .gz."""
+    refuse_utf16(path)
     if path.suffix.lower() == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), newline=newline, **ENCODING)
     return path.open(newline=newline, **ENCODING)
+
+
+# Byte order marks of the encodings that Windows tools ("Unicode" in Notepad, PowerShell's `>`) save text in.
+WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+             (b"\xfe\xff", "UTF-16"))
+
+
+def refuse_utf16(path: Path) -> None:
+    """A UTF-16 (or UTF-32) file is one file error: read as UTF-8 every line would be a bad row of NUL bytes."""
+    with (gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")) as f:
+        head = f.read(4)
+    for bom, name in WIDE_BOMS:
+        if head.startswith(bom):
+            raise DataError(f"{path} is {name} (byte order mark {bom.hex(' ').upper()}); save it as UTF-8 (in most "
+                            f"editors: Save As, encoding UTF-8) and run again.")
 
 
 def read_text(path: Path) -> str:

@@ -14,14 +14,18 @@ pairwise; LLaMA-Factory's `chosen`/`rejected` columns); a `kto_tag` column makes
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import replace
 from pathlib import Path
 
 from tuneforge.configs.schema import DatasetSpec
-from tuneforge.errors import DataError, did_you_mean
+from tuneforge.errors import DataError
 
 LF_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+# How alike a name must be to a registry name to be suggested: registries hold dozens of names sharing parts
+# (`_en`, `_demo`), so the looser cutoff of config keys would suggest unrelated datasets.
+NAME_CUTOFF = 0.8
 
 
 class Registry:
@@ -39,7 +43,37 @@ class Registry:
         return name in self.entries
 
     def hint(self, name: str) -> str:
-        return did_you_mean(name, self.entries)
+        """For a name that is not in the registry: says so, with the registry name it was likely meant as."""
+        return f" `{name}` is not a name in the dataset registry {self.path} either.{self.suggestion(name)}"
+
+    def suggestion(self, name: str) -> str:
+        """' Did you mean `x`?' for a registry name close to `name`, else ''."""
+        close = difflib.get_close_matches(name, [n for n in self.entries if n != name], n=1, cutoff=NAME_CUTOFF)
+        return f" Did you mean `{close[0]}`?" if close else ""
+
+    def missing_file(self, name: str) -> Path | None:
+        """The file entry `name` points at when it does not exist (None when it exists or is a hub entry)."""
+        entry = self.entries.get(name)
+        if not isinstance(entry, dict) or not entry.get("file_name"):
+            return None
+        path = self.path.parent / entry["file_name"]
+        return None if path.exists() else path
+
+    def missing_file_error(self, name: str, path: Path) -> DataError:
+        return DataError(f"Dataset registry {self.path}: registry entry `{name}` points at {path}, which does not "
+                         f"exist (`file_name` is relative to the registry's folder). Put the file there, or fix "
+                         f"the entry's `file_name`.")
+
+    def hub_error(self, name: str, hub_name: str, reachable: bool, cause: BaseException) -> DataError:
+        """Why a registry entry that names a Hugging Face hub dataset (`hf_hub_url`) could not be read; `cause`:
+        what `datasets` raised."""
+        where = f"Registry entry `{name}` ({self.path}) is the Hugging Face hub dataset `{hub_name}`"
+        if not reachable:
+            return DataError(f"{where}, and the hub is unreachable from here and the dataset is not in the local "
+                             f"cache. Run once where the hub is reachable (the download is cached), or download its "
+                             f"files and point the entry at them with `file_name`.")
+        return DataError(f"{where}, and loading it from the hub failed ({type(cause).__name__}: {cause}). Check `hf_hub_url` and the "
+                         f"spec's `split`.")
 
     def resolve(self, spec: DatasetSpec) -> DatasetSpec:
         """The spec of registry entry `spec.path`: a path (or hub name) and its format, columns and tags.

@@ -24,7 +24,7 @@ class Example:
     """One validated row. Chat rows have `messages` ([{role, content, ...}], roles system/user/assistant/tool);
     pre-training rows have `text`. `source` says where it came from, e.g. 'data/train.jsonl:12'. KTO rows carry
     `label` (True: a desirable reply); prompt rows (messages ending with the user's turn) and chat rows may carry a
-    `reference` answer that rule rewards compare against (the `answer`/`reference` column)."""
+    `reference` answer that rule rewards compare against (the `answer`/`reference` column). `origins`: see below."""
 
     source: str
     messages: list[dict] | None = None
@@ -32,6 +32,9 @@ class Example:
     tools: list | None = None
     label: bool | None = None
     reference: str | None = None
+    # The user's field each message came from (`messages[1]` -> `output`, `conversations[1].value`), so an error
+    # found later (a special token, a byte that is not UTF-8) names the row's own field, not ours.
+    origins: dict[str, str] | None = None
 
 
 @dataclass
@@ -151,6 +154,17 @@ class DataReport:
     split_documents: list[str] = field(default_factory=list)  # pre-training documents cut into max_length chunks
     special_tokens: list[str] = field(default_factory=list)  # rows whose text spells a special token (kept/escaped)
     no_room: list[str] = field(default_factory=list)  # prompts that leave no room for a reply within max_length
+    # (training examples, evaluation examples, max_length) before packing, when they were packed into rows
+    packed: tuple[int, int, int] | None = None
+
+    def sizes_line(self, n_train: int, n_eval: int) -> str:
+        """How many training and evaluation items there are. Packed rows are not examples: a reader who sees 19
+        "examples" from 64 rows would think 45 were lost, so packing names both counts."""
+        if self.packed is None:
+            return f"{n_train} training and {n_eval} evaluation examples"
+        train, evals, length = self.packed
+        held_out = f"{evals} evaluation examples into {n_eval} rows" if evals else "0 evaluation examples"
+        return f"{train} training examples packed into {n_train} rows of {length} tokens; {held_out}"
 
     def lines(self) -> list[str]:
         out = [f"{self.rows_read} rows read"]

@@ -137,7 +137,7 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
     if runtime.is_main:
         for line in report.lines():
             log(f"data: {line}")
-        log(f"data: {len(train)} training and {len(evals)} evaluation examples")
+        log(f"data: {report.sizes_line(len(train), len(evals))}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # one row per micro-batch where it applies: training/padding_free.py. On CPU the `auto` attention attends such

@@ -97,3 +97,30 @@ def test_text_rows_count_tokens_as_pretraining_does(tmp_path, tiny_llama_dir):
     assert report["kinds"] == {"text": 2} and report["tokens"]["total"] == sum(lengths)
     assert report["tokens"]["rows_cut"] == sum(n > 32 for n in lengths)
     assert report["languages"] == {"en": 1, "zh": 1}
+
+
+@pytest.mark.parametrize("verb", [[], ["clean"], ["inspect"], ["mix"], ["safety"], ["synth"]])
+def test_help_examples_are_whole_commands(verb, capsys):
+    """The examples come from the docstring lines that start with the command; a line continued with `\\` would
+    show without its continuation and break when copied."""
+    assert cli_main(["data", *verb, "--help"]) == 0
+    examples = capsys.readouterr().out.split("examples:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert examples and all(line.strip().startswith("tuneforge data") and not line.endswith("\\")
+                            for line in examples)
+    if verb == ["mix"] or not verb:
+        assert any("mix" in line and line.endswith("--out data/mix") for line in examples)
+
+
+def test_config_help_says_relative_paths_start_from_the_current_folder(tmp_path, monkeypatch, capsys):
+    assert cli_main(["data", "inspect", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "relative paths from the current folder as `tuneforge train` reads them" in text
+    assert "relative paths from the config's folder;" not in text
+    (tmp_path / "cfgdir" / "data").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "x.jsonl", ROWS[:2])
+    write_jsonl(tmp_path / "cfgdir" / "data" / "x.jsonl", ROWS[:4])
+    (tmp_path / "cfgdir" / "sub.yaml").write_text("data:\n  train: [data/x.jsonl]\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    report = inspect(parse("inspect", ["--config", "cfgdir/sub.yaml", "--out", "out"]))
+    assert report["rows"] == 2  # ./data/x.jsonl, as `tuneforge train cfgdir/sub.yaml` would read

@@ -81,3 +81,13 @@ def test_unknown_types_are_listed_or_skipped(tmp_path):
         run(tmp_path, path)
     report, rows = run(tmp_path, write_jsonl(tmp_path / "t2.jsonl", [typed]), "--unknown-types", "skip")
     assert rows == [] and report["prompts_without_pair"] and len(report["responses_skipped"]) == 1
+
+
+def test_bad_rows_are_counted_as_rows_not_responses(tmp_path):
+    three = {"prompt": "p", "responses": [{"text": t, "type": t} for t in ("a", "b", "c")]}
+    two = {"prompt": "q", "responses": [{"text": "x", "type": G}, {"text": "y", "type": "d"}, {"text": "z",
+                                                                                            "type": "e"}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [three, two, {"prompt": "r", "responses": [{"text": "ok", "type": G}]}])
+    with pytest.raises(DataError) as err:
+        run(tmp_path, path)
+    assert str(err.value).startswith("2 of 3 safety rows are bad (5 of their responses have a type not in --ranking):")

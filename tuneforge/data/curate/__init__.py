@@ -2,8 +2,7 @@
 
     tuneforge data inspect --data alpaca.json --model builtin:smollm2-135m-instruct --out reports/raw
     tuneforge data clean   --data alpaca.json --out data/clean
-    tuneforge data mix     --data data/clean/clean.jsonl zh.jsonl --strategy temperature --T 2 --size 20000 \\
-                           --out data/mix
+    tuneforge data mix     --data clean.jsonl zh.jsonl --strategy temperature --T 2 --size 20000 --out data/mix
     tuneforge data safety  --data cvalues_comparison.jsonl --out data/safety
     tuneforge data safety  --distill --data risky_prompts.jsonl --out data/distill --base-url URL --model NAME
     tuneforge data synth   self_instruct --data seed_tasks.jsonl --out data/synth --base-url URL --model NAME

@@ -1,8 +1,8 @@
 """`tuneforge data clean`: drop bad, degenerate and duplicate rows, and say which rule removed each one.
 
     tuneforge data clean --data alpaca.json --out data/clean
-    tuneforge data clean --config examples/sft_lora_tiny.yaml --out data/clean --languages zh en \\
-        --model builtin:smollm2-135m-instruct --max-tokens 1024
+    tuneforge data clean --config examples/sft_lora_tiny.yaml --out data/clean --languages zh en
+    tuneforge data clean --data alpaca.json --model builtin:smollm2-135m-instruct --max-tokens 1024 --out data/clean
 
 Rules, checked in this order (the first that fires names the row's rule):
   bad_row          the data path refuses the row (unreadable, invalid conversation), as training would

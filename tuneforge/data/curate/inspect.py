@@ -1,8 +1,7 @@
 """`tuneforge data inspect`: what is in a dataset before training on it.
 
     tuneforge data inspect --data alpaca.json --out reports/alpaca
-    tuneforge data inspect --config examples/sft_lora_tiny.yaml --model builtin:smollm2-135m-instruct \\
-        --max-length 512 --out reports/sft
+    tuneforge data inspect --config examples/sft_lora_tiny.yaml --model builtin:smollm2-135m-instruct --out reports/sft
 
 Counts (rows, bad rows by source, rows per dataset), characters per row, turns per conversation, script-based
 languages, empty and duplicate fields (per raw column, plus whole rows, prompts and answers after normalisation).

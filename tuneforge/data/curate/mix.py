@@ -1,7 +1,6 @@
 """`tuneforge data mix`: several datasets -> one training set of a target size, with exact per-dataset counts.
 
-    tuneforge data mix --data data/en.jsonl data/zh.jsonl code.json --strategy temperature --T 2 --size 20000 \\
-        --out data/mix
+    tuneforge data mix --data en.jsonl zh.jsonl code.json --strategy temperature --T 2 --size 20000 --out data/mix
 
 Strategies (the share r_m of dataset m, with e_m its number of rows):
   proportional  r_m = e_m / sum(e)                         (the natural mixture)

@@ -31,7 +31,8 @@ class SourceArgs:
     out: str = opt(help="Output folder (created; files in it are replaced atomically, never an input file).")
     data: list[str] = opt(factory=list, help="Datasets: files, folders or registry names, as in `data.train`.")
     config: str | None = opt(None, "A training config YAML: its `data.train` (and `data.registry`) are read, "
-                                   "relative paths from the config's folder; `--data` adds to them.")
+                                   "relative paths from the current folder as `tuneforge train` reads them (then "
+                                   "from the config's folder); `--data` adds to them.")
     format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = opt(
         "auto", "Row format of the `--data` datasets (auto guesses per file, like training).")
     registry: str | None = opt(None, "A dataset_info.json registry for names in `--data` (LLaMA-Factory style).")
@@ -82,11 +83,15 @@ def sources_of(args: SourceArgs) -> Sources:
 def resolved(spec, sources: Sources):
     """(spec with registry settings applied, local path)."""
     if sources.registry is not None and spec.path in sources.registry:
+        missing = sources.registry.missing_file(spec.path)
+        if missing is not None:
+            raise sources.registry.missing_file_error(spec.path, missing)
         spec = sources.registry.resolve(spec)
     local = build.find_local(spec.path, sources.base_dir)
     if local is None:
         raise DataError(f"Dataset {spec.path}: no such file or folder (nor a name in the registry). The data tools "
                         f"read local files; give a path relative to the current folder or an absolute one.")
+    build.check_no_split(spec, local)
     return spec, local
 
 

@@ -136,33 +136,47 @@ def _spec(path: str):
 def read_prompts(sources: rows.Sources, ranking: list[str], unknown: str = "raise") -> tuple[list[Prompt], list]:
     """Typed responses pooled by prompt, in order of first appearance; (prompts, skipped responses)."""
     by_text: dict[tuple, Prompt] = {}
-    bad, skipped = [], []
+    bad: dict[str, list[str]] = {}  # the problems of each bad row, by its source: a row may have several
+    skipped, n_rows, n_responses = [], 0, 0
     for spec in sources.specs:
         _, local = rows.resolved(spec, sources)
         for raw in readers.read_local(local):
+            n_rows += 1
             if isinstance(raw, BadRow):
-                bad.append(str(raw))
+                bad.setdefault(raw.source, []).append(str(raw))
                 continue
             try:
                 prompt, system, typed = parse_row(raw.data)
             except ValueError as e:
-                bad.append(f"{raw.source}: {e}")
+                bad.setdefault(raw.source, []).append(f"{raw.source}: {e}")
                 continue
             entry = by_text.setdefault((prompt, system), Prompt(prompt, system, [], raw.source))
             for text, kind in typed:
                 name = ALIASES.get(kind, kind)
                 if name not in ranking:
-                    (skipped if unknown == "skip" else bad).append(
-                        f"{raw.source}: response type {kind!r} is not in --ranking {' > '.join(ranking)}")
+                    problem = f"{raw.source}: response type {kind!r} is not in --ranking {' > '.join(ranking)}"
+                    if unknown == "skip":
+                        skipped.append(problem)
+                    else:
+                        bad.setdefault(raw.source, []).append(problem)
+                        n_responses += 1
                     continue
                 if all(r.text != text or r.type != name for r in entry.responses):
                     entry.responses.append(Response(text, name, ranking.index(name), raw.source))
     if bad:
-        listing = "\n".join(f"  - {b}" for b in bad[:20])
-        raise DataError(f"{len(bad)} safety rows are bad:\n{listing}\nRows need `prompt` and either `responses` "
-                        f"([{{text, type}}, ...]) or CValues' pos_resp/neg_resp/pos_type/neg_type; types must be "
-                        f"named in --ranking (or pass --unknown-types skip).")
+        raise _bad_rows_error(bad, n_rows, n_responses)
     return list(by_text.values()), skipped
+
+
+def _bad_rows_error(bad: dict[str, list[str]], n_rows: int, n_responses: int) -> DataError:
+    """Counts rows, not problems: one row with three responses of unknown types is one bad row."""
+    problems = [p for row in bad.values() for p in row]
+    listing = "\n".join(f"  - {p}" for p in problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    responses = f" ({n_responses} of their responses have a type not in --ranking)" if n_responses else ""
+    return DataError(f"{len(bad)} of {n_rows} safety rows are bad{responses}:\n{listing}{more}\nRows need `prompt` "
+                     f"and either `responses` ([{{text, type}}, ...]) or CValues' pos_resp/neg_resp/pos_type/"
+                     f"neg_type; types must be named in --ranking (or pass --unknown-types skip).")
 
 
 def parse_row(data: dict) -> tuple[str, str | None, list[tuple[str, str]]]:
