@@ -193,6 +193,24 @@ def test_what_cannot_be_converted_is_a_clear_error(lf, words, tmp_path, capsys):
     assert words in err and "Traceback" not in err
 
 
+def test_a_typo_in_a_llamafactory_key_is_named_with_the_key_it_meant():
+    conv = convert({"model_name_or_path": "m", "dataset": "a", "learing_rate": 1e-4, "use_unsloth": True})
+    assert any(d.startswith("learing_rate: 0.0001 (not a LLaMA-Factory key: did you mean `learning_rate`?")
+               for d in conv.dropped), conv.dropped
+    assert conv.config["training"]["lr"] == 5e-5  # the typo is not read as the rate: LLaMA-Factory's default stays
+    assert not any("did you mean" in d for d in conv.dropped if d.startswith("use_unsloth"))  # a real key: its reason
+
+
+def test_the_source_is_never_overwritten_and_a_tuneforge_config_is_named(tmp_path, capsys):
+    path = tmp_path / "lf.yaml"
+    path.write_text(LLAMA3_LORA_SFT, encoding="utf-8")
+    assert cli_main(["convert-config", str(path), "--out", str(tmp_path / "." / "lf.yaml")]) == 2
+    assert "would replace it" in capsys.readouterr().err and path.read_text(encoding="utf-8") == LLAMA3_LORA_SFT
+    tuneforge_config = Path(__file__).resolve().parents[1] / "examples" / "sft_lora_tiny.yaml"
+    assert cli_main(["convert-config", str(tuneforge_config)]) == 2
+    assert "is already a TuneForge config" in capsys.readouterr().err
+
+
 def test_missing_source_file(tmp_path, capsys):
     assert cli_main(["convert-config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

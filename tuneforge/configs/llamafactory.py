@@ -27,8 +27,9 @@ from pathlib import Path
 import yaml
 
 from tuneforge.configs.foreign import FOREIGN, NO_EQUIVALENT
+from tuneforge.configs.llamafactory_keys import LLAMAFACTORY_KEYS, training_argument_names
 from tuneforge.configs.typed import opt
-from tuneforge.errors import ConfigError, UserError
+from tuneforge.errors import ConfigError, UserError, closest
 
 # LLaMA-Factory key -> TuneForge dotted key, where the value carries over as it is
 RENAMES = {
@@ -144,6 +145,10 @@ class _Converter:
             return NO_EQUIVALENT[key]
         if FOREIGN.get(key, ("", ""))[1]:
             return FOREIGN[key][1]
+        known = LLAMAFACTORY_KEYS | training_argument_names()
+        typo = None if key in known else closest(key, known - set(self.lf))
+        if typo:
+            return f"not a LLaMA-Factory key: did you mean `{typo}`? Fix it in the source config and convert again"
         return "no TuneForge equivalent"
 
     def _stage_and_method(self) -> None:
@@ -447,6 +452,13 @@ def convert_cli(args: ConvertArgs) -> int:
         lf = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{args.source} is not valid YAML: {e}") from e
+    if isinstance(lf, dict) and ("method" in lf or isinstance(lf.get("training"), dict)
+                                 or isinstance(lf.get("data"), dict)):
+        raise UserError(f"{args.source} is already a TuneForge config (it has `method`, `training:` or `data:`): "
+                        f"run it with `tuneforge train {args.source}`.")
+    if args.out is not None and Path(args.out).resolve() == path.resolve():
+        raise UserError(f"--out {args.out} is the LLaMA-Factory config being converted: writing there would replace "
+                        f"it. Write the TuneForge config to another file.")
     conv = convert(lf, path)
     text = render(conv, args.source)
     load_train_config(None, base=loadable(yaml.safe_load(text)))  # what we write must load; else it is our bug
