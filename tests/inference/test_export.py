@@ -248,11 +248,42 @@ def test_argument_errors_before_any_load(tmp_path):
 
 def test_adapter_that_is_not_an_adapter_folder_says_what_it_is(tiny_llama_dir, tmp_path):
     """A full model passed as --adapter is told to go through --model; a missing folder and an empty one are named."""
+    (tmp_path / "run.yaml").write_text("method: lora\n", encoding="utf-8")
     cases = [(tiny_llama_dir, "holds a full model.*tuneforge export --model"), (tmp_path / "gone", "does not exist"),
-             (tmp_path, "no adapter_config.json")]
+             (tmp_path, "no adapter_config.json"), (tmp_path / "run.yaml", "run.yaml is a file, not an adapter folder")]
     for adapter, message in cases:
         with pytest.raises(UserError, match=message):
             export_cli(ExportArgs(out=str(tmp_path / "x"), model=str(tiny_llama_dir), adapter=str(adapter)))
+
+
+def test_adapter_of_another_base_is_refused_before_loading_as_chat_says_it(tiny_qwen2_dir, tiny_llama_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """The shapes in both config.json files are compared first: no model is loaded, no PEFT size-mismatch list."""
+    from tuneforge.models import loading
+
+    adapter = make_adapter("lora", tiny_qwen2_dir, tmp_path / "lora")
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded the base"))
+    capsys.readouterr()  # the fixture's own loading progress
+    assert main(["export", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"The adapter {adapter} does not fit the base model `{tiny_llama_dir}` (model_type qwen2 vs llama" in err
+    assert "size mismatch" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_peft_failure_on_another_base_is_one_line(tiny_llama_dir, tmp_path, capsys):
+    """The recorded base is not on disk, so only the load can tell: PEFT's list becomes chat's one-line error."""
+    from tuneforge.models.presets import init_model
+
+    wide = init_model("tiny-qwen2", tmp_path / "wide", hidden_size=128)  # every LoRA tensor of another shape
+    adapter = make_adapter("lora", wide, tmp_path / "lora")
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/gone"}))
+    capsys.readouterr()
+    assert main(["export", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # base loaded
+    assert len(errors) == 1 and "does not fit the base model" in errors[0] and "trained on `someone/gone`" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal is for machines without CUDA")

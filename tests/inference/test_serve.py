@@ -209,7 +209,11 @@ def test_body_limit_malformed_json_and_server_survives(client, server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     chunked = httpx.post(url, content=iter([b"{", b" " * 30_000, b"}"]), headers=headers)  # no Content-Length
     assert chunked.status_code == 413
-    assert httpx.post(url, content=b'{"model": "math", "messages": [', headers=headers).status_code == 400
+    malformed = httpx.post(url, content=b'{"model": "math", "messages": [', headers=headers)
+    assert malformed.status_code == 400
+    assert malformed.json()["error"] == {"message": "The request body is not valid JSON (at character 31): Expecting "
+                                                    "value.", "type": "invalid_request_error", "param": None,
+                                         "code": None}
     too_long = [{"role": "user", "content": "x " * 5000}]  # body under the limit, prompt over the context
     assert httpx.post(url, json={"model": "math", "messages": too_long}, headers=headers).status_code == 400
     assert client.chat.completions.create(model="math", messages=HI, max_tokens=2).choices[0].message is not None
@@ -241,6 +245,33 @@ def test_adapter_matching_no_module_is_an_error_at_load(tiny_llama_dir, adapters
         build_state(args)
     with pytest.raises(UserError, match="no adapter_config.json"):
         build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"x={tmp_path}"]))
+    with pytest.raises(UserError, match="Adapter `x`: .*renamed.adapter_config.json is a file, not an adapter folder"):
+        build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"x={bad / 'adapter_config.json'}"]))
+
+
+def test_adapter_of_another_base_gets_chats_error_before_loading(tiny_llama_dir, tiny_qwen2_dir, tmp_path,
+                                                                  monkeypatch):
+    from tuneforge.models import loading
+
+    other = make_lora(tiny_qwen2_dir, tmp_path / "qwen_lora", 3)
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded the base"))
+    with pytest.raises(UserError, match=rf"^The adapter {other} does not fit the base model `{tiny_llama_dir}` "
+                                        r"\(model_type qwen2 vs llama") as err:
+        build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"q={other}"]))
+    assert "size mismatch" not in str(err.value) and "Pass the model it was trained on as --model" in str(err.value)
+
+
+def test_peft_failure_on_another_base_is_one_line(tiny_llama_dir, tmp_path):
+    """The recorded base is not on disk, so only the load can tell: PEFT's list becomes chat's one-line error."""
+    from tuneforge.models.presets import init_model
+
+    wide = init_model("tiny-llama", tmp_path / "wide", hidden_size=128)  # every LoRA tensor of another shape
+    other = make_lora(wide, tmp_path / "wide_lora", 3)
+    config = json.loads((other / "adapter_config.json").read_text(encoding="utf-8"))
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/gone"}))
+    with pytest.raises(UserError, match=r"does not fit the base model .*trained on `someone/gone`") as err:
+        build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"q={other}"]))
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_echo_and_token_prompts(client, server):

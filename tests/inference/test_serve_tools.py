@@ -147,6 +147,31 @@ def test_named_tool_choice_starts_the_call_for_the_model():
                                            tool_choice={"type": "function", "function": {"name": "other"}})
 
 
+@pytest.mark.parametrize("tool_choice, reply", [  # what SmolLM2 wrote in QA, after the forced openings
+    ("required", '<tool_call>\n{"name": "get_weather", "description": "Paris, France, USA, USA'),
+    ({"type": "function", "function": {"name": "get_weather"}},
+     '<tool_call>\n{"name": "get_weather", "arguments": 1}\n\nThe weather in Paris is mild.'),
+])
+def test_forced_tool_choice_without_a_call_is_an_error_not_text(tool_choice, reply):
+    """A client that asked for a call reads tool_calls[0]; a reply that does not parse as one must not come back as
+    a normal answer (streamed or not). With tool_choice auto the same reply is plain content."""
+    _, server = _scripted_client(reply, "hermes")
+    with server as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        ask = dict(model="m", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER])
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**ask, tool_choice=tool_choice)
+        assert err.value.code == "tool_use_failed" and err.value.body["param"] == "tool_choice"
+        assert "does not parse as one" in err.value.message and '{"name": "get_weather"' in err.value.message
+        streamed = []
+        with pytest.raises(openai.APIError, match="does not parse as one"):
+            for chunk in client.chat.completions.create(**ask, tool_choice=tool_choice, stream=True):
+                streamed.append(chunk.choices[0].delta.content or "")
+        assert "".join(streamed) == ""  # the held-back call text never went out as content
+        auto = client.chat.completions.create(**ask).choices[0]
+        assert auto.message.content == reply and auto.message.tool_calls is None
+
+
 def test_vllm_command_line(tiny_llama_dir, tmp_path):
     from tests.inference.test_serve import make_lora
     from tuneforge.inference.serve.vllm import vllm_command

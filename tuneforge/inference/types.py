@@ -20,7 +20,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL-style, on every token of the prompt and reply (1.0: off)
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before the first one
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's own eos/end-of-turn ids
-    seed: int | None = None  # same seed -> same text, whatever else shares the batch
+    seed: int | None = None  # same seed -> same text alone; in a batch too, but for float-rounding ties (sampling.py)
     logprobs: bool = False  # log-probabilities of the chosen tokens (the model's raw distribution)
     top_logprobs: int = 0  # and of the n most likely tokens at each step
     ignore_eos: bool = False  # run to max_new_tokens through end-of-turn tokens (benchmarks); stop strings still apply

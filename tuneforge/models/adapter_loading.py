@@ -4,7 +4,8 @@
     model = load_adapter(model, "outputs/run", base)
 
 A base of another shape is refused by its config.json before loading (a 7B model takes minutes), and PEFT's
-size-mismatch tracebacks become one UserError naming both models.
+size-mismatch tracebacks become one UserError naming both models. `export` and `serve` call the same checks
+(`check_base_matches` before loading, `load_error` when PEFT still fails), so all four verbs say the same thing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from tuneforge.errors import UserError
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+LEAVE_OUT = "Leave out --model to use the recorded base, or pass the model it was trained on."  # chat, eval, export
 # config.json fields that must agree between the model an adapter was trained on and the one it is put on
 SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size")
@@ -26,6 +28,9 @@ def adapter_folder(adapter: str | Path, full_model_hint: str = "chat with it dir
     and serve: each passes what to do with a full-model folder instead (`{folder}` is filled in) and, for serve, a
     prefix naming the adapter."""
     folder = Path(adapter).expanduser()
+    if folder.is_file():
+        raise UserError(f"{prefix}{adapter} is a file, not an adapter folder. Pass the folder that holds "
+                        f"adapter_config.json: the output_dir of a LoRA (or other adapter) training run.")
     if not folder.is_dir():
         raise UserError(f"{prefix}Adapter folder {adapter} does not exist. Pass the output_dir of a LoRA (or other "
                         f"adapter) training run, which holds adapter_config.json.")
@@ -64,8 +69,9 @@ def _shape_of(name_or_path: str) -> dict | None:
     return {k: config.get(k) for k in SHAPE_FIELDS}
 
 
-def check_base_matches(folder: Path, recorded: str | None, given: str) -> None:
-    """Refuse an adapter on a base of another shape before PEFT fails with a size-mismatch traceback."""
+def check_base_matches(folder: Path, recorded: str | None, given: str, advice: str = LEAVE_OUT) -> None:
+    """Refuse an adapter on a base of another shape before PEFT fails with a size-mismatch traceback. advice: what
+    to do instead (serve has no recorded-base default, so it says so)."""
     if recorded is None or recorded == given:
         return
     want, have = _shape_of(recorded), _shape_of(given)
@@ -74,13 +80,12 @@ def check_base_matches(folder: Path, recorded: str | None, given: str) -> None:
     diff = {k: (want[k], have[k]) for k in SHAPE_FIELDS if want[k] is not None and want[k] != have[k]}
     if diff:
         shown = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
-        raise UserError(_mismatch(folder, recorded, given, shown))
+        raise UserError(_mismatch(folder, recorded, given, shown, advice))
 
 
-def _mismatch(folder: Path, recorded: str | None, given: str, detail: str) -> str:
+def _mismatch(folder: Path, recorded: str | None, given: str, detail: str, advice: str = LEAVE_OUT) -> str:
     trained = f"was trained on `{recorded}`" if recorded else "records no base model"
-    return (f"The adapter {folder} does not fit the base model `{given}` ({detail}): it {trained}. Leave out "
-            f"--model to use the recorded base, or pass the model it was trained on.")
+    return f"The adapter {folder} does not fit the base model `{given}` ({detail}): it {trained}. {advice}"
 
 
 def load_adapter(model, adapter: str, given: str | None = None):
@@ -95,9 +100,15 @@ def load_adapter(model, adapter: str, given: str | None = None):
     try:
         return load_adapter_folder(model, folder)  # PEFT folders and TuneForge's own (bottleneck adapters)
     except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, missing target modules, unknown keys
-        detail = str(e).strip().splitlines()
-        raise UserError(_mismatch(folder, recorded, given or "the given model",
-                                  detail[-1].strip().rstrip(".")[:300] if detail else type(e).__name__)) from e
+        raise load_error(folder, given, e) from e
+
+
+def load_error(folder: Path, given: str | None, error: Exception, advice: str = LEAVE_OUT) -> UserError:
+    """PEFT's failure to put the adapter on a base (a ~30-line size-mismatch list) as one UserError naming both
+    models; only its last line is kept, which shows one mismatched tensor."""
+    detail = str(error).strip().splitlines()
+    return UserError(_mismatch(folder, recorded_base(folder), given or "the given model",
+                               detail[-1].strip().rstrip(".")[:300] if detail else type(error).__name__, advice))
 
 
 def base_for(adapter: str | None, model: str | None, chat_template: str | None) -> tuple[str, str | None]:

@@ -24,7 +24,7 @@ import torch
 from tuneforge.configs.schema import ModelConfig
 from tuneforge.configs.typed import opt
 from tuneforge.errors import UserError
-from tuneforge.models.adapter_loading import adapter_folder
+from tuneforge.models.adapter_loading import adapter_folder, check_base_matches, recorded_base
 
 
 @dataclass
@@ -162,6 +162,8 @@ def export_cli(args: ExportArgs) -> int:
         adapter_folder(adapter, "export it with `tuneforge export --model {folder} --out DIR` (no --adapter).")
         method = source.adapter_method(adapter)
     base = args.model or source.base_reference(adapter)
+    if adapter is not None:  # a base of another shape: refused before minutes of loading, as chat does
+        check_base_matches(adapter, recorded_base(adapter), base)
     out = Path(args.out).expanduser()
     check_out(out, args.overwrite, [p for p in (adapter, Path(base)) if p is not None and p.exists()])
     if args.quant in ("nf4", "int8"):

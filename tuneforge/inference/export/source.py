@@ -99,14 +99,10 @@ def load_base(base: str, model_cfg, dtype: torch.dtype):
 
 def load_with_adapter(base: str, adapter: Path, model_cfg, dtype: torch.dtype):
     """(base model with the adapter applied, tokenizer): what chat/eval run, and the reference for the merge."""
-    from tuneforge.methods.adapters import load_adapter_folder
+    from tuneforge.models.adapter_loading import load_adapter
 
     model, tokenizer = load_base(base, model_cfg, dtype)
-    try:
-        model = load_adapter_folder(model, adapter)
-    except (RuntimeError, ValueError, KeyError) as e:  # shape mismatches from PEFT/torch
-        raise UserError(f"The adapter in {adapter} does not fit the base model {base}: {e}. Pass the base it was "
-                        f"trained on with --model.") from e
+    model = load_adapter(model, str(adapter), base)  # chat's loader: a mismatch is one error naming both models
     return model.eval(), tokenizer
 
 

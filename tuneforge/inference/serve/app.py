@@ -123,6 +123,11 @@ class Guard:
 def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in e.errors():
+        if err.get("type") == "json_invalid":  # FastAPI puts the character offset where a field name would be
+            at = next((x for x in err.get("loc", ()) if isinstance(x, int)), None)
+            where = f" (at character {at})" if at is not None else ""
+            reason = (err.get("ctx") or {}).get("error") or err.get("msg")
+            return f"The request body is not valid JSON{where}: {reason}.", None
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = param or (loc[0] if loc else None)
         parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")

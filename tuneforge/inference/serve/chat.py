@@ -4,7 +4,8 @@
 - absent / "auto": the tools are shown to the model (rendered by its template) and its reply is parsed for calls;
 - "none": the tools are not shown and nothing is parsed (a plain answer);
 - "required" or {"type": "function", "function": {"name": X}}: the reply is started for the model with the opening
-  of a call (of X), which it then completes: the same forcing a grammar would give, for one family-specific prefix.
+  of a call (of X), which it then completes. That is a strong hint, not a grammar: a reply that still does not
+  parse as a call is a 400 `tool_use_failed` error (completions.check_forced_call), never text posing as a call.
 """
 
 from __future__ import annotations

@@ -116,8 +116,24 @@ def absorb(choice: Choice, delta) -> list:
         else:
             choice.text += e
     if delta.finish_reason is not None:
+        check_forced_call(choice, delta.finish_reason)
         choice.finish_reason = "tool_calls" if choice.tool_calls else delta.finish_reason
     return events
+
+
+def check_forced_call(choice: Choice, finish_reason: str) -> None:
+    """tool_choice "required" or a named function promises a call, but the reply is only started with a call's
+    opening (see chat.py), and a model can still complete it into something that does not parse. A client trusting
+    tool_choice reads `tool_calls[0]`, so that is an error (400 `tool_use_failed`, as Groq answers; 400 so that
+    clients do not retry it like a 500), not text."""
+    if not choice.prefill or choice.tool_calls:
+        return
+    cut = " (cut off by max_tokens)" if finish_reason == "length" else ""
+    shown = choice.text if len(choice.text) <= 300 else choice.text[:300] + "..."
+    raise OpenAIError(400, f"`tool_choice` asks for a tool call, but the model's reply does not parse as one{cut}: "
+                           f"{shown!r}. The reply is started with the call's opening, not constrained by a grammar. "
+                           f"Ask again (with sampling), use a model trained for tool calls, or use tool_choice "
+                           f"auto to get such replies back as text.", param="tool_choice", code="tool_use_failed")
 
 
 def start_parsers(choices: list[Choice]) -> list[list]:
@@ -141,7 +157,11 @@ async def run_to_end(choices: list[Choice]) -> None:
         async for delta in choice.handle.aiter():
             absorb(choice, delta)
 
-    await asyncio.gather(*(one(c) for c in choices))
+    try:
+        await asyncio.gather(*(one(c) for c in choices))
+    except BaseException:
+        cancel_all(choices)  # one failed choice fails the request: free the other choices' slots
+        raise
 
 
 async def merged(choices: list[Choice]):

@@ -18,6 +18,7 @@ from pathlib import Path
 from tuneforge.errors import UserError
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.:-]*$")
+SERVE_ADVICE = "Pass the model it was trained on as --model (serve's default is not the recorded base)."
 
 
 @dataclass
@@ -124,9 +125,22 @@ def check_adapter_matches(model, name: str, weights: Path) -> None:
                         f"that clash with its own prefixes such as `lora_`).")
 
 
-def attach_adapters(model, adapters: dict[str, str], allow_pickle: bool = False):
-    """Load each adapter under its name on one PEFT model; the first wraps the base, the others are added."""
+def check_adapters_fit(adapters: dict[str, str], base_name: str, allow_pickle: bool = False) -> None:
+    """Each adapter folder is one, and was trained on a base of this shape: checked from config.json files before
+    the base is loaded (a 7B model takes minutes), with the error chat and export give."""
+    from tuneforge.models.adapter_loading import check_base_matches, recorded_base
+
+    for name, folder in adapters.items():
+        checked = _check_adapter_folder(name, Path(folder).expanduser(), allow_pickle).parent
+        check_base_matches(checked, recorded_base(checked), base_name, SERVE_ADVICE)
+
+
+def attach_adapters(model, adapters: dict[str, str], allow_pickle: bool = False, base_name: str | None = None):
+    """Load each adapter under its name on one PEFT model; the first wraps the base, the others are added.
+    base_name: how the user named the base, for errors."""
     from peft import PeftModel
+
+    from tuneforge.models.adapter_loading import load_error
 
     for name, folder in adapters.items():
         weights = _check_adapter_folder(name, Path(folder).expanduser(), allow_pickle)
@@ -135,8 +149,8 @@ def attach_adapters(model, adapters: dict[str, str], allow_pickle: bool = False)
                 model.load_adapter(str(weights.parent), adapter_name=name)
             else:
                 model = PeftModel.from_pretrained(model, str(weights.parent), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"Adapter `{name}` ({folder}) does not fit the base model: {e}") from e
+        except (ValueError, KeyError, RuntimeError) as e:  # PEFT's size-mismatch list -> one line, as chat says it
+            raise load_error(weights.parent, base_name, e, SERVE_ADVICE) from e
         check_adapter_matches(model, name, weights)
     return model
 
@@ -153,7 +167,8 @@ def load_served(model_cfg, adapters: dict[str, str], served_name: str | None = N
                         f"(--adapter OTHER=DIR) or the base another one (--served-model-name).")
     import torch
 
+    check_adapters_fit(adapters, model_cfg.name_or_path, model_cfg.allow_pickle)
     device, dtype = placement or ("cpu", torch.float32)
     model, tokenizer = load_model_and_tokenizer(model_cfg, dtype=dtype, device=device)
-    model = attach_adapters(model, adapters, allow_pickle=model_cfg.allow_pickle)
+    model = attach_adapters(model, adapters, model_cfg.allow_pickle, model_cfg.name_or_path)
     return ServedModels(model=model.eval(), tokenizer=tokenizer, base_id=base_id, adapters=dict(adapters))
