@@ -199,3 +199,10 @@ def test_llamafactory_file_points_to_convert_config(tmp_path, capsys):
     assert cli_main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"tuneforge convert-config {path}" in err and "Did you mean `data.max_length`" in err
+
+
+@pytest.mark.parametrize("flag, says", [("--resume", "`training.resume=auto`"), ("--output_dir", "`output_dir=runs/x`"),
+                                        ("--seed", "`seed=VALUE`")])
+def test_a_command_line_flag_gets_the_override_it_meant(flag, says):
+    with pytest.raises(ConfigError, match=f"`{flag}` is a command-line flag; overrides are config keys .*{says}"):
+        load([flag])

@@ -87,3 +87,21 @@ def test_metrics_file_keeps_small_numbers_significant(tmp_path):
     row = read_metrics(tmp_path / "metrics.jsonl")[0]
     assert row["lr"] == pytest.approx(1.234567891e-9, rel=1e-8)
     assert row["model_tflops"] == pytest.approx(9.297648615598922e-07, rel=1e-8)
+
+
+def test_examples_past_the_last_full_batch_are_announced(tiny_llama_dir, tmp_path):
+    """10 examples, batch 4: each epoch trains 8; the two that sit out used to go unmentioned."""
+    import json
+
+    rows = tmp_path / "ten.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(10)))
+    logs = []
+    run_config(config(tiny_llama_dir, tmp_path / "run", f"data.train=[{rows}]", "training.batch_size=4",
+                      "training.max_steps=1"), log=logs.append)
+    assert any("2 of the 10 training examples do not fill a global batch (4 examples)" in line for line in logs), logs
+    logs = []
+    run_config(config(tiny_llama_dir, tmp_path / "run2", f"data.train=[{rows}]", "training.batch_size=5",
+                      "training.max_steps=1"), log=logs.append)
+    assert not any("do not fill a global batch" in line for line in logs)

@@ -243,9 +243,20 @@ def to_dict(obj) -> Any:
     return obj
 
 
+# flags users bring from other tools, and the override that does what they meant
+FLAG_HABITS = {"resume": "training.resume=auto", "resume_from_checkpoint": "training.resume=auto",
+               "output_dir": "output_dir=runs/x", "overwrite_output_dir": "overwrite_output_dir=true",
+               "max_steps": "training.max_steps=100", "learning_rate": "training.lr=1e-4"}
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=3` -> (['a', 'b'], 3). The value is read as YAML so lists, numbers and booleans work."""
     if "=" not in item:
+        if item.startswith("-"):  # a Trainer / LLaMA-Factory habit: `--resume`, `--output_dir runs/x`
+            name = item.lstrip("-").replace("-", "_")
+            example = FLAG_HABITS.get(name, f"{name}=VALUE")
+            raise ConfigError(f"`{item}` is a command-line flag; overrides are config keys written key=value after "
+                              f"the config file, e.g. `{example}`.")
         raise ConfigError(f"Override `{item}` is not of the form key=value (for example `training.lr=1e-4`).")
     key, raw = item.split("=", 1)
     try:

@@ -247,6 +247,7 @@ class Trainer:
         # DeepSpeed wraps model and optimizer in its engine here (the others wrapped the model in setup_model)
         self.model, self.optimizer = self.strategy.prepare(model, self.optimizer, runtime)
         self.say = log if runtime.is_main else (lambda _: None)
+        self._say_partial_batch(len(train_items))
         self.step, self.position = 0, 0
         self.window = MetricWindow()
         self.fingerprint = ckpt.run_fingerprint(cfg, runtime.world_size, train_items)
@@ -432,6 +433,15 @@ class Trainer:
             if self._resumed:
                 truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         self.rt.barrier()
+
+    def _say_partial_batch(self, n_items: int) -> None:
+        """Every global batch is full (the same batches on 1 or N processes, exact resume), so the examples past the
+        last full one sit out each epoch: say how many, as a run should never drop rows silently."""
+        width = self.t.batch_size * self.rt.world_size
+        left = n_items - self.order.per_epoch * width
+        if left:
+            self.say(f"note: {left} of the {n_items} training examples do not fill a global batch ({width} "
+                     f"examples) and sit out each epoch; each epoch's shuffle picks other ones")
 
     def _say_fused_layers(self) -> None:
         from tuneforge.kernels import fused_layer_counts
