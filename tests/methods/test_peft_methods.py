@@ -322,6 +322,17 @@ def test_pissa_saves_a_plain_lora_for_the_original_base(base_dirs, batch, tmp_pa
     assert config["r"] == 2 * RANK and config["init_lora_weights"] is True
 
 
+def test_a_target_name_or_pattern_that_matches_nothing_is_named(base_dirs):
+    """PEFT refuses a target list only when no name matches, and freeze skipped a pattern that matched nothing: a
+    typo trained less than asked, without a word."""
+    cfg = make_cfg("lora", {"lora": {"rank": RANK, "target_modules": ["q_proj", "vv_proj"]}})
+    with pytest.raises(ConfigError, match="`lora.target_modules`: `vv_proj` names no module.*v_proj"):
+        METHODS["lora"].apply(tiny_model(path=base_dirs["llama"]), cfg.options("lora"), cfg)
+    cfg = make_cfg("freeze", {"freeze": {"trainable_layers": 1, "trainable_modules": ["embed_tokens", "nosuch"]}})
+    with pytest.raises(ConfigError, match="`freeze.trainable_modules`: `nosuch` matched no parameter"):
+        METHODS["freeze"].apply(tiny_model(path=base_dirs["llama"]), cfg.options("freeze"), cfg)
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="prompt_tuning.init_text"):
         make_cfg("prompt_tuning", {"prompt_tuning": {"init": "text"}})

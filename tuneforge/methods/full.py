@@ -84,6 +84,12 @@ class Freeze(Method):
     def apply(self, model, opts, cfg):
         freeze_all(model)
         prefixes = [p for _, p in self.trainable_blocks(model, opts)] if opts.trainable_layers else []
+        names = [name for name, _ in unwrap(model).named_parameters()]
+        unmatched = [pattern for pattern in opts.trainable_modules if not any(_matches(n, [pattern]) for n in names)]
+        if unmatched:  # a typo (`embed_token`) would train less than asked, without a word
+            raise ConfigError(f"`freeze.trainable_modules`: {', '.join(f'`{u}`' for u in unmatched)} matched no "
+                              f"parameter of this model. Parameter names look like {', '.join(names[:3])}; fix or "
+                              f"drop the pattern.")
         for name, p in unwrap(model).named_parameters():
             if any(name.startswith(pre) for pre in prefixes) or _matches(name, opts.trainable_modules):
                 p.requires_grad_(True)

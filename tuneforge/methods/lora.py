@@ -32,6 +32,21 @@ def peft_target_modules(opts: LoraOptions):
     return list(opts.target_modules)
 
 
+def check_target_names(model, targets: list[str], key: str) -> None:
+    """Each plain module name in `targets` must name a module: PEFT refuses only a list where none matches, so
+    `[q_proj, vv_proj]` trained q_proj alone without a word."""
+    import torch
+
+    if targets == ["all-linear"]:
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"`{key}`: {', '.join(f'`{m}`' for m in missing)} names no module of this model. Its "
+                          f"linear layers are {', '.join(linear)} (or use [all-linear]).")
+
+
 class Lora(Method):
     name = "lora"
     section = "lora"
@@ -67,6 +82,7 @@ class Lora(Method):
     def apply(self, model, opts, cfg):
         from peft import get_peft_model
 
+        check_target_names(model, opts.target_modules, f"{self.section}.target_modules")
         try:
             return get_peft_model(model, self.peft_config(opts))
         except ValueError as e:  # PEFT says which target modules were not found
