@@ -105,3 +105,13 @@ def test_examples_past_the_last_full_batch_are_announced(tiny_llama_dir, tmp_pat
     run_config(config(tiny_llama_dir, tmp_path / "run2", f"data.train=[{rows}]", "training.batch_size=5",
                       "training.max_steps=1"), log=logs.append)
     assert not any("do not fill a global batch" in line for line in logs)
+
+
+def test_a_max_length_past_the_models_positions_is_said(tiny_llama_dir, tmp_path):
+    logs = []
+    run_config(config(tiny_llama_dir, tmp_path / "run", "data.max_length=4096", "training.max_steps=1"),
+               log=logs.append)
+    assert any("data.max_length 4096 is past the model's 2048 positions" in line for line in logs), logs
+    logs = []
+    run_config(config(tiny_llama_dir, tmp_path / "run2", "training.max_steps=1"), log=logs.append)
+    assert not any("positions (max_position_embeddings)" in line for line in logs)

@@ -248,6 +248,7 @@ class Trainer:
         self.model, self.optimizer = self.strategy.prepare(model, self.optimizer, runtime)
         self.say = log if runtime.is_main else (lambda _: None)
         self._say_partial_batch(len(train_items))
+        self._say_past_the_context()
         self.step, self.position = 0, 0
         self.window = MetricWindow()
         self.fingerprint = ckpt.run_fingerprint(cfg, runtime.world_size, train_items)
@@ -442,6 +443,16 @@ class Trainer:
         if left:
             self.say(f"note: {left} of the {n_items} training examples do not fill a global batch ({width} "
                      f"examples) and sit out each epoch; each epoch's shuffle picks other ones")
+
+    def _say_past_the_context(self) -> None:
+        """Rows longer than the positions the model was built for train it where it never was (RoPE
+        extrapolation): allowed, as long-context fine-tuning does it on purpose, but never unsaid."""
+        config = getattr(unwrap(self.model), "config", None)
+        window = getattr(config, "max_position_embeddings", None)
+        if isinstance(window, int) and self.cfg.data.max_length > window:
+            self.say(f"note: data.max_length {self.cfg.data.max_length} is past the model's "
+                     f"{window} positions (max_position_embeddings): rows that long train it at positions it was "
+                     f"not built for; lower data.max_length unless you extend the context on purpose")
 
     def _say_fused_layers(self) -> None:
         from tuneforge.kernels import fused_layer_counts
