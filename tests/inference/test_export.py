@@ -123,6 +123,8 @@ def test_merged_folders_match_the_adapter_and_load_without_tuneforge(adapters, e
         printed, folder, logits = exported[case]
         assert f"Merged the `{merged_by}` adapter" in printed
         assert not (folder / "adapter_config.json").exists()
+        card = (folder / "README.md").read_text(encoding="utf-8")  # what the folder is and how to load it
+        assert "## Export" in card and "AutoModelForCausalLM.from_pretrained(" in card, card
         torch.testing.assert_close(logits, adapter_logits(*adapters[case]), atol=1e-4, rtol=0)
     # the adapter really changes the model, so the equality above means something
     assert (exported["base-llama"][2] - exported["lora-llama"][2]).abs().max() > 1e-2
@@ -168,6 +170,8 @@ def test_non_mergeable_method_exports_an_adapter_folder_that_plain_peft_loads(ad
     assert "`prompt_tuning` cannot be merged" in printed and "PeftModel.from_pretrained" in printed
     assert (out / "adapter_config.json").is_file() and (out / "tokenizer.json").is_file()
     assert not (out / "config.json").exists()
+    card = (out / "README.md").read_text(encoding="utf-8")  # the note is in the folder, not only on the screen
+    assert "## Export" in card and "cannot be merged" in card and "PeftModel.from_pretrained" in card
     torch.testing.assert_close(logits, adapter_logits(*adapters["prompt-llama"]), atol=1e-5, rtol=0)
     adapter = adapters["prompt-llama"][1]
     assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "g"), "--format", "gguf"]) == 2

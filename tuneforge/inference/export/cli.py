@@ -120,13 +120,23 @@ def _export_adapter(args: ExportArgs, base: str, adapter: Path, method, model_cf
                         f"Export them as an adapter folder (--format hf, no --quant), or train a mergeable method "
                         f"(lora, dora, ia3, ...) for GGUF/quantized export.")
     _, tokenizer = load_with_adapter(base, adapter, model_cfg, torch.float32)
-    with atomic_folder(out) as tmp:
-        write_adapter_folder(adapter, tokenizer, tmp, args.model)
     how = (f"tuneforge chat --model {base} --adapter {out}" if method.name == "adapter" else
            f"peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r})")
-    print(f"note: `{method.name}` cannot be merged into the base weights (it adds computation with no weight "
-          f"equivalent), so {out} is an adapter folder for the base model, not a standalone model. Load it with: "
-          f"{how}")
+    note = (f"`{method.name}` cannot be merged into the base weights (it adds computation with no weight "
+            f"equivalent), so {out} is an adapter folder for the base model, not a standalone model. Load it with: "
+            f"{how}")
+    with atomic_folder(out) as tmp:
+        write_adapter_folder(adapter, tokenizer, tmp, args.model)
+        write_export_card(tmp, adapter, note)
+    print(f"note: {note}")
+
+
+def write_export_card(folder: Path, source: Path | None, how: str) -> None:
+    """README.md of an export: the training run's model card where the source has one (what was trained, on what,
+    with which losses), and an Export section saying what this folder is and how to load it."""
+    card = source / "README.md" if source is not None else None
+    text = card.read_text(encoding="utf-8").rstrip() + "\n\n" if card is not None and card.is_file() else ""
+    (folder / "README.md").write_text(f"{text}## Export\n\nWritten by `tuneforge export`. {how}\n", encoding="utf-8")
 
 
 def _write_merged(args: ExportArgs, model, tokenizer, dtype: torch.dtype, tmp: Path) -> None:
@@ -146,6 +156,16 @@ def _write_merged(args: ExportArgs, model, tokenizer, dtype: torch.dtype, tmp: P
         stops = hf.export_generation_config(model, tokenizer).eos_token_id
         stops = stops if isinstance(stops, list) else [stops]
         (tmp / "Modelfile").write_text(ollama_modelfile(gguf_name, tokenizer, stops), encoding="utf-8")
+
+
+def _loading_note(args: ExportArgs, method, adapter: Path | None, base: str, out: Path) -> str:
+    merged = f"The `{method.name}` adapter {adapter} merged into {base}" if method is not None else f"{base}"
+    if args.format == "gguf":
+        return (f"{merged}, as a GGUF file for llama.cpp and Ollama: `llama-cli -m {out}/<file>.gguf -cnv`, or "
+                f"`ollama create mymodel -f Modelfile` in this folder.")
+    quant = f", quantized to {args.quant} by bitsandbytes (needs a CUDA GPU to load)" if args.quant != "none" else ""
+    return (f"{merged}{quant}, as a Hugging Face folder: `AutoModelForCausalLM.from_pretrained({str(out)!r})`, or "
+            f"`tuneforge chat --model {out}`.")
 
 
 def export_cli(args: ExportArgs) -> int:
@@ -180,6 +200,7 @@ def export_cli(args: ExportArgs) -> int:
     model, tokenizer = source.load_merged(base, adapter, method, model_cfg, dtype)
     with atomic_folder(out) as tmp:
         _write_merged(args, model, tokenizer, dtype, tmp)
+        write_export_card(tmp, adapter or Path(resolve_source(base)), _loading_note(args, method, adapter, base, out))
     if method is not None:
         print(f"Merged the `{method.name}` adapter from {adapter} into {base}.")
     _report(out, started)
