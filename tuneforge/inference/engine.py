@@ -107,7 +107,7 @@ class Engine:
                             f"{self.context_length} tokens; shorten the conversation.")
         handle = Handle(prompt_tokens=len(prompt_ids))
         self.scheduler.add(Sequence(handle, list(prompt_ids), params, adapter, self.tokenizer, self.stop_ids,
-                                    min(params.max_new_tokens, room), prefix))
+                                    min(params.max_new_tokens, room), prefix, self.runner.device))
         return handle
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,

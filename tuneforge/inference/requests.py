@@ -94,12 +94,15 @@ class Sequence:
     """Engine-side state of one request while it waits or decodes."""
 
     def __init__(self, handle: Handle, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
-                 tokenizer, stop_ids: set[int], max_new_tokens: int, prefix_len: int):
+                 tokenizer, stop_ids: set[int], max_new_tokens: int, prefix_len: int,
+                 device: torch.device | str = "cpu"):
         self.handle, self.prompt_ids, self.params, self.adapter = handle, prompt_ids, params, adapter
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else stop_ids)
         self.max_new_tokens = max_new_tokens
         self.prefix_len = prefix_len  # virtual tokens of a prompt-learning adapter
-        self.generator = torch.Generator()
+        # on the model's device: the draw takes one number per vocabulary token each step (sampling.py), which on
+        # a GPU must not be made on the CPU and copied over (150k tokens x the batch, every step)
+        self.generator = torch.Generator(device=device)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator.manual_seed(seed)
         self.stream = TextStream(tokenizer, params.stop)

@@ -91,7 +91,7 @@ def _exponentials(generators: list[torch.Generator], vocab: int, device) -> torc
     """[rows, vocab] Exp(1) numbers, one per vocabulary token from each row's own generator, indexed by token id (so
     a token's number does not depend on where a sort put it). -log U of uniforms in [0, 1): four times cheaper than
     `exponential_`, and never 0 (U = 0 gives inf: that token cannot win), so p / E is never 0 / 0."""
-    uniforms = torch.stack([torch.rand(vocab, generator=g) for g in generators])
+    uniforms = torch.stack([torch.rand(vocab, generator=g, device=g.device) for g in generators])
     return uniforms.to(device).log_().neg_()
 
 
