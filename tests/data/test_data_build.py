@@ -4,6 +4,7 @@ split, system prompts, and every file format end to end."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -192,3 +193,55 @@ def test_a_row_of_another_format_says_the_format_was_detected_from_the_first_lin
                                                            "file in one format). Keep one format per file, or convert "
                                                            "this row to alpaca.")
     assert alpaca.field == "output" and alpaca.problem.startswith("missing")  # an alpaca row keeps its own problem
+
+
+def v1_turn(role: str, text: str, weight) -> dict:
+    """A message in LLaMA-Factory's v1 layout (content parts, a per-message loss_weight)."""
+    return {"role": role, "content": [{"type": "text", "value": text}], "loss_weight": weight}
+
+
+def labelled_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+
+
+def test_loss_weight_zero_masks_that_assistant_turn(tmp_path, tokenizer):
+    row = {"messages": [v1_turn("user", "Q1", 0.0), v1_turn("assistant", "Alpha reply", 0.0),
+                        v1_turn("user", "Q2", 0.0), v1_turn("assistant", "Beta reply", 1.0)]}
+    path = write_jsonl(tmp_path / "v1.jsonl", [row])
+    (example,), _, _ = build_datasets(config([path]), tokenizer, "sft")
+    assert "Alpha" in tokenizer.decode(example.input_ids)
+    assert labelled_text(tokenizer, example).strip() == "Beta reply<|im_end|>"
+    (example,), _, _ = build_datasets(config([path], loss_on="all"), tokenizer, "sft")
+    assert "Alpha" not in labelled_text(tokenizer, example) and "Q2" in labelled_text(tokenizer, example)
+    row["messages"][1]["loss_weight"], row["messages"][3]["loss_weight"] = 1, 0
+    path = write_jsonl(tmp_path / "v1_last.jsonl", [row, {"messages": [v1_turn("user", "Other?", 0),
+                                                                           v1_turn("assistant", "Kept.", 1)]}])
+    train, _, report = build_datasets(config([path], loss_on="last"), tokenizer, "sft")
+    assert len(train) == 1 and report.dropped_no_loss == [f"{path}:line 1"]  # its only trained turn is excluded
+
+
+@pytest.mark.parametrize("role, weight, words", [
+    ("assistant", 0.5, "got 0.5; only 0 (no loss on this turn) and 1 are supported"),
+    ("assistant", "1", "got '1'; only 0"),
+    ("user", 1.0, "1 on a `user` message, but loss goes to assistant turns only"),
+])
+def test_other_loss_weights_are_bad_rows(tmp_path, tokenizer, role, weight, words):
+    turns = [v1_turn("user", "Q", 0.0), v1_turn("assistant", "A", 1.0)]
+    turns[0 if role == "user" else 1]["loss_weight"] = weight
+    path = write_jsonl(tmp_path / "v1.jsonl", [{"messages": turns}])
+    index = 0 if role == "user" else 1
+    with pytest.raises(DataError, match=re.escape(f"field `messages[{index}].loss_weight`: {words}")):
+        build_datasets(config([path]), tokenizer, "sft")
+
+
+def test_eval_ratio_beside_an_eval_set_is_reported_as_unused(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [qa(f"Question {i}?", f"Answer {i}.") for i in range(8)])
+    held = write_jsonl(tmp_path / "e.jsonl", [qa("Held?", "Out.")])
+    cfg = config([path], eval_ratio=0.5)
+    cfg.eval = [DatasetSpec(path=held)]
+    train, evals, report = build_datasets(cfg, tokenizer, "sft")
+    assert (len(train), len(evals)) == (8, 1)
+    assert report.lines()[-1] == ("note: data.eval_ratio 0.5 is not used: data.eval names the evaluation rows, so no "
+                                  "training row is held out")
+    _, _, report = build_datasets(config([path], eval_ratio=0.5), tokenizer, "sft")
+    assert not any("eval_ratio" in line for line in report.lines())

@@ -169,3 +169,15 @@ def test_null_is_reported_as_null_not_missing():
                                                                                 "here (fill it in, or drop the row)")
     assert problem({"conversations": None}, "sharegpt")[1].startswith("is null")
     assert problem({"instruction": "e"}, "alpaca")[1].startswith("missing")
+
+
+@pytest.mark.parametrize("column, value", [("images", ["cat.jpg"]), ("videos", "clip.mp4"),
+                                           ("audios", [{"path": "a.wav"}])])
+def test_rows_with_media_are_refused_not_trained_as_text(column, value):
+    row = {"messages": [{"role": "user", "content": "<image>What is in this picture?"},
+                        {"role": "assistant", "content": "A cat."}], column: value}
+    field, words = problem(row, "openai")
+    assert field == column and f"holds {column}" in words and "multimodal data is not supported" in words
+    assert problem({"instruction": "<image>Name it.", "output": "A cat.", "pics": value}, "alpaca",
+                   columns={"images": "pics"})[0] == "pics"  # a registry's column mapping names the user's column
+    assert example({**row, column: []}, "openai").messages[1]["content"] == "A cat."  # an empty column is no media

@@ -577,3 +577,23 @@ def test_data_safety_and_format_typed_give_the_same_pairs(tmp_path):
     direct, _ = read(path, ranking=RANKING)
     assert len(written) == len(direct) == 5
     assert [(p.prompt, p.chosen, p.rejected) for p in written] == [(p.prompt, p.chosen, p.rejected) for p in direct]
+
+
+def test_kto_balance_counts_both_sides_and_says_when_it_is_off():
+    from tuneforge.data.encode_align import kto_balance
+
+    def rows(n_d: int, n_u: int) -> list[EncodedKTO]:
+        return [EncodedKTO([1], [1], label=True) for _ in range(n_d)] + [EncodedKTO([1], [1], label=False)
+                                                                        for _ in range(n_u)]
+
+    assert kto_balance(rows(6, 5), 1.0, 1.0) == ["kto: 6 desirable and 5 undesirable training examples"]
+    only = kto_balance(rows(8, 0), 1.0, 1.0)
+    assert only[0] == "kto: 8 desirable and 0 undesirable training examples"
+    assert only[1].startswith("note: every KTO training example is desirable: with no undesirable one")
+    assert "add rows labelled false" in only[1]
+    assert "add rows labelled true" in kto_balance(rows(0, 3), 1.0, 1.0)[1]
+    (_, skewed) = kto_balance(rows(2, 8), 1.0, 1.0)
+    assert skewed == ("note: kto.desirable_weight x desirable / (kto.undesirable_weight x undesirable) = 1 x 2 / "
+                      "(1 x 8) = 0.25, outside the [1, 4/3] the KTO paper recommends; kto.desirable_weight between 4 "
+                      "and 5.33 would bring it in")
+    assert len(kto_balance(rows(2, 8), 4.5, 1.0)) == 1  # 4.5 x 2 / 8 = 1.125: inside

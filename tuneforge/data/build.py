@@ -69,6 +69,9 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | Non
         eval_examples = fitting_stage(eval_examples, DATA_STAGE.get(stage, stage), report, stage)
     if not data_cfg.eval and data_cfg.eval_ratio > 0:
         train_examples, eval_examples = split_eval(train_examples, data_cfg.eval_ratio, data_cfg.seed)
+    elif data_cfg.eval_ratio > 0:  # both set: data.eval wins (as its help says), but say so
+        report.notes.append(f"data.eval_ratio {data_cfg.eval_ratio:g} is not used: data.eval names the evaluation "
+                            f"rows, so no training row is held out")
     if data_cfg.on_error == "raise":
         check_bad_rows(report, data_cfg)
     if data_cfg.train and not train_examples:

@@ -67,13 +67,14 @@ def encode_chat(tokenizer, messages: list[dict], tools: list | None = None, loss
     so such a row ends up truncated at max_length as if it had been rendered whole. escape_special_tokens: text in
     the messages that spells a special token (`<|im_end|>`) is tokenized as ordinary text, not as that token.
     skip_turns: the first N assistant turns get no loss (they belong to a preference pair's or KTO row's prompt).
+    An assistant message with `loss_weight: 0` (LLaMA-Factory's v1 rows) gets no loss whatever `loss_on` says.
     Raises DataError when the template cannot render the conversation or its replies cannot be located.
     """
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     template = resolve_chat_template(tokenizer, chat_template, tools)
-    given = messages
-    messages, capped = cap_contents(messages, max_length * CHARS_PER_TOKEN if max_length else None)
+    given, trained = without_loss_weights(messages)
+    messages, capped = cap_contents(given, max_length * CHARS_PER_TOKEN if max_length else None)
     last_cut_away = any(m["role"] == "assistant" for m in given[len(messages):])
     messages, tools = adapt_to_template(tokenizer, messages, tools, template)
     if escape_special_tokens:
@@ -82,15 +83,29 @@ def encode_chat(tokenizer, messages: list[dict], tools: list | None = None, loss
         (messages, text), data_specials = render_conversation(tokenizer, template, messages, tools), []
     enc = tokenize_with_offsets(tokenizer, text, data_specials)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    if loss_on == "all":
+    if loss_on == "all" and all(trained):
         labels = list(ids)
+    elif loss_on == "all":
+        turns = zip(assistant_spans(tokenizer, template, messages, tools, text), trained)
+        labels = unlabel_spans(list(ids), offsets, [span for span, train in turns if not train])
     else:
-        spans = assistant_spans(tokenizer, template, messages, tools, text)[skip_turns:]
+        turns = list(zip(assistant_spans(tokenizer, template, messages, tools, text), trained))[skip_turns:]
         if loss_on == "last":
-            spans = [] if last_cut_away else spans[-1:]  # the last turn lies past the cut: nothing to learn
-        labels = label_spans(ids, offsets, spans)
+            turns = [] if last_cut_away else turns[-1:]  # the last turn lies past the cut: nothing to learn
+        labels = label_spans(ids, offsets, [span for span, train in turns if train])
     end = _cut_at(text, offsets, capped)
     return Encoded(ids[:end], labels[:end], truncated=end < len(ids) or bool(capped))
+
+
+def without_loss_weights(messages: list[dict]) -> tuple[list[dict], list[bool]]:
+    """The messages without their `loss_weight` keys (a template must see the conversation as served), and per
+    assistant turn, in order, whether it gets loss: not when the row gave it `loss_weight: 0` (formats._no_loss).
+    The adaptations before rendering keep the assistant turns and their order, so the flags stay aligned with
+    `assistant_spans`."""
+    trained = [m.get("loss_weight") != 0 for m in messages if m["role"] == "assistant"]
+    if all(trained):
+        return messages, trained
+    return [{k: v for k, v in m.items() if k != "loss_weight"} for m in messages], trained
 
 
 def tokenize_with_offsets(tokenizer, text: str, escaped: list[tuple[int, int]] = ()):
@@ -121,7 +136,7 @@ def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None, ch
     adapted like `encode_chat` when the template refuses or drops a system message. Returns the ids and the
     messages actually rendered."""
     template = resolve_chat_template(tokenizer, chat_template, tools)
-    messages, tools = adapt_to_template(tokenizer, messages, tools, template)
+    messages, tools = adapt_to_template(tokenizer, without_loss_weights(messages)[0], tools, template)
     last_error, dropped = None, None
     for variant, change in _variants(messages):
         try:
@@ -565,6 +580,14 @@ def _common_prefix_len(a: str, b: str) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def unlabel_spans(labels: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """`labels` with IGNORE_INDEX on tokens whose characters overlap a span (turns the row excludes from loss)."""
+    for t, (s, e) in enumerate(offsets):
+        if e > s and any(s < span_end and e > span_start for span_start, span_end in spans):
+            labels[t] = IGNORE_INDEX
+    return labels
 
 
 def label_spans(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:

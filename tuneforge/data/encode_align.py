@@ -105,6 +105,27 @@ def fit_replies(sides: list[Encoded], source: str, data_cfg, report: DataReport)
     return sides
 
 
+def kto_balance(examples: list[EncodedKTO], desirable_weight: float, undesirable_weight: float) -> list[str]:
+    """Log lines on the desirable/undesirable balance of KTO training rows: the counts, and a notice when one side
+    is empty (the loss then never sees the contrast KTO learns from) or the weighted ratio lambda_D n_D /
+    (lambda_U n_U) is outside [1, 4/3], the range the KTO paper recommends (Ethayarajh et al. 2024)."""
+    n_d = sum(1 for e in examples if e.label)
+    n_u = len(examples) - n_d
+    lines = [f"kto: {n_d} desirable and {n_u} undesirable training examples"]
+    if not n_d or not n_u:
+        side, other = ("desirable", "undesirable") if n_d else ("undesirable", "desirable")
+        return lines + [f"note: every KTO training example is {side}: with no {other} one the loss has nothing to "
+                        f"contrast them with; add rows labelled {str(not n_d).lower()} (or preference pairs)"]
+    ratio = desirable_weight * n_d / (undesirable_weight * n_u)
+    if not 1 <= ratio <= 4 / 3 + 1e-9:
+        low, high = undesirable_weight * n_u / n_d, 4 / 3 * undesirable_weight * n_u / n_d
+        lines.append(f"note: kto.desirable_weight x desirable / (kto.undesirable_weight x undesirable) = "
+                     f"{desirable_weight:g} x {n_d} / ({undesirable_weight:g} x {n_u}) = {ratio:.2f}, outside the "
+                     f"[1, 4/3] the KTO paper recommends; kto.desirable_weight between {low:.3g} and {high:.3g} "
+                     f"would bring it in")
+    return lines
+
+
 # ---- what each stage accepts ----------------------------------------------------------------------------------
 
 def for_stage(example, stage: str, name: str | None = None) -> list:

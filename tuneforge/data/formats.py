@@ -10,11 +10,13 @@ Formats (column names are the defaults; `DatasetSpec.columns` maps our names to 
   observation turn becomes a `tool` message answering it. Optional `system` and `tools` columns.
 - openai: `messages`, a list of {role, content} with roles system/user/assistant/tool (assistant `tool_calls`
   and `tool_call_id` as in the OpenAI API; content may be a list of text parts). Optional `tools` column.
+  LLaMA-Factory's v1 `loss_weight` per message: 0 on an assistant turn masks it (kept as `loss_weight: 0`).
 - text: `text`, plain text for pre-training.
 - pairwise, kto, typed, prompt: alignment data (preference pairs, KTO rows, ranked typed responses, prompts for
   sampling); see tuneforge/data/preference.py.
 - auto: guessed from the first row of each file (see `guess_format`).
 
+Rows with media (non-empty `images`, `videos`, `audios`) are refused: text only.
 List-valued cells may also hold JSON text (CSV files, LLaMA-Factory's `tools` column). Every conversation is
 checked by `validate_conversation`: known roles, non-empty contents, a system message only first, turns that
 alternate user -> assistant (tool results after a tool call) and a final assistant reply.
@@ -56,6 +58,7 @@ def to_example(data: dict, fmt: str, source: str, columns: dict, tags: dict, ran
     RowProblem."""
     from tuneforge.data import preference
 
+    refuse_media(data, columns)
     if fmt == "typed":
         examples = preference.typed_examples(data, source, columns, ranking)
         for example in examples:
@@ -73,6 +76,21 @@ def to_example(data: dict, fmt: str, source: str, columns: dict, tags: dict, ran
         example.reference = preference.reference_column(data, columns)
     check_unicode(example)
     return example
+
+
+MEDIA_COLUMNS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns
+
+
+def refuse_media(data: dict, columns: dict) -> None:
+    """A RowProblem for a row with images, videos or audio (LLaMA-Factory's multimodal columns, non-empty): read as
+    text, the media would be dropped unseen and the model trained on answers to pictures it never got."""
+    for name in MEDIA_COLUMNS:
+        field = columns.get(name, name)
+        value = data.get(field)
+        if value not in (None, "", [], {}):
+            raise RowProblem(field, f"holds {name} ({_short(value)}), and multimodal data is not supported: "
+                                    f"TuneForge trains text models on text only. Train on rows without `{field}` "
+                                    f"(and without `<image>`-style placeholders in the text).")
 
 
 def check_unicode(example: Example) -> None:
@@ -311,7 +329,26 @@ def _openai_message(message: Any, field: str) -> dict:
         out["tool_calls"] = [_openai_call(c, f"{field}.tool_calls[{k}]") for k, c in enumerate(calls)]
     if role == "tool" and message.get("tool_call_id"):
         out["tool_call_id"] = str(message["tool_call_id"])
+    if _no_loss(message, role, field) and role == "assistant":
+        out["loss_weight"] = 0  # kept as the row spells it, so clean.jsonl/mix.jsonl keep it (see encode_chat)
     return out
+
+
+def _no_loss(message: dict, role: str, field: str) -> bool:
+    """Whether LLaMA-Factory's v1 `loss_weight` of a message is 0 (absent: as `data.loss_on` says). Only 0 and 1
+    are honoured: the encoder masks turns, it does not scale their loss, so a fractional weight would silently
+    train at full weight; and loss goes to assistant turns only, so a weight of 1 on another turn would be silently
+    ignored. Both are refused."""
+    weight = message.get("loss_weight")
+    if weight is None:
+        return False
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        raise RowProblem(f"{field}.loss_weight", f"got {_short(weight)}; only 0 (no loss on this turn) and 1 are "
+                                                 f"supported: TuneForge masks turns, it does not scale their loss")
+    if weight == 1 and role != "assistant":
+        raise RowProblem(f"{field}.loss_weight", f"1 on a `{role}` message, but loss goes to assistant turns only; "
+                                                 f"set it to 0 or remove it (`data.loss_on: all` trains on every token)")
+    return weight == 0
 
 
 def _content_text(content: Any, field: str) -> str:

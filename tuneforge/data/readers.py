@@ -62,9 +62,13 @@ def read_local(path: Path) -> Rows:
     except (OSError, EOFError) as e:  # gzip: BadGzipFile is an OSError, a cut-off file an EOFError
         raise DataError(f"{path}: cannot read the file ({e}).") from e
     if not rows:
-        raise DataError(f"{path}: no data rows in this file (it is empty, or holds only blank lines, an empty JSON "
-                        f"list `[]`, a CSV header or a table of zero rows). Fill it, or remove it from the dataset.")
+        raise no_rows(path)
     return rows
+
+
+def no_rows(path: Path) -> DataError:
+    return DataError(f"{path}: no data rows in this file (it is empty, or holds only blank lines, an empty JSON "
+                     f"list `[]`, a CSV header or a table of zero rows). Fill it, or remove it from the dataset.")
 
 
 def read_folder(folder: Path) -> Rows:
@@ -204,11 +208,14 @@ def read_jsonl(path: Path) -> Rows:
 
 def iter_jsonl(path: Path):
     """The rows of a JSON lines file one at a time (RawRow or BadRow), so a tool can stream a file of any size with
-    the same sources, row guard and non-UTF-8 handling as read_jsonl."""
+    the same sources, row guard and non-UTF-8 handling as read_jsonl. A file without rows raises (`no_rows`) when
+    the stream ends, as read_local does, so the data tools refuse it just as training does."""
+    empty = True
     with open_text(path) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            empty = False
             source = f"{path}:line {n}"
             try:
                 yield _row_or_bad(json.loads(line), source, "<line>", path)
@@ -216,6 +223,8 @@ def iter_jsonl(path: Path):
                 yield BadRow(source, "<line>", f"not valid JSON ({e.msg} at column {e.colno}){_bytes_note(line, n)}")
             except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
                 yield bad_row(e, source, "<line>")
+    if empty:
+        raise no_rows(path)
 
 
 def read_csv(path: Path) -> Rows:

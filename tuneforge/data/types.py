@@ -156,6 +156,7 @@ class DataReport:
     no_room: list[str] = field(default_factory=list)  # prompts that leave no room for a reply within max_length
     # (training examples, evaluation examples, max_length) before packing, when they were packed into rows
     packed: tuple[int, int, int] | None = None
+    notes: list[str] = field(default_factory=list)  # settings that had no effect on this data, said once
 
     def sizes_line(self, n_train: int, n_eval: int) -> str:
         """How many training and evaluation items there are. Packed rows are not examples: a reader who sees 19
@@ -187,4 +188,4 @@ class DataReport:
         if self.no_room:
             out.append(f"{len(self.no_room)} examples skipped because the prompt leaves no room for the reply within "
                        f"max_length (raise data.max_length or shorten the prompts; first: {self.no_room[0]})")
-        return out
+        return out + [f"note: {note}" for note in self.notes]

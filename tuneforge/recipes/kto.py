@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from tuneforge.data.encode_align import kto_balance
 from tuneforge.data.types import IGNORE_INDEX
 from tuneforge.losses import kto_loss
 from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
@@ -100,6 +101,9 @@ def run(cfg, log=print) -> TrainResult:
     if runtime.is_main:
         log(describe_model(model, method))
     train, evals, collate = setup_data(cfg, tokenizer, "kto", runtime, log, read=rows)
+    if runtime.is_main:
+        for line in kto_balance(train, cfg.kto.desirable_weight, cfg.kto.undesirable_weight):
+            log(f"data: {line}")
     reference = Reference(model)  # made now, before any step (and before a resume loads weights)
     stage = KTOStage(cfg.kto, reference, runtime)
     result = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log).train()

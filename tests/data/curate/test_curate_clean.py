@@ -4,6 +4,7 @@ ledger, round trip of kept rows, and token limits with a real chat template."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -65,7 +66,7 @@ def test_each_rule_names_the_row_it_removes(tmp_path):
 
 
 def test_measures():
-    assert repeated_ngram_share("a b c " * 10, 3) == pytest.approx(1 - 3 / 28)
+    assert repeated_ngram_share("ab cd ef " * 10, 3) == pytest.approx(1 - 3 / 28)
     assert repeated_ngram_share("short text", 3) == 0.0  # under 20 n-grams: not judged
     assert repeated_line_share("one two three\nfour five six\none two three\nseven eight nine") == 0.25
     assert char_run("ab!!!!!c", 4) == (5, "!") and char_run("ab!!!!!c", 5) is None
@@ -74,6 +75,40 @@ def test_measures():
     assert language("12345") == "none" and language("こんにちは世界") == "ja"
     assert shingles("A b  C d", 3, 5) == {"a b c", "b c d"}
     assert shingles("今天天气很好", 3, 5) == {"今天天气很", "天天气很好"}
+
+
+def test_chinese_rows_with_latin_words_or_code_are_chinese(tmp_path, shared_assets):
+    """Scripts weigh per word: a Han character against a Latin word, code blocks aside. Counted per letter, the
+    glossary and program rows below read as English and `--languages zh` dropped 68 of alpaca_zh_demo's rows."""
+    def text(row: dict) -> str:
+        return "\n".join([row["instruction"], row["input"], row["output"]])
+
+    folder = shared_assets / "datasets/llamafactory"
+    zh = json.loads((folder / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
+    en = json.loads((folder / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    assert "寒冷(cold)" in zh[49]["output"] and "```" in zh[221]["output"]  # record 50: glosses, 222: a C++ program
+    assert [language(text(zh[i])) for i in (5, 49, 221, 521)] == ["zh"] * 4
+    assert sum(language(text(row)) == "zh" for row in zh) >= 975  # the rest answer in English (e.g. record 333)
+    assert all(language(text(row)) == "en" for row in en[:200])
+    assert language("My neighbour 王小明 moved to Shanghai last year and opened a small bookshop there.") == "en"
+    path = write_jsonl(tmp_path / "zh.jsonl", [zh[5], zh[49], en[0]])
+    report = run(tmp_path, [path, "--languages", "zh"])
+    assert report["rows_kept"] == 2 and report["rejected"]["language"] == 1
+
+
+def test_repeated_ngrams_counts_words_of_prose_not_code_or_tables():
+    """A regex and a truth table from Stanford Alpaca (records 793 and 4173) repeat symbols and single letters by
+    their nature; counted over every unit they read as 73% and 64% repeats and were removed."""
+    regex = ("^[a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\\.[a-zA-Z0-9]"
+             "(?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$")
+    rows = [" ".join(row) for row in itertools.product("TF", repeat=4)]
+    truth_table = "P    Q    R    S    (~P -> Q) v (R -> S)\n" + "\n".join(f"  {r}    T" for r in rows)
+    notes = "C D D D D D D D D D D E E C C C C C C C C C C D D D D D D D D D E E."
+    for text in (regex, truth_table, notes):
+        assert repeated_ngram_share(text, 3) == 0.0
+    loop = "I think that the answer is yes. " + "The answer is yes and the answer is yes. " * 8
+    assert repeated_ngram_share(loop, 3) > 0.5
+    assert repeated_ngram_share("答案是肯定的。" * 12, 3) > 0.5  # Chinese loops still count, per character
 
 
 def test_real_alpaca_has_no_duplicates_and_two_empty_outputs(tmp_path, shared_assets):
@@ -131,6 +166,26 @@ def test_injected_duplicates_are_found_exactly(tmp_path, shared_assets):
             exact = len(a & b) / len(a | b)
             assert exact >= 0.8 and r["jaccard"] == pytest.approx(exact, abs=1e-4)
             assert 0 <= r["jaccard_estimated"] <= 1
+
+
+def test_rows_that_call_different_tools_are_not_duplicates(tmp_path):
+    def tool_row(name: str) -> dict:
+        schema = {"name": name, "description": "Make a password", "parameters": {"type": "object"}}
+        return {"conversations": [{"from": "human", "value": "I need a new password of 12 characters."},
+                                  {"from": "function_call", "value": json.dumps({"name": name,
+                                                                                 "arguments": {"length": 12}})},
+                                  {"from": "observation", "value": '{"password": "aB3#fG7!kL9@"}'},
+                                  {"from": "gpt", "value": "Here is your new password: aB3#fG7!kL9@."}],
+                "tools": json.dumps([schema])}
+
+    rows = [tool_row("generate_password"), tool_row("make_password"), tool_row("generate_password")]
+    path = write_jsonl(tmp_path / "tools.jsonl", rows)
+    report = run(tmp_path, [path, "--no-near-dedup"])
+    (dup,) = check_ledger(report, tmp_path)
+    assert (dup["rule"], dup["source"], dup["duplicate_of"]) == ("exact_duplicate", f"{path}:line 3",
+                                                                 f"{path}:line 1")
+    differ = write_jsonl(tmp_path / "schemas.jsonl", [rows[0], {**rows[0], "tools": rows[1]["tools"]}])
+    assert run(tmp_path, [differ, "--no-near-dedup"], out="schemas")["rows_kept"] == 2  # the schema alone differs
 
 
 def _index_of(rows: list[dict], row: dict) -> int:

@@ -124,3 +124,13 @@ def test_config_help_says_relative_paths_start_from_the_current_folder(tmp_path,
     monkeypatch.chdir(tmp_path)
     report = inspect(parse("inspect", ["--config", "cfgdir/sub.yaml", "--out", "out"]))
     assert report["rows"] == 2  # ./data/x.jsonl, as `tuneforge train cfgdir/sub.yaml` would read
+
+
+@pytest.mark.parametrize("verb", ["inspect", "clean"])
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_a_file_without_rows_is_refused_as_training_refuses_it(tmp_path, capsys, verb, content):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content, encoding="utf-8")
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS[:2])
+    assert cli_main(["data", verb, "--data", good, str(empty), "--out", str(tmp_path / "out")]) == 2
+    assert f"{empty}: no data rows in this file" in capsys.readouterr().err

@@ -102,6 +102,21 @@ def test_mix_defaults_to_total_size_and_refuses_bad_rows(tmp_path):
         mix(parse("mix", ["--data", a, "--T", "0", "--out", str(tmp_path / "m")]))
 
 
+@pytest.mark.parametrize("verb", ["mix", "clean"])
+def test_text_rows_and_conversations_are_not_written_into_one_file(tmp_path, verb):
+    from tuneforge.data.curate.clean import clean
+
+    chat, _ = make_sets(tmp_path)
+    text = write_jsonl(tmp_path / "pt.jsonl", [{"text": f"Document number {i} for pre-training."} for i in range(3)])
+    run = {"mix": mix, "clean": clean}[verb]
+    message = (rf"{text} holds plain-text rows \(pre-training data, e.g. {text}:line 1\) and {chat} conversations "
+               rf"\(e.g. {chat}:line 1\); `tuneforge data {verb}` writes one file")
+    with pytest.raises(DataError, match=message):
+        run(parse(verb, ["--data", chat, text, "--out", str(tmp_path / "out")]))
+    assert not (tmp_path / "out" / f"{verb}.jsonl").exists()
+    assert run(parse(verb, ["--data", text, "--out", str(tmp_path / "pt")]))["out"]  # one kind alone is fine
+
+
 def test_out_must_be_a_folder(tmp_path):
     a, _ = make_sets(tmp_path)
     with pytest.raises(UserError, match="is a file"):

@@ -9,12 +9,14 @@ Rules, checked in this order (the first that fires names the row's rule):
   empty_answer     an answer that is empty, only punctuation, or a placeholder (`--placeholders`)
   too_short / too_long   characters of the whole row (`--min-chars`, `--max-chars`) or tokens of the row rendered
                    with the model's chat template (`--min-tokens`, `--max-tokens`, need `--model`)
-  repeated_ngrams  an answer whose repeated n-grams are over `--max-repeated-ngram-share` of its n-grams
+  repeated_ngrams  an answer whose repeated n-grams are over `--max-repeated-ngram-share` of its n-grams (words of
+                   prose only: code and tables repeat symbols by their nature)
   repeated_lines   an answer whose repeated lines are over `--max-repeated-line-share` of its lines
   char_run         one character repeated more than `--max-char-run` times in a row
   echo             an answer that only echoes the prompt (shingle Jaccard >= `--echo-jaccard`)
   language         the row's script-based language is not in `--languages` (when given)
-  exact_duplicate  same text as an earlier kept row after NFKC, lowercase and whitespace collapse
+  exact_duplicate  same text as an earlier kept row after NFKC, lowercase and whitespace collapse (contents, tool
+                   calls and tool schemas: `text.row_text`)
   near_duplicate   Jaccard >= `--jaccard` with an earlier kept row (MinHash LSH, verified exactly; see dedup.py)
 
 Writes `clean.jsonl` (kept rows as OpenAI `messages` or `text` rows with their `source`), `rejected.jsonl` (each
@@ -40,9 +42,9 @@ from tuneforge.data.curate.text import (
     normalize,
     plain_text,
     prompt_and_answers,
+    prose_units,
     row_text,
     shingles,
-    units,
 )
 from tuneforge.errors import DataError, UserError
 
@@ -100,11 +102,12 @@ def clean(args: CleanArgs) -> dict:
     encoder = _encoder(args)
     exact = dedup.ExactIndex()
     near = dedup.NearIndex(args.jaccard, args.num_perm, args.word_ngram, args.char_ngram, workdir=out)
-    counts, examples, started, rows_in = Counter(), {}, time.perf_counter(), 0
+    counts, examples, started, rows_in, kinds = Counter(), {}, time.perf_counter(), 0, rows.OneKind("clean")
     try:
         with rows.AtomicWriter(out / "clean.jsonl") as kept, rows.AtomicWriter(out / "rejected.jsonl") as rejected:
             for row in rows.iter_rows(sources):
                 rows_in += 1
+                kinds.check(row)
                 verdict = judge(row, args, encoder) or _duplicate(row, args, exact, near)
                 if verdict is None:
                     kept.write_row(rows.example_row(row.example, source=row.source))
@@ -258,9 +261,10 @@ def _duplicate(row: rows.Row, args: CleanArgs, exact: dedup.ExactIndex, near: de
 # ---- measures -------------------------------------------------------------------------------------------------
 
 def repeated_ngram_share(text: str, n: int) -> float:
-    """Share of the text's n-grams (over `units`; 2n for mostly-CJK text) that repeat an earlier n-gram; 0 for
-    texts of fewer than 20 n-grams, where repeats say little."""
-    seq = units(text)
+    """Share of the text's n-grams (over its words of prose, `prose_units`; 2n for mostly-CJK text) that repeat an
+    earlier n-gram; 0 for texts of fewer than 20 n-grams, where repeats say little. Symbols, digits and one-letter
+    words are left out, so a regex or a truth table is not taken for a degenerate loop."""
+    seq = prose_units(text)
     if mostly_cjk(text):
         n *= 2
     grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]

@@ -1,6 +1,6 @@
 """Exact and near duplicates over a stream of rows; the first occurrence is kept, later ones point at it.
 
-Exact: the row's text fields (every message, role-tagged) normalised (NFKC, lowercase, whitespace collapsed) and
+Exact: the row's text fields (every message, role-tagged, with its tool calls; the tool schemas) normalised (NFKC, lowercase, whitespace collapsed) and
 hashed (8-byte BLAKE2b); equal hashes are duplicates.
 
 Near: MinHash (datasketch) over shingles (`text.shingles`: word n-grams, or character n-grams for Chinese), then

@@ -138,8 +138,9 @@ def _check(args: MixArgs) -> None:
 def _read(sources: rows.Sources, args: MixArgs) -> tuple[list[tuple[str, list]], list[str]]:
     """[(dataset name, [(source, Example)])] per spec, and the bad rows (raised unless on_error is skip)."""
     per_spec: list[list] = [[] for _ in sources.specs]
-    bad = []
+    bad, kinds = [], rows.OneKind("mix")
     for row in rows.iter_rows(sources):
+        kinds.check(row)
         if row.bad is not None:
             bad.append(str(row.bad))
         else:

@@ -116,6 +116,27 @@ def iter_rows(sources: Sources) -> Iterator[Row]:
             yield row
 
 
+class OneKind:
+    """Refuses a plain-text row and a conversation in one output file: no stage trains on both (pt reads text rows,
+    the chat stages conversations), and `tuneforge train` would guess the file's format from its first line and
+    call every row of the other kind bad."""
+
+    def __init__(self, verb: str):
+        self.verb, self.first = verb, {}
+
+    def check(self, row: Row) -> None:
+        if row.example is None:
+            return
+        kind = "text" if row.example.text is not None else "chat"
+        self.first.setdefault(kind, row)
+        if len(self.first) == 2:
+            text, chat = self.first["text"], self.first["chat"]
+            raise DataError(f"{text.dataset} holds plain-text rows (pre-training data, e.g. {text.source}) and "
+                            f"{chat.dataset} conversations (e.g. {chat.source}); `tuneforge data {self.verb}` writes "
+                            f"one file, and no stage trains on both kinds (pt reads text rows, the chat stages "
+                            f"conversations). Run it on each kind separately.")
+
+
 def _adapt(raw, spec, guessed: dict) -> Row:
     if isinstance(raw, BadRow):
         return Row(raw.source, None, bad=raw)

@@ -8,6 +8,7 @@ character for CJK text; n-grams and shingles are built over units, so `用 Pytho
 from __future__ import annotations
 
 import functools
+import json
 import re
 import unicodedata
 
@@ -20,15 +21,19 @@ _UNIT = re.compile(_CJK + r"|[^\W_]+")
 _CJK_UNIT = re.compile(_CJK)
 
 # Scripts told apart by Unicode block; `en` stands for any Latin-script text (script alone cannot tell English
-# from French), which is what a zh/en corpus needs.
+# from French), which is what a zh/en corpus needs. Each counts units of about one word, so the scripts weigh
+# fairly: a character for Chinese and Japanese (no spaces between words), a run of letters for the others. Counted
+# per letter instead, a Chinese answer with a short code snippet or English glosses ("寒冷(cold)") reads as English.
 _SCRIPTS = (
     ("ja", re.compile(r"[\u3040-\u30ff]")),
-    ("ko", re.compile(r"[\uac00-\ud7af]")),
+    ("ko", re.compile(r"[\uac00-\ud7af]+")),
     ("zh", re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")),
-    ("ru", re.compile(r"[\u0400-\u04ff]")),
-    ("ar", re.compile(r"[\u0600-\u06ff]")),
-    ("en", re.compile(r"[A-Za-z\u00c0-\u024f]")),
+    ("ru", re.compile(r"[\u0400-\u04ff]+")),
+    ("ar", re.compile(r"[\u0600-\u06ff]+")),
+    ("en", re.compile(r"[A-Za-z\u00c0-\u024f]+")),
 )
+
+_CODE_BLOCK = re.compile(r"```.*?(?:```|$)", re.S)  # a fenced markdown code block (to the end when unclosed)
 
 
 @functools.lru_cache(maxsize=256)  # one row's texts are normalised by several rules; rows differ, so keep it small
@@ -38,9 +43,11 @@ def normalize(text: str) -> str:
 
 
 def language(text: str) -> str:
-    """The script that most letters of `text` belong to (zh, en, ja, ko, ru, ar), or `none` without letters.
-    Japanese text mixes kana with Han characters, so any kana makes it `ja` when kana are a tenth of the letters."""
-    counts = {name: len(pattern.findall(text)) for name, pattern in _SCRIPTS}
+    """The script that most word-sized units of `text` belong to (zh, en, ja, ko, ru, ar; see _SCRIPTS), or `none`
+    without letters. Japanese text mixes kana with Han characters, so kana make it `ja` when they are a tenth of the
+    units."""
+    prose = _CODE_BLOCK.sub(" ", text)  # code is written in Latin letters whatever the language of the row
+    counts = {name: len(pattern.findall(prose if prose.strip() else text)) for name, pattern in _SCRIPTS}
     total = sum(counts.values())
     if total == 0:
         return "none"
@@ -53,6 +60,13 @@ def language(text: str) -> str:
 def units(text: str) -> tuple[str, ...]:
     """Words of the normalised text, with every CJK character a word of its own."""
     return tuple(_UNIT.findall(normalize(text)))
+
+
+def prose_units(text: str) -> list[str]:
+    """The units that are words of prose: CJK characters and alphabetic words of two or more letters. Code, tables
+    and notation (a regex, a truth table of T and F, a sequence of notes) are mostly symbols, digits and single
+    letters, whose repeats are their structure, not a degenerate loop."""
+    return [u for u in units(text) if _CJK_UNIT.fullmatch(u) or (len(u) > 1 and u.isalpha())]
 
 
 def mostly_cjk(text: str) -> bool:
@@ -80,10 +94,21 @@ def shingles(text: str, word_ngram: int, char_ngram: int) -> set[str]:
 
 
 def row_text(example: Example) -> str:
-    """All text fields of a row, role-tagged, so exact and near duplicates compare whole rows."""
+    """All text fields of a row, role-tagged, so exact and near duplicates compare whole rows: the contents, the
+    tool calls (name and arguments) and the tool schemas. Two function-calling rows that differ only in the tool
+    they call are different rows. Tool-call ids are left out: they are bookkeeping (made up for sharegpt rows)."""
     if example.text is not None:
         return example.text
-    return "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in example.messages)
+    lines = [f"{m['role']}: {m.get('content') or ''}{_calls_text(m)}" for m in example.messages]
+    if example.tools:
+        lines.append(f"tools: {json.dumps(example.tools, ensure_ascii=False, sort_keys=True)}")
+    return "\n".join(lines)
+
+
+def _calls_text(message: dict) -> str:
+    calls = [c.get("function", c) for c in message.get("tool_calls") or []]
+    return "".join(f"\ntool call: {json.dumps([c.get('name'), c.get('arguments')], ensure_ascii=False, sort_keys=True)}"
+                   for c in calls)
 
 
 def plain_text(example: Example) -> str:
