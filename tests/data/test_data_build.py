@@ -58,6 +58,19 @@ def test_bad_rows_raise_one_error_listing_them(tmp_path, tokenizer):
         build_datasets(config([path], max_errors_shown=2), tokenizer, "sft")
 
 
+def test_a_template_that_fails_on_every_row_is_one_template_error(tmp_path):
+    """A template that needs a token the tokenizer lacks fails the same way on every row: that is one error about the
+    template, not "N rows are bad, fix these rows" (also with on_error=skip, which would leave nothing)."""
+    tokenizer = make_tokenizer("{{ missing_token + messages[0]['content'] }}{% for m in messages[1:] %}"
+                               "{{ m['content'] }}{% endfor %}")  # `missing_token` is undefined in every render
+    path = write_jsonl(tmp_path / "ok.jsonl", [qa(f"q{i}", f"a{i}") for i in range(3)])
+    for on_error in ("error", "skip"):
+        with pytest.raises(DataError, match=r"fails the same way on every one of the 3 rows \(first: .*ok.jsonl:line "
+                                            r"1\), so the template is at fault") as info:
+            build_datasets(config([path], on_error=on_error), tokenizer, "sft")
+        assert "Fix these rows" not in str(info.value)
+
+
 def test_skip_counts_and_names_bad_rows(tmp_path, tokenizer):
     path = bad_file(tmp_path)
     train, evals, report = build_datasets(config([path], on_error="skip"), tokenizer, "sft")

@@ -31,7 +31,7 @@ import random
 from pathlib import Path
 
 from tuneforge.data import encode_align, formats, readers
-from tuneforge.data.encode import CHARS_PER_TOKEN, encode_chat, special_tokens_in
+from tuneforge.data.encode import CHARS_PER_TOKEN, TEMPLATE_FAILS, encode_chat, special_tokens_in
 from tuneforge.data.packing import pack
 from tuneforge.data.registry import Registry
 from tuneforge.data.specs import check_data_config
@@ -326,6 +326,7 @@ def check_bad_rows(report: DataReport, data_cfg) -> None:
     bad = report.bad_rows
     if not bad:
         return
+    _check_template_renders_something(report)
     shown = bad[:data_cfg.max_errors_shown]
     listing = "\n".join(f"  - {b}" for b in shown)
     more = f"\n  ... and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
@@ -334,6 +335,20 @@ def check_bad_rows(report: DataReport, data_cfg) -> None:
         return
     raise DataError(f"{len(bad)} of {report.rows_read} data rows are bad:\n{listing}{more}\nFix these rows, or set "
                     f"`data.on_error=skip` to train without them (they are then counted and listed).")
+
+
+def _check_template_renders_something(report: DataReport) -> None:
+    """A chat template that fails the same way on every row is the template's problem (a `bos_token` the tokenizer
+    lacks, a role it never heard of), not the data's: one error about the template, not "fix these N rows"."""
+    problems = {b.problem for b in report.bad_rows}
+    if len(report.bad_rows) < max(report.rows_read, 2) or len(problems) != 1:
+        return
+    problem = problems.pop()
+    if problem.startswith(TEMPLATE_FAILS):
+        raise DataError(f"{problem.removeprefix(TEMPLATE_FAILS).strip()}: the chat template fails the same way on "
+                        f"every one of the {report.rows_read} rows (first: {report.bad_rows[0].source}), so the "
+                        f"template is at fault, not the data. Check `model.chat_template` (a template written for "
+                        f"another tokenizer?) or the model's own template.")
 
 
 # ---- encoding -------------------------------------------------------------------------------------------------

@@ -325,6 +325,9 @@ def _tools_in_system(messages: list[dict], tools: list) -> list[dict]:
     return [{"role": "system", "content": block}, *messages]
 
 
+TEMPLATE_FAILS = "The chat template cannot render this conversation:"
+
+
 def render_conversation(tokenizer, template: str, messages: list[dict], tools) -> tuple[list[dict], str]:
     """Render the whole conversation, adapting it when the template cannot take it as is: a system message the
     template refuses or drops goes into the first user turn (the layout those models' authors recommend), and
@@ -345,7 +348,7 @@ def render_conversation(tokenizer, template: str, messages: list[dict], tools) -
         return variant, text
     if dropped:
         return dropped
-    raise DataError(f"The chat template cannot render this conversation: {last_error}")
+    raise DataError(f"{TEMPLATE_FAILS} {last_error}")
 
 
 _CHANGES = {"system": "The chat template refuses or drops system messages; system prompts are put into the first "
