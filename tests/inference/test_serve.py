@@ -219,6 +219,17 @@ def test_body_limit_malformed_json_and_server_survives(client, server):
     assert client.chat.completions.create(model="math", messages=HI, max_tokens=2).choices[0].message is not None
 
 
+def test_a_max_tokens_the_context_cannot_hold_is_refused_as_openai_does(client):
+    """It was silently cut to the room left (finish_reason `length`); without max_tokens that room is still used."""
+    long = [{"role": "user", "content": "x " * 700}]  # well inside the 2048 positions, not with 1999 more
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="math", messages=long, max_tokens=1999)
+    message = err.value.body["message"]
+    assert message.startswith("This model's maximum context length is 2048 tokens. However, you requested ")
+    assert err.value.body["param"] == "max_tokens" and "in the completion" in message
+    assert client.chat.completions.create(model="math", messages=long, max_tokens=2).usage.completion_tokens <= 2
+
+
 def test_disconnect_mid_stream_frees_the_slot(server):
     url, engine = server[0], server[1].engine
     body = {"model": "math", "messages": HI, "max_tokens": 2000, "stream": True, "temperature": 0,

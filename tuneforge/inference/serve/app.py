@@ -30,6 +30,7 @@ from tuneforge.inference.serve.completions import (
     cancel_all,
     chat_response,
     check_n,
+    check_room,
     completion_response,
     max_new_tokens,
     run_to_end,
@@ -246,6 +247,7 @@ async def _chat(req: ChatCompletionRequest, request: Request, state: ServerState
                           param="messages") from e
     if prefill:
         ids = ids + list(engine.tokenizer(prefill, add_special_tokens=False)["input_ids"])
+    check_room(engine, ids, asked, "max_completion_tokens" if req.max_completion_tokens else "max_tokens", adapter)
     logprobs, top = bool(req.logprobs), int(req.top_logprobs or 0) if req.logprobs else 0
     jobs = [(ids, sampling(req, max_tokens, i, logprobs, top)) for i in range(req.n)]
     handles = submit_all(engine, jobs, adapter)
@@ -282,6 +284,8 @@ async def _complete(req: CompletionRequest, request: Request, state: ServerState
     engine = state.engine
     prompts = _completion_prompts(req, engine)
     check_n(req.n * len(prompts), state.limits, "`n` x the number of prompts")  # all decode at once
+    for ids, _ in prompts:
+        check_room(engine, ids, req.max_tokens, "max_tokens", adapter)
     top = int(req.logprobs or 0)
     jobs = [(ids, sampling(req, max_tokens, j, req.logprobs is not None, top)) for ids, _ in prompts
             for j in range(req.n)]
