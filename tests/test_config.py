@@ -206,3 +206,11 @@ def test_llamafactory_file_points_to_convert_config(tmp_path, capsys):
 def test_a_command_line_flag_gets_the_override_it_meant(flag, says):
     with pytest.raises(ConfigError, match=f"`{flag}` is a command-line flag; overrides are config keys .*{says}"):
         load([flag])
+
+
+def test_a_single_problem_names_the_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: lroa\ndata: {train: [a.jsonl]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(path), [])
+    assert str(e.value) == f"{path}: Unknown method `lroa`. Did you mean `lora`?"

@@ -38,7 +38,8 @@ def config_error(problems: list[str], where: str = "") -> ConfigError:
     """One ConfigError for all `problems`, so a user fixes every key in one go instead of one per run."""
     problems = list(dict.fromkeys(problems))  # the same problem found twice is listed once
     if len(problems) == 1:
-        err = ConfigError(problems[0])
+        named = where and not where.startswith("the ") and not problems[0].startswith(where)  # a file name
+        err = ConfigError(f"{where}: {problems[0]}" if named else problems[0])
     else:
         where = f" in {where}" if where else ""
         err = ConfigError(f"{len(problems)} problems{where}:\n" + "\n".join(f"- {p}" for p in problems))
