@@ -168,6 +168,10 @@ def test_training_losses_match_with_and_without(tiny_llama_dir, tmp_path):
     # the run says what it switched: the tiny Llama's 2 layers x 2 norms + the final one; LoRA on 4 projections x 2 layers
     assert "fused layers (training.fused_layers): 5 RMSNorm, 8 LoRA" in said["auto"], said["auto"]
     assert not any(line.startswith("fused layers") for line in said["never"])
+    dropout = []  # LoRA with dropout runs PEFT's forward: only the norms are counted as fused
+    run_config(config(tiny_llama_dir, tmp_path / "dropout", "training.max_steps=1", "lora.dropout=0.1"),
+               log=dropout.append)
+    assert "fused layers (training.fused_layers): 5 RMSNorm" in dropout, dropout
     want, got = losses(tmp_path / "never"), losses(tmp_path / "auto")
     assert len(got) == 4 and got == pytest.approx(want, abs=1e-5)
     assert got[-1] != got[0]

@@ -328,6 +328,9 @@ def test_a_target_name_or_pattern_that_matches_nothing_is_named(base_dirs):
     cfg = make_cfg("lora", {"lora": {"rank": RANK, "target_modules": ["q_proj", "vv_proj"]}})
     with pytest.raises(ConfigError, match="`lora.target_modules`: `vv_proj` names no module.*v_proj"):
         METHODS["lora"].apply(tiny_model(path=base_dirs["llama"]), cfg.options("lora"), cfg)
+    cfg = make_cfg("lora", {"lora": {"rank": RANK, "modules_to_save": ["lm-head"]}})  # saved nothing, silently
+    with pytest.raises(ConfigError, match="`lora.modules_to_save`: `lm-head` names no module.*lm_head"):
+        METHODS["lora"].apply(tiny_model(path=base_dirs["llama"]), cfg.options("lora"), cfg)
     cfg = make_cfg("freeze", {"freeze": {"trainable_layers": 1, "trainable_modules": ["embed_tokens", "nosuch"]}})
     with pytest.raises(ConfigError, match="`freeze.trainable_modules`: `nosuch` matched no parameter"):
         METHODS["freeze"].apply(tiny_model(path=base_dirs["llama"]), cfg.options("freeze"), cfg)

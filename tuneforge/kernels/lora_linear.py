@@ -61,9 +61,10 @@ class LoRALinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_lora_b, None
 
 
-def _plain_lora(module, x: torch.Tensor, args, kwargs) -> str | None:
-    """The one active adapter when this call is a plain LoRA product the fused path computes the same; else None."""
-    if args or kwargs or module.disable_adapters or module.merged or len(module.active_adapters) != 1:
+def plain_adapter(module) -> str | None:
+    """The one active adapter of a PEFT `lora.Linear` when it is a plain LoRA (no dropout, variant or bias, not
+    merged or disabled, a plain nn.Linear base): what the fused path can compute; else None."""
+    if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
         return None
     name = module.active_adapters[0]
     if name not in module.lora_A or name in getattr(module, "lora_variant", {}):
@@ -73,6 +74,15 @@ def _plain_lora(module, x: torch.Tensor, args, kwargs) -> str | None:
             or type(lora_b) is not torch.nn.Linear or lora_b.bias is not None
             or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
         return None
+    return name
+
+
+def _plain_lora(module, x: torch.Tensor, args, kwargs) -> str | None:
+    """The one active adapter when this call is a plain LoRA product the fused path computes the same; else None."""
+    name = None if args or kwargs else plain_adapter(module)
+    if name is None:
+        return None
+    base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
     plain = (onednn_linear.takes(x, base.weight, base.bias) and onednn_linear.takes(x, lora_a.weight, None)
              and onednn_linear.plain_fp32_cpu(lora_b.weight) and lora_b.weight.is_contiguous())
     return name if plain else None

@@ -32,9 +32,10 @@ def peft_target_modules(opts: LoraOptions):
     return list(opts.target_modules)
 
 
-def check_target_names(model, targets: list[str], key: str) -> None:
-    """Each plain module name in `targets` must name a module: PEFT refuses only a list where none matches, so
-    `[q_proj, vv_proj]` trained q_proj alone without a word."""
+def check_target_names(model, targets: list[str], key: str, any_module: bool = False) -> None:
+    """Each plain module name in `targets` must name a module: PEFT refuses only a target list where none matches
+    (`[q_proj, vv_proj]` trained q_proj alone) and takes any `modules_to_save` name (a typo saved nothing extra),
+    without a word."""
     import torch
 
     if targets == ["all-linear"]:
@@ -42,9 +43,11 @@ def check_target_names(model, targets: list[str], key: str) -> None:
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        kinds = (torch.nn.Linear, torch.nn.Embedding) if any_module else (torch.nn.Linear,)
+        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+        what = "linear and embedding layers" if any_module else "linear layers"
         raise ConfigError(f"`{key}`: {', '.join(f'`{m}`' for m in missing)} names no module of this model. Its "
-                          f"linear layers are {', '.join(linear)} (or use [all-linear]).")
+                          f"{what} are {', '.join(known)}{'' if any_module else ' (or use [all-linear])'}.")
 
 
 class Lora(Method):
@@ -83,6 +86,7 @@ class Lora(Method):
         from peft import get_peft_model
 
         check_target_names(model, opts.target_modules, f"{self.section}.target_modules")
+        check_target_names(model, opts.modules_to_save or [], f"{self.section}.modules_to_save", any_module=True)
         try:
             return get_peft_model(model, self.peft_config(opts))
         except ValueError as e:  # PEFT says which target modules were not found
