@@ -37,6 +37,12 @@ REWARDS = textwrap.dedent('''
 
     def same(completion):
         return 1.0
+
+    def batch_style(completions, **_):  # TRL's signature: a list in, a list out
+        return [0.0 for _ in completions]
+
+    def word(completion):
+        return "high"
 ''')
 
 
@@ -197,7 +203,8 @@ def test_resume_is_bit_identical(stage, method, tiny_llama_dir, tmp_path, reward
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("fn,said", [("boom", "raised RuntimeError: reward server down"), ("nan", "returned nan")])
+@pytest.mark.parametrize("fn,said", [("boom", "raised RuntimeError: reward server down"), ("nan", "returned nan"),
+                                     ("batch_style", "returned list [0.0, 0.0"), ("word", "returned str 'high'")])
 def test_a_failing_reward_names_the_function_and_the_prompt(fn, said, tiny_qwen2_dir, tmp_path, rewards_module):
     cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", f"grpo.reward={{{rewards_module}:{fn}: 1.0}}",
                  "training.batch_size=2", "training.max_steps=1", "grpo.num_generations=2")
@@ -205,6 +212,8 @@ def test_a_failing_reward_names_the_function_and_the_prompt(fn, said, tiny_qwen2
         run_config(cfg, log=lambda _: None)
     msg = str(e.value)
     assert f"`{rewards_module}:{fn}` {said}" in msg and "train.jsonl:" in msg and "on_reward_error: skip" in msg
+    if fn == "batch_style":  # it did not raise: the message says what it returned, and why a list is wrong
+        assert "once per completion" in msg and "raised" not in msg
 
 
 def test_a_failing_reward_can_be_counted_and_skipped(tiny_qwen2_dir, tmp_path, rewards_module):

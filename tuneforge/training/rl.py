@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import numbers
 import os
 import re
 import sys
@@ -113,10 +114,11 @@ class Rewards:
 
     def _one(self, name, fn, text, ids, prompt: EncodedPrompt) -> float:
         try:
-            value = float(fn(text, prompt=prompt.messages, reference=prompt.reference, completion_ids=ids))
-            problem = None if math.isfinite(value) else f"returned {value}"
+            returned = fn(text, prompt=prompt.messages, reference=prompt.reference, completion_ids=ids)
         except Exception as e:  # noqa: BLE001 - any failure of user code is reported with its context
-            problem = f"raised {type(e).__name__}: {e}"
+            value, problem = None, f"raised {type(e).__name__}: {e}"
+        else:
+            value, problem = _reward_value(returned)
         if problem is None:
             return value
         question = prompt.messages[-1]["content"] if prompt.messages else ""
@@ -127,6 +129,21 @@ class Rewards:
             return 0.0
         raise UserError(f"Reward `{name}` {problem} {where}. Fix the function, or set `on_reward_error: skip` in "
                         f"the stage's section to count such completions and score them 0.")
+
+
+def _reward_value(returned) -> tuple[float | None, str | None]:
+    """(the reward, None), or (None, what is wrong with what the function returned): one finite number per
+    completion. A list is the likeliest mistake: TRL calls reward functions once per batch, TuneForge once per
+    completion."""
+    if isinstance(returned, torch.Tensor) and returned.numel() == 1:
+        returned = returned.item()
+    if not isinstance(returned, numbers.Real):  # int, float, bool, numpy scalars; not "0.5", None or a list
+        kind = type(returned).__name__
+        hint = (" (TuneForge calls a reward function once per completion, with the completion's text, not with a "
+                "batch as TRL does)") if isinstance(returned, (list, tuple, torch.Tensor)) else ""
+        return None, f"returned {kind} {repr(returned)[:60]}, not one number{hint}"
+    value = float(returned)
+    return (value, None) if math.isfinite(value) else (None, f"returned {value}")
 
 
 class _RewardModel:
