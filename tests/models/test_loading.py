@@ -98,6 +98,12 @@ def test_folders_that_are_not_models(tmp_path, tiny_llama_dir, tiny_qwen2_dir):
         load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir / "config.json")))
     # config and weights copied without the tokenizer files: transformers builds an empty tokenizer, and the run
     # used to fail on "no trainable token was left" in the data
+    # a reward model (what stage rm writes) loaded as a causal LM dropped its score head: chat printed noise
+    shutil.copytree(tiny_llama_dir, tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(UserError, match="holds a reward model .*Use it as the reward of stage ppo or grpo"):
+        load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "rm")))
     for model_dir in (tiny_llama_dir, tiny_qwen2_dir):  # llama fails inside transformers, qwen2 loads empty
         folder = tmp_path / f"no_tokenizer_{model_dir.name}"
         folder.mkdir()

@@ -110,6 +110,7 @@ def check_local_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise UserError(f"{folder} is a file; `model.name_or_path` must be the folder that holds config.json.")
     if (folder / "config.json").is_file():
+        _check_causal_lm(folder)
         return
     if (folder / "adapter_config.json").is_file():
         raise UserError(f"{folder} holds an adapter (adapter_config.json), not a full model. Pass the base model as "
@@ -117,6 +118,22 @@ def check_local_folder(folder: Path) -> None:
                         f"{folder}`).")
     raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder. Point "
                     f"`model.name_or_path` at the folder written by save_pretrained (or by `tuneforge init-model`).")
+
+
+def _check_causal_lm(folder: Path) -> None:
+    """A reward model (`stage: rm` writes an XForSequenceClassification) loads as a causal LM with its score head
+    dropped and a random lm_head: chat printed noise and export wrote that model. Refuse it, saying what it is for."""
+    import json
+
+    try:
+        architectures = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reports an unreadable config in its own words
+    if any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"{folder} holds a reward model ({architectures[0]}: a score head, no language-model head), "
+                        f"so it cannot generate text or be trained or exported as a causal LM. Use it as the reward "
+                        f"of stage ppo or grpo (`ppo.reward: {{{folder}: 1.0}}`), or load it with "
+                        f"AutoModelForSequenceClassification.")
 
 
 def check_pickle(folder: Path, allow_pickle: bool) -> None:
