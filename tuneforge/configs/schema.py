@@ -421,7 +421,8 @@ def _deepspeed_problems(cfg: TrainConfig) -> list[str]:
                         "`training.deepspeed: 3`, or `deepspeed_offload: optimizer` with stage 2.")
     if cfg.stage in ("ppo", "grpo"):
         problems.append(f"Stage {cfg.stage} samples with the generation engine between updates, which is not wired "
-                        f"to DeepSpeed's engine: use `training.distributed` ddp or fsdp for {cfg.stage}.")
+                        f"to DeepSpeed's engine (and needs the whole model on every process, so FSDP is refused too): "
+                        f"use `training.distributed: ddp` for {cfg.stage}.")
     return problems
 
 
