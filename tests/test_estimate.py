@@ -392,7 +392,8 @@ def test_cli_reads_a_local_config(tmp_path, capsys):
     (["--model", "lama-7b"], "Did you mean `llama-7b`?"),
     (["--model", "llama-7b", "--methods", "full,lorra"], "Did you mean `lora`?"),
     (["--model", "llama-7b", "--lora-targets", "q_prj"], "Did you mean `q_proj`?"),
-    (["--model", "/nonexistent/folder"], "no such preset and no folder"),
+    (["--model", "/nonexistent/folder"], "no such folder"),
+    (["--model", "llama3-9b"], "no such preset. Did you mean `llama3-8b`?"),
     (["--model", "llama-7b", "--dtype", "int8"], "invalid choice"),
 ])
 def test_bad_input_through_the_cli(capsys, argv, message):
@@ -520,3 +521,15 @@ def test_distributed_conflicting_with_zero_is_an_error_and_fsdp_notes_the_gather
     from tuneforge.estimate.memory import render_table
 
     assert "FSDP (= ZeRO-3) over 8 GPUs" in render_table(report)
+
+
+def test_a_path_that_looks_local_is_never_looked_up_on_the_hub(tmp_path, monkeypatch, capsys):
+    """`runs/nope` (./runs exists) went to the hub and retried for 25 s before an error about the hub."""
+    import transformers
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("asked the hub"))
+    for model in ("runs/nope", "a/b/c"):
+        assert main(["estimate", "--model", model]) == 2
+        assert f"`--model {model}`: no such folder (relative paths count from {tmp_path})" in capsys.readouterr().err

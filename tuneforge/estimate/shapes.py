@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tuneforge.errors import UserError, did_you_mean
+from tuneforge.errors import UserError, closest
 
 # model_type values whose modeling code is the Llama-style block above (checked against transformers' modeling files)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -141,10 +141,15 @@ def resolve_shape(model: str) -> ModelShape:
     name = ALIASES.get(model.lower(), model.lower())
     if name in PRESETS:
         return PRESETS[name]
-    if "/" not in model or model.startswith((".", "/", "~")):
-        raise UserError(f"`--model {model}`: no such preset and no folder with that name.{did_you_mean(model.lower(), PRESETS)} "
-                        f"Pass a preset ({', '.join(PRESETS)}), a folder containing config.json, or a Hub id "
-                        f"like `Qwen/Qwen2.5-7B`.")
+    from tuneforge.models.loading import looks_local
+
+    if "/" not in model or model.startswith((".", "/", "~")) or looks_local(model):
+        match = closest(model.lower(), PRESETS)
+        what = ("no such preset" if "/" not in model and not model.startswith((".", "~"))
+                else f"no such folder (relative paths count from {Path.cwd()})")
+        raise UserError(f"`--model {model}`: {what}.{f' Did you mean `{match}`?' if match else ''} Pass a preset "
+                        f"({', '.join(PRESETS)}), a folder containing config.json, or a Hub id like "
+                        f"`Qwen/Qwen2.5-7B`.")
     return _from_hub(model)
 
 
@@ -166,8 +171,10 @@ def _from_local(path, model: str) -> ModelShape:
 def _from_hub(model: str) -> ModelShape:
     from transformers import AutoConfig
 
-    try:
-        cfg = AutoConfig.from_pretrained(model)  # config.json only: no weights are downloaded
+    from tuneforge.models.loading import hub_reachable
+
+    try:  # config.json only, no weights; offline, only the local hub cache (not half a minute of retries)
+        cfg = AutoConfig.from_pretrained(model, local_files_only=not hub_reachable())
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"`--model {model}`: could not fetch its config.json from the Hugging Face Hub ({first}). "
