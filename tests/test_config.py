@@ -68,6 +68,7 @@ def test_literal_suggests_closest_choice():
     (["training.warmup_ratio=2"], "warmup_ratio` is a share"),
     (["model.name_or_path="], "model.name_or_path` is empty"),
     (["dpo.beta=0.5"], "`dpo:` holds options of stage dpo, and this run is stage sft"),
+    (["training.save_total_limit=-1"], "save_total_limit` \\(0 keeps every checkpoint\\)"),
     (["stage=grpo", "training.distributed=deepspeed"], r"FSDP is refused too\): use `training.distributed: ddp`"),
 ])
 def test_impossible_combinations(override, words):

@@ -164,7 +164,7 @@ class TrainingConfig:
                                                   "data_dir: ../shared/assets/eval, limit: 5, shots: 0}. Scores go to "
                                                   "metrics.jsonl and TensorBoard as suite/<task>/<metric>.")
     save_steps: int = opt(0, "Write a resumable checkpoint every N steps (0: none).")
-    save_total_limit: int = opt(2, "Keep only the last K checkpoints.")
+    save_total_limit: int = opt(2, "Keep only the last K checkpoints (0: keep every one).")
     logging_steps: int = opt(1, "Log metrics every N steps.")
     resume: str | None = opt(None, "auto (latest checkpoint in output_dir) or a checkpoint folder path.")
     stop_after_steps: int = opt(0, "Stop this invocation after N steps with a checkpoint, as if preempted (for "
@@ -377,6 +377,9 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
     if t.resume is not None and cfg.overwrite_output_dir:
         problems.append("`training.resume` continues the run in output_dir and `overwrite_output_dir` deletes it: "
                         "set only one.")
+    if t.save_total_limit < 0 or t.save_steps < 0:
+        problems.append(f"`training.save_total_limit` (0 keeps every checkpoint) and `training.save_steps` (0: "
+                        f"none mid-run) must be >= 0; got {t.save_total_limit} and {t.save_steps}.")
     if t.neftune_alpha < 0 or t.rdrop_alpha < 0:
         problems.append("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
     if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
