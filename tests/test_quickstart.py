@@ -29,6 +29,14 @@ def test_quickstart_flow_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     assert (out_dir / "data" / "heldout.jsonl").read_text(encoding="utf-8").count("\n") == 6
 
 
+@pytest.mark.parametrize("flag, value", [("--steps", "-1"), ("--heldout", "0"), ("--show", "-1")])
+def test_counts_below_their_floor_are_refused_before_any_work(tmp_path, capsys, flag, value):
+    """--steps -1 ran the full default while saying "-1 steps"; --heldout 0 scored "0.0%" of nothing."""
+    out_dir = tmp_path / "qs"
+    assert cli_main(["quickstart", "--output-dir", str(out_dir), flag, value]) == 2
+    assert f"{flag} {value}:" in capsys.readouterr().err and not out_dir.exists()
+
+
 @pytest.mark.slow
 def test_quickstart_reaches_80_percent_on_smollm2(tmp_path, capsys):
     """The README promise: SmolLM2-135M-Instruct + LoRA on CPU reaches >= 80% held-out exact match (fetches the model

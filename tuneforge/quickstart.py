@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tuneforge.configs.typed import opt
 from tuneforge.data.example_task import exact_match, generate_example_task
+from tuneforge.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 QUICKSTART_FAMILIES = ("identity", "units")  # learnable by a 135M model in a couple of minutes on 2 CPU cores
@@ -62,6 +63,11 @@ def quickstart_cli(args: QuickstartArgs) -> int:
     from tuneforge.models.loading import load_model_and_tokenizer
     from tuneforge.train import run_config
 
+    bad = [f"--{name} {value}" for name, value, least in (("steps", args.steps, 0), ("heldout", args.heldout, 1),
+                                                           ("show", args.show, 0)) if value < least]
+    if bad:  # -1 steps ran the full default, 0 held-out questions scored "0.0%" of nothing
+        raise UserError(f"{', '.join(bad)}: --steps and --show must be at least 0 (0 steps: the example config's "
+                        f"count), --heldout at least 1.")
     # the quickstart owns its folder: a rerun starts over (its generated data/ is this run's input and is kept)
     overrides = [f"model.name_or_path={args.model}", f"output_dir={args.output_dir}", "overwrite_output_dir=true",
                  f"training.precision={args.precision}"]
