@@ -533,3 +533,12 @@ def test_a_path_that_looks_local_is_never_looked_up_on_the_hub(tmp_path, monkeyp
     for model in ("runs/nope", "a/b/c"):
         assert main(["estimate", "--model", model]) == 2
         assert f"`--model {model}`: no such folder (relative paths count from {tmp_path})" in capsys.readouterr().err
+
+
+def test_a_column_training_would_refuse_says_so():
+    from tuneforge.estimate.memory import EstimateArgs, estimate
+
+    notes = estimate(EstimateArgs(model="llama3-8b", methods="lora,qlora", gpus=8, distributed="fsdp")).notes
+    assert any(n.startswith("qlora: training refuses fsdp") for n in notes), notes
+    notes = estimate(EstimateArgs(model="llama3-8b", methods="lora,qlora", gpus=8, distributed="ddp")).notes
+    assert not any("training refuses" in n for n in notes)

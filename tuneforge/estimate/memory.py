@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from tuneforge.configs.typed import opt
-from tuneforge.errors import UserError, did_you_mean
+from tuneforge.errors import UserError, closest, did_you_mean
 from tuneforge.estimate.shapes import PRESETS, ModelShape, resolve_shape
 
 GB = 1e9
@@ -417,7 +417,8 @@ def parse_methods(args: EstimateArgs) -> list[str]:
     names = list(dict.fromkeys(names)) or list(DEFAULT_METHODS)
     for name in names:
         if name not in TRAINABLE:
-            raise UserError(f"`--methods`: unknown method `{name}`.{did_you_mean(name, TRAINABLE)} "
+            match = closest(name, TRAINABLE)  # the whole list once, with a suggestion where one is close
+            raise UserError(f"`--methods`: unknown method `{name}`.{f' Did you mean `{match}`?' if match else ''} "
                             f"Known: {', '.join(TRAINABLE)}.")
     return names
 
@@ -502,7 +503,19 @@ def estimate(args: EstimateArgs) -> Report:
     columns = [column(shape, m, args) for m in methods]
     for c in columns:
         notes.extend(c.notes)
+    notes += refused_by_training(shape, methods, args)
     return Report(shape=shape, args=args, columns=columns, notes=notes)
+
+
+def refused_by_training(shape, methods: list[str], args: EstimateArgs) -> list[str]:
+    """The columns `tuneforge train` would refuse to run, said next to their figures: sizing a cluster for qlora
+    under FSDP from the numbers alone would plan a run that cannot start (llama_adapter's model types are noted by
+    its column)."""
+    notes = []
+    if "qlora" in methods and args.distributed == "fsdp":
+        notes.append("qlora: training refuses fsdp (it cannot shard qlora's packed 4-bit weights); the qlora column "
+                     "is what it would take. Use --distributed ddp for qlora, or lora with fsdp.")
+    return notes
 
 
 # ---- output --------------------------------------------------------------------------------------------------------
