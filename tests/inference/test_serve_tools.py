@@ -89,6 +89,9 @@ class ScriptedEngine:
         self.prompts.append((messages, tools))
         return [1, 2, 3]
 
+    def room_after(self, ids, adapter=None):
+        return 4096 - len(ids)
+
     def submit(self, ids, params, adapter=None):
         prefill = "".join(chr(i) for i in ids[3:])
         text = self.reply.removeprefix(prefill)

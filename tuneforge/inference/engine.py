@@ -101,7 +101,7 @@ class Engine:
         if not prompt_ids:
             raise UserError("The prompt is empty: there is nothing to continue from.")
         prefix = self.runner.prefix_len(adapter)
-        room = self.context_length - prefix - len(prompt_ids)
+        room = self.room_after(prompt_ids, adapter)
         if room <= 0:
             raise UserError(f"The prompt is {len(prompt_ids)} tokens, but the model's context is "
                             f"{self.context_length} tokens; shorten the conversation.")
@@ -109,6 +109,11 @@ class Engine:
         self.scheduler.add(Sequence(handle, list(prompt_ids), params, adapter, self.tokenizer, self.stop_ids,
                                     min(params.max_new_tokens, room), prefix, self.runner.device))
         return handle
+
+    def room_after(self, prompt_ids: list[int], adapter: str | None = None) -> int:
+        """How many tokens the context leaves for a reply to `prompt_ids` (an adapter's virtual tokens count)."""
+        adapter = adapter if adapter is not None else self.default_adapter
+        return self.context_length - self.runner.prefix_len(adapter) - len(prompt_ids)
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
                  adapter: str | None = None) -> list[Completion]:

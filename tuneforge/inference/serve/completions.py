@@ -88,8 +88,9 @@ def check_room(engine, ids: list[int], asked: int | None, param: str, adapter: s
     """A `max_tokens` the client set that the context cannot hold after the prompt is refused, as OpenAI and vLLM
     do (in their words, which clients parse), instead of a reply silently cut short with finish_reason `length`.
     Without one, the reply may use whatever room the prompt leaves."""
-    context = engine.context_length - engine.runner.prefix_len(adapter)
-    if asked is not None and len(ids) < context < len(ids) + asked:
+    room = engine.room_after(ids, adapter)
+    context = room + len(ids)
+    if asked is not None and 0 < room < asked:
         raise OpenAIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                f"{len(ids) + asked} tokens ({len(ids)} in the messages, {asked} in the completion). "
                                f"Please reduce the length of the messages or completion.", param=param)
