@@ -70,6 +70,29 @@ def test_eval_side_by_side_and_rerun(tiny_llama_dir, tiny_qwen2_dir, tmp_path, j
     assert json.loads((d / "out" / "results.json").read_text()) == results and len(_Judge.calls) == calls
 
 
+
+def test_a_column_pointed_at_another_model_is_evaluated_again(tiny_llama_dir, tiny_qwen2_dir, tmp_path, capsys):
+    """Keeping a column's name while its model changes (another folder, or the same folder retrained) must not
+    report the old model's answers under the new one: the old answers are moved aside, the new model generates."""
+    d = _data(tmp_path)
+    task = f"data:{d / 'task.jsonl'}"
+    base = {"tasks": [task], "out": str(d / "out"), "max_new_tokens": 4, "progress": False}
+    (d / "one.yaml").write_text(json.dumps(base | {"models": [{"name": "cand", "model": str(tiny_llama_dir)}]}))
+    (d / "two.yaml").write_text(json.dumps(base | {"models": [{"name": "cand", "model": str(tiny_qwen2_dir)}]}))
+    assert main(["eval", str(d / "one.yaml")]) == 0
+    first = next((d / "out" / "cand").rglob("predictions.jsonl")).read_text()
+    assert main(["eval", str(d / "two.yaml")]) == 0
+    assert "held the answers of another model" in capsys.readouterr().out
+    second = next((d / "out" / "cand").rglob("predictions.jsonl")).read_text()
+    assert [json.loads(r)["prediction"] for r in second.splitlines()] != [
+        json.loads(r)["prediction"] for r in first.splitlines()]  # two random models answer differently
+    aside = [p for p in (d / "out").iterdir() if p.name.startswith("cand.previous-")]
+    assert len(aside) == 1 and next(aside[0].rglob("predictions.jsonl")).read_text() == first
+    (d / "out" / "results.json").unlink()
+    assert main(["eval", str(d / "two.yaml")]) == 0  # the same model again: nothing moved
+    assert "another model" not in capsys.readouterr().out
+    assert next((d / "out" / "cand").rglob("predictions.jsonl")).read_text() == second
+
 def test_flags_form_evaluates_base_and_adapter_side_by_side():
     from tuneforge.eval.run import _flags_to_dict
 

@@ -66,6 +66,12 @@ def test_pairwise_both_orders_retries_and_cache(stub, tmp_path):
     assert len(_Judge.calls) == 7  # 6 judgements + the 503 that was retried
     again = JudgeClient(stub, "judge", cache_path=tmp_path / "cache.jsonl")
     assert pairwise_many(again, items) == results and len(_Judge.calls) == 7  # all from the cache
+    longer = JudgeClient(stub, "judge", cache_path=tmp_path / "cache.jsonl", max_tokens=1024)
+    pairwise_many(longer, items[:1])
+    assert len(_Judge.calls) == 9  # another reply length (the documented fix for cut verdicts) asks again
+    elsewhere = JudgeClient(stub + "/", "judge", cache_path=tmp_path / "cache.jsonl")
+    pairwise_many(elsewhere, items[:1])
+    assert len(_Judge.calls) == 9  # the same endpoint spelled with a trailing slash is the same judge
 
 
 def test_position_bias_cancels_to_ties(stub):
@@ -80,7 +86,9 @@ def test_single_answer_grades(stub):
 
 @pytest.mark.parametrize("reply,want", [("[[A]]", "A"), ("blah [[ b ]] blah", "B"), ("It's a tie: [[C]]", "tie"),
                                         ("I first thought [[A]] but the final verdict is [[B]]", "B"),
-                                        ("Verdict: **Assistant B**", "B"), ("[[tie]]", "tie"), ("no idea", None)])
+                                        ("Verdict: **Assistant B**", "B"), ("[[tie]]", "tie"), ("no idea", None),
+                                        ("My final verdict is a tie.", "tie"), ("Verdict: a draw", "tie"),
+                                        ("The verdict is a close one.", None), ("winner is (B)", "B")])
 def test_messy_verdicts(reply, want):
     assert parse_verdict(reply) == want
 

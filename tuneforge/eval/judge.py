@@ -56,7 +56,10 @@ class JudgeClient:
                     continue  # a torn last line from an interrupted run
 
     def _key(self, messages: list[dict]) -> str:
-        return hashlib.sha1(json.dumps([self.model, messages], ensure_ascii=False).encode()).hexdigest()
+        """A reply is reused only for the same endpoint, model, reply length and messages (rubric included): a
+        bigger judge behind the same served name, or a longer max_tokens to stop cut verdicts, asks again."""
+        request = [self.url, self.model, self.max_tokens, messages]
+        return hashlib.sha1(json.dumps(request, ensure_ascii=False).encode()).hexdigest()
 
     def _post(self, messages: list[dict]) -> str:
         import httpx
@@ -100,17 +103,19 @@ class JudgeClient:
 
 
 _VERDICT = re.compile(r"\[\[\s*(A|B|C|TIE)\s*\]\]", re.IGNORECASE)
-_LOOSE = re.compile(r"(?:verdict|winner|better)\s*(?:is|:)?\s*\**\s*(?:assistant\s*)?\(?\s*\b(A|B|C|tie)\b",
-                    re.IGNORECASE)
+# The loose form ("My final verdict: Assistant B") takes the letters in capitals only: "my verdict is a tie" must
+# not read the article "a" as assistant A.
+_LOOSE = re.compile(r"(?:verdict|winner|better)\s*(?:is|:)?\s*\**\s*(?:(?:assistant|answer|response)\s*)?\(?\s*"
+                    r"(?:\b(?-i:([ABC]))\b|(?:an?\s+)?\b(tie|draw)\b)", re.IGNORECASE)
 
 
 def parse_verdict(reply: str) -> str | None:
     """'A', 'B' or 'tie' from a judge reply ([[A]] preferred; the last one wins), None when there is none."""
-    found = _VERDICT.findall(reply) or _LOOSE.findall(reply)
+    found = _VERDICT.findall(reply) or ["".join(groups) for groups in _LOOSE.findall(reply)]
     if not found:
         return None
     v = found[-1].upper()
-    return "tie" if v in ("C", "TIE") else v
+    return "tie" if v in ("C", "TIE", "DRAW") else v
 
 
 def parse_rating(reply: str) -> float | None:

@@ -10,6 +10,7 @@ let a re-run skip it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tuneforge.errors import UserError
@@ -100,6 +101,44 @@ def _notes(cfg: EvalConfig) -> list[str]:
     return notes
 
 
+def model_identity(entry: ModelEntry) -> dict:
+    """What a model column's predictions came from: the model and adapter as resolved, each local weight file's
+    size and modification time (a retrained adapter in the same folder is another model) and the chat template."""
+    identity: dict = {"chat_template": entry.chat_template}
+    for role, source in (("model", entry.model), ("adapter", entry.adapter)):
+        folder = Path(source) if source and not source.startswith("builtin:") else None
+        if folder is None or not folder.exists():
+            identity[role] = source
+            continue
+        files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt",
+                                                                                   ".pth", ".gguf", ".json"))
+        identity[role] = str(folder.resolve())
+        identity[role + "_files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    return identity
+
+
+def claim_model_folder(folder: Path, identity: dict) -> None:
+    """Predictions in `folder` are reused only if the same model made them: a column name kept across a retrain
+    (or pointed at another model) would otherwise report the old model's answers under the new one's name. Another
+    model's folder is moved aside, not deleted."""
+    from tuneforge.eval.store import settings_key
+
+    record = folder / "model.json"
+    if folder.is_dir() and any(folder.rglob("predictions.jsonl")):
+        try:
+            before = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            before = None  # answers from before model.json existed: whose they are is unknown
+        if before != identity:
+            aside = folder.with_name(f"{folder.name}.previous-{settings_key(before or {})}")
+            if aside.exists():
+                shutil.rmtree(aside)  # the same earlier model's answers, set aside once already
+            folder.rename(aside)
+            print(f"note: {folder} held the answers of another model (or of this one before its files changed); "
+                  f"moved to {aside.name} so they are not reused", flush=True)
+    atomic_write(record, json.dumps(identity, indent=1, ensure_ascii=False) + "\n")
+
+
 def run_suite(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     results: dict[str, dict] = {}
@@ -107,6 +146,7 @@ def run_suite(cfg: EvalConfig) -> dict:
     judge = judge_client(cfg) if cfg.judge.url else None
     for entry in cfg.models:
         name = entry.label()
+        claim_model_folder(out / slug(name), model_identity(entry))
         model, tokenizer = load_model(entry)
         results[name] = {}
         for task in cfg.tasks:
