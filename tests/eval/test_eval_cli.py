@@ -14,7 +14,7 @@ import pytest
 from tests.eval.test_judge import _Judge
 from tests.eval.test_multiple_choice import _write_bench
 from tuneforge.cli import main
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval.run import load_eval_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,6 +130,39 @@ def test_paths_are_checked_before_any_model_loads(tiny_llama_dir, tmp_path, monk
         argv = ["eval", "--model", str(tiny_llama_dir), "--tasks", "mmlu", "--out", str(tmp_path / "o"), *flags]
         assert main(argv) == 2
         assert re.search(message, capsys.readouterr().err), (flags, message)
+    argv = ["eval", "--model", str(tiny_llama_dir), "--tasks", f"judge:{tmp_path / 'afile'}", "--out",
+            str(tmp_path / "o"), "--judge-url", "http://127.0.0.1:9/v1"]  # nothing listens on port 9
+    assert main(argv) == 2
+    assert re.search(r"judge at http://127.0.0.1:9/v1 cannot be reached .*judge:.*afile need", capsys.readouterr().err)
+
+
+def test_judged_prompts_need_no_reference_and_generate_once(tiny_llama_dir, tmp_path, judge_url, monkeypatch):
+    """judge:/grade: take prompts alone (pairwise judging needs no reference) and share one generation per file;
+    data: scores preference rows against `chosen` and says what a row without a reference lacks."""
+    from tuneforge.eval import generation_tasks
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say hi.", "Name a colour.")))
+    generated = []
+    real = generation_tasks.generate_texts
+    monkeypatch.setattr(generation_tasks, "generate_texts",
+                        lambda *a, **k: generated.append(len(a[2])) or real(*a, **k))
+    config = {"models": [{"name": "a", "model": str(tiny_llama_dir)}, {"name": "b", "model": str(tiny_llama_dir)}],
+              "tasks": [f"judge:{prompts}", f"grade:{prompts}"], "out": str(tmp_path / "out"), "max_new_tokens": 3,
+              "progress": False, "judge": {"url": judge_url}}
+    (tmp_path / "judge.yaml").write_text(json.dumps(config))
+    assert main(["eval", str(tmp_path / "judge.yaml")]) == 0
+    assert generated == [2, 2]  # one batch of both prompts per model, not one per task
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["b"][f"judge:{prompts}"]["pairs"] + results["b"][f"judge:{prompts}"]["invalid"] == 2
+    assert "bleu" not in results["a"][f"judge:{prompts}"] and "judge_invalid" in results["a"][f"grade:{prompts}"]
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Say hi.", "chosen": "hi", "rejected": "no"}) + "\n")
+    items = generation_tasks.task_items(str(pairs))
+    assert items == [{"id": f"{pairs}:line 1", "messages": [{"role": "user", "content": "Say hi."}], "reference": "hi"}]
+    with pytest.raises(DataError, match=r"prompts.jsonl:line 1: data:.* scores each reply against a reference.*judge:"):
+        generation_tasks.task_items(str(prompts))
 
 
 def test_suite_metrics_during_training(tiny_llama_dir, tmp_path):

@@ -93,10 +93,11 @@ def test_pairwise_and_grades_through_tuneforge_serve(served, tiny_llama_dir, tin
 
     # every pair was asked in both orders: the cache holds exactly the 6 requests of (b, a) and (a, b) per prompt
     judgements = _rows(tmp_path / "out" / "b" / _slug(judged) / "judgements.jsonl")
-    answers = {m: {r["id"]: r for r in _rows(tmp_path / "out" / m / _slug(judged) / "predictions.jsonl")}
+    answers = {m: {r["id"]: r for r in _rows(tmp_path / "out" / m / _slug("answers:" + judged.partition(":")[2])
+                                             / "predictions.jsonl")}
                for m in ("a", "b")}
     assert len(judgements) == 3 and {j["id"] for j in judgements} == set(answers["b"])
-    client = J.JudgeClient(url, "tiny", cache_path=tmp_path / "out" / "judge_cache.jsonl")
+    client = J.JudgeClient(url, "tiny", cache_path=tmp_path / "out" / "judge_cache.jsonl", max_tokens=12)
     expected = set()
     for j in judgements:
         q, mine, base = answers["b"][j["id"]]["prompt"], answers["b"][j["id"]]["prediction"], \

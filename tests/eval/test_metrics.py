@@ -47,6 +47,7 @@ def test_exact_match_and_gsm8k_extraction():
     assert extract_number("She pays $18.00 in the end.") == "18"
     assert extract_number("The answer is -5.") == "-5"
     assert extract_number("no digits") is None
+    assert extract_number("#### .5") == "0.5" == extract_number("#### 0.50") and extract_number("-.5 m") == "-0.5"
 
 
 def test_generation_uses_the_adapter_on_the_model(tiny_llama_dir):
@@ -62,3 +63,15 @@ def test_generation_uses_the_adapter_on_the_model(tiny_llama_dir):
     lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
     tuned = generate_texts(get_peft_model(model, lora).eval(), tokenizer, prompts, 8)
     assert tuned != base  # a random, non-zero LoRA changes greedy text; the engine must not run the bare base
+
+
+def test_report_shows_a_missing_rate_as_a_dash_and_count_deltas_whole():
+    """A grade task where every grade was invalid has no judge_score: the row stays, with "-", not vanished."""
+    from tuneforge.eval.report import table
+
+    results = {"base": {"grade:p": {"judge_score": 6.5, "judge_invalid": 1}},
+               "tuned": {"grade:p": {"judge_score": None, "judge_invalid": 3}}}
+    rows = table(results, "base")
+    assert rows[0] == ["task", "metric", "base", "tuned", "tuned - base"]
+    assert ["grade:p", "judge_score", "6.5000", "-", "-"] in rows
+    assert ["grade:p", "judge_invalid", "1", "3", "+2"] in rows

@@ -105,19 +105,46 @@ def _dataset_examples(path: str, fmt: str = "auto") -> list:
     return rows
 
 
-def run_dataset(model, tokenizer, path: str, out_dir, limit: int | None = None, fmt: str = "auto",
-                max_new_tokens: int = 256, progress: bool = True) -> dict:
-    """Generate for each row's conversation up to its last assistant turn; score against that turn."""
+def task_items(path: str, limit: int | None = None, fmt: str = "auto", need_reference: bool = True) -> list[dict]:
+    """Each row's conversation up to the reply to generate, and its reference when the row has one: the last
+    assistant turn of a chat row, the `reference`/`answer` column of a prompt row, the chosen reply of a preference
+    pair, the reply of a desirable KTO row."""
+    from tuneforge.data.types import PairExample
+
     items = []
     for ex in _dataset_examples(path, fmt)[:limit]:
-        if not ex.messages or ex.messages[-1]["role"] != "assistant":
-            raise DataError(f"{ex.source}: a generation task needs rows ending with an assistant turn (the "
-                            f"reference); this row has none.")
-        items.append({"id": ex.source, "messages": ex.messages[:-1], "reference": ex.messages[-1]["content"]})
+        reference = None
+        if isinstance(ex, PairExample):
+            messages = ex.prompt
+            reference = next((m.get("content") for m in ex.chosen if m.get("role") == "assistant"), None)
+        elif ex.messages and ex.messages[-1]["role"] == "assistant":
+            messages = ex.messages[:-1]
+            reference = ex.messages[-1]["content"] if ex.label is not False else None  # not an undesirable reply
+        elif ex.messages and ex.messages[-1]["role"] == "user":
+            messages, reference = ex.messages, ex.reference
+        else:
+            raise DataError(f"{ex.source}: a generation task needs conversations (or prompts); this row is plain "
+                            f"text. For text, use ppl:{path} (perplexity).")
+        if need_reference and reference is None:
+            raise DataError(f"{ex.source}: data:{path} scores each reply against a reference, and this row has none. "
+                            f"Give rows that end with an assistant turn, a `reference` (or `answer`) column beside a "
+                            f"prompt, or preference pairs (scored against `chosen`); to judge replies to prompts "
+                            f"alone use judge:{path} or grade:{path}.")
+        items.append({"id": ex.source, "messages": messages, "reference": reference})
+    return items
+
+
+def run_dataset(model, tokenizer, path: str, out_dir, limit: int | None = None, fmt: str = "auto",
+                max_new_tokens: int = 256, progress: bool = True, scored: bool = True) -> dict:
+    """Generate for each row's conversation up to its reply; score against its reference (`scored`: BLEU, ROUGE,
+    exact match), or only keep the replies for a judge (`scored=False`: rows may be prompts alone)."""
+    items = task_items(path, limit, fmt, need_reference=scored)
     store = ItemStore(Path(out_dir) / "predictions.jsonl", {"task": "dataset", "path": str(path),
                                                              "max_new_tokens": max_new_tokens})
     records = _generate_pending(model, tokenizer, items, store, lambda it, reply: {}, max_new_tokens, Path(path).name,
                                 progress)
+    if not scored:
+        return {"examples": len(records)}
     return text_metrics([r["prediction"] for r in records], [r["reference"] for r in records]) | {
         "examples": len(records)}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 _CJK = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf]")
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")  # .5 too: its point is kept
 
 
 def is_chinese(texts: list[str]) -> bool:
@@ -31,8 +31,11 @@ class _JiebaTokenizer:
     """rouge-score's tokenizer interface over jieba words (punctuation and spaces dropped, English lowercased)."""
 
     def tokenize(self, text: str) -> list[str]:
+        import logging
+
         import jieba
 
+        jieba.setLogLevel(logging.WARNING)  # its DEBUG lines ("Building prefix dict ...") went to the console
         return [w.lower() for w in jieba.lcut(text) if w.strip() and re.search(r"\w", w)]
 
 
@@ -62,6 +65,8 @@ def _clean_number(text: str) -> str:
     text = text.replace(",", "").replace("$", "").rstrip(".")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
+    if text.startswith(("-.", ".")):
+        text = text.replace(".", "0.", 1)  # .5 and 0.5 are one answer
     return text
 
 

@@ -32,7 +32,8 @@ def _rows(results: dict, detail: bool) -> list[tuple[str, str]]:
     for tasks in results.values():
         for task, metrics in tasks.items():
             for metric, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and metric not in SKIP:
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if (number or value is None) and metric not in SKIP:  # None: no rate could be made ("-")
                     if ("/" in metric) == detail:
                         seen[(task, metric)] = None
     return list(seen)
@@ -53,7 +54,8 @@ def table(results: dict, baseline: str | None, detail: bool = False) -> list[lis
         deltas = []
         for m in others:
             v = results[m].get(task, {}).get(metric)
-            deltas.append("-" if v is None or base is None else f"{v - base:+.4f}")
+            counts = isinstance(v, int) and isinstance(base, int)
+            deltas.append("-" if v is None or base is None else f"{v - base:+d}" if counts else f"{v - base:+.4f}")
         out.append([task, metric, *[_fmt(v) for v in values], *deltas])
     return out
 

@@ -11,8 +11,8 @@ Safety replies are classed as refusals by string rules, or with `safety.detector
 by the judge model. Every judge reply is cached in OUT/judge_cache.jsonl and every verdict saved beside the task's
 predictions (judgements.jsonl, refusal_judgements.jsonl).
 Writes OUT/results.json ({model: {task: {metric: value}}}, accuracies and rates as fractions in [0, 1], BLEU on
-sacrebleu's 0-100 scale), OUT/report.md, OUT/report.html and OUT/<model>/<task>/predictions.jsonl; a re-run with
-the same settings skips every finished item.
+sacrebleu's 0-100 scale), OUT/report.md, OUT/report.html and OUT/<model>/<task>/predictions.jsonl (judge:/grade:
+replies in OUT/<model>/answers_<PATH>/); a re-run with the same settings and model files skips every finished item.
 """
 
 from __future__ import annotations
@@ -141,9 +141,7 @@ def _check_tasks(cfg: EvalConfig) -> None:
         if shots and (kind not in ("mmlu", "ceval", "cmmlu") or not shots.isdigit()):
             raise ConfigError(f"Task `{task}`: `@K` sets the shots of a multiple-choice task (mmlu@0, ceval@5, "
                               f"cmmlu@5:PATH); write it as one of those, or drop the `@`.")
-    needs = [t for t in cfg.tasks if t.partition(":")[0] in ("judge", "grade")]
-    if cfg.safety.detector == "judge" and any(t.partition(":")[0] in ("xstest", "cvalues") for t in cfg.tasks):
-        needs.append("safety.detector=judge")
+    needs = judge_needed(cfg)
     if needs and not cfg.judge.url:
         raise ConfigError(f"{', '.join(needs)} need(s) a judge endpoint: set judge.url (e.g. "
                           f"judge.url=http://127.0.0.1:8000/v1 for `tuneforge serve`, or any OpenAI-compatible "
@@ -222,11 +220,35 @@ def check_paths(cfg: EvalConfig) -> None:
     from tuneforge.models.loading import check_can_create, resolve_source
 
     check_can_create(Path(cfg.out), "the eval output folder")
+    check_judge_reachable(cfg)
     for entry in cfg.models:
         if entry.adapter:
             adapter_folder(entry.adapter, "evaluate it as a model: `models: [{{model: {folder}}}]` (or --model).")
         if entry.model and not entry.model.startswith("builtin:"):
             resolve_source(entry.model)
+
+
+def judge_needed(cfg: EvalConfig) -> list[str]:
+    """The tasks (or settings) that ask the judge something."""
+    needs = [t for t in cfg.tasks if t.partition(":")[0] in ("judge", "grade")]
+    if cfg.safety.detector == "judge" and any(t.partition(":")[0] in ("xstest", "cvalues") for t in cfg.tasks):
+        needs.append("safety.detector=judge")
+    return needs
+
+
+def check_judge_reachable(cfg: EvalConfig) -> None:
+    """A judge that is not up is found before the models generate (it is asked only after all of them have)."""
+    if not (cfg.judge.url and judge_needed(cfg)):
+        return
+    import httpx
+
+    url = cfg.judge.url.rstrip("/") + "/models"
+    try:
+        httpx.get(url, timeout=10.0, headers={"Authorization": f"Bearer {api_key(cfg)}"} if api_key(cfg) else {})
+    except httpx.TransportError as e:  # any HTTP answer (even 404: not every server lists models) means it is up
+        raise UserError(f"The judge at {cfg.judge.url} cannot be reached ({type(e).__name__}: {e}), and "
+                        f"{', '.join(judge_needed(cfg))} need(s) it. Start it first (e.g. `tuneforge serve --model "
+                        f"JUDGE --port 8000` for judge.url=http://127.0.0.1:8000/v1) or fix judge.url.") from e
 
 
 def api_key(cfg: EvalConfig) -> str | None:

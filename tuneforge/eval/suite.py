@@ -38,6 +38,12 @@ def _safety_path(cfg: EvalConfig, task: str) -> Path:
                     f"Name the file: `{kind}:PATH`.")
 
 
+def answers_folder(task_dir: Path, task: str) -> Path:
+    """Where a judge:PATH or grade:PATH task's replies live: one folder per file, so judging and grading the same
+    prompts generate once (each task's judgements.jsonl stays in its own folder)."""
+    return Path(task_dir).parent / slug("answers:" + task.partition(":")[2])
+
+
 def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path, judge=None) -> dict:
     """One task's metrics for one loaded model; `judge` is the run's JudgeClient (made here when needed)."""
     from tuneforge.eval import generation_tasks as gen
@@ -57,8 +63,9 @@ def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path, judge=
         return gen.run_gsm8k(model, tokenizer, path or Path(cfg.data_dir) / "gsm8k", out_dir, cfg.gsm8k_shots,
                              limit, cfg.cot, cfg.max_new_tokens, cfg.progress)
     if kind in ("data", "judge", "grade") and path:
-        return gen.run_dataset(model, tokenizer, path, out_dir, limit, max_new_tokens=cfg.max_new_tokens,
-                               progress=cfg.progress)
+        judged = kind != "data"  # judge:/grade: of one file share the replies (answers_folder); no reference needed
+        return gen.run_dataset(model, tokenizer, path, answers_folder(out_dir, task) if judged else out_dir, limit,
+                               max_new_tokens=cfg.max_new_tokens, progress=cfg.progress, scored=not judged)
     if kind == "ppl" and path:
         return gen.run_perplexity(model, tokenizer, path, out_dir, limit)
     if kind in ("xstest", "cvalues"):
@@ -166,8 +173,7 @@ def run_suite(cfg: EvalConfig) -> dict:
 def _answers(out: Path, model: str, task: str) -> list[dict]:
     from tuneforge.eval.store import ItemStore
 
-    path = out / slug(model) / slug(task) / "predictions.jsonl"
-    return ItemStore.read_all(path)
+    return ItemStore.read_all(answers_folder(out / slug(model) / slug(task), task) / "predictions.jsonl")
 
 
 def _save_judgements(out: Path, model: str, task: str, rows: list[dict]) -> None:
