@@ -160,7 +160,9 @@ def test_reward_folder_loads_in_transformers_with_the_same_scores(method, tiny_l
     base_tokenizer.pad_token = base_tokenizer.eos_token
     base_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "rm"
-    train("rm", model_dir, out, f"method={method}", "training.max_steps=3", "training.lr=5e-3")
+    heldout = PREFS.with_name("heldout.jsonl")
+    train("rm", model_dir, out, f"method={method}", "training.max_steps=3", "training.lr=5e-3",
+          f"data.eval=[{{path: {heldout}, format: pairwise, max_samples: 8}}]")
     hf = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     texts = _texts(tokenizer)
@@ -178,6 +180,11 @@ def test_reward_folder_loads_in_transformers_with_the_same_scores(method, tiny_l
         assert torch.allclose(batched, other, atol=1e-5), (batched, other)
     assert batched.std() > 0
     assert (out / "adapter" / "adapter_config.json").is_file() == (method == "lora")
+    card = (out / "README.md").read_text(encoding="utf-8")  # a reward model is scored, never chatted with
+    assert "load_reward_model" in card and "AutoModelForSequenceClassification" in card and "tuneforge chat" not in card
+    accuracy = metric(out, "eval_pairwise_accuracy")  # measured after the loop on the held-out pairs
+    assert len(accuracy) == 1 and accuracy[0] * 8 == round(accuracy[0] * 8)  # a share of 8 pairs
+    assert f"| eval pairwise accuracy | {accuracy[0]:.4g} " in card
 
 
 def test_reward_model_folder_of_the_wrong_kind_is_refused(tiny_qwen2_dir, tmp_path):

@@ -116,3 +116,25 @@ def test_a_max_length_past_the_models_positions_is_said(tiny_llama_dir, tmp_path
     logs = []
     run_config(config(tiny_llama_dir, tmp_path / "run2", "training.max_steps=1"), log=logs.append)
     assert not any("positions (max_position_embeddings)" in line for line in logs)
+
+
+def test_a_diverged_run_stops_instead_of_saving_a_nan_model(tiny_llama_dir, tmp_path):
+    """An infinite learning rate turns the weights to inf after step 1, so step 2's loss is nan: the run stops
+    there with an error naming the step, and no final model (an all-nan adapter) is written."""
+    from tuneforge.errors import UserError
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"Step 2: the loss is nan, so training stopped before saving a broken model "
+                                        r"\(no checkpoint was saved\).*training.lr inf"):
+        train(tiny_llama_dir, out, *FAST, "training.lr=inf")
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_nan_in_a_config_number_is_refused_by_key():
+    from tuneforge.configs.typed import coerce
+    from tuneforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"`dpo.beta` must be a number, got nan"):
+        coerce("nan", float, "dpo.beta")
+    with pytest.raises(ConfigError, match=r"`training.batch_size` must be an integer, got nan"):
+        coerce(float("nan"), int, "training.batch_size")

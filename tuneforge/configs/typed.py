@@ -8,6 +8,7 @@ full dotted key and the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -136,17 +137,19 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"`{key}` must be true or false, got {value!r}.")
     if tp is int:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
         return int(value)
     if tp is float:
         if isinstance(value, str):
             try:
-                return float(value)  # YAML reads `1e-4` (no dot) as a string
+                value = float(value)  # YAML reads `1e-4` (no dot) as a string
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"`{key}` must be a number, got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}.")  # nan passes every `> 0` check
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:

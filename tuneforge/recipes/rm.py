@@ -15,6 +15,8 @@ the head, with the adapter itself kept beside it in `adapter/`), loadable with
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tuneforge.errors import ConfigError
@@ -22,6 +24,7 @@ from tuneforge.losses import reward_pairwise_loss
 from tuneforge.methods.base import unwrap
 from tuneforge.models.reward import RewardModel, pick_pad_token, save_reward_model, transformer_of
 from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
+from tuneforge.training.metrics import record_metric
 from tuneforge.training.model_card import record_base
 from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
@@ -77,6 +80,7 @@ def run(cfg, log=print) -> TrainResult:
     if runtime.is_main and evals:
         accuracy = pairwise_accuracy(unwrap(model), evals, collate, cfg.training.batch_size, runtime.device)
         log(f"eval pairwise accuracy {accuracy:.3f} on {len(evals)} pairs")
+        record_metric(Path(cfg.output_dir) / "metrics.jsonl", result.steps, "eval_pairwise_accuracy", accuracy)
     last_ids = {side.input_ids[-1] for pair in train + evals for side in (pair.chosen, pair.rejected)}
     pad_id = pick_pad_token(tokenizer, last_ids)
     if pad_id is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -305,12 +306,25 @@ class Trainer:
                 self.strategy.backward(self.model, loss_sum * scale)
             loss_total += loss_sum.detach().float()
             extra.add(metrics)
-        grad_norm = self._step()
-        self.scheduler.step()
         loss = self.rt.all_reduce_sum(loss_total).item() / max(n_targets, 1)
+        if not math.isfinite(loss):  # before the optimizer step: the weights stay as the last good step left them
+            raise self._diverged("loss", loss)
+        grad_norm = self._step()
+        if not math.isfinite(grad_norm):
+            raise self._diverged("gradient norm", grad_norm)
+        self.scheduler.step()
         return {"loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
                 "token_squares": squares, "head_positions": n_head, "forward_only_tokens": n_forward,
                 **extra.means(self.rt)}
+
+    def _diverged(self, what: str, value: float) -> UserError:
+        """A nan/inf loss would train on to an all-nan model that is saved as 'done': stop and say why instead."""
+        saved = ckpt.list_checkpoints(self.output_dir)
+        last = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was saved"
+        return UserError(f"Step {self.step + 1}: the {what} is {value}, so training stopped before saving a broken "
+                         f"model ({last}). A setting or a data value that is not a number (nan/inf in the config, "
+                         f"e.g. a beta, or in the data, e.g. a margin) or a diverging run (training.lr "
+                         f"{self.t.lr:g} too high, fp16 overflow: use bf16) causes this; fix it and run again.")
 
     def _step(self) -> float:
         """Clip, optimizer step, zero the gradients (the engine's way); the gradient norm before clipping."""

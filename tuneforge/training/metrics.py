@@ -55,6 +55,13 @@ def fmt(key: str, value) -> str:
     return f"{value:.4g}"
 
 
+def record_metric(path: Path, step: int, key: str, value: float) -> None:
+    """One more record after training's own (a figure measured after the loop, e.g. the reward model's pairwise
+    accuracy), so metrics.jsonl and the model card read from it hold it too."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, key: float(f"{value:.9g}"), "time": round(time.time(), 3)}) + "\n")
+
+
 def format_metrics(step: int, total: int, metrics: dict) -> str:
     """`step 10/100: loss 2.346, grad_norm 0.8123, lr 2.00e-04, tokens_per_s 5321`."""
     return f"step {step}/{total}: " + ", ".join(f"{k} {fmt(k, v)}" for k, v in metrics.items())

@@ -90,7 +90,25 @@ def _results(rows: list[dict]) -> list[tuple[str, str]]:
         out.append(("final training loss", f"{_num(train[-1]['loss'])} (step {train[-1]['step']})"))
     if evals:
         out.append(("final eval loss", f"{_num(evals[-1]['eval_loss'])} (step {evals[-1]['step']})"))
+    accuracy = [r for r in rows if "eval_pairwise_accuracy" in r]
+    if accuracy:
+        out.append(("eval pairwise accuracy", f"{_num(accuracy[-1]['eval_pairwise_accuracy'])} (share of held-out "
+                                              f"pairs whose chosen reply scores higher)"))
     return out
+
+
+def _use_it(cfg: TrainConfig, library: str) -> list[str]:
+    """How to use the folder: chat with a generator; score with a reward model (it cannot generate text)."""
+    if cfg.stage == "rm":
+        return ["```yaml", f"ppo: {{reward: {{{cfg.output_dir}: 1.0}}}}   # the reward of a tuneforge PPO/GRPO run",
+                "```", "", "```python", "from tuneforge.models.reward import load_reward_model",
+                f"scores = load_reward_model({str(cfg.output_dir)!r}).score(texts)  # texts rendered with the chat "
+                f"template", "```", "",
+                "It is a plain transformers sequence-classification model (one output: the reward): "
+                "`AutoModelForSequenceClassification.from_pretrained(this_folder)` loads it."]
+    use = (f"tuneforge chat --adapter {cfg.output_dir}" if library != "transformers"
+           else f"tuneforge chat --model {cfg.output_dir}")
+    return ["```bash", use, "```"]
 
 
 def model_card(cfg: TrainConfig, method: Method, rows: list[dict], library: str) -> str:
@@ -107,14 +125,12 @@ def model_card(cfg: TrainConfig, method: Method, rows: list[dict], library: str)
     hub_base = HUB_ORIGIN.get(base, base if _looks_like_hub_id(base) else None)
     front = ["---", f"library_name: {library}", "tags: [tuneforge, " + f"{method.name}, {cfg.stage}]"]
     front += [f"base_model: {hub_base}"] if hub_base else []
-    use = (f"tuneforge chat --adapter {cfg.output_dir}" if library != "transformers"
-           else f"tuneforge chat --model {cfg.output_dir}")
     lines = front + ["---", "", f"# {Path(cfg.output_dir).name}: `{method.name}` fine-tune of `{base}`", "",
                      f"Trained with TuneForge {__version__}. `tuneforge_config.yaml` in this folder is the resolved "
                      f"config of the run: `tuneforge train tuneforge_config.yaml output_dir=NEW_FOLDER` repeats it.",
                      "",
-                     "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in table], "", "## Use it", "", "```bash",
-                     use, "```"]
+                     "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in table], "", "## Use it", "",
+                     *_use_it(cfg, library)]
     if library == "peft":
         lines += ["", "It is a plain PEFT adapter: `peft.PeftModel.from_pretrained(base_model, this_folder)` loads it "
                       "onto the base model above."]
