@@ -109,3 +109,32 @@ def test_chunks_respect_size_paragraphs_and_overlap():
     assert all(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))  # consecutive chunks overlap
     assert all(spans[i + 1][1] - spans[i][1] > 0 for i in range(len(spans) - 1))  # and move forward
     assert text[spans[0][0]:].startswith("# Part 0")
+
+
+@pytest.mark.parametrize("reply,score", [
+    ("This is a great answer. I would give it a 5 out of 5.", 5),
+    ("Score: 5\n\nNote: a score of 1 would mean irrelevant.", 5),  # the stated rating, not the note's number
+    ("**Score:** 4\n\nA 2/5 answer would have missed the point.", 4),
+    ("评分：4", 4), ("分数: 3\n理由：回答完整。", 3), ("Rating: 2", 2), ("Score: 10", None),
+])
+def test_parse_score_phrasings(reply, score):
+    assert parse.parse_score(reply) == score
+
+
+def test_chinese_is_tokenized_per_character():
+    text = "抱歉，我无法回答这个问题。"
+    assert parse.rouge_l(text, text) == 1.0
+    assert parse.rouge_l("用 Python 写代码", "用Python写代码！") == 1.0  # Latin words stay words
+    assert 0 < parse.rouge_l("请解释光合作用的过程", "请解释呼吸作用的过程") < 1
+    assert parse.instruction_problem("请用三句话解释光合作用的过程。") is None  # 15 characters, not too short
+    assert parse.instruction_problem("你好") == "too_short"
+    assert parse.instruction_problem("请画出一张地图，标出长城的位置。") == "blocked_keyword"
+
+
+def test_chinese_grounding_and_refusals():
+    chunk = "细胞学说是生物科学的一个理论，它指出一切生物都由细胞构成。"
+    assert parse.grounded_share("生物科学的一个理论", chunk) == 1.0  # an exact quote
+    assert parse.grounded_share("量子色动力学解释了强相互作用", chunk) < 0.2  # made up
+    for refusal in ("抱歉，我无法回答这个问题。", "对不起，这个我不能帮你。", "作为一个AI，我没有个人观点。"):
+        assert parse.evolution_problem("写一首诗", "写一首关于冬天的七言绝句", refusal) == "sorry_answer"
+    assert parse.evolution_problem("写一首诗", "写一首关于冬天的七言绝句", "北风卷地白草折，胡天八月即飞雪。") is None

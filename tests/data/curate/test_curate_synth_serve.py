@@ -55,8 +55,8 @@ def test_method_against_tuneforge_serve_and_resume(method, server, tmp_path):
     first = run(method, server, out, data[method])
     teacher = first["teacher"]
     assert teacher["failed"] == 0 and teacher["answered"] > 0
-    # a request repeated within the run (e.g. a self_instruct round that kept nothing new) is answered from the
-    # progress file too ("reused"), never asked twice
+    # a request repeated within the run (e.g. a self_instruct round that kept nothing new) is answered by the
+    # run's earlier reply ("repeated"), never asked twice; a rerun finds every one in progress.jsonl ("reused")
     keys = [json.loads(line)["key"] for line in (out / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(keys) == len(set(keys)) == teacher["answered"]
     kept = read_jsonl(out / f"{method}.jsonl")
@@ -66,5 +66,6 @@ def test_method_against_tuneforge_serve_and_resume(method, server, tmp_path):
         assert [m["role"] for m in row["messages"]][-2:] == ["user", "assistant"]
     second = run(method, server, out, data[method])
     assert second["teacher"]["answered"] == 0 and second["teacher"]["sent"] == 0  # all from progress.jsonl
-    assert second["teacher"]["reused"] == teacher["answered"] + teacher["reused"]
+    assert second["teacher"]["reused"] + second["teacher"]["repeated"] == (teacher["answered"] + teacher["reused"]
+                                                                           + teacher["repeated"])
     assert read_jsonl(out / f"{method}.jsonl") == kept

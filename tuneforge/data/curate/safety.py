@@ -37,6 +37,7 @@ from tuneforge.data import readers
 from tuneforge.data.curate import rows
 from tuneforge.data.curate.distill import SAFETY_SYSTEM
 from tuneforge.data.curate.synth.teacher import TeacherArgs
+from tuneforge.data.curate.text import counted
 from tuneforge.data.preference import DEFAULT_RANKING, ordered_pairs, typed_responses
 from tuneforge.data.preference import TYPE_ALIASES as ALIASES
 from tuneforge.data.preference import TypedResponse as Response
@@ -173,7 +174,8 @@ def _bad_rows_error(bad: dict[str, list[str]], n_rows: int, n_responses: int) ->
     problems = [p for row in bad.values() for p in row]
     listing = "\n".join(f"  - {p}" for p in problems[:20])
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-    responses = f" ({n_responses} of their responses have a type not in --ranking)" if n_responses else ""
+    have = "has" if n_responses == 1 else "have"
+    responses = f" ({n_responses} of their responses {have} a type not in --ranking)" if n_responses else ""
     return DataError(f"{len(bad)} of {n_rows} safety rows are bad{responses}:\n{listing}{more}\nRows need `prompt` "
                      f"and either `responses` ([{{text, type}}, ...]) or CValues' pos_resp/neg_resp/pos_type/"
                      f"neg_type; types must be named in --ranking (or pass --unknown-types skip).")
@@ -198,6 +200,6 @@ def report_md(report: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in report["by_types"].items()]
     lines += ["", f"By difficulty: {report['by_difficulty']}."]
     if report["prompts_without_pair"]:
-        lines += ["", f"{len(report['prompts_without_pair'])} prompts gave no pair (all responses of one type), "
+        lines += ["", f"{counted(len(report['prompts_without_pair']), 'prompt')} gave no pair (all responses of one type), "
                       f"first: {report['prompts_without_pair'][0]}."]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,8 @@ from tuneforge.data.types import Example
 _SPACE = re.compile(r"\s+")
 # A CJK ideograph or kana/hangul syllable is one unit; any other run of letters/digits is one word.
 _CJK = r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]"
-_UNIT = re.compile(_CJK + r"|[^\W_]+")
+# (A word stops at a CJK character: `\w` matches those too, so "用Python写代码" would otherwise give one word.)
+_UNIT = re.compile(_CJK + r"|(?:(?!" + _CJK + r")[^\W_])+")
 _CJK_UNIT = re.compile(_CJK)
 
 # Scripts told apart by Unicode block; `en` stands for any Latin-script text (script alone cannot tell English
@@ -67,6 +68,11 @@ def prose_units(text: str) -> list[str]:
     and notation (a regex, a truth table of T and F, a sequence of notes) are mostly symbols, digits and single
     letters, whose repeats are their structure, not a degenerate loop."""
     return [u for u in units(text) if _CJK_UNIT.fullmatch(u) or (len(u) > 1 and u.isalpha())]
+
+
+def is_cjk(char: str) -> bool:
+    """Whether a character is a CJK ideograph, kana or hangul syllable (one unit of its own)."""
+    return bool(_CJK_UNIT.fullmatch(char))
 
 
 def mostly_cjk(text: str) -> bool:
@@ -130,3 +136,8 @@ def prompt_and_answers(example: Example) -> tuple[str, list[str]]:
 def turns(example: Example) -> int:
     """User turns of a conversation (0 for a text row)."""
     return 0 if example.messages is None else sum(1 for m in example.messages if m["role"] == "user")
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 prompt`, `2 prompts`: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

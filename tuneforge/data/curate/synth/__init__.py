@@ -17,8 +17,10 @@ Methods (one module each):
                  responses, scored 1-5 by the teacher, the best kept when it scores `--min-score` or more.
 
 Writes `<method>.jsonl` (OpenAI `messages` rows that `tuneforge train` reads, plus provenance fields),
-`rejected.jsonl` (every dropped item with its rule), `report.json` / `report.md` (counts per rule, teacher request
-counts) and `progress.jsonl` (finished teacher requests: rerun the same command into the same `--out` to resume).
+`rejected.jsonl` (every dropped item with its rule, input rows without the field the method needs included),
+`report.json` / `report.md` (counts per rule, teacher request counts, skipped files, notes) and `progress.jsonl`
+(finished teacher requests: rerun the same command into the same `--out` to resume). `--out` must lie outside the
+inputs (a rerun would read the outputs as input). A run where every teacher request failed is an error.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from typing import Literal
 from tuneforge.configs.typed import opt
 from tuneforge.data import readers
 from tuneforge.data.curate import rows
-from tuneforge.data.curate.synth.teacher import Teacher, TeacherArgs
+from tuneforge.data.curate.synth.teacher import (
+    Teacher,
+    TeacherArgs,
+    at_least,
+    check_answered,
+    check_teacher_args,
+    failure_summary,
+)
+from tuneforge.data.curate.text import counted
 from tuneforge.data.types import BadRow
 from tuneforge.errors import DataError, UserError
 
@@ -65,12 +75,48 @@ class SynthArgs(TeacherArgs):
 
 def synth_cli(args: SynthArgs) -> int:
     report = synth(args)
-    t = report["teacher"]
-    print(f"{args.method}: {report['rows']} rows -> {report['out']}/{args.method}.jsonl "
-          f"(teacher: {t['answered']} answered, {t['reused']} reused from progress, {t['failed']} failed)")
+    print(f"{args.method}: {counted(report['rows'], 'row')} -> {report['out']}/{args.method}.jsonl "
+          f"(teacher: {teacher_counts(report['teacher'])})")
     for rule, count in report["rejected"].items():
         print(f"  {rule:<24} {count}")
+    print_notes(report)
     return 0
+
+
+def teacher_counts(t: dict) -> str:
+    repeated = f", {t['repeated']} repeated in this run (asked once)" if t.get("repeated") else ""
+    return f"{t['answered']} answered{repeated}, {t['reused']} reused from progress, {t['failed']} failed"
+
+
+def print_notes(report: dict) -> None:
+    """What the console must say besides the counts: failed requests' first errors, skipped inputs, targets."""
+    if report["teacher"]["failed"]:
+        print(f"  warning: {failure_summary(report['teacher'])}")
+    for note in report.get("notes", []):
+        print(f"  note: {note}")
+
+
+# count flags and their least value; shares and scores are checked by range in check_args
+COUNT_FLAGS = (("num_instructions", 1), ("batch", 1), ("max_rounds", 1), ("rounds", 1), ("questions", 1),
+               ("candidates", 1), ("max_chars", 100), ("overlap", 0))
+
+
+def check_args(args: SynthArgs) -> None:
+    """Refuse a count or range no run can use, naming the flag, before anything is read or asked."""
+    for name, low in COUNT_FLAGS:
+        at_least(name.replace("_", "-"), getattr(args, name), low)
+    if args.overlap >= args.max_chars // 2:
+        raise UserError(f"`--overlap` must be less than half of `--max-chars` ({args.max_chars}), got {args.overlap}.")
+    if not 0 < args.max_rouge <= 1:
+        raise UserError(f"`--max-rouge` must be in (0, 1] (a ROUGE-L F1; 1 drops exact copies only), got "
+                        f"{args.max_rouge}.")
+    for name in ("breadth_share", "min_grounded"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"`--{name.replace('_', '-')}` is a share: it must be from 0 to 1, got "
+                            f"{getattr(args, name)}.")
+    if not 1 <= args.min_score <= 5:
+        raise UserError(f"`--min-score` must be from 1 to 5 (the teacher's 1-5 scale), got {args.min_score}.")
+    check_teacher_args(args)
 
 
 def synth(args: SynthArgs) -> dict:
@@ -78,15 +124,31 @@ def synth(args: SynthArgs) -> dict:
 
     run = {"self_instruct": self_instruct.run, "evol_instruct": evol.run, "qa_from_docs": docs.run,
            "backtranslate": backtranslate.run}[args.method]
+    check_args(args)
     if not args.data:
         raise UserError(f"`data synth {args.method}` needs input: `--data PATH ...`.")
+    refuse_out_among_inputs(args.out, args.data)
     files = [p.resolve() for p in input_paths(args.data)]
     out = rows.prepare_out(args.out, files, [f"{args.method}.jsonl", "rejected.jsonl", "report.json", "report.md",
                                              "progress.jsonl"])
     teacher = Teacher(args, out / "progress.jsonl")
     result = Result()
     run(args, teacher, files, result)
+    check_answered(teacher)
     return result.write(out, args, teacher)
+
+
+def refuse_out_among_inputs(out: str, data: list[str]) -> None:
+    """`--out` may not be an input folder, hold an input, or lie inside an input folder: the outputs would mix with
+    the inputs, and a rerun (the way to resume) would read report.md or the rows as input."""
+    folder = Path(out).expanduser().resolve()
+    for given in data:
+        path = Path(given).expanduser().resolve()
+        if folder == path or folder in path.parents or path in folder.parents:
+            raise UserError(f"`--out {out}` overlaps the input `--data {given}` (the same folder, inside it, or "
+                            f"holding it): the outputs would mix with the inputs and a rerun would read them as "
+                            f"input. Write to a folder outside the inputs, e.g. `--out {Path(given).name}_synth` "
+                            f"next to it.")
 
 
 class Result:
@@ -97,6 +159,8 @@ class Result:
         self.rejected: list[dict] = []
         self.counts: Counter = Counter()
         self.extra: dict = {}
+        self.notes: list[str] = []  # printed on the console and written to the report
+        self.skipped_files: list[dict] = []
 
     def keep(self, row: dict) -> None:
         self.kept.append(row)
@@ -104,6 +168,12 @@ class Result:
     def reject(self, rule: str, **item) -> None:
         self.counts[rule] += 1
         self.rejected.append({"rule": rule, **item})
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def skip_file(self, path: Path, reason: str) -> None:
+        self.skipped_files.append({"file": str(path), "reason": reason})
 
     def write(self, out: Path, args: SynthArgs, teacher: Teacher) -> dict:
         with rows.AtomicWriter(out / f"{args.method}.jsonl") as w:
@@ -115,6 +185,13 @@ class Result:
         report = {"out": str(out), "method": args.method, "rows": len(self.kept), "rejected": dict(self.counts),
                   "teacher": {"model": teacher.model, "base_url": teacher.base_url, **teacher.stats.as_dict()},
                   **self.extra}
+        if self.skipped_files:
+            report["skipped_files"] = self.skipped_files
+            shown = ", ".join(f"{s['file']} ({s['reason']})" for s in self.skipped_files[:5])
+            more = f" and {len(self.skipped_files) - 5} more" if len(self.skipped_files) > 5 else ""
+            self.notes.insert(0, f"{counted(len(self.skipped_files), 'input file')} skipped: {shown}{more}.")
+        if self.notes:
+            report["notes"] = self.notes
         rows.write_json(out / "report.json", report)
         rows.write_text(out / "report.md", report_md(report))
         return report
@@ -123,12 +200,17 @@ class Result:
 def report_md(report: dict) -> str:
     t = report["teacher"]
     title = "safety --distill" if report["method"] == "distill" else f"synth {report['method']}"
-    lines = [f"# tuneforge data {title}", "", f"**{report['rows']} rows** kept.", "",
-             f"Teacher `{t['model']}` at {t['base_url']}: {t['answered']} requests answered, {t['reused']} reused "
-             f"from progress.jsonl, {t['retried']} retries, {t['failed']} failed.", "", "| rule | dropped |",
-             "|---|---|"]
-    lines += [f"| {rule} | {n} |" for rule, n in report["rejected"].items()]
-    extra = {k: v for k, v in report.items() if k not in ("out", "method", "rows", "rejected", "teacher")}
+    repeated = f", {t['repeated']} repeated within the run (asked once)" if t.get("repeated") else ""
+    lines = [f"# tuneforge data {title}", "", f"**{counted(report['rows'], 'row')}** kept.", "",
+             f"Teacher `{t['model']}` at {t['base_url']}: {counted(t['answered'], 'request')} answered{repeated}, "
+             f"{t['reused']} reused from progress.jsonl, {counted(t['retried'], 'retry', 'retries')}, "
+             f"{t['failed']} failed.", ""]
+    if t["failed"]:
+        lines += [failure_summary(t), ""]
+    lines += [f"- {note}" for note in report.get("notes", [])] + ([""] if report.get("notes") else [])
+    lines += ["| rule | dropped |", "|---|---|"] + [f"| {rule} | {n} |" for rule, n in report["rejected"].items()]
+    shown = ("out", "method", "rows", "rejected", "teacher", "notes")
+    extra = {k: v for k, v in report.items() if k not in shown}
     if extra:
         lines += ["", "```json", json.dumps(extra, ensure_ascii=False, indent=2), "```"]
     return "\n".join(lines) + "\n"
@@ -145,12 +227,14 @@ def input_paths(paths: list[str]) -> list[Path]:
     return out
 
 
-def raw_rows(files: list[Path]):
+def raw_rows(files: list[Path], result: Result | None = None):
     """(source, row mapping) of every data file, through the data path's readers (row guard, bad bytes); a bad row
-    raises DataError naming it."""
+    raises DataError naming it. Files of no data format (found in a folder) are listed in `result`."""
     bad = []
     for file in files:
         if readers.data_suffix(file) not in readers.READERS:
+            if result is not None:
+                result.skip_file(file, f"not a data file; rows are read from {', '.join(readers.READERS)}")
             continue
         for raw in readers.read_local(file):
             if isinstance(raw, BadRow):
@@ -161,6 +245,30 @@ def raw_rows(files: list[Path]):
         listing = "\n".join(f"  - {b}" for b in bad[:20])
         raise DataError(f"{len(bad)} input rows are bad:\n{listing}\nFix them or clean the data first "
                         f"(`tuneforge data clean`).")
+
+
+def texts_of(files: list[Path], result: Result, get, needs: str) -> list[tuple[str, str]]:
+    """(source, text) of every input row where `get` finds the text the method needs; each row without it is
+    rejected as `input_without_<needs>` (with its keys) and the first few are named in a note."""
+    found, missing = [], []
+    for source, row in raw_rows(files, result):
+        text = get(row)
+        if text:
+            found.append((source, text))
+        else:
+            missing.append(source)
+            result.reject(f"input_without_{needs}", source=source, keys=sorted(row))
+    if missing and found:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        result.note(f"{counted(len(missing), 'input row')} without {needs} skipped (see rejected.jsonl): "
+                    f"{', '.join(missing[:5])}{more}.")
+    return found
+
+
+def instruction_of(row: dict) -> str | None:
+    """A Self-Instruct seed task's `instruction` (the Stanford Alpaca seed_tasks.jsonl format)."""
+    text = row.get("instruction")
+    return text.strip() if isinstance(text, str) and text.strip() else None
 
 
 def prompt_of(row: dict) -> str | None:

@@ -3,14 +3,15 @@
 For each response the teacher writes --candidates candidate instructions (self-augmentation: "what request does
 this text answer?"), then scores each (instruction, response) pair on the paper's 1-5 quality scale (self-curation).
 The best-scored candidate is kept when it scores --min-score or more (ties: the earlier candidate). Rules:
-`no_instruction` (every candidate empty or failed), `unscored` (no score could be parsed from any judgement),
-`low_score`.
+`no_instruction` (every candidate empty), `unscored` (no score could be parsed from any judgement), `low_score`;
+an item whose requests all failed is counted by how (teacher_failed, teacher_rejected, no_content).
 """
 
 from __future__ import annotations
 
-from tuneforge.data.curate.synth import chat_row, raw_rows, response_of, user
+from tuneforge.data.curate.synth import chat_row, response_of, texts_of, user
 from tuneforge.data.curate.synth.parse import clean_instruction, parse_score
+from tuneforge.data.curate.synth.teacher import Failed
 from tuneforge.errors import DataError
 
 ASK = ("Below is a response written by an AI assistant. Write the instruction a user gave that this is the answer "
@@ -25,32 +26,40 @@ SCORE = ("Below is an instruction from a user and a candidate answer. Evaluate w
 
 
 def run(args, teacher, files, result) -> None:
-    items = [(source, text) for source, row in raw_rows(files) if (text := response_of(row))]
+    items = texts_of(files, result, response_of, "response")
     if not items:
         raise DataError(f"No responses in {', '.join(map(str, files))}: rows need `output`, `response`, `text` or "
                         f"an assistant turn.")
     asks = [(i, k) for i in range(len(items)) for k in range(args.candidates)]
     replies = _ask_all(args, teacher, items, asks)
-    candidates: dict[int, list[str]] = {}
+    failures: dict[int, Failed] = {}  # the first failed request of each item, to count it by when nothing is left
+    candidates: dict[int, list[str]] = {i: [] for i in range(len(items))}
     for (i, _), reply in zip(asks, replies):
+        if isinstance(reply, Failed):
+            failures.setdefault(i, reply)
         text = clean_instruction(reply) if reply else ""
-        if text and text not in candidates.setdefault(i, []):
+        if text and text not in candidates[i]:
             candidates[i].append(text)
-        candidates.setdefault(i, [])
     pairs = [(i, c) for i in range(len(items)) for c in candidates[i]]
     judged = teacher.complete([user(SCORE.format(instruction=c, response=items[i][1])) for i, c in pairs],
                               temperature=0.0)
     scores: dict[int, list[tuple[int | None, str]]] = {}
     for (i, c), reply in zip(pairs, judged):
-        scores.setdefault(i, []).append((parse_score(reply) if reply else None, c))
+        if isinstance(reply, Failed):
+            failures.setdefault(i, reply)
+            continue
+        scores.setdefault(i, []).append((parse_score(reply), c))
     for i, (source, response) in enumerate(items):
-        _choose(i, source, response, scores.get(i, []), args.min_score, result)
+        if not scores.get(i) and i in failures:
+            result.reject(failures[i].rule, source=source, response=response, error=failures[i].error)
+        else:
+            _choose(i, source, response, scores.get(i, []), args.min_score, result)
 
 
-def _ask_all(args, teacher, items, asks) -> list[str | None]:
+def _ask_all(args, teacher, items, asks) -> list[str | Failed]:
     """One concurrent batch per candidate index. `seed` differs per candidate: different samples from the
     teacher, and a distinct request key (so progress.jsonl keeps each)."""
-    replies: dict[tuple[int, int], str | None] = {}
+    replies: dict[tuple[int, int], str | Failed] = {}
     for k in range(args.candidates):
         idx = [i for i, kk in asks if kk == k]
         for i, reply in zip(idx, teacher.complete([user(ASK.format(response=items[i][1])) for i in idx],

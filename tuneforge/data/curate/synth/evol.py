@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from tuneforge.data.curate.synth import chat_row, prompt_of, raw_rows, user
+from tuneforge.data.curate.synth import chat_row, prompt_of, texts_of, user
 from tuneforge.data.curate.synth.parse import clean_evolved, evolution_problem
 from tuneforge.errors import DataError
 
@@ -50,7 +50,7 @@ def pick(rng: random.Random, breadth_share: float) -> str:
 
 
 def run(args, teacher, files, result) -> None:
-    pool = [(source, text) for source, row in raw_rows(files) if (text := prompt_of(row))]
+    pool = texts_of(files, result, prompt_of, "prompt")
     if not pool:
         raise DataError(f"No instructions in {', '.join(map(str, files))}: rows need an instruction (alpaca "
                         f"`instruction`, `prompt`, or a user turn in `messages`/`conversations`).")
@@ -58,19 +58,23 @@ def run(args, teacher, files, result) -> None:
     for round_ in range(1, args.rounds + 1):
         ops = [pick(random.Random(f"{args.seed}:{round_}:{i}"), args.breadth_share) for i in range(len(pool))]
         evolved = teacher.complete([user(evolve_prompt(op, text)) for op, (_, text) in zip(ops, pool)])
-        evolved = [clean_evolved(e) if e is not None else None for e in evolved]
+        evolved = [clean_evolved(e) if isinstance(e, str) else e for e in evolved]
         answerable = [i for i, e in enumerate(evolved) if e]
         answers = dict(zip(answerable, teacher.complete([user(evolved[i]) for i in answerable])))
         next_pool = []
         for i, ((source, original), op) in enumerate(zip(pool, ops)):
-            if evolved[i] is None:
-                result.reject("teacher_failed", source=source, instruction=original, operation=op)
+            if not isinstance(evolved[i], str):  # the request failed: its rule (teacher_failed, no_content...)
+                result.reject(evolved[i].rule, source=source, instruction=original, operation=op,
+                              error=evolved[i].error)
                 next_pool.append((source, original))
                 continue
-            rule = evolution_problem(original, evolved[i], answers.get(i))
+            answer = answers.get(i)
+            rule = evolution_problem(original, evolved[i], answer if isinstance(answer, str) else None)
+            if rule == "no_answer":  # the answering request failed: count it by how
+                rule = answer.rule
             if rule:
                 result.reject(rule, source=source, instruction=original, evolved=evolved[i], operation=op,
-                              round=round_, answer=answers.get(i))
+                              round=round_, answer=answer if isinstance(answer, str) else None)
                 next_pool.append((source, original))  # failed: back into the pool (the paper's rule)
                 continue
             ops_used[op] = ops_used.get(op, 0) + 1

@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 
+from tuneforge.data.curate.text import is_cjk, units
+
 # ---- ROUGE-L ------------------------------------------------------------------------------------------------------
 
-def _tokens(text: str) -> list[str]:
-    # rouge-score's default tokenizer (lowercase, non-alphanumerics as spaces, no stemming), as Self-Instruct used it
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+def _tokens(text: str) -> tuple[str, ...]:
+    # The data tools' units (text.units): for English rouge-score's default tokenizer as Self-Instruct used it
+    # (lowercase, non-alphanumerics as spaces, no stemming); every CJK character one token, as Chinese has no spaces
+    # (rouge-score's tokenizer drops CJK altogether, so two identical Chinese texts would score 0)
+    return units(text)
 
 
 def rouge_l(a: str, b: str) -> float:
@@ -36,6 +40,9 @@ def rouge_l(a: str, b: str) -> float:
 # Self-Instruct (Wang et al. 2022, section 2.2 / its code): tasks a text-only model cannot do, and program-writing
 BLOCKED_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
                  "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
+# the same in Chinese (no word boundaries there: matched as substrings)
+BLOCKED_ZH = ("图片", "图像", "图表", "画一", "画出", "绘制", "视频", "音频", "音乐", "流程图", "地图", "文件", "编写程序",
+              "写一个程序")
 
 
 def parse_instructions(reply: str, first_number: int) -> list[str]:
@@ -51,20 +58,22 @@ def parse_instructions(reply: str, first_number: int) -> list[str]:
 
 
 def instruction_problem(text: str) -> str | None:
-    """Why Self-Instruct would drop this instruction (its rule name), or None to keep it."""
-    words = text.split()
-    if len(words) < 3:
+    """Why Self-Instruct would drop this instruction (its rule name), or None to keep it. Words are text.units
+    (a CJK character counts as one). The paper's non-ASCII rule keeps English tasks English; a task starting with
+    a CJK character is a Chinese/Japanese/Korean task, kept, so a bilingual seed set can grow in both languages."""
+    n_words = len(units(text))
+    if n_words < 3:
         return "too_short"
-    if len(words) > 150:
+    if n_words > 150:
         return "too_long"
     lowered = text.lower()
-    if any(re.search(rf"\b{re.escape(w)}\b", lowered) for w in BLOCKED_WORDS):
+    if any(re.search(rf"\b{re.escape(w)}\b", lowered) for w in BLOCKED_WORDS) or any(w in text for w in BLOCKED_ZH):
         return "blocked_keyword"
     if lowered.startswith("write a program"):
         return "blocked_keyword"
     if not text[0].isalnum():
         return "starts_with_punctuation"
-    if not text[0].isascii():
+    if not text[0].isascii() and not is_cjk(text[0]):
         return "non_ascii_start"
     return None
 
@@ -99,7 +108,8 @@ def evolution_problem(original: str, evolved: str, answer: str | None) -> str | 
     """WizardLM's elimination rules (Xu et al. 2023, section 3.3), or None when the evolution succeeded:
     no_information_gain   the evolved instruction is (nearly) the original (ROUGE-L >= 0.95: the paper asks
                           ChatGPT to judge this; a near-copy is the case a string test catches)
-    sorry_answer          the teacher cannot answer it: a short answer (< 80 words) containing "sorry"
+    sorry_answer          the teacher cannot answer it: a short answer (< 80 words, a CJK character counting as a
+                          word) containing "sorry" or a Chinese refusal (SORRY_ZH)
     empty_answer          the answer is empty or only punctuation/stop words
     copied_prompt_words   the evolved instruction copies words of the evolving prompt (#Rewritten Prompt# ...)"""
     if not evolved or rouge_l(original, evolved) >= 0.95:
@@ -108,7 +118,7 @@ def evolution_problem(original: str, evolved: str, answer: str | None) -> str | 
         return "copied_prompt_words"
     if answer is None:
         return "no_answer"
-    if "sorry" in answer.lower() and len(answer.split()) < 80:
+    if is_sorry(answer):
         return "sorry_answer"
     if not re.search(r"\w", answer) or all(w.lower() in STOP_WORDS for w in re.findall(r"\w+", answer)):
         return "empty_answer"
@@ -116,17 +126,40 @@ def evolution_problem(original: str, evolved: str, answer: str | None) -> str | 
 
 
 STOP_WORDS = frozenset("a an the and or of to in on is are was be it this that i you ok okay yes no".split())
+# Chinese refusals: "sorry", "I cannot/am unable to", "as an AI (language model)"
+SORRY_ZH = ("抱歉", "对不起", "很遗憾", "我无法", "我不能", "作为一个ai", "作为ai", "作为一个人工智能", "作为人工智能",
+            "作为一个语言模型", "作为一个ai语言模型")
+
+
+def is_sorry(answer: str) -> bool:
+    text = answer.lower().replace(" ", "")
+    return len(units(answer)) < 80 and ("sorry" in answer.lower() or any(p in text for p in SORRY_ZH))
 
 
 # ---- backtranslate ------------------------------------------------------------------------------------------------
 
+_LABEL = r"(?:score|rating|评分|分数|得分|打分)"
+SCORE_FORMS = (  # strongest first: a form found in the reply wins over the weaker ones
+    # a line that states the rating, as the prompt asks ("Score: 4", "**Final score:** 5", "评分：4")
+    re.compile(rf"^[\s*#>-]*(?:final\s+|overall\s+|最终)?{_LABEL}\s*\**\s*[:：]\s*\**\s*([1-5])(?!\d)", re.I | re.M),
+    # the same label inside a sentence ("... Score: 3")
+    re.compile(rf"{_LABEL}\s*\**\s*[:：]\s*\**\s*([1-5])(?!\d)", re.I),
+    # loose phrasings: "a score of 5", "4/5", "5 out of 5", a reply that is a lone digit
+    re.compile(r"score\s*(?:is|of)?\s*\**\s*([1-5])\b|\b([1-5])\s*(?:/|out\s+of)\s*5\b|^\s*\**([1-5])\**\s*\.?\s*$",
+               re.I | re.M),
+)
+
+
 def parse_score(reply: str) -> int | None:
-    """A 1-5 score: "Score: 4", "4/5", "score of 5" or a reply that is a lone digit; the last one named wins
-    (judges reason first and conclude with the score). None when no score is given."""
-    found = re.findall(r"score\s*(?:is|of|:)?\s*\**\s*([1-5])\b|\b([1-5])\s*/\s*5\b|^\s*\**([1-5])\**\s*\.?\s*$",
-                       reply, re.I | re.M)
-    values = [int(next(g for g in groups if g)) for groups in found]
-    return values[-1] if values else None
+    """A 1-5 score. A stated rating ("Score: 4" on its own line, "评分：4") wins over a number in the notes ("a score
+    of 1 would mean..."); within the strongest form found, the last one wins (judges reason first and conclude
+    with the score). None when no score is given."""
+    for form in SCORE_FORMS:
+        found = form.findall(reply)
+        if found:
+            last = found[-1]
+            return int(next(g for g in last if g) if isinstance(last, tuple) else last)
+    return None
 
 
 def clean_instruction(reply: str) -> str:
@@ -149,13 +182,28 @@ def parse_qa(reply: str) -> list[tuple[str, str]]:
 
 
 def grounded_share(answer: str, chunk: str) -> float:
-    """Share of the answer's content words (4+ letters) found in the chunk: an answer taken from the text scores
-    high, one the teacher made up from its own knowledge low."""
-    words = [w for w in re.findall(r"\w+", answer.lower()) if len(w) >= 4 or not w.isascii()]
-    if not words:
+    """Share of the answer's content terms found in the chunk: an answer taken from the text scores high, one the
+    teacher made up from its own knowledge low. Terms: words of 4+ letters (any length outside ASCII) and, for
+    CJK text, pairs of adjacent characters (single characters such as 的 or 是 are in any Chinese text, so they
+    would make any answer look grounded)."""
+    terms = _content_terms(answer)
+    if not terms:
         return 1.0
-    seen = set(re.findall(r"\w+", chunk.lower()))
-    return sum(w in seen for w in words) / len(words)
+    seen = set(_content_terms(chunk))
+    return sum(t in seen for t in terms) / len(terms)
+
+
+def _content_terms(text: str) -> list[str]:
+    terms, run = [], []
+    for unit in (*units(text), ""):  # "" ends the last CJK run
+        if unit and is_cjk(unit):
+            run.append(unit)
+            continue
+        terms += ["".join(run[k:k + 2]) for k in range(max(len(run) - 1, 1 if run else 0))]
+        run = []
+        if len(unit) >= 4 or (unit and not unit.isascii()):
+            terms.append(unit)
+    return terms
 
 
 class _Text(HTMLParser):

@@ -1,11 +1,14 @@
 """The teacher: any OpenAI-compatible chat endpoint (a hosted model, vLLM, `tuneforge serve`), called concurrently.
 
-Requests run at most `--concurrency` at a time, start at most `--rate` per second, and are retried on 429, 5xx and
-connection errors with exponential backoff (`--backoff` seconds, doubled per attempt; a Retry-After header wins).
-Every finished request is appended to `progress.jsonl` in the output folder, keyed by a hash of what was asked
-(model, messages, sampling settings): a rerun into the same folder reuses those replies instead of asking again, so
-an interrupted run resumes where it stopped. A request that still fails after its retries is counted and left out
-(its key is not saved, so the next run asks again).
+Requests run at most `--concurrency` at a time, start at most `--rate` per second, and are retried on 408, 409,
+429, 5xx and connection errors with exponential backoff (`--backoff` seconds, doubled per attempt; a Retry-After
+header wins). HTTP 401/403/404 (a wrong key or model name: every request would fail alike) abort the run; any other
+refusal (e.g. 400 for a request longer than the server's context) fails that request alone, as `teacher_rejected`,
+and a reply without text (content null: a refusal or a tool call) as `no_content`; neither is retried, as asking
+again gets the same answer. Every finished request is appended to `progress.jsonl` in the output folder, keyed by a
+hash of what was asked (model, messages, sampling settings): a rerun into the same folder reuses those replies
+instead of asking again, so an interrupted run resumes where it stopped. A request that fails is counted (its
+first errors are kept) and left out (its key is not saved, so the next run asks again).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.configs.typed import opt
+from tuneforge.data.curate.text import counted
 from tuneforge.errors import UserError
 
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
+ABORT_STATUS = (401, 403, 404)  # a wrong key or model name: every other request would fail the same way
 
 
 @dataclass(kw_only=True)
@@ -42,18 +47,32 @@ class TeacherArgs:
     max_tokens: int = opt(1024, "Most tokens per teacher reply.")
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A request that gave no reply text: `rule` is how the item is counted (teacher_failed: still failing after
+    its retries; teacher_rejected: refused by the server, e.g. HTTP 400; no_content: answered without text), `error`
+    what went wrong. False in a boolean test, like a missing reply."""
+
+    rule: str
+    error: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
 @dataclass
 class Stats:
     sent: int = 0  # HTTP requests made (retries included)
     answered: int = 0  # requests answered in this run
     reused: int = 0  # requests answered by progress.jsonl from an earlier run
+    repeated: int = 0  # requests identical to one already answered in this run: its reply, asked once
     retried: int = 0
     failed: int = 0
-    errors: list = field(default_factory=list)
+    errors: list = field(default_factory=list)  # the first 5 distinct errors of failed requests
 
     def as_dict(self) -> dict:
-        return {"sent": self.sent, "answered": self.answered, "reused": self.reused, "retried": self.retried,
-                "failed": self.failed, "first_errors": self.errors[:5]}
+        return {"sent": self.sent, "answered": self.answered, "reused": self.reused, "repeated": self.repeated,
+                "retried": self.retried, "failed": self.failed, "first_errors": self.errors[:5]}
 
 
 def endpoint(args: TeacherArgs) -> tuple[str, str, str | None]:
@@ -65,9 +84,22 @@ def endpoint(args: TeacherArgs) -> tuple[str, str, str | None]:
         raise UserError("No teacher endpoint: give `--base-url URL --model NAME` (any OpenAI-compatible server, "
                         "e.g. `tuneforge serve` at http://127.0.0.1:8000/v1) or set TUNEFORGE_TEACHER_BASE_URL and "
                         "TUNEFORGE_TEACHER_MODEL.")
-    if args.concurrency < 1 or args.retries < 0 or args.rate < 0:
-        raise UserError("`--concurrency` must be >= 1, `--retries` >= 0 and `--rate` >= 0.")
+    check_teacher_args(args)
     return base.rstrip("/"), model, key
+
+
+def at_least(flag: str, value: float, low: float) -> None:
+    if value < low:
+        raise UserError(f"`--{flag}` must be at least {low}, got {value}.")
+
+
+def check_teacher_args(args: TeacherArgs) -> None:
+    """Refuse settings no request can run with, naming the flag (before any file is read or written)."""
+    for flag, low in (("concurrency", 1), ("retries", 0), ("rate", 0), ("backoff", 0), ("max_tokens", 1),
+                      ("temperature", 0)):
+        at_least(flag.replace("_", "-"), getattr(args, flag), low)
+    if args.timeout <= 0:
+        raise UserError(f"`--timeout` must be more than 0 seconds, got {args.timeout}.")
 
 
 class Teacher:
@@ -78,42 +110,58 @@ class Teacher:
         self.base_url, self.model, self.api_key = endpoint(args)
         self.path = Path(progress_path)
         self.done = load_progress(self.path)
+        self.earlier = set(self.done)  # keys answered by an earlier run (the rest of `done` is this run's)
         self.stats = Stats()
 
     def key(self, messages: list[dict], params: dict) -> str:
         blob = json.dumps({"model": self.model, "messages": messages, **params}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
-    def complete(self, batch: list[list[dict]], **params) -> list[str | None]:
-        """The reply text for each conversation of `batch` (None where it failed after retries), in order.
+    def complete(self, batch: list[list[dict]], **params) -> list[str | Failed]:
+        """The reply text for each conversation of `batch` (a Failed where there is none), in order.
         `params` (e.g. n=candidate index as `seed`) are part of the request and of its key."""
         params = {"temperature": self.args.temperature, "max_tokens": self.args.max_tokens, **params}
         return asyncio.run(self._all(batch, params))
 
-    async def _all(self, batch, params) -> list[str | None]:
+    async def _all(self, batch, params) -> list[str | Failed]:
         import httpx
 
         self._gate = asyncio.Semaphore(self.args.concurrency)
         self._lock, self._next_start = asyncio.Lock(), 0.0
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         async with httpx.AsyncClient(timeout=self.args.timeout, headers=headers) as client:
-            return list(await asyncio.gather(*(self._one(client, m, params) for m in batch)))
+            first: dict[str, asyncio.Task] = {}  # identical requests in one batch: asked once, the reply shared
+            tasks = []
+            for messages in batch:
+                key = self.key(messages, params)
+                if key in first:
+                    self.stats.repeated += 1
+                else:
+                    first[key] = asyncio.ensure_future(self._one(client, key, messages, params))
+                tasks.append(first[key])
+            return list(await asyncio.gather(*tasks))
 
-    async def _one(self, client, messages: list[dict], params: dict) -> str | None:
-        key = self.key(messages, params)
+    async def _one(self, client, key: str, messages: list[dict], params: dict) -> str | Failed:
         if key in self.done:
-            self.stats.reused += 1
+            if key in self.earlier:
+                self.stats.reused += 1
+            else:
+                self.stats.repeated += 1
             return self.done[key]
         async with self._gate:
             reply = await self._ask(client, messages, params)
-        if reply is not None:
+        if isinstance(reply, Failed):
+            self.stats.failed += 1
+            if reply.error not in self.stats.errors and len(self.stats.errors) < 5:  # the first distinct ones
+                self.stats.errors.append(reply.error)
+        else:
             self.done[key] = reply
             self.stats.answered += 1
             with self.path.open("a", encoding="utf-8") as f:  # one line per finished request: resumable
                 f.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
         return reply
 
-    async def _ask(self, client, messages, params) -> str | None:
+    async def _ask(self, client, messages, params) -> str | Failed:
         body = {"model": self.model, "messages": messages, **params}
         for attempt in range(self.args.retries + 1):
             await self._throttle()
@@ -124,9 +172,11 @@ class Teacher:
                 if resp.status_code == 200:
                     return parse_reply(resp.json())
                 error = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                if resp.status_code not in RETRY_STATUS:
+                if resp.status_code in ABORT_STATUS:
                     raise UserError(f"The teacher at {self.base_url} refused a request ({error}). Check "
                                     f"`--model` and `--api-key`.")
+                if resp.status_code not in RETRY_STATUS:  # this request's own problem: asking again cannot help
+                    return Failed("teacher_rejected", error)
                 wait = _retry_after(resp.headers.get("retry-after"), wait)
             except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # connection, bad JSON, bad shape
                 error = f"{type(e).__name__}: {e}"
@@ -137,9 +187,7 @@ class Teacher:
             if attempt < self.args.retries:
                 self.stats.retried += 1
                 await asyncio.sleep(wait)
-        self.stats.failed += 1
-        self.stats.errors.append(error)
-        return None
+        return Failed("teacher_failed", error)
 
     async def _throttle(self) -> None:
         if self.args.rate <= 0:
@@ -151,11 +199,38 @@ class Teacher:
         await asyncio.sleep(start - now)
 
 
-def parse_reply(data: dict) -> str:
-    content = data["choices"][0]["message"]["content"]
+def parse_reply(data: dict) -> str | Failed:
+    """The reply text; a Failed when the message has none (content null: the model refused through the API or
+    called a tool). A reply of the wrong shape raises (KeyError, TypeError...) and is retried: a proxy's error page
+    can be transient."""
+    choice = data["choices"][0]
+    content = choice["message"]["content"]
+    if content is None:
+        return Failed("no_content", f"the reply has no text (content null, finish_reason "
+                                    f"{choice.get('finish_reason')!r})")
     if not isinstance(content, str):
         raise TypeError(f"reply content is {type(content).__name__}, not text")
     return content
+
+
+def failure_summary(teacher: dict) -> str:
+    """The failed requests' first errors (of a report's `teacher` entry), with the likely fix of an HTTP 400: one
+    sentence for the console and for errors."""
+    errors = teacher["first_errors"]
+    hint = (" An HTTP 400 usually means the request is longer than the server's context length (lower "
+            "`--max-tokens`, or `--max-chars` for qa_from_docs) or a setting the server does not accept."
+            if any(e.startswith("HTTP 400") for e in errors) else "")
+    return (f"{counted(teacher['failed'], 'request')} to the teacher at {teacher['base_url']} failed; first "
+            f"{'errors' if len(errors[:3]) > 1 else 'error'}: {'; '.join(errors[:3])}.{hint}")
+
+
+def check_answered(teacher: Teacher) -> None:
+    """Refuse a run where every request failed: its output would be an empty "train-ready" file."""
+    stats = teacher.stats
+    if stats.failed and not (stats.answered or stats.reused or stats.repeated):
+        summary = failure_summary({"base_url": teacher.base_url, **stats.as_dict()})
+        raise UserError(f"Every request failed: {summary} Check that the server runs at `--base-url` and serves "
+                        f"`--model`, then rerun the same command (finished requests are kept in progress.jsonl).")
 
 
 def _retry_after(header: str | None, default: float) -> float:
