@@ -170,3 +170,18 @@ def test_a_training_run_with_data_mix(tmp_path, tiny_llama_dir):
     assert cfg.data.mix.strategy == "equal" and cfg.data.mix.size == 12
     run_config(cfg, log=lambda _: None)
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_written_datasets_get_the_usual_file_mode(tmp_path):
+    """mkstemp makes its file 0600; a dataset written for a team must be as readable as any file the user writes."""
+    import os
+
+    from tuneforge.data.curate.rows import AtomicWriter
+
+    old = os.umask(0o022)
+    try:
+        with AtomicWriter(tmp_path / "rows.jsonl") as w:
+            w.write_row({"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "rows.jsonl").stat().st_mode & 0o777 == 0o644

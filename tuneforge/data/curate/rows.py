@@ -193,6 +193,12 @@ def prepare_out(out: str, inputs: list[Path], names: list[str]) -> Path:
     return folder
 
 
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
 class AtomicWriter:
     """A text file written to a temp name in the same folder and renamed over `path` on `commit()`."""
 
@@ -211,6 +217,7 @@ class AtomicWriter:
 
     def commit(self) -> None:
         self.file.close()
+        os.chmod(self.tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: a shared dataset must stay readable
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
