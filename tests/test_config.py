@@ -70,6 +70,13 @@ def test_literal_suggests_closest_choice():
     (["dpo.beta=0.5"], "`dpo:` holds options of stage dpo, and this run is stage sft"),
     (["training.save_total_limit=-1"], "save_total_limit` \\(0 keeps every checkpoint\\)"),
     (["stage=grpo", "training.distributed=deepspeed"], r"FSDP is refused too\): use `training.distributed: ddp`"),
+    (["stage=dpo", "dpo.beta=-1"], r"`dpo.beta` must be > 0, got -1.0\.$"),
+    (["stage=dpo", "dpo.beta=nan"], r"`dpo.beta` must be a number, got nan"),
+    (["stage=dpo", "dpo.loss=hinge", "dpo.label_smoothing=0.3"], r"`dpo.loss: hinge` ignores it"),
+    (["stage=dpo", "dpo.loss=robust"], r"robust` \(rDPO\) with `dpo.label_smoothing: 0` is plain sigmoid DPO"),
+    (["stage=kto", "kto.undesirable_weight=0"], r"`kto.undesirable_weight` must be > 0, got 0.0 \(0 would ignore"),
+    (["stage=coh", "coh.good_phrase="], r"`coh.good_phrase` and `coh.bad_phrase` must both be set"),
+    (["stage=coh", 'coh.bad_phrase="A good answer:"'], r"are the same \('A good answer:'\)"),
 ])
 def test_impossible_combinations(override, words):
     with pytest.raises(ConfigError, match=words):

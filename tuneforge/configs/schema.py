@@ -429,19 +429,55 @@ def _deepspeed_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def _stage_problems(cfg: TrainConfig) -> list[str]:
-    problems, d = [], cfg.dpo
-    if cfg.stage == "dpo" and not 0.0 <= d.label_smoothing < 0.5:
+def _dpo_problems(d: DPOConfig) -> list[str]:
+    problems = []
+    if not 0.0 <= d.label_smoothing < 0.5:
         problems.append(f"`dpo.label_smoothing` must be in [0, 0.5), got {d.label_smoothing}.")
-    if cfg.stage == "dpo" and (d.beta <= 0 or d.sft_weight < 0):
-        problems.append("`dpo.beta` must be > 0 and `dpo.sft_weight` >= 0.")
-    if cfg.stage == "dpo" and d.precompute_reference and d.loss in ("simpo", "orpo"):
+    elif d.label_smoothing > 0 and d.loss in ("ipo", "hinge", "orpo"):
+        problems.append(f"`dpo.label_smoothing` ({d.label_smoothing}) is read by losses sigmoid, simpo (cDPO) and "
+                        f"robust; `dpo.loss: {d.loss}` ignores it: drop it, or pick one of those losses.")
+    elif d.loss == "robust" and d.label_smoothing == 0:
+        problems.append("`dpo.loss: robust` (rDPO) with `dpo.label_smoothing: 0` is plain sigmoid DPO: set the "
+                        "share of labels you expect flipped, e.g. dpo.label_smoothing=0.1.")
+    if not d.beta > 0:
+        problems.append(f"`dpo.beta` must be > 0, got {d.beta}.")
+    if d.sft_weight < 0:
+        problems.append(f"`dpo.sft_weight` must be >= 0, got {d.sft_weight}.")
+    if d.precompute_reference and d.loss in ("simpo", "orpo"):
         problems.append(f"`dpo.loss: {d.loss}` uses no reference model: drop `dpo.precompute_reference`.")
-    if cfg.stage == "kto" and cfg.training.batch_size < 2:
+    return problems
+
+
+def _kto_problems(k: KTOConfig, batch_size: int) -> list[str]:
+    problems = []
+    if batch_size < 2:
         problems.append("Stage kto estimates its KL reference point from the other rows of each micro-batch: "
                         "`training.batch_size` must be at least 2.")
-    if cfg.stage == "kto" and (cfg.kto.beta <= 0 or min(cfg.kto.desirable_weight, cfg.kto.undesirable_weight) < 0):
-        problems.append("`kto.beta` must be > 0 and the kto weights >= 0.")
+    if not k.beta > 0:
+        problems.append(f"`kto.beta` must be > 0, got {k.beta}.")
+    for key, kind in (("desirable_weight", "desirable"), ("undesirable_weight", "undesirable")):
+        if not getattr(k, key) > 0:  # 0 trains on nothing of that kind: drop those rows instead
+            problems.append(f"`kto.{key}` must be > 0, got {getattr(k, key)} (0 would ignore every {kind} "
+                            f"example: leave them out of the data instead).")
+    return problems
+
+
+def _coh_problems(c: CoHConfig) -> list[str]:
+    if not c.good_phrase.strip() or not c.bad_phrase.strip():
+        return ["`coh.good_phrase` and `coh.bad_phrase` must both be set: the model learns good from bad only "
+                "from these phrases (quote a value holding ': ', e.g. 'coh.bad_phrase=\"A bad answer:\"')."]
+    if c.good_phrase.strip() == c.bad_phrase.strip():
+        return [f"`coh.good_phrase` and `coh.bad_phrase` are the same ({c.good_phrase!r}), so the model cannot tell "
+                f"the good reply from the bad one: make them differ."]
+    return []
+
+
+def _stage_problems(cfg: TrainConfig) -> list[str]:
+    problems = _dpo_problems(cfg.dpo) if cfg.stage == "dpo" else []
+    if cfg.stage == "kto":
+        problems += _kto_problems(cfg.kto, cfg.training.batch_size)
+    if cfg.stage == "coh":
+        problems += _coh_problems(cfg.coh)
     from tuneforge.methods import METHODS
 
     if cfg.stage == "rm" and cfg.method in METHODS and not METHODS[cfg.method].mergeable:
