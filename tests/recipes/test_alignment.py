@@ -81,6 +81,20 @@ def test_resume_is_bit_identical(stage, extra, tiny_qwen2_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+
+def test_resuming_with_another_objective_is_said(tiny_qwen2_dir, tmp_path):
+    """Changing dpo.loss or beta between a stop and its resume is allowed, but metrics.jsonl then mixes two losses
+    and the config records only the new one: the run says so, naming each change; an unchanged resume says nothing."""
+    common = ["training.max_steps=3", "training.stop_after_steps=1"]
+    train("dpo", tiny_qwen2_dir, tmp_path / "run", *common)
+    same, other = [], []
+    train("dpo", tiny_qwen2_dir, tmp_path / "run", *common, "training.resume=auto", log=same.append)
+    train("dpo", tiny_qwen2_dir, tmp_path / "run", "training.max_steps=3", "training.resume=auto", "dpo.loss=ipo",
+          "dpo.beta=0.5", log=other.append)
+    assert not [line for line in same if "another objective" in line]
+    note = [line for line in other if "another objective" in line]
+    assert len(note) == 1 and "dpo.loss sigmoid -> ipo, dpo.beta 0.1 -> 0.5" in note[0] and "steps 1-2" in note[0]
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_live_and_precomputed_reference_give_the_same_loss_and_gradients(method, tiny_qwen2_dir, tmp_path):
     common = [f"method={method}", "training.max_steps=3", "training.lr=5e-3", "training.batch_size=4"]

@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from tuneforge.configs.schema import dump_config
+from tuneforge.configs.schema import ALIGN_SECTIONS, dump_config
+from tuneforge.configs.typed import to_dict
 from tuneforge.data.types import IGNORE_INDEX
 from tuneforge.errors import UserError
 from tuneforge.kernels import onednn_linear
@@ -367,7 +368,13 @@ class Trainer:
     def _state(self, history: list[dict]) -> dict:
         return {"step": self.step, "position": self.position, "total_steps": self.total_steps,
                 "world_size": self.rt.world_size, "history": history, "window": self.window.state(),
-                "run": self.fingerprint}
+                "run": self.fingerprint, "objective": self._objective()}
+
+    def _objective(self) -> dict:
+        """What a resumed run may change but should hear about: the stage's loss options and the learning rate."""
+        section = getattr(self.cfg, self.cfg.stage, None) if self.cfg.stage in ALIGN_SECTIONS else None
+        found = {f"{self.cfg.stage}.{k}": v for k, v in (to_dict(section) if section is not None else {}).items()}
+        return json.loads(json.dumps(found | {"training.lr": self.t.lr}))  # as trainer_state.json reads back
 
     def save_checkpoint(self, history: list[dict]) -> Path | None:
         if self.strategy.sharded_checkpoints:
@@ -429,6 +436,12 @@ class Trainer:
             self.say(f"note: the checkpoint's run had {state['total_steps']} steps in all, this one has "
                      f"{self.total_steps} (training.max_steps or epochs changed): the learning-rate schedule now "
                      f"ends at step {self.total_steps}")
+        changed = [f"{k} {v} -> {self._objective()[k]}" for k, v in (state.get("objective") or {}).items()
+                   if k in self._objective() and self._objective()[k] != v]
+        if changed:
+            self.say(f"note: resuming with another objective than {path} was trained with ({', '.join(changed)}): "
+                     f"steps 1-{state['step']} in metrics.jsonl are the old one's, and this run's "
+                     f"tuneforge_config.yaml and model card record only the new settings")
         self.step, self.position = state["step"], state["position"]
         self.window.load(state.get("window"))
         self.say(f"resumed from {path} at step {self.step}")
