@@ -89,7 +89,8 @@ def test_missing_folder_is_a_clear_error(name):
 def test_folders_that_are_not_models(tmp_path, tiny_llama_dir, tiny_qwen2_dir):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
-    with pytest.raises(UserError, match="adapter"):
+    with pytest.raises(UserError, match=r"To train on from it \(e.g. DPO after SFT\), merge it first: `tuneforge "
+                                        r"export --adapter .*adapter --out .*adapter-merged`"):
         load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "adapter")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):

@@ -113,9 +113,11 @@ def check_local_folder(folder: Path) -> None:
         _check_causal_lm(folder)
         return
     if (folder / "adapter_config.json").is_file():
-        raise UserError(f"{folder} holds an adapter (adapter_config.json), not a full model. Pass the base model as "
-                        f"the model and this folder as the adapter (e.g. `tuneforge chat --model BASE --adapter "
-                        f"{folder}`).")
+        raise UserError(f"{folder} holds an adapter (adapter_config.json), not a full model. To chat, serve or "
+                        f"evaluate, pass the base model as the model and this folder as the adapter (`tuneforge chat "
+                        f"--adapter {folder}`). To train on from it (e.g. DPO after SFT), merge it first: "
+                        f"`tuneforge export --adapter {folder} --out {folder}-merged`, then "
+                        f"`model.name_or_path={folder}-merged`.")
     raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder. Point "
                     f"`model.name_or_path` at the folder written by save_pretrained (or by `tuneforge init-model`).")
 
