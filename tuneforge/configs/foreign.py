@@ -95,7 +95,9 @@ NO_EQUIVALENT: dict[str, str] = {
     "logging_dir": "TensorBoard files go to output_dir/tensorboard.",
     "deepspeed": "multi-GPU runs use torchrun (DDP); see the README.",
     "save_only_model": "checkpoints always hold what resume needs.",
-    "adapter_name_or_path": "training starts a new adapter; continuing an existing one is not supported yet.",
+    "adapter_name_or_path": "training starts a new adapter; to build on an earlier one (e.g. DPO after SFT), merge "
+                            "it first (`tuneforge export --adapter ADAPTER --out MERGED`) and set "
+                            "model.name_or_path to MERGED.",
     "optim": "AdamW always (`qlora.optimizer` picks 8-bit/paged AdamW for QLoRA).",
 }
 
