@@ -45,7 +45,17 @@ def test_chat_help_lists_the_conversation_commands(capsys):
 def test_methods_refuses_unknown_options(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["methods", "--bogus"])
-    assert exit_.value.code == 2 and "usage: tuneforge methods" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "tuneforge methods: error: unrecognized arguments: --bogus" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, meant", [(["data", "synth", "self_instruct", "--out", "x", "--num-instrucions", "5"],
+                                          "--num-instructions"),
+                                         (["eval", "--modle", "x"], "--model"), (["chat", "--promt", "hi"], "--prompt")])
+def test_a_misspelt_flag_gets_the_flag_it_meant_not_the_usage_block(argv, meant, capsys):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"did you mean `{meant}`?" in err and "usage:" not in err and "--help` lists every option" in err
 
 
 def test_a_closed_pipe_ends_quietly():

@@ -27,7 +27,7 @@ from types import UnionType
 from typing import Literal, get_args, get_origin
 
 from tuneforge.configs.typed import coerce, field_help_rows, help_of, type_name
-from tuneforge.errors import UserError
+from tuneforge.errors import ArgParser, UserError
 
 
 @dataclasses.dataclass
@@ -94,9 +94,9 @@ def _new_parser(verb: Verb, extra: str = "") -> argparse.ArgumentParser:
     """The parser (and so the --help layout) every verb shares: usage, description, options, examples, notes."""
     examples = _examples(verb)
     parts = [f"examples:\n{examples}" if examples else "", extra, textwrap.fill(verb.notes, width=100)]
-    return argparse.ArgumentParser(prog=f"tuneforge {verb.name}", description=verb.help,
-                                   epilog="\n\n".join(p for p in parts if p) or None,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return ArgParser(prog=f"tuneforge {verb.name}", description=verb.help,
+                     epilog="\n\n".join(p for p in parts if p) or None,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _arg_parser_for(verb: Verb) -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ paragraph and exits with status 2, without a traceback. Everything else is a bug
 
 from __future__ import annotations
 
+import argparse
 import difflib
 
 
@@ -41,3 +42,18 @@ def did_you_mean(name: str, candidates) -> str:
         return f" Did you mean `{match}`?"
     shown = ", ".join(candidates[:25]) + (" ..." if len(candidates) > 25 else "")
     return f" Valid names: {shown}."
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse's parser with a shorter error: the line that went wrong, the flag a misspelt one meant, and where
+    the option list is (argparse printed the whole usage block first: dozens of lines for `data synth`)."""
+
+    def error(self, message: str):
+        hints = []
+        if message.startswith("unrecognized arguments:"):
+            known = sorted(o for a in self._actions for o in a.option_strings if o.startswith("--"))
+            for flag in (a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("--")):
+                match = closest(flag, known)
+                hints += [f"`{flag}`: did you mean `{match}`?"] if match else []
+        hint = (" " + " ".join(hints)) if hints else ""
+        self.exit(2, f"{self.prog}: error: {message}.{hint} (`{self.prog} --help` lists every option)\n")

@@ -28,7 +28,7 @@ from typing import Literal
 import yaml
 
 from tuneforge.configs.typed import apply_overrides, from_dict, opt
-from tuneforge.errors import ConfigError, UserError
+from tuneforge.errors import ArgParser, ConfigError, UserError
 
 
 @dataclass
@@ -160,7 +160,7 @@ def flag_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     """`tuneforge eval`'s flags (its --help too), each with its config key's help text."""
     from tuneforge.configs.typed import field_help_rows
 
-    parser = parser or argparse.ArgumentParser(prog="tuneforge eval")
+    parser = parser or ArgParser(prog="tuneforge eval")
     rows = {key: (tp, text) for key, tp, _, text in field_help_rows(EvalConfig)}
     rows |= {f"models.{key}": (tp, text) for key, tp, _, text in field_help_rows(ModelEntry)}
     for flag, key in FLAGS.items():
