@@ -88,7 +88,9 @@ def test_overlong_rows_are_truncated_or_dropped_and_counted(tmp_path, tokenizer)
     assert [e.source.rsplit(":", 1)[1] for e in train] == ["line 1", "line 2"]
     assert all(len(e) <= 40 for e in train)
     assert report.truncated == [f"{path}:line 2"]
-    assert report.dropped_no_loss == [f"{path}:line 3"]  # its reply started after token 40: nothing to learn
+    # its reply started after token 40: nothing to learn, and the fix is a longer max_length (said in the line)
+    assert report.no_room == [f"{path}:line 3 (no reply token within the first 40 tokens)"]
+    assert not report.dropped_no_loss and "raise data.max_length" in report.lines()[-1]
     train, _, report = build_datasets(config([path], max_length=40, overlong="drop"), tokenizer, "sft")
     assert len(train) == 1 and report.dropped_overlong == [f"{path}:line 2", f"{path}:line 3"]
     assert any("truncated" in line for line in build_datasets(config([path], max_length=40), tokenizer,
@@ -258,3 +260,121 @@ def test_eval_ratio_beside_an_eval_set_is_reported_as_unused(tmp_path, tokenizer
                                   "training row is held out")
     _, _, report = build_datasets(config([path], eval_ratio=0.5), tokenizer, "sft")
     assert not any("eval_ratio" in line for line in report.lines())
+
+
+# ---- format auto: a damaged row of the file's format keeps that format's message ------------------------------
+
+def chat(answer: str = "Hello") -> list[dict]:
+    return [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
+
+
+def bad_rows_of(path: str, fmt: str, stage: str) -> list[str]:
+    from tuneforge.data.build import read_datasets
+
+    _, _, report = read_datasets(DataConfig(train=[DatasetSpec(path=path, format=fmt)], on_error="skip"),
+                                 stage=stage)
+    return [str(b) for b in report.bad_rows]
+
+
+def test_a_bad_kto_label_gets_the_kto_message_with_format_auto(tmp_path):
+    bad = [{"messages": chat(), "label": value} for value in (1, None, "yes", 0.7)] + [{"messages": chat()}]
+    path = write_jsonl(tmp_path / "kto.jsonl", [{"messages": chat(), "label": True}, *bad,
+                                                {"messages": chat(), "label": "false"}])
+    expected = bad_rows_of(path, "kto", "kto")
+    assert expected[0] == (f"{path}:line 2: field `label`: expected a boolean (true: a desirable reply, false: an "
+                           f"undesirable one), got int 1")
+    assert len(expected) == 5 and all("field `label`" in line for line in expected)
+    assert bad_rows_of(path, "auto", "kto") == expected
+    from tuneforge.data.build import read_spec  # read for no stage: the file's own format still decides
+
+    assert [str(b) for b in read_spec(DatasetSpec(path=path), None, None) if hasattr(b, "problem")] == expected
+
+
+def test_a_file_of_integer_kto_labels_is_told_to_write_booleans(tmp_path):
+    from tuneforge.data.build import read_datasets
+
+    path = write_jsonl(tmp_path / "ints.jsonl", [{"messages": chat(), "label": n % 2} for n in range(4)])
+    for fmt in ("auto", "kto"):
+        with pytest.raises(DataError, match=r'ints.jsonl: every `label` is the integer 0 or 1 \(4 rows\), but KTO '
+                                            r'labels are booleans: write true .* The strings "true" and "false" are '
+                                            r'accepted too') as info:
+            read_datasets(DataConfig(train=[DatasetSpec(path=path, format=fmt)], on_error="skip"), stage="kto")
+        assert "has none" not in str(info.value)
+    train, _, report = read_datasets(DataConfig(train=[DatasetSpec(path=path)]), stage="sft")
+    assert len(train) == 4 and not report.bad_rows  # for sft the file is chat rows with a column of its own
+
+
+def test_a_pair_missing_rejected_gets_the_pair_message_with_format_auto(tmp_path):
+    pair = {"prompt": "Add 2 and 3", "chosen": "5", "rejected": "6", "answer": "5"}
+    rows = [pair, {"prompt": "Add 1 and 1", "chosen": "2", "answer": "2"}, qa("Hi", "Hello"), {"prompt": "Only?"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    missing = (f"{path}:line 2: field `rejected`: missing; preference rows need `rejected` (map another column to it "
+               f"with `columns`)")
+    assert bad_rows_of(path, "pairwise", "dpo")[0] == missing
+    auto = bad_rows_of(path, "auto", "dpo")
+    assert auto[0] == missing
+    # rows that really are of another format still say so
+    assert auto[1:] == [f"{path}:line {n}: field `<row>`: this row looks like {fmt}, but the file's format was "
+                        f"detected as pairwise from its line 1 (format auto reads each file in one format). Keep one "
+                        f"format per file, or convert this row to pairwise." for n, fmt in ((3, "alpaca"),
+                                                                                            (4, "prompt"))]
+
+
+# ---- a whole file of the wrong kind for the stage --------------------------------------------------------------
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_rows_no_stage_can_use_are_one_message_about_the_file(tmp_path, on_error):
+    from tuneforge.data.build import read_datasets
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [qa(f"Q{i}?", f"A{i}.") for i in range(3)])
+    text = write_jsonl(tmp_path / "doc.jsonl", [{"text": "A document."}])
+    cfg = DataConfig(train=[DatasetSpec(path=sft), DatasetSpec(path=text)], on_error=on_error)
+    with pytest.raises(DataError) as info:
+        read_datasets(cfg, stage="dpo")
+    assert str(info.value) == (
+        f"No training row fits stage dpo: {sft} holds 3 SFT chat rows (data for stage sft); {text} holds 1 "
+        f"plain-text rows (data for stage pt). Stage dpo trains on preference pairs (`prompt`, `chosen` and "
+        f"`rejected` per row: format pairwise). Point `data.train` at such data (README: Data formats), or train "
+        f"this data with the stage named for it.")
+    with pytest.raises(DataError, match=rf"No training row fits stage kto: {re.escape(sft)} holds 3 SFT chat rows .*"
+                                        r"Stage kto trains on conversations with a boolean `label`"):
+        read_datasets(DataConfig(train=[DatasetSpec(path=sft)], on_error=on_error), stage="kto")
+
+
+def test_chat_rows_without_a_label_are_refused_for_kto_while_reading(tmp_path):
+    from tuneforge.data.build import read_datasets
+
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"messages": chat(), "label": True}])
+    sft = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat()}])
+    with pytest.raises(DataError, match=r"chat.jsonl:line 1: field `label`: stage kto needs a boolean `label`"):
+        read_datasets(DataConfig(train=[DatasetSpec(path=kto), DatasetSpec(path=sft)]), stage="kto")
+
+
+# ---- max_length: the fix is named, and the count is of training rows --------------------------------------------
+
+def test_no_training_example_left_names_the_max_length_fix_and_counts_training_rows(tmp_path, tokenizer):
+    long = "Please answer this question carefully. " * 10
+    train = write_jsonl(tmp_path / "train.jsonl", [qa(long, "Yes."), qa(long, "No.")])
+    held = write_jsonl(tmp_path / "eval.jsonl", [qa(f"Q{i}?", "A.") for i in range(3)])
+    cfg = config([train], max_length=16)
+    cfg.eval = [DatasetSpec(path=held)]
+    with pytest.raises(DataError) as info:
+        build_datasets(cfg, tokenizer, "sft")
+    message = str(info.value)
+    assert message.startswith("No training examples left: none of the 2 training examples read is left after "
+                              "encoding (5 rows read in all, training and evaluation).")
+    assert "raise data.max_length" in message and "no trainable token" not in message
+
+
+def test_coh_conversations_cut_at_max_length_name_the_fix(tmp_path, tokenizer):
+    from tuneforge.configs.schema import CoHConfig
+    from tuneforge.data.build import read_datasets
+    from tuneforge.recipes.coh import hindsight_example
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Explain the sky " * 10, "chosen": "Blue.",
+                                                   "rejected": "Red."}])
+    cfg = config([path], max_length=16)
+    pairs, evals, report = read_datasets(cfg, stage="coh")
+    rows = ([hindsight_example(p, CoHConfig(), 0) for p in pairs], evals, report)
+    with pytest.raises(DataError, match=r"(?s)none of the 1 training examples.*raise data.max_length"):
+        build_datasets(cfg, tokenizer, "sft", read=rows)

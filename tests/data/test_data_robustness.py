@@ -131,8 +131,10 @@ def test_a_file_without_rows_is_an_error_naming_it(tmp_path, name, content):
 
 def test_all_rows_bad_with_skip_fails_before_the_model(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", ['{"instruction": 1}', "nope"])
-    with pytest.raises(DataError, match="No training rows left: all 2 rows read are bad"):
-        read_datasets(config(path, "alpaca", on_error="skip"))
+    cfg = config(path, "alpaca", on_error="skip")
+    cfg.eval = [DatasetSpec(path=write_lines(tmp_path / "e.jsonl", ['{"instruction": "Q", "output": "A"}'] * 3))]
+    with pytest.raises(DataError, match="No training rows left: all 2 training rows read are bad"):  # not 5
+        read_datasets(cfg)
 
 
 # ---- the one guard ------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ Stages:
 Nothing is dropped silently: bad rows (reading, format, validation, rendering, tokenizing: whatever one row
 raises, see `types.bad_row`) raise one DataError listing them (`data.on_error: raise`) or are skipped and listed in
 the report (`skip`); cuts are counted in the report. A file without rows, or no training row left after reading,
-fails in `read_datasets`, before the model loads. Data text that spells a special token of the tokenizer follows
+fails in `read_datasets`, before the model loads; when no training row is of a kind the stage uses (SFT rows for
+dpo), one error names each file and what it holds instead of listing every row. Data text that spells a special token of the tokenizer follows
 `data.special_tokens_in_text` (a bad row, escaped, or kept; counted).
 """
 
@@ -28,7 +29,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from tuneforge.data import encode_align, formats, readers
 from tuneforge.data.encode import CHARS_PER_TOKEN, TEMPLATE_FAILS, encode_chat, special_tokens_in
@@ -59,14 +62,15 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | Non
     check_data_config(data_cfg)
     report = DataReport()
     registry = open_registry(data_cfg.registry, base_dir)
+    kind = DATA_STAGE.get(stage, stage)
     if data_cfg.mix is not None:
-        train_examples = mixed(load_groups(data_cfg.train, registry, base_dir, report), data_cfg)
+        train_examples = mixed(load_groups(data_cfg.train, registry, base_dir, report, kind), data_cfg)
     else:
-        train_examples = load_examples(data_cfg.train, registry, base_dir, report)
-    eval_examples = load_examples(data_cfg.eval, registry, base_dir, report)
-    if stage is not None:  # errors name the training stage (dpo), not the kind of data it reads (pairwise)
-        train_examples = fitting_stage(train_examples, DATA_STAGE.get(stage, stage), report, stage)
-        eval_examples = fitting_stage(eval_examples, DATA_STAGE.get(stage, stage), report, stage)
+        train_examples = load_examples(data_cfg.train, registry, base_dir, report, kind)
+    train_rows = report.rows_read  # the messages below count training rows; rows_read counts the eval rows too
+    eval_examples = load_examples(data_cfg.eval, registry, base_dir, report, kind)
+    if stage is not None:
+        train_examples, eval_examples = fit_stage(train_examples, eval_examples, report, stage)
     if not data_cfg.eval and data_cfg.eval_ratio > 0:
         train_examples, eval_examples = split_eval(train_examples, data_cfg.eval_ratio, data_cfg.seed)
     elif data_cfg.eval_ratio > 0:  # both set: data.eval wins (as its help says), but say so
@@ -76,7 +80,7 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | Non
         check_bad_rows(report, data_cfg)
     if data_cfg.train and not train_examples:
         check_bad_rows(report, data_cfg)  # lists what was skipped
-        raise DataError(" ".join([f"No training rows left: all {report.rows_read} rows read are bad.",
+        raise DataError(" ".join([f"No training rows left: all {train_rows} training rows read are bad.",
                                   "; ".join(report.lines()[1:])]).rstrip())
     return train_examples, eval_examples, report
 
@@ -96,8 +100,9 @@ def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = 
     train = encode_examples(train_examples, tokenizer, stage, data_cfg, template, report)
     evals = encode_examples(eval_examples, tokenizer, stage, data_cfg, template, report)
     check_bad_rows(report, data_cfg)
-    if not train:
-        raise DataError(f"No training examples left after reading {report.rows_read} rows. "
+    if not train:  # rows_read counts the eval rows too: name the training examples that were lost
+        raise DataError(f"No training examples left: none of the {len(train_examples)} training examples read is "
+                        f"left after encoding ({report.rows_read} rows read in all, training and evaluation). "
                         + "; ".join(report.lines()[1:]))
     if stage in ("pt", "sft") and (data_cfg.packing if data_cfg.packing is not None else stage == "pt"):
         report.packed = (len(train), len(evals), data_cfg.max_length)
@@ -126,30 +131,89 @@ def find_local(path: str, base_dir) -> Path | None:
     return None
 
 
-def fitting_stage(examples: list, stage: str, report: DataReport, name: str | None = None) -> list:
-    """The examples whose kind `stage` trains on; the others become bad rows (see encode_align.for_stage). `name`:
-    the training stage, for the messages."""
-    kept = []
+def fit_stage(train: list, evals: list, report: DataReport, name: str) -> tuple[list, list]:
+    """The train and eval examples of a kind the training stage `name` uses (errors name it, dpo, not the kind of
+    data it reads, pairwise); the others are bad rows, or one error when no training row fits."""
+    stage = DATA_STAGE.get(name, name)
+    fitting, unfit = fitting_stage(train, stage, report, name)
+    if not fitting:
+        check_some_file_fits(unfit, stage, name)
+    return fitting, fitting_stage(evals, stage, report, name)[0]
+
+
+def fitting_stage(examples: list, stage: str, report: DataReport, name: str | None = None) -> tuple[list, list]:
+    """(the examples whose kind `stage` trains on, the others), the others as bad rows too (see
+    encode_align.for_stage). `name`: the training stage, for the messages."""
+    kept, unfit = [], []
     for example in examples:
         try:
-            encode_align.for_stage(example, stage, name)
+            check_kto_label(encode_align.for_stage(example, stage, name), stage)
             kept.append(example)
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
             report.bad_rows.append(bad_row(e, example.source))
-    return kept
+            unfit.append(example)
+    return kept, unfit
 
 
-def load_examples(specs: list, registry: Registry | None, base_dir, report: DataReport) -> list[Example]:
-    """Read and validate every row of every spec; bad rows go to the report."""
-    return [example for group in load_groups(specs, registry, base_dir, report) for example in group]
+def check_kto_label(items: list, stage: str) -> None:
+    """A chat row without a label cannot train kto: said while reading, before the model loads, not when
+    encoding."""
+    if stage == "kto" and any(item.label is None for item in items):
+        raise RowProblem("label", "stage kto needs a boolean `label` per conversation (true: a desirable reply), or "
+                                  "preference pairs (chosen: true, rejected: false); this row has none")
 
 
-def load_groups(specs: list, registry: Registry | None, base_dir, report: DataReport) -> list[list[Example]]:
+# What each data stage trains on, and which stages each kind of example suits (for `check_some_file_fits`).
+STAGE_NEEDS = {"pairwise": "preference pairs (`prompt`, `chosen` and `rejected` per row: format pairwise)",
+               "kto": "conversations with a boolean `label` (format kto), or preference pairs",
+               "prompt": "prompts, conversations or preference pairs", "sft": "conversations (alpaca, sharegpt or "
+               "openai rows)", "pt": "plain text (format text)"}
+KINDS = {"pairs": ("preference pairs", "rm, dpo, coh or kto"), "kto": ("KTO rows", "kto"),
+         "chat": ("SFT chat rows", "sft"), "text": ("plain-text rows", "pt")}
+ACCEPTS = {"pairwise": ("pairs",), "kto": ("pairs", "kto"), "prompt": ("pairs", "kto", "chat"), "sft": ("chat",),
+           "pt": ("text",)}
+
+
+def kind_of(example) -> str:
+    """The key in KINDS of a read example."""
+    if isinstance(example, PairExample):
+        return "pairs"
+    if example.label is not None:
+        return "kto"
+    return "chat" if example.messages is not None else "text"
+
+
+def check_some_file_fits(unfit: list, stage: str, name: str) -> None:
+    """When no training row is of a kind the stage trains on (SFT rows given to dpo), one error naming each file,
+    what it holds and what the stage needs: not N identical bad rows and advice to skip them, which leaves nothing.
+    A single row keeps its own message (it says as much), as do rows of a kind the stage does take (typed rows of
+    three ranks in kto)."""
+    held: dict[str, Counter] = {}
+    for example in unfit:
+        held.setdefault(row_of(example).rsplit(":", 1)[0], Counter())[kind_of(example)] += 1
+    if len(unfit) < 2 or any(kind in ACCEPTS[stage] for kinds in held.values() for kind in kinds):
+        return
+    files = "; ".join(f"{file} holds " + " and ".join(f"{n} {KINDS[k][0]} (data for stage {KINDS[k][1]})"
+                                                      for k, n in kinds.items()) for file, kinds in held.items())
+    raise DataError(f"No training row fits stage {name}: {files}. Stage {name} trains on {STAGE_NEEDS[stage]}. Point "
+                    f"`data.train` at such data (README: Data formats), or train this data with the stage named "
+                    f"for it.")
+
+
+def load_examples(specs: list, registry: Registry | None, base_dir, report: DataReport,
+                  stage: str | None = None) -> list[Example]:
+    """Read and validate every row of every spec; bad rows go to the report. `stage`: the data stage read for, when
+    known (it helps `format: auto`, see formats.guess_format)."""
+    return [example for group in load_groups(specs, registry, base_dir, report, stage) for example in group]
+
+
+def load_groups(specs: list, registry: Registry | None, base_dir, report: DataReport,
+                stage: str | None = None) -> list[list[Example]]:
     """The examples of each spec (a list per spec, in spec order); bad rows go to the report."""
     groups = []
     for spec in specs:
         examples = []
-        for item in read_spec(spec, registry, base_dir)[:spec.max_samples]:
+        for item in read_spec(spec, registry, base_dir, stage)[:spec.max_samples]:
             report.rows_read += 1
             if isinstance(item, BadRow):
                 report.bad_rows.append(item)
@@ -175,13 +239,13 @@ def mixed(groups: list[list[Example]], data_cfg) -> list[Example]:
     return [example for _, example in picked]
 
 
-def read_spec(spec, registry: Registry | None, base_dir) -> list:
-    """Examples and BadRows of one dataset spec, in file order."""
+def read_spec(spec, registry: Registry | None, base_dir, stage: str | None = None) -> list:
+    """Examples and BadRows of one dataset spec, in file order (`stage`: see load_examples)."""
     if registry is not None and spec.path in registry:
         spec, rows = read_registry_entry(spec, registry)
     else:
         rows = read_source(spec, registry, base_dir)
-    return adapt_rows(rows, spec)
+    return adapt_rows(rows, spec, stage)
 
 
 def read_registry_entry(spec, registry: Registry) -> tuple:
@@ -255,45 +319,89 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def adapt_rows(rows: list, spec) -> list:
+class FirstRow(NamedTuple):
+    """What `format: auto` learnt from a file's first row: the format, where (`line 1`) and the fields of that
+    format the row has."""
+
+    format: str
+    where: str
+    fields: set[str]
+
+
+def adapt_rows(rows: list, spec, stage: str | None = None) -> list:
     """Each raw row as an Example (or a list of pairs), or a BadRow. `format: auto` guesses each file's format from
-    its first row."""
-    formats_by_file: dict[str, tuple[str, str]] = {}  # file -> (format, where it was guessed: "line 1")
+    its first row (`stage`: see load_examples)."""
+    firsts: dict[str, FirstRow] = {}
     out = []
     for row in rows:
         if isinstance(row, BadRow):
             out.append(row)
             continue
-        if spec.format == "auto" and row.file not in formats_by_file:
+        if spec.format == "auto" and row.file not in firsts:
             try:
-                guessed = formats.guess_format(row.data, spec.columns, row.file)
-                formats_by_file[row.file] = (guessed, row.source.rsplit(":", 1)[-1])
+                firsts[row.file] = first_row(row, spec, stage)
             except DataError:  # no format fits the file's first row: a file error
                 raise
             except Exception as e:  # noqa: BLE001 - the row guard; the next row may tell the format
                 out.append(bad_row(e, row.source))
                 continue
-        fmt = formats_by_file[row.file][0] if spec.format == "auto" else spec.format
+        fmt = firsts[row.file].format if spec.format == "auto" else spec.format
         try:
             out.append(formats.to_example(row.data, fmt, row.source, spec.columns, spec.tags, spec.ranking))
         except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
             bad = bad_row(e, row.source)
-            out.append(other_format(bad, row, spec, *formats_by_file[row.file]) if spec.format == "auto" else bad)
+            out.append(other_format(bad, row, spec, firsts[row.file], stage) if spec.format == "auto" else bad)
+    check_labels_not_all_ints(rows, spec, firsts)
     return out
 
 
-def other_format(bad: BadRow, row, spec, fmt: str, first: str) -> BadRow:
-    """A bad row of a file whose format was guessed from its first row: when the row itself looks like another
-    format, say so; the adapter's own complaint (`instruction` missing, map a column to it) would mislead."""
+def first_row(row, spec, stage: str | None) -> FirstRow:
+    fmt = formats.guess_format(row.data, spec.columns, row.file, stage)
+    return FirstRow(fmt, row.source.rsplit(":", 1)[-1], set(row.data) & formats.format_fields(fmt, spec.columns))
+
+
+def other_format(bad: BadRow, row, spec, first: FirstRow, stage: str | None = None) -> BadRow:
+    """A bad row of a file whose format was guessed from its first row: when the row itself is of another format,
+    say so; the adapter's own complaint (`instruction` missing, map a column to it) would mislead. A damaged row of
+    the file's format keeps that complaint (see `damaged_row_of`)."""
     try:
-        looks = formats.guess_format(row.data, spec.columns, row.file)
+        looks = formats.guess_format(row.data, spec.columns, row.file, stage)
     except Exception:  # noqa: BLE001 - the row fits no format either: the adapter's complaint stands
         return bad
-    if looks == fmt:
+    if looks == first.format or damaged_row_of(row.data, looks, first, spec.columns):
         return bad
-    return BadRow(bad.source, "<row>", f"this row looks like {looks}, but the file's format was detected as {fmt} "
-                                       f"from its {first} (format auto reads each file in one format). Keep one "
-                                       f"format per file, or convert this row to {fmt}.")
+    return BadRow(bad.source, "<row>", f"this row looks like {looks}, but the file's format was detected as "
+                                       f"{first.format} from its {first.where} (format auto reads each file in one "
+                                       f"format). Keep one format per file, or convert this row to {first.format}.")
+
+
+def damaged_row_of(data: dict, looks: str, first: FirstRow, columns: dict) -> bool:
+    """Whether a row that reads as format `looks` is rather a damaged row of the file's format: it has at least half
+    of the format's fields that the first row has, and no field of `looks` that the file's format does not read. A
+    pair without `rejected` reads as a prompt row and a KTO row with `label: 1` as a chat row, yet "rejected:
+    missing" and "label: expected a boolean" are what the user needs to hear."""
+    foreign = (set(data) & formats.format_fields(looks, columns)) - formats.format_fields(first.format, columns)
+    return not foreign and 2 * len(first.fields & set(data)) >= len(first.fields)
+
+
+def check_labels_not_all_ints(rows: list, spec, firsts: dict[str, FirstRow]) -> None:
+    """A KTO file whose every label is the integer 0 or 1 (written for a tool that counts) is one error about the
+    file, not one bad row per line."""
+    labels: dict[tuple[str, str], list] = {}  # (file, label column) -> the labels
+    for row in (r for r in rows if not isinstance(r, BadRow)):
+        if (firsts[row.file].format if row.file in firsts else spec.format) == "kto":
+            field = label_field(row.data, spec.columns)
+            labels.setdefault((row.file, field), []).append(row.data.get(field))
+    for (file, field), values in labels.items():
+        if all(type(v) is int and v in (0, 1) for v in values):
+            raise DataError(f"{file}: every `{field}` is the integer 0 or 1 ({len(values)} rows), but KTO labels are "
+                            f"booleans: write true (a desirable reply) for 1 and false (an undesirable one) for 0. "
+                            f"The strings \"true\" and \"false\" are accepted too (CSV cells).")
+
+
+def label_field(data: dict, columns: dict) -> str:
+    """The column of a KTO row's label, as preference.kto_example reads it."""
+    return columns.get("label") or ("kto_tag" if "kto_tag" in data and "label" not in data else "label")
 
 
 def split_eval(examples: list, ratio: float, seed: int) -> tuple[list, list]:
@@ -402,16 +510,23 @@ def special_tokens_policy(example: Example, tokenizer, data_cfg, report: DataRep
 
 
 def fit_length(encoded: Encoded, data_cfg, report: DataReport) -> list[Encoded]:
-    """Truncate or drop an over-long example, and drop one left with nothing to learn; each counted once."""
+    """Truncate or drop an over-long example, and drop one left with nothing to learn; each counted once. One whose
+    replies all lie past max_length is counted with the pairs' and prompts' (`no_room`), whose line gives the fix
+    (raise data.max_length)."""
     cut = len(encoded) > data_cfg.max_length or encoded.truncated
     if cut and data_cfg.overlong == "drop":
         report.dropped_overlong.append(encoded.source)
         return []
+    # before the cut: a reply to learn, or contents cut before rendering (encode_chat), which left the reply out
+    learns = encoded.truncated or any(label != IGNORE_INDEX for label in encoded.labels[1:])
     if cut:
         encoded = Encoded(encoded.input_ids[:data_cfg.max_length], encoded.labels[:data_cfg.max_length],
                           encoded.source)
     if all(label == IGNORE_INDEX for label in encoded.labels[1:]):  # label 0 is never predicted
-        report.dropped_no_loss.append(encoded.source)
+        if cut and learns:
+            report.no_room.append(f"{encoded.source} (no reply token within the first {data_cfg.max_length} tokens)")
+        else:
+            report.dropped_no_loss.append(encoded.source)
         return []
     if cut:
         report.truncated.append(encoded.source)

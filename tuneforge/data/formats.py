@@ -144,8 +144,11 @@ def user_field(origins: dict[str, str], field: str) -> str:
     return field
 
 
-def guess_format(data: dict, columns: dict, where: str) -> str:
-    """The format of a file from its first row's keys (and, for conversations, the keys of the first turn)."""
+def guess_format(data: dict, columns: dict, where: str, stage: str | None = None) -> str:
+    """The format of a file from its first row's keys (and, for conversations, the keys of the first turn).
+    `stage`: the data stage the file is read for, when known. Read for kto, a `label` column of any value is the
+    KTO label, so a file of 0/1 labels is told its labels must be booleans instead of being read as chat rows that
+    have no label at all."""
     def has(name: str) -> bool:
         return columns.get(name, name) in data
 
@@ -156,9 +159,23 @@ def guess_format(data: dict, columns: dict, where: str) -> str:
     label = data.get(columns.get("label", "label"), data.get("kto_tag"))
     if isinstance(label, bool) or (isinstance(label, str) and label.strip().lower() in ("true", "false")):
         return "kto"  # a boolean label: a classification dataset's `label` column is not KTO data
+    if stage == "kto" and (has("label") or "kto_tag" in data):
+        return "kto"
     if has("prompt") and not has("output"):
         return "prompt"
     return guess_chat_format(data, columns, where)
+
+
+# Columns a format reads under their default names besides those of COLUMN_ROLES (sharegpt's conversations, the
+# typed layout of CValues, LLaMA-Factory's kto_tag).
+_OTHER_FIELDS = {"sharegpt": ("conversations",), "openai": ("conversations",), "pairwise": ("conversations",),
+                 "kto": ("conversations", "kto_tag"), "prompt": ("conversations",),
+                 "typed": ("conversations", "pos_resp", "neg_resp", "pos_type", "neg_type")}
+
+
+def format_fields(fmt: str, columns: dict) -> set[str]:
+    """The row fields format `fmt` reads, under the dataset's column names."""
+    return {columns.get(role, role) for role in COLUMN_ROLES[fmt]} | set(_OTHER_FIELDS.get(fmt, ()))
 
 
 def guess_chat_format(data: dict, columns: dict, where: str) -> str:
