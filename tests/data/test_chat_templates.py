@@ -306,3 +306,17 @@ def test_tool_schemas_go_to_the_system_prompt_when_the_template_drops_them(name)
     tokenizer = tokenizer_for(name)
     text = tokenizer.decode(encode_chat(tokenizer, TOOL_CONVERSATION, tools=TOOLS).input_ids)
     assert "Weather of a city" in text and text.index("Weather of a city") < text.index("What is the weather")
+
+
+def test_a_template_reading_a_token_the_tokenizer_lacks_says_so(tiny_qwen2_dir):
+    """tiny-qwen2 has no BOS token; a Llama 3 style template reads `bos_token`: the error names it and the fix."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.data.encode import encode_prompt
+    from tuneforge.errors import DataError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    assert tokenizer.bos_token is None
+    template = "{{ bos_token + messages[0]['content'] }}"  # as Llama 3's: a concatenation fails, a print is empty
+    with pytest.raises(DataError, match=r"reads `bos_token`, which this tokenizer does not define.*model's own"):
+        encode_prompt(tokenizer, [{"role": "user", "content": "hi"}], chat_template=template)

@@ -152,7 +152,7 @@ def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None, ch
         return _prompt_ids(tokenizer, text, variant, escape_special_tokens), variant
     if dropped:  # no variant keeps the system prompt: render as the template allows (as render_conversation does)
         return _prompt_ids(tokenizer, dropped[1], dropped[0], escape_special_tokens), dropped[0]
-    raise DataError(f"The chat template cannot render this prompt: {last_error}")
+    raise DataError(f"The chat template cannot render this prompt: {last_error}.{template_hint(last_error)}")
 
 
 def _prompt_ids(tokenizer, text: str, messages: list[dict], escape_special_tokens: bool) -> list[int]:
@@ -328,6 +328,17 @@ def _tools_in_system(messages: list[dict], tools: list) -> list[dict]:
 TEMPLATE_FAILS = "The chat template cannot render this conversation:"
 
 
+def template_hint(error: BaseException | None) -> str:
+    """What to do when a template reads a name the tokenizer does not define (`bos_token` in a Llama 3 template
+    given to a tokenizer without a BOS): the usual sign of a template written for another tokenizer."""
+    found = re.search(r"'(\w+)' is undefined", str(error or ""))
+    if not found:
+        return ""
+    return (f" The template reads `{found.group(1)}`, which this tokenizer does not define: it was probably written "
+            f"for another tokenizer. Use the model's own template (drop --chat-template / model.chat_template) or one "
+            f"written for this tokenizer.")
+
+
 def render_conversation(tokenizer, template: str, messages: list[dict], tools) -> tuple[list[dict], str]:
     """Render the whole conversation, adapting it when the template cannot take it as is: a system message the
     template refuses or drops goes into the first user turn (the layout those models' authors recommend), and
@@ -348,7 +359,7 @@ def render_conversation(tokenizer, template: str, messages: list[dict], tools) -
         return variant, text
     if dropped:
         return dropped
-    raise DataError(f"{TEMPLATE_FAILS} {last_error}")
+    raise DataError(f"{TEMPLATE_FAILS} {last_error}.{template_hint(last_error)}")
 
 
 _CHANGES = {"system": "The chat template refuses or drops system messages; system prompts are put into the first "
