@@ -149,7 +149,10 @@ def _adapt(raw, spec, guessed: dict) -> Row:
         if fmt not in formats.CHAT_FORMATS + ("text",):  # these tools would drop chosen/rejected/label unseen
             raise DataError(f"{raw.file}: its rows are alignment data (format {fmt}: preference pairs, KTO rows, "
                             f"typed responses or prompts); the `tuneforge data` tools read SFT and pre-training rows "
-                            f"(alpaca, sharegpt, openai, text) so far. Typed responses: `tuneforge data safety`.")
+                            f"(alpaca, sharegpt, openai, text) so far."
+                            f"{' Typed responses become pairs with `tuneforge data safety`.' if fmt == 'typed' else ''}"
+                            f" To mix alignment files, list them under `data.train` with `data.mix` in the training "
+                            f"config.")
         return Row(raw.source, raw.data, formats.to_example(raw.data, fmt, raw.source, spec.columns, spec.tags))
     except formats.RowProblem as e:
         return Row(raw.source, raw.data, bad=BadRow(raw.source, e.field, e.problem),
