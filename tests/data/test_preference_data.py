@@ -314,6 +314,29 @@ def test_pairs_serve_kto_and_prompt_stages(tmp_path):
     assert [p.messages for p in prompts] == [[{"role": "user", "content": "Add 2 and 3"}]] * 2
 
 
+def test_pairs_as_prompts_keep_their_reference_answer(tmp_path):
+    """The `answer`/`reference` column when the row has one, else the chosen reply, in every pair layout."""
+    tok = make_tokenizer(CHATML)
+    rows = [PAIR_ROWS["sharegpt"] | {"answer": "5 exactly"}, PAIR_ROWS["hh"] | {"reference": 5},
+            PAIR_ROWS["implicit_prompt"], PAIR_ROWS["alpaca"]]
+    prompts, _, _ = build_datasets(config(jsonl(tmp_path, rows), max_length=128), tok, "prompt")
+    assert [p.reference for p in prompts] == ["5 exactly", "5", "5", "5"]
+    typed = [typed_row("unsafe", "safe and responsible", "safe"), typed_row("safe", "unsafe") | {"answer": "No."}]
+    prompts, _, _ = build_datasets(config(jsonl(tmp_path, typed, "typed.jsonl"), ranking=RANKING, max_length=128),
+                                   tok, "prompt")
+    assert [p.reference for p in prompts] == ["reply 1 (safe and responsible)", "No."]  # the best-ranked response
+
+
+def test_kto_rows_as_prompts_take_no_reference_from_an_undesirable_reply(tmp_path):
+    tok = make_tokenizer(CHATML)
+    conversation = [{"role": "user", "content": "Add 2 and 3"}, {"role": "assistant", "content": "6"}]
+    rows = [{"messages": conversation, "label": False}, {"messages": conversation, "label": False, "answer": "5"},
+            {"prompt": "Add 2 and 3", "completion": "6", "label": False, "reference": "5"},
+            {"messages": conversation, "label": True}]
+    prompts, _, _ = build_datasets(config(jsonl(tmp_path, rows), max_length=128), tok, "prompt")
+    assert [p.reference for p in prompts] == [None, "5", "5", "6"]
+
+
 def test_stage_and_data_kind_must_fit(tmp_path):
     tok = make_tokenizer(CHATML)
     pairs = jsonl(tmp_path, [PAIR_ROWS["alpaca"]], "pairs.jsonl")

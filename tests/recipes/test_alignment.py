@@ -208,7 +208,7 @@ def test_reward_model_folder_of_the_wrong_kind_is_refused(tiny_qwen2_dir, tmp_pa
         load_reward_model(tiny_qwen2_dir)
     out = tmp_path / "rm"
     train("rm", tiny_qwen2_dir, out, "training.max_steps=1")
-    with pytest.raises(UserError, match="holds an adapter only"):
+    with pytest.raises(UserError, match=f"adapter that `stage: rm` keeps beside .* folder {out} instead"):
         load_reward_model(out / "adapter")
     assert load_reward_model(out).score_ids([[5, 6, 7]]).shape == (1,)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tuneforge.configs.schema import load_train_config
-from tuneforge.errors import ConfigError, UserError
+from tuneforge.errors import ConfigError, DataError, UserError
 from tuneforge.train import run_config
 from tuneforge.training.metrics import read_metrics
 from tuneforge.training.runtime import free_port
@@ -43,6 +44,11 @@ REWARDS = textwrap.dedent('''
 
     def word(completion):
         return "high"
+
+    def picky(completion):
+        if completion == "bad":
+            raise ValueError("cannot parse")
+        return 1.0
 ''')
 
 
@@ -219,11 +225,36 @@ def test_a_failing_reward_names_the_function_and_the_prompt(fn, said, tiny_qwen2
 def test_a_failing_reward_can_be_counted_and_skipped(tiny_qwen2_dir, tmp_path, rewards_module):
     lines = []
     cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", f"grpo.reward={{{rewards_module}:nan: 1.0}}",
-                 "grpo.on_reward_error=skip", "training.batch_size=2", "training.max_steps=1",
+                 "grpo.on_reward_error=skip", "training.batch_size=2", "training.max_steps=2",
                  "grpo.num_generations=2")
     assert run_config(cfg, log=lines.append).finished
-    skips = [line for line in lines if "returned nan" in line]
-    assert len(skips) == 4 and skips[-1].endswith("skipped so far: 4)"), skips
+    said = [line for line in lines if "returned nan" in line]
+    assert len(said) == 2, said  # one line per step, not one per completion
+    assert said[0].startswith(f"reward: every one of the 4 calls of `{rewards_module}:nan` failed at step 1")
+    assert "grpo.on_reward_error: skip; first: returned nan for the prompt of " in said[0] and "step 2" in said[1]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r[f"reward_errors/{rewards_module}:nan"] for r in rows] == [1.0, 1.0]  # the share failed per step
+    assert f"reward errors: `{rewards_module}:nan` failed on 8 of 8 completions of the run" in lines[-1]
+
+
+def test_skipped_reward_errors_are_one_line_a_metric_and_a_summary(rewards_module):
+    from tuneforge.data.types import EncodedPrompt
+    from tuneforge.training.rl import Rewards
+
+    section = load_train_config(None, ["stage=ppo", "data.train=[x]", f"ppo.reward={{{rewards_module}:picky: 1.0}}",
+                                       "ppo.on_reward_error=skip"]).ppo
+    lines = []
+    rewards = Rewards(section, runtime=None, log=lines.append, key="ppo")
+    prompt = EncodedPrompt([1], [{"role": "user", "content": "Q"}], source="f.jsonl:line 3")
+    total, metrics = rewards.score(["ok", "bad", "bad"], [[], [], []], [prompt] * 3, step=7)
+    assert total.tolist() == [1.0, 0.0, 0.0] and metrics[f"reward_errors/{rewards_module}:picky"] == pytest.approx(2 / 3)
+    assert lines == [f"reward: `{rewards_module}:picky` failed on 2 of 3 completions at step 7; they scored 0 "
+                     "(ppo.on_reward_error: skip; first: raised ValueError: cannot parse for the prompt of f.jsonl:line 3 ('Q') and "
+                     "completion 'bad')"]
+    rewards.score(["ok"], [[]], [prompt], step=8)
+    assert len(lines) == 1  # a step without failures says nothing
+    assert rewards.summary(None) == [f"reward errors: `{rewards_module}:picky` failed on 2 of 4 completions of the "
+                                     "run, which scored 0 for it (ppo.on_reward_error: skip)"]
 
 
 def test_constant_rewards_are_said_in_the_log(tiny_qwen2_dir, tmp_path, rewards_module):
@@ -294,10 +325,111 @@ def test_pipeline_sft_rm_ppo_and_dpo(tiny_qwen2_dir, tmp_path, monkeypatch):
 
 
 def test_a_reward_folder_of_the_wrong_kind_is_a_clear_error(tiny_qwen2_dir, tmp_path):
+    from tuneforge.models.reward import check_reward_folder
+
     cfg = config("ppo", tiny_qwen2_dir, tmp_path / "run", f"ppo.reward={{{tiny_qwen2_dir}: 1.0}}",
                  "training.max_steps=1")
-    with pytest.raises(UserError, match="reward"):
+    with pytest.raises(UserError) as e:
         run_config(cfg, log=lambda _: None)
+    msg = str(e.value)  # a causal LM: said as such, not as a classifier with a meaningless label count
+    assert "holds a Qwen2ForCausalLM, a model that generates text" in msg and "output(s)" not in msg
+    sft = tmp_path / "sft_lora"
+    sft.mkdir()
+    (sft / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (sft / "tuneforge_config.yaml").write_text("stage: sft\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        check_reward_folder(sft)
+    assert "holds an adapter written by a `stage: sft` run" in str(e.value) and "subfolder" not in str(e.value)
+    rm = tmp_path / "rm_run"
+    (rm / "adapter").mkdir(parents=True)
+    (rm / "config.json").write_text('{"architectures": ["Qwen2ForSequenceClassification"], "num_labels": 1}')
+    (rm / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError, match=f"adapter that `stage: rm` keeps beside .*pass the run's output folder {rm} "):
+        check_reward_folder(rm / "adapter")
+    check_reward_folder(rm)  # the rm run's folder itself passes
+
+
+@pytest.mark.parametrize("source,said,line", [
+    ("def f(completion, **_)\n    return 1.0\n", "raised SyntaxError: expected ':'", 1),
+    ("import math\nX = undefined_name\n", "raised NameError: name 'undefined_name' is not defined", 2),
+    ("\n\nimport no_such_package_xyz\n", "raised ModuleNotFoundError: No module named 'no_such_package_xyz'", 3),
+    ("def helper():\n    return 1 / 0\nhelper()\n", "raised ZeroDivisionError: division by zero", 2)])
+def test_a_reward_module_that_fails_at_import_names_its_file_and_line(source, said, line, tmp_path, monkeypatch):
+    name = f"broken_rewards_{line}_{abs(hash(source)) % 10_000}"  # a fresh module each time: imports are cached
+    (tmp_path / f"{name}.py").write_text(source, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = config("grpo", tmp_path / "no_model_here", tmp_path / "run", f"grpo.reward={{{name}:f: 1.0}}")
+    with pytest.raises(ConfigError) as e:  # before the (missing) model or data would load
+        run_config(cfg, log=lambda _: None)
+    msg = str(e.value)
+    assert msg.startswith(f"Reward `{name}:f` cannot be loaded: importing `{name}` {said}") and "\n" not in msg
+    assert f" at {tmp_path / name}.py:{line}." in msg
+
+
+def test_rewards_are_resolved_before_the_model_and_data_load(tmp_path, rewards_module):
+    missing = tmp_path / "no_model_here"
+    for reward, said in [(f"{rewards_module}:shar_of", f"has no `shar_of`. Did you mean `{rewards_module}:share_of`?"),
+                         ("no_such_module_xyz:f", "cannot be loaded (No module named 'no_such_module_xyz')"),
+                         ("tests/rl_rewards.py:f", "Did you mean `tests.rl_rewards:f`")]:
+        cfg = config("grpo", missing, tmp_path / "run", f"grpo.reward={{{reward}: 1.0}}",
+                     f"data.train=[{tmp_path / 'no_data.jsonl'}]")
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            run_config(cfg, log=lambda _: None)
+    with pytest.raises(ConfigError, match=re.escape("Did you mean `myrew:raises`")):  # a dot for the colon
+        config("grpo", missing, tmp_path / "run", "grpo.reward={myrew.raises: 1.0}")
+
+
+def test_sampling_settings_are_refused_naming_their_key(tmp_path):
+    for stage, setting, said in [("grpo", "top_p=2", "`grpo.top_p` must be in (0, 1]"),
+                                 ("ppo", "top_k=-5", "`ppo.top_k` must be >= 0")]:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            config(stage, tmp_path, tmp_path / "run", f"{stage}.{setting}")
+
+
+def _prompt_file(tmp_path, rows) -> str:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_prompts_without_the_reference_a_reward_needs_are_bad_rows_before_the_model_loads(tmp_path):
+    from tuneforge.training.rl import read_prompts
+
+    rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "What is 2 + 2?"},
+            {"prompt": "What is 3 + 3?", "answer": "6"}]
+    path = _prompt_file(tmp_path, rows)
+    cfg = config("grpo", tmp_path / "no_model_here", tmp_path / "run", f"data.train=[{path}]",
+                 "grpo.reward={exact_match: 1.0, length: 0.1}")
+    with pytest.raises(DataError) as e:  # the whole run: fails before the (missing) model would load
+        run_config(cfg, log=lambda _: None)
+    assert f"1 of 3 data rows are bad:\n  - {path}:line 2: field `answer`: no reference answer, which the " \
+           f"`exact_match` reward compares" in str(e.value)
+    skip = config("grpo", tmp_path, tmp_path / "run", f"data.train=[{path}]", "data.on_error=skip",
+                  "grpo.reward={exact_match: 1.0}")
+    train, _, report = read_prompts(skip, ["exact_match"], [])
+    assert [p.reference for p in train] == ["2", "6"] and [b.source for b in report.bad_rows] == [f"{path}:line 2"]
+    lengths = config("grpo", tmp_path, tmp_path / "run", f"data.train=[{path}]", "grpo.reward={length: 1.0}")
+    lines = []
+    assert len(read_prompts(lengths, [], [], lines.append)[0]) == 3 and lines == []  # no reward needs one
+
+
+def test_kto_rows_labelled_false_give_prompts_without_a_reference_and_say_so(tmp_path, rewards_module):
+    from tuneforge.training.rl import read_prompts
+
+    def row(i, reply, label, **extra):
+        return {"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                             {"role": "assistant", "content": reply}], "label": label, **extra}
+
+    path = _prompt_file(tmp_path, [row(1, "2", True), row(2, "WRONG", False), row(3, "WRONG", False, answer="4")])
+    cfg = config("grpo", tmp_path, tmp_path / "run", f"data.train=[{path}]",
+                 f"grpo.reward={{{rewards_module}:share_of: 1.0}}")
+    lines = []
+    train, _, _ = read_prompts(cfg, [], [f"{rewards_module}:share_of"], lines.append)
+    from tuneforge.data.encode_align import for_stage
+
+    assert [for_stage(e, "prompt")[0].reference for e in train] == ["2", None, "4"]  # never the undesirable reply
+    assert lines == ["note: 1 of 3 training prompts have no reference answer, so reward functions get reference=None "
+                     "for them; 1 of them are KTO rows labelled false, whose undesirable reply is not used as one"]
 
 
 RL_SCRIPT = """

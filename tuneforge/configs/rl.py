@@ -18,6 +18,10 @@ from typing import Literal
 
 from tuneforge.configs.typed import opt
 
+# The built-in rewards, each with whether it compares the completion with the row's reference answer (rows without
+# one are then bad rows, reported before the model loads).
+BUILTIN_REWARDS = {"exact_match": True, "format": False, "length": False}
+
 REWARD_HELP = ("Rewards and their weights, e.g. {exact_match: 1.0, 'my_rewards:short': 0.2}: built-ins exact_match, "
                "format, length; `module:function` (called per completion, returns a number); or an rm output folder.")
 
@@ -76,10 +80,28 @@ def rl_problems(cfg) -> list[str]:
                         f"got {cfg.grpo.num_generations}.")
     if section.temperature <= 0:
         problems.append(f"`{cfg.stage}.temperature` must be > 0: greedy rollouts are all alike and teach nothing.")
+    if not 0 < section.top_p <= 1:
+        problems.append(f"`{cfg.stage}.top_p` must be in (0, 1] (1 = off), got {section.top_p}.")
+    if section.top_k < 0:
+        problems.append(f"`{cfg.stage}.top_k` must be >= 0 (0 = off), got {section.top_k}.")
     for name in section.reward:
-        if name not in ("exact_match", "format", "length") and ":" not in name and not Path(name).is_dir():
-            problems.append(f"`{cfg.stage}.reward` names `{name}`: neither a built-in (exact_match, format, length), "
-                            f"a `module:function` nor an existing rm output folder.")
+        if name not in BUILTIN_REWARDS and ":" not in name and not Path(name).is_dir():
+            problems.append(f"`{cfg.stage}.reward` names `{name}`: neither a built-in ({', '.join(BUILTIN_REWARDS)}), "
+                            f"a `module:function` nor an existing rm output folder.{reward_form_hint(name)}")
     if section.epochs < 1 or section.max_new_tokens < 1:
         problems.append(f"`{cfg.stage}.epochs` and `{cfg.stage}.max_new_tokens` must be at least 1.")
     return problems
+
+
+def reward_form_hint(name: str) -> str:
+    """A "did you mean `module:function`" sentence for a reward named as a file path or a dotted name ('' for any
+    other name): the two likeliest slips when naming a function."""
+    module, colon, function = name.rpartition(":") if ":" in name else ("", "", "")
+    if not colon:
+        module, dot, function = name.rpartition(".")
+        if not dot or not module or "/" in name or "\\" in name:
+            return ""
+    dotted = module.removesuffix(".py").replace("\\", "/").strip("/").replace("/", ".")
+    if dotted == module and colon:
+        return ""
+    return f" Did you mean `{dotted}:{function}` (a module path with dots, then a colon and the function)?"

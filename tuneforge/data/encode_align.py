@@ -132,8 +132,9 @@ def for_stage(example, stage: str, name: str | None = None) -> list:
     """The examples `stage` trains on from one read example; RowProblem, naming the training stage `name` (dpo
     for pairwise) when given, when the row's kind does not fit.
     Preference pairs also serve kto (chosen: desirable, rejected: undesirable; not typed rows of more than two
-    ranks) and prompt (the prompt alone, once per row); chat rows serve prompt (the conversation before the last
-    reply, which becomes the reference)."""
+    ranks) and prompt (the prompt alone, once per row, its reference the row's answer column or the chosen reply);
+    chat rows serve prompt (the conversation before the last reply, which becomes the reference unless the row is a
+    KTO row labelled false)."""
     from tuneforge.data.preference import as_prompt
 
     is_pair, name = isinstance(example, PairExample), name or stage
@@ -148,7 +149,7 @@ def for_stage(example, stage: str, name: str | None = None) -> list:
                                    f"{_kind_of(example)}")
     if is_pair and stage in ("kto", "prompt") and example.pair_index[1] > 1:
         if stage == "prompt":  # the pairs of one typed row share its prompt: sample it once
-            return [Example(example.source, messages=example.prompt, tools=example.tools)][:example.pair_index[0] == 1]
+            return [pair_prompt(example)][:example.pair_index[0] == 1]
         if example.pair_index[0] > 1:
             return []  # the row is reported once, with its first pair
         raise RowProblem("responses", "typed responses of more than two ranks cannot become KTO rows (a middle-ranked "
@@ -160,12 +161,23 @@ def for_stage(example, stage: str, name: str | None = None) -> list:
                 Example(f"{example.source} (rejected)", messages=example.prompt + example.rejected,
                         tools=example.tools, label=False)]
     if stage == "prompt" and is_pair:
-        return [Example(example.source, messages=example.prompt, tools=example.tools)]
+        return [pair_prompt(example)]
     if stage in ("kto", "prompt") and example.messages is None:
         raise RowProblem("text", f"stage {name} needs conversations; this is a plain-text row (for stage pt)")
     if stage == "prompt" and example.messages[-1]["role"] == "assistant":
-        return [as_prompt(example)]
+        prompt = as_prompt(example)
+        if example.label is False:  # an undesirable reply is no answer to aim at: only the row's own column counts
+            prompt.reference = example.reference
+        return [prompt]
     return [example]
+
+
+def pair_prompt(example: PairExample) -> Example:
+    """A pair's prompt for sampling; its reference is the row's `answer`/`reference` column, else the chosen reply
+    (its last assistant text)."""
+    replies = [m.get("content") for m in example.chosen if m["role"] == "assistant" and m.get("content")]
+    reference = example.reference if example.reference is not None else (replies[-1] if replies else None)
+    return Example(example.source, messages=example.prompt, tools=example.tools, reference=reference)
 
 
 def _kind_of(example) -> str:

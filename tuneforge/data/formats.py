@@ -46,9 +46,10 @@ COLUMN_ROLES = {
     "sharegpt": ("messages", "system", "tools", "reference"),
     "openai": ("messages", "system", "tools", "reference"),
     "text": ("text",),
-    "pairwise": ("prompt", "chosen", "rejected", "chosen_messages", "rejected_messages", "margin", *_CHAT_ROLES),
+    "pairwise": ("prompt", "chosen", "rejected", "chosen_messages", "rejected_messages", "margin", "reference",
+                 *_CHAT_ROLES),
     "kto": ("label", "prompt", "completion", "output", "reference", *_CHAT_ROLES),
-    "typed": ("prompt", "responses", *_CHAT_ROLES),
+    "typed": ("prompt", "responses", "reference", *_CHAT_ROLES),
     "prompt": ("prompt", "reference", "output", "completion", *_CHAT_ROLES),
 }
 
@@ -168,9 +169,11 @@ def guess_format(data: dict, columns: dict, where: str, stage: str | None = None
 
 # Columns a format reads under their default names besides those of COLUMN_ROLES (sharegpt's conversations, the
 # typed layout of CValues, LLaMA-Factory's kto_tag).
-_OTHER_FIELDS = {"sharegpt": ("conversations",), "openai": ("conversations",), "pairwise": ("conversations",),
-                 "kto": ("conversations", "kto_tag"), "prompt": ("conversations",),
-                 "typed": ("conversations", "pos_resp", "neg_resp", "pos_type", "neg_type")}
+# fields a format reads besides its column roles (`answer`: the reference answer's other name, see preference.py)
+_OTHER_FIELDS = {"alpaca": ("answer",), "sharegpt": ("conversations", "answer"), "openai": ("conversations", "answer"),
+                 "pairwise": ("conversations", "answer"), "kto": ("conversations", "kto_tag", "answer"),
+                 "prompt": ("conversations", "answer"),
+                 "typed": ("conversations", "pos_resp", "neg_resp", "pos_type", "neg_type", "answer")}
 
 
 def format_fields(fmt: str, columns: dict) -> set[str]:

@@ -13,7 +13,8 @@ Formats (column names are the defaults; `DatasetSpec.columns` maps our names to 
     preference layout);
   - hh-rlhf: `chosen` / `rejected` full transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ..."), parsed into turns; the
     turns both share (up to the last shared user turn) are the prompt.
-  An optional `margin` column (a number) says by how much chosen is better.
+  An optional `margin` column (a number) says by how much chosen is better; an optional `answer`/`reference` column
+  is the reference answer when the pair's prompt is used for sampling (else the chosen reply is).
 - kto: one conversation (any chat layout: alpaca, sharegpt, openai, or `prompt` + `completion`) and a boolean
   `label` (true: a desirable reply); LLaMA-Factory names the column `kto_tag`.
 - typed: CValues-style responses to one prompt, each with a type, and a ranking of the types (`DatasetSpec.ranking`,
@@ -112,8 +113,10 @@ def typed_examples(data: dict, source: str, columns: dict, ranking: list[str] | 
     if not pairs:
         raise RowProblem(columns.get("responses", "responses"), "no pair: every response has the same rank (or the "
                                                                 "same text), so none is preferred")
+    reference = reference_column(data, columns)
     return [PairExample(f"{source} (pair {k}: {better.type} > {worse.type})", prompt, _reply(better.text),
-                        _reply(worse.text), tools, kinds=(better.type, worse.type), pair_index=(k, len(pairs)))
+                        _reply(worse.text), tools, kinds=(better.type, worse.type), pair_index=(k, len(pairs)),
+                        reference=reference)
             for k, (better, worse) in enumerate(pairs, start=1)]
 
 
@@ -131,7 +134,9 @@ def pairwise_example(data: dict, source: str, columns: dict, tags: dict) -> Pair
     if not has_prompt and isinstance(chosen, list):
         return _whole_conversations(data, source, col["chosen"], col["rejected"], columns, tags)
     if not has_prompt and any(isinstance(v, str) and HH_TURN.search(v) for v in (chosen, rejected)):
-        return hh_example(data, source, col["chosen"], col["rejected"], margin=_margin(data, col["margin"]))
+        pair = hh_example(data, source, col["chosen"], col["rejected"], margin=_margin(data, col["margin"]))
+        pair.reference = reference_column(data, columns)
+        return pair
     if not has_prompt:
         raise RowProblem(col["prompt"], "missing; a pair needs its prompt (`prompt`, `instruction` or "
                                         "`conversations`/`messages`), or `chosen` and `rejected` as whole "
@@ -142,7 +147,7 @@ def pairwise_example(data: dict, source: str, columns: dict, tags: dict) -> Pair
         validate_conversation(prompt + reply, col[side])
     _check_differ(sides[0], sides[1], col["rejected"], col["chosen"])
     return PairExample(source, prompt, sides[0], sides[1], formats.tools_column(data, columns),
-                       margin=_margin(data, col["margin"]))
+                       margin=_margin(data, col["margin"]), reference=reference_column(data, columns))
 
 
 def _check_differ(chosen: list[dict], rejected: list[dict], rejected_field: str, chosen_field: str) -> None:
@@ -168,7 +173,7 @@ def _whole_conversations(data, source, chosen_field, rejected_field, columns, ta
     if system and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
     return PairExample(source, prompt, chosen, rejected, formats.tools_column(data, columns),
-                       margin=_margin(data, columns.get("margin", "margin")))
+                       margin=_margin(data, columns.get("margin", "margin")), reference=reference_column(data, columns))
 
 
 # hh-rlhf transcripts: "\n\nHuman: ...\n\nAssistant: ..." (a few rows lack the leading blank line).
@@ -219,7 +224,8 @@ def kto_example(data: dict, source: str, columns: dict, tags: dict) -> Example:
         prompt = _prompt_messages(data, source, columns, tags)
         messages = prompt + [{"role": "assistant", "content": required_text(data, completion)}]
         validate_conversation(messages, completion)
-        example = Example(source, messages=messages, tools=formats.tools_column(data, columns))
+        example = Example(source, messages=messages, tools=formats.tools_column(data, columns),
+                          reference=reference_column(data, columns))
     else:
         fmt = formats.guess_chat_format(data, columns, source)
         example = formats.to_example(data, fmt, source, columns, tags)

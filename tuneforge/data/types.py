@@ -41,7 +41,8 @@ class Example:
 class PairExample:
     """A preference pair: the shared `prompt` (messages ending with the user's turn) and the `chosen` and
     `rejected` continuations (assistant turns, and any tool turns between them). `margin`: how much better chosen
-    is, when the data says (a reward-model margin); `kinds`: (chosen type, rejected type) of typed responses."""
+    is, when the data says (a reward-model margin); `kinds`: (chosen type, rejected type) of typed responses;
+    `reference`: the row's `answer`/`reference` column, for the pair's prompt used in ppo/grpo."""
 
     source: str
     prompt: list[dict]
@@ -51,6 +52,7 @@ class PairExample:
     margin: float | None = None
     kinds: tuple[str, str] | None = None
     pair_index: tuple[int, int] = (1, 1)  # (k, n): the k-th of the n pairs its row gave (typed rows give several)
+    reference: str | None = None
 
 
 @dataclass

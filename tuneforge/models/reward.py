@@ -125,19 +125,54 @@ def load_reward_model(folder: str | Path, device: str = "cpu", batch_size: int =
     """A `RewardScorer` for a folder written by `stage: rm`; a clear error for any other kind of folder."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    check_reward_folder(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).to(device)
+    return RewardScorer(model, AutoTokenizer.from_pretrained(folder), batch_size)
+
+
+GENERATORS = ("ForCausalLM", "ForConditionalGeneration")  # architectures that generate text
+
+
+def check_reward_folder(folder: str | Path) -> None:
+    """UserError unless `folder` holds a reward model (a sequence classifier with one output), saying what it holds
+    instead; reads config files only, so PPO checks its rewards in a second, before any model loads."""
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        hint = (" It holds an adapter only (adapter_config.json): pass the rm run's output folder, which holds the "
-                "merged reward model, not its `adapter` subfolder." if (folder / "adapter_config.json").is_file()
-                else " Train one with `stage: rm`.")
-        raise UserError(f"{folder} is not a reward-model folder: it has no config.json.{hint}")
+        raise UserError(f"{folder} is not a reward-model folder: it has no config.json. {_adapter_hint(folder)}")
     config = json.loads(config_file.read_text(encoding="utf-8"))
     arch = (config.get("architectures") or ["?"])[0]
+    if not arch.endswith("ForSequenceClassification"):
+        what = ("a model that generates text and cannot score replies" if arch.endswith(GENERATORS)
+                else "not a sequence classifier")
+        raise UserError(f"{folder} is not a reward model: it holds a {arch}{_made_by(folder)}, {what}. A reward model is the output folder of a "
+                        f"`stage: rm` run (an XForSequenceClassification with 1 output); train one on preference "
+                        f"pairs, starting from this model if you like (`model.name_or_path: {folder}`).")
     n_labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
-    if not arch.endswith("ForSequenceClassification") or n_labels != 1:
-        raise UserError(f"{folder} is not a reward model: it holds a {arch} with {n_labels} output(s), a reward "
-                        f"model is an XForSequenceClassification with 1 output. Train one with `stage: rm` (a "
-                        f"chat/SFT model folder cannot score replies).")
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).to(device)
-    return RewardScorer(model, AutoTokenizer.from_pretrained(folder), batch_size)
+    if n_labels != 1:
+        raise UserError(f"{folder} is not a reward model: it holds a {arch} classifier with {n_labels} outputs; a "
+                        f"reward model gives one score (1 output). Train one with `stage: rm`.")
+
+
+def _adapter_hint(folder: Path) -> str:
+    """What to pass instead of a folder without config.json."""
+    if not (folder / "adapter_config.json").is_file():
+        return "Train a reward model with `stage: rm` and pass its output folder."
+    parent = folder.parent / "config.json"
+    if folder.name == "adapter" and parent.is_file() and "ForSequenceClassification" in parent.read_text("utf-8"):
+        return (f"It is the adapter that `stage: rm` keeps beside its merged reward model: pass the run's output "
+                f"folder {folder.parent} instead.")
+    return (f"It holds an adapter{_made_by(folder)} (adapter_config.json), which generates text and cannot score "
+            f"replies: a reward model is the output folder of a `stage: rm` run. Train one with `stage: rm` on "
+            f"preference pairs and pass that run's output folder.")
+
+
+def _made_by(folder: Path) -> str:
+    """The words " written by a `stage: sft` run" when the folder's tuneforge_config.yaml says so, else ''."""
+    import yaml
+
+    try:
+        stage = yaml.safe_load((folder / "tuneforge_config.yaml").read_text(encoding="utf-8")).get("stage")
+    except Exception:  # noqa: BLE001 - no record, or not ours: the message just says less
+        return ""
+    return f" written by a `stage: {stage}` run" if isinstance(stage, str) else ""

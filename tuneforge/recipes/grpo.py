@@ -38,7 +38,7 @@ class GRPOStage(RLStage):
         self.s, self.seed, self.rt = cfg.grpo, cfg.seed, runtime
         self.log = log if runtime.is_main else (lambda _: None)  # rank 0 reports for all ranks
         self.reference = Reference(model) if self.s.beta else None  # before training changes the weights
-        self.rewards = Rewards(self.s, runtime, log)
+        self.rewards = Rewards(self.s, runtime, log, key=cfg.stage)
         self.engine = make_engine(model, tokenizer)
         self._told_constant = False
 
@@ -48,7 +48,8 @@ class GRPOStage(RLStage):
         first = rows_offset(self.rt, len(rows))  # seeds by global row: N processes sample what 1 process does
         seeds = [sampling_seed(self.seed, trainer.step, first + r) for r in range(len(rows))]
         roll = sample(self.engine, rows, s, seeds, self.rt.device)
-        rewards, means = self.rewards.score(roll.texts, roll.completion_ids, roll.prompts)
+        rewards, means = self.rewards.score(roll.texts, roll.completion_ids, roll.prompts,
+                                            step=trainer.step + 1)
         constant = constant_reward_groups(rewards, G)
         everyone = gather(self.rt, torch.stack([rewards, constant.repeat_interleave(G).float()], dim=1))
         self._report_constant(trainer.step + 1, int(everyone[:, 1].sum()) // G, len(everyone) // G)

@@ -51,7 +51,7 @@ class PPOStage(RLStage):
     def __init__(self, cfg, model, tokenizer, runtime, log=print):
         self.s, self.seed, self.rt, self.log = cfg.ppo, cfg.seed, runtime, log
         self.reference = Reference(model)  # before training (a frozen copy also copies the unused value head)
-        self.rewards = Rewards(self.s, runtime, log)
+        self.rewards = Rewards(self.s, runtime, log, key=cfg.stage)
         self.engine = make_engine(model, tokenizer)
 
     def values(self, model, hidden: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,8 @@ class PPOStage(RLStage):
         first = rows_offset(self.rt, len(prompts))  # seeds by global row: N processes sample what 1 process does
         seeds = [sampling_seed(self.seed, trainer.step, first + r) for r in range(len(prompts))]
         roll = sample(self.engine, prompts, s, seeds, self.rt.device)
-        scores, means = self.rewards.score(roll.texts, roll.completion_ids, roll.prompts)
+        scores, means = self.rewards.score(roll.texts, roll.completion_ids, roll.prompts,
+                                           step=trainer.step + 1)
         batch = roll.rows(torch.arange(len(prompts)))
         with torch.no_grad(), self.rt.autocast():
             old, mask, _, hidden = policy_forward(model, batch, hidden=True)

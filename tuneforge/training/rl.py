@@ -20,6 +20,7 @@ checkpoints, logs and the final model (the loop's own rules).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import math
@@ -27,21 +28,22 @@ import numbers
 import os
 import re
 import sys
-from dataclasses import dataclass
+import sysconfig
+import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from tuneforge.configs.rl import BUILTIN_REWARDS, reward_form_hint
 from tuneforge.data.example_task import exact_match
-from tuneforge.data.types import IGNORE_INDEX, EncodedPrompt
-from tuneforge.errors import ConfigError, UserError
+from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, EncodedPrompt
+from tuneforge.errors import ConfigError, DataError, UserError
 from tuneforge.losses import label_positions, token_logps, whiten
 from tuneforge.methods.base import unwrap
+from tuneforge.models.reward import check_reward_folder
 from tuneforge.training import reference
 from tuneforge.training.loop import Stage, Trainer
-
-BUILTIN_REWARDS = ("exact_match", "format", "length")
-
 
 # ---- rewards ---------------------------------------------------------------------------------------------------
 
@@ -62,57 +64,140 @@ def _builtin(name: str, section):
 
 
 def _import_function(spec: str):
+    """The function a `module:function` reward names; ConfigError saying why it cannot be had."""
     module_name, _, attr = spec.partition(":")
     if "" not in sys.path and os.getcwd() not in sys.path:  # console scripts leave the working directory out
         sys.path.insert(0, os.getcwd())
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"Reward `{spec}` cannot be loaded ({e}). Name a function as `module:function` importable "
-                          f"from the working directory, a built-in ({', '.join(BUILTIN_REWARDS)}) or an rm output "
-                          f"folder.") from e
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any failure at import is the module's, reported in one paragraph
+        where = _where_it_failed(e, module_name)
+        if isinstance(e, ImportError) and not where:  # the module itself is not there
+            raise ConfigError(f"Reward `{spec}` cannot be loaded ({e}). Name a function as `module:function` "
+                              f"importable from the working directory, a built-in ({', '.join(BUILTIN_REWARDS)}) or "
+                              f"an rm output folder.{reward_form_hint(spec)}") from e
+        problem = e.msg if isinstance(e, SyntaxError) else str(e)
+        raise ConfigError(f"Reward `{spec}` cannot be loaded: importing `{module_name}` raised "
+                          f"{type(e).__name__}: {problem}{where}. Fix the module (run `python -c \"import "
+                          f"{module_name}\"` to see it fail alone).") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        close = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=1)
+        hint = f" Did you mean `{module_name}:{close[0]}`?" if close else ""
+        raise ConfigError(f"Reward `{spec}` cannot be loaded: {module.__file__} has no `{attr}`.{hint}")
     if not callable(fn):
         raise ConfigError(f"Reward `{spec}` is not a function.")
+    return fn
+
+
+def _where_it_failed(error: BaseException, module_name: str) -> str:
+    """The words " at FILE:LINE" naming the user's code where importing a reward module failed ('' when it was not the
+    module's own code, e.g. the module does not exist): a SyntaxError's own place, else the innermost traceback frame outside
+    the Python installation and this file (a library the module calls fails inside itself)."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" at {error.filename}:{error.lineno}"
+    missing = getattr(error, "name", None)
+    if isinstance(error, ImportError) and missing and (module_name == missing or module_name.startswith(missing + ".")):
+        return ""  # the module (or its package) itself was not found
+    installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith("<") and f.filename != __file__]
+    own = [f for f in frames if not any(f.filename.startswith(root) for root in installed)]
+    frame = (own or frames or [None])[-1]
+    return f" at {frame.filename}:{frame.lineno}" if frame is not None else ""
+
+
+def _reads_reference(fn) -> bool:
+    params = inspect.signature(fn).parameters
+    return "reference" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _with_keywords(fn):
+    """`fn` called with the keywords it accepts of prompt, reference and completion_ids."""
     params = inspect.signature(fn).parameters
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
     wanted = {k for k in ("prompt", "reference", "completion_ids") if takes_all or k in params}
     return lambda completion, **kw: fn(completion, **{k: v for k, v in kw.items() if k in wanted})
 
 
+def check_rewards(section, key: str) -> tuple[list[str], list[str]]:
+    """Resolve every configured reward without loading a model (functions imported, rm folders' configs read), so
+    a typo fails in a second, before the model and data load. Returns (the built-ins that need each row's
+    reference answer, the functions that read it)."""
+    if not section.reward:
+        raise ConfigError(f"No reward configured: set e.g. `{key}.reward: {{exact_match: 1.0}}`.")
+    needs, reads = [], []
+    for name in section.reward:
+        if name in BUILTIN_REWARDS:
+            needs += [name] if BUILTIN_REWARDS[name] else []
+        elif Path(name).is_dir():
+            check_reward_folder(name)
+        elif ":" in name:
+            reads += [name] if _reads_reference(_import_function(name)) else []
+        else:
+            raise ConfigError(f"`{key}.reward` names `{name}`: neither a built-in ({', '.join(BUILTIN_REWARDS)}), "
+                              f"a `module:function` nor an existing rm output folder.{reward_form_hint(name)}")
+    return needs, reads
+
+
 class Rewards:
     """The weighted sum of the configured rewards for each completion; a reward that raises or gives NaN/inf is
-    an error naming it and the prompt (or, with on_reward_error: skip, a counted skip that scores 0)."""
+    an error naming it and the prompt (or, with on_reward_error: skip, a completion scored 0, counted: one log line
+    per step and reward, a `reward_errors/<name>` metric, and `summary()` at the end). `key`: the config section
+    (grpo, ppo), for the messages."""
 
-    def __init__(self, section, runtime, log=print):
-        if not section.reward:
-            raise ConfigError("No reward configured: set e.g. `reward: {exact_match: 1.0}` in the stage's section.")
-        self.section, self.log, self.skipped = section, log, 0
+    def __init__(self, section, runtime, log=print, key: str = "grpo"):
+        check_rewards(section, key)
+        self.section, self.log, self.key = section, log, key
+        self.skipped: dict[str, int] = {}  # completions scored 0 per reward over the run (on_reward_error: skip)
+        self.calls: dict[str, int] = {}
         self.fns = {}
         for name in section.reward:
             if name in BUILTIN_REWARDS:
                 self.fns[name] = _builtin(name, section)
             elif Path(name).is_dir():
                 self.fns[name] = _RewardModel(name, runtime)
-            elif ":" in name:
-                self.fns[name] = _import_function(name)
             else:
-                raise ConfigError(f"Reward `{name}` is neither a built-in ({', '.join(BUILTIN_REWARDS)}), a "
-                                  f"`module:function` nor an existing rm output folder.")
+                self.fns[name] = _with_keywords(_import_function(name))
 
-    def score(self, texts: list[str], ids: list[list[int]], prompts: list[EncodedPrompt]) -> tuple[torch.Tensor, dict]:
-        """Total reward per completion [N] and the mean of each named reward (for the log)."""
+    def score(self, texts: list[str], ids: list[list[int]], prompts: list[EncodedPrompt],
+              step: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Total reward per completion [N], and for the log the mean of each named reward (with skip: the share of
+        completions each function failed on, `reward_errors/<name>`). `step`: the trainer step, for the log."""
         total = torch.zeros(len(texts))
         means = {}
         for name, fn in self.fns.items():
             if isinstance(fn, _RewardModel):
                 values = fn.batch(texts, prompts)
             else:
-                values = [self._one(name, fn, t, i, p) for t, i, p in zip(texts, ids, prompts)]
+                values = self._calls(name, fn, texts, ids, prompts, step, means)
             means[f"reward/{name}"] = sum(values) / max(len(values), 1)
             total += self.section.reward[name] * torch.tensor(values)
         return total, means
 
-    def _one(self, name, fn, text, ids, prompt: EncodedPrompt) -> float:
+    def _calls(self, name, fn, texts, ids, prompts, step, metrics: dict) -> list[float]:
+        """`fn` on each completion; with skip, the failures scored 0, counted and said in one line."""
+        results = [self._one(name, fn, t, i, p) for t, i, p in zip(texts, ids, prompts)]
+        failed = [problem for _, problem in results if problem is not None]
+        if self.section.on_reward_error == "skip":
+            metrics[f"reward_errors/{name}"] = len(failed) / max(len(results), 1)
+            self.skipped[name] = self.skipped.get(name, 0) + len(failed)
+            self.calls[name] = self.calls.get(name, 0) + len(results)
+            if failed:
+                self._say_skipped(name, failed, len(results), step)
+        return [value for value, _ in results]
+
+    def _say_skipped(self, name: str, failed: list[str], n: int, step: int | None) -> None:
+        when = f"step {step}" if step is not None else "this step"
+        if len(failed) == n:
+            said = (f"every one of the {n} calls of `{name}` failed at {when}, so it scored 0 for all of them and "
+                    f"gave no signal")
+        else:
+            said = f"`{name}` failed on {len(failed)} of {n} completions at {when}; they scored 0"
+        self.log(f"reward: {said} ({self.key}.on_reward_error: skip; first: {failed[0]})")
+
+    def _one(self, name, fn, text, ids, prompt: EncodedPrompt) -> tuple[float, str | None]:
+        """(reward, None), or with skip (0.0, what went wrong and where); raises UserError otherwise."""
         try:
             returned = fn(text, prompt=prompt.messages, reference=prompt.reference, completion_ids=ids)
         except Exception as e:  # noqa: BLE001 - any failure of user code is reported with its context
@@ -120,15 +205,25 @@ class Rewards:
         else:
             value, problem = _reward_value(returned)
         if problem is None:
-            return value
+            return value, None
         question = prompt.messages[-1]["content"] if prompt.messages else ""
         where = f"for the prompt of {prompt.source or 'a row'} ({question[:80]!r}) and completion {text[:80]!r}"
         if self.section.on_reward_error == "skip":
-            self.skipped += 1
-            self.log(f"reward: `{name}` {problem} {where}; scored 0 (skipped so far: {self.skipped})")
-            return 0.0
-        raise UserError(f"Reward `{name}` {problem} {where}. Fix the function, or set `on_reward_error: skip` in "
-                        f"the stage's section to count such completions and score them 0.")
+            return 0.0, f"{problem} {where}"
+        raise UserError(f"Reward `{name}` {problem} {where}. Fix the function, or set "
+                        f"`{self.key}.on_reward_error: skip` to count such completions and score them 0.")
+
+    def summary(self, runtime) -> list[str]:
+        """A line per function that failed during the run (over all processes), for the end of the run."""
+        names = sorted(self.calls)
+        if not names:
+            return []
+        counts = torch.tensor([[self.skipped[n], self.calls[n]] for n in names], dtype=torch.float64)
+        if runtime is not None and runtime.distributed:
+            counts = runtime.all_reduce_sum(counts.to(runtime.device)).cpu()
+        return [f"reward errors: `{n}` failed on {int(skipped)} of {int(calls)} completions of the run, which scored "
+                f"0 for it ({self.key}.on_reward_error: skip)"
+                for n, (skipped, calls) in zip(names, counts.tolist()) if skipped]
 
 
 def _reward_value(returned) -> tuple[float | None, str | None]:
@@ -375,21 +470,22 @@ def make_engine(model, tokenizer):
 
 
 def run_rl(cfg, make_stage, log=print, extend=None):
-    """The whole run of a sampling stage: runtime, prompts (read first: a bad row fails before the model loads),
-    model + method (`extend`: what the stage adds to the model before DDP wraps it, PPO's value head), the stage
-    (reference, rewards), the RL trainer, the final save."""
-    from tuneforge.data.build import read_datasets
+    """The whole run of a sampling stage: the rewards resolved (a typo fails in a second), runtime, prompts (read
+    first: a bad row, or a missing reference answer a reward needs, fails before the model loads), model + method
+    (`extend`: what the stage adds to the model before DDP wraps it, PPO's value head), the stage (reference,
+    rewards), the RL trainer, the final save, and the reward errors skipped over the run."""
     from tuneforge.training.loop import describe_model
     from tuneforge.training.setup import done_line, save_final, setup_data, setup_model, setup_run
 
+    needs, reads = check_rewards(getattr(cfg, cfg.stage), cfg.stage)
     runtime = setup_run(cfg, log)
     if runtime.engine not in ("none", "ddp"):
         raise UserError(f"Stage {cfg.stage} samples with the whole model on every process, so it runs in one "
                         f"process or under DDP, not with training.distributed={runtime.engine}. Set "
                         f"`training.distributed=ddp` (or auto).")
-    rows = read_datasets(cfg.data, stage=cfg.stage)
-    model, tokenizer, method = setup_model(cfg, runtime, extend=extend)
     main_log = log if runtime.is_main else (lambda _: None)
+    rows = read_prompts(cfg, needs, reads, main_log)
+    model, tokenizer, method = setup_model(cfg, runtime, extend=extend)
     main_log(describe_model(model, method))
     prompts, evals, _ = setup_data(cfg, tokenizer, cfg.stage, runtime, log, read=rows)
     if evals:
@@ -403,4 +499,45 @@ def run_rl(cfg, make_stage, log=print, extend=None):
         if runtime.is_main:
             stage.after_save(Path(cfg.output_dir))
         main_log(done_line(result, cfg.output_dir))
+    for line in stage.rewards.summary(runtime):
+        main_log(line)
     return result
+
+
+def read_prompts(cfg, needs: list[str], reads: list[str], log=print) -> tuple[list, list, DataReport]:
+    """`read_datasets` for a sampling stage. When a built-in reward (`needs`) compares completions with the row's
+    reference answer, each training prompt without one is a bad row (file:line) here, listed with the other bad
+    rows, so `data.on_error` decides about it before the model loads instead of the run failing mid-training.
+    Otherwise, when some prompts have none and it matters (a function that reads references, or KTO rows labelled
+    false, whose reply is no answer to aim at), the count is said once."""
+    from tuneforge.data.build import check_bad_rows, read_datasets
+
+    data = replace(cfg.data, on_error="skip") if needs else cfg.data  # every bad row first, then one decision
+    train, evals, report = read_datasets(data, stage=cfg.stage)
+    missing = [e for e in train if _lacks_reference(e)]
+    if needs and missing:
+        report.bad_rows += [BadRow(e.source, "answer", f"no reference answer, which the `{needs[0]}` reward "
+                                                      f"compares completions with; add an `answer` (or `reference`) "
+                                                      f"column, or drop `{needs[0]}` from {cfg.stage}.reward")
+                            for e in missing]
+        train = [e for e in train if not _lacks_reference(e)]
+    if needs and cfg.data.on_error == "raise":
+        check_bad_rows(report, cfg.data)
+    if needs and not train:
+        check_bad_rows(report, cfg.data)  # lists what was skipped
+        raise DataError(f"No training prompts left: none of the {report.rows_read} rows read has a reference "
+                        f"answer, which `{needs[0]}` needs. Add an `answer` column, or choose rewards that need none "
+                        f"(format, length, a function, a reward model).")
+    undesirable = sum(1 for e in missing if getattr(e, "label", None) is False)
+    if missing and not needs and (reads or undesirable):
+        log(f"note: {len(missing)} of {len(train)} training prompts have no reference answer, so reward functions "
+            f"get reference=None for them" + (f"; {undesirable} of them are KTO rows labelled false, whose "
+                                              f"undesirable reply is not used as one" if undesirable else ""))
+    return train, evals, report
+
+
+def _lacks_reference(example) -> bool:
+    """Whether the prompt `example` gives (if any: a typed row gives one, with its first pair) has no reference."""
+    from tuneforge.data.encode_align import for_stage
+
+    return any(p.reference is None for p in for_stage(example, "prompt"))
