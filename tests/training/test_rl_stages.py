@@ -484,3 +484,14 @@ def test_two_processes_sample_and_learn_as_one(stage, method, tiny_qwen2_dir, tm
     assert not [p for p in two.rglob("*") if ".tmp" in p.name]
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert (two / weights).is_file() and (stage != "ppo" or (two / "value_head.safetensors").is_file())
+
+
+def test_a_diverged_update_stops_the_run_naming_the_step(tiny_qwen2_dir, tmp_path, rewards_module):
+    """An infinite learning rate makes the weights inf at the first update: the second update of the same rollout
+    batch (grpo.epochs=2) has a nan loss, and the run stops there instead of saving an all-nan model as 'done'."""
+    cfg = config("grpo", tiny_qwen2_dir, tmp_path / "run", f"grpo.reward={{{rewards_module}:share_of: 1.0}}",
+                 "training.batch_size=2", "training.max_steps=2", "grpo.num_generations=2", "grpo.epochs=2",
+                 "training.lr=inf")
+    with pytest.raises(UserError, match=r"Step 1: the loss is nan, so training stopped before saving a broken model"):
+        run_config(cfg, log=lambda _: None)
+    assert not (tmp_path / "run" / "model.safetensors").exists()

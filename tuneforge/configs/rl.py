@@ -90,6 +90,28 @@ def rl_problems(cfg) -> list[str]:
                             f"a `module:function` nor an existing rm output folder.{reward_form_hint(name)}")
     if section.epochs < 1 or section.max_new_tokens < 1:
         problems.append(f"`{cfg.stage}.epochs` and `{cfg.stage}.max_new_tokens` must be at least 1.")
+    return problems + range_problems(cfg, section)
+
+
+def range_problems(cfg, section) -> list[str]:
+    """Numbers outside the range their method is defined on (they trained on to losses of 1e13 and said 'done')."""
+    k = cfg.stage
+    ranges = [("clip_eps", section.clip_eps > 0, "> 0"), ("mini_batch_size", section.mini_batch_size >= 0, ">= 0 "
+              "(0: all completions in one update)"), ("length_target", section.length_target >= 1, ">= 1")]
+    if k == "grpo":
+        high = section.clip_eps_high
+        ranges += [("beta", section.beta >= 0, ">= 0 (0: no reference)"),
+                   ("clip_eps_high", high is None or high >= section.clip_eps, f">= grpo.clip_eps ({section.clip_eps})")]
+    else:
+        ranges += [("kl_coef", section.kl_coef >= 0, ">= 0 (a negative one rewards drifting from the reference)"),
+                   ("gamma", 0 <= section.gamma <= 1, "in [0, 1]"), ("lam", 0 <= section.lam <= 1, "in [0, 1]"),
+                   ("vf_coef", section.vf_coef >= 0, ">= 0"), ("cliprange_value", section.cliprange_value > 0, "> 0")]
+    problems = [f"`{k}.{key}` must be {rule}, got {getattr(section, key)}." for key, ok, rule in ranges if not ok]
+    per_step = cfg.training.batch_size * cfg.training.grad_accum * (section.num_generations if k == "grpo" else 1)
+    if section.mini_batch_size > per_step:
+        problems.append(f"`{k}.mini_batch_size` ({section.mini_batch_size}) is more than the {per_step} completions "
+                        f"each process samples per step (training.batch_size x grad_accum"
+                        f"{' x grpo.num_generations' if k == 'grpo' else ''}): use at most {per_step}, or 0 for all.")
     return problems
 
 

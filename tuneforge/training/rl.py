@@ -447,8 +447,13 @@ class RLTrainer(Trainer):
         """One optimizer update from this rank's share of the minibatch loss (normalised by `global_count`);
         returns (the whole minibatch's loss over all ranks, grad norm)."""
         (loss * self.rt.world_size).backward()  # DDP averages gradients over ranks; the shares add up: undo that
+        total = float(self.rt.all_reduce_sum(loss.detach().float()))
+        if not math.isfinite(total):  # before the step, as the loop does: see Trainer._diverged
+            raise self._diverged("loss", total)
         grad_norm = self._step()
-        return float(self.rt.all_reduce_sum(loss.detach().float())), grad_norm
+        if not math.isfinite(grad_norm):
+            raise self._diverged("gradient norm", grad_norm)
+        return total, grad_norm
 
     def evaluate(self):
         return None  # sampling stages have no held-out loss; rewards are logged per step
