@@ -80,7 +80,7 @@ def test_literal_suggests_closest_choice():
     (["stage=ppo", "ppo.gamma=5"], r"`ppo.gamma` must be in \[0, 1\], got 5.0"),
     (["stage=ppo", "ppo.kl_coef=-1"], r"`ppo.kl_coef` must be >= 0 \(a negative one rewards drifting"),
     (["stage=ppo", "ppo.lam=-3", "ppo.clip_eps=-0.2"], r"(?s)`ppo.clip_eps` must be > 0.*`ppo.lam` must be in \[0, 1\]"),
-    (["stage=ppo", "ppo.mini_batch_size=100"], r"\(100\) is more than the 4 completions each process samples per step"),
+    (["stage=ppo", "ppo.mini_batch_size=-1"], r"`ppo.mini_batch_size` must be >= 0 \(0: all completions"),
     (["stage=grpo", "grpo.beta=-1"], r"`grpo.beta` must be >= 0 \(0: no reference\), got -1.0"),
     (["stage=grpo", "grpo.clip_eps_high=0.05"], r"`grpo.clip_eps_high` must be >= grpo.clip_eps \(0.2\), got 0.05"),
 ])

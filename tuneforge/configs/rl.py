@@ -106,13 +106,7 @@ def range_problems(cfg, section) -> list[str]:
         ranges += [("kl_coef", section.kl_coef >= 0, ">= 0 (a negative one rewards drifting from the reference)"),
                    ("gamma", 0 <= section.gamma <= 1, "in [0, 1]"), ("lam", 0 <= section.lam <= 1, "in [0, 1]"),
                    ("vf_coef", section.vf_coef >= 0, ">= 0"), ("cliprange_value", section.cliprange_value > 0, "> 0")]
-    problems = [f"`{k}.{key}` must be {rule}, got {getattr(section, key)}." for key, ok, rule in ranges if not ok]
-    per_step = cfg.training.batch_size * cfg.training.grad_accum * (section.num_generations if k == "grpo" else 1)
-    if section.mini_batch_size > per_step:
-        problems.append(f"`{k}.mini_batch_size` ({section.mini_batch_size}) is more than the {per_step} completions "
-                        f"each process samples per step (training.batch_size x grad_accum"
-                        f"{' x grpo.num_generations' if k == 'grpo' else ''}): use at most {per_step}, or 0 for all.")
-    return problems
+    return [f"`{k}.{key}` must be {rule}, got {getattr(section, key)}." for key, ok, rule in ranges if not ok]
 
 
 def reward_form_hint(name: str) -> str:
