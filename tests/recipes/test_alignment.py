@@ -82,6 +82,20 @@ def test_resume_is_bit_identical(stage, extra, tiny_qwen2_dir, tmp_path):
 
 
 
+def test_dpo_logs_its_reward_metrics_on_the_held_out_pairs(tiny_qwen2_dir, tmp_path):
+    """Like TRL's eval_rewards/*: the stage's own metrics over the held-out set, at each eval and at the end."""
+    heldout = PREFS.with_name("heldout.jsonl")
+    out = tmp_path / "run"
+    train("dpo", tiny_qwen2_dir, out, "training.max_steps=4", "training.eval_steps=2", "training.lr=5e-3",
+          f"data.eval=[{{path: {heldout}, format: pairwise, max_samples: 8}}]")
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["eval_rewards/accuracies"] * 8 == pytest.approx(round(r["eval_rewards/accuracies"] * 8))
+        assert r["eval_rewards/margins"] == pytest.approx(r["eval_rewards/chosen"] - r["eval_rewards/rejected"],
+                                                          abs=1e-6)
+    assert rows[-1]["eval_rewards/margins"] != rows[0]["eval_rewards/margins"]  # measured again, not carried
+
 def test_resuming_with_another_objective_is_said(tiny_qwen2_dir, tmp_path):
     """Changing dpo.loss or beta between a stop and its resume is allowed, but metrics.jsonl then mixes two losses
     and the config records only the new one: the run says so, naming each change; an unchanged resume says nothing."""

@@ -353,14 +353,19 @@ class Trainer:
             return None
         self.model.eval()
         mine = self.eval_items[self.rt.rank::self.rt.world_size]
-        total = torch.zeros(2, device=self.rt.device, dtype=torch.float64)
+        total, extra = torch.zeros(2, device=self.rt.device, dtype=torch.float64), StepMetrics()
         for start in range(0, len(mine), self.t.batch_size):
             batch = {k: v.to(self.rt.device) for k, v in self.collate(mine[start:start + self.t.batch_size]).items()}
             with self.rt.autocast(), self.matmuls():
-                loss_sum, _ = self.stage.loss(self.model, batch)
+                loss_sum, metrics = self.stage.loss(self.model, batch)
             total += torch.tensor([loss_sum.item(), self.stage.targets(batch)], device=self.rt.device,
                                   dtype=torch.float64)
+            extra.add(metrics)
         total = self.rt.all_reduce_sum(total)
+        # the stage's own metrics over the held-out set too (DPO's reward accuracy and margins, as TRL logs them);
+        # a collective, so only when every rank had a batch (the same condition on every rank)
+        self.eval_metrics = {f"eval_{k}": v for k, v in extra.means(self.rt).items()} \
+            if len(self.eval_items) >= self.rt.world_size else {}
         self.model.train()
         return float(total[0] / max(total[1], 1))
 
@@ -529,6 +534,7 @@ class Trainer:
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()
+            metrics.update(self.eval_metrics)
             metrics.update(self.run_eval_suite())
         if self.step % self.t.logging_steps == 0 or self.step == self.total_steps or "eval_loss" in metrics:
             logged = self.window.flush(metrics)
@@ -555,7 +561,7 @@ class Trainer:
             if hook is not None:
                 hook.remove()
         if final_eval is not None:
-            logger.log(self.step, {"eval_loss": final_eval})
+            logger.log(self.step, {"eval_loss": final_eval, **self.eval_metrics})
             last_eval = final_eval
         logger.close(plot=self.t.plot_loss)
         final_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)

@@ -29,7 +29,8 @@ class MetricWindow:
         """The window's means plus the current values of lr, tokens/s, MFU and eval loss; starts a new window."""
         out = {k: v / self.counts.get(k, self.n) for k, v in self.sums.items()} if self.n else {}
         out.update({k: metrics[k] for k in NOW if k in metrics})
-        out.update({k: v for k, v in metrics.items() if k.startswith("suite/")})  # training.eval_suite scores
+        # training.eval_suite scores and the stage's own held-out metrics (eval_rewards/accuracies): as measured now
+        out.update({k: v for k, v in metrics.items() if k.startswith(("suite/", "eval_"))})
         self.n, self.sums, self.counts = 0, {}, {}
         return out
 
