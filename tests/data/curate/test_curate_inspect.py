@@ -134,3 +134,15 @@ def test_a_file_without_rows_is_refused_as_training_refuses_it(tmp_path, capsys,
     good = write_jsonl(tmp_path / "good.jsonl", ROWS[:2])
     assert cli_main(["data", verb, "--data", good, str(empty), "--out", str(tmp_path / "out")]) == 2
     assert f"{empty}: no data rows in this file" in capsys.readouterr().err
+
+
+def test_a_refused_run_leaves_no_empty_output_folder(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    for verb in ("inspect", "clean"):
+        out = tmp_path / f"out_{verb}"
+        assert cli_main(["data", verb, "--data", str(tmp_path / "empty.jsonl"), "--out", str(out)]) == 2
+        assert "no data rows in this file" in capsys.readouterr().err and not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()  # a folder the user made is theirs: left alone
+    assert cli_main(["data", "inspect", "--data", str(tmp_path / "empty.jsonl"), "--out", str(kept)]) == 2
+    assert kept.is_dir()

@@ -14,6 +14,8 @@ One module per sub-verb (synth/: a package, one module per method; distill.py: `
 
 from __future__ import annotations
 
+from pathlib import Path
+
 SUBVERBS = {
     "inspect": ("tuneforge.data.curate.inspect:inspect_cli", "tuneforge.data.curate.inspect:InspectArgs",
                 "Counts, token lengths with the model's chat template, turns, languages, empty/duplicate fields."),
@@ -48,4 +50,12 @@ def data_cli(argv: list[str]) -> int:
                         f"Sub-verbs: {', '.join(SUBVERBS)}.")
     target, args, help_ = SUBVERBS[argv[0]]
     verb = Verb(f"data {argv[0]}", target, args, help_)
-    return int(_load(target)(parse_verb_args(verb, argv[1:])) or 0)
+    parsed = parse_verb_args(verb, argv[1:])
+    out = Path(parsed.out).expanduser() if getattr(parsed, "out", None) else None
+    existed = out is None or out.exists()
+    try:
+        return int(_load(target)(parsed) or 0)
+    except UserError:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused run leaves no empty output folder behind (the folder was made before the check)
+        raise
