@@ -138,3 +138,15 @@ def test_nan_in_a_config_number_is_refused_by_key():
         coerce("nan", float, "dpo.beta")
     with pytest.raises(ConfigError, match=r"`training.batch_size` must be an integer, got nan"):
         coerce(float("nan"), int, "training.batch_size")
+
+
+def test_a_lora_rank_as_wide_as_a_layer_is_said(tiny_llama_dir, tmp_path):
+    """tiny-llama's k/v projections are 64x32: rank 32 is no longer low-rank there, rank 8 is."""
+    found = {}
+    for rank in (32, 8):
+        logs = []
+        run_config(config(tiny_llama_dir, tmp_path / f"r{rank}", "training.max_steps=1", f"lora.rank={rank}"),
+                   log=logs.append)
+        found[rank] = [line for line in "\n".join(logs).splitlines() if "is at least the smaller side of" in line]
+    assert len(found[32]) == 1 and "lora.rank 32" in found[32][0] and "k_proj (64x32)" in found[32][0]
+    assert "q_proj" not in found[32][0] and not found[8]  # q_proj is 64x64: rank 32 is still low-rank there

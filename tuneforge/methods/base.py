@@ -63,6 +63,11 @@ class Method:
                             f"that has no equivalent weight change. Serve it as base model + adapter instead.")
         return unwrap(model)
 
+    def notes(self, model: torch.nn.Module) -> list[str]:
+        """What the user should hear about the method on this model once it is applied (said after the trainable
+        parameter count). Default: nothing."""
+        return []
+
     def trainable_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The trainable tensors, by name: what a resumable checkpoint must hold."""
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

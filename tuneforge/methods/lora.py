@@ -92,6 +92,25 @@ class Lora(Method):
         except ValueError as e:  # PEFT says which target modules were not found
             raise ConfigError(f"`{self.section}.target_modules`: {e}") from e
 
+    def notes(self, model) -> list[str]:
+        """A rank at least the smaller side of an adapted layer is no longer low-rank: the adapter then holds as many
+        weights as that layer or more, and trains what full fine-tuning of it would, at a higher cost."""
+        full = {}
+        for name, module in unwrap(model).named_modules():
+            ranks = getattr(module, "r", None)
+            if isinstance(ranks, dict) and ranks and hasattr(module, "in_features"):
+                side = min(module.in_features, module.out_features)
+                if max(ranks.values()) >= side:
+                    full.setdefault(name.rsplit(".", 1)[-1], (max(ranks.values()), module.in_features,
+                                                             module.out_features))
+        if not full:
+            return []
+        shown = ", ".join(f"{n} ({i}x{o})" for n, (_, i, o) in sorted(full.items()))
+        rank = max(r for r, _, _ in full.values())
+        return [f"note: {self.section}.rank {rank} is at least the smaller side of {shown}: those adapters are not "
+                f"low-rank and hold as many weights as the layers or more; use a rank well below it, or method full "
+                f"(or freeze) to train the layers themselves"]
+
     def save(self, model, out_dir):
         unwrap(model).save_pretrained(out_dir, safe_serialization=True)
 

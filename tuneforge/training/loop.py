@@ -572,8 +572,8 @@ def describe_model(model: torch.nn.Module, method: Method) -> str:
     from tuneforge.methods.base import count_parameters
 
     trainable, total = count_parameters(unwrap(model))
-    return (f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
-            f"({100 * trainable / max(total, 1):.3f}%)")
+    return "\n".join([f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
+                      f"({100 * trainable / max(total, 1):.3f}%)", *method.notes(model)])
 
 
 
