@@ -117,6 +117,16 @@ def test_under_torchrun_the_forwarded_copy_of_a_ctrl_c_is_not_a_second_one(monke
             os.kill(os.getpid(), signal.SIGINT)
 
 
+
+@pytest.mark.parametrize("local_rank, says", [("0", True), ("1", False)])
+def test_one_stop_notice_per_node(local_rank, says, monkeypatch, capfd):
+    """Every torchrun process gets the signal; only each node's first one says so (it printed once per process)."""
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # each process still stops
+    assert ("SIGTERM received: finishing the current step" in capfd.readouterr().err) == says
+
 def worker_pids(launcher_pid: int) -> dict[int, int]:
     """{rank: pid} of torchrun's worker processes (Linux /proc)."""
     found = {}

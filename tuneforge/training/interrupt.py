@@ -73,6 +73,8 @@ class StopRequest:
                 return
             raise KeyboardInterrupt  # the second signal: abort now, whatever the step is doing
         self.signum, self._first_at = signum, time.monotonic()
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            return  # under torchrun every process gets the signal: one notice per node, from its first process
         # os.write, not print: a handler that prints while the interrupted code prints raises "reentrant call"
         os.write(2, f"\n{signal.Signals(signum).name} received: finishing the current step, then saving a "
                     f"checkpoint (press Ctrl-C again to abort without saving)\n".encode())
