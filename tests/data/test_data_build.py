@@ -282,7 +282,7 @@ def test_a_bad_kto_label_gets_the_kto_message_with_format_auto(tmp_path):
                                                 {"messages": chat(), "label": "false"}])
     expected = bad_rows_of(path, "kto", "kto")
     assert expected[0] == (f"{path}:line 2: field `label`: expected a boolean (true: a desirable reply, false: an "
-                           f"undesirable one), got int 1")
+                           f'undesirable one; the strings "true"/"false" are read too), got int 1')
     assert len(expected) == 5 and all("field `label`" in line for line in expected)
     assert bad_rows_of(path, "auto", "kto") == expected
     from tuneforge.data.build import read_spec  # read for no stage: the file's own format still decides

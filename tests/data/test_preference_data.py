@@ -217,8 +217,8 @@ def test_kto_labels_must_be_boolean(tmp_path):
     assert [r.label for r in kept] == [True, False, False]
     assert kept[2].messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away"}]
     assert [str(b) for b in report.bad_rows] == [
-        f"{path}:line 3: field `label`: expected a boolean (true: a desirable reply, false: an undesirable one), got "
-        f"int 1",
+        f"{path}:line 3: field `label`: expected a boolean (true: a desirable reply, false: an undesirable one; the "
+        f'strings "true"/"false" are read too), got int 1',
         f"{path}:line 4: field `label`: missing; KTO rows need a boolean `label` (true: a desirable reply)"]
 
 

@@ -241,8 +241,8 @@ def kto_label(value: Any, field: str, present: bool = True) -> bool:
         return value.strip().lower() == "true"
     if not present:
         raise RowProblem(field, f"missing; KTO rows need a boolean `{field}` (true: a desirable reply)")
-    raise RowProblem(field, f"expected a boolean (true: a desirable reply, false: an undesirable one), got "
-                            f"{_kind(value)}")
+    raise RowProblem(field, f"expected a boolean (true: a desirable reply, false: an undesirable one; the strings "
+                            f"\"true\"/\"false\" are read too), got {_kind(value)}")
 
 
 # ---- prompt-only --------------------------------------------------------------------------------------------
