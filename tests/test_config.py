@@ -83,6 +83,8 @@ def test_literal_suggests_closest_choice():
     (["stage=ppo", "ppo.mini_batch_size=-1"], r"`ppo.mini_batch_size` must be >= 0 \(0: all completions"),
     (["stage=grpo", "grpo.beta=-1"], r"`grpo.beta` must be >= 0 \(0: no reference\), got -1.0"),
     (["stage=grpo", "grpo.clip_eps_high=0.05"], r"`grpo.clip_eps_high` must be >= grpo.clip_eps \(0.2\), got 0.05"),
+    (["method=prompt_tuning", "data.packing=true"], r"packed row would give them to its first example only"),
+    (["method=prefix_tuning", "training.gradient_checkpointing=true"], r"does not work with `prefix_tuning`"),
 ])
 def test_impossible_combinations(override, words):
     with pytest.raises(ConfigError, match=words):

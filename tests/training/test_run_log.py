@@ -150,3 +150,22 @@ def test_a_lora_rank_as_wide_as_a_layer_is_said(tiny_llama_dir, tmp_path):
         found[rank] = [line for line in "\n".join(logs).splitlines() if "is at least the smaller side of" in line]
     assert len(found[32]) == 1 and "lora.rank 32" in found[32][0] and "k_proj (64x32)" in found[32][0]
     assert "q_proj" not in found[32][0] and not found[8]  # q_proj is 64x64: rank 32 is still low-rank there
+
+
+def test_stage_pt_does_not_pack_for_a_prompt_method(tiny_llama_dir, tmp_path):
+    """pt packs by default; a prompt method's virtual tokens would reach only a packed row's first example."""
+    from pathlib import Path
+
+    from tuneforge.configs.schema import load_train_config
+
+    root = Path(__file__).resolve().parents[2]
+    logs = {}
+    for method in ("prompt_tuning", "lora"):
+        logs[method] = []
+        cfg = load_train_config(str(root / "examples" / "pt_tiny.yaml"),
+                                [f"model.name_or_path={tiny_llama_dir}", f"output_dir={tmp_path / method}",
+                                 f"method={method}", "training.max_steps=1", "training.progress_bar=false"])
+        run_config(cfg, log=logs[method].append)
+    assert any("examples are not packed" in line for line in logs["prompt_tuning"])
+    assert not any("packed into" in line for line in logs["prompt_tuning"])
+    assert any("packed into" in line for line in logs["lora"])  # the default still packs for the others

@@ -94,7 +94,8 @@ class DataConfig:
     loss_on: Literal["assistant", "all", "last"] = opt("assistant", "Which tokens get loss in chat data: every "
                                                                     "assistant turn, all tokens, or the last turn.")
     packing: bool | None = opt(None, "Pack several examples per row (attention never crosses examples). Default: "
-                                     "on for pt, off for sft.")
+                                     "on for pt (off for the prompt methods, whose virtual tokens go before each "
+                                     "input), off for sft.")
     group_by_length: bool = opt(False, "Put examples of similar length in the same batch (less padding, faster "
                                        "steps); the order of the batches stays random. Like Hugging Face's "
                                        "group_by_length. Has little effect with packing.")
@@ -486,6 +487,10 @@ def _stage_problems(cfg: TrainConfig) -> list[str]:
     if cfg.stage in ("rm", "dpo", "kto") and cfg.data.packing:
         problems.append(f"Stage {cfg.stage} never packs (each pair or reply is scored as a whole): drop "
                         f"`data.packing`.")
+    if cfg.data.packing and cfg.method in METHODS and not METHODS[cfg.method].packs:
+        problems.append(f"Method `{cfg.method}` puts virtual tokens (or prefix keys) before the input, so a packed row "
+                        f"would give them to its first example only and let its examples attend to each other: set "
+                        f"`data.packing: false`{' (stage pt packs by default)' if cfg.stage == 'pt' else ''}.")
     return problems
 
 

@@ -30,6 +30,9 @@ class Method:
     summary: str = ""  # one line for `tuneforge methods` and the README table
     guide: str = ""  # when to choose it, one line (README table)
     saves_adapter: bool = False  # True: output folder is a PEFT adapter, not a full model
+    # False: virtual tokens or prefix keys go before the input, so a packed (or padding-free) row would give them to
+    # its first example only and let its examples attend to each other: such rows are refused for the method
+    packs: bool = True
 
     def supports(self, model_type: str) -> bool:
         """Whether the method can be applied to this architecture (a transformers `model_type`)."""

@@ -22,6 +22,7 @@ class PromptMethod(Method):
 
     mergeable = False
     saves_adapter = True
+    packs = False
 
     def validate(self, cfg):
         n = cfg.options(self.section).num_virtual_tokens
@@ -154,6 +155,10 @@ class PrefixTuning(PromptMethod):
         super().validate(cfg)
         if cfg.options(self.section).encoder_hidden_size < 1:
             raise ConfigError("`prefix_tuning.encoder_hidden_size` must be at least 1.")
+        if cfg.training.gradient_checkpointing:  # get_peft_model raises a bare ValueError for this combination
+            raise ConfigError("`training.gradient_checkpointing` does not work with `prefix_tuning`: PEFT's prefix "
+                              "tuning refuses gradient checkpointing. Set training.gradient_checkpointing: false "
+                              "or use `lora`.")
 
     def peft_config(self, opts, model, cfg):
         from peft import PrefixTuningConfig

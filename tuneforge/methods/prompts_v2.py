@@ -72,6 +72,7 @@ class PTuningV2(Method):
     Options = PTuningV2Options
     mergeable = False
     saves_adapter = True
+    packs = False
     summary = "Deep prompts: learned key/values at every layer, no re-parameterisation (PEFT prefix tuning)."
     guide = "Prompt-style tuning that approaches fine-tuning quality across model sizes (deep prompts)."
 

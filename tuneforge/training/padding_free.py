@@ -38,10 +38,7 @@ from typing import Literal
 import torch
 
 from tuneforge.errors import ConfigError
-
-# methods that put virtual tokens or prefix keys in front of the input: one flat row would give them to its first
-# example only (and prefix keys arrive as a KV cache, which switches transformers' packed-sequence detection off)
-PREFIX_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2")
+from tuneforge.methods import METHODS
 
 
 def flash_attention(attn_implementation: str | None) -> bool:
@@ -74,7 +71,7 @@ def use_padding_free(setting: Literal["auto", "always", "never"], stage: str, me
     why = None
     if stage not in ("pt", "sft", "dpo", "kto", "rm"):
         why = f"stage {stage} scores whole pairs, replies or prompts, each in its own row"
-    elif method in PREFIX_METHODS:
+    elif not METHODS[method].packs:  # (prefix keys also arrive as a KV cache: packed-sequence detection is off)
         why = f"method {method} puts virtual tokens before the input, which one flat row would give to one example"
     if setting == "always" and why:
         raise ConfigError(f"`training.padding_free: always` cannot apply: {why}. Set `training.padding_free=auto` "

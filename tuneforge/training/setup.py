@@ -5,6 +5,7 @@ Components, not a recipe: recipes call these top to bottom and add only what is 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from tuneforge.configs.schema import TrainConfig
 from tuneforge.errors import UserError
 from tuneforge.kernels.onednn_linear import checkpointing_kwargs
-from tuneforge.methods import get_method
+from tuneforge.methods import METHODS, get_method
 from tuneforge.methods.base import Method
 from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
 from tuneforge.training.metrics import fmt
@@ -132,7 +133,13 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
     from tuneforge.data import build_datasets, collate_for
     from tuneforge.training.padding_free import use_padding_free
 
-    train, evals, report = build_datasets(cfg.data, tokenizer, stage, chat_template=cfg.model.chat_template,
+    data_cfg = cfg.data
+    if stage == "pt" and data_cfg.packing is None and not METHODS[cfg.method].packs:
+        data_cfg = dataclasses.replace(data_cfg, packing=False)  # see Method.packs: a packed row mixes examples
+        if runtime.is_main:
+            log(f"note: stage pt packs by default, but method {cfg.method} puts virtual tokens before each input: "
+                f"examples are not packed (one per row)")
+    train, evals, report = build_datasets(data_cfg, tokenizer, stage, chat_template=cfg.model.chat_template,
                                           read=read)
     if runtime.is_main:
         for line in report.lines():
