@@ -134,6 +134,7 @@ def test_llamafactory_defaults_are_written_out():
     ({"use_rslora": True}, "rslora", {}),
     ({"pissa_init": True}, "pissa", {}),
     ({"loraplus_lr_ratio": 16.0}, "lora_plus", {"lora_plus": {"ratio": 16.0}}),
+    ({"pissa_init": True, "loraplus_lr_ratio": 16.0}, "pissa", {}),  # no lora_plus section the run would ignore
     ({"finetuning_type": "full", "stage": "pt", "dataset": "c4_demo", "flash_attn": "fa2"}, "full",
      {"model": {"name_or_path": "m", "attn_implementation": "flash_attention_2"}}),
     ({"finetuning_type": "freeze", "freeze_trainable_layers": 4, "freeze_extra_modules": "embed_tokens"}, "freeze",
@@ -145,7 +146,7 @@ def test_methods_and_variants(lf, method, extra):
     for section, values in extra.items():
         assert {k: conv.config[section][k] for k in values} == values
     cfg = load_train_config(None, base=conv.config)
-    assert cfg.method == method
+    assert cfg.method == method and cfg.ignored_sections == []
 
 
 def test_what_differs_is_noted_not_dropped_silently():

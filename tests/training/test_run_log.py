@@ -169,3 +169,16 @@ def test_stage_pt_does_not_pack_for_a_prompt_method(tiny_llama_dir, tmp_path):
     assert any("examples are not packed" in line for line in logs["prompt_tuning"])
     assert not any("packed into" in line for line in logs["prompt_tuning"])
     assert any("packed into" in line for line in logs["lora"])  # the default still packs for the others
+
+
+def test_a_section_the_method_does_not_read_is_said(tiny_llama_dir, tmp_path):
+    """sft_lora_tiny.yaml with method=full keeps its `lora:` section: trained without a word before."""
+    logs = []
+    run_config(config(tiny_llama_dir, tmp_path / "full", "method=full", "training.max_steps=1",
+                      "prompt_tuning.num_virtual_tokens=10"), log=logs.append)
+    said = [line for line in logs if "reads none of the options" in line]
+    assert said == ["note: method full reads none of the options under `lora:`, `prompt_tuning:`: they are ignored "
+                    "(and left out of tuneforge_config.yaml)"]
+    logs = []
+    run_config(config(tiny_llama_dir, tmp_path / "dora", "method=dora", "training.max_steps=1"), log=logs.append)
+    assert not [line for line in logs if "reads none of the options" in line]  # dora reads `lora:`

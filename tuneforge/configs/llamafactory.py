@@ -191,6 +191,9 @@ class _Converter:
             if len(variants) > 1:
                 self.notes.append(f"LLaMA-Factory combined {' + '.join(variants)}; TuneForge runs one method: "
                                   f"{variants[0]}.")
+                if "lora_plus" in variants[1:]:
+                    self.take("loraplus_lr_ratio")  # said in the note; a lora_plus section beside another method
+                    # would be a section the run ignores
 
     def _quantized(self, bits: int, variants: list[str]) -> None:
         method = self.take("quantization_method", "bitsandbytes")

@@ -321,7 +321,21 @@ def _typed_config(data: dict, path: str | None) -> TrainConfig:
         problems += _problems_of_the_rest(data, sections)
         raise typed.config_error(problems, where=path or "the config")
     cfg.method_options.update(options)
+    cfg.ignored_sections = _ignored_method_sections(cfg.method, data, sections)
     return cfg
+
+
+def _ignored_method_sections(method_name: str, data: dict, sections: dict) -> list[str]:
+    """Method sections set in the config that the run's method does not read (`lora:` under method full): said at
+    the start of the run, not refused, since switching the method of an example config by one key is the usual way
+    to try another (the file keeps its old section)."""
+    from tuneforge.methods import METHODS
+
+    method = METHODS.get(method_name)
+    if method is None:
+        return []
+    reads = getattr(method, "uses_sections", None) or ((method.section,) if method.section else ())
+    return [name for name in sections if data.get(name) and name not in reads]
 
 
 def _problems_of_the_rest(data: dict, sections: dict) -> list[str]:

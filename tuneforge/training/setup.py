@@ -43,6 +43,10 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
         engine = f" ({runtime.engine})" if runtime.engine != "none" else ""
         log(f"runtime: device {runtime.device}, precision {runtime.precision}, {runtime.world_size} process(es)"
             + engine + (asked if "auto" in (t.device, t.precision) else ""))
+        ignored = getattr(cfg, "ignored_sections", [])
+        if ignored:
+            log(f"note: method {cfg.method} reads none of the options under {', '.join(f'`{s}:`' for s in ignored)}: "
+                f"they are ignored (and left out of tuneforge_config.yaml)")
     return runtime
 
 
