@@ -127,6 +127,7 @@ def test_resume_from_a_different_run_names_the_difference(tiny_llama_dir, tmp_pa
                           ("training.batch_size=1", "global micro-batch (training.batch_size x processes): 2 in "
                                                     "the checkpoint, 1 now"),
                           ("method=dora", "method: 'lora' in the checkpoint, 'dora' now"),
+                          ("method=full", "method: 'lora' in the checkpoint, 'full' now)"),
                           (f"data.train=[{subset}]", "training examples: "),
                           (f"model.name_or_path={tmp_path / 'other'}", "model.name_or_path: ")]:
         if change.startswith("model."):
@@ -136,6 +137,8 @@ def test_resume_from_a_different_run_names_the_difference(tiny_llama_dir, tmp_pa
                            ) as err:
             run_config(config(tiny_llama_dir, out, *common, "training.resume=auto", change), log=logs.append)
         assert named in str(err.value), str(err.value)
+        if change == "method=full":  # the method alone: lora's options are not listed as 'None now'
+            assert "different run (method: 'lora' in the checkpoint, 'full' now). Resume" in str(err.value)
         settings_only = not change.startswith("data.")  # found before the model loads; data only once encoded
         assert settings_only == (not any(line.startswith("method ") for line in logs)), (change, logs)
     old_style = tmp_path / "old-style-checkpoint"  # written before checkpoints recorded their run: shapes still

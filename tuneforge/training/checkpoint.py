@@ -172,17 +172,22 @@ def check_same_run(path: Path, current: dict) -> bool:
 
 
 def fingerprint_differences(saved: dict, current: dict) -> list[str]:
-    """'key: A in the checkpoint, B now' for each key of `current` that differs (method options field by field)."""
+    """'key: A in the checkpoint, B now' for each key of `current` that differs (method options field by field). A
+    changed method comes first, and the options then are not compared: the two methods read different sections, so
+    every option of either would read as 'None now'."""
     out = []
+    method_changed = saved.get("method") != current.get("method")
     for key in current:
         a, b = saved.get(key), current.get(key)
+        if key == "method options" and method_changed:
+            continue
         if key == "method options" and isinstance(a, dict) and isinstance(b, dict):
             flat_a, flat_b = _flatten(a), _flatten(b)
             out += [f"{k}: {flat_a.get(k)!r} in the checkpoint, {flat_b.get(k)!r} now"
                     for k in sorted(flat_a.keys() | flat_b.keys()) if flat_a.get(k) != flat_b.get(k)]
         elif a != b:
             out.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
-    return sorted(out)
+    return sorted(out, key=lambda line: (not line.startswith("method:"), line))
 
 
 def _flatten(sections: dict) -> dict:
