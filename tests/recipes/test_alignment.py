@@ -82,6 +82,18 @@ def test_resume_is_bit_identical(stage, extra, tiny_qwen2_dir, tmp_path):
 
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_a_prompt_method_starts_dpo_at_ln2_live_or_precomputed(method, tiny_qwen2_dir, tmp_path):
+    """The reference is the policy training starts from: with a prompt method that is the model with its initial
+    virtual tokens (switching the adapter off, as for LoRA, dropped them: the first loss was 0.68 or 0.73)."""
+    import math
+
+    for extra in ([], ["dpo.precompute_reference=true"]):
+        out = tmp_path / f"{method}{len(extra)}"
+        train("dpo", tiny_qwen2_dir, out, f"method={method}", "training.max_steps=2", "training.lr=5e-2", *extra)
+        loss = metric(out)
+        assert loss[0] == pytest.approx(math.log(2), abs=1e-6) and loss[1] != loss[0], (extra, loss)
+
 def test_dpo_logs_its_reward_metrics_on_the_held_out_pairs(tiny_qwen2_dir, tmp_path):
     """Like TRL's eval_rewards/*: the stage's own metrics over the held-out set, at each eval and at the end."""
     heldout = PREFS.with_name("heldout.jsonl")

@@ -10,6 +10,8 @@ end (`input_ids`, `position_ids` restarting at 0 per sequence, `labels`, `sequen
 Where the reference comes from:
 - an adapter method (the model is a PEFT model: lora, qlora, dora, ia3, ...): the same model with its adapters
   switched off (`disable_adapter()`), so no second copy is held;
+- a prompt method (prompt/prefix tuning, p-tuning): the same model with the virtual tokens' starting values
+  swapped in (the policy training starts from; switching them off would be another model);
 - any other method (full, freeze, ...): a frozen copy made now, before the first step, unless `keep_copy` is False
   (the precomputed reference: `precompute` runs once over the data before training, on the model itself).
 """
@@ -44,7 +46,13 @@ class Reference:
     def __init__(self, model, keep_copy: bool = True):
         base = unwrap(model)
         self.uses_adapters = hasattr(base, "disable_adapter") and hasattr(base, "peft_config")
-        if self.uses_adapters or not keep_copy:
+        self.initial = None
+        if self.uses_adapters and any(getattr(c, "is_prompt_learning", False) for c in base.peft_config.values()):
+            # a prompt method's policy starts with its virtual tokens, so switching the adapter off is not the
+            # starting policy (DPO's first loss would not be ln 2): keep the few trained values as they start
+            self.uses_adapters = False
+            self.initial = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
+        if self.uses_adapters or self.initial is not None or not keep_copy:
             self.module, self.copy = base, None
         else:
             self.copy = copy.deepcopy(base).eval()  # made before the first step: the weights training starts from
@@ -54,10 +62,18 @@ class Reference:
     def _context(self):
         return self.module.disable_adapter() if self.uses_adapters else contextlib.nullcontext()
 
+    def _forward(self):
+        """What the reference pass calls: the module, or for a prompt method the module with the virtual tokens'
+        starting values put in by `functional_call` (not copied into the parameters: the policy's graph of this
+        step still holds them)."""
+        if self.initial is None:
+            return self.module
+        return lambda **inputs: torch.func.functional_call(self.module, self.initial, args=(), kwargs=inputs)
+
     @torch.no_grad()
     def logps(self, batch: dict, at_labels: bool = True) -> SequenceLogps:
         with self._context():
-            return response_logps(self.module, batch, at_labels)
+            return response_logps(self._forward(), batch, at_labels)
 
 
 @torch.inference_mode()

@@ -401,7 +401,7 @@ class Reference(reference.Reference):
     @torch.no_grad()
     def token_logps(self, batch: dict, at_labels: bool = False) -> torch.Tensor:
         with self._context():
-            return policy_forward(self.module, batch, at_labels=at_labels)[0]
+            return policy_forward(self._forward(), batch, at_labels=at_labels)[0]
 
 
 # ---- the outer step ----------------------------------------------------------------------------------------------
