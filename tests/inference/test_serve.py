@@ -360,3 +360,100 @@ def test_serve_verb_end_to_end_in_its_own_process(tiny_llama_dir, adapters):
         out = proc.communicate(timeout=60)[0]
     assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal after a graceful shutdown
     assert f"Serving tiny-llama, math at http://127.0.0.1:{port}/v1" in out
+
+
+# ---- adapters that cannot share a server, and names PEFT reserves ------------------------------------------------
+
+def make_method_adapter(method: str, base_dir, out_dir, seed: int = 5, **options):
+    """An adapter folder of a registry method with every trainable tensor moved off its identity start."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods import METHODS
+
+    m = METHODS[method]
+    model = m.apply(AutoModelForCausalLM.from_pretrained(base_dir), m.Options(**options), None)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    m.save(model, out_dir)
+    return out_dir
+
+
+def chat_reply(base_dir, adapter_dir, tokens: int) -> str:
+    """What `tuneforge chat --adapter DIR` answers greedily (no repetition penalty, as a server request)."""
+    from tuneforge.inference.chat import ChatArgs, load_for_chat, reply
+
+    args = ChatArgs(model=str(base_dir), adapter=str(adapter_dir) if adapter_dir else None, max_new_tokens=tokens,
+                    repetition_penalty=1.0)
+    return reply(*load_for_chat(args), HI, args)
+
+
+def served_reply(args: ServeArgs, model_id: str, tokens: int) -> tuple[list[str], str, httpx.Response]:
+    """(the ids the server lists, its greedy answer as `model_id`, its answer to the base model's id)."""
+    state = build_state(args)
+    with ServerThread(create_app(state)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        ids = [m.id for m in client.models.list()]
+        text = client.chat.completions.create(model=model_id, messages=HI, max_tokens=tokens,
+                                              temperature=0).choices[0].message.content
+        as_base = httpx.post(url + "/v1/chat/completions", json={"model": "tiny-llama", "messages": HI,
+                                                                 "max_tokens": tokens, "temperature": 0})
+    return ids, text.strip(), as_base
+
+
+def test_a_tuneforge_adapter_is_served_alone_built_into_the_model(tiny_llama_dir, adapters, tmp_path, monkeypatch):
+    """`method: adapter` cannot be switched per request; it was refused, with advice that led back to itself."""
+    bottleneck = make_method_adapter("adapter", tiny_llama_dir, tmp_path / "bottleneck", bottleneck_size=8)
+    ids, text, as_base = served_reply(ServeArgs(model=str(tiny_llama_dir), adapter=[f"b={bottleneck}"]), "b", 8)
+    assert ids == ["b"]  # the plain base is not served: every request gets the adapter
+    assert text == chat_reply(tiny_llama_dir, bottleneck, 8) != chat_reply(tiny_llama_dir, None, 8)
+    assert as_base.status_code == 404 and "serves: b." in as_base.json()["error"]["message"]
+    from tuneforge.models import loading
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded the base"))
+    with pytest.raises(UserError, match=r"^Adapter `b` .* TuneForge `adapter` adapter: .*only alone\. Serve it by "
+                                        rf"itself \(`tuneforge serve --model {tiny_llama_dir} --adapter b=.*"
+                                        r"--adapter math="):
+        build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"b={bottleneck}", f"math={adapters['math']}"]))
+
+
+def test_adapters_of_different_peft_types_get_one_server_per_type(tiny_llama_dir, adapters, tmp_path, monkeypatch):
+    """PEFT's "Cannot combine adapters with different peft types" came out as "does not fit the base model"."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models import loading
+
+    ia3 = make_method_adapter("ia3", tiny_llama_dir, tmp_path / "ia3")
+    for kind, config in (("prompt", PromptTuningConfig), ("prefix", PrefixTuningConfig)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        get_peft_model(model, config(task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(tmp_path / kind)
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded the base"))
+    cases = {(f"math={adapters['math']}", f"poet={adapters['poet']}", f"i={ia3}"): r"\(lora: math, poet; ia3: i\)",
+             (f"p={tmp_path / 'prompt'}", f"x={tmp_path / 'prefix'}"): r"\(prompt_tuning: p; prefix_tuning: x\)"}
+    for specs, types in cases.items():
+        with pytest.raises(UserError, match=rf"^One server takes adapters of one PEFT type .*2 types {types}\. Start "
+                                            rf"one server per type.*`tuneforge serve --model {tiny_llama_dir} "
+                                            rf"--adapter {specs[0]} .*--port 8000` and ") as err:
+            build_state(ServeArgs(model=str(tiny_llama_dir), adapter=list(specs)))
+        assert "does not fit" not in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["ia3", "lora"])
+def test_an_adapter_named_like_a_peft_prefix_loads_right(method, tiny_llama_dir, tmp_path):
+    """PEFT warned "Adapter name 'ia3' should not be contained in the prefix 'ia3_'" (its weights may be
+    re-initialised); the client's name is kept out of PEFT, so the answer is chat's."""
+    import warnings
+
+    options = {"rank": 4} if method == "lora" else {}
+    first = make_method_adapter(method, tiny_llama_dir, tmp_path / "first", seed=6, **options)
+    folder = make_method_adapter(method, tiny_llama_dir, tmp_path / method, **options)
+    args = ServeArgs(model=str(tiny_llama_dir), adapter=[f"first={first}", f"{method}={folder}"])  # PEFT's add path
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids, text, _ = served_reply(args, method, 8)
+    assert not [w for w in caught if "prefix" in str(w.message)], [str(w.message) for w in caught]
+    assert ids == ["tiny-llama", "first", method]
+    assert text == chat_reply(tiny_llama_dir, folder, 8) != chat_reply(tiny_llama_dir, None, 8)

@@ -336,6 +336,22 @@ def test_a_target_name_or_pattern_that_matches_nothing_is_named(base_dirs):
         METHODS["freeze"].apply(tiny_model(path=base_dirs["llama"]), cfg.options("freeze"), cfg)
 
 
+def test_ia3_target_that_matches_nothing_lists_the_linear_layers(base_dirs):
+    """PEFT's own sentence ("Target modules {'foo'} not found in the base model") names no valid choice; one unknown
+    name among known ones was even trained without a word."""
+    for targets in (["foo"], ["k_proj", "foo"]):
+        cfg = make_cfg("ia3", {"ia3": {"target_modules": targets, "feedforward_modules": []}})
+        with pytest.raises(ConfigError, match=r"^`ia3.target_modules`: `foo` names no module of this model\. Its "
+                                              r"linear layers are .*down_proj.*k_proj.*v_proj") as err:
+            METHODS["ia3"].apply(tiny_model(path=base_dirs["llama"]), cfg.options("ia3"), cfg)
+        assert "not found in the base model" not in str(err.value)
+    cfg = make_cfg("ia3", {"ia3": {"target_modules": ["all-linear"]}})  # what the error offers works
+    model = METHODS["ia3"].apply(tiny_model(path=base_dirs["llama"]), cfg.options("ia3"), cfg)
+    rescaled = {n.split(".ia3_l")[0].rsplit(".", 1)[-1] for n in trainable_names(model)}
+    assert rescaled == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert model.peft_config["default"].feedforward_modules == {"down_proj"}
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="prompt_tuning.init_text"):
         make_cfg("prompt_tuning", {"prompt_tuning": {"init": "text"}})

@@ -108,8 +108,8 @@ def test_missing_model_folder_through_cli(tmp_path, capsys):
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
 
 
-def _train_lora(model_name: str, out, monkeypatch, repo_root):
-    """A 2-step TuneForge LoRA run (the real save path: portable base reference, model card)."""
+def _train_lora(model_name: str, out, monkeypatch, repo_root, *extra: str):
+    """A 2-step TuneForge LoRA run (the real save path: portable base reference, model card); `extra` overrides."""
     from tuneforge.configs.schema import load_train_config
     from tuneforge.train import run_config
 
@@ -117,7 +117,7 @@ def _train_lora(model_name: str, out, monkeypatch, repo_root):
     cfg = load_train_config("examples/sft_lora_tiny.yaml", [
         f"model.name_or_path={model_name}", f"output_dir={out}", "training.max_steps=2", "training.batch_size=2",
         "training.save_steps=0", "training.eval_steps=0", "data.eval_ratio=0", "training.progress_bar=false",
-        "training.plot_loss=false", "data.max_length=64", "lora.target_modules=[all-linear]"])
+        "training.plot_loss=false", "data.max_length=64", "lora.target_modules=[all-linear]", *extra])
     run_config(cfg, log=lambda _: None)
     return out
 
@@ -146,6 +146,37 @@ def test_adapter_without_model_uses_the_recorded_base(builtin_tiny, tiny_qwen2_d
     assert cli_main(["chat", "--adapter", str(out), "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out == reply(reference, tok, [{"role": "user", "content": "Hi"}],
                                             ChatArgs(max_new_tokens=4)) + "\n"
+
+
+def test_a_stopped_run_says_where_it_stopped_and_how_to_finish_it(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """chat, export and serve on a stopped run (or its checkpoint) said "not a PEFT adapter folder"; the command
+    they give instead really finishes the run."""
+    import shlex
+    from pathlib import Path
+
+    from tuneforge.configs.schema import load_train_config
+    from tuneforge.inference.serve.main import ServeArgs, build_state
+    from tuneforge.train import run_config
+
+    run = _train_lora(str(tiny_llama_dir), tmp_path / "run", monkeypatch, Path(__file__).resolve().parents[2],
+                      "training.max_steps=4", "training.save_steps=2", "training.stop_after_steps=2")
+    assert not (run / "adapter_config.json").exists() and (run / "checkpoint-2").is_dir()
+    command = f"tuneforge train {run / 'tuneforge_config.yaml'} training.resume=auto"
+    for folder in (run, run / "checkpoint-2"):
+        for verb in (["chat", "--adapter", str(folder), "--prompt", "hi"],
+                     ["export", "--adapter", str(folder), "--out", str(tmp_path / "merged")]):
+            assert cli_main(verb) == 2
+            err = capsys.readouterr().err
+            assert "stopped at step 2 of 4 (checkpoint-2)" in err and f"`{command}`" in err, (verb, err)
+            assert "not a PEFT adapter folder" not in err and "Traceback" not in err
+    with pytest.raises(UserError, match=r"^Adapter `x`: .*stopped at step 2 of 4 \(checkpoint-2\)"):
+        build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"x={run}"]))
+    args = shlex.split(command)
+    run_config(load_train_config(args[2], args[3:]), log=lambda _: None)  # the advice, followed
+    assert (run / "adapter_config.json").is_file()
+    load_for_chat(ChatArgs(adapter=str(run)))
+    with pytest.raises(UserError, match=rf"checkpoint-2 is a training checkpoint \(step 2 of 4\).*Pass {run} "):
+        load_for_chat(ChatArgs(adapter=str(run / "checkpoint-2")))
 
 
 def test_adapter_on_a_base_of_another_shape_is_a_clear_error(tiny_qwen2_dir, tiny_llama_dir, tmp_path, monkeypatch,

@@ -16,7 +16,8 @@ from tuneforge.methods.base import Method, unwrap
 @dataclass
 class IA3Options:
     target_modules: list[str] = opt(factory=list, help="Modules whose activations are rescaled, e.g. [k_proj, "
-                                    "v_proj, down_proj]. Empty: PEFT's default for the architecture.")
+                                    "v_proj, down_proj], or [all-linear]. Empty: PEFT's default for the "
+                                    "architecture.")
     feedforward_modules: list[str] = opt(factory=list, help="Which of target_modules are feed-forward layers (their "
                                          "INPUT is rescaled, e.g. [down_proj]). Empty: PEFT's default.")
 
@@ -35,7 +36,7 @@ class IA3(Method):
             raise ConfigError("`ia3.feedforward_modules` is set but `ia3.target_modules` is empty; name the targets "
                               "too, e.g. target_modules: [k_proj, v_proj, down_proj].")
         extra = sorted(set(o.feedforward_modules) - set(o.target_modules))
-        if extra:
+        if extra and o.target_modules != ["all-linear"]:
             raise ConfigError(f"`ia3.feedforward_modules` {extra} must also be listed in `ia3.target_modules`.")
 
     def peft_config(self, opts: IA3Options):
@@ -43,12 +44,20 @@ class IA3(Method):
 
         if not opts.target_modules:
             return IA3Config(task_type="CAUSAL_LM")
+        if opts.target_modules == ["all-linear"]:  # offered by the unknown-target error; PEFT wants a string
+            # PEFT's default feed-forward layers (down_proj, ...) unless named
+            return IA3Config(task_type="CAUSAL_LM", target_modules="all-linear",
+                             feedforward_modules=list(opts.feedforward_modules) or None)
         return IA3Config(task_type="CAUSAL_LM", target_modules=list(opts.target_modules),
                          feedforward_modules=list(opts.feedforward_modules))
 
     def apply(self, model, opts, cfg):
         from peft import get_peft_model
 
+        from tuneforge.methods.lora import check_target_names
+
+        # PEFT refuses only a list where no name matches, and says so without naming a valid one
+        check_target_names(model, list(opts.target_modules), f"{self.section}.target_modules")
         try:
             return get_peft_model(model, self.peft_config(opts))
         except ValueError as e:  # unknown architecture without defaults, or targets not found

@@ -39,8 +39,59 @@ def adapter_folder(adapter: str | Path, full_model_hint: str = "chat with it dir
     if (folder / "config.json").is_file():
         raise UserError(f"{prefix}{folder} holds a full model (config.json), not an adapter: "
                         + full_model_hint.format(folder=folder))
+    unfinished = training_run_note(folder)
+    if unfinished:
+        raise UserError(prefix + unfinished)
     raise UserError(f"{prefix}{folder} has no adapter_config.json, so it is not a PEFT adapter folder. Pass the "
                     f"output_dir of an adapter training run (lora, ia3, prompt_tuning, ...).")
+
+
+def training_run_note(folder: Path) -> str | None:
+    """What to do with a training run's output_dir that holds checkpoints but no final output (the run stopped), or
+    with one of its checkpoint-N folders; None for other folders. A checkpoint holds the trainable tensors under the
+    training-time names with the optimizer state (training/checkpoint.py), not an adapter folder: only resuming
+    turns it into one."""
+    from tuneforge.training.checkpoint import list_checkpoints
+
+    is_checkpoint = (folder / "trainer_state.json").is_file()
+    run = folder.parent if is_checkpoint else folder
+    latest = (list_checkpoints(run) or [None])[-1]
+    if latest is None:
+        return None
+    step, total = _steps(latest)
+    if is_checkpoint and ((run / "adapter_config.json").is_file() or (run / "config.json").is_file()):
+        return (f"{folder} is a training checkpoint (step {_steps(folder)[0]} of {total}), not an adapter folder; "
+                f"its run finished and wrote its output to {run}. Pass {run} instead.")
+    what = f"a checkpoint (step {_steps(folder)[0]}) of an" if is_checkpoint else "an"
+    return (f"{folder} is {what} unfinished training run: it stopped at step {step} of {total} ({latest.name}), "
+            f"and a checkpoint holds training state (weights and optimizer), not an adapter. Finish it with "
+            f"`{_resume_command(run)}`; the adapter (or model) is written to {run} when training ends.")
+
+
+def _steps(checkpoint: Path) -> tuple[object, object]:
+    """(step, total steps) a checkpoint's trainer_state.json records ("?" where it cannot be read)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        return state.get("step", "?"), state.get("total_steps", "?")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "?", "?"
+
+
+def _resume_command(run: Path) -> str:
+    """`tuneforge train <the run's saved config> training.resume=auto`, as training prints it when stopped
+    (training/interrupt.py resume_command); resuming refuses overwrite_output_dir=true, which the config may set."""
+    import shlex
+
+    import yaml
+
+    config = run / "tuneforge_config.yaml"
+    args = ["tuneforge", "train", str(config), "training.resume=auto"]
+    try:
+        if (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("overwrite_output_dir"):
+            args.append("overwrite_output_dir=false")
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    return shlex.join(args)
 
 
 def recorded_base(folder: Path) -> str | None:

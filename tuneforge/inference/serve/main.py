@@ -109,6 +109,9 @@ def serve_cli(args: ServeArgs) -> int:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
               f"model. Pass --api-key (or set {API_KEY_ENV}).", file=sys.stderr)
     print(f"Serving {', '.join(state.served.ids())} at http://{args.host}:{args.port}/v1", flush=True)
+    if state.served.built_in:
+        print(f"note: adapter `{state.served.ids()[0]}` is built into the model (a TuneForge adapter cannot be switched "
+              f"off per request): every request gets it, and the base model alone is not served.", flush=True)
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -2,7 +2,12 @@
 
     served = load_served(ModelConfig(name_or_path="/tmp/tiny"), {"math": "outputs/math", "chat": "outputs/chat"})
     served.ids()          # ["tiny", "math", "chat"]: the ids /v1/models lists and requests name in `model`
-    served.adapter_for("math")   # "math";  served.adapter_for("tiny") -> None (base model, adapters disabled)
+    served.adapter_for("math")   # "served_0": its PEFT name;  served.adapter_for("tiny") -> None (the base model)
+
+Adapters get PEFT names of their own (`served_0`, ...), so a client-facing name PEFT reserves (`lora`, `ia3`: part of
+its parameter prefixes) or cannot hold (`v1.2`: a dot) still loads right. PEFT holds adapters of one type per model,
+so one server takes adapters of one PEFT type. A TuneForge `adapter` (bottleneck) folder cannot be switched off per
+request: it is served alone, built into the model, under its name only (the plain base is not served then).
 
 Every adapter is checked at load: each tensor in its weights file must land on a module of the base model. An
 adapter trained for another architecture (or saved with other module names) would otherwise load as nothing and
@@ -27,15 +32,17 @@ class ServedModels:
     tokenizer: object
     base_id: str
     adapters: dict[str, str] = field(default_factory=dict)  # name -> folder
+    peft_names: dict[str, str] = field(default_factory=dict)  # name -> the adapter's name in the PEFT model
+    built_in: bool = False  # the one adapter is part of the model (TuneForge `adapter`): every request gets it
 
     def ids(self) -> list[str]:
-        return [self.base_id, *self.adapters]
+        return list(self.adapters) if self.built_in else [self.base_id, *self.adapters]
 
     def knows(self, model_id: str) -> bool:
-        return model_id == self.base_id or model_id in self.adapters
+        return model_id in self.ids()
 
     def adapter_for(self, model_id: str) -> str | None:
-        return model_id if model_id in self.adapters else None
+        return self.peft_names.get(model_id, model_id) if model_id in self.adapters and not self.built_in else None
 
 
 def base_model_id(name_or_path: str) -> str:
@@ -69,10 +76,9 @@ def _check_adapter_folder(name: str, folder: Path, allow_pickle: bool) -> Path:
 
     adapter_folder(folder, "serve it with --model instead.", prefix=f"Adapter `{name}`: ")
     method = tuneforge_adapter_method(folder)
-    if method is not None:
-        raise UserError(f"Adapter `{name}`: {folder} is a TuneForge `{method}` adapter, which cannot be switched on "
-                        f"and off per request. Serve it alone as the model (`tuneforge chat` style) or train a PEFT "
-                        f"method (lora, dora, ia3, ...) to serve it next to others.")
+    if method is not None:  # load_served serves it without this check; vLLM cannot run it at all
+        raise UserError(f"Adapter `{name}`: {folder} is a TuneForge `{method}` adapter, which PEFT and vLLM cannot "
+                        f"load. Serve it alone with the default --backend tuneforge.")
     weights = folder / "adapter_model.safetensors"
     if weights.is_file():
         return weights
@@ -125,34 +131,107 @@ def check_adapter_matches(model, name: str, weights: Path) -> None:
                         f"that clash with its own prefixes such as `lora_`).")
 
 
-def check_adapters_fit(adapters: dict[str, str], base_name: str, allow_pickle: bool = False) -> None:
-    """Each adapter folder is one, and was trained on a base of this shape: checked from config.json files before
-    the base is loaded (a 7B model takes minutes), with the error chat and export give."""
-    from tuneforge.models.adapter_loading import check_base_matches, recorded_base
+def adapter_kind(folder: Path) -> str:
+    """What kind of adapter a folder holds: the TuneForge method for TuneForge's own format (e.g. "adapter"), else
+    PEFT's type in lower case ("lora" also for dora/rslora/pissa, "prefix_tuning" also for p_tuning_v2)."""
+    import json
+
+    from tuneforge.methods.adapters import tuneforge_adapter_method
+
+    method = tuneforge_adapter_method(folder)
+    if method is not None:
+        return method
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "unknown"
+    return str(config.get("peft_type", "unknown") if isinstance(config, dict) else "unknown").lower()
+
+
+def _check_kinds(adapters: dict[str, str], kinds: dict[str, str], base: str) -> None:
+    """A TuneForge adapter only alone, and PEFT adapters of one type (PEFT refuses to combine types, in words that
+    blame the base model)."""
+    from tuneforge.methods.adapters import tuneforge_adapter_method
+
+    built_in = [n for n in adapters if tuneforge_adapter_method(Path(adapters[n]).expanduser()) is not None]
+    if built_in and len(adapters) > 1:
+        name = built_in[0]
+        others = " ".join(f"{n}={d}" for n, d in adapters.items() if n != name)
+        raise UserError(f"Adapter `{name}` ({adapters[name]}) is a TuneForge `{kinds[name]}` adapter: it becomes "
+                        f"part of the model's layers and cannot be switched off per request, so a server holds it "
+                        f"only alone. Serve it by itself (`tuneforge serve --model {base} --adapter {name}="
+                        f"{adapters[name]}`: every request gets it) and the others from a second server on another "
+                        f"--port (`--adapter {others}`).")
+    groups: dict[str, list[str]] = {}
+    for name, kind in kinds.items():
+        groups.setdefault(kind, []).append(name)
+    if len(groups) > 1:
+        shown = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in groups.items())
+        commands = " and ".join(f"`tuneforge serve --model {base} --adapter "
+                                f"{' '.join(f'{n}={adapters[n]}' for n in names)} --port {8000 + i}`"
+                                for i, names in enumerate(groups.values()))
+        raise UserError(f"One server takes adapters of one PEFT type (PEFT holds one type per model), and these are "
+                        f"of {len(groups)} types ({shown}). Start one server per type, each on its own port: "
+                        f"{commands}.")
+
+
+def check_adapters_fit(adapters: dict[str, str], base_name: str, allow_pickle: bool = False) -> bool:
+    """Each adapter folder is one, they can share a server, and each was trained on a base of this shape: checked
+    from config files before the base is loaded (a 7B model takes minutes), with the error chat and export give.
+    Returns whether the one adapter is a TuneForge adapter, to be built into the model."""
+    from tuneforge.methods.adapters import tuneforge_adapter_method
+    from tuneforge.models.adapter_loading import adapter_folder, check_base_matches, recorded_base
 
     for name, folder in adapters.items():
-        checked = _check_adapter_folder(name, Path(folder).expanduser(), allow_pickle).parent
+        adapter_folder(Path(folder).expanduser(), "serve it with --model instead.", prefix=f"Adapter `{name}`: ")
+    kinds = {name: adapter_kind(Path(folder).expanduser()) for name, folder in adapters.items()}
+    _check_kinds(adapters, kinds, base_name)
+    built_in = any(tuneforge_adapter_method(Path(folder).expanduser()) for folder in adapters.values())
+    for name, folder in adapters.items():
+        checked = Path(folder).expanduser()
+        if not built_in:
+            checked = _check_adapter_folder(name, checked, allow_pickle).parent
         check_base_matches(checked, recorded_base(checked), base_name, SERVE_ADVICE)
+    return built_in
 
 
-def attach_adapters(model, adapters: dict[str, str], allow_pickle: bool = False, base_name: str | None = None):
-    """Load each adapter under its name on one PEFT model; the first wraps the base, the others are added.
-    base_name: how the user named the base, for errors."""
+def peft_names(adapters: dict[str, str]) -> dict[str, str]:
+    """name -> the adapter's name inside the PEFT model: PEFT mis-loads names inside its parameter prefixes (`ia3`
+    of `ia3_`, `lora` of `lora_`, even `a`) and cannot hold a dot, so none of the clients' names is used there."""
+    return {name: f"served_{i}" for i, name in enumerate(adapters)}
+
+
+def attach_adapters(model, adapters: dict[str, str], allow_pickle: bool = False, base_name: str | None = None,
+                    names: dict[str, str] | None = None):
+    """Load each adapter on one PEFT model under its PEFT name (`names`, default its own name); the first wraps the
+    base, the others are added. base_name: how the user named the base, for errors."""
     from peft import PeftModel
 
     from tuneforge.models.adapter_loading import load_error
 
     for name, folder in adapters.items():
         weights = _check_adapter_folder(name, Path(folder).expanduser(), allow_pickle)
+        inner = (names or {}).get(name, name)
         try:
             if isinstance(model, PeftModel):
-                model.load_adapter(str(weights.parent), adapter_name=name)
+                model.load_adapter(str(weights.parent), adapter_name=inner)
             else:
-                model = PeftModel.from_pretrained(model, str(weights.parent), adapter_name=name)
+                model = PeftModel.from_pretrained(model, str(weights.parent), adapter_name=inner)
         except (ValueError, KeyError, RuntimeError) as e:  # PEFT's size-mismatch list -> one line, as chat says it
             raise load_error(weights.parent, base_name, e, SERVE_ADVICE) from e
-        check_adapter_matches(model, name, weights)
+        check_adapter_matches(model, inner, weights)
     return model
+
+
+def build_in(model, name: str, folder: str, base_name: str):
+    """The model with a TuneForge adapter folder put into its layers (as chat loads it)."""
+    from tuneforge.methods.adapters import load_adapter_folder
+    from tuneforge.models.adapter_loading import load_error
+
+    try:
+        return load_adapter_folder(model, Path(folder).expanduser())
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise load_error(Path(folder), base_name, e, SERVE_ADVICE) from e
 
 
 def load_served(model_cfg, adapters: dict[str, str], served_name: str | None = None,
@@ -162,13 +241,20 @@ def load_served(model_cfg, adapters: dict[str, str], served_name: str | None = N
     from tuneforge.models.loading import load_model_and_tokenizer
 
     base_id = served_name or base_model_id(model_cfg.name_or_path)
-    if base_id in adapters:
-        raise UserError(f"The adapter name {base_id!r} is also the base model's id; give the adapter another name "
-                        f"(--adapter OTHER=DIR) or the base another one (--served-model-name).")
     import torch
 
-    check_adapters_fit(adapters, model_cfg.name_or_path, model_cfg.allow_pickle)
+    built_in = check_adapters_fit(adapters, model_cfg.name_or_path, model_cfg.allow_pickle)
+    if base_id in adapters and not built_in:  # built in: the base is not served, so no clash
+        raise UserError(f"The adapter name {base_id!r} is also the base model's id; give the adapter another name "
+                        f"(--adapter OTHER=DIR) or the base another one (--served-model-name).")
     device, dtype = placement or ("cpu", torch.float32)
     model, tokenizer = load_model_and_tokenizer(model_cfg, dtype=dtype, device=device)
-    model = attach_adapters(model, adapters, model_cfg.allow_pickle, model_cfg.name_or_path)
-    return ServedModels(model=model.eval(), tokenizer=tokenizer, base_id=base_id, adapters=dict(adapters))
+    if built_in:
+        (name, folder), = adapters.items()
+        model = build_in(model, name, folder, model_cfg.name_or_path)
+        return ServedModels(model=model.eval(), tokenizer=tokenizer, base_id=base_id, adapters=dict(adapters),
+                            built_in=True)
+    names = peft_names(adapters)
+    model = attach_adapters(model, adapters, model_cfg.allow_pickle, model_cfg.name_or_path, names)
+    return ServedModels(model=model.eval(), tokenizer=tokenizer, base_id=base_id, adapters=dict(adapters),
+                        peft_names=names)
