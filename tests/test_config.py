@@ -70,7 +70,7 @@ def test_literal_suggests_closest_choice():
     (["dpo.beta=0.5"], "`dpo:` holds options of stage dpo, and this run is stage sft"),
     (["training.save_total_limit=-1"], "save_total_limit` \\(0 keeps every checkpoint\\)"),
     (["stage=grpo", "training.distributed=deepspeed"], r"FSDP is refused too\): use `training.distributed: ddp`"),
-    (["stage=dpo", "dpo.beta=-1"], r"`dpo.beta` must be > 0, got -1.0\.$"),
+    (["stage=dpo", "dpo.beta=-1"], r"`dpo.beta` must be > 0, got -1.0 \(set on the command line: `dpo.beta=-1`\)\.$"),
     (["stage=dpo", "dpo.beta=nan"], r"`dpo.beta` must be a number, got nan"),
     (["stage=dpo", "dpo.loss=hinge", "dpo.label_smoothing=0.3"], r"`dpo.loss: hinge` ignores it"),
     (["stage=dpo", "dpo.loss=robust"], r"robust` \(rDPO\) with `dpo.label_smoothing: 0` is plain sigmoid DPO"),
@@ -231,3 +231,17 @@ def test_a_single_problem_names_the_config_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_train_config(str(path), [])
     assert str(e.value) == f"{path}: Unknown method `lroa`. Did you mean `lora`?"
+
+
+def test_a_problem_with_a_command_line_value_says_it_came_from_there(tmp_path):
+    """The message names the YAML file; a bad value typed after it is not in that file, so each problem says where
+    it came from (and only those: the file's own problems stay as they are)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: [a.jsonl]}\ntraining: {lrr: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(path), ["training.lr=abc", "method=lorra", "training.epochs=2"])
+    lr, lrr, method = (next(p for p in e.value.problems if p.split("`")[1] == key)
+                       for key in ("training.lr", "training.lrr", "lorra"))
+    assert lr.endswith("got 'abc' (set on the command line: `training.lr=abc`).")
+    assert method.endswith("(set on the command line: `method=lorra`)")
+    assert "command line" not in lrr  # `Did you mean training.lr` names an override key, but not as its subject

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -287,9 +288,30 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, base
             raise ConfigError(f"{path} must contain a mapping of config keys at the top level.")
         data.update(loaded)
     apply_overrides(data, overrides or [])
-    cfg = _typed_config(data, path)
-    validate(cfg, where=path)
+    try:
+        cfg = _typed_config(data, path)
+        validate(cfg, where=path)
+    except ConfigError as e:
+        raise _named_overrides(e, overrides or [], path) from None
     return cfg
+
+
+def _named_overrides(err: ConfigError, overrides: list[str], path: str | None) -> ConfigError:
+    """The error with each problem about a key set on the command line saying so: the message names the YAML
+    file, where the user would otherwise look for a value that is not there."""
+    keys = {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+    if not keys:
+        return err
+    def named(problem: str) -> str:  # the first `...` of a problem is the key it is about (or a bad method name)
+        first = re.search(r"`([^`]+)`", problem)
+        subject = first.group(1).rstrip(":") if first else None
+        item = next((item for key, item in keys.items() if subject in (key, item.split("=", 1)[1].strip())), None)
+        if item is None:
+            return problem
+        body, stop = (problem[:-1], ".") if problem.endswith(".") else (problem, "")
+        return f"{body} (set on the command line: `{item}`){stop}"
+
+    return typed.config_error([named(p) for p in typed.problems_of(err)], where=path or "the config")
 
 
 def _typed_config(data: dict, path: str | None) -> TrainConfig:
