@@ -56,6 +56,21 @@ def test_literal_suggests_closest_choice():
         load(["training.precision=bf61"])
 
 
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_chunked_loss_always_under_a_sharding_engine_is_refused_before_loading(engine):
+    """The loop refused it only after every torchrun process had loaded the model and read the data."""
+    with pytest.raises(ConfigError, match=f"`training.chunked_loss: always` cannot apply with "
+                                          f"`training.distributed: {engine}`"):
+        load(["training.chunked_loss=always", f"training.distributed={engine}"])
+
+
+def test_a_literal_with_no_close_choice_lists_the_choices_once():
+    """The message listed the choices, then listed them again (sorted) as `Valid names:`."""
+    with pytest.raises(ConfigError) as e:
+        load(["training.distributed=horovod"])
+    assert str(e.value).count("fsdp") == 1 and "Valid names" not in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("override, words", [
     (["method=lorra"], "Did you mean `lora`"),
     (["training.max_steps=0"], "Nothing to train"),

@@ -134,11 +134,12 @@ def test_zero_stages_shard_the_right_rows(method):
 
 
 def test_gradient_checkpointing_lowers_activations_and_sets_the_total():
+    # freeze on the first 2 blocks: backward runs through all 32 (on the last 2 it is mostly logits, which stay)
     for method in ("full", "freeze", "lora", "qlora", "prompt_tuning", "adapter", "ia3"):
-        c = one("llama-7b", method, seq_len=4096, batch_size=2)
+        c = one("llama-7b", method, seq_len=4096, batch_size=2, freeze_layers=-2)
         assert c.activations_checkpointed < c.activations / 3, method
         assert c.total == pytest.approx(c.before_activations + c.activations)
-        with_ckpt = one("llama-7b", method, seq_len=4096, batch_size=2, gradient_checkpointing=True)
+        with_ckpt = one("llama-7b", method, seq_len=4096, batch_size=2, freeze_layers=-2, gradient_checkpointing=True)
         assert with_ckpt.total == pytest.approx(c.before_activations + c.activations_checkpointed)
 
 
@@ -190,7 +191,7 @@ def test_trainable_count_equals_real_peft_model(tmp_path, kind, case):
     from transformers import AutoModelForCausalLM
 
     if case == "llama_adapter" and kind == "qwen2":
-        pytest.skip("PEFT's adaption prompt supports llama/mistral only")
+        pytest.skip("PEFT's adaption prompt does not support qwen2 (PEFT's TRANSFORMERS_MODEL_CONFIG)")
     method, options, peft_config = peft_configs()[case]
     cfg, folder = saved_config(tmp_path, kind)
     model = get_peft_model(AutoModelForCausalLM.from_config(cfg), peft_config)
@@ -405,7 +406,7 @@ def test_bad_input_through_the_cli(capsys, argv, message):
 @pytest.mark.parametrize("options, message", [
     (dict(gpus=0), "`--gpus` must be at least 1"),
     (dict(zero=4), "ZeRO stage 0, 1, 2 or 3"),
-    (dict(freeze_layers=40), "between 1 and the model's 32 blocks"),
+    (dict(freeze_layers=40), "the model has only 32 blocks"),
     (dict(batch_size=0), "`--batch-size` must be at least 1"),
     (dict(lora_rank=0), "`--lora-rank` must be at least 1"),
 ])
@@ -433,6 +434,12 @@ def test_notes_for_pointless_settings():
     assert any("no bias terms" in n for n in notes)
     assert one("llama-7b", "bitfit").trainable_params == 0
     assert one("llama-7b", "full", zero=3).weights == one("llama-7b", "full").weights
+    from tuneforge.methods.llama_adapter import supported_model_types  # the list training checks against
+
+    notes = estimate(EstimateArgs(model="qwen2.5-7b", methods="llama_adapter")).notes
+    assert f"supports model types {', '.join(supported_model_types())}, not qwen2" in " ".join(notes)
+    assert not any("adaption prompt supports" in n for n in estimate(EstimateArgs(model="mistral-7b",
+                                                                                  methods="llama_adapter")).notes)
 
 
 # ---- GPU (opt-in: pytest -m gpu) -------------------------------------------------------------------------------------
@@ -542,3 +549,96 @@ def test_a_column_training_would_refuse_says_so():
     assert any(n.startswith("qlora: training refuses fsdp") for n in notes), notes
     notes = estimate(EstimateArgs(model="llama3-8b", methods="lora,qlora", gpus=8, distributed="ddp")).notes
     assert not any("training refuses" in n for n in notes)
+
+
+# ---- freeze and lora targets as training reads them -----------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, -1, 3, -3])
+def test_freeze_layers_count_what_training_trains(tmp_path, n):
+    """`--freeze-layers N` means what `freeze.trainable_layers: N` trains (negative: the first |N| blocks): the
+    estimator's count equals the parameters TuneForge's own freeze method leaves trainable on a 4-block model."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods import get_method
+    from tuneforge.methods.full import FreezeOptions
+
+    cfg, folder = saved_config(tmp_path, "llama", num_hidden_layers=4)
+    model = get_method("freeze").apply(AutoModelForCausalLM.from_config(cfg), FreezeOptions(trainable_layers=n), None)
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert one(folder, "freeze", freeze_layers=n).trainable_params == real
+
+
+@pytest.mark.parametrize("n, message", [
+    (0, "`--freeze-layers 0` trains no block"), (33, "`--freeze-layers 33`: the model has only 32 blocks"),
+    (-33, "between -32 and -1")])
+def test_freeze_layers_out_of_range_are_user_errors(n, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        estimate(EstimateArgs(model="llama-7b", methods="freeze", freeze_layers=n))
+
+
+def test_frozen_blocks_below_the_trainable_ones_keep_no_activations():
+    """Backward stops at the lowest trainable block, so the frozen blocks under it save nothing: training the last 2
+    blocks of llama-7b costs the activations of those 2 (+ logits), not of 32; training the first 2 sends backward
+    through all 32."""
+    last, first = one("llama-7b", "freeze", freeze_layers=2), one("llama-7b", "freeze", freeze_layers=-2)
+    shape, e, tokens = PRESETS["llama-7b"], 2, 2048
+    from tuneforge.estimate.memory import layer_activation_bytes
+
+    frozen = tokens * layer_activation_bytes(shape, e, False)
+    assert first.activations - last.activations == pytest.approx(30 * frozen)
+    assert first.activations_checkpointed - last.activations_checkpointed == pytest.approx(30 * tokens * e * 4096)
+
+
+def test_saved_tensors_of_a_real_freeze_run_stop_at_the_lowest_trainable_block(tmp_path):
+    """The assumption above, on real autograd: a 2-block and a 6-block model with only the top block trainable
+    save the same bytes for backward."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods import get_method
+    from tuneforge.methods.full import FreezeOptions
+
+    saved, estimated = [], []
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        cfg, folder = saved_config(tmp_path / str(layers), "llama", num_hidden_layers=layers)
+        estimated.append(one(folder, "freeze", freeze_layers=1).activations)
+        model = get_method("freeze").apply(AutoModelForCausalLM.from_config(cfg), FreezeOptions(trainable_layers=1),
+                                           None)
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(0, 256, (2, 16)))
+        saved.append(total[0])
+        assert saved[-1] > 0
+    assert saved[0] == saved[1]
+    assert estimated[0] == estimated[1]
+
+
+def test_unknown_lora_target_lists_the_valid_names_once(capsys):
+    assert main(["estimate", "--model", "llama-7b", "--method", "lora", "--lora-targets", "q_proj,foo"]) == 2
+    err = capsys.readouterr().err
+    assert "`foo` is not a projection" in err and "Traceback" not in err
+    assert err.count("down_proj") == 1, err
+
+
+def test_distributed_deepspeed_is_training_s_default_stage_and_offload_needs_deepspeed(capsys):
+    """`--distributed deepspeed` (what `training.distributed` says) estimates ZeRO-2, training's default stage, or
+    ZeRO-3 with --zero 3; `--offload` under fsdp/ddp, which training refuses, is an error instead of DeepSpeed
+    figures."""
+    assert one("llama3-8b", "full", gpus=8, distributed="deepspeed") == one("llama3-8b", "full", gpus=8, zero=2)
+    assert one("llama3-8b", "full", gpus=8, distributed="deepspeed", zero=3) == one("llama3-8b", "full", gpus=8,
+                                                                                    zero=3)
+    for engine in ("fsdp", "ddp"):
+        assert main(["estimate", "--model", "llama3-8b", "--gpus", "8", "--distributed", engine, "--offload",
+                     "optimizer"]) == 2
+        err = capsys.readouterr().err
+        assert "training accepts only with `training.distributed: deepspeed`" in err and "Traceback" not in err
+
+
+def test_one_gpu_note_names_the_engine_asked_for():
+    notes = estimate(EstimateArgs(model="llama3-8b", methods="full", distributed="fsdp")).notes
+    assert any(n.startswith("--distributed fsdp with 1 GPU shards nothing") for n in notes), notes

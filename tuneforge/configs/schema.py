@@ -430,6 +430,7 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
             problems += typed.problems_of(e)
     problems += _stage_problems(cfg) + rl_problems(cfg)
     problems += _deepspeed_problems(cfg)
+    problems += _chunked_loss_problems(cfg.training)
     problems += data_config_problems(cfg.data)  # dataset specs and data.mix, checked by the data layer
     if cfg.method in METHODS:
         try:
@@ -437,6 +438,14 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
         except ConfigError as e:
             problems += typed.problems_of(e)
     return problems
+
+
+def _chunked_loss_problems(t) -> list[str]:
+    """Said before the model loads: under torchrun the loop's own check came after loading, once per process."""
+    if t.chunked_loss == "always" and t.distributed in ("fsdp", "deepspeed"):
+        return [f"`training.chunked_loss: always` cannot apply with `training.distributed: {t.distributed}` (the "
+                f"output layer may be sharded). Set `training.chunked_loss=auto` (on where it applies) or never."]
+    return []
 
 
 def _deepspeed_problems(cfg: TrainConfig) -> list[str]:

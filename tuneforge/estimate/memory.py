@@ -34,6 +34,8 @@ Memory model (per GPU, bytes; e = bytes per element of --dtype: 2 for bf16/fp16,
   s*b*h*(34 + 5*a*s/h) for a GPT block) and `logits_bytes`; with gradient checkpointing (recompute per block, as
   transformers' `gradient_checkpointing_enable`) only each block's input (s*b*h*e) is kept, plus one block's full
   activations while it is recomputed.
+  Blocks below the lowest trainable one (freeze's last N, llama_adapter's top layers) keep nothing: backward
+  stops there (`grad_path`).
 - total per GPU: the sum of the rows (with or without checkpointing as chosen). It is an upper bound on the peak:
   in reality gradients fill up while activations are freed during backward. Not counted: the CUDA context and
   kernels' workspace (~0.5-1 GB), allocator fragmentation, and the one moment-sized temporary (4 bytes per trainable
@@ -43,11 +45,11 @@ Memory model (per GPU, bytes; e = bytes per element of --dtype: 2 for bf16/fp16,
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from tuneforge.configs.typed import opt
-from tuneforge.errors import UserError, closest, did_you_mean
+from tuneforge.errors import UserError, closest
 from tuneforge.estimate.shapes import PRESETS, ModelShape, resolve_shape
 
 GB = 1e9
@@ -75,11 +77,11 @@ class EstimateArgs:
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = opt("adamw", "Optimizer (sets state size).")
     gpus: int = opt(1, "Number of GPUs (data parallel).")
     zero: int = opt(0, "ZeRO stage 0-3: 1 shards optimizer states, 2 also gradients, 3 also weights across --gpus.")
-    distributed: Literal["ddp", "fsdp", "zero2", "zero3"] | None = opt(
+    distributed: Literal["ddp", "fsdp", "deepspeed", "zero2", "zero3"] | None = opt(
         None, "The engine of `training.distributed`, sharding over --gpus as it does: ddp a full copy per GPU, "
               "zero2 (DeepSpeed ZeRO-2) gradients + optimizer states, zero3 and fsdp (PyTorch FSDP2, full shard) "
               "also the weights. Sets --zero. zero2/zero3 are `training.distributed=deepspeed` with "
-              "`training.deepspeed` 2/3 (without offload).")
+              "`training.deepspeed` 2/3 (without offload); deepspeed is zero2, training's default stage.")
     offload: Literal["none", "optimizer", "all"] = opt(
         "none", "As `training.deepspeed_offload`: optimizer keeps the master weights and optimizer states in CPU "
                 "memory (0 on the GPU; their CPU size goes in the notes), all the weights too (ZeRO-3 only).")
@@ -88,7 +90,8 @@ class EstimateArgs:
     lora_rank: int = opt(8, "LoRA rank r (LoRA family and QLoRA).")
     lora_targets: str = opt("all-linear", "Comma-separated modules to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,"
                                           "up_proj,down_proj) or all-linear (TuneForge's lora default).")
-    freeze_layers: int = opt(2, "`freeze`: the last N blocks train (TuneForge's freeze.trainable_layers default).")
+    freeze_layers: int = opt(2, "`freeze`: the last N blocks train; negative: the first |N| (as TuneForge's "
+                                "freeze.trainable_layers, default 2).")
     num_virtual_tokens: int = opt(20, "Virtual tokens of prompt_tuning, p_tuning, prefix_tuning and p_tuning_v2.")
     encoder_hidden: int = opt(128, "Hidden size of the p_tuning / prefix_tuning re-parameterisation MLP (TuneForge's "
                                    "default 128; 0: PEFT's default, the token dim: hidden for p_tuning, kv_dim for "
@@ -128,8 +131,9 @@ def lora_targets(shape: ModelShape, spec: str) -> list[str]:
         raise UserError("`--lora-targets` is empty; use all-linear or names like q_proj,v_proj.")
     for n in names:
         if n not in valid:
-            raise UserError(f"`--lora-targets`: `{n}` is not a projection of this model.{did_you_mean(n, valid)} "
-                            f"Valid: {', '.join(valid)} or all-linear.")
+            match = closest(n, valid)  # a suggestion only: the valid list follows once
+            raise UserError(f"`--lora-targets`: `{n}` is not a projection of this model."
+                            f"{f' Did you mean `{match}`?' if match else ''} Valid: {', '.join(valid)} or all-linear.")
     return list(dict.fromkeys(names))
 
 
@@ -156,10 +160,19 @@ def _full(shape, args, method) -> Params:
     return Params(trainable_base=shape.total_params())
 
 
+def freeze_trains(shape: ModelShape, n: int) -> list[bool]:
+    """Which blocks TuneForge's `freeze.trainable_layers: n` trains (`methods.full.Freeze.trainable_blocks`): the
+    last n, or for negative n the first |n|."""
+    return [i >= shape.layers - n if n > 0 else i < -n for i in range(shape.layers)]
+
+
 def _freeze(shape, args, method) -> Params:
-    """TuneForge's `freeze`: the last N blocks train; embeddings, final norm and LM head stay frozen."""
+    """TuneForge's `freeze`: the last N blocks train (first |N| if negative); embeddings, final norm and LM head
+    stay frozen."""
     n = args.freeze_layers
-    return Params(trainable_base=n * shape.layer_params(), notes=[f"freeze: last {n} of {shape.layers} blocks train"])
+    where = f"last {n}" if n > 0 else f"first {-n}"
+    return Params(trainable_base=abs(n) * shape.layer_params(),
+                  notes=[f"freeze: {where} of {shape.layers} blocks train"])
 
 
 def _bitfit(shape, args, method) -> Params:
@@ -229,8 +242,11 @@ def _llama_adapter(shape, args, method) -> Params:
     prompt vectors plus one zero-initialised gate scalar."""
     layers = llama_adapter_layers(shape, args)
     notes = [f"llama_adapter: {args.llama_adapter_len} prompt tokens on the top {layers} layers"]
-    if shape.model_type not in ("llama", "mistral"):
-        notes.append(f"llama_adapter: PEFT's adaption prompt supports llama/mistral, not {shape.model_type}")
+    from tuneforge.methods.llama_adapter import supported_model_types  # PEFT's list, as training checks it
+
+    if shape.model_type not in supported_model_types():
+        notes.append(f"llama_adapter: PEFT's adaption prompt supports model types "
+                     f"{', '.join(supported_model_types())}, not {shape.model_type}")
     return Params(added=layers * (args.llama_adapter_len * shape.hidden + 1), notes=notes)
 
 
@@ -320,28 +336,45 @@ def activation_bytes(shape: ModelShape, method: str, args: EstimateArgs, checkpo
     seq = args.seq_len + (args.num_virtual_tokens if method in PROMPT_INPUT_METHODS else 0)
     tokens = args.batch_size * seq
     blocks = block_activation_bytes(shape, method, args, e, seq)
+    path = sum(grad_path(shape, method, args))
     final_norm = (4 + 2 * e if method == "full" else 4) * shape.hidden
     held, backward = logits_bytes(shape, e)
     if not checkpointing:
         return float(tokens * (sum(blocks) + final_norm + held + backward))
     logits_held = e * shape.vocab  # the log-probabilities are freed once the loss has been differentiated
     loss_phase = final_norm + held - logits_held + backward
-    return float(tokens * (shape.layers * e * shape.hidden + logits_held + max(loss_phase, max(blocks))))
+    return float(tokens * (path * e * shape.hidden + logits_held + max(loss_phase, max(blocks))))
+
+
+def grad_path(shape: ModelShape, method: str, args: EstimateArgs) -> list[bool]:
+    """The blocks backward runs through: from the lowest one holding trainable weights up. Below it nothing needs a
+    gradient, so autograd saves nothing there (frozen embeddings; checkpointing is non-reentrant): with
+    `freeze` on the last 2 of 32 blocks, 30 blocks keep no activations."""
+    if method == "freeze":
+        trains = freeze_trains(shape, args.freeze_layers)
+    elif method == "llama_adapter":
+        trains = [i >= shape.layers - llama_adapter_layers(shape, args) for i in range(shape.layers)]
+    else:
+        return [True] * shape.layers
+    lowest = trains.index(True)
+    return [i >= lowest for i in range(shape.layers)]
 
 
 def block_activation_bytes(shape: ModelShape, method: str, args: EstimateArgs, e: int, seq: int) -> list[int]:
-    """Per token, each block's saved activations: trainable or frozen block + the method's own modules."""
+    """Per token, each block's saved activations: trainable or frozen block + the method's own modules; 0 for the
+    blocks below the gradient path."""
     trains = [False] * shape.layers
     if method == "full":
         trains = [True] * shape.layers
     elif method == "freeze":
-        trains = [i >= shape.layers - args.freeze_layers for i in range(shape.layers)]
+        trains = freeze_trains(shape, args.freeze_layers)
     adapted = [True] * shape.layers
     if method == "llama_adapter":
         adapted = [i >= shape.layers - llama_adapter_layers(shape, args) for i in range(shape.layers)]
     attention = eager_attention_bytes(shape, e, seq) if args.attention == "eager" else 0
     extra = method_extra_bytes(shape, method, args, e)
-    return [layer_activation_bytes(shape, e, t) + attention + (extra if a else 0) for t, a in zip(trains, adapted)]
+    return [(layer_activation_bytes(shape, e, t) + attention + (extra if a else 0)) if on else 0
+            for t, a, on in zip(trains, adapted, grad_path(shape, method, args))]
 
 
 # ---- memory table --------------------------------------------------------------------------------------------------
@@ -432,6 +465,10 @@ def validate(args: EstimateArgs, shape: ModelShape) -> list[str]:
         raise UserError(f"`--gpus` must be at least 1, got {args.gpus}.")
     if args.zero not in (0, 1, 2, 3):
         raise UserError(f"`--zero` must be a ZeRO stage 0, 1, 2 or 3, got {args.zero}.")
+    if args.offload != "none" and args.distributed in ("ddp", "fsdp"):
+        raise UserError(f"`--offload {args.offload}` is DeepSpeed's offload (`training.deepspeed_offload`), which "
+                        f"training accepts only with `training.distributed: deepspeed`: use --distributed zero2 or "
+                        f"zero3, or drop --offload. (FSDP's `training.fsdp_cpu_offload` is not estimated.)")
     if args.offload != "none" and args.zero < (3 if args.offload == "all" else 1):
         need = "ZeRO-3 (--distributed zero3)" if args.offload == "all" else "a ZeRO stage (--distributed zero2|zero3)"
         raise UserError(f"`--offload {args.offload}` is DeepSpeed's offload of sharded state and needs {need}.")
@@ -439,12 +476,12 @@ def validate(args: EstimateArgs, shape: ModelShape) -> list[str]:
         if getattr(args, key) < 0:
             raise UserError(f"`--{key.replace('_', '-')}` must be 0 (the default size) or positive, "
                             f"got {getattr(args, key)}.")
-    if not 1 <= args.freeze_layers <= shape.layers:
-        raise UserError(f"`--freeze-layers` must be between 1 and the model's {shape.layers} blocks, "
-                        f"got {args.freeze_layers}.")
+    validate_freeze_layers(args.freeze_layers, shape)
     notes = []
     if args.zero and args.gpus == 1:
-        notes.append(f"ZeRO-{args.zero} with 1 GPU shards nothing: the numbers equal ZeRO-0. Pass --gpus N.")
+        engine = f"--distributed {args.distributed}" if args.distributed else f"ZeRO-{args.zero}"
+        notes.append(f"{engine} with 1 GPU shards nothing: the numbers equal one process without sharding. "
+                     f"Pass --gpus N.")
     if args.gpus > 1 and not args.zero:
         notes.append(f"{args.gpus} GPUs without ZeRO (plain data parallel): every GPU holds a full copy.")
     if args.dtype == "fp32" and args.attention == "sdpa":
@@ -455,6 +492,18 @@ def validate(args: EstimateArgs, shape: ModelShape) -> list[str]:
     if args.optimizer == "sgd":
         notes.append("sgd: plain SGD keeps no state (momentum would add 4 bytes per trainable param).")
     return notes
+
+
+def validate_freeze_layers(n: int, shape: ModelShape) -> None:
+    """The values training's `freeze.trainable_layers` accepts on this model, less 0 (training allows 0 only next to
+    `freeze.trainable_modules` patterns, which the estimator cannot count)."""
+    if n == 0:
+        raise UserError("`--freeze-layers 0` trains no block (training accepts it only with "
+                        "`freeze.trainable_modules`, which the estimator does not count). Pass N to train the last "
+                        "N blocks or -N for the first N.")
+    if abs(n) > shape.layers:
+        raise UserError(f"`--freeze-layers {n}`: the model has only {shape.layers} blocks. Pass N between 1 and "
+                        f"{shape.layers} (the last N blocks train) or between -{shape.layers} and -1 (the first |N|).")
 
 
 @dataclass
@@ -470,18 +519,19 @@ ENGINE_ZERO = {"ddp": 0, "zero2": 2, "zero3": 3, "fsdp": 3}
 
 def apply_engine(args: EstimateArgs) -> EstimateArgs:
     """--distributed as the ZeRO stage it shards like. FSDP2's full shard divides weights, gradients and optimizer
-    state (its sharded fp32 parameters are the master weights) over the GPUs exactly as ZeRO-3 does."""
-    if args.distributed is None:
+    state (its sharded fp32 parameters are the master weights) over the GPUs exactly as ZeRO-3 does. `deepspeed`
+    is training's `distributed: deepspeed`: ZeRO-2, its default stage, or 3 with --zero 3 (`training.deepspeed: 3`)."""
+    given = args.distributed
+    if given is None:
         return args
-    if args.distributed not in ENGINE_ZERO:
-        raise UserError(f"`--distributed` must be one of {', '.join(ENGINE_ZERO)}, got `{args.distributed}`.")
-    stage = ENGINE_ZERO[args.distributed]
+    engine = ("zero3" if args.zero == 3 else "zero2") if given == "deepspeed" else given
+    if engine not in ENGINE_ZERO:
+        raise UserError(f"`--distributed` must be one of {', '.join(ENGINE_ZERO)} or deepspeed, got `{given}`.")
+    stage = ENGINE_ZERO[engine]
     if args.zero not in (0, stage):
-        raise UserError(f"`--distributed {args.distributed}` shards like ZeRO-{stage}, but `--zero {args.zero}` "
+        raise UserError(f"`--distributed {given}` shards like ZeRO-{stage}, but `--zero {args.zero}` "
                         f"was given too; pass one of them.")
-    from dataclasses import replace
-
-    return replace(args, zero=stage)
+    return replace(args, distributed=engine, zero=stage)
 
 
 def gathered_block_bytes(shape: ModelShape, args: EstimateArgs) -> float:
