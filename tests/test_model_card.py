@@ -46,6 +46,24 @@ def test_adapter_records_builtin_name_and_card_says_what_was_trained(tiny_qwen2_
     assert f"| final training loss | {last_loss:.4g} (step 2) |" in card
     assert f"| final eval loss | {eval_loss:.4g} (step 2) |" in card
     assert f"| TuneForge version | {__version__} |" in card and f"tuneforge chat --adapter {out}" in card
+    assert "NEFTune" not in card and "R-Drop" not in card  # named only when the run used them
+
+
+def test_card_names_neftune_and_rdrop_with_their_settings(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """NEFTune and R-Drop change what was learned: the card says so with their settings, and so does the card of
+    an export made from the adapter (it starts from the training card)."""
+    from tuneforge.inference.export.cli import write_export_card
+
+    out = _run("sft_lora_tiny.yaml", str(tiny_qwen2_dir), tmp_path / "run", monkeypatch, "lora.rank=4",
+               "lora.dropout=0.1", "training.neftune_alpha=5", "training.rdrop_alpha=0.5")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "| NEFTune | training.neftune_alpha=5 (uniform noise on the input embeddings" in card
+    assert "| R-Drop | training.rdrop_alpha=0.5 (two dropout passes per batch" in card
+    export = tmp_path / "export"
+    export.mkdir()
+    write_export_card(export, out, "Load it with X.")
+    exported = (export / "README.md").read_text(encoding="utf-8")
+    assert "| NEFTune | training.neftune_alpha=5 " in exported and "| R-Drop | training.rdrop_alpha=0.5 " in exported
 
 
 @pytest.mark.parametrize("example", ["sft_full_tiny.yaml", "sft_freeze_tiny.yaml"])

@@ -322,6 +322,16 @@ def test_pissa_saves_a_plain_lora_for_the_original_base(base_dirs, batch, tmp_pa
     assert config["r"] == 2 * RANK and config["init_lora_weights"] is True
 
 
+def test_pissa_starts_exactly_at_the_base_for_any_alpha(base_dirs, batch):
+    """PEFT divides the singular values by alpha/rank and subtracts the scaled principal part from the residual, so
+    the model before training is the base whatever `lora.alpha` is (what examples/pissa.yaml tells users)."""
+    base_logits = logits(tiny_model(path=base_dirs["llama"]), batch)
+    for alpha in (1.0, float(RANK), 32.0):
+        cfg = make_cfg("pissa", {"lora": {"rank": RANK, "alpha": alpha}})
+        model = METHODS["pissa"].apply(tiny_model(path=base_dirs["llama"]), cfg.options("lora"), cfg)
+        torch.testing.assert_close(logits(model, batch), base_logits, atol=1e-5, rtol=0)
+
+
 def test_a_target_name_or_pattern_that_matches_nothing_is_named(base_dirs):
     """PEFT refuses a target list only when no name matches, and freeze skipped a pattern that matched nothing: a
     typo trained less than asked, without a word."""
@@ -367,8 +377,99 @@ def test_config_errors():
 
 def test_llama_adapter_refuses_unsupported_architecture():
     cfg = make_cfg("llama_adapter", {})
-    with pytest.raises(ConfigError, match="qwen2"):
+    with pytest.raises(ConfigError, match=r"supports model types gpt2, llama, mistral .*this model is `qwen2`"):
         METHODS["llama_adapter"].apply(tiny_model("qwen2"), cfg.options("llama_adapter"), cfg)
+
+
+def test_llama_adapter_texts_name_the_model_types_peft_supports_and_each_trains(batch):
+    """The summary (README methods table) and guide name exactly PEFT's AdaptionPrompt model types, and each of them
+    starts at the base model (zero-init gate) and learns."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.methods.harness import VOCAB
+    from tuneforge.methods.llama_adapter import supported_model_types
+
+    method, types = METHODS["llama_adapter"], supported_model_types()
+    named = set(re.search(r"model types ([\w, ]+)\)", method.summary).group(1).split(", "))
+    assert named == set(types)
+    assert all(t in method.guide.lower().replace("-", "") for t in types)
+    cfg = make_cfg("llama_adapter", {"llama_adapter": {"adapter_len": 4}})
+    for model_type in types:
+        config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                      bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(config)
+        base_logits = logits(base, batch)
+        model = method.apply(base, cfg.options("llama_adapter"), cfg)
+        torch.testing.assert_close(logits(model, batch), base_logits, atol=1e-6, rtol=0)
+        losses = train_steps(model, batch, steps=8, lr=1e-1)
+        assert losses[-1] < losses[0] - 0.05, (model_type, losses)
+
+
+def _no_special_tokens_base(folder: Path) -> Path:
+    """The tiny Llama with a word tokenizer that has no pad/eos/unk/bos: the loader adds <|pad|> and resizes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.methods.harness import VOCAB
+
+    save_tiny_model("llama", folder)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))  # not declared as unk
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(folder))
+    return folder
+
+
+def test_adapter_saves_decide_the_embeddings_without_peft_warnings(batch, tmp_path):
+    """PEFT's save_embedding_layers="auto" re-reads the base config to guess whether the vocabulary was resized and
+    says so in a raw warning (offline with a hub-id base: "Could not find a config file"; after a resize: "Setting
+    `save_embedding_layers` to `True`"). The loader knows: the embeddings are saved exactly when it resized them,
+    such an adapter reloads onto a freshly resized base as the same function, and no PEFT warning is shown."""
+    from safetensors import safe_open
+
+    from tuneforge.models.loading import load_model_and_tokenizer
+
+    method = METHODS["prompt_tuning"]
+    cfg = make_cfg("prompt_tuning", {"prompt_tuning": {"num_virtual_tokens": 4},
+                                     "model": {"name_or_path": str(_no_special_tokens_base(tmp_path / "base"))}})
+    resized, _ = load_model_and_tokenizer(cfg.model)
+    plain = tiny_model("llama")
+    plain.name_or_path = "someorg/tiny-model"  # what from_pretrained records for a hub id (not reachable here)
+    saved = {}
+    for name, base in (("resized", resized), ("hub", plain)):
+        model = method.apply(base, cfg.options(method.section), cfg)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*(save_embedding_layers|Could not find a config file)")
+            method.save(model, tmp_path / name)
+        with safe_open(str(tmp_path / name / "adapter_model.safetensors"), "pt") as f:
+            saved[name] = {k for k in f.keys() if "embed_tokens" in k or "lm_head" in k}
+        if name == "resized":
+            expected = logits(model, batch)
+    assert saved["resized"] and not saved["hub"]
+    reloaded = method.load(load_model_and_tokenizer(cfg.model)[0], tmp_path / "resized")  # new random pad row
+    torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-6, rtol=0)
+
+
+def test_prompt_tuning_says_when_init_text_is_cut(base_dirs):
+    """PEFT cuts an init_text longer than num_virtual_tokens without a word; the method's note says how many tokens
+    it has, which start the prompt and what is dropped, and the soft prompt is indeed the first ones' embeddings."""
+    from transformers import AutoTokenizer
+
+    method, text = METHODS["prompt_tuning"], "t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12"
+    ids = AutoTokenizer.from_pretrained(str(base_dirs["llama"]))(text)["input_ids"]  # PEFT counts special tokens
+    n = len(ids) - 2
+    cfg = make_cfg("prompt_tuning", {"prompt_tuning": {"num_virtual_tokens": n, "init": "text", "init_text": text}})
+    model = method.apply(tiny_model(path=base_dirs["llama"]), cfg.options(method.section), cfg)
+    (note,) = method.notes(model)
+    assert f"`prompt_tuning.init_text` is {len(ids)} tokens" in note
+    assert f"`prompt_tuning.num_virtual_tokens` is {n}:" in note
+    assert "t12" in note.split("the rest")[1] and f"`prompt_tuning.num_virtual_tokens: {len(ids)}`" in note
+    embed = model.get_input_embeddings().weight
+    torch.testing.assert_close(model.prompt_encoder.default.embedding.weight, embed[ids[:n]].float())
+    cfg = make_cfg("prompt_tuning", {"prompt_tuning": {"num_virtual_tokens": len(ids), "init": "text",
+                                                       "init_text": text}})
+    assert method.notes(method.apply(tiny_model(path=base_dirs["llama"]), cfg.options(method.section), cfg)) == []
 
 
 def test_ia3_default_targets_train():
@@ -529,6 +630,15 @@ def test_qlora_adapter_onto_full_precision_base_and_merge(base_dirs, batch, qlor
     quantized_model, _ = qlora_model(base_dirs["llama"])
     with pytest.raises(UserError, match="unquantized base"):
         method.merge(quantized_model)
+
+
+def test_qlora_fp16_compute_dtype_is_refused_with_its_reason_and_the_fix():
+    with pytest.raises(ConfigError) as err:
+        make_cfg("qlora", {"qlora": {"compute_dtype": "fp16"}})
+    text = str(err.value)
+    assert text.startswith("`qlora.compute_dtype: fp16` is not supported") and "\n" not in text
+    assert "no fp16 loss scaling" in text and "flush to zero" in text  # why
+    assert "`qlora.compute_dtype: bf16` on GPUs that have it" in text and "`fp32` on the others" in text  # the fix
 
 
 def test_qlora_refuses_unquantized_model_and_loftq_on_cpu():

@@ -52,6 +52,10 @@ class Method:
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         """Write the training result in Hugging Face (or PEFT) folder format."""
+        from peft import PeftModel
+
+        if isinstance(unwrap(model), PeftModel):
+            return save_peft(model, out_dir)
         unwrap(model).save_pretrained(out_dir, safe_serialization=True)
 
     def load(self, base_model: torch.nn.Module, path: Path) -> torch.nn.Module:
@@ -81,6 +85,25 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
+
+
+def save_peft(model: torch.nn.Module, out_dir: Path, **kwargs) -> None:
+    """PEFT's `save_pretrained`, told whether the embedding matrices belong in the adapter. Left on "auto", PEFT
+    re-reads the base model's config to guess whether the vocabulary was resized (from the Hub for a hub id: a
+    network call, and offline a raw "Could not find a config file" warning) and warns whichever way it decides. We
+    know: the embeddings differ from the base's only where our loader resized them (`vocab_resized`); a LoRA on
+    embed_tokens/lm_head saves its own A/B matrices either way."""
+    peft_model = unwrap(model)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True,
+                               save_embedding_layers=vocab_resized(peft_model), **kwargs)
+
+
+def vocab_resized(model: torch.nn.Module) -> bool:
+    """Whether `load_model_and_tokenizer` added embedding rows (a new pad token) to this model or the one under it."""
+    from tuneforge.models.loading import VOCAB_RESIZED
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, VOCAB_RESIZED, False))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -35,8 +35,10 @@ class LlamaAdapter(Method):
     Options = LlamaAdapterOptions
     mergeable = False
     saves_adapter = True
-    summary = "Zero-init gated adaption prompts in the top layers (PEFT AdaptionPrompt; Llama/Mistral only)."
-    guide = "Instruction-following on Llama/Mistral with few parameters and a gated, stable start."
+    # the model types are PEFT's TRANSFORMERS_MODEL_CONFIG (a test keeps these texts in step with it)
+    summary = ("Zero-init gated adaption prompts in the top layers (PEFT AdaptionPrompt; model types llama, mistral, "
+               "gpt2).")
+    guide = "Instruction-following on a Llama, Mistral or GPT-2 model with few parameters and a gated, stable start."
 
     def supports(self, model_type):
         return model_type in supported_model_types()

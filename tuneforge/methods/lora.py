@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tuneforge.configs.typed import opt
 from tuneforge.errors import ConfigError
 from tuneforge.methods import register
-from tuneforge.methods.base import Method, unwrap
+from tuneforge.methods.base import Method, save_peft, unwrap
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Lora(Method):
                 f"(or freeze) to train the layers themselves"]
 
     def save(self, model, out_dir):
-        unwrap(model).save_pretrained(out_dir, safe_serialization=True)
+        save_peft(model, out_dir)
 
     def load(self, base_model, path):
         from peft import PeftModel

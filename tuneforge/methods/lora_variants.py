@@ -16,7 +16,7 @@ from pathlib import Path
 from tuneforge.configs.typed import opt
 from tuneforge.errors import ConfigError
 from tuneforge.methods import get_method, register
-from tuneforge.methods.base import unwrap
+from tuneforge.methods.base import save_peft, unwrap
 from tuneforge.methods.lora import Lora
 
 
@@ -90,8 +90,7 @@ class MutatingInitLora(LoraVariant):
                 # PEFT loads the initial adapter beside the trained one to convert it, and warns that PiSSA/OLoRA
                 # "should not be used with other adapters; consider converting": this is that conversion
                 warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA|CorDA) changes the base weights")
-                peft_model.save_pretrained(str(out_dir), safe_serialization=True,
-                                           path_initial_model_for_weight_conversion=str(init_dir))
+                save_peft(peft_model, out_dir, path_initial_model_for_weight_conversion=str(init_dir))
             for p in trainable:  # loading/deleting the helper adapter must not change what trains
                 p.requires_grad_(True)
 

@@ -62,6 +62,14 @@ def tokenizer_path(model, cfg) -> str:
                       f"`prompt_tuning.init: random`.")
 
 
+def init_text_ids(config):
+    """(tokenizer, ids) of a PromptTuningConfig's init text, tokenized as PEFT does: special tokens included."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+    return tokenizer, tokenizer(config.prompt_tuning_init_text)["input_ids"]
+
+
 class PromptTuning(PromptMethod):
     """Prompt tuning (Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning",
     https://arxiv.org/abs/2104.08691): a trained soft prompt of `num_virtual_tokens` input embeddings."""
@@ -93,6 +101,21 @@ class PromptTuning(PromptMethod):
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=opts.num_virtual_tokens,
                                   prompt_tuning_init="TEXT", prompt_tuning_init_text=opts.init_text,
                                   tokenizer_name_or_path=folder)
+
+    def notes(self, model):
+        """PEFT cuts an init_text longer than num_virtual_tokens to its first tokens without a word, so the end of
+        the text (often the part that names the task) would be silently left out of the start."""
+        config = getattr(unwrap(model), "peft_config", {}).get("default")
+        if config is None or not getattr(config, "prompt_tuning_init_text", None):
+            return []
+        tokenizer, ids = init_text_ids(config)
+        n = config.num_virtual_tokens
+        if len(ids) <= n:
+            return []  # a shorter text is repeated to fill the prompt, as the option's help says
+        return [f"note: `prompt_tuning.init_text` is {len(ids)} tokens (counting the tokenizer's special tokens, as "
+                f"PEFT does) but `prompt_tuning.num_virtual_tokens` is {n}: the soft prompt starts from the first {n} "
+                f"({tokenizer.decode(ids[:n])!r}) and the rest ({tokenizer.decode(ids[n:])!r}) is not used. Set "
+                f"`prompt_tuning.num_virtual_tokens: {len(ids)}` to start from the whole text, or shorten it"]
 
 
 @dataclass

@@ -287,6 +287,9 @@ def _load_model_from(source: str, model_cfg, dtype, **kwargs):
                         f"{e} Use auto (the default), sdpa or eager.") from e
 
 
+VOCAB_RESIZED = "tuneforge_vocab_resized"  # attribute set on a model whose embeddings the loader resized
+
+
 def load_model_and_tokenizer(model_cfg, dtype: torch.dtype | None = torch.float32,
                              device: str | torch.device | None = "cpu", **from_pretrained_kwargs):
     """Load (model, tokenizer) from a local folder, a hub id or `builtin:<name>`.
@@ -298,6 +301,7 @@ def load_model_and_tokenizer(model_cfg, dtype: torch.dtype | None = torch.float3
     model = _load_model_from(source, model_cfg, dtype, **from_pretrained_kwargs)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # only when prepare_tokenizer added <|pad|>
         model.resize_token_embeddings(len(tokenizer))
+        setattr(model, VOCAB_RESIZED, True)  # so an adapter saves the resized embeddings (methods/base.py save_peft)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if device is not None and "device_map" not in from_pretrained_kwargs:

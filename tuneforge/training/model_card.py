@@ -6,7 +6,7 @@ PEFT records the base as the folder `from_pretrained` read, which for `builtin:`
 the training machine, and writes an empty model card template. We record the base as the user named it
 (`builtin:smollm2-135m-instruct`, a hub id, or the path as given), so `tuneforge chat --adapter DIR` finds it on
 another machine, and write a README.md that says what was trained: base, method and options, data, steps, final
-losses and the TuneForge version.
+losses, NEFTune and R-Drop when the run used them, and the TuneForge version.
 """
 
 from __future__ import annotations
@@ -82,6 +82,18 @@ def _data(cfg: TrainConfig) -> str:
     return text
 
 
+def _tricks(t) -> list[tuple[str, str]]:
+    """NEFTune and R-Drop change what the model learned, so a card without them describes another run."""
+    out = []
+    if t.neftune_alpha > 0:
+        out.append(("NEFTune", f"training.neftune_alpha={_num(t.neftune_alpha)} (uniform noise on the input "
+                               f"embeddings while training, scaled by alpha/sqrt(L*d))"))
+    if t.rdrop_alpha > 0:
+        out.append(("R-Drop", f"training.rdrop_alpha={_num(t.rdrop_alpha)} (two dropout passes per batch, symmetric "
+                              f"KL between them weighted by alpha)"))
+    return out
+
+
 def _results(rows: list[dict]) -> list[tuple[str, str]]:
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
@@ -121,7 +133,7 @@ def model_card(cfg: TrainConfig, method: Method, rows: list[dict], library: str)
              ("max length", f"{cfg.data.max_length} tokens"),
              ("batch", f"{t.batch_size} per device x {t.grad_accum} accumulation"),
              ("learning rate", f"{_num(t.lr)}, {t.scheduler} schedule"), ("precision", t.precision),
-             *_results(rows), ("TuneForge version", __version__)]
+             *_tricks(t), *_results(rows), ("TuneForge version", __version__)]
     hub_base = HUB_ORIGIN.get(base, base if _looks_like_hub_id(base) else None)
     front = ["---", f"library_name: {library}", "tags: [tuneforge, " + f"{method.name}, {cfg.stage}]"]
     front += [f"base_model: {hub_base}"] if hub_base else []
