@@ -632,13 +632,17 @@ def test_qlora_adapter_onto_full_precision_base_and_merge(base_dirs, batch, qlor
         method.merge(quantized_model)
 
 
-def test_qlora_fp16_compute_dtype_is_refused_with_its_reason_and_the_fix():
+def test_qlora_fp16_compute_dtype_needs_fp16_precision_with_its_reason_and_the_fix():
     with pytest.raises(ConfigError) as err:
         make_cfg("qlora", {"qlora": {"compute_dtype": "fp16"}})
     text = str(err.value)
-    assert text.startswith("`qlora.compute_dtype: fp16` is not supported") and "\n" not in text
-    assert "no fp16 loss scaling" in text and "flush to zero" in text  # why
-    assert "`qlora.compute_dtype: bf16` on GPUs that have it" in text and "`fp32` on the others" in text  # the fix
+    assert text.startswith("`qlora.compute_dtype: fp16` needs `training.precision: fp16` (this run has `fp32`)")
+    assert "\n" not in text and "flush to zero" in text  # why
+    assert "Set `training.precision: fp16` too" in text and "`qlora.compute_dtype: bf16` on GPUs" in text  # the fix
+    # with fp16 precision the loop scales the loss, so only the CPU refusal of fp16 itself remains
+    with pytest.raises(ConfigError) as err:
+        make_cfg("qlora", {"qlora": {"compute_dtype": "fp16"}, "training": {"precision": "fp16", "device": "cpu"}})
+    assert "compute_dtype" not in str(err.value) and "`training.precision: fp16` needs a GPU" in str(err.value)
 
 
 def test_qlora_refuses_unquantized_model_and_loftq_on_cpu():

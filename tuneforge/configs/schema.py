@@ -127,7 +127,8 @@ class TrainingConfig:
     epochs: float = opt(1.0, "Epochs to run when max_steps is -1.")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 disables).")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = opt(
-        "fp32", "Compute dtype. bf16 works on CPU too but is fast only on CPUs with AVX512-BF16/AMX; fp16 needs a GPU. "
+        "fp32", "Compute dtype. bf16 works on CPU too but is fast only on CPUs with AVX512-BF16/AMX; fp16 needs a GPU "
+        "and runs with dynamic loss scaling (torch GradScaler: overflowing steps are skipped and logged). "
         "auto: bf16 where the hardware computes it natively (recent GPUs and CPUs), else fp32.")
     neftune_alpha: float = opt(0.0, "NEFTune (Jain et al. 2023): uniform noise on input embeddings during training, "
                                     "scaled by alpha/sqrt(L*d). Typical 5. 0 disables.")
@@ -405,6 +406,11 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"`data.max_length` must be at least 8, got {cfg.data.max_length}.")
     if t.precision == "fp16" and t.device == "cpu":
         problems.append("`training.precision: fp16` needs a GPU; on CPU use bf16 or fp32.")
+    if t.precision == "fp16" and t.distributed == "fsdp":  # FSDP2 has no tested fp16 loss scaler here
+        problems.append("`training.precision: fp16` is not supported with `training.distributed: fsdp` (its "
+                        "gradients would need a sharded loss scaler, which TuneForge does not run). Use bf16 (GPUs "
+                        "from Ampere on), or fp16 with `training.distributed: ddp` or `deepspeed` (both scale the "
+                        "loss).")
     if t.resume not in (None, "auto") and not Path(t.resume).is_dir():
         problems.append(f"`training.resume` is {t.resume!r}: no such checkpoint folder. Use `auto` or a path "
                         f"like {cfg.output_dir}/checkpoint-10.")

@@ -35,22 +35,21 @@ class QLoraOptions:
     quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type: nf4 (NormalFloat, the QLoRA default) or fp4.")
     double_quant: bool = opt(True, "Quantize the 4-bit block scales too (saves about 0.37 bits per parameter).")
     compute_dtype: Literal["bf16", "fp32", "fp16"] = opt(
-        "bf16", "Dtype the 4-bit weights are dequantized to for matmuls: bf16, or fp32 where the GPU lacks bf16 "
-                "(before Ampere, e.g. T4, V100). fp16 is refused: TuneForge has no fp16 loss scaling.")
+        "bf16", "Dtype the 4-bit weights are dequantized to for matmuls: bf16 (GPUs from Ampere on), fp16 (with "
+                "training.precision fp16, which scales the loss: T4, V100) or fp32.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = opt(
         "adamw", "adamw (torch), adamw_8bit (bitsandbytes 8-bit states), or the paged versions that spill optimizer "
                  "state to CPU memory under GPU memory pressure (CUDA only).")
 
 
 OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
-# fp16 is accepted by the parser only to be refused with its reason: the loop has no GradScaler, and fp16 without one
-# loses the update silently rather than failing
-FP16_REFUSED = ("`qlora.compute_dtype: fp16` is not supported: TuneForge's training loop has no fp16 loss scaling, "
-                "and without it gradients below fp16's range (about 6e-8) flush to zero inside the dequantized "
-                "matmuls, so the LoRA weights learn less or nothing, while activations above 65504 overflow to "
-                "inf (bf16 has fp32's range and needs no scaling). Use `qlora.compute_dtype: bf16` on GPUs that "
-                "have it (Ampere or newer: A100, RTX 30xx/40xx, H100) and `fp32` on the others (T4, V100) and on "
-                "CPUs without native bf16.")
+# fp16 compute needs loss scaling, which the loop runs only under training.precision fp16 (training/distributed.py)
+FP16_REFUSED = ("`qlora.compute_dtype: fp16` needs `training.precision: fp16` (this run has `{precision}`): only "
+                "then does TuneForge scale the loss (torch GradScaler), and without scaling, gradients below fp16's "
+                "range (about 6e-8) flush to zero inside the dequantized matmuls, so the LoRA weights learn less or "
+                "nothing. Set `training.precision: fp16` too (GPUs before Ampere: T4, V100), or use "
+                "`qlora.compute_dtype: bf16` on GPUs that have it (Ampere or newer: A100, RTX 30xx/40xx, H100) and "
+                "`fp32` on CPUs.")
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
@@ -109,8 +108,8 @@ class QLora(Lora):
         except ImportError as e:
             raise ConfigError(f"`method: {self.name}` needs bitsandbytes: pip install 'tuneforge[qlora]'.") from e
         o = cfg.options("qlora")
-        if o.compute_dtype == "fp16":
-            raise ConfigError(FP16_REFUSED)
+        if o.compute_dtype == "fp16" and cfg.training.precision != "fp16":
+            raise ConfigError(FP16_REFUSED.format(precision=cfg.training.precision))
         if o.optimizer.startswith("paged") and not _cuda_training(cfg):
             raise ConfigError(f"`qlora.optimizer: {o.optimizer}` pages optimizer state between GPU and CPU memory "
                               f"and needs CUDA; on CPU use `adamw_8bit` or `adamw`.")

@@ -60,14 +60,26 @@ class Strategy:
         """Skip the gradient exchange on all but the last micro-batch of a step (the sum is the same)."""
         return contextlib.nullcontext()
 
+    # fp16 compute: gradients under fp16's smallest value (~6e-8) flush to zero in the backward unless the loss is
+    # scaled up first; torch's GradScaler scales, unscales before clipping and skips a step whose gradients
+    # overflowed, lowering the scale (set by build_strategy; DeepSpeed scales in its own engine)
+    scaler: torch.amp.GradScaler | None = None
+
     def backward(self, model, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, model, optimizer, max_norm: float) -> float:
-        """Clip, step the optimizer, zero the gradients; the gradient norm before clipping."""
+        """Clip, step the optimizer, zero the gradients; the gradient norm before clipping. Under fp16 loss scaling a
+        non-finite norm means the step was skipped (the scale is lowered), not that training diverged."""
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
         norm = self.clip(params, max_norm) if params else 0.0
-        optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skipped when unscale_ found inf/nan
+            self.scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -212,7 +224,10 @@ def build_strategy(cfg, runtime: Runtime) -> Strategy:
         from tuneforge.training.deepspeed_zero import DeepSpeedStrategy
 
         return DeepSpeedStrategy(cfg)
-    return DDPStrategy() if engine == "ddp" else Strategy()
+    strategy = DDPStrategy() if engine == "ddp" else Strategy()
+    if runtime.dtype == torch.float16:
+        strategy.scaler = torch.amp.GradScaler(runtime.device.type)
+    return strategy
 
 
 def check_method_supported(engine: str, method_name: str) -> None:

@@ -311,12 +311,35 @@ class Trainer:
         if not math.isfinite(loss):  # before the optimizer step: the weights stay as the last good step left them
             raise self._diverged("loss", loss)
         grad_norm = self._step()
-        if not math.isfinite(grad_norm):
-            raise self._diverged("gradient norm", grad_norm)
+        self._check_grad_norm(grad_norm)
         self.scheduler.step()
-        return {"loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
+        return {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
                 "token_squares": squares, "head_positions": n_head, "forward_only_tokens": n_forward,
-                **extra.means(self.rt)}
+                **self._grad_metrics(grad_norm), **extra.means(self.rt)}
+
+    def _grad_metrics(self, grad_norm: float) -> dict:
+        """grad_norm, left out of a step fp16 loss scaling skipped (the window averages the steps that have it);
+        under fp16, `fp16_skipped`: the share of the window's steps skipped."""
+        if self.strategy.scaler is None:
+            return {"grad_norm": grad_norm}
+        skipped = not math.isfinite(grad_norm)
+        return {"fp16_skipped": float(skipped)} | ({} if skipped else {"grad_norm": grad_norm})
+
+    fp16_skips = 0  # optimizer steps in a row that fp16 loss scaling skipped
+
+    def _check_grad_norm(self, grad_norm: float) -> None:
+        """A non-finite gradient norm stops the run, unless fp16 loss scaling skipped the step (and halved the scale:
+        routine while the scale settles); 20 skips in a row, a scale cut by 2^20, is divergence all the same."""
+        scaler = self.strategy.scaler
+        if math.isfinite(grad_norm):
+            self.fp16_skips = 0
+            return
+        if scaler is not None and self.fp16_skips < 19:
+            self.fp16_skips += 1
+            self.say(f"note: step {self.step + 1}: fp16 gradients overflowed (norm {grad_norm}); the update was "
+                     f"skipped and the loss scale lowered to {scaler.get_scale():g}")
+            return
+        raise self._diverged("gradient norm", grad_norm)
 
     def _diverged(self, what: str, value: float) -> UserError:
         """A nan/inf loss would train on to an all-nan model that is saved as 'done': stop and say why instead."""
@@ -373,7 +396,8 @@ class Trainer:
     def _state(self, history: list[dict]) -> dict:
         return {"step": self.step, "position": self.position, "total_steps": self.total_steps,
                 "world_size": self.rt.world_size, "history": history, "window": self.window.state(),
-                "run": self.fingerprint, "objective": self._objective()}
+                "run": self.fingerprint, "objective": self._objective(),
+                **({"grad_scaler": self.strategy.scaler.state_dict()} if self.strategy.scaler is not None else {})}
 
     def _objective(self) -> dict:
         """What a resumed run may change but should hear about: the stage's loss options and the learning rate."""
@@ -449,6 +473,8 @@ class Trainer:
                      f"tuneforge_config.yaml and model card record only the new settings")
         self.step, self.position = state["step"], state["position"]
         self.window.load(state.get("window"))
+        if self.strategy.scaler is not None and state.get("grad_scaler"):  # the fp16 loss scale it had reached
+            self.strategy.scaler.load_state_dict(state["grad_scaler"])
         self.say(f"resumed from {path} at step {self.step}")
         self._resumed = True
         return state.get("history", [])

@@ -446,13 +446,13 @@ class RLTrainer(Trainer):
     def update(self, loss: torch.Tensor) -> tuple[float, float]:
         """One optimizer update from this rank's share of the minibatch loss (normalised by `global_count`);
         returns (the whole minibatch's loss over all ranks, grad norm)."""
-        (loss * self.rt.world_size).backward()  # DDP averages gradients over ranks; the shares add up: undo that
+        # DDP averages gradients over ranks; the shares add up: undo that (the strategy scales an fp16 loss)
+        self.strategy.backward(self.model, loss * self.rt.world_size)
         total = float(self.rt.all_reduce_sum(loss.detach().float()))
         if not math.isfinite(total):  # before the step, as the loop does: see Trainer._diverged
             raise self._diverged("loss", total)
         grad_norm = self._step()
-        if not math.isfinite(grad_norm):
-            raise self._diverged("gradient norm", grad_norm)
+        self._check_grad_norm(grad_norm)
         return total, grad_norm
 
     def evaluate(self):
