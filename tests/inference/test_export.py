@@ -327,3 +327,61 @@ def test_adapter_identification_and_base_reference(adapters, tmp_path):
     (run / "tuneforge_config.yaml").unlink()
     with pytest.raises(UserError, match="--model"):
         source.base_reference(run)
+
+
+def as_training_run(adapter: Path, base: Path, run: Path, method: str, *overrides: str) -> Path:
+    """A copy of `adapter` finished like `tuneforge train` finishes its output_dir: the training model card (with its
+    "Use it" section and PEFT library name) and the resolved tuneforge_config.yaml."""
+    import shutil
+
+    from tuneforge.configs.schema import dump_config, load_train_config
+    from tuneforge.training.model_card import finish_output_folder
+
+    shutil.copytree(adapter, run)
+    cfg = load_train_config(str(REPO / "examples" / "sft_lora_tiny.yaml"),
+                            [f"method={method}", f"model.name_or_path={base}", f"output_dir={run}", *overrides])
+    (run / "tuneforge_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    finish_output_folder(cfg, METHODS[method], run, run / "metrics.jsonl")
+    return run
+
+
+def test_merged_export_card_describes_the_export_and_keeps_the_trained_template(adapters, tmp_path):
+    """The merged folder's README.md used to repeat the training card's "Use it: tuneforge chat --adapter RUN ... a
+    plain PEFT adapter" with library_name peft, and the folder got the base's chat template instead of the one the
+    run trained with (model.chat_template); the GGUF file was named after the base."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    base, adapter = adapters["lora-llama"]
+    run = as_training_run(adapter, base, tmp_path / "my-finetune", "lora", "model.chat_template=chatml")
+    assert "## Use it" in (run / "README.md").read_text(encoding="utf-8")  # what the export must not repeat
+    for fmt, library in (("hf", "transformers"), ("gguf", "gguf")):
+        out = tmp_path / fmt
+        assert main(["export", "--adapter", str(run), "--out", str(out), "--format", fmt]) == 0
+        card = (out / "README.md").read_text(encoding="utf-8")
+        assert f"library_name: {library}\n" in card and "| optimizer steps |" in card and "## Export" in card, card
+        assert "## Use it" not in card and "PEFT adapter" not in card and f"--adapter {run}" not in card, card
+        assert (out / "tuneforge_config.yaml").read_text() == (run / "tuneforge_config.yaml").read_text()  # card names it
+    template = AutoTokenizer.from_pretrained(str(tmp_path / "hf")).chat_template
+    assert "<|im_start|>" in template and template != AutoTokenizer.from_pretrained(str(base)).chat_template
+    gguf_path = next((tmp_path / "gguf").glob("*.gguf"))
+    assert gguf_path.name == "my-finetune-f32.gguf"
+    fields = GGUFReader(str(gguf_path)).fields
+    assert fields["general.name"].contents() == "my-finetune"
+    assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
+
+
+def test_adapter_folder_export_keeps_the_trained_template_for_chat(adapters, tmp_path):
+    """A method that cannot merge is exported as an adapter folder: its tokenizer and run config carry the chat
+    template the run trained with, so `tuneforge chat --adapter EXPORT` renders prompts as training did."""
+    from tuneforge.inference.chat import ChatArgs, load_for_chat
+
+    base, adapter = adapters["prompt-llama"]
+    run = as_training_run(adapter, base, tmp_path / "run", "prompt_tuning", "model.chat_template=chatml",
+                          "prompt_tuning.num_virtual_tokens=4")
+    out = tmp_path / "out"
+    assert main(["export", "--adapter", str(run), "--out", str(out)]) == 0
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft\n" in card and "## Use it" not in card and "cannot be merged" in card
+    _, tokenizer = load_for_chat(ChatArgs(model=str(base), adapter=str(out), device="cpu"))
+    assert "<|im_start|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

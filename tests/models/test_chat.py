@@ -11,7 +11,7 @@ import torch
 from tuneforge.cli import main as cli_main
 from tuneforge.configs.schema import ModelConfig
 from tuneforge.errors import UserError
-from tuneforge.inference.chat import ChatArgs, load_for_chat, repl, reply
+from tuneforge.inference.chat import ChatArgs, chat_engine, load_for_chat, repl, reply
 from tuneforge.models.loading import load_model_and_tokenizer
 
 
@@ -73,15 +73,45 @@ def test_conversation_keeps_history_and_resets(tiny_llama_dir):
 
 
 def test_a_message_past_the_context_is_dropped_and_the_conversation_goes_on(tiny_llama_dir):
-    """One over-long message used to end the whole session (the error left the loop)."""
+    """One over-long message used to end the whole session (the error left the loop); it is refused without
+    dropping the earlier conversation to make room for it."""
     args = ChatArgs(model=str(tiny_llama_dir), max_new_tokens=4)
     model, tok = load_for_chat(args)
     too_long = "hello " * (model.config.max_position_embeddings + 10)
     out = io.StringIO()
-    repl(model, tok, args, stdin=io.StringIO(f"{too_long}\nHi\n"), out=out)
+    repl(model, tok, args, stdin=io.StringIO(f"Hi\n{too_long}\nAgain\n"), out=out)
     lines = [line for line in out.getvalue().splitlines() if line]
-    assert lines[0].startswith("error: The prompt is") and "/reset" in lines[0], lines
-    assert lines[1:] == [reply(model, tok, [{"role": "user", "content": "Hi"}], args)]  # without the dropped turn
+    first = reply(model, tok, [{"role": "user", "content": "Hi"}], args)
+    assert lines[0] == first and lines[1].startswith("error: The message is "), lines
+    assert "even without the earlier conversation; send a shorter one" in lines[1] and "not kept" in lines[1]
+    kept = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "Again"}]  # the refused message is gone, the earlier exchange is not
+    assert lines[2:] == [reply(model, tok, kept, args)]
+
+
+def test_a_long_conversation_drops_its_oldest_exchanges(tiny_llama_dir):
+    """A conversation past the context used to refuse every further message ("send a shorter one") although each
+    was short; now the oldest exchanges make room, and the user is told."""
+    args = ChatArgs(model=str(tiny_llama_dir), system="Be brief.", max_new_tokens=4)
+    model, tok = load_for_chat(args)
+    model.config.max_position_embeddings = 160  # a small context, so a few messages fill it
+    messages = [" ".join(f"w{i}{j}" for j in range(12)) for i in range(6)]
+    out = io.StringIO()
+    repl(model, tok, args, stdin=io.StringIO("\n".join(messages) + "\n"), out=out)
+    lines = out.getvalue().splitlines()
+    notes = [i for i, line in enumerate(lines) if line.startswith("(dropped the ")]
+    assert notes and not any(line.startswith("error") for line in lines), lines
+    assert lines[notes[0]] == "(dropped the 2 oldest messages to fit the model's context of 160 tokens)"
+    replies = [line for line in lines if not line.startswith("(dropped")]
+    assert len(replies) == len(messages)
+    turn = notes[0]  # the reply after the first note answers messages[turn] without the first exchange
+    system = [{"role": "system", "content": "Be brief."}]
+    history = [m for i in range(turn) for m in ({"role": "user", "content": messages[i]},
+                                                {"role": "assistant", "content": replies[i]})]
+    full = system + history + [{"role": "user", "content": messages[turn]}]
+    engine = chat_engine(model, tok)
+    assert engine.room_after(engine.encode(full)) < args.max_new_tokens  # it really had to drop
+    assert lines[notes[0] + 1] == reply(model, tok, system + full[3:], args)
 
 
 def test_end_of_input_quits(tiny_llama_dir):
@@ -162,9 +192,10 @@ def test_a_stopped_run_says_where_it_stopped_and_how_to_finish_it(tiny_llama_dir
                       "training.max_steps=4", "training.save_steps=2", "training.stop_after_steps=2")
     assert not (run / "adapter_config.json").exists() and (run / "checkpoint-2").is_dir()
     command = f"tuneforge train {run / 'tuneforge_config.yaml'} training.resume=auto"
-    for folder in (run, run / "checkpoint-2"):
-        for verb in (["chat", "--adapter", str(folder), "--prompt", "hi"],
-                     ["export", "--adapter", str(folder), "--out", str(tmp_path / "merged")]):
+    for folder in (run, run / "checkpoint-2"):  # as --model too: it said "no config.json, point at a model folder"
+        for verb in (["chat", "--adapter", str(folder), "--prompt", "hi"], ["chat", "--model", str(folder)],
+                     ["export", "--adapter", str(folder), "--out", str(tmp_path / "merged")],
+                     ["export", "--model", str(folder), "--out", str(tmp_path / "merged")]):
             assert cli_main(verb) == 2
             err = capsys.readouterr().err
             assert "stopped at step 2 of 4 (checkpoint-2)" in err and f"`{command}`" in err, (verb, err)
@@ -175,8 +206,9 @@ def test_a_stopped_run_says_where_it_stopped_and_how_to_finish_it(tiny_llama_dir
     run_config(load_train_config(args[2], args[3:]), log=lambda _: None)  # the advice, followed
     assert (run / "adapter_config.json").is_file()
     load_for_chat(ChatArgs(adapter=str(run)))
-    with pytest.raises(UserError, match=rf"checkpoint-2 is a training checkpoint \(step 2 of 4\).*Pass {run} "):
-        load_for_chat(ChatArgs(adapter=str(run / "checkpoint-2")))
+    for args in (ChatArgs(adapter=str(run / "checkpoint-2")), ChatArgs(model=str(run / "checkpoint-2"))):
+        with pytest.raises(UserError, match=rf"checkpoint-2 is a training checkpoint \(step 2 of 4\).*Pass {run} "):
+            load_for_chat(args)
 
 
 def test_adapter_on_a_base_of_another_shape_is_a_clear_error(tiny_qwen2_dir, tiny_llama_dir, tmp_path, monkeypatch,
@@ -245,6 +277,16 @@ def test_sampling_options_on_the_command_line(tiny_llama_dir, capsys):
 def test_bad_sampling_option_is_a_user_error(tiny_llama_dir, capsys):
     assert cli_main(["chat", "--model", str(tiny_llama_dir), "--prompt", "Hi", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_sampling_options_without_temperature_say_they_do_nothing(tiny_llama_dir, capsys):
+    """--seed/--top-p/--top-k with the default greedy decoding changed nothing, silently: two seeds, one reply."""
+    base = ["chat", "--model", str(tiny_llama_dir), "--prompt", "Hi", "--max-new-tokens", "4"]
+    assert cli_main(base + ["--seed", "1", "--top-k", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --top-k, --seed only apply when sampling" in err and "--temperature 0.7" in err
+    assert cli_main(base + ["--seed", "1", "--temperature", "0.7"]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def _read_until(fd: int, marker: bytes, alive=lambda: True, timeout: float = 180) -> list[bytes]:

@@ -7,7 +7,8 @@
 
 Replies stream as they are generated (through the generation engine, tuneforge.inference). In the conversation:
 `/reset` forgets the history, `/system TEXT` sets a new system prompt and starts over (`/system` alone removes
-it), `/help` lists the commands and `/exit` (or Ctrl-D) quits; Ctrl-C stops a reply mid-way. By default replies are
+it), `/help` lists the commands and `/exit` (or Ctrl-D) quits; Ctrl-C stops a reply mid-way. A conversation that
+outgrows the model's context drops its oldest exchanges, and says so. By default replies are
 greedy (with a mild repetition penalty), so the same question gets the same answer, which makes before/after
 comparisons of a fine-tune meaningful; `--temperature` > 0 samples, and `--seed` makes sampled replies repeatable.
 """
@@ -21,7 +22,14 @@ from typing import Literal
 from tuneforge.configs.schema import ModelConfig
 from tuneforge.configs.typed import opt
 from tuneforge.errors import UserError
-from tuneforge.models.adapter_loading import adapter_folder, base_for, check_base_matches, load_adapter, recorded_base
+from tuneforge.models.adapter_loading import (
+    adapter_folder,
+    base_for,
+    check_base_matches,
+    check_model_folder,
+    load_adapter,
+    recorded_base,
+)
 
 
 @dataclass
@@ -57,6 +65,7 @@ def load_for_chat(args: ChatArgs):
     base, template = base_for(args.adapter, args.model, args.chat_template)
     model_cfg = ModelConfig(name_or_path=base, trust_remote_code=args.trust_remote_code,
                             allow_pickle=args.allow_pickle, chat_template=template)
+    check_model_folder(base)  # a stopped run or a checkpoint-N: say how to finish it, not "no config.json"
     if args.adapter:  # refuse a base of another shape before loading it (a 7B model takes minutes)
         folder = adapter_folder(args.adapter)
         check_base_matches(folder, recorded_base(folder), base)
@@ -64,6 +73,18 @@ def load_for_chat(args: ChatArgs):
     if args.adapter:
         model = load_adapter(model, args.adapter, base)
     return model.eval(), tokenizer
+
+
+def greedy_note(args: ChatArgs) -> str | None:
+    """What to say when sampling options are given without --temperature: greedy decoding ignores them, and
+    identical replies for two seeds would otherwise look like a broken --seed."""
+    given = [flag for flag, unset in (("--top-p", args.top_p == 1.0), ("--top-k", args.top_k == 0),
+                                      ("--seed", args.seed is None)) if not unset]
+    if args.temperature > 0 or not given:
+        return None
+    verb = "applies" if len(given) == 1 else "apply"
+    return (f"note: {', '.join(given)} only {verb} when sampling; with --temperature 0 (the default) replies are "
+            f"greedy. Add e.g. --temperature 0.7 to sample.")
 
 
 def sampling_params(args: ChatArgs):
@@ -151,16 +172,38 @@ def repl(model, tokenizer, args: ChatArgs, stdin=None, out=None) -> None:
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        if interactive:
-            out.write("assistant> ")
         try:
+            history = _fit_context(engine, history, params.max_new_tokens, out)
+            if interactive:
+                out.write("assistant> ")
             answer = stream_reply(engine, history, params, out)
-        except UserError as e:  # e.g. a message past the context window: say so, drop it, keep the conversation
+        except UserError as e:  # e.g. a message that does not fit even alone: say so, drop it, keep the conversation
             history.pop()
-            out.write(f"\nerror: {e} That message was not kept; send a shorter one, or /reset to start over.\n")
+            out.write(f"error: {e} That message was not kept.\n")
             out.flush()
             continue
         history.append({"role": "assistant", "content": answer})
+
+
+def _fit_context(engine, history: list[dict], max_new_tokens: int, out) -> list[dict]:
+    """The conversation without its oldest exchanges, as few as leave room for a reply (max_new_tokens, at most half
+    the context), so a long conversation goes on; the system prompt and the new message always stay (a UserError
+    when they alone do not fit)."""
+    keep = 1 if history and history[0]["role"] == "system" else 0
+    alone = engine.encode(history[:keep] + history[-1:])
+    if engine.room_after(alone) <= 0:  # refused before any older message is dropped: the conversation stays whole
+        system = " with the system prompt" if keep else ""
+        raise UserError(f"The message is {len(alone)} tokens{system}, more than the model's context of "
+                        f"{engine.context_length} tokens even without the earlier conversation; send a shorter one"
+                        f"{' (or set a shorter /system prompt)' if keep else ''}.")
+    room, dropped = min(max_new_tokens, engine.context_length // 2), 0
+    while len(history) - keep > 2 and engine.room_after(engine.encode(history)) < room:
+        history = history[:keep] + history[keep + 2:]  # one user message and its reply
+        dropped += 2
+    if dropped:
+        print(f"(dropped the {dropped} oldest messages to fit the model's context of {engine.context_length} "
+              f"tokens)", file=out, flush=True)
+    return history
 
 
 def _command(text: str, system: str | None, history: list[dict], out) -> tuple[str | None, list[dict]]:
@@ -180,10 +223,13 @@ def _command(text: str, system: str | None, history: list[dict], out) -> tuple[s
 
 
 def chat_cli(args: ChatArgs) -> int:
+    params = sampling_params(args)  # a bad value is refused before minutes of loading
+    if note := greedy_note(args):
+        print(note, file=sys.stderr)
     model, tokenizer = load_for_chat(args)
     if args.prompt is not None:
         messages = _system_turn(args.system) + [{"role": "user", "content": args.prompt}]
-        stream_reply(chat_engine(model, tokenizer), messages, sampling_params(args), sys.stdout)
+        stream_reply(chat_engine(model, tokenizer), messages, params, sys.stdout)
         return 0
     repl(model, tokenizer, args)
     return 0

@@ -60,12 +60,23 @@ def training_run_note(folder: Path) -> str | None:
         return None
     step, total = _steps(latest)
     if is_checkpoint and ((run / "adapter_config.json").is_file() or (run / "config.json").is_file()):
-        return (f"{folder} is a training checkpoint (step {_steps(folder)[0]} of {total}), not an adapter folder; "
-                f"its run finished and wrote its output to {run}. Pass {run} instead.")
+        return (f"{folder} is a training checkpoint (step {_steps(folder)[0]} of {total}), not a model or adapter "
+                f"folder; its run finished and wrote its output to {run}. Pass {run} instead.")
     what = f"a checkpoint (step {_steps(folder)[0]}) of an" if is_checkpoint else "an"
     return (f"{folder} is {what} unfinished training run: it stopped at step {step} of {total} ({latest.name}), "
-            f"and a checkpoint holds training state (weights and optimizer), not an adapter. Finish it with "
+            f"and a checkpoint holds training state (weights and optimizer), not a model or adapter. Finish it with "
             f"`{_resume_command(run)}`; the adapter (or model) is written to {run} when training ends.")
+
+
+def check_model_folder(model: str) -> None:
+    """A --model that is a stopped run's output_dir (checkpoints, no model yet) or one of its checkpoint-N folders
+    gets what to do with it, not the loader's "no config.json, point at a save_pretrained folder"."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+        return  # a model or adapter folder, a hub id, builtin:<name>, or missing: the loader says what is wrong
+    note = training_run_note(folder)
+    if note:
+        raise UserError(note)
 
 
 def _steps(checkpoint: Path) -> tuple[object, object]:
@@ -168,7 +179,7 @@ def base_for(adapter: str | None, model: str | None, chat_template: str | None) 
     if not adapter:
         return model or DEFAULT_MODEL, chat_template
     folder = adapter_folder(adapter)
-    template = chat_template or _trained_template(folder)
+    template = chat_template or trained_template(folder)
     if model:
         return model, template
     base = recorded_base(folder)
@@ -183,7 +194,7 @@ def base_for(adapter: str | None, model: str | None, chat_template: str | None) 
     return base, template
 
 
-def _trained_template(folder: Path) -> str | None:
+def trained_template(folder: Path) -> str | None:
     """The `model.chat_template` override recorded in the run's tuneforge_config.yaml, if any."""
     import yaml
 

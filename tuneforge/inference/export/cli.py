@@ -14,6 +14,8 @@ half-written; an existing non-empty --out is refused unless --overwrite.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,13 @@ import torch
 from tuneforge.configs.schema import ModelConfig
 from tuneforge.configs.typed import opt
 from tuneforge.errors import UserError
-from tuneforge.models.adapter_loading import adapter_folder, check_base_matches, recorded_base
+from tuneforge.models.adapter_loading import (
+    adapter_folder,
+    check_base_matches,
+    check_model_folder,
+    recorded_base,
+    trained_template,
+)
 
 
 @dataclass
@@ -127,19 +135,39 @@ def _export_adapter(args: ExportArgs, base: str, adapter: Path, method, model_cf
             f"{how}")
     with atomic_folder(out) as tmp:
         write_adapter_folder(adapter, tokenizer, tmp, args.model)
-        write_export_card(tmp, adapter, note)
+        write_export_card(tmp, adapter, note)  # library_name stays: it is still the run's PEFT/TuneForge adapter
     print(f"note: {note}")
 
 
-def write_export_card(folder: Path, source: Path | None, how: str) -> None:
+USE_IT = re.compile(r"^## Use it\n.*?(?=^## |\Z)", re.S | re.M)  # the training card's section on loading the run
+
+
+def write_export_card(folder: Path, source: Path | None, how: str, library: str | None = None) -> None:
     """README.md of an export: the training run's model card where the source has one (what was trained, on what,
-    with which losses), and an Export section saying what this folder is and how to load it."""
+    with which losses), and an Export section saying what this folder is and how to load it. The card's "Use it"
+    section is left out (it loads the training folder, e.g. as an adapter, which a merged folder is not), and
+    `library` (transformers, gguf) replaces its library_name when the export is another kind of folder. The run's
+    tuneforge_config.yaml comes along: the card names it, and chat reads the run's chat template from it."""
     card = source / "README.md" if source is not None else None
-    text = card.read_text(encoding="utf-8").rstrip() + "\n\n" if card is not None and card.is_file() else ""
+    text = card.read_text(encoding="utf-8") if card is not None and card.is_file() else ""
+    text = USE_IT.sub("", text).rstrip()
+    if library:
+        text = re.sub(r"^library_name: .*$", f"library_name: {library}", text, count=1, flags=re.M)
+    text = text + "\n\n" if text else ""
     (folder / "README.md").write_text(f"{text}## Export\n\nWritten by `tuneforge export`. {how}\n", encoding="utf-8")
+    run_config = source / "tuneforge_config.yaml" if source is not None else None
+    if run_config is not None and run_config.is_file():
+        shutil.copy2(run_config, folder / run_config.name)
 
 
-def _write_merged(args: ExportArgs, model, tokenizer, dtype: torch.dtype, tmp: Path) -> None:
+def gguf_name_of(model, adapter: Path | None) -> str:
+    """The GGUF file's stem and `general.name`: the fine-tune's own folder name (the merged model's config still
+    names the base, so every fine-tune of one base would be called the same), else the model folder's."""
+    source = adapter.resolve() if adapter is not None else Path(str(getattr(model.config, "_name_or_path", "")))
+    return source.name or "model"
+
+
+def _write_merged(args: ExportArgs, model, tokenizer, dtype: torch.dtype, tmp: Path, adapter: Path | None) -> None:
     from tuneforge.inference.export import hf
     from tuneforge.inference.export.gguf_file import ollama_modelfile, write_gguf
 
@@ -150,7 +178,7 @@ def _write_merged(args: ExportArgs, model, tokenizer, dtype: torch.dtype, tmp: P
         hf.write_bnb_folder(model, tokenizer, tmp, args.quant, shard)
     else:
         kind = "q8_0" if args.quant == "q8_0" else GGUF_KINDS[dtype]
-        name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
+        name = gguf_name_of(model, adapter)
         gguf_name = f"{name}-{kind}.gguf"
         write_gguf(model, tokenizer, tmp / gguf_name, kind, name=name)
         stops = hf.export_generation_config(model, tokenizer).eos_token_id
@@ -182,6 +210,7 @@ def export_cli(args: ExportArgs) -> int:
         adapter_folder(adapter, "export it with `tuneforge export --model {folder} --out DIR` (no --adapter).")
         method = source.adapter_method(adapter)
     base = args.model or source.base_reference(adapter)
+    check_model_folder(base)  # a stopped run or a checkpoint-N: say how to finish it, not "no config.json"
     if adapter is not None:  # a base of another shape: refused before minutes of loading, as chat does
         check_base_matches(adapter, recorded_base(adapter), base)
     out = Path(args.out).expanduser()
@@ -190,8 +219,8 @@ def export_cli(args: ExportArgs) -> int:
         from tuneforge.inference.export.hf import check_bitsandbytes
 
         check_bitsandbytes()  # before minutes of loading and merging
-    model_cfg = ModelConfig(name_or_path=base, trust_remote_code=args.trust_remote_code,
-                            allow_pickle=args.allow_pickle)
+    model_cfg = ModelConfig(name_or_path=base, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                            chat_template=trained_template(adapter) if adapter is not None else None)  # as trained
     if method is not None and not method.mergeable:
         _export_adapter(args, base, adapter, method, model_cfg, out)
         _report(out, started)
@@ -199,8 +228,9 @@ def export_cli(args: ExportArgs) -> int:
     dtype = target_dtype(args, Path(resolve_source(base)))
     model, tokenizer = source.load_merged(base, adapter, method, model_cfg, dtype)
     with atomic_folder(out) as tmp:
-        _write_merged(args, model, tokenizer, dtype, tmp)
-        write_export_card(tmp, adapter or Path(resolve_source(base)), _loading_note(args, method, adapter, base, out))
+        _write_merged(args, model, tokenizer, dtype, tmp, adapter)
+        write_export_card(tmp, adapter or Path(resolve_source(base)), _loading_note(args, method, adapter, base, out),
+                          library="gguf" if args.format == "gguf" else "transformers")
     if method is not None:
         print(f"Merged the `{method.name}` adapter from {adapter} into {base}.")
     _report(out, started)
