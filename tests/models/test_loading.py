@@ -207,3 +207,14 @@ def test_dataset_name_without_hub_fails_in_seconds(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"runs/train: no such file or folder \(relative paths"):
         read_datasets(DataConfig(train=[DatasetSpec(path="runs/train")]))
     assert len(modes) == 2  # a path that looks local never reaches `datasets`
+
+
+def test_a_folder_without_config_names_the_key_and_the_flag(tmp_path):
+    """The same check serves train (a config key) and chat/export/eval/serve (--model): both names are given."""
+    from tuneforge.models.loading import check_local_folder
+
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(UserError, match=r"no config.json.*`model.name_or_path` \(or `--model`\)"):
+        check_local_folder(tmp_path)
+    with pytest.raises(UserError, match=r"is a file; the model \(`model.name_or_path`, or `--model`\)"):
+        check_local_folder(tmp_path / "weights.bin")

@@ -108,7 +108,8 @@ def looks_local(name: str) -> bool:
 def check_local_folder(folder: Path) -> None:
     """Refuse what is not a loadable model folder, saying what it looks like instead."""
     if not folder.is_dir():
-        raise UserError(f"{folder} is a file; `model.name_or_path` must be the folder that holds config.json.")
+        raise UserError(f"{folder} is a file; the model (`model.name_or_path`, or `--model`) must be the folder that "
+                        f"holds config.json.")
     if (folder / "config.json").is_file():
         _check_causal_lm(folder)
         return
@@ -119,7 +120,8 @@ def check_local_folder(folder: Path) -> None:
                         f"`tuneforge export --adapter {folder} --out {folder}-merged`, then "
                         f"`model.name_or_path={folder}-merged`.")
     raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder. Point "
-                    f"`model.name_or_path` at the folder written by save_pretrained (or by `tuneforge init-model`).")
+                    f"`model.name_or_path` (or `--model`) at the folder written by save_pretrained (or by "
+                    f"`tuneforge init-model`).")
 
 
 def _check_causal_lm(folder: Path) -> None:
@@ -206,7 +208,7 @@ def _from_pretrained(fn, source: str, what: str, **kwargs):
         if kwargs.get("local_files_only"):
             raise UserError(f"`{source}` is not a local folder and the Hugging Face hub is unreachable from here "
                             f"(and the model is not in the local hub cache). Download the model on a machine with "
-                            f"access and pass its local folder as `model.name_or_path`, or use "
+                            f"access and pass its local folder as `model.name_or_path` (or `--model`), or use "
                             f"builtin:smollm2-135m-instruct.") from e
         hint = "" if kwargs.get("use_safetensors") is not True else (
             " If the repository has only pickle weights and you trust it, set `model.allow_pickle: true`.")
