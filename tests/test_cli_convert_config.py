@@ -160,6 +160,45 @@ def test_what_differs_is_noted_not_dropped_silently():
     assert conv.config["data"]["loss_on"] == "all"
 
 
+def test_keys_at_a_value_tuneforge_has_are_not_listed_as_without_equivalent():
+    """num_train_epochs beside max_steps has an equivalent (max_steps wins in both tools); mask_history: false is the
+    default. Neither belongs in the 'no TuneForge equivalent' list."""
+    conv = convert({"model_name_or_path": "m", "dataset": "a", "max_steps": 2, "num_train_epochs": 1,
+                    "train_on_prompt": True, "mask_history": False})
+    assert conv.dropped == []
+    assert conv.config["training"]["max_steps"] == 2 and conv.config["training"]["epochs"] == 1
+    assert conv.config["data"]["loss_on"] == "all"
+    assert load_train_config(None, base=conv.config).training.max_steps == 2
+
+
+# LLaMA-Factory's examples/deepspeed/ds_z3_config.json: Hugging Face style, "auto" values, no optimizer section
+LF_DS_Z3 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+            "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                     "hysteresis": 2, "min_loss_scale": 1}, "bf16": {"enabled": "auto"},
+            "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
+                                  "sub_group_size": 1e9, "reduce_bucket_size": "auto",
+                                  "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                                  "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+                                  "stage3_gather_16bit_weights_on_model_save": True}}
+
+
+def test_a_deepspeed_json_becomes_training_deepspeed(tmp_path, monkeypatch):
+    """TuneForge reads LLaMA-Factory's DeepSpeed JSON as it is, so `deepspeed: FILE` carries over."""
+    from tuneforge.training.deepspeed_zero import load_user_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds_z3_config.json").write_text(json.dumps(LF_DS_Z3), encoding="utf-8")
+    conv = convert({"model_name_or_path": "m", "dataset": "a", "deepspeed": "ds_z3_config.json", "bf16": True})
+    assert conv.dropped == []
+    cfg = load_train_config(None, base=conv.config)
+    assert cfg.training.distributed == "deepspeed" and cfg.training.deepspeed == "ds_z3_config.json"
+    ds = load_user_config(cfg.training.deepspeed, cfg.training, world_size=2, hidden_size=64)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 16 and ds["bf16"]["enabled"] is True
+    missing = convert({"model_name_or_path": "m", "dataset": "a", "deepspeed": "elsewhere/ds.json"})
+    assert any("elsewhere/ds.json does not exist here" in n for n in missing.notes)
+
+
 def test_registry_names_are_checked(tmp_path):
     registry = _registry(tmp_path / "lfdata")
     conv = convert({"model_name_or_path": "m", "dataset": "identity,missing_set", "dataset_dir": str(registry.parent)})

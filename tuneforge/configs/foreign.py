@@ -93,7 +93,6 @@ NO_EQUIVALENT: dict[str, str] = {
     "ddp_timeout": "not configurable.",
     "report_to": "TuneForge always writes metrics.jsonl and TensorBoard files into output_dir.",
     "logging_dir": "TensorBoard files go to output_dir/tensorboard.",
-    "deepspeed": "multi-GPU runs use torchrun (DDP); see the README.",
     "save_only_model": "checkpoints always hold what resume needs.",
     "adapter_name_or_path": "training starts a new adapter; to build on an earlier one (e.g. DPO after SFT), merge "
                             "it first (`tuneforge export --adapter ADAPTER --out MERGED`) and set "

@@ -249,6 +249,8 @@ class _Converter:
                               f"set data.eval_ratio yourself.")
         if self.take("neat_packing", False):
             _put(self.config, "data.packing", True)  # TuneForge's packing never attends across examples
+        if not self.lf.get("mask_history"):
+            self.take("mask_history")  # false: LLaMA-Factory's default, nothing to carry over
         if self.take("train_on_prompt", False):
             _put(self.config, "data.loss_on", "all")
         elif self.take("mask_history", False):
@@ -281,7 +283,7 @@ class _Converter:
         max_steps = self.take("max_steps", -1)
         if max_steps > 0:
             t["max_steps"] = max_steps
-        else:
+        if max_steps <= 0 or "num_train_epochs" in self.lf:  # beside max_steps: kept; max_steps wins, as in HF
             t["epochs"] = self.take("num_train_epochs", DEFAULTS["num_train_epochs"])
         scheduler = self.take("lr_scheduler_type", DEFAULTS["lr_scheduler_type"])
         t["scheduler"] = SCHEDULERS.get(scheduler, "cosine")
@@ -294,8 +296,22 @@ class _Converter:
         if "adam_beta1" in self.lf or "adam_beta2" in self.lf:
             t["adam_betas"] = [self.take("adam_beta1", 0.9), self.take("adam_beta2", 0.999)]
         t["gradient_checkpointing"] = not self.take("disable_gradient_checkpointing", False)
+        self._deepspeed(t)
         self._eval_and_resume(t)
         self.config["training"] = {**self.config.get("training", {}), **t}
+
+    def _deepspeed(self, t: dict) -> None:
+        """LLaMA-Factory's DeepSpeed JSONs are Hugging Face style ("auto" values, no optimizer section), which
+        training.deepspeed reads as they are."""
+        ds = self.take("deepspeed")
+        if not ds:
+            return
+        t["distributed"], t["deepspeed"] = "deepspeed", str(ds)
+        self.notes.append(f"deepspeed {ds}: runs under torchrun (`torchrun --nproc-per-node N -m tuneforge train "
+                          f"FILE`); the path counts from where you run it, as in LLaMA-Factory.")
+        if not any(p.is_file() for p in [Path(ds)] + ([self.source.parent / ds] if self.source else [])):
+            self.notes.append(f"deepspeed {ds} does not exist here: copy LLaMA-Factory's JSON next to where you run "
+                              f"`tuneforge train`, fix the path, or set training.deepspeed to a ZeRO stage (2 or 3).")
 
     def _eval_and_resume(self, t: dict) -> None:
         strategy = self.take("eval_strategy", self.take("evaluation_strategy", "no"))
