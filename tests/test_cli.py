@@ -153,3 +153,14 @@ def test_library_notices_that_contradict_what_happens_are_filtered_and_nothing_e
         log.warning(notice)
         log.warning("something else")
     assert [r.getMessage() for r in caplog.records if r.name == logger] == ["something else"]
+
+
+def test_data_help_lists_its_sub_verbs(capsys):
+    """`tuneforge data --help` is where a user looks for what follows `data`: its usage line and a list name them."""
+    from tuneforge.data.curate import SUBVERBS
+
+    assert cli_main(["data", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: tuneforge data <sub-verb> [options]")
+    for name, (_, _, help_) in SUBVERBS.items():
+        assert f"  {name:<8} {help_}" in out, name

@@ -65,7 +65,7 @@ VERBS = [
     Verb("export", "tuneforge.inference.export.cli:export_cli", "tuneforge.inference.export.cli:ExportArgs",
          "Merge an adapter into its base and write a Hugging Face folder or a GGUF file (llama.cpp, Ollama)."),
     Verb("data", "tuneforge.data.curate:data_cli", None,
-         "Data tools: `data inspect|clean|mix|synth|safety` (see `tuneforge data --help`); outputs train-ready .jsonl.",
+         "Data tools: `data inspect|clean|mix|synth|safety`, each with its own --help; outputs train-ready .jsonl.",
          subverbs=True),
     Verb("serve", "tuneforge.inference.serve.main:serve_cli", "tuneforge.inference.serve.main:ServeArgs",
          "Serve a model and its adapters over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."),
@@ -93,8 +93,11 @@ def _examples(verb: Verb) -> str:
 def _new_parser(verb: Verb, extra: str = "") -> argparse.ArgumentParser:
     """The parser (and so the --help layout) every verb shares: usage, description, options, examples, notes."""
     examples = _examples(verb)
+    if verb.subverbs:  # `tuneforge data --help` lists what can follow `data` (its own usage line said nothing)
+        extra = _load(verb.target.split(":")[0] + ":subverb_help")()
     parts = [f"examples:\n{examples}" if examples else "", extra, textwrap.fill(verb.notes, width=100)]
     return ArgParser(prog=f"tuneforge {verb.name}", description=verb.help,
+                     usage=f"tuneforge {verb.name} <sub-verb> [options]" if verb.subverbs else None,
                      epilog="\n\n".join(p for p in parts if p) or None,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
 

@@ -31,10 +31,13 @@ SUBVERBS = {
 }
 
 
-def usage() -> str:
+def subverb_help() -> str:
     rows = "\n".join(f"  {name:<8} {help_}" for name, (_, _, help_) in SUBVERBS.items())
-    return (f"usage: tuneforge data <sub-verb> [options]\n\nsub-verbs:\n{rows}\n\n"
-            f"`tuneforge data <sub-verb> --help` for its options.")
+    return f"sub-verbs:\n{rows}\n\n`tuneforge data <sub-verb> --help` for its options."
+
+
+def usage() -> str:
+    return f"usage: tuneforge data <sub-verb> [options]\n\n{subverb_help()}"
 
 
 def data_cli(argv: list[str]) -> int:
