@@ -261,6 +261,15 @@ def test_system_command_and_help(tiny_llama_dir):
     assert lines[0] == "(new system prompt; conversation cleared)" and lines[1] == with_system
     assert lines[2].startswith("Commands: /reset") and lines[3].startswith("Unknown command /nope.")
     assert lines[4] == "(no system prompt; conversation cleared)" and lines[5] == without
+    assert "begin it with //" in lines[3]
+
+
+def test_a_double_slash_sends_a_message_that_starts_with_a_slash(tiny_llama_dir):
+    args = ChatArgs(model=str(tiny_llama_dir), max_new_tokens=6)
+    model, tok = load_for_chat(args)
+    out = io.StringIO()
+    repl(model, tok, args, stdin=io.StringIO("//etc/hosts?\n"), out=out)
+    assert out.getvalue().splitlines() == [reply(model, tok, [{"role": "user", "content": "/etc/hosts?"}], args)]
 
 
 def test_sampling_options_on_the_command_line(tiny_llama_dir, capsys):

@@ -6,11 +6,12 @@
     tuneforge chat --model M --temperature 0.7 --top-p 0.9 --seed 1        # sampled, reproducible
 
 Replies stream as they are generated (through the generation engine, tuneforge.inference). In the conversation:
-`/reset` forgets the history, `/system TEXT` sets a new system prompt and starts over (`/system` alone removes
-it), `/help` lists the commands and `/exit` (or Ctrl-D) quits; Ctrl-C stops a reply mid-way. A conversation that
-outgrows the model's context drops its oldest exchanges, and says so. By default replies are
-greedy (with a mild repetition penalty), so the same question gets the same answer, which makes before/after
-comparisons of a fine-tune meaningful; `--temperature` > 0 samples, and `--seed` makes sampled replies repeatable.
+`/reset` forgets the history, `/system TEXT` sets a new system prompt and starts over (`/system` alone removes it),
+`/help` lists the commands and `/exit` (or Ctrl-D) quits; `//text` sends `/text` as a message; Ctrl-C stops a reply
+mid-way. A conversation that outgrows the model's context drops its oldest exchanges, and says so. By default
+replies are greedy (with a mild repetition penalty), so the same question gets the same answer, which makes
+before/after comparisons of a fine-tune meaningful; `--temperature` > 0 samples, and `--seed` makes sampled replies
+repeatable.
 """
 
 from __future__ import annotations
@@ -166,7 +167,9 @@ def repl(model, tokenizer, args: ChatArgs, stdin=None, out=None) -> None:
         text = line.strip()
         if text == "/exit":
             break
-        if text.startswith("/"):
+        if text.startswith("//"):  # a message that itself starts with "/" (a path, a regex): sent with one "/"
+            text = text[1:]
+        elif text.startswith("/"):
             system, history = _command(text, system, history, out)
             continue
         if not text:
@@ -217,8 +220,8 @@ def _command(text: str, system: str | None, history: list[dict], out) -> tuple[s
         print("(new system prompt; conversation cleared)" if system else "(no system prompt; conversation cleared)",
               file=out, flush=True)
         return system, _system_turn(system)
-    print(f"Commands: {COMMANDS}" if name == "/help" else f"Unknown command {name}. Commands: {COMMANDS}",
-          file=out, flush=True)
+    print(f"Commands: {COMMANDS}" if name == "/help" else f"Unknown command {name}. Commands: {COMMANDS} To send "
+          f"a message that starts with /, begin it with // (sent with one /).", file=out, flush=True)
     return system, history
 
 
