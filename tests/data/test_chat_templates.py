@@ -167,11 +167,39 @@ def test_tool_calls_become_text_for_templates_without_tool_support():
         call_text + "<|im_end|>", "It is sunny in Paris.<|im_end|>"]
 
 
+# Templates without a tool role: they refuse it (roles must alternate) or drop it unseen (Phi-3, Zephyr, Yi).
+NO_TOOL_ROLE = ["baichuan2-chat", "deepseek-llm-chat", "gemma-2-it", "gemma-3-it", "gemma-7b-it",
+                "mistral-7b-instruct-v0.1", "mistral-7b-instruct-v0.2-v1-system", "mixtral-8x7b-instruct-v0.1",
+                "phi-3-medium-instruct", "phi-3-mini-instruct", "phi-3.5-mini-instruct", "yi-chat", "zephyr"]
+TWO_RESULTS = [TOOL_CONVERSATION[0],
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                   {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+               {"role": "tool", "content": '{"sky": "cloudless"}'}, {"role": "tool", "content": '{"sky": "rainy"}'},
+               TOOL_CONVERSATION[3]]
+
+
 @needs_templates
-@pytest.mark.parametrize("name", ["gemma-2-it", "mistral-7b-instruct-v0.1", "zephyr", "phi-3-mini-instruct",
-                                  "deepseek-v2.5"])
+@pytest.mark.parametrize("name", NO_TOOL_ROLE)
+def test_tool_results_become_user_turns_for_templates_without_a_tool_role(name):
+    """LLaMA-Factory's glaive_toolcall demo trains on Gemma or Phi-3; here every such row was a bad row. The tool
+    results (one user turn per run of them) are input, the call and the reply are targets."""
+    tokenizer = tokenizer_for(name)
+    encoded = encode_chat(tokenizer, TWO_RESULTS)
+    calls = "\n".join(json.dumps({"name": "get_weather", "arguments": {"city": c}}) for c in ("Paris", "Rome"))
+    as_user = [TWO_RESULTS[0], {"role": "assistant", "content": calls},
+               {"role": "user", "content": '{"sky": "cloudless"}\n{"sky": "rainy"}'}, TWO_RESULTS[4]]
+    assert encoded.input_ids == reference_ids(tokenizer, as_user)
+    middle, end = EXPECTED_END[name]
+    assert [s.strip() for s in labelled_segments(encoded, tokenizer)] == [
+        (calls + middle).strip(), ("It is sunny in Paris." + end).strip()]
+
+
+@needs_templates
+@pytest.mark.parametrize("name", ["deepseek-v2.5", "deepseek-r1-distill-qwen"])
 def test_templates_that_cannot_express_tool_turns_raise(name):
-    with pytest.raises(DataError, match="cannot"):
+    """These render a tool call only when its content is None, which transformers drops before rendering."""
+    with pytest.raises(DataError, match="cannot express"):
         encode_chat(tokenizer_for(name), TOOL_CONVERSATION, tools=TOOLS)
 
 
@@ -273,11 +301,8 @@ def test_resolve_chat_template(tmp_path):
 
 TOOL_THEN_USER = [*TOOL_CONVERSATION, {"role": "user", "content": "And in Rome tomorrow?"},
                   {"role": "assistant", "content": "Rain in Rome."}]
-# Templates whose layout has no place for tool results or calls: they refuse such conversations (a DataError).
-CANNOT_EXPRESS_TOOLS = {"baichuan2-chat", "deepseek-llm-chat", "deepseek-r1-distill-qwen", "deepseek-v2.5",
-                        "gemma-2-it", "gemma-3-it", "gemma-7b-it", "mistral-7b-instruct-v0.1",
-                        "mistral-7b-instruct-v0.2-v1-system", "mixtral-8x7b-instruct-v0.1", "phi-3-medium-instruct",
-                        "phi-3-mini-instruct", "phi-3.5-mini-instruct", "yi-chat", "zephyr"}
+# Templates that render tool calls only with content None, which transformers drops: a DataError.
+CANNOT_EXPRESS_TOOLS = {"deepseek-r1-distill-qwen", "deepseek-v2.5"}
 
 
 @needs_templates

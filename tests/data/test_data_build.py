@@ -378,3 +378,20 @@ def test_coh_conversations_cut_at_max_length_name_the_fix(tmp_path, tokenizer):
     rows = ([hindsight_example(p, CoHConfig(), 0) for p in pairs], evals, report)
     with pytest.raises(DataError, match=r"(?s)none of the 1 training examples.*raise data.max_length"):
         build_datasets(cfg, tokenizer, "sft", read=rows)
+
+
+def test_several_datasets_report_rows_and_bad_rows_per_file(tmp_path):
+    """A LLaMA-Factory user mixing alpaca + sharegpt files saw one total ("1390 rows read"): a file that gave
+    nothing usable hid inside it."""
+    from tuneforge.configs.schema import MixConfig
+    from tuneforge.data.build import read_datasets
+
+    a = write_jsonl(tmp_path / "a.jsonl", [qa("Hi", "Hello"), {"instruction": "No answer"}, qa("Two?", "2")])
+    b = write_jsonl(tmp_path / "b.jsonl", [qa(f"Q{i}", f"A{i}") for i in range(5)])
+    _, _, report = read_datasets(config([a, b], on_error="skip", eval_ratio=0))
+    assert report.lines()[0] == f"8 rows read: {a} 3 (1 bad), {b} 5"
+    _, _, report = read_datasets(config([a, b], on_error="skip", eval_ratio=0,
+                                        mix=MixConfig(strategy="equal", size=6)))
+    assert f"data.mix drew 6 training examples ({a} 3, {b} 3)" in report.lines()
+    _, _, report = read_datasets(config([b], eval_ratio=0))
+    assert report.lines() == ["5 rows read"]  # one dataset: the total says it all

@@ -64,7 +64,9 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | Non
     registry = open_registry(data_cfg.registry, base_dir)
     kind = DATA_STAGE.get(stage, stage)
     if data_cfg.mix is not None:
-        train_examples = mixed(load_groups(data_cfg.train, registry, base_dir, report, kind), data_cfg)
+        groups = load_groups(data_cfg.train, registry, base_dir, report, kind)
+        train_examples = mixed(groups, data_cfg)
+        report.mixed = mixed_counts(data_cfg.train, groups, train_examples)
     else:
         train_examples = load_examples(data_cfg.train, registry, base_dir, report, kind)
     train_rows = report.rows_read  # the messages below count training rows; rows_read counts the eval rows too
@@ -215,6 +217,7 @@ def load_groups(specs: list, registry: Registry | None, base_dir, report: DataRe
         examples = []
         for item in read_spec(spec, registry, base_dir, stage)[:spec.max_samples]:
             report.rows_read += 1
+            report.count_row(spec.path, isinstance(item, BadRow))
             if isinstance(item, BadRow):
                 report.bad_rows.append(item)
             elif isinstance(item, list):  # a typed row: one pair per ordered pair of its responses
@@ -237,6 +240,15 @@ def mixed(groups: list[list[Example]], data_cfg) -> list[Example]:
     size = mix.size if mix.size is not None else sum(len(g) for g in usable)
     picked, _ = draw(usable, mix.strategy, mix.T, mix.K, size, data_cfg.seed, shuffle=True)
     return [example for _, example in picked]
+
+
+def mixed_counts(specs: list, groups: list[list[Example]], drawn: list[Example]) -> dict[str, int]:
+    """How many of the drawn examples came from each train dataset (an example object belongs to one group)."""
+    origin = {id(example): spec.path for spec, group in zip(specs, groups) for example in group}
+    counts = {spec.path: 0 for spec in specs}
+    for example in drawn:
+        counts[origin[id(example)]] += 1
+    return counts
 
 
 def read_spec(spec, registry: Registry | None, base_dir, stage: str | None = None) -> list:

@@ -21,7 +21,8 @@ The mask is found on the rendered text, then mapped to tokens through the fast t
 
 Conversations a template cannot express are adapted before rendering, and the ids then equal
 `apply_chat_template` of the adapted messages: a system message the template refuses or silently drops is
-merged into the first user turn; tool calls are written as JSON text for templates without tool-call support;
+merged into the first user turn; tool calls are written as JSON text for templates without tool-call support,
+and tool results become user turns (one per run of results) for templates without a tool role;
 tool schemas go into the system prompt when the template does not write `tools=` (decided by rendering with and
 without them: GLM-4's template names "tools" but ignores the argument).
 
@@ -282,11 +283,17 @@ def render(tokenizer, template: str, messages: list[dict], tools=None, add_gener
 
 def adapt_to_template(tokenizer, messages: list[dict], tools: list | None,
                       template: str) -> tuple[list[dict], list | None]:
-    """Tool calls (and tool schemas) as text for templates that do not know them; everything else unchanged."""
+    """Tool calls (and tool schemas) as text, and tool results as user turns, for templates that do not know them;
+    everything else unchanged."""
     if "tool_calls" not in template and any(m.get("tool_calls") for m in messages):
         messages = [_tool_calls_as_text(m) if m.get("tool_calls") else m for m in messages]
         _warn_once("tool_calls", "The chat template has no tool-call support; tool calls are written into the "
                                  "assistant replies as JSON text.")
+    if any(m["role"] == "tool" for m in messages) and not renders_tool_results(tokenizer, template, messages,
+                                                                                tools):
+        messages = tool_results_as_user(messages)
+        _warn_once("tool_role", "The chat template has no tool role; tool results are given to the model as user "
+                                "turns (as LLaMA-Factory does for templates without an observation format).")
     if tools and not renders_tools(tokenizer, template, messages, tools):
         messages = _tools_in_system(messages, tools)
         _warn_once("tools", "The chat template does not render tool schemas; they are added to the system prompt.")
@@ -300,6 +307,34 @@ def _tool_calls_as_text(message: dict) -> dict:
                      for c in calls)
     content = message.get("content") or ""
     return {"role": "assistant", "content": f"{content}\n{text}" if content else text}
+
+
+def renders_tool_results(tokenizer, template: str, messages: list[dict], tools: list | None) -> bool:
+    """Whether the template writes every tool result of this conversation. Templates without a tool role either
+    refuse it (Gemma, Mistral v0.1: roles must alternate) or drop it unseen (Phi-3, Zephyr, Yi): rendering tells
+    both apart from templates that write it, as is or JSON-escaped (Llama 3.1)."""
+    results = [m["content"].strip() for m in messages
+               if m["role"] == "tool" and isinstance(m.get("content"), str) and m["content"].strip()]
+    for variant, _ in _variants(messages):
+        try:
+            text = render(tokenizer, template, variant, tools)
+        except Exception:  # noqa: BLE001,S112 - try the next adaptation (see render_conversation)
+            continue
+        return all(any(form in text for form in _rendered_forms(result)) for result in results)
+    return False
+
+
+def tool_results_as_user(messages: list[dict]) -> list[dict]:
+    """Each run of tool results as one user turn (a template without a tool role alternates user/assistant)."""
+    out: list[dict] = []
+    for m in messages:
+        if m["role"] != "tool":
+            out.append(m)
+        elif out and out[-1].get("from_tools"):
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + (m.get("content") or "")}
+        else:
+            out.append({"role": "user", "content": m.get("content") or "", "from_tools": True})
+    return [{k: v for k, v in m.items() if k != "from_tools"} for m in out]
 
 
 def renders_tools(tokenizer, template: str, messages: list[dict], tools: list) -> bool:

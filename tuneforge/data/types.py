@@ -159,6 +159,9 @@ class DataReport:
     # (training examples, evaluation examples, max_length) before packing, when they were packed into rows
     packed: tuple[int, int, int] | None = None
     notes: list[str] = field(default_factory=list)  # settings that had no effect on this data, said once
+    # dataset (as named in data.train / data.eval) -> [rows read, bad rows]; and with data.mix, the rows drawn
+    rows_per_dataset: dict[str, list[int]] = field(default_factory=dict)
+    mixed: dict[str, int] | None = None
 
     def sizes_line(self, n_train: int, n_eval: int) -> str:
         """How many training and evaluation items there are. Packed rows are not examples: a reader who sees 19
@@ -169,8 +172,25 @@ class DataReport:
         held_out = f"{evals} evaluation examples into {n_eval} rows" if evals else "0 evaluation examples"
         return f"{train} training examples packed into {n_train} rows of {length} tokens; {held_out}"
 
+    def count_row(self, dataset: str, bad: bool) -> None:
+        counts = self.rows_per_dataset.setdefault(dataset, [0, 0])
+        counts[0] += 1
+        counts[1] += bad
+
+    def _per_dataset(self) -> str:
+        """Rows (and bad rows) per dataset, when there are several: a mix whose total looks right can still hide
+        one file that gave nothing usable."""
+        if len(self.rows_per_dataset) < 2:
+            return ""
+        parts = [f"{name} {rows}" + (f" ({bad} bad)" if bad else "")
+                 for name, (rows, bad) in self.rows_per_dataset.items()]
+        return f": {', '.join(parts)}"
+
     def lines(self) -> list[str]:
-        out = [f"{self.rows_read} rows read"]
+        out = [f"{self.rows_read} rows read{self._per_dataset()}"]
+        if self.mixed is not None:
+            counts = ", ".join(f"{name} {n}" for name, n in self.mixed.items())
+            out.append(f"data.mix drew {sum(self.mixed.values())} training examples ({counts})")
         if self.bad_rows:
             out.append(f"{len(self.bad_rows)} bad rows skipped (first: {self.bad_rows[0]})")
         if self.truncated:
