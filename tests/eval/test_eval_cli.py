@@ -201,3 +201,64 @@ def test_eval_suite_runs_at_training_eval_steps(tiny_llama_dir, tmp_path, monkey
     at_eval = [r for r in rows if "suite/mmlu/accuracy_micro" in r]
     assert [r["step"] for r in at_eval] == [2] and 0.0 <= at_eval[0]["suite/mmlu/accuracy_micro"] <= 1.0
     assert (tmp_path / "run" / "eval_suite" / "step-2" / "mmlu" / "predictions.jsonl").is_file()
+
+
+def test_an_edited_data_row_is_generated_again(tiny_llama_dir, tmp_path, monkeypatch):
+    """Saved replies are keyed by file row: after the user fixes a reference or replaces a prompt, a re-run into the
+    same folder must score the new rows, not the old replies against the old references."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.eval import generation_tasks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    path = tmp_path / "task.jsonl"
+
+    def write(rows):
+        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": a}]}) + "\n"
+                                for q, a in rows))
+
+    write([("Say one.", "one"), ("Say two.", "two"), ("Say three.", "three")])
+    generation_tasks.run_dataset(model, tokenizer, str(path), tmp_path / "out", max_new_tokens=4, progress=False)
+    replies = {json.loads(line)["id"]: json.loads(line)["prediction"]
+               for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()}
+    first_reply = replies[f"{path}:line 1"]
+    write([("Say one.", first_reply), ("Say four.", "four"), ("Say three.", "three")])  # a fixed reference, a new row
+    generated = []
+    real = generation_tasks.generate_texts
+    monkeypatch.setattr(generation_tasks, "generate_texts", lambda *a, **k: generated.append(a[2]) or real(*a, **k))
+    again = generation_tasks.run_dataset(model, tokenizer, str(path), tmp_path / "out", max_new_tokens=4,
+                                         progress=False)
+    assert [[m[-1]["content"] for m in batch] for batch in generated] == [["Say one.", "Say four."]]
+    assert again["exact_match"] >= 1 / 3  # row 1's reference is now the reply the model gives
+
+
+def test_report_notes_state_the_gsm8k_shots_apart_from_multiple_choice():
+    """--shots sets multiple choice only: a report of `--shots 0` with gsm8k must still say how GSM8K was asked."""
+    from tuneforge.eval.run import _flags_to_dict
+    from tuneforge.eval.suite import _notes
+
+    flags, overrides = _flags_to_dict(["--model", "m", "--tasks", "mmlu,gsm8k", "--shots", "0", "gsm8k_shots=3",
+                                       "cot=false"])
+    notes = _notes(load_eval_config(None, overrides, flags))
+    assert any(n.startswith("multiple choice: 0-shot") for n in notes)
+    assert any(n.startswith("gsm8k: 3-shot from train.jsonl") and "no reasoning instruction" in n for n in notes)
+
+
+def test_a_smaller_limit_judges_only_the_rows_it_covers(tiny_llama_dir, tmp_path, judge_url):
+    """The shared answers folder keeps the replies of an earlier, larger run: a re-run with limit=1 must judge and
+    grade one prompt, not every reply on disk."""
+    from tuneforge.eval.suite import slug
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say hi.", "Name a colour.", "Count.")))
+    config = {"models": [{"name": "a", "model": str(tiny_llama_dir)}, {"name": "b", "model": str(tiny_llama_dir)}],
+              "tasks": [f"judge:{prompts}", f"grade:{prompts}"], "out": str(tmp_path / "out"), "max_new_tokens": 3,
+              "progress": False, "judge": {"url": judge_url}}
+    (tmp_path / "judge.yaml").write_text(json.dumps(config))
+    for limit, want in ((None, 3), (1, 1)):
+        assert main(["eval", str(tmp_path / "judge.yaml")] + ([f"limit={limit}"] if limit else [])) == 0
+        judged = (tmp_path / "out" / "b" / slug(f"judge:{prompts}") / "judgements.jsonl").read_text().splitlines()
+        graded = (tmp_path / "out" / "a" / slug(f"grade:{prompts}") / "judgements.jsonl").read_text().splitlines()
+        assert (len(judged), len(graded)) == (want, want)

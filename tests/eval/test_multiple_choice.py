@@ -122,3 +122,32 @@ def test_chat_template_option_scores_after_the_engine_prompt(tiny, tmp_path):
         logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
     want = logprobs[tokenizer("A", add_special_tokens=False).input_ids[0]].item()
     assert record["scores"]["A"] == pytest.approx(want, abs=1e-4)
+
+
+def test_an_edited_question_is_scored_again(tiny, tmp_path):
+    """Saved scores are keyed by file row: a CSV fixed in place (a wrong answer key) must not keep the old answer
+    in the accuracy of a re-run into the same folder."""
+    model, tokenizer = tiny
+    _write_bench(tmp_path / "bench", n=2)
+    settings = MCSettings("mmlu", str(tmp_path / "bench"), shots=0, subjects=["algebra"])
+    run_multiple_choice(model, tokenizer, settings, tmp_path / "out", progress=False)
+    first = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    wrong = next(letter for letter in "ABCD" if letter != first[0]["prediction"])
+    path = tmp_path / "bench" / "test" / "algebra_test.csv"
+    path.write_text(path.read_text().replace("algebra q0?,w0,x0,y0,z0,A", f"algebra q0?,w0,x0,y0,z0,{wrong}"))
+    again = run_multiple_choice(model, tokenizer, settings, tmp_path / "out", progress=False)
+    assert again["questions"] == 2
+    assert again["accuracy_micro"] == (0 + first[1]["correct"]) / 2  # question 0 is now answered wrongly
+
+
+def test_more_shots_than_the_dev_split_holds_is_a_user_error(tiny, tmp_path):
+    """MMLU's dev split has 5 questions per subject: shots=6 used to run 5-shot under a "6-shot" report line."""
+    from tuneforge.errors import UserError
+
+    model, tokenizer = tiny
+    _write_bench(tmp_path / "bench", n=2)
+    settings = MCSettings("mmlu", str(tmp_path / "bench"), shots=3)
+    with pytest.raises(UserError, match=r"mmlu: shots=3, but the dev split of 2 subject\(s\).*\(algebra: 2\).*2 or less"):
+        run_multiple_choice(model, tokenizer, settings, tmp_path / "out", progress=False)
+    settings.shots = 2
+    assert run_multiple_choice(model, tokenizer, settings, tmp_path / "out", progress=False)["shots"] == 2

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from tuneforge.errors import DataError, UserError
 from tuneforge.eval.metrics import extract_number, text_metrics
-from tuneforge.eval.store import ItemStore
+from tuneforge.eval.store import ItemStore, input_key
 
 COT_INSTRUCTION = ("Solve the problem step by step. End with a line '#### N' where N is the final number.")
 
@@ -36,16 +36,19 @@ def generate_texts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
 
 def _generate_pending(model, tokenizer, items: list[dict], store: ItemStore, score, max_new_tokens: int,
                       desc: str, progress: bool) -> list[dict]:
-    """Generate for every item not in the store (in batches, saving each), return all records in item order."""
+    """Generate for every item not in the store (in batches, saving each), return all records in item order.
+    A saved record is reused only if its item's input is unchanged (same messages and reference)."""
+    keys = {it["id"]: input_key(it) for it in items}
     done = store.done()
-    todo = [it for it in items if it["id"] not in done]
+    todo = [it for it in items if done.get(it["id"], {}).get("input_key") != keys[it["id"]]]
     step = 16
     for start in tqdm(range(0, len(todo), step), desc=desc, disable=not progress, unit="batch"):
         chunk = todo[start: start + step]
         replies = generate_texts(model, tokenizer, [it["messages"] for it in chunk], max_new_tokens)
         for it, reply in zip(chunk, replies):
-            record = {k: v for k, v in it.items() if k != "messages"} | {"prompt": it["messages"][-1]["content"],
-                                                                          "prediction": reply} | score(it, reply)
+            fields = {k: v for k, v in it.items() if k != "messages"}
+            record = fields | {"prompt": it["messages"][-1]["content"], "prediction": reply,
+                               "input_key": keys[it["id"]]} | score(it, reply)
             store.add(record)
             done[it["id"]] = record
     return [done[it["id"]] for it in items]

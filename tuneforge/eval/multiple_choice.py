@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tuneforge.errors import UserError
 from tuneforge.eval.benchmarks import (
     LETTERS,
     benchmark,
@@ -25,7 +26,7 @@ from tuneforge.eval.benchmarks import (
     unpacked,
 )
 from tuneforge.eval.loglik import continuation_logprobs
-from tuneforge.eval.store import ItemStore
+from tuneforge.eval.store import ItemStore, input_key
 
 
 @dataclass
@@ -50,22 +51,36 @@ def _context_and_options(tokenizer, bench, prompt: str, q, settings: MCSettings)
     return prompt, [" " + o for o in options]
 
 
+def _check_shots(settings: MCSettings, dev: dict[str, list]) -> None:
+    """More shots than a subject's dev split holds would silently use fewer, under the report's "K-shot" label."""
+    short = {s: len(qs) for s, qs in dev.items() if len(qs) < settings.shots}
+    if short:
+        subject, n = min(short.items(), key=lambda kv: kv[1])
+        raise UserError(f"{settings.benchmark}: shots={settings.shots}, but the dev split of {len(short)} subject(s) "
+                        f"holds fewer examples ({subject}: {n}). Set `shots` (--shots, or {settings.benchmark}@K) "
+                        f"to {n} or less.")
+
+
 def _pending(settings: MCSettings, store: ItemStore):
     """(question, prompt) for every question not yet scored under these settings."""
     bench = benchmark(settings.benchmark)
     folder = unpacked(Path(settings.data_dir))
     tests = load_subjects(settings.benchmark, folder, None, settings.subjects)
     dev = load_subjects(settings.benchmark, folder, "dev", list(tests)) if settings.shots else {}
+    _check_shots(settings, dev)
     mapping = load_mapping(settings.benchmark, Path(settings.data_dir))  # beside a zip, not in the unpacked copy
     done = store.done()
-    items = []
+    items, reused = [], {}
     for subject, questions in tests.items():
         shots = dev.get(subject, [])[: settings.shots]
         for q in questions[: settings.limit]:
-            if f"{subject}/{q.index}" not in done:
-                items.append((q, build_prompt(bench, display_name(subject, mapping), shots, q)))
-    wanted = {f"{s}/{q.index}" for s, qs in tests.items() for q in qs[: settings.limit]}
-    return bench, mapping, items, {k: v for k, v in done.items() if k in wanted}
+            prompt = build_prompt(bench, display_name(subject, mapping), shots, q)
+            saved = done.get(f"{subject}/{q.index}", {})
+            if saved.get("input_key") == input_key([prompt, q.answer]):  # an edited CSV keeps its row numbers
+                reused[saved["id"]] = saved
+            else:
+                items.append((q, prompt))
+    return bench, mapping, items, reused
 
 
 def run_multiple_choice(model, tokenizer, settings: MCSettings, out_dir: Path, progress: bool = True) -> dict:
@@ -77,12 +92,12 @@ def run_multiple_choice(model, tokenizer, settings: MCSettings, out_dir: Path, p
         chunk = items[start: start + step]
         requests = [_context_and_options(tokenizer, bench, prompt, q, settings) for q, prompt in chunk]
         scores = continuation_logprobs(model, tokenizer, requests, batch_size=step)
-        for (q, _), (context, _), option_scores in zip(chunk, requests, scores):
+        for (q, prompt), (context, _), option_scores in zip(chunk, requests, scores):
             pred = LETTERS[max(range(len(option_scores)), key=option_scores.__getitem__)]
             shown = context if isinstance(context, str) else tokenizer.decode(context)
             record = {"id": f"{q.subject}/{q.index}", "subject": q.subject, "prompt": shown,
                       "scores": dict(zip(LETTERS, option_scores)), "prediction": pred, "answer": q.answer,
-                      "correct": pred == q.answer}
+                      "correct": pred == q.answer, "input_key": input_key([prompt, q.answer])}
             store.add(record)
             records.append(record)
     return accuracy_table(records, mapping) | {"chat_template": settings.chat_template, "shots": settings.shots}

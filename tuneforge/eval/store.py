@@ -6,7 +6,8 @@
 
 The file is the predictions file users read (one JSON object per line). It is appended to, line by line, rather
 than rewritten through a temp file: a crash loses at most the line being written, and a torn last line is
-ignored when reading. A record made under other settings (shots, template, ...) is never reused.
+ignored when reading. A record made under other settings (shots, template, ...) is never reused, and neither is
+one whose input changed under the same id (`input_key`): an edited or replaced data file keeps its row ids.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from pathlib import Path
 
 def settings_key(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def input_key(value) -> str:
+    """A short digest of what an item asked (its messages or prompt, its reference), saved with its record."""
+    return settings_key(value)
 
 
 class ItemStore:

@@ -96,6 +96,10 @@ def _notes(cfg: EvalConfig) -> list[str]:
     limit = f"at most {cfg.limit} items per task" if cfg.limit else "every item of each task"
     notes.append(f"limit: {limit}{limits}{per_subject}; greedy generation, max {cfg.max_new_tokens} new tokens; "
                  f"BLEU 0-100, other scores fractions")
+    if any(t.partition(":")[0] == "gsm8k" for t in cfg.tasks):  # `shots` above is multiple choice only
+        notes.append(f"gsm8k: {cfg.gsm8k_shots}-shot from train.jsonl (gsm8k_shots), "
+                     f"{'asked to reason step by step and end with #### N' if cfg.cot else 'no reasoning instruction'}"
+                     f"; scored on the number after ####, else the last number in the reply")
     if any(t.partition(":")[0] in ("xstest", "cvalues") for t in cfg.tasks):
         how = (f"judge `{cfg.judge.model}` at {cfg.judge.url} with XSTest's classifier prompt (judge_fallbacks: "
                f"replies naming no class, decided by the rules)" if cfg.safety.detector == "judge"
@@ -170,10 +174,16 @@ def run_suite(cfg: EvalConfig) -> dict:
     return results
 
 
-def _answers(out: Path, model: str, task: str) -> list[dict]:
+def _answers(cfg: EvalConfig, model: str, task: str) -> list[dict]:
+    """This run's replies to a judge:/grade: file: the answers folder also holds rows an earlier run with a larger
+    limit (or an older version of the file) generated, which must not be judged."""
+    from tuneforge.eval.generation_tasks import task_items
     from tuneforge.eval.store import ItemStore
 
-    return ItemStore.read_all(answers_folder(out / slug(model) / slug(task), task) / "predictions.jsonl")
+    wanted = {it["id"] for it in task_items(task.partition(":")[2], cfg.task_limits.get(task, cfg.limit),
+                                            need_reference=False)}
+    saved = ItemStore.read_all(answers_folder(Path(cfg.out) / slug(model) / slug(task), task) / "predictions.jsonl")
+    return [r for r in saved if r["id"] in wanted]
 
 
 def _save_judgements(out: Path, model: str, task: str, rows: list[dict]) -> None:
@@ -187,7 +197,7 @@ def _grade(judge, cfg: EvalConfig, results: dict, task: str) -> None:
 
     out = Path(cfg.out)
     for name in results:
-        rows = _answers(out, name, task)
+        rows = _answers(cfg, name, task)
         grades = J.grade_many(judge, [(r["prompt"], r["prediction"]) for r in rows], cfg.judge.rubric or J.GRADE_RUBRIC)
         valid = [g for g in grades if g is not None]
         _save_judgements(out, name, task, [{"id": r["id"], "grade": g} for r, g in zip(rows, grades)])
@@ -200,11 +210,11 @@ def _pairwise(judge, cfg: EvalConfig, results: dict, task: str, baseline: str) -
     from tuneforge.eval import judge as J
 
     out = Path(cfg.out)
-    base = {r["id"]: r for r in _answers(out, baseline, task)}
+    base = {r["id"]: r for r in _answers(cfg, baseline, task)}
     for name in results:
         if name == baseline:
             continue
-        rows = [r for r in _answers(out, name, task) if r["id"] in base]
+        rows = [r for r in _answers(cfg, name, task) if r["id"] in base]
         items = [(r["prompt"], r["prediction"], base[r["id"]]["prediction"]) for r in rows]
         verdicts = J.pairwise_many(judge, items, cfg.judge.rubric or J.PAIRWISE_RUBRIC)
         _save_judgements(out, name, task, [{"id": r["id"], "against": baseline} | v for r, v in zip(rows, verdicts)])
