@@ -148,12 +148,9 @@ def adapter_kind(folder: Path) -> str:
     return str(config.get("peft_type", "unknown") if isinstance(config, dict) else "unknown").lower()
 
 
-def _check_kinds(adapters: dict[str, str], kinds: dict[str, str], base: str) -> None:
-    """A TuneForge adapter only alone, and PEFT adapters of one type (PEFT refuses to combine types, in words that
-    blame the base model)."""
-    from tuneforge.methods.adapters import tuneforge_adapter_method
-
-    built_in = [n for n in adapters if tuneforge_adapter_method(Path(adapters[n]).expanduser()) is not None]
+def _check_kinds(adapters: dict[str, str], kinds: dict[str, str], built_in: list[str], base: str) -> None:
+    """A TuneForge adapter (`built_in`: their names) only alone, and PEFT adapters of one type (PEFT refuses to
+    combine types, in words that blame the base model)."""
     if built_in and len(adapters) > 1:
         name = built_in[0]
         others = " ".join(f"{n}={d}" for n, d in adapters.items() if n != name)
@@ -185,14 +182,14 @@ def check_adapters_fit(adapters: dict[str, str], base_name: str, allow_pickle: b
     for name, folder in adapters.items():
         adapter_folder(Path(folder).expanduser(), "serve it with --model instead.", prefix=f"Adapter `{name}`: ")
     kinds = {name: adapter_kind(Path(folder).expanduser()) for name, folder in adapters.items()}
-    _check_kinds(adapters, kinds, base_name)
-    built_in = any(tuneforge_adapter_method(Path(folder).expanduser()) for folder in adapters.values())
+    built_in = [n for n, folder in adapters.items() if tuneforge_adapter_method(Path(folder).expanduser())]
+    _check_kinds(adapters, kinds, built_in, base_name)
     for name, folder in adapters.items():
         checked = Path(folder).expanduser()
         if not built_in:
             checked = _check_adapter_folder(name, checked, allow_pickle).parent
         check_base_matches(checked, recorded_base(checked), base_name, SERVE_ADVICE)
-    return built_in
+    return bool(built_in)
 
 
 def peft_names(adapters: dict[str, str]) -> dict[str, str]:
