@@ -164,3 +164,35 @@ def test_data_help_lists_its_sub_verbs(capsys):
     assert out.startswith("usage: tuneforge data <sub-verb> [options]")
     for name, (_, _, help_) in SUBVERBS.items():
         assert f"  {name:<8} {help_}" in out, name
+
+
+def _as_torchrun_worker(monkeypatch, tmp_path, local_rank: int):
+    """The variables torchrun gives each worker: its error file sits in <attempt folder>/<local rank>/."""
+    (tmp_path / str(local_rank)).mkdir(exist_ok=True)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / str(local_rank) / "error.json"))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+
+
+def test_under_torchrun_a_user_error_every_process_hits_is_printed_once(monkeypatch, tmp_path, capsys):
+    from tuneforge.cli import _print_user_error
+
+    _as_torchrun_worker(monkeypatch, tmp_path, 0)
+    _print_user_error("data.yaml: row 2 has no `output`.")
+    _as_torchrun_worker(monkeypatch, tmp_path, 1)
+    _print_user_error("data.yaml: row 2 has no `output`.")
+    assert capsys.readouterr().err == "error: data.yaml: row 2 has no `output`.\n"
+
+
+def test_under_torchrun_an_error_of_one_process_alone_is_still_printed(monkeypatch, tmp_path, capsys):
+    from tuneforge.cli import _print_user_error
+
+    _as_torchrun_worker(monkeypatch, tmp_path, 0)
+    _print_user_error("rank 0's problem")
+    _as_torchrun_worker(monkeypatch, tmp_path, 1)
+    _print_user_error("rank 1's own problem")
+    assert capsys.readouterr().err == "error: rank 0's problem\nerror (rank 1): rank 1's own problem\n"
+    (tmp_path / "tuneforge_error_local_rank0.txt").unlink()  # rank 0 did not fail: nothing to compare with
+    _print_user_error("only rank 1 failed", wait_s=0.1)
+    assert capsys.readouterr().err == "error (rank 1): only rank 1 failed\n"

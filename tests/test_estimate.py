@@ -403,6 +403,13 @@ def test_bad_input_through_the_cli(capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
+def test_nothing_close_lists_the_choices_once(capsys):
+    """did_you_mean(list_choices=False): the message's own list, not a second one from the hint."""
+    assert main(["estimate", "--model", "llama-7b", "--methods", "zzzz"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean" not in err and err.count("bitfit") == 1 and "Known:" in err
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(gpus=0), "`--gpus` must be at least 1"),
     (dict(zero=4), "ZeRO stage 0, 1, 2 or 3"),

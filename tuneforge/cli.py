@@ -20,9 +20,11 @@ import logging
 import os
 import sys
 import textwrap
+import time
 import typing
 import warnings
 from dataclasses import MISSING, fields
+from pathlib import Path
 from types import UnionType
 from typing import Literal, get_args, get_origin
 
@@ -214,6 +216,37 @@ def _not_the_tokenizer_length_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Token indices sequence length is longer")
 
 
+def _print_user_error(message: str, wait_s: float = 2.0) -> None:
+    """Print a user error once per machine under torchrun, not once per process. The config and data checks run the
+    same on every process, so local rank 0 prints the paragraph and leaves its text in torchrun's per-attempt folder
+    (torchrun removes it); another local rank prints its own only if rank 0's is missing or different, so an error
+    that one process alone hits is never hidden."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # <attempt folder>/<local rank>/error.json, per worker
+    local_rank = os.environ.get("LOCAL_RANK")
+    if not error_file or local_rank is None or int(os.environ.get("LOCAL_WORLD_SIZE", "1")) < 2:
+        print(f"error: {message}", file=sys.stderr)
+        return
+    shared = Path(error_file).parent.parent / "tuneforge_error_local_rank0.txt"
+    if local_rank == "0":
+        try:
+            tmp = shared.with_suffix(".tmp")
+            tmp.write_text(message, encoding="utf-8")
+            tmp.replace(shared)  # whole or absent: another rank never reads half a message
+        except OSError:
+            pass
+        print(f"error: {message}", file=sys.stderr)
+        return
+    deadline = time.monotonic() + wait_s
+    while not shared.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        same = shared.read_text(encoding="utf-8") == message
+    except OSError:
+        same = False
+    if not same:
+        print(f"error (rank {os.environ.get('RANK', local_rank)}): {message}", file=sys.stderr)
+
+
 def _main(argv: list[str]) -> int:
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise the user cannot act on
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -246,7 +279,7 @@ def _main(argv: list[str]) -> int:
         func = _load(verb.target)
         result = func(parse_verb_args(verb, rest) if verb.args else rest)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_user_error(str(e))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

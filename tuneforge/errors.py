@@ -34,12 +34,15 @@ def closest(name: str, candidates, n: int = 1) -> str | None:
     return found[0] if found else None
 
 
-def did_you_mean(name: str, candidates) -> str:
-    """' Did you mean `x`?' or a list of valid names when nothing is close."""
+def did_you_mean(name: str, candidates, list_choices: bool = True) -> str:
+    """' Did you mean `x`?' or, when nothing is close, a list of valid names (or nothing, with `list_choices=False`,
+    for messages that list the choices themselves)."""
     candidates = sorted(candidates)
     match = closest(name, candidates)
     if match:
         return f" Did you mean `{match}`?"
+    if not list_choices:
+        return ""
     shown = ", ".join(candidates[:25]) + (" ..." if len(candidates) > 25 else "")
     return f" Valid names: {shown}."
 

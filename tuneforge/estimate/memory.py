@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from tuneforge.configs.typed import opt
-from tuneforge.errors import UserError, closest
+from tuneforge.errors import UserError, did_you_mean
 from tuneforge.estimate.shapes import PRESETS, ModelShape, resolve_shape
 
 GB = 1e9
@@ -131,9 +131,8 @@ def lora_targets(shape: ModelShape, spec: str) -> list[str]:
         raise UserError("`--lora-targets` is empty; use all-linear or names like q_proj,v_proj.")
     for n in names:
         if n not in valid:
-            match = closest(n, valid)  # a suggestion only: the valid list follows once
             raise UserError(f"`--lora-targets`: `{n}` is not a projection of this model."
-                            f"{f' Did you mean `{match}`?' if match else ''} Valid: {', '.join(valid)} or all-linear.")
+                            f"{did_you_mean(n, valid, list_choices=False)} Valid: {', '.join(valid)} or all-linear.")
     return list(dict.fromkeys(names))
 
 
@@ -450,9 +449,8 @@ def parse_methods(args: EstimateArgs) -> list[str]:
     names = list(dict.fromkeys(names)) or list(DEFAULT_METHODS)
     for name in names:
         if name not in TRAINABLE:
-            match = closest(name, TRAINABLE)  # the whole list once, with a suggestion where one is close
-            raise UserError(f"`--methods`: unknown method `{name}`.{f' Did you mean `{match}`?' if match else ''} "
-                            f"Known: {', '.join(TRAINABLE)}.")
+            hint = did_you_mean(name, TRAINABLE, list_choices=False)
+            raise UserError(f"`--methods`: unknown method `{name}`.{hint} Known: {', '.join(TRAINABLE)}.")
     return names
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tuneforge.errors import UserError, closest
+from tuneforge.errors import UserError, did_you_mean
 
 # model_type values whose modeling code is the Llama-style block above (checked against transformers' modeling files)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -144,10 +144,10 @@ def resolve_shape(model: str) -> ModelShape:
     from tuneforge.models.loading import looks_local
 
     if "/" not in model or model.startswith((".", "/", "~")) or looks_local(model):
-        match = closest(model.lower(), PRESETS)
         what = ("no such preset" if "/" not in model and not model.startswith((".", "~"))
                 else f"no such folder (relative paths count from {Path.cwd()})")
-        raise UserError(f"`--model {model}`: {what}.{f' Did you mean `{match}`?' if match else ''} Pass a preset "
+        hint = did_you_mean(model.lower(), PRESETS, list_choices=False)
+        raise UserError(f"`--model {model}`: {what}.{hint} Pass a preset "
                         f"({', '.join(PRESETS)}), a folder containing config.json, or a Hub id like "
                         f"`Qwen/Qwen2.5-7B`.")
     return _from_hub(model)
