@@ -124,7 +124,7 @@ def test_readme_first_demo_answers_with_text(tmp_path, monkeypatch, capsys):
 
 def test_bitsandbytes_cpu_kernel_notice_is_filtered_and_nothing_else(caplog):
     """bitsandbytes logs "Failed to load CPU gemm_4bit_forward ..." on avx512_bf16 CPUs whenever PEFT imports it
-    (every LoRA run); the CLI drops that one message from that one logger."""
+    (every LoRA run); importing tuneforge drops that one message from that one logger."""
     import logging
 
     cli_main(["--version"])
@@ -135,6 +135,16 @@ def test_bitsandbytes_cpu_kernel_notice_is_filtered_and_nothing_else(caplog):
         log.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
     assert len(log.filters) == 1  # main() run twice adds it once
+
+
+def test_python_users_do_not_see_the_bitsandbytes_notice_either():
+    """A script or notebook that imports tuneforge (no CLI) gets the same quiet import of bitsandbytes."""
+    def stderr_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+
+    if "gemm_4bit_forward" not in stderr_of("import bitsandbytes"):
+        pytest.skip("this CPU's bitsandbytes prints no kernel notice")
+    assert "gemm_4bit_forward" not in stderr_of("import tuneforge, bitsandbytes")
 
 
 @pytest.mark.parametrize("logger, notice", [

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import logging
 import os
 import sys
 import textwrap
@@ -197,25 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         return _quiet_broken_pipe()
 
 
-def _not_the_bnb_cpu_kernel_notice(record: logging.LogRecord) -> bool:
-    """bitsandbytes (imported by PEFT's LoRA on every run) logs "Failed to load CPU gemm_4bit_forward" on CPUs with
-    avx512_bf16 unless the `kernels` package fetches a hub kernel, which only 4-bit CPU inference would use."""
-    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
-
-
-def _not_the_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
-    """DeepSpeed, when installed, warns "Setting accelerator to CPU" whenever transformers asks it anything on a
-    machine without a GPU (every `export`), although nothing of DeepSpeed runs: a CPU run knows it is on the CPU."""
-    return not str(record.msg).startswith("Setting accelerator to CPU")
-
-
-def _not_the_tokenizer_length_notice(record: logging.LogRecord) -> bool:
-    """transformers warns "Token indices sequence length is longer than the specified maximum ... will result in
-    indexing errors" when it tokenizes a long row or prompt; TuneForge cuts rows to data.max_length itself and refuses
-    a prompt past the context with its own error, so the warning only contradicts what happens."""
-    return not str(record.msg).startswith("Token indices sequence length is longer")
-
-
 def _print_user_error(message: str, wait_s: float = 2.0) -> None:
     """Print a user error once per machine under torchrun, not once per process. The config and data checks run the
     same on every process, so local rank 0 prints the paragraph and leaves its text in torchrun's per-attempt folder
@@ -250,9 +230,6 @@ def _print_user_error(message: str, wait_s: float = 2.0) -> None:
 def _main(argv: list[str]) -> int:
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise the user cannot act on
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_bnb_cpu_kernel_notice)  # once: same object
-    logging.getLogger("DeepSpeed").addFilter(_not_the_deepspeed_cpu_notice)
-    logging.getLogger("transformers.tokenization_utils_base").addFilter(_not_the_tokenizer_length_notice)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0
