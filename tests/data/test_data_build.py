@@ -395,3 +395,38 @@ def test_several_datasets_report_rows_and_bad_rows_per_file(tmp_path):
     assert f"data.mix drew 6 training examples ({a} 3, {b} 3)" in report.lines()
     _, _, report = read_datasets(config([b], eval_ratio=0))
     assert report.lines() == ["5 rows read"]  # one dataset: the total says it all
+
+
+def test_skipped_rows_are_counted_for_train_and_eval_apart(tmp_path, tokenizer):
+    """12 bad rows in one line sends a user to the training file when most of them were evaluation rows."""
+    train_file = bad_file(tmp_path)  # 4 bad of 6
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [qa("Hi", "Hello"), {"instruction": "No answer"},
+                                                     qa("Long?", "word " * 60)])
+    cfg = config([train_file], eval=[DatasetSpec(path=eval_file)], on_error="skip", max_length=40)
+    _, evals, report = build_datasets(cfg, tokenizer, "sft")
+    lines = report.lines()
+    assert lines[0].startswith("9 rows read (6 train, 3 eval): ")
+    assert lines[1].startswith("5 bad rows skipped: 4 train, 1 eval (first: ")
+    assert any(line.startswith("1 examples truncated to max_length: 0 train, 1 eval (first: ") for line in lines)
+    _, _, alone = build_datasets(config([train_file], on_error="skip"), tokenizer, "sft")
+    assert alone.lines()[1].startswith("4 bad rows skipped (first: ")  # no evaluation data: nothing to tell apart
+
+
+def test_placeholders_are_warned_about_once_per_file(tmp_path, tokenizer, shared_assets):
+    """LLaMA-Factory's identity.json has `{{name}}` and `{{author}}` for the user to fill in; trained as they are,
+    the model says "I am {{name}}". One warning per file: the file, how many rows, the names and a sed command."""
+    identity = str(shared_assets / "datasets/llamafactory/identity.json")
+    code = write_jsonl(tmp_path / "code.jsonl", [qa("Show a Vue binding", "```html\n<p>{{ message }}</p>\n```"),
+                                                 qa("Hi", "Hello")])
+    rows = json.loads(open(identity, encoding="utf-8").read())
+    expected = sum(bool(re.search(r"\{\{(name|author)\}\}", json.dumps(r, ensure_ascii=False))) for r in rows)
+    _, _, report = build_datasets(config([identity, code]), tokenizer, "sft")
+    warnings = [line for line in report.lines() if line.startswith("warning:")]
+    assert len(warnings) == 1  # code in a fenced block is meant literally
+    assert f"{identity}: {expected} rows contain the placeholders {{{{author}}}}, {{{{name}}}}" in warnings[0]
+    assert f"sed -i 's/{{{{author}}}}/YOUR_AUTHOR/g; s/{{{{name}}}}/YOUR_NAME/g' {identity}" in warnings[0]
+    assert any("I am {{name}}" in m["content"] for m in rows_as_messages(rows))  # left as written: not replaced
+
+
+def rows_as_messages(rows: list[dict]) -> list[dict]:
+    return [{"content": r["output"]} for r in rows]

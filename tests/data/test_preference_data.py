@@ -582,12 +582,17 @@ def test_special_token_spellings_in_alignment_rows_follow_the_policy(tmp_path):
 
 
 def test_the_data_tools_refuse_alignment_files_clearly(tmp_path):
+    """Tools that write rows would drop chosen/rejected unseen: refused, naming the file. inspect writes no rows and
+    reads pairs (tests/data/curate/test_curate_inspect.py)."""
     from tests.data.curate.helpers import parse
+    from tuneforge.data.curate.clean import clean
     from tuneforge.data.curate.inspect import inspect
 
     path = jsonl(tmp_path, [PAIR_ROWS["sharegpt"]])
-    with pytest.raises(DataError, match=r"d.jsonl: its rows are alignment data \(format pairwise"):
-        inspect(parse("inspect", ["--data", path, "--out", str(tmp_path / "out")]))
+    with pytest.raises(DataError, match=r"d.jsonl: its rows are alignment data \(format pairwise.*inspect reads "
+                                        r"alignment data too"):
+        clean(parse("clean", ["--data", path, "--out", str(tmp_path / "out")]))
+    assert inspect(parse("inspect", ["--data", path, "--out", str(tmp_path / "out2")]))["kinds"] == {"pairs": 1}
 
 
 def test_data_safety_and_format_typed_give_the_same_pairs(tmp_path):

@@ -36,6 +36,7 @@ from typing import NamedTuple
 from tuneforge.data import encode_align, formats, readers
 from tuneforge.data.encode import CHARS_PER_TOKEN, TEMPLATE_FAILS, encode_chat, special_tokens_in
 from tuneforge.data.packing import pack
+from tuneforge.data.placeholders import count_placeholders
 from tuneforge.data.registry import Registry
 from tuneforge.data.specs import check_data_config
 from tuneforge.data.templates import resolve_chat_template
@@ -70,7 +71,8 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | Non
     else:
         train_examples = load_examples(data_cfg.train, registry, base_dir, report, kind)
     train_rows = report.rows_read  # the messages below count training rows; rows_read counts the eval rows too
-    eval_examples = load_examples(data_cfg.eval, registry, base_dir, report, kind)
+    with report.evaluation():
+        eval_examples = load_examples(data_cfg.eval, registry, base_dir, report, kind)
     if stage is not None:
         train_examples, eval_examples = fit_stage(train_examples, eval_examples, report, stage)
     if not data_cfg.eval and data_cfg.eval_ratio > 0:
@@ -78,6 +80,7 @@ def read_datasets(data_cfg, base_dir: str | Path | None = None, stage: str | Non
     elif data_cfg.eval_ratio > 0:  # both set: data.eval wins (as its help says), but say so
         report.notes.append(f"data.eval_ratio {data_cfg.eval_ratio:g} is not used: data.eval names the evaluation "
                             f"rows, so no training row is held out")
+    report.has_eval = report.has_eval or bool(eval_examples)  # held out by eval_ratio: counted apart from here on
     if data_cfg.on_error == "raise":
         check_bad_rows(report, data_cfg)
     if data_cfg.train and not train_examples:
@@ -100,7 +103,8 @@ def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = 
     train_examples, eval_examples, report = read if read is not None else read_datasets(data_cfg, base_dir, name)
     template = resolve_chat_template(tokenizer, chat_template) if stage != "pt" else None
     train = encode_examples(train_examples, tokenizer, stage, data_cfg, template, report)
-    evals = encode_examples(eval_examples, tokenizer, stage, data_cfg, template, report)
+    with report.evaluation():
+        evals = encode_examples(eval_examples, tokenizer, stage, data_cfg, template, report)
     check_bad_rows(report, data_cfg)
     if not train:  # rows_read counts the eval rows too: name the training examples that were lost
         raise DataError(f"No training examples left: none of the {len(train_examples)} training examples read is "
@@ -140,7 +144,8 @@ def fit_stage(train: list, evals: list, report: DataReport, name: str) -> tuple[
     fitting, unfit = fitting_stage(train, stage, report, name)
     if not fitting:
         check_some_file_fits(unfit, stage, name)
-    return fitting, fitting_stage(evals, stage, report, name)[0]
+    with report.evaluation():
+        return fitting, fitting_stage(evals, stage, report, name)[0]
 
 
 def fitting_stage(examples: list, stage: str, report: DataReport, name: str | None = None) -> tuple[list, list]:
@@ -224,6 +229,7 @@ def load_groups(specs: list, registry: Registry | None, base_dir, report: DataRe
                 examples += item
             else:
                 examples.append(item)
+        count_placeholders(examples, report)
         groups.append(examples)
     return groups
 
@@ -451,7 +457,9 @@ def check_bad_rows(report: DataReport, data_cfg) -> None:
     listing = "\n".join(f"  - {b}" for b in shown)
     more = f"\n  ... and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
     if data_cfg.on_error == "skip":
-        log.warning("Skipping %d bad rows of %d:\n%s%s", len(bad), report.rows_read, listing, more)
+        split = report.train_eval("bad_rows")
+        log.warning("Skipping %d bad rows of %d%s:\n%s%s", len(bad), report.rows_read, f" ({split})" if split else "",
+                    listing, more)
         return
     raise DataError(f"{len(bad)} of {report.rows_read} data rows are bad:\n{listing}{more}\nFix these rows, or set "
                     f"`data.on_error=skip` to train without them (they are then counted and listed).")

@@ -10,6 +10,8 @@ with the user's turn (and an optional `reference` answer) -> `EncodedPrompt`.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tuneforge.errors import DataError, UserError
@@ -162,6 +164,39 @@ class DataReport:
     # dataset (as named in data.train / data.eval) -> [rows read, bad rows]; and with data.mix, the rows drawn
     rows_per_dataset: dict[str, list[int]] = field(default_factory=dict)
     mixed: dict[str, int] | None = None
+    # file -> (rows, placeholder names) of rows holding `{{name}}`-style placeholders (see data/placeholders.py)
+    placeholders: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
+    # How many of `rows_read` and of each list above came from evaluation rows (`evaluation()`), and whether the
+    # run has any: "12 bad rows skipped" sends a user to the training file when 10 of them were eval rows.
+    eval_counts: Counter = field(default_factory=Counter)
+    has_eval: bool = False
+
+    @contextmanager
+    def evaluation(self):
+        """Count what the block adds to `rows_read` and the per-example lists as evaluation rows. The data path
+        reads and encodes train and eval one after the other, so the growth inside the block is the eval share."""
+        before = {name: self._size(name) for name in SPLIT_COUNTED}
+        try:
+            yield
+        finally:
+            for name in SPLIT_COUNTED:
+                self.eval_counts[name] += self._size(name) - before[name]
+            self.has_eval = self.has_eval or self.eval_counts["rows_read"] > 0
+
+    def _size(self, name: str) -> int:
+        value = getattr(self, name)
+        return value if isinstance(value, int) else len(value)
+
+    def train_eval(self, name: str) -> str:
+        """'3 train, 2 eval' for the count `name`, when the run has evaluation rows ('' otherwise)."""
+        if not self.has_eval:
+            return ""
+        evals = self.eval_counts[name]
+        return f"{self._size(name) - evals} train, {evals} eval"
+
+    def _apart(self, name: str) -> str:
+        split = self.train_eval(name)
+        return f": {split}" if split else ""
 
     def sizes_line(self, n_train: int, n_eval: int) -> str:
         """How many training and evaluation items there are. Packed rows are not examples: a reader who sees 19
@@ -187,27 +222,49 @@ class DataReport:
         return f": {', '.join(parts)}"
 
     def lines(self) -> list[str]:
-        out = [f"{self.rows_read} rows read{self._per_dataset()}"]
+        # rows held out by data.eval_ratio are read as training rows: only data.eval files make eval rows read
+        split = self.train_eval("rows_read") if self.eval_counts["rows_read"] else ""
+        out = [f"{self.rows_read} rows read{f' ({split})' if split else ''}{self._per_dataset()}"]
         if self.mixed is not None:
             counts = ", ".join(f"{name} {n}" for name, n in self.mixed.items())
             out.append(f"data.mix drew {sum(self.mixed.values())} training examples ({counts})")
         if self.bad_rows:
-            out.append(f"{len(self.bad_rows)} bad rows skipped (first: {self.bad_rows[0]})")
+            out.append(f"{len(self.bad_rows)} bad rows skipped{self._apart('bad_rows')} (first: {self.bad_rows[0]})")
         if self.truncated:
-            out.append(f"{len(self.truncated)} examples truncated to max_length (first: {self.truncated[0]})")
+            out.append(f"{len(self.truncated)} examples truncated to max_length{self._apart('truncated')} (first: "
+                       f"{self.truncated[0]})")
         if self.dropped_overlong:
-            out.append(f"{len(self.dropped_overlong)} examples over max_length dropped (first: "
-                       f"{self.dropped_overlong[0]})")
+            out.append(f"{len(self.dropped_overlong)} examples over max_length dropped"
+                       f"{self._apart('dropped_overlong')} (first: {self.dropped_overlong[0]})")
         if self.dropped_no_loss:
-            out.append(f"{len(self.dropped_no_loss)} examples dropped because no trainable token was left "
-                       f"(first: {self.dropped_no_loss[0]})")
+            out.append(f"{len(self.dropped_no_loss)} examples dropped because no trainable token was left"
+                       f"{self._apart('dropped_no_loss')} (first: {self.dropped_no_loss[0]})")
         if self.split_documents:
-            out.append(f"{len(self.split_documents)} documents longer than max_length split into chunks (first: "
-                       f"{self.split_documents[0]})")
+            out.append(f"{len(self.split_documents)} documents longer than max_length split into chunks"
+                       f"{self._apart('split_documents')} (first: {self.split_documents[0]})")
         if self.special_tokens:
-            out.append(f"{len(self.special_tokens)} rows spell a special token of the tokenizer in their text "
-                       f"(data.special_tokens_in_text; first: {self.special_tokens[0]})")
+            out.append(f"{len(self.special_tokens)} rows spell a special token of the tokenizer in their text"
+                       f"{self._apart('special_tokens')} (data.special_tokens_in_text; first: "
+                       f"{self.special_tokens[0]})")
         if self.no_room:
             out.append(f"{len(self.no_room)} examples skipped because the prompt leaves no room for the reply within "
-                       f"max_length (raise data.max_length or shorten the prompts; first: {self.no_room[0]})")
+                       f"max_length{self._apart('no_room')} (raise data.max_length or shorten the prompts; first: "
+                       f"{self.no_room[0]})")
+        out += [f"warning: {placeholder_warning(file, n, names)}" for file, (n, names) in self.placeholders.items()]
         return out + [f"note: {note}" for note in self.notes]
+
+
+# The DataReport counts that `DataReport.evaluation` splits into train and eval.
+SPLIT_COUNTED = ("rows_read", "bad_rows", "truncated", "dropped_overlong", "dropped_no_loss", "split_documents",
+                 "special_tokens", "no_room")
+
+
+def placeholder_warning(file: str, rows: int, names: list[str]) -> str:
+    """One paragraph on a file whose rows hold `{{name}}`-style placeholders (LLaMA-Factory's identity.json ships
+    `{{name}}` and `{{author}}` for the user to fill in): trained as they are, the model learns the braces."""
+    shown = ", ".join(f"{{{{{n}}}}}" for n in names)
+    sed = "; ".join(f"s/{{{{{n}}}}}/YOUR_{n.upper()}/g" for n in names)
+    rows_hold = "1 row contains" if rows == 1 else f"{rows} rows contain"
+    return (f"{file}: {rows_hold} the placeholder{'s' if len(names) > 1 else ''} {shown}, which would be trained as "
+            f"literal text. Replace them with real values before training, e.g. `sed -i '{sed}' {file}` (this "
+            f"edits the file in place: keep a copy). Ignore this if the braces are meant literally (template code).")

@@ -1,12 +1,15 @@
 """A scripted OpenAI-compatible chat server on 127.0.0.1, in a thread: replies come from a Python function of the
 request's messages, so the synth pipelines, filters and parsers run deterministically. A reply may be an int (an
-HTTP status to answer with, e.g. 429 or 500) to exercise retries."""
+HTTP status to answer with, e.g. 429 or 500) to exercise retries, or GONE: the server drops that request unanswered
+and stops listening, as a teacher that crashes mid-run (every later request fails to connect)."""
 
 from __future__ import annotations
 
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+GONE = object()  # a scripted reply: the server goes down (see the module docstring)
 
 
 class StubTeacher:
@@ -22,7 +25,10 @@ class StubTeacher:
                 with stub.lock:
                     stub.requests.append(body)
                 reply = stub.script(body["messages"], body)
-                if isinstance(reply, int):
+                if reply is GONE:
+                    stub.go_down()
+                    self.close_connection = True
+                elif isinstance(reply, int):
                     self._send(reply, {"error": {"message": "scripted failure"}})
                 else:
                     self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
@@ -41,6 +47,7 @@ class StubTeacher:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.down = threading.Event()
 
     @property
     def base_url(self) -> str:
@@ -50,10 +57,21 @@ class StubTeacher:
         """The last message of every request received."""
         return [r["messages"][-1]["content"] for r in self.requests]
 
+    def go_down(self) -> None:
+        """Stop listening (from another thread: `shutdown` waits for the serving loop, which runs this handler's
+        caller). New connections are refused once the socket is closed."""
+        if not self.down.is_set():
+            self.down.set()
+            threading.Thread(target=self._stop, daemon=True).start()
+
+    def _stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
     def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        if not self.down.is_set():
+            self._stop()

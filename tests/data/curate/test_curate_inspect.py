@@ -83,6 +83,8 @@ def test_registry_names_resolve_like_training(tmp_path, shared_assets):
                                        str(tmp_path / "out")]))
     assert report["rows"] == 91 and report["bad_rows"] == 0
     assert report["rows_per_dataset"] == {"identity": 91}
+    (warning,) = report["placeholder_warnings"]  # identity.json's {{name}}/{{author}} are the user's to fill in
+    assert "85 rows contain the placeholders {{author}}, {{name}}" in warning and "sed -i" in warning
 
 
 def test_text_rows_count_tokens_as_pretraining_does(tmp_path, tiny_llama_dir):
@@ -146,3 +148,68 @@ def test_a_refused_run_leaves_no_empty_output_folder(tmp_path, capsys):
     kept.mkdir()  # a folder the user made is theirs: left alone
     assert cli_main(["data", "inspect", "--data", str(tmp_path / "empty.jsonl"), "--out", str(kept)]) == 2
     assert kept.is_dir()
+
+
+def test_show_prints_encoded_rows_with_the_trained_tokens_marked(tmp_path, tiny_qwen2_dir, capsys):
+    """LLaMA-Factory prints one encoded example so a wrong template or loss mask shows; `--show N` prints N, encoded
+    by the training encoder with the config's stage, model, template and data settings (here its system prompt)."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.configs.schema import DataConfig, DatasetSpec
+    from tuneforge.data.build import build_datasets
+    from tuneforge.data.curate.show import TRAIN_CLOSE, TRAIN_OPEN
+
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS[:2])
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"model: {{name_or_path: {tiny_qwen2_dir}}}\ndata:\n  train: [{path}]\n  system: Be brief.\n",
+                      encoding="utf-8")
+    assert cli_main(["data", "inspect", "--config", str(config), "--show", "1", "--out", str(tmp_path / "out")]) == 0
+    shown = capsys.readouterr().out.split("=== row ")[1:]
+    assert len(shown) == 1 and shown[0].startswith(f"1: {path}:line 1 (stage sft) ===")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    (trained,), _, _ = build_datasets(DataConfig(train=[DatasetSpec(path=path, max_samples=1)], system="Be brief."),
+                                      tokenizer, "sft")
+    loss = sum(1 for label in trained.labels[1:] if label != -100)
+    assert f"{len(trained)} tokens, {loss} trained" in shown[0]
+    text = shown[0].split("\n", 2)[2]
+    plain = text.replace(TRAIN_OPEN, "").replace(TRAIN_CLOSE, "")
+    assert plain.rstrip("\n") == tokenizer.decode(trained.input_ids).rstrip("\n")
+    assert "Be brief." in text and text.count(TRAIN_OPEN) == 1  # one reply, its end-of-turn marker included
+    assert f"{TRAIN_OPEN}Hello there, nice to meet you.<|im_end|>\n{TRAIN_CLOSE}" in text
+
+
+def test_show_encodes_preference_pairs_as_dpo_does_and_needs_a_model(tmp_path, tiny_qwen2_dir, shared_assets,
+                                                                    capsys):
+    from transformers import AutoTokenizer
+
+    from tuneforge.configs.schema import DataConfig, DatasetSpec
+    from tuneforge.data.build import build_datasets
+    from tuneforge.data.curate.show import TRAIN_CLOSE, TRAIN_OPEN
+
+    path = str(shared_assets / "datasets/llamafactory/dpo_en_demo.json")
+    out = str(tmp_path / "out")
+    assert cli_main(["data", "inspect", "--data", path, "--show", "1", "--out", out]) == 2
+    assert "`--show` prints rows encoded with a model's tokenizer" in capsys.readouterr().err
+    report = inspect(parse("inspect", ["--data", path, "--model", str(tiny_qwen2_dir), "--max-length", "4096",
+                                       "--show", "1", "--out", out]))
+    assert report["rows"] == 300 and report["kinds"] == {"pairs": 300} and report["tokens"]["total"] > 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    (pair,), _, _ = build_datasets(DataConfig(train=[DatasetSpec(path=path, max_samples=1)], max_length=4096),
+                                   tokenizer, "dpo")
+    shown = report["shown"].split("=== row 1: ")[1]
+    assert "(stage pairwise)" in shown and f"prompt: {pair.chosen_prompt_length} tokens (no loss)" in shown
+    for name, side, start in (("chosen", pair.chosen, pair.chosen_prompt_length),
+                              ("rejected", pair.rejected, pair.rejected_prompt_length)):
+        loss = sum(1 for label in side.labels[1:] if label != -100)
+        assert f"--- {name}: {len(side)} tokens, {loss} trained" in shown
+        reply = tokenizer.decode(side.input_ids[start:])
+        assert f"{TRAIN_OPEN}{reply}{TRAIN_CLOSE}" in shown  # the whole reply is trained, the prompt is not
+
+
+def test_kto_rows_are_inspected_with_loss_on_the_last_reply(tmp_path, tiny_qwen2_dir, shared_assets):
+    path = str(shared_assets / "datasets/llamafactory/kto_en_demo.json")
+    report = inspect(parse("inspect", ["--data", path, "--model", str(tiny_qwen2_dir), "--show", "2",
+                                       "--out", str(tmp_path / "out")]))
+    assert report["kinds"] == {"kto": 300} and report["bad_rows"] == 0
+    assert report["shown"].count("=== row ") == 2 and "(stage kto)" in report["shown"]
+    assert "label: desirable" in report["shown"] or "label: undesirable" in report["shown"]

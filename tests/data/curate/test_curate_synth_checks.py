@@ -3,12 +3,13 @@ is filtered like English (against the scripted server of stub_teacher.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
 
 from tests.data.curate.helpers import parse, read_jsonl, write_jsonl
-from tests.data.curate.stub_teacher import StubTeacher
+from tests.data.curate.stub_teacher import GONE, StubTeacher
 from tests.data.curate.test_curate_synth import DOC, qa_script, teacher_argv
 from tuneforge.data.curate.distill import distill
 from tuneforge.data.curate.synth import report_md, synth, synth_cli
@@ -81,6 +82,41 @@ def test_a_dead_teacher_fails_distill_too(tmp_path):
                                         r"failed; first error: Connect"):
         distill(parse("safety", ["--distill", "--data", data, "--base-url", "http://127.0.0.1:9/v1", "--model",
                                  "m", "--out", str(tmp_path / "out"), "--retries", "0"]))
+
+
+def test_a_teacher_that_goes_down_mid_run_stops_it_and_a_rerun_resumes(tmp_path, monkeypatch):
+    """A server that dies after 4 replies cost every remaining request its whole back-off (1+2+4+8+16 = 31 s with the
+    defaults: hours on 500 items). Three requests in a row that cannot connect stop the run, naming the endpoint,
+    what was saved and how to resume; the rerun asks only what was not answered."""
+    from tuneforge.data.curate.synth import teacher
+
+    waits = []
+    real_sleep = asyncio.sleep
+
+    async def no_wait(seconds):  # the back-off is counted, not waited
+        waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(teacher.asyncio, "sleep", no_wait)
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": f"Describe step {i} of baking bread."}
+                                                 for i in range(12)])
+    out = tmp_path / "out"
+    argv = ["evol_instruct", "--data", data, "--concurrency", "1", "--out", str(out), "--model", "stub"]
+    with StubTeacher(lambda messages, body: GONE if len(stub.requests) > 4 else evol_echo(messages, body)) as stub:
+        with pytest.raises(UserError) as err:
+            synth(parse("synth", [*argv, "--base-url", stub.base_url]))
+    message = str(err.value)
+    assert message.startswith(f"The teacher at {stub.base_url} is unreachable: 3 requests in a row could not connect "
+                              f"after 5 retries each")
+    assert f"Saved in {out / 'progress.jsonl'}: 4 finished requests (4 from this run)" in message
+    assert "rerun the same command with the same `--out`" in message and "\n" not in message
+    assert sum(waits) == 3 * 31  # three requests' back-off, not the eight left
+    assert len(read_jsonl(out / "progress.jsonl")) == 4 and not (out / "evol_instruct.jsonl").exists()
+    answered_before = stub.prompts()[:4]
+    with StubTeacher(evol_echo) as stub:
+        report = synth(parse("synth", [*argv, "--base-url", stub.base_url]))
+    assert report["teacher"]["reused"] == 4 and not set(answered_before) & set(stub.prompts())
+    assert report["teacher"]["failed"] == 0 and report["rows"] == 12
 
 
 def evol_echo(messages, body):

@@ -2,12 +2,15 @@
 
     tuneforge data inspect --data alpaca.json --out reports/alpaca
     tuneforge data inspect --config examples/sft_lora_tiny.yaml --model builtin:smollm2-135m-instruct --out reports/sft
+    tuneforge data inspect --config examples/sft_lora_tiny.yaml --show 2 --out reports/sft
 
 Counts (rows, bad rows by source, rows per dataset), characters per row, turns per conversation, script-based
 languages, empty and duplicate fields (per raw column, plus whole rows, prompts and answers after normalisation).
 With `--model`, every row is rendered with the model's chat template through the training encoder: token lengths,
 the share of tokens that get loss (`--loss-on`), and how many rows `--max-length` would cut. Writes report.json,
-report.md and PNG histograms (lengths.png, turns.png, languages.png).
+report.md and PNG histograms (lengths.png, turns.png, languages.png). `--show N` prints the first N rows encoded as
+training encodes them, trained tokens marked (show.py). Alignment rows (preference pairs, KTO rows, prompts) are
+read too: a pair counts as its prompt and both replies, its tokens as both sides rendered whole, as DPO renders them.
 """
 
 from __future__ import annotations
@@ -22,17 +25,25 @@ from typing import Literal
 from tuneforge.configs.typed import opt
 from tuneforge.data.curate import rows
 from tuneforge.data.curate.text import language, normalize, plain_text, prompt_and_answers, row_text, turns
-from tuneforge.data.types import IGNORE_INDEX
-from tuneforge.errors import DataError
+from tuneforge.data.placeholders import file_of, placeholders_in
+from tuneforge.data.types import IGNORE_INDEX, Example, PairExample, placeholder_warning
+from tuneforge.errors import DataError, UserError
 
 
 @dataclass(kw_only=True)
 class InspectArgs(rows.SourceArgs):
     model: str | None = opt(None, "Model whose tokenizer and chat template measure tokens (local folder, hub id or "
-                                  "builtin:<name>). Without it lengths are in characters only.")
-    chat_template: str | None = opt(None, "Override the model's chat template (a built-in name or a .jinja).")
-    max_length: int = opt(1024, "The data.max_length to check: rows longer in tokens are counted as cut.")
-    loss_on: Literal["assistant", "all", "last"] = opt("assistant", "Which tokens get loss, as data.loss_on.")
+                                  "builtin:<name>). Without it lengths are in characters only; with --show and "
+                                  "--config, the config's model.")
+    chat_template: str | None = opt(None, "Override the model's chat template (a built-in name or a .jinja; with "
+                                          "--config, default: its model.chat_template).")
+    max_length: int | None = opt(None, "The data.max_length to check: rows longer in tokens are counted as cut "
+                                       "(default: the config's data.max_length, else 1024).")
+    loss_on: Literal["assistant", "all", "last"] | None = opt(
+        None, "Which tokens get loss, as data.loss_on (default: the config's, else assistant).")
+    show: int = opt(0, "Print the first N rows encoded as training encodes them (the config's stage, data settings, "
+                       "model and chat template): the text the model sees, trained tokens between {+ and +}, and "
+                       "token counts. Needs a model (--model, or --config).")
     bins: int = opt(40, "Histogram bins in the length plot.")
     shown: int = opt(20, "How many bad rows to list in the report.")
 
@@ -40,22 +51,46 @@ class InspectArgs(rows.SourceArgs):
 def inspect_cli(args: InspectArgs) -> int:
     report = inspect(args)
     print(Path(report["out"], "report.md").read_text(encoding="utf-8"))
+    if report.get("shown"):
+        print(report["shown"], end="")
     return 0
 
 
 def token_counter(tokenizer, template: str, loss_on: str = "assistant"):
-    """Example -> (tokens, loss tokens), rendered exactly as `tuneforge train` renders it."""
-    from tuneforge.data.encode import encode_chat
+    """Example -> (tokens, loss tokens, longest sequence), rendered exactly as `tuneforge train` renders it. A pair
+    is both sides rendered whole (as encode_align.encode_pair renders them; max_length applies to each side), a KTO
+    row has loss on its last reply, a prompt row is the prompt with the generation prompt (no loss)."""
+    from tuneforge.data.encode import encode_chat, encode_prompt
 
-    def count(example) -> tuple[int, int]:
+    def trained(encoded) -> int:
+        return sum(1 for label in encoded.labels[1:] if label != IGNORE_INDEX)
+
+    def count(example) -> tuple[int, int, int]:
+        if isinstance(example, PairExample):
+            skip = sum(m["role"] == "assistant" for m in example.prompt)
+            sides = [encode_chat(tokenizer, example.prompt + reply, tools=example.tools, chat_template=template,
+                                 skip_turns=skip) for reply in (example.chosen, example.rejected)]
+            return sum(map(len, sides)), sum(map(trained, sides)), max(map(len, sides))
         if example.text is not None:
             n = len(tokenizer(example.text)["input_ids"]) + (tokenizer.eos_token_id is not None)  # as stage pt
-            return n, n - 1
-        encoded = encode_chat(tokenizer, example.messages, tools=example.tools, loss_on=loss_on,
-                              chat_template=template)
-        return len(encoded), sum(1 for label in encoded.labels[1:] if label != IGNORE_INDEX)
+            return n, n - 1, n
+        if example.messages[-1]["role"] != "assistant":  # a prompt for sampling
+            n = len(encode_prompt(tokenizer, example.messages, tools=example.tools, chat_template=template)[0])
+            return n, 0, n
+        encoded = encode_chat(tokenizer, example.messages, tools=example.tools, chat_template=template,
+                              loss_on="last" if example.label is not None else loss_on)
+        return len(encoded), trained(encoded), len(encoded)
 
     return count
+
+
+def chat_view(example):
+    """A preference pair seen as one conversation for the text counts (characters, turns, languages, duplicates):
+    its prompt, then both replies."""
+    if isinstance(example, PairExample):
+        return Example(example.source, messages=[*example.prompt, *example.chosen, *example.rejected],
+                       tools=example.tools)
+    return example
 
 
 class Stats:
@@ -67,6 +102,7 @@ class Stats:
         self.loss_tokens, self.cut, self.render_errors = 0, 0, []
         self.turns, self.languages, self.kinds = Counter(), Counter(), Counter()
         self.empty, self.dup = Counter(), Counter()
+        self.placeholders: dict[str, list] = {}  # file -> [rows, names] with `{{name}}` placeholders
         self._seen: dict[str, set] = defaultdict(set)
 
     def seen(self, field: str, value: str) -> bool:
@@ -93,9 +129,16 @@ class Stats:
         self._add_example(row, counter, max_length)
 
     def _add_example(self, row: rows.Row, counter, max_length: int) -> None:
-        example = row.example
+        from tuneforge.data.build import kind_of
+
+        self.kinds[kind_of(row.example)] += 1
+        names = placeholders_in(row.example)
+        if names:
+            found = self.placeholders.setdefault(file_of(row.source), [0, set()])
+            found[0] += 1
+            found[1] |= names
+        example = chat_view(row.example)
         text = row_text(example)
-        self.kinds["text" if example.text is not None else "chat"] += 1
         self.chars.append(len(text))
         self.turns[turns(example)] += 1
         self.languages[language(plain_text(example))] += 1
@@ -106,31 +149,65 @@ class Stats:
             self.seen("answer (normalised)", normalize("\n".join(answers)))
         if counter is not None:
             try:
-                n, loss = counter(example)
+                n, loss, longest = counter(row.example)
             except DataError as e:
                 self.render_errors.append(f"{row.source}: {e}")
                 return
             self.tokens.append(n)
             self.loss_tokens += loss
-            self.cut += n > max_length
+            self.cut += longest > max_length
 
 
 def inspect(args: InspectArgs) -> dict:
+    from tuneforge.data.curate import show
+
+    config = load_config(args)
+    args = settled(args, config)
     sources = rows.sources_of(args)
     out = rows.prepare_out(args.out, rows.input_files(sources), ["report.json", "report.md", "lengths.png",
                                                                "turns.png", "languages.png"])
-    counter = None
+    counter = tokenizer = template = None
     if args.model:
         tokenizer, template = rows.load_tokenizer(args.model, args.chat_template)
         counter = token_counter(tokenizer, template, args.loss_on)
-    stats = Stats()
-    for row in rows.iter_rows(sources):
+    stats, shown = Stats(), []
+    for row in rows.iter_rows(sources, alignment=True):
         stats.add(row, counter, args.max_length)
+        if len(shown) < args.show and row.example is not None:
+            shown.append(row)
     report = summarize(stats, args, str(out))
+    if args.show:
+        data_cfg = show.data_config(config, args.max_length, args.loss_on)
+        report["shown"] = show.show_rows(shown, tokenizer, template, data_cfg, config.stage if config else None)
     plot(stats, args, out)
     rows.write_json(out / "report.json", report)
     rows.write_text(out / "report.md", report_md(report))
     return report
+
+
+def load_config(args: InspectArgs):
+    from tuneforge.configs.schema import load_train_config
+
+    return load_train_config(args.config) if args.config else None
+
+
+def settled(args: InspectArgs, config) -> InspectArgs:
+    """The options with the config's settings where the command line left them out: its data.max_length and
+    data.loss_on, and for --show its model and chat template (the encoding shown must be the one training uses)."""
+    from dataclasses import replace
+
+    data = config.data if config is not None else None
+    model = args.model or (config.model.name_or_path if config is not None and args.show else None)
+    if args.show and not model:
+        raise UserError("`--show` prints rows encoded with a model's tokenizer and chat template: give `--model "
+                        "NAME` (local folder, hub id or builtin:<name>) or `--config train.yaml` for its model.")
+    if args.show < 0:
+        raise UserError(f"`--show` is a number of rows (0: none), got {args.show}.")
+    template = args.chat_template or (config.model.chat_template if config is not None and model
+                                      and model == config.model.name_or_path else None)
+    return replace(args, model=model, chat_template=template,
+                   max_length=args.max_length or (data.max_length if data else 1024),
+                   loss_on=args.loss_on or (data.loss_on if data else "assistant"))
 
 
 def describe(values) -> dict:
@@ -152,7 +229,9 @@ def summarize(stats: Stats, args: InspectArgs, out: str) -> dict:
               "rows_per_dataset": dict(stats.per_dataset), "kinds": dict(stats.kinds),
               "chars": describe(stats.chars), "turns": dict(sorted(stats.turns.items())),
               "languages": dict(stats.languages.most_common()), "empty_fields": dict(stats.empty),
-              "duplicate_fields": dict(stats.dup)}
+              "duplicate_fields": dict(stats.dup),
+              "placeholder_warnings": [placeholder_warning(file, n, sorted(names))
+                                       for file, (n, names) in stats.placeholders.items()]}
     if args.model:
         report["tokens"] = {"model": args.model, **describe(stats.tokens), "total": total,
                             "loss_tokens": stats.loss_tokens, "loss_on": args.loss_on,
@@ -218,6 +297,7 @@ def report_md(report: dict) -> str:
     for field in sorted(set(report["empty_fields"]) | set(report["duplicate_fields"])):
         lines.append(f"| {field} | {report['empty_fields'].get(field, 0)} | "
                      f"{report['duplicate_fields'].get(field, 0)} |")
+    lines += [f"Warning: {w}" for w in report["placeholder_warnings"]] + [""] * bool(report["placeholder_warnings"])
     if report["bad_rows_first"]:
         lines += ["", "Bad rows:", ""] + [f"- {b}" for b in report["bad_rows_first"]]
     lines += ["", "![lengths](lengths.png) ![turns](turns.png) ![languages](languages.png)"]

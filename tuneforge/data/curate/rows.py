@@ -103,15 +103,21 @@ def input_files(sources: Sources) -> list[Path]:
     return [f.resolve() for f in files]
 
 
-def iter_rows(sources: Sources) -> Iterator[Row]:
-    """Every row of every spec, in order, adapted to an Example (or a BadRow saying why not)."""
+# Alignment formats a tool may read with `iter_rows(alignment=True)` (inspect: it writes no rows, so nothing of a
+# pair or a label can be lost). Typed responses become pairs with `tuneforge data safety` first.
+ALIGNMENT_FORMATS = ("pairwise", "kto", "prompt")
+
+
+def iter_rows(sources: Sources, alignment: bool = False) -> Iterator[Row]:
+    """Every row of every spec, in order, adapted to an Example (or a BadRow saying why not). `alignment`: rows of
+    ALIGNMENT_FORMATS are read too (a PairExample, or an Example with a label); otherwise such a file is refused."""
     for index, named in enumerate(sources.specs):
         spec, local = resolved(named, sources)
         guessed: dict[str, str] = {}
         for n, raw in enumerate(_raw_rows(local)):
             if spec.max_samples is not None and n >= spec.max_samples:
                 break
-            row = _adapt(raw, spec, guessed)
+            row = _adapt(raw, spec, guessed, alignment)
             row.spec_index, row.dataset = index, named.path  # the name the user gave (a registry name stays one)
             yield row
 
@@ -137,7 +143,7 @@ class OneKind:
                             f"conversations). Run it on each kind separately.")
 
 
-def _adapt(raw, spec, guessed: dict) -> Row:
+def _adapt(raw, spec, guessed: dict, alignment: bool = False) -> Row:
     if isinstance(raw, BadRow):
         return Row(raw.source, None, bad=raw)
     try:
@@ -146,10 +152,11 @@ def _adapt(raw, spec, guessed: dict) -> Row:
             if raw.file not in guessed:
                 guessed[raw.file] = formats.guess_format(raw.data, spec.columns, raw.file)
             fmt = guessed[raw.file]
-        if fmt not in formats.CHAT_FORMATS + ("text",):  # these tools would drop chosen/rejected/label unseen
+        readable = formats.CHAT_FORMATS + ("text",) + (ALIGNMENT_FORMATS if alignment else ())
+        if fmt not in readable:  # these tools would drop chosen/rejected/label unseen
             raise DataError(f"{raw.file}: its rows are alignment data (format {fmt}: preference pairs, KTO rows, "
-                            f"typed responses or prompts); the `tuneforge data` tools read SFT and pre-training rows "
-                            f"(alpaca, sharegpt, openai, text) so far."
+                            f"typed responses or prompts); this tool reads {', '.join(readable)} rows"
+                            f"{'' if alignment else ' (inspect reads alignment data too)'}."
                             f"{' Typed responses become pairs with `tuneforge data safety`.' if fmt == 'typed' else ''}"
                             f" To mix alignment files, list them under `data.train` with `data.mix` in the training "
                             f"config.")

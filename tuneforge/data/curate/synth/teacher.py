@@ -8,7 +8,10 @@ and a reply without text (content null: a refusal or a tool call) as `no_content
 again gets the same answer. Every finished request is appended to `progress.jsonl` in the output folder, keyed by a
 hash of what was asked (model, messages, sampling settings): a rerun into the same folder reuses those replies
 instead of asking again, so an interrupted run resumes where it stopped. A request that fails is counted (its
-first errors are kept) and left out (its key is not saved, so the next run asks again).
+first errors are kept) and left out (its key is not saved, so the next run asks again). When the endpoint stops
+accepting connections (DOWN_AFTER requests in a row fail to connect through all their retries, with no answer of
+any kind between them), the run stops with an error: a dead server would otherwise cost every remaining request its
+full back-off (31 s each with the defaults).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from tuneforge.errors import UserError
 
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 ABORT_STATUS = (401, 403, 404)  # a wrong key or model name: every other request would fail the same way
+# Requests in a row that could not reach the server after all their retries before the run stops (see the module
+# docstring). More than one, so a single unlucky request during a server restart does not end a long run.
+DOWN_AFTER = 3
 
 
 @dataclass(kw_only=True)
@@ -55,6 +61,7 @@ class Failed:
 
     rule: str
     error: str
+    unreachable: bool = False  # the last attempt could not connect to the server (see Teacher._check_reachable)
 
     def __bool__(self) -> bool:
         return False
@@ -112,6 +119,7 @@ class Teacher:
         self.done = load_progress(self.path)
         self.earlier = set(self.done)  # keys answered by an earlier run (the rest of `done` is this run's)
         self.stats = Stats()
+        self.unreachable = 0  # requests in a row that failed to connect (reset by any HTTP answer)
 
     def key(self, messages: list[dict], params: dict) -> str:
         blob = json.dumps({"model": self.model, "messages": messages, **params}, sort_keys=True, ensure_ascii=False)
@@ -152,6 +160,7 @@ class Teacher:
             reply = await self._ask(client, messages, params)
         if isinstance(reply, Failed):
             self.stats.failed += 1
+            self._check_reachable(reply)
             if reply.error not in self.stats.errors and len(self.stats.errors) < 5:  # the first distinct ones
                 self.stats.errors.append(reply.error)
         else:
@@ -165,10 +174,11 @@ class Teacher:
         body = {"model": self.model, "messages": messages, **params}
         for attempt in range(self.args.retries + 1):
             await self._throttle()
-            wait, error = self.args.backoff * 2 ** attempt, None
+            wait, error, unreachable = self.args.backoff * 2 ** attempt, None, False
             try:
                 self.stats.sent += 1
                 resp = await client.post(f"{self.base_url}/chat/completions", json=body)
+                self.unreachable = 0  # the server answered: whatever the status, it is up
                 if resp.status_code == 200:
                     return parse_reply(resp.json())
                 error = f"HTTP {resp.status_code}: {resp.text[:200]}"
@@ -183,11 +193,28 @@ class Teacher:
             except Exception as e:  # noqa: BLE001 - httpx transport errors (timeouts, disconnects) are retried
                 if type(e).__module__.split(".")[0] != "httpx":
                     raise
-                error = f"{type(e).__name__}: {e}"
+                error, unreachable = f"{type(e).__name__}: {e}", is_connection_error(e)
             if attempt < self.args.retries:
                 self.stats.retried += 1
                 await asyncio.sleep(wait)
-        return Failed("teacher_failed", error)
+        return Failed("teacher_failed", error, unreachable)
+
+    def _check_reachable(self, reply: Failed) -> None:
+        """Stop the run when DOWN_AFTER requests in a row could not reach the server (see the module docstring)."""
+        if not reply.unreachable:
+            return
+        self.unreachable += 1
+        if self.unreachable < DOWN_AFTER:
+            return
+        this_run = len(self.done) - len(self.earlier)
+        raise UserError(f"The teacher at {self.base_url} is unreachable: {DOWN_AFTER} requests in a row could not "
+                        f"connect after {counted(self.args.retries, 'retry', 'retries')} each (last error: "
+                        f"{reply.error}), so the run stops instead of waiting out the back-off of every remaining "
+                        f"request. Saved in {self.path}: {counted(len(self.done), 'finished request')} ({this_run} "
+                        f"from this run); the rows file is written only when "
+                        f"a run completes, so none was written now. Start the server again (or fix `--base-url`) "
+                        f"and rerun the same command with the same `--out`: saved replies are reused, only the "
+                        f"rest is asked.")
 
     async def _throttle(self) -> None:
         if self.args.rate <= 0:
@@ -197,6 +224,15 @@ class Teacher:
             start = max(now, self._next_start)
             self._next_start = start + 1.0 / self.args.rate
         await asyncio.sleep(start - now)
+
+
+def is_connection_error(error: Exception) -> bool:
+    """Whether an httpx error means the server cannot be reached (refused, reset, gone mid-request), as opposed to
+    a slow reply (a read timeout: the server is up, the model is slow) or a bad answer."""
+    import httpx
+
+    return isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+                              httpx.RemoteProtocolError))
 
 
 def parse_reply(data: dict) -> str | Failed:
