@@ -150,8 +150,8 @@ def test_context_limit(loaded, monkeypatch):
     out = engine.generate([prompt], SamplingParams(max_new_tokens=50, ignore_eos=True))[0]
     assert out.finish_reason == "length" and out.completion_tokens == 3
     engine.context_length = len(prompt)
-    with pytest.raises(UserError, match="context"):
-        engine.generate([prompt])
+    with pytest.raises(UserError, match="leaves no room for a reply in the model's context of .*; shorten the prompt"):
+        engine.generate([prompt])  # said "shorten the conversation" to every caller (eval, RL: no conversation)
 
 
 def test_logprobs_are_the_models(engine, loaded):
@@ -185,6 +185,14 @@ def test_repetition_penalty_changes_greedy_output(engine):
 def test_bad_parameters_are_user_errors(engine, bad, match):
     with pytest.raises(UserError, match=match):
         engine.submit([1, 2, 3], SamplingParams(**bad))
+
+
+def test_bad_parameters_are_named_as_the_caller_spells_them():
+    """The server's JSON fields are the field names; the chat CLI's flags are not (`temperature` for --temperature)."""
+    with pytest.raises(UserError, match=r"^Sampling parameter `top_p` is 2; it must be in \(0, 1\]\.$"):
+        SamplingParams(top_p=2).validate()
+    with pytest.raises(UserError, match=r"^Sampling parameter `--top-p` is 2; "):
+        SamplingParams(top_p=2).validate(spell=lambda name: "--" + name.replace("_", "-"))
 
 
 def test_bad_requests(engine):

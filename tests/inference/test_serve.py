@@ -215,7 +215,13 @@ def test_body_limit_malformed_json_and_server_survives(client, server):
                                                     "value.", "type": "invalid_request_error", "param": None,
                                          "code": None}
     too_long = [{"role": "user", "content": "x " * 5000}]  # body under the limit, prompt over the context
-    assert httpx.post(url, json={"model": "math", "messages": too_long}, headers=headers).status_code == 400
+    refused = httpx.post(url, json={"model": "math", "messages": too_long}, headers=headers)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert refused.json()["error"]["message"].startswith(  # OpenAI's words, not the engine's "shorten the prompt"
+        "This model's maximum context length is 2048 tokens. However, your messages resulted in ")
+    text = httpx.post(server[0] + "/v1/completions", json={"model": "math", "prompt": "x " * 5000}, headers=headers)
+    assert text.status_code == 400 and text.json()["error"]["param"] == "prompt"
+    assert "However, your prompt resulted in " in text.json()["error"]["message"]
     assert client.chat.completions.create(model="math", messages=HI, max_tokens=2).choices[0].message is not None
 
 

@@ -83,7 +83,7 @@ def test_a_message_past_the_context_is_dropped_and_the_conversation_goes_on(tiny
     lines = [line for line in out.getvalue().splitlines() if line]
     first = reply(model, tok, [{"role": "user", "content": "Hi"}], args)
     assert lines[0] == first and lines[1].startswith("error: The message is "), lines
-    assert "even without the earlier conversation; send a shorter one" in lines[1] and "not kept" in lines[1]
+    assert "one message must fit on its own); send a shorter message." in lines[1] and "not kept" in lines[1]
     kept = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
             {"role": "user", "content": "Again"}]  # the refused message is gone, the earlier exchange is not
     assert lines[2:] == [reply(model, tok, kept, args)]
@@ -283,9 +283,13 @@ def test_sampling_options_on_the_command_line(tiny_llama_dir, capsys):
     assert first == again and first != other and first != greedy
 
 
-def test_bad_sampling_option_is_a_user_error(tiny_llama_dir, capsys):
-    assert cli_main(["chat", "--model", str(tiny_llama_dir), "--prompt", "Hi", "--temperature", "-1"]) == 2
-    assert "temperature" in capsys.readouterr().err
+def test_bad_sampling_option_names_the_flag(tiny_llama_dir, capsys):
+    """The error named the engine's field (`temperature`, `top_p`), not the flag the user typed."""
+    for flag, value, rule in (("--temperature", "-1", ">= 0"), ("--top-p", "2", "in (0, 1]"),
+                              ("--repetition-penalty", "0", "> 0")):
+        assert cli_main(["chat", "--model", str(tiny_llama_dir), "--prompt", "Hi", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"`{flag}` is {float(value)!r}; it must be {rule}" in err and "Traceback" not in err, err
 
 
 def test_sampling_options_without_temperature_say_they_do_nothing(tiny_llama_dir, capsys):
@@ -366,3 +370,154 @@ def test_streams_through_a_terminal_in_a_real_process(tiny_qwen2_dir):
         if proc.poll() is None:
             proc.kill()
         os.close(main)
+
+
+def test_one_message_past_the_context_in_chats_words(tiny_llama_dir, capsys):
+    """`--prompt` too long for the context got the engine's "shorten the conversation" (there is none, and chat
+    drops older exchanges by itself): it says one message must fit on its own."""
+    too_long = "hello " * 2100  # past the tiny model's 2048 positions
+    assert cli_main(["chat", "--model", str(tiny_llama_dir), "--prompt", too_long, "--system", "Be brief."]) == 2
+    err = capsys.readouterr().err
+    assert "error: The message is " in err and "with the system prompt, more than the model's context of 2048" in err
+    assert "one message must fit on its own); send a shorter message (or a shorter system prompt: --system" in err
+    assert "shorten the conversation" not in err
+
+
+def _interrupting(answers):
+    """A stand-in for input(): each item is returned as the typed line, or raised (EOFError: Ctrl-D,
+    KeyboardInterrupt: Ctrl-C)."""
+    items = iter(answers)
+
+    def read_line():
+        item = next(items)
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item
+        return item
+
+    return read_line
+
+
+@pytest.mark.parametrize("key", [KeyboardInterrupt, EOFError])
+def test_ctrl_c_or_ctrl_d_at_the_prompt_ends_the_session_on_a_new_line(tiny_llama_dir, key):
+    """Ctrl-C at the prompt left the loop with KeyboardInterrupt (the CLI exited 130, printing `interrupted` after
+    `you> ^C`); now it ends the session like Ctrl-D and /exit, on a line of its own."""
+    args = ChatArgs(model=str(tiny_llama_dir), max_new_tokens=4)
+    model, tok = load_for_chat(args)
+    out = io.StringIO()
+    repl(model, tok, args, out=out, read_line=_interrupting(["Hi", key]))
+    first = reply(model, tok, [{"role": "user", "content": "Hi"}], args)
+    assert out.getvalue().splitlines()[1:] == [f"assistant> {first}", ""]  # "": the prompt's line ended
+
+
+def test_ctrl_c_at_the_prompt_exits_0_through_the_cli(tiny_llama_dir, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def ctrl_c(prompt):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    monkeypatch.setattr("builtins.input", ctrl_c)
+    assert cli_main(["chat", "--model", str(tiny_llama_dir)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("quits.\n\n") and "interrupted" not in captured.err
+
+
+def test_ctrl_c_while_a_reply_streams_stops_it_and_the_conversation_goes_on(tiny_qwen2_dir):
+    args = ChatArgs(model=str(tiny_qwen2_dir), max_new_tokens=40, repetition_penalty=1.0)
+    model, tok = load_for_chat(args)
+    full = reply(model, tok, [{"role": "user", "content": "Hello"}], args)
+    calls = []
+
+    def ctrl_c_at_the_sixth_step(module, inputs):
+        calls.append(1)
+        if len(calls) == 6:  # mid-step, as a real Ctrl-C lands: inside the model's forward
+            raise KeyboardInterrupt
+
+    hook = model.register_forward_pre_hook(ctrl_c_at_the_sixth_step)
+    out = io.StringIO()
+    try:
+        repl(model, tok, args, out=out, read_line=_interrupting(["Hello", "Again", EOFError]))
+    finally:
+        hook.remove()
+    lines = out.getvalue().splitlines()
+    assert lines[1].startswith("assistant> ") and lines[1].endswith(" [stopped]"), lines
+    partial = lines[1].removeprefix("assistant> ").removesuffix(" [stopped]")
+    assert full.startswith(partial) and partial != full
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": partial},
+               {"role": "user", "content": "Again"}]  # the stopped reply stays, as shown
+    assert lines[2] == "assistant> " + reply(model, tok, history, args)
+
+
+def test_a_reply_that_ends_at_once_says_so(tiny_llama_dir, capsys):
+    """The model's first token ends its turn: a blank line was shown, which looks like a hang or a display bug."""
+    args = ChatArgs(model=str(tiny_llama_dir), max_new_tokens=4)
+    model, tok = load_for_chat(args)
+    end = tok.convert_tokens_to_ids("<|eot_id|>")
+
+    def end_of_turn_first(module, inputs, logits):
+        forced = torch.full_like(logits, -1e4)
+        forced[..., end] = 0.0
+        return forced
+
+    hook = model.lm_head.register_forward_hook(end_of_turn_first)
+    out = io.StringIO()
+    try:
+        repl(model, tok, args, stdin=io.StringIO("Hi\nAgain\n"), out=out)
+    finally:
+        hook.remove()
+    assert out.getvalue() == "(empty reply: the model ended its turn at once)\n" * 2
+
+
+MARKED_CHATML = ("{#- a template of this run's own -#}{%- for message in messages %}{{- '<|im_start|>' + message['role'] "
+                 "+ '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+                 "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_relative_template_path_of_a_run_works_from_anywhere(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """`model.chat_template: my.jinja` was recorded as written, so chat and export from another directory (or
+    with the run folder moved) failed with "not an existing .jinja file"; the run's saved template is used."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from tuneforge.configs.schema import load_train_config
+    from tuneforge.models.adapter_loading import trained_template
+    from tuneforge.train import run_config
+
+    root = Path(__file__).resolve().parents[2]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my.jinja").write_text(MARKED_CHATML, encoding="utf-8")
+    monkeypatch.chdir(work)  # training runs where my.jinja is, and names it relatively
+    cfg = load_train_config(str(root / "examples/sft_lora_tiny.yaml"), [
+        f"model.name_or_path={tiny_qwen2_dir}", "model.chat_template=my.jinja", "output_dir=run",
+        f"data.train=[{root / 'tuneforge/assets/example_task/train.jsonl'}]", "training.max_steps=1",
+        "training.batch_size=2", "training.save_steps=0", "training.eval_steps=0", "data.eval_ratio=0",
+        "training.progress_bar=false", "training.plot_loss=false", "data.max_length=64"])
+    run_config(cfg, log=lambda _: None)
+    run = work / "run"
+    recorded = yaml.safe_load((run / "tuneforge_config.yaml").read_text(encoding="utf-8"))["model"]["chat_template"]
+    assert recorded == str((work / "my.jinja").resolve())  # `tuneforge train run/tuneforge_config.yaml` from anywhere
+    monkeypatch.chdir(tmp_path)  # elsewhere: my.jinja is not here
+    _, tok = load_for_chat(ChatArgs(adapter=str(run)))
+    assert tok.chat_template == MARKED_CHATML
+    moved = shutil.move(str(run), str(tmp_path / "moved"))
+    (work / "my.jinja").unlink()  # the run folder alone, elsewhere, as when it is copied to another machine
+    _, tok = load_for_chat(ChatArgs(adapter=moved))
+    assert tok.chat_template == MARKED_CHATML == trained_template(Path(moved))
+
+
+def test_a_recorded_template_file_that_is_gone_says_how_to_go_on(tmp_path):
+    """No saved copy in the run folder and no file at the recorded path: the error names the run's config and the
+    flag, not `model.chat_template` (a key of a config the user is not running)."""
+    from tuneforge.models.adapter_loading import trained_template
+
+    (tmp_path / "tuneforge_config.yaml").write_text("model:\n  chat_template: gone/my.jinja\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"tuneforge_config.yaml records `model.chat_template: gone/my.jinja`, a "
+                                        r"template file that does not exist here .* --chat-template PATH"):
+        trained_template(tmp_path)
+    (tmp_path / "tuneforge_config.yaml").write_text("model:\n  chat_template: chatml\n", encoding="utf-8")
+    assert trained_template(tmp_path) == "chatml"  # a built-in name is no file: kept as it is

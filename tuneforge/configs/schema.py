@@ -294,7 +294,20 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, base
         validate(cfg, where=path)
     except ConfigError as e:
         raise _named_overrides(e, overrides or [], path) from None
+    cfg.model.chat_template = absolute_template_path(cfg.model.chat_template)
     return cfg
+
+
+def absolute_template_path(template: str | None) -> str | None:
+    """A relative .jinja path made absolute (from the working directory, where it is read): the run's
+    tuneforge_config.yaml records it, and chat, serve, export and a re-run read it from other directories. Built-in
+    names, Jinja source and paths that do not exist (an error when the tokenizer loads) stay as they are."""
+    from tuneforge.data.templates import BUILTIN_TEMPLATES
+
+    if not template or template in BUILTIN_TEMPLATES or "{%" in template or "{{" in template:
+        return template
+    path = Path(template).expanduser()
+    return str(path.resolve()) if not path.is_absolute() and path.is_file() else template
 
 
 def _named_overrides(err: ConfigError, overrides: list[str], path: str | None) -> ConfigError:

@@ -7,16 +7,17 @@
 
 Replies stream as they are generated (through the generation engine, tuneforge.inference). In the conversation:
 `/reset` forgets the history, `/system TEXT` sets a new system prompt and starts over (`/system` alone removes it),
-`/help` lists the commands and `/exit` (or Ctrl-D) quits; `//text` sends `/text` as a message; Ctrl-C stops a reply
-mid-way. A conversation that outgrows the model's context drops its oldest exchanges, and says so. By default
-replies are greedy (with a mild repetition penalty), so the same question gets the same answer, which makes
-before/after comparisons of a fine-tune meaningful; `--temperature` > 0 samples, and `--seed` makes sampled replies
-repeatable.
+`/help` lists the commands and `/exit` (or Ctrl-D, or Ctrl-C at the prompt) quits; `//text` sends `/text` as a
+message; Ctrl-C stops a reply mid-way. A conversation that outgrows the model's context drops its oldest exchanges,
+and says so. By default replies are greedy (with a mild repetition penalty), so the same question gets the same
+answer, which makes before/after comparisons of a fine-tune meaningful; `--temperature` > 0 samples, and `--seed`
+makes sampled replies repeatable.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,11 +89,17 @@ def greedy_note(args: ChatArgs) -> str | None:
             f"greedy. Add e.g. --temperature 0.7 to sample.")
 
 
+def cli_flag(name: str) -> str:
+    """The command-line flag of a ChatArgs field (top_p -> --top-p), as errors must name what the user typed."""
+    return "--" + name.replace("_", "-")
+
+
 def sampling_params(args: ChatArgs):
     from tuneforge.inference import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, repetition_penalty=args.repetition_penalty).validate()
+                          top_k=args.top_k, seed=args.seed,
+                          repetition_penalty=args.repetition_penalty).validate(spell=cli_flag)
 
 
 def chat_engine(model, tokenizer):
@@ -108,13 +115,20 @@ def reply(model, tokenizer, history: list[dict], args: ChatArgs) -> str:
     return chat_engine(model, tokenizer).generate([history], sampling_params(args))[0].text.strip()
 
 
+EMPTY_REPLY = {"stop": "(empty reply: the model ended its turn at once)",
+               "length": "(empty reply: only whitespace within --max-new-tokens)"}
+
+
 def stream_reply(engine, history: list[dict], params, out) -> str:
     """Write the reply to `out` piece by piece as the engine produces it, without the whitespace around it (as
-    `reply` strips it); returns the reply. Ctrl-C stops it (the request is cancelled) and keeps what was shown."""
+    `reply` strips it); returns the reply. Ctrl-C stops it (the request is cancelled) and keeps what was shown. A
+    reply with no text gets a note, as a blank line looks like a hang or a display fault."""
     shown, spaces = [], ""  # whitespace is written only once more text follows it
     stream = engine.stream(history, params)
     try:
         for delta in stream:
+            if delta.finish_reason is not None and not shown and not delta.text.strip():
+                out.write(EMPTY_REPLY.get(delta.finish_reason, "(empty reply)"))
             text = delta.text if shown else delta.text.lstrip()
             core = text.rstrip()
             if core:
@@ -136,33 +150,43 @@ def _system_turn(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def _read_line(stdin, interactive: bool) -> str | None:
-    """The next user line, or None at end of input. A terminal gets input() for line editing and history."""
+def _line_reader(stdin, interactive: bool) -> Callable[[], str]:
+    """A function returning the next user line, raising EOFError at end of input (as input() does). A terminal
+    gets input() for line editing and history."""
     if interactive and stdin is sys.stdin:
-        try:
-            return input("you> ")
-        except EOFError:
-            return None
-    line = stdin.readline()
-    return line if line else None
+        return lambda: input("you> ")
+
+    def read() -> str:
+        line = stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    return read
 
 
 COMMANDS = "/reset clears the conversation, /system TEXT sets a new system prompt, /help, /exit quits."
 
 
-def repl(model, tokenizer, args: ChatArgs, stdin=None, out=None) -> None:
-    """Read user lines until /exit or end of input, streaming an answer to each with the whole conversation as
-    context. A terminal gets prompts and `assistant>`; piped input gets one reply per line."""
+def repl(model, tokenizer, args: ChatArgs, stdin=None, out=None, read_line: Callable[[], str] | None = None) -> None:
+    """Read user lines until /exit, end of input or Ctrl-C at the prompt, streaming an answer to each with the whole
+    conversation as context. A terminal gets prompts and `assistant>`; piped input gets one reply per line.
+    `read_line` (tests): reads a line as input() does, raising EOFError / KeyboardInterrupt for Ctrl-D / Ctrl-C."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    interactive = stdin.isatty()
+    interactive = read_line is not None or stdin.isatty()
+    read_line = read_line or _line_reader(stdin, interactive)
     if interactive:
         print(f"Type a message; {COMMANDS}", file=out)
     engine, params = chat_engine(model, tokenizer), sampling_params(args)
     system = args.system
     history = _system_turn(system)
     while True:
-        line = _read_line(stdin, interactive)
-        if line is None:
+        try:
+            line = read_line()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: the user is done, not a failure
+            if interactive:
+                out.write("\n")  # the shell prompt starts on its own line, not after `you> ^C`
+                out.flush()
             break
         text = line.strip()
         if text == "/exit":
@@ -195,10 +219,7 @@ def _fit_context(engine, history: list[dict], max_new_tokens: int, out) -> list[
     keep = 1 if history and history[0]["role"] == "system" else 0
     alone = engine.encode(history[:keep] + history[-1:])
     if engine.room_after(alone) <= 0:  # refused before any older message is dropped: the conversation stays whole
-        system = " with the system prompt" if keep else ""
-        raise UserError(f"The message is {len(alone)} tokens{system}, more than the model's context of "
-                        f"{engine.context_length} tokens even without the earlier conversation; send a shorter one"
-                        f"{' (or set a shorter /system prompt)' if keep else ''}.")
+        raise _too_long(len(alone), engine.context_length, keep == 1)
     room, dropped = min(max_new_tokens, engine.context_length // 2), 0
     while len(history) - keep > 2 and engine.room_after(engine.encode(history)) < room:
         history = history[:keep] + history[keep + 2:]  # one user message and its reply
@@ -207,6 +228,17 @@ def _fit_context(engine, history: list[dict], max_new_tokens: int, out) -> list[
         print(f"(dropped the {dropped} oldest messages to fit the model's context of {engine.context_length} "
               f"tokens)", file=out, flush=True)
     return history
+
+
+def _too_long(tokens: int, context: int, with_system: bool) -> UserError:
+    """Chat's "context is full": earlier exchanges are dropped by themselves, so only one message (with the system
+    prompt) that fills the context alone can get here. A lower --max-new-tokens would not help: the reply is
+    already cut to whatever room is left."""
+    system = " with the system prompt" if with_system else ""
+    shorter = " (or a shorter system prompt: --system, or /system in the conversation)" if with_system else ""
+    return UserError(f"The message is {tokens} tokens{system}, more than the model's context of {context} tokens "
+                     f"even without the earlier conversation (chat drops older exchanges by itself, but one message "
+                     f"must fit on its own); send a shorter message{shorter}.")
 
 
 def _command(text: str, system: str | None, history: list[dict], out) -> tuple[str | None, list[dict]]:
@@ -231,8 +263,10 @@ def chat_cli(args: ChatArgs) -> int:
         print(note, file=sys.stderr)
     model, tokenizer = load_for_chat(args)
     if args.prompt is not None:
-        messages = _system_turn(args.system) + [{"role": "user", "content": args.prompt}]
-        stream_reply(chat_engine(model, tokenizer), messages, params, sys.stdout)
+        engine = chat_engine(model, tokenizer)
+        messages = _fit_context(engine, _system_turn(args.system) + [{"role": "user", "content": args.prompt}],
+                                params.max_new_tokens, sys.stdout)  # only refuses, in chat's words: nothing to drop
+        stream_reply(engine, messages, params, sys.stdout)
         return 0
     repl(model, tokenizer, args)
     return 0

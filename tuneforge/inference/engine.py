@@ -103,8 +103,9 @@ class Engine:
         prefix = self.runner.prefix_len(adapter)
         room = self.room_after(prompt_ids, adapter)
         if room <= 0:
-            raise UserError(f"The prompt is {len(prompt_ids)} tokens, but the model's context is "
-                            f"{self.context_length} tokens; shorten the conversation.")
+            # callers that know what the prompt is made of (chat, the server) check first and say it their way
+            raise UserError(f"The prompt is {len(prompt_ids)} tokens, which leaves no room for a reply in the "
+                            f"model's context of {self.context_length} tokens; shorten the prompt.")
         handle = Handle(prompt_tokens=len(prompt_ids))
         self.scheduler.add(Sequence(handle, list(prompt_ids), params, adapter, self.tokenizer, self.stop_ids,
                                     min(params.max_new_tokens, room), prefix, self.runner.device))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tuneforge.errors import UserError
@@ -25,8 +26,11 @@ class SamplingParams:
     top_logprobs: int = 0  # and of the n most likely tokens at each step
     ignore_eos: bool = False  # run to max_new_tokens through end-of-turn tokens (benchmarks); stop strings still apply
 
-    def validate(self) -> SamplingParams:
-        """Raise UserError naming the bad field and its valid range; returns self for chaining."""
+    def validate(self, spell: Callable[[str], str] | None = None) -> SamplingParams:
+        """Raise UserError naming the bad field and its valid range; returns self for chaining. `spell` gives the
+        name the user typed for a field (chat: `--top-p` for top_p); by default the field name, which is also the
+        server's JSON field."""
+        spell = spell or (lambda name: name)
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
             ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0 (0 is greedy)"),
@@ -39,9 +43,11 @@ class SamplingParams:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise UserError(f"Sampling parameter `{name}` is {getattr(self, name)!r}; it must be {expected}.")
+                raise UserError(f"Sampling parameter `{spell(name)}` is {getattr(self, name)!r}; it must be "
+                                f"{expected}.")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise UserError(f"Sampling parameter `stop` must be a list of non-empty strings, got {self.stop!r}.")
+            raise UserError(f"Sampling parameter `{spell('stop')}` must be a list of non-empty strings, got "
+                            f"{self.stop!r}.")
         return self
 
 

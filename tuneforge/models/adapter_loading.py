@@ -195,7 +195,25 @@ def base_for(adapter: str | None, model: str | None, chat_template: str | None) 
 
 
 def trained_template(folder: Path) -> str | None:
-    """The `model.chat_template` override recorded in the run's tuneforge_config.yaml, if any."""
+    """The `model.chat_template` override recorded in the run's tuneforge_config.yaml (None without one), in a form
+    that works from any directory: a .jinja path becomes the template text the run saved with its tokenizer, as a
+    relative path counts from where training ran and the run folder may have been moved or copied since."""
+    recorded = _recorded_template(folder)
+    if not recorded or not _is_template_path(recorded):
+        return recorded  # a built-in name or the Jinja source itself
+    saved = saved_template(folder)
+    if saved:
+        return saved  # exactly what was trained, even if the .jinja file changed or moved since
+    path = Path(recorded).expanduser()
+    if path.is_file():  # a run saved before its tokenizer (stopped early), or by another tool
+        return str(path.resolve())
+    raise UserError(f"{folder / 'tuneforge_config.yaml'} records `model.chat_template: {recorded}`, a template "
+                    f"file that does not exist here (a relative path counts from where training ran), and {folder} "
+                    f"holds no saved copy of it (chat_template.jinja). Copy the .jinja file to that path, or pass "
+                    f"it to `tuneforge chat` / `tuneforge serve` with --chat-template PATH.")
+
+
+def _recorded_template(folder: Path) -> str | None:
     import yaml
 
     try:
@@ -203,3 +221,24 @@ def trained_template(folder: Path) -> str | None:
         return (config.get("model") or {}).get("chat_template")
     except (OSError, yaml.YAMLError, AttributeError):
         return None
+
+
+def _is_template_path(override: str) -> bool:
+    """A `model.chat_template` value that names a file (not a built-in name, not Jinja source): data/templates.py's
+    reading of it."""
+    from tuneforge.data.templates import BUILTIN_TEMPLATES
+
+    return override not in BUILTIN_TEMPLATES and "{%" not in override and "{{" not in override
+
+
+def saved_template(folder: Path) -> str | None:
+    """The chat template a run saved with its tokenizer (transformers writes chat_template.jinja, older versions a
+    `chat_template` string in tokenizer_config.json), or None."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return template if isinstance(template, str) and template else None

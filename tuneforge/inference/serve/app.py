@@ -285,7 +285,7 @@ async def _complete(req: CompletionRequest, request: Request, state: ServerState
     prompts = _completion_prompts(req, engine)
     check_n(req.n * len(prompts), state.limits, "`n` x the number of prompts")  # all decode at once
     for ids, _ in prompts:
-        check_room(engine, ids, req.max_tokens, "max_tokens", adapter)
+        check_room(engine, ids, req.max_tokens, "max_tokens", adapter, what="prompt")
     top = int(req.logprobs or 0)
     jobs = [(ids, sampling(req, max_tokens, j, req.logprobs is not None, top)) for ids, _ in prompts
             for j in range(req.n)]

@@ -84,12 +84,18 @@ def sampling(req, max_tokens: int, index: int, logprobs: bool, top_logprobs: int
                           logprobs=logprobs, top_logprobs=top_logprobs)
 
 
-def check_room(engine, ids: list[int], asked: int | None, param: str, adapter: str | None) -> None:
-    """A `max_tokens` the client set that the context cannot hold after the prompt is refused, as OpenAI and vLLM
-    do (in their words, which clients parse), instead of a reply silently cut short with finish_reason `length`.
-    Without one, the reply may use whatever room the prompt leaves."""
+def check_room(engine, ids: list[int], asked: int | None, param: str, adapter: str | None,
+               what: str = "messages") -> None:
+    """A prompt that fills the context, or a `max_tokens` the client set that the context cannot hold after the
+    prompt, is refused as OpenAI and vLLM do (in their words, which clients parse; `what`: messages or prompt),
+    instead of the engine's own wording or a reply silently cut short with finish_reason `length`. Without
+    `max_tokens`, the reply may use whatever room the prompt leaves."""
     room = engine.room_after(ids, adapter)
     context = room + len(ids)
+    if room <= 0:
+        raise OpenAIError(400, f"This model's maximum context length is {context} tokens. However, your {what} "
+                               f"resulted in {len(ids)} tokens. Please reduce the length of the {what}.", param=what,
+                          code="context_length_exceeded")
     if asked is not None and 0 < room < asked:
         raise OpenAIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                f"{len(ids) + asked} tokens ({len(ids)} in the messages, {asked} in the completion). "
