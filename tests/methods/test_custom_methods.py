@@ -304,6 +304,26 @@ def test_p_tuning_v2_text_init_equals_prepending_the_text(tmp_path):
     assert torch.equal(greedy_new_tokens(model, batch), want_tokens)
 
 
+def test_p_tuning_v2_says_when_init_text_is_cut(tmp_path):
+    """A text of more tokens than the prefix is cut to its first ones (`fit_ids`); the run says so and what is left
+    out, as prompt_tuning does; a text that fits (repeated to fill the prefix) gets no note."""
+    from transformers import AutoTokenizer
+
+    folder = save_tiny_model("qwen2", tmp_path / "base")
+    _save_byte_tokenizer(Path(folder))
+    tokenizer, method = AutoTokenizer.from_pretrained(folder), METHODS["p_tuning_v2"]
+    said = {}
+    for text in ("abcdefg", "abc"):  # one byte-level token per letter
+        cfg = load_train_config(None, ["method=p_tuning_v2", "data.train=[unused.jsonl]", "p_tuning_v2.init=text",
+                                       f"p_tuning_v2.init_text={text}", "p_tuning_v2.num_virtual_tokens=5"])
+        model = method.apply(tiny_model(path=folder), cfg.options(method.section), cfg)
+        said[text] = method.notes(model, tokenizer, cfg)
+    assert said["abc"] == []
+    (note,) = said["abcdefg"]
+    assert "`p_tuning_v2.init_text` is 7 tokens but `p_tuning_v2.num_virtual_tokens` is 5" in note
+    assert "'abcde'" in note and "'fg'" in note and "`p_tuning_v2.num_virtual_tokens: 7`" in note
+
+
 EXAMPLES = {"bitfit": "bitfit", "adapter": "adapter", "p_tuning_v2": "p_tuning_v2"}
 
 

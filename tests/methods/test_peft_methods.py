@@ -451,25 +451,32 @@ def test_adapter_saves_decide_the_embeddings_without_peft_warnings(batch, tmp_pa
     torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-6, rtol=0)
 
 
-def test_prompt_tuning_says_when_init_text_is_cut(base_dirs):
+def test_prompt_tuning_says_when_init_text_is_cut(base_dirs, monkeypatch):
     """PEFT cuts an init_text longer than num_virtual_tokens without a word; the method's note says how many tokens
-    it has, which start the prompt and what is dropped, and the soft prompt is indeed the first ones' embeddings."""
+    it has, which start the prompt and what is dropped, and the soft prompt is indeed the first ones' embeddings. The
+    note counts with the run's tokenizer: it loads none of its own."""
     from transformers import AutoTokenizer
 
     method, text = METHODS["prompt_tuning"], "t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12"
-    ids = AutoTokenizer.from_pretrained(str(base_dirs["llama"]))(text)["input_ids"]  # PEFT counts special tokens
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dirs["llama"]))
+    ids = tokenizer(text)["input_ids"]  # PEFT counts special tokens
     n = len(ids) - 2
     cfg = make_cfg("prompt_tuning", {"prompt_tuning": {"num_virtual_tokens": n, "init": "text", "init_text": text}})
     model = method.apply(tiny_model(path=base_dirs["llama"]), cfg.options(method.section), cfg)
-    (note,) = method.notes(model)
+    loads = []
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a))
+    (note,) = method.notes(model, tokenizer, cfg)
+    assert loads == []
     assert f"`prompt_tuning.init_text` is {len(ids)} tokens" in note
     assert f"`prompt_tuning.num_virtual_tokens` is {n}:" in note
     assert "t12" in note.split("the rest")[1] and f"`prompt_tuning.num_virtual_tokens: {len(ids)}`" in note
     embed = model.get_input_embeddings().weight
     torch.testing.assert_close(model.prompt_encoder.default.embedding.weight, embed[ids[:n]].float())
+    monkeypatch.undo()
     cfg = make_cfg("prompt_tuning", {"prompt_tuning": {"num_virtual_tokens": len(ids), "init": "text",
                                                        "init_text": text}})
-    assert method.notes(method.apply(tiny_model(path=base_dirs["llama"]), cfg.options(method.section), cfg)) == []
+    model = method.apply(tiny_model(path=base_dirs["llama"]), cfg.options(method.section), cfg)
+    assert method.notes(model, tokenizer, cfg) == []
 
 
 def test_ia3_default_targets_train():

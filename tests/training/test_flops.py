@@ -121,6 +121,29 @@ def test_cpu_peak_probe_takes_the_faster_of_mkl_and_onednn(monkeypatch):
     assert len(products) == before + 1  # bf16: torch's own matmul only
 
 
+@pytest.mark.parametrize("cores, local, threads, share", [
+    (2, 2, 2, 0.5),   # two 2-thread processes on 2 cores: one core each, half of what one probe showed
+    (8, 2, 2, 1.0),   # a core per thread for both: each counts its whole probe
+    (2, 4, 1, 0.5),   # more processes than cores: half a core each
+    (2, 1, 4, 1.0),   # one oversubscribed process: its probe already ran on all the cores there are
+])
+def test_processes_sharing_a_cpu_count_their_share_of_its_cores(tmp_path, monkeypatch, cores, local, threads,
+                                                                 share):
+    """N processes on one machine do not have N probes' worth of peak: together they are bounded by its cores, so
+    each counts the probe's per-core rate x min(threads, cores / processes)."""
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    monkeypatch.setattr(flops.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(flops.torch, "get_num_threads", lambda: threads)
+    probed = 1e9 * min(threads, cores)  # a rate of 1 GFLOP/s per busy core
+    monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype, **kw: probed)
+    peak, _ = flops.device_peak(torch.device("cpu"), torch.float32)
+    assert peak == pytest.approx(1e9 * min(threads, cores / local)) == pytest.approx(probed * share)
+    meter = flops.EfficiencyMeter(tiny_llama(), torch.device("cpu"), torch.float32, world_size=local)
+    assert meter.peak == pytest.approx(local * 1e9 * min(threads, cores / local))
+    assert meter.peak <= 1e9 * cores  # never more than the machine's cores can do
+
+
 def test_every_run_logs_mfu(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny_llama_dir, out, "training.max_steps=2")
@@ -159,18 +182,34 @@ def test_r_drop_counts_both_copies_of_each_row(tiny_llama_dir, tmp_path):
     assert per_token[1] == pytest.approx(2 * per_token[0], rel=1e-6)
 
 
-def test_an_rl_step_counts_its_epochs_and_forward_passes():
-    """GRPO/PPO: each epoch trains on the rollout's tokens again (`copies`), and sampling, old-policy and reference
-    log-probs are forward-only passes over them; lm_head is read at the completion tokens."""
+def test_an_rl_step_counts_its_epochs_and_forward_passes(tmp_path, monkeypatch):
+    """GRPO/PPO: each epoch trains on the rollout's tokens again (`copies`); sampling, old-policy and reference
+    log-probs are forward-only passes over them, each charged lm_head where it reads it; the reward model's own
+    pass over its own tokens counts too. The step's FLOPs for the tiny Llama against a sum worked by hand."""
     from tuneforge.training.rl import Rollout, mean_over_ranks, rollout_work
 
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype, **kw: 1e9)
+    meter = flops.EfficiencyMeter(tiny_llama(), torch.device("cpu"), torch.float32, world_size=1)
     labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
     roll = Rollout(torch.zeros(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), labels,
                    ["a", "b"], [[5, 6], [7]], [])
-    work = rollout_work(roll, epochs=2, forward_passes=3, head_at_labels=True)
-    assert work == {"tokens": 7, "token_squares": 16 + 9, "train_copies": 2, "forward_only_tokens": 21,
-                    "head_positions": 3}
-    assert rollout_work(roll, 1, 1, head_at_labels=False)["head_positions"] == 7
+    # PPO-like: sampling (head at the 3 completion tokens), old policy + values (head everywhere), reference (head at
+    # the completion tokens), and a reward model's pass worth 1000 FLOPs
+    work = rollout_work(roll, 2, False, meter, [True, False, True], reward_flops=1000.0)
+    body, head, attention = 1408 - 256, 256, 4 * 2 * 8 * (16 + 9)  # 7 tokens, sequences of 4 and 3
+    sampling = 2 * body * 7 + 2 * head * 3 + attention
+    old = 2 * body * 7 + 2 * head * 7 + attention
+    reference = 2 * body * 7 + 2 * head * 3 + attention
+    assert work == {"tokens": 7, "token_squares": 25, "train_copies": 2, "head_positions": 7,
+                    "other_flops": sampling + old + reference + 1000}
+    # the loop's count for the step: 2 training passes (6N + attention x 3 each) plus the forward-only work
+    tally = flops.WorkTally()
+    tally.add(work["tokens"], work["token_squares"], work["head_positions"], other_flops=work["other_flops"])
+    achieved = meter.metrics(7.0, tally.seq_len, head_share=tally.head_share, copies=2,
+                             other_flops_per_token=tally.other_flops_per_token)["model_tflops"] * 1e12
+    assert achieved == pytest.approx(2 * (6 * 1408 * 7 + 3 * attention) + sampling + old + reference + 1000)
+    assert rollout_work(roll, 1, True, meter, [])["head_positions"] == 3
 
     class TwoRanks:  # the other rank held the same counts
         distributed, world_size, device = True, 2, "cpu"
@@ -179,9 +218,37 @@ def test_an_rl_step_counts_its_epochs_and_forward_passes():
             return value * 2
 
     summed = mean_over_ranks(TwoRanks(), {**work, "reward": 0.5})
-    assert summed == {"tokens": 14, "token_squares": 50, "train_copies": 2.0, "forward_only_tokens": 42,
-                      "head_positions": 6, "reward": 0.5}
-    # two training passes and one forward-only pass per token, by hand against the formula
-    once = flops.flops_per_token(1408, 1408, 2, 8, 10)
-    forward = 2 * 1408 + 4 * 2 * 8 * 10
-    assert flops.flops_per_token(1408, 1408, 2, 8, 10, extra_forwards=1, copies=2) == 2 * once + forward
+    assert summed == {"tokens": 14, "token_squares": 50, "train_copies": 2.0, "head_positions": 14,
+                      "other_flops": 2 * work["other_flops"], "reward": 0.5}
+
+
+def test_a_reward_model_counts_its_forward_over_its_own_tokens(tiny_llama_dir):
+    """The reward model scores the rendered conversations with its own tokenizer: its backbone runs over every
+    token, its score head (hidden x 1) at each sequence's last one; `Rewards.flops` holds the step's total."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from tuneforge.data.templates import resolve_chat_template
+    from tuneforge.data.types import EncodedPrompt
+    from tuneforge.models.reward import RewardScorer
+    from tuneforge.training.rl import Rewards, _RewardModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = LlamaForSequenceClassification(LlamaConfig(  # tiny_llama's shapes, the tokenizer's vocabulary
+        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=0))
+    rm = _RewardModel.__new__(_RewardModel)
+    rm.scorer, rm.template = RewardScorer(model, tokenizer), resolve_chat_template(tokenizer, None)
+    prompts = [EncodedPrompt(input_ids=[1], messages=[{"role": "user", "content": q}]) for q in ("hi", "2+2?")]
+    values, counted = rm.batch(["hello there", "4"], prompts)
+    assert len(values) == 2
+    from tuneforge.data.encode import render
+
+    lengths = [len(tokenizer(render(tokenizer, rm.template, [*p.messages, {"role": "assistant", "content": t}], None,
+                                    add_generation_prompt=False), add_special_tokens=False)["input_ids"])
+               for t, p in zip(["hello there", "4"], prompts)]
+    # layers 1152 weights (see above) over every token, the score head's 8 weights once per sequence, attention
+    assert counted == 2 * 1152 * sum(lengths) + 2 * 8 * 2 + 4 * 2 * 8 * sum(n * n for n in lengths)
+    rewards = Rewards.__new__(Rewards)
+    rewards.fns, rewards.section = {"rm": rm}, type("S", (), {"reward": {"rm": 1.0}})()
+    rewards.score(["hello there", "4"], [[], []], prompts)
+    assert rewards.flops == counted

@@ -70,9 +70,9 @@ class Method:
                             f"that has no equivalent weight change. Serve it as base model + adapter instead.")
         return unwrap(model)
 
-    def notes(self, model: torch.nn.Module) -> list[str]:
+    def notes(self, model: torch.nn.Module, tokenizer, cfg) -> list[str]:
         """What the user should hear about the method on this model once it is applied (said after the trainable
-        parameter count). Default: nothing."""
+        parameter count); `tokenizer` and `cfg` are the run's. Default: nothing."""
         return []
 
     def trainable_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -92,7 +92,7 @@ class Lora(Method):
         except ValueError as e:  # PEFT says which target modules were not found
             raise ConfigError(f"`{self.section}.target_modules`: {e}") from e
 
-    def notes(self, model) -> list[str]:
+    def notes(self, model, tokenizer, cfg) -> list[str]:
         """A rank at least the smaller side of an adapted layer is no longer low-rank: the adapter then holds as many
         weights as that layer or more, and trains what full fine-tuning of it would, at a higher cost."""
         full = {}

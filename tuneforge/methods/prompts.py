@@ -62,12 +62,16 @@ def tokenizer_path(model, cfg) -> str:
                       f"`prompt_tuning.init: random`.")
 
 
-def init_text_ids(config):
-    """(tokenizer, ids) of a PromptTuningConfig's init text, tokenized as PEFT does: special tokens included."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
-    return tokenizer, tokenizer(config.prompt_tuning_init_text)["input_ids"]
+def init_text_cut_note(section: str, ids: list[int], n: int, tokenizer, counted: str = "") -> list[str]:
+    """The note for an init_text of more tokens than `num_virtual_tokens`: only its first n tokens start the prompt,
+    so its end (often the part that names the task) would otherwise be left out without a word. `counted`: how the
+    tokens were counted, when that is not plain (PEFT counts the tokenizer's special tokens)."""
+    if len(ids) <= n:
+        return []  # a shorter text is repeated to fill the prompt, as the option's help says
+    return [f"note: `{section}.init_text` is {len(ids)} tokens{counted} but `{section}.num_virtual_tokens` is {n}: "
+            f"the prompt starts from the first {n} ({tokenizer.decode(ids[:n])!r}) and the rest "
+            f"({tokenizer.decode(ids[n:])!r}) is not used. Set `{section}.num_virtual_tokens: {len(ids)}` to start "
+            f"from the whole text, or shorten it"]
 
 
 class PromptTuning(PromptMethod):
@@ -102,20 +106,15 @@ class PromptTuning(PromptMethod):
                                   prompt_tuning_init="TEXT", prompt_tuning_init_text=opts.init_text,
                                   tokenizer_name_or_path=folder)
 
-    def notes(self, model):
-        """PEFT cuts an init_text longer than num_virtual_tokens to its first tokens without a word, so the end of
-        the text (often the part that names the task) would be silently left out of the start."""
+    def notes(self, model, tokenizer, cfg):
+        """PEFT cuts an init_text longer than num_virtual_tokens to its first tokens without a word. Counted with the
+        run's tokenizer (loaded from the same folder PEFT's is), tokenized as PEFT does: special tokens included."""
         config = getattr(unwrap(model), "peft_config", {}).get("default")
         if config is None or not getattr(config, "prompt_tuning_init_text", None):
             return []
-        tokenizer, ids = init_text_ids(config)
-        n = config.num_virtual_tokens
-        if len(ids) <= n:
-            return []  # a shorter text is repeated to fill the prompt, as the option's help says
-        return [f"note: `prompt_tuning.init_text` is {len(ids)} tokens (counting the tokenizer's special tokens, as "
-                f"PEFT does) but `prompt_tuning.num_virtual_tokens` is {n}: the soft prompt starts from the first {n} "
-                f"({tokenizer.decode(ids[:n])!r}) and the rest ({tokenizer.decode(ids[n:])!r}) is not used. Set "
-                f"`prompt_tuning.num_virtual_tokens: {len(ids)}` to start from the whole text, or shorten it"]
+        ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+        return init_text_cut_note(self.section, ids, config.num_virtual_tokens, tokenizer,
+                                  " (counting the tokenizer's special tokens, as PEFT does)")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from tuneforge.configs.typed import opt
 from tuneforge.errors import ConfigError
 from tuneforge.methods import register
 from tuneforge.methods.base import Method, unwrap
+from tuneforge.methods.prompts import init_text_cut_note
 
 
 @dataclass
@@ -107,6 +108,14 @@ class PTuningV2(Method):
         if table is not None:
             peft_model.prompt_encoder[peft_model.active_adapter].load_prompt_embeddings(table)
         return peft_model
+
+    def notes(self, model, tokenizer, cfg):
+        """`fit_ids` cuts an init_text longer than num_virtual_tokens; say so, as prompt_tuning does."""
+        o = cfg.options(self.section)
+        if o.init != "text":
+            return []
+        ids = tokenizer(o.init_text, add_special_tokens=False)["input_ids"]  # as `apply` tokenizes it
+        return init_text_cut_note(self.section, ids, o.num_virtual_tokens, tokenizer)
 
     def load(self, base_model, path):
         from peft import PeftModel

@@ -46,7 +46,7 @@ def run(cfg, log=print) -> TrainResult:
             [hindsight_example(p, cfg.coh, cfg.data.seed) for p in eval_rows], report)
     model, tokenizer, method = setup_model(cfg, runtime)
     if runtime.is_main:
-        log(describe_model(model, method))
+        log(describe_model(model, method, tokenizer, cfg))
     train, evals, collate = setup_data(cfg, tokenizer, "sft", runtime, log, read=rows)
     result = Trainer(cfg, runtime, model, method, train, evals, collate, SFTStage(), log).train()
     if result.finished:

@@ -67,7 +67,7 @@ def run(cfg, log=print) -> TrainResult:
     rows = read_data(cfg)
     model, tokenizer, method = setup_model(cfg, runtime)
     if runtime.is_main:
-        log(describe_model(model, method))
+        log(describe_model(model, method, tokenizer, cfg))
     train, evals, collate = setup_data(cfg, tokenizer, "dpo", runtime, log, read=rows)
 
     reference = None

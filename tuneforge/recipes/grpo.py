@@ -73,7 +73,8 @@ class GRPOStage(RLStage):
                 losses.append(loss)
                 stats.append({k: float(v) for k, v in m.items()})
         lengths = [len(ids) for ids in roll.completion_ids]
-        work = rollout_work(roll, s.epochs, 1 + several_updates + (self.reference is not None), head_at_labels=at)
+        forwards = [True] + [at] * (several_updates + (self.reference is not None))  # sampling, old, reference
+        work = rollout_work(roll, s.epochs, at, trainer.meter, forwards, self.rewards.flops)
         local = {**means, "completion_length": sum(lengths) / len(lengths), **work,
                  **{k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}}
         all_rewards = everyone[:, 0]

@@ -99,7 +99,7 @@ def run(cfg, log=print) -> TrainResult:
     rows = read_data(cfg)
     model, tokenizer, method = setup_model(cfg, runtime)
     if runtime.is_main:
-        log(describe_model(model, method))
+        log(describe_model(model, method, tokenizer, cfg))
     train, evals, collate = setup_data(cfg, tokenizer, "kto", runtime, log, read=rows)
     if runtime.is_main:
         for line in kto_balance(train, cfg.kto.desirable_weight, cfg.kto.undesirable_weight):

@@ -80,7 +80,10 @@ class PPOStage(RLStage):
                                          returns[idx]))
         local = {"reward": float(scores.mean()), **means, "kl": float((kl * mask).sum(-1).mean()),
                  "completion_length": float(mask.sum(-1).float().mean()),
-                 **rollout_work(roll, s.epochs, 3, head_at_labels=False),  # sampling, old policy, reference
+                 # sampling (lm_head at each new token), old policy and values (everywhere), reference; the value
+                 # head is part of the policy's weights, so its forward and backward count with the policy's
+                 **rollout_work(roll, s.epochs, False, trainer.meter, [True, False, self.logits_at_labels],
+                                self.rewards.flops),
                  **{k: sum(d[k] for d in stats) / len(stats) for k in stats[0] if k not in LOSSES}}
         return {**mean_over_ranks(self.rt, local), **{k: sum(d[k] for d in stats) / len(stats) for k in LOSSES}}
 

@@ -72,7 +72,7 @@ def run(cfg, log=print) -> TrainResult:
     rows = read_data(cfg)
     model, tokenizer, method = setup_model(cfg, runtime, extend=RewardModel)
     if runtime.is_main:
-        log(describe_model(model, method))
+        log(describe_model(model, method, tokenizer, cfg))
     train, evals, collate = setup_data(cfg, tokenizer, "rm", runtime, log, read=rows)
     result = Trainer(cfg, runtime, model, method, train, evals, collate, RewardStage(cfg.rm.margin), log).train()
     if not result.finished:

@@ -12,6 +12,8 @@ hidden size, S the sequence length:
     plus 2N + 4 L d S per token pass of forward-only work the algorithm makes (DPO's and KTO's live reference
     model over the trained tokens, and KTO's policy and reference passes over its mismatched KL rows:
     `Stage.forward_only_tokens`), counted as `extra_forwards` = forward-only token passes / trained tokens
+    plus, as model FLOPs (`other_flops`), forward passes over other tokens or of other models: an RL step's
+    sampling, old-policy and reference passes (lm_head where each reads it) and its reward model's scoring
 
 The output layer (lm_head, H of the N weights, H_T of them trained) is charged per *head position* instead: a
 position whose logits the loss reads (a label position; none for a reward model, which reads its score head). Its
@@ -22,7 +24,8 @@ training passes over each token per step (R-Drop's two copies of every row; an R
 
 The peak: the datasheet dense bf16 tensor-core figure for known GPUs, or, for CPUs, a short matmul probe in the
 run's dtype at start (the faster of MKL and oneDNN), cached per machine under the TuneForge cache folder and
-probed again once a day (`cpu_peak`).
+probed again once a day (`cpu_peak`); processes that share one machine's cores count their share of them
+(`cpu_share`), not a whole probe each.
 """
 
 from __future__ import annotations
@@ -84,6 +87,23 @@ def flops_per_token(n_matmul: int, n_trainable: int, layers: int, hidden: int, s
             + extra_forwards * (2 * body + 2 * h * head_share + 4 * layers * hidden * seq_len))
 
 
+def forward_flops(n_matmul: int, head: int, layers: int, hidden: int, tokens: int, squares: float,
+                  head_positions: int) -> float:
+    """Model FLOPs of one forward-only pass over `tokens` tokens whose sequences' squared lengths sum to `squares`:
+    2 per weight per token and attention 4 L d S per token (as `flops_per_token` counts extra forwards), the
+    output layer's `head` weights (part of `n_matmul`) at `head_positions` positions only."""
+    return 2 * (n_matmul - head) * tokens + 2 * head * head_positions + 4 * layers * hidden * squares
+
+
+def model_forward_flops(model: torch.nn.Module, lengths: list[int], head: torch.nn.Module | None = None,
+                        head_positions: int = 0) -> float:
+    """`forward_flops` of another model than the one training (a reward model scoring rollouts) over sequences of
+    `lengths` tokens, its `head` run at `head_positions` positions (a reward model's score head: one per sequence)."""
+    layers, hidden = model_shape(model)
+    return forward_flops(matmul_weights(model)[0], matmul_weights(head)[0] if head is not None else 0, layers,
+                         hidden, sum(lengths), sum(s * s for s in lengths), head_positions)
+
+
 def model_shape(model: torch.nn.Module) -> tuple[int, int]:
     """(layers, hidden size) from the HF config of the model under any wrapper; (0, 0) when unknown."""
     config = getattr(model, "config", None)
@@ -110,17 +130,21 @@ def fed_counts(items: list) -> tuple[int, int]:
 @dataclass
 class WorkTally:
     """What the steps since the run (re)started ran on, for the MFU: tokens, the sum of their sequences' squared
-    lengths, head positions (where lm_head's logits are read) and token passes of forward-only work."""
+    lengths, head positions (where lm_head's logits are read), token passes of forward-only work, and model FLOPs
+    counted as such (`other_flops`: an RL step's forward-only passes and its reward model)."""
 
     tokens: int = 0
     squares: float = 0.0
     head_positions: int = 0
     forward_only_tokens: int = 0
+    other_flops: float = 0.0
 
-    def add(self, tokens: int, squares: float, head_positions: int, forward_only_tokens: int = 0) -> None:
+    def add(self, tokens: int, squares: float, head_positions: int, forward_only_tokens: int = 0,
+            other_flops: float = 0.0) -> None:
         self.tokens, self.squares = self.tokens + tokens, self.squares + squares
         self.head_positions += head_positions
         self.forward_only_tokens += forward_only_tokens
+        self.other_flops += other_flops
 
     @property
     def seq_len(self) -> float:
@@ -133,6 +157,10 @@ class WorkTally:
     @property
     def forward_share(self) -> float:
         return self.forward_only_tokens / max(self.tokens, 1)
+
+    @property
+    def other_flops_per_token(self) -> float:
+        return self.other_flops / max(self.tokens, 1)
 
 
 def gpu_peak(name: str) -> float | None:
@@ -236,14 +264,34 @@ def _cpu_model() -> str:
     return ""
 
 
+def cpu_share() -> tuple[float, int, int, int]:
+    """(the part of the probed rate this process can count on, its threads, the cores it may run on, processes on
+    this machine). The probe times this process's threads alone, on at most the machine's cores; LOCAL_WORLD_SIZE
+    processes sharing those cores cannot each reach it: together they are bounded by the cores, so each counts the
+    per-core rate on at most its equal part of them (a fraction of a core when there are more processes than
+    cores): probe x min(threads, cores / processes) / min(threads, cores)."""
+    threads = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
+    return min(threads, cores / local) / min(threads, cores), threads, cores, local
+
+
 def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device or None when unknown, where the figure comes from)."""
+    """(peak FLOP/s of one process's device or None when unknown, where the figure comes from). On CPU the probed
+    rate of this process's threads, cut to its share of the cores when processes share them (`cpu_share`)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak(name)
         return peak, f"{name} datasheet bf16 dense" if peak else f"{name}: no datasheet figure known"
     if device.type == "cpu":
-        return cpu_peak(dtype), f"measured {str(dtype).removeprefix('torch.')} matmul peak of this CPU"
+        share, threads, cores, local = cpu_share()
+        source = f"measured {str(dtype).removeprefix('torch.')} matmul peak of this CPU"
+        if share < 1:
+            source += f"; {local} processes of {threads} threads share {cores} cores: {share:.3g} of it each"
+        return cpu_peak(dtype) * share, source
     return None, f"{device.type}: no peak known"
 
 
@@ -263,12 +311,19 @@ class EfficiencyMeter:
         return flops_per_token(self.n_matmul, self.n_trainable, self.layers, self.hidden, seq_len, extra_forwards,
                                self.head, head_share, copies)
 
+    def forward_flops(self, tokens: int, squares: float, head_positions: int) -> float:
+        """`forward_flops` of this model: a forward-only pass of it over other tokens than the trained ones."""
+        return forward_flops(self.n_matmul, self.head[0], self.layers, self.hidden, tokens, squares, head_positions)
+
     def metrics(self, tokens_per_s: float, seq_len: float, extra_forwards: float = 0, head_share: float = 1.0,
-                copies: float = 1) -> dict:
-        achieved = self.flops_per_token(seq_len, extra_forwards, head_share, copies) * tokens_per_s
+                copies: float = 1, other_flops_per_token: float = 0.0) -> dict:
+        """`other_flops_per_token`: model FLOPs counted as such (WorkTally.other_flops) per trained token."""
+        per_token = self.flops_per_token(seq_len, extra_forwards, head_share, copies) + other_flops_per_token
+        achieved = per_token * tokens_per_s
         out = {"model_tflops": achieved / 1e12}
         if self.peak and achieved > self.peak and self.device.type == "cpu":  # the cached probe ran on a busy CPU
-            raise_cpu_peak(self.dtype, achieved / self.world_size)
+            # the cache holds what one process's threads do alone, before its share of shared cores
+            raise_cpu_peak(self.dtype, achieved / self.world_size / cpu_share()[0])
             self.peak = achieved
         if self.peak:
             out["mfu"] = achieved / self.peak

@@ -551,12 +551,13 @@ class Trainer:
         self.step += 1
         tokens = metrics.pop("tokens")
         self.work.add(tokens, metrics.pop("token_squares"), metrics.pop("head_positions"),
-                      metrics.pop("forward_only_tokens"))
+                      metrics.pop("forward_only_tokens", 0), metrics.pop("other_flops", 0.0))
         elapsed = time.perf_counter() - self._t0
         metrics["tokens_per_s"] = self.work.tokens / elapsed if elapsed > 0 else 0.0
         metrics.update(self.meter.metrics(metrics["tokens_per_s"], seq_len=self.work.seq_len,
                                           extra_forwards=self.work.forward_share, head_share=self.work.head_share,
-                                          copies=metrics.pop("train_copies", self.stage.train_copies)))
+                                          copies=metrics.pop("train_copies", self.stage.train_copies),
+                                          other_flops_per_token=self.work.other_flops_per_token))
         self.window.add(metrics)
         if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()
@@ -594,12 +595,12 @@ class Trainer:
         return TrainResult(self.step, final_loss, last_eval, history)
 
 
-def describe_model(model: torch.nn.Module, method: Method) -> str:
+def describe_model(model: torch.nn.Module, method: Method, tokenizer, cfg) -> str:
     from tuneforge.methods.base import count_parameters
 
     trainable, total = count_parameters(unwrap(model))
     return "\n".join([f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
-                      f"({100 * trainable / max(total, 1):.3f}%)", *method.notes(model)])
+                      f"({100 * trainable / max(total, 1):.3f}%)", *method.notes(model, tokenizer, cfg)])
 
 
 

@@ -160,15 +160,19 @@ class Rewards:
             else:
                 self.fns[name] = _with_keywords(_import_function(name))
 
+    flops = 0.0  # model FLOPs of the reward models' passes in the last `score` (the MFU counts them)
+
     def score(self, texts: list[str], ids: list[list[int]], prompts: list[EncodedPrompt],
               step: int | None = None) -> tuple[torch.Tensor, dict]:
         """Total reward per completion [N], and for the log the mean of each named reward (with skip: the share of
         completions each function failed on, `reward_errors/<name>`). `step`: the trainer step, for the log."""
         total = torch.zeros(len(texts))
         means = {}
+        self.flops = 0.0
         for name, fn in self.fns.items():
             if isinstance(fn, _RewardModel):
-                values = fn.batch(texts, prompts)
+                values, flops = fn.batch(texts, prompts)
+                self.flops += flops
             else:
                 values = self._calls(name, fn, texts, ids, prompts, step, means)
             means[f"reward/{name}"] = sum(values) / max(len(values), 1)
@@ -252,13 +256,17 @@ class _RewardModel:
         self.scorer = load_reward_model(folder, device=str(runtime.device) if runtime else "cpu")
         self.template = resolve_chat_template(self.scorer.tokenizer, None)
 
-    def batch(self, texts: list[str], prompts: list[EncodedPrompt]) -> list[float]:
+    def batch(self, texts: list[str], prompts: list[EncodedPrompt]) -> tuple[list[float], float]:
+        """(rewards, model FLOPs of scoring them: the backbone over every token, the score head at each last)."""
         from tuneforge.data.encode import render
+        from tuneforge.training.flops import model_forward_flops
 
         rendered = [render(self.scorer.tokenizer, self.template,
                            [*p.messages, {"role": "assistant", "content": t}], None, add_generation_prompt=False)
                     for t, p in zip(texts, prompts)]
-        return self.scorer.score(rendered).float().tolist()
+        ids = [self.scorer.tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]  # as `score` does
+        flops = model_forward_flops(self.scorer.model, [len(x) for x in ids], self.scorer.model.score, len(ids))
+        return self.scorer.score_ids(ids).float().tolist(), flops
 
 
 # ---- rollouts ----------------------------------------------------------------------------------------------------
@@ -355,7 +363,7 @@ def gather(runtime, values: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(values.device)
 
 
-SUMMED = ("tokens", "token_squares", "head_positions", "forward_only_tokens")  # counts, added up over ranks
+SUMMED = ("tokens", "token_squares", "head_positions", "other_flops")  # counts, added up over ranks
 
 
 def mean_over_ranks(runtime, metrics: dict) -> dict:
@@ -369,16 +377,19 @@ def mean_over_ranks(runtime, metrics: dict) -> dict:
     return {k: (int(v) if k in SUMMED else float(v) / runtime.world_size) for k, v in zip(keys, values.tolist())}
 
 
-def rollout_work(roll: Rollout, epochs: int, forward_passes: int, head_at_labels: bool) -> dict:
-    """An RL step's MFU counts (training/flops.py): `epochs` training passes over the rollout's tokens, and
-    `forward_passes` forward-only ones (sampling it, and the old-policy and reference log-probs where the stage takes
-    them); lm_head read at the completion tokens only where logits are taken only there. The reward model's and a
-    value model's own passes are not counted."""
+def rollout_work(roll: Rollout, epochs: int, head_at_labels: bool, meter, forwards: list[bool],
+                 reward_flops: float = 0.0) -> dict:
+    """An RL step's MFU counts (training/flops.py): `epochs` training passes over the rollout's tokens (lm_head at
+    the completion tokens only where `head_at_labels`), and as model FLOPs (`other_flops`) its forward-only work:
+    one policy pass over the rollout per flag in `forwards` (sampling it, the old-policy and the reference
+    log-probs where the stage takes them), True where that pass runs lm_head at the completion tokens only, plus
+    `reward_flops`, the reward models' own passes (`Rewards.flops`). `meter`: the loop's EfficiencyMeter."""
     lengths = roll.attention_mask.sum(-1)
-    tokens = int(lengths.sum())
+    tokens, squares = int(lengths.sum()), int((lengths ** 2).sum())
     completion = int((roll.labels[:, 1:] != IGNORE_INDEX).sum())
-    return {"tokens": tokens, "token_squares": int((lengths ** 2).sum()), "train_copies": epochs,
-            "forward_only_tokens": forward_passes * tokens, "head_positions": completion if head_at_labels else tokens}
+    passes = sum(meter.forward_flops(tokens, squares, completion if at else tokens) for at in forwards)
+    return {"tokens": tokens, "token_squares": squares, "train_copies": epochs,
+            "head_positions": completion if head_at_labels else tokens, "other_flops": passes + reward_flops}
 
 
 def whiten_over_ranks(runtime, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -491,7 +502,7 @@ def run_rl(cfg, make_stage, log=print, extend=None):
     main_log = log if runtime.is_main else (lambda _: None)
     rows = read_prompts(cfg, needs, reads, main_log)
     model, tokenizer, method = setup_model(cfg, runtime, extend=extend)
-    main_log(describe_model(model, method))
+    main_log(describe_model(model, method, tokenizer, cfg))
     prompts, evals, _ = setup_data(cfg, tokenizer, cfg.stage, runtime, log, read=rows)
     if evals:
         main_log(f"note: stage {cfg.stage} does not score the {len(evals)} held-out prompts during training; the "

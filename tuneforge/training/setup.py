@@ -43,11 +43,36 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
         engine = f" ({runtime.engine})" if runtime.engine != "none" else ""
         log(f"runtime: device {runtime.device}, precision {runtime.precision}, {runtime.world_size} process(es)"
             + engine + (asked if "auto" in (t.device, t.precision) else ""))
+        note = compile_note(cfg, runtime)
+        if note:
+            log(note)
         ignored = getattr(cfg, "ignored_sections", [])
         if ignored:
             log(f"note: method {cfg.method} reads none of the options under {', '.join(f'`{s}:`' for s in ignored)}: "
                 f"they are ignored (and left out of tuneforge_config.yaml)")
     return runtime
+
+
+def compile_note(cfg: TrainConfig, runtime: Runtime) -> str | None:
+    """`training.compile` on CPU switches off the CPU paths left at auto (see use_onednn_matmul, use_fused_layers and
+    setup_data), which on their own measured as fast: without this the run would lose them without a word."""
+    from tuneforge.kernels import onednn_linear
+
+    t = cfg.training
+    if not t.compile or runtime.device.type != "cpu" or runtime.engine in ("fsdp", "deepspeed"):
+        return None  # on GPU nothing is turned off; the sharded engines have none of these paths anyway
+    lost = [name for name, applies in (
+        ("oneDNN linears (training.cpu_matmul)", t.cpu_matmul == "auto" and runtime.dtype == torch.float32
+         and onednn_linear.available()),
+        ("fused layers (training.fused_layers)", t.fused_layers == "auto"),
+        ("padding-free rows attended per sequence (model.attn_implementation)", cfg.model.attn_implementation
+         == "auto" and not t.rdrop_alpha and not t.neftune_alpha)) if applies]
+    if not lost:
+        return None
+    return (f"note: training.compile turns off the CPU defaults {', '.join(lost)}. Measured against them, compile "
+            f"gained nothing: 0.96x per step after warm-up, plus its compile time (LoRA on tiny-llama widened to "
+            f"hidden 256, 4 layers, 2 CPU threads; bench/RESULTS.md, `training.compile` on CPU). Leave "
+            f"training.compile off on CPU unless you have measured a gain")
 
 
 def setup_model(cfg: TrainConfig, runtime: Runtime, extend=None):
@@ -207,7 +232,7 @@ def run_stage(cfg: TrainConfig, data_kind: str, stage, log=print):
     rows = read_data(cfg)
     model, tokenizer, method = setup_model(cfg, runtime)
     if runtime.is_main:
-        log(describe_model(model, method))
+        log(describe_model(model, method, tokenizer, cfg))
     train, evals, collate = setup_data(cfg, tokenizer, data_kind, runtime, log, read=rows)
     trainer = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log)
     trainer.tokenizer = tokenizer
