@@ -64,7 +64,7 @@ def test_eval_side_by_side_and_rerun(tiny_llama_dir, tiny_qwen2_dir, tmp_path, j
     assert len(preds) == 4 and {"prompt", "scores", "prediction", "answer"} <= set(json.loads(preds[0]))
     # a re-run generates and scores nothing and asks the judge nothing new
     calls = len(_Judge.calls)
-    monkeypatch.setattr("tuneforge.eval.generation_tasks.generate_texts", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr("tuneforge.eval.generation_tasks.generate_replies", lambda *a, **k: pytest.fail("regenerated"))
     monkeypatch.setattr("tuneforge.eval.multiple_choice.continuation_logprobs", lambda *a, **k: pytest.fail("rescored"))
     assert main(["eval", str(d / "eval.yaml")]) == 0
     assert json.loads((d / "out" / "results.json").read_text()) == results and len(_Judge.calls) == calls
@@ -136,6 +136,47 @@ def test_paths_are_checked_before_any_model_loads(tiny_llama_dir, tmp_path, monk
     assert re.search(r"judge at http://127.0.0.1:9/v1 cannot be reached .*judge:.*afile need", capsys.readouterr().err)
 
 
+def test_too_many_shots_fail_before_any_model_loads(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """shots above what a dev split holds was found when the task started, after the model had loaded (minutes for
+    a big one) and every earlier task had run; --shots and mmlu@K both fail at once now."""
+    monkeypatch.setattr("tuneforge.eval.suite.load_model", lambda entry: pytest.fail("loaded a model"))
+    _write_bench(tmp_path / "eval" / "mmlu", n=2)  # 2 dev questions per subject
+    common = ["eval", "--model", str(tiny_llama_dir), "--data-dir", str(tmp_path / "eval"), "--out",
+              str(tmp_path / "o")]
+    for flags in (["--tasks", "mmlu", "--shots", "3"], ["--tasks", "mmlu@3", "--shots", "0"]):
+        assert main(common + flags) == 2
+        assert re.search(r"mmlu: shots=3, but the dev split .*\(algebra: 2\).*2 or less", capsys.readouterr().err)
+
+
+def test_replies_cut_at_max_new_tokens_are_counted(tiny_llama_dir, tmp_path, monkeypatch):
+    """A reply cut by max_new_tokens usually scores 0; the report counts them per task (from the engine's finish
+    reason, saved with each prediction so a re-run counts the same) instead of showing only a low score."""
+    from tuneforge.eval import generation_tasks
+    from tuneforge.eval.suite import slug
+
+    d = _data(tmp_path)
+    (d / "gsm8k").mkdir()
+    rows = [{"question": f"What is {n} + 1?", "answer": f"{n} + 1 = {n + 1}\n#### {n + 1}"} for n in range(3)]
+    for name in ("train.jsonl", "test.jsonl"):
+        (d / "gsm8k" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = f"data:{d / 'task.jsonl'}"
+    argv = ["eval", "--model", str(tiny_llama_dir), "--tasks", f"gsm8k,{data}", "--data-dir", str(d), "--out",
+            str(d / "out"), "--max-new-tokens", "3", "gsm8k_shots=1", "progress=false"]
+    assert main(argv) == 0
+    name = tiny_llama_dir.name  # the report column of a model given by --model
+    results = json.loads((d / "out" / "results.json").read_text())[name]
+    for task in ("gsm8k", data):
+        saved = [json.loads(line) for line in (d / "out" / slug(name) / slug(task) / "predictions.jsonl")
+                 .read_text().splitlines()]
+        cut = sum(r["finish_reason"] == "length" for r in saved)
+        assert cut > 0 and results[task]["truncated_replies"] == cut  # a random tiny model rarely ends in 3 tokens
+    md = (d / "out" / "report.md").read_text()
+    assert "| gsm8k | truncated_replies |" in md and "raise max_new_tokens" in md
+    monkeypatch.setattr(generation_tasks, "generate_replies", lambda *a, **k: pytest.fail("regenerated"))
+    assert main(argv) == 0
+    assert json.loads((d / "out" / "results.json").read_text())[name] == results
+
+
 def test_judged_prompts_need_no_reference_and_generate_once(tiny_llama_dir, tmp_path, judge_url, monkeypatch):
     """judge:/grade: take prompts alone (pairwise judging needs no reference) and share one generation per file;
     data: scores preference rows against `chosen` and says what a row without a reference lacks."""
@@ -144,8 +185,8 @@ def test_judged_prompts_need_no_reference_and_generate_once(tiny_llama_dir, tmp_
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say hi.", "Name a colour.")))
     generated = []
-    real = generation_tasks.generate_texts
-    monkeypatch.setattr(generation_tasks, "generate_texts",
+    real = generation_tasks.generate_replies
+    monkeypatch.setattr(generation_tasks, "generate_replies",
                         lambda *a, **k: generated.append(len(a[2])) or real(*a, **k))
     config = {"models": [{"name": "a", "model": str(tiny_llama_dir)}, {"name": "b", "model": str(tiny_llama_dir)}],
               "tasks": [f"judge:{prompts}", f"grade:{prompts}"], "out": str(tmp_path / "out"), "max_new_tokens": 3,
@@ -226,8 +267,8 @@ def test_an_edited_data_row_is_generated_again(tiny_llama_dir, tmp_path, monkeyp
     first_reply = replies[f"{path}:line 1"]
     write([("Say one.", first_reply), ("Say four.", "four"), ("Say three.", "three")])  # a fixed reference, a new row
     generated = []
-    real = generation_tasks.generate_texts
-    monkeypatch.setattr(generation_tasks, "generate_texts", lambda *a, **k: generated.append(a[2]) or real(*a, **k))
+    real = generation_tasks.generate_replies
+    monkeypatch.setattr(generation_tasks, "generate_replies", lambda *a, **k: generated.append(a[2]) or real(*a, **k))
     again = generation_tasks.run_dataset(model, tokenizer, str(path), tmp_path / "out", max_new_tokens=4,
                                          progress=False)
     assert [[m[-1]["content"] for m in batch] for batch in generated] == [["Say one.", "Say four."]]

@@ -50,19 +50,34 @@ def test_exact_match_and_gsm8k_extraction():
     assert extract_number("#### .5") == "0.5" == extract_number("#### 0.50") and extract_number("-.5 m") == "-0.5"
 
 
+def test_gsm8k_instruction_gives_nothing_to_copy_after_the_marks():
+    """"End with a line '#### N' where N is the final number" made SmolLM2-135M-Instruct write a literal "#### N"
+    (2 of 10 GSM8K test questions, 4-shot), and "for example '#### 42'" made it end 5 of 10 with "#### 42", which
+    is then scored as its answer: the instruction names the marks and says a number follows, nothing to copy."""
+    import re
+
+    from tuneforge.eval.generation_tasks import gsm8k_messages
+
+    asked = gsm8k_messages("What is 1 + 1?", [], cot=True)[-1]["content"]
+    instruction = asked.removeprefix("What is 1 + 1?\n")
+    assert "####" in instruction and "number" in instruction
+    assert not re.search(r"####\s*(\w|<)", instruction)  # no "#### N", "#### <number>" or "#### 42"
+    assert gsm8k_messages("What is 1 + 1?", [], cot=False)[-1]["content"] == "What is 1 + 1?"
+
+
 def test_generation_uses_the_adapter_on_the_model(tiny_llama_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneforge.eval.generation_tasks import generate_texts
+    from tuneforge.eval.generation_tasks import generate_replies
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts = [[{"role": "user", "content": "Who are you?"}]]
-    base = generate_texts(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), tokenizer, prompts, 8)
+    base = generate_replies(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), tokenizer, prompts, 8)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
-    tuned = generate_texts(get_peft_model(model, lora).eval(), tokenizer, prompts, 8)
-    assert tuned != base  # a random, non-zero LoRA changes greedy text; the engine must not run the bare base
+    tuned = generate_replies(get_peft_model(model, lora).eval(), tokenizer, prompts, 8)
+    assert tuned[0][0] != base[0][0]  # a random, non-zero LoRA changes greedy text; the engine must not run the bare base
 
 
 def test_report_shows_a_missing_rate_as_a_dash_and_count_deltas_whole():

@@ -50,3 +50,29 @@ def test_a_limit_takes_prompts_from_every_group(shared_assets):
     assert len({(r["harmful"], r["category"]) for r in picked}) == min(20, len(groups))
     assert [xs.index(r) for r in picked] == sorted(xs.index(r) for r in picked)  # file order kept
     assert spread_limit(xs, None) == xs and spread_limit(xs, 1000) == xs
+
+
+def test_empty_replies_count_as_refusals_and_are_counted(tmp_path, monkeypatch):
+    """An empty reply answers nothing: it counts as a refusal under both detectors (the judge is not asked to guess
+    about an empty string), and the report counts such replies, as a broken template or end token shows that way."""
+    from tuneforge.eval import generation_tasks
+    from tuneforge.eval.safety import run_safety
+
+    prompts = [{"id": str(i), "prompt": f"p{i}", "category": "c", "harmful": i % 2 == 0} for i in range(4)]
+    replies = {"p0": "", "p1": " \n", "p2": "Sure, here it is.", "p3": "Here is how."}
+    monkeypatch.setattr(generation_tasks, "generate_replies",
+                        lambda model, tok, batch, n: [(replies[m[-1]["content"]], "stop") for m in batch])
+
+    class Judge:  # calls every reply it is shown a compliance
+        asked: list = []
+
+        def chat_many(self, requests):
+            self.asked += requests
+            return ["1_full_compliance"] * len(requests)
+
+    rules = run_safety(None, None, prompts, tmp_path / "rules", "xstest", progress=False)
+    judged = run_safety(None, None, prompts, tmp_path / "judged", "xstest", progress=False, judge=Judge())
+    for result in (rules, judged):  # one empty and one answered prompt on each side
+        assert result["empty_replies"] == 2
+        assert result["refusal_rate_harmful"] == 0.5 and result["over_refusal_rate"] == 0.5
+    assert len(Judge.asked) == 2 and judged["judge_fallbacks"] == 0

@@ -23,6 +23,7 @@ from tuneforge.eval.benchmarks import (
     display_name,
     load_mapping,
     load_subjects,
+    subject_files,
     unpacked,
 )
 from tuneforge.eval.loglik import continuation_logprobs
@@ -59,6 +60,17 @@ def _check_shots(settings: MCSettings, dev: dict[str, list]) -> None:
         raise UserError(f"{settings.benchmark}: shots={settings.shots}, but the dev split of {len(short)} subject(s) "
                         f"holds fewer examples ({subject}: {n}). Set `shots` (--shots, or {settings.benchmark}@K) "
                         f"to {n} or less.")
+
+
+def check_shots(settings: MCSettings) -> None:
+    """The shots check on its own, reading only the dev split: `tuneforge eval` runs it for every task before the
+    first model loads, so a bad `shots` fails in a second instead of after that model's load and earlier tasks."""
+    if not settings.shots:
+        return
+    bench = benchmark(settings.benchmark)
+    folder = unpacked(Path(settings.data_dir))
+    subjects = settings.subjects or list(subject_files(bench, folder, bench.eval_split))
+    _check_shots(settings, load_subjects(settings.benchmark, folder, "dev", subjects))
 
 
 def _pending(settings: MCSettings, store: ItemStore):

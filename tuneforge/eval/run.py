@@ -8,11 +8,13 @@ Tasks: mmlu, ceval, cmmlu (multiple choice, from DATA_DIR/<name>), gsm8k (DATA_D
 judge:PATH (answers to PATH's prompts judged pairwise against the baseline by `judge.url`, both orders) and
 grade:PATH (1-10 grades by the judge). With --adapter, the base model and base+adapter are evaluated side by side.
 Safety replies are classed as refusals by string rules, or with `safety.detector: judge` (--refusal-detector judge)
-by the judge model. Every judge reply is cached in OUT/judge_cache.jsonl and every verdict saved beside the task's
-predictions (judgements.jsonl, refusal_judgements.jsonl).
+by the judge model; either way an empty reply counts as a refusal (and is counted: empty_replies). Every judge
+reply is cached in OUT/judge_cache.jsonl and every verdict saved beside the task's predictions (judgements.jsonl,
+refusal_judgements.jsonl).
 Writes OUT/results.json ({model: {task: {metric: value}}}, accuracies and rates as fractions in [0, 1], BLEU on
 sacrebleu's 0-100 scale), OUT/report.md, OUT/report.html and OUT/<model>/<task>/predictions.jsonl (judge:/grade:
 replies in OUT/<model>/answers_<PATH>/); a re-run with the same settings and model files skips every finished item.
+Generation tasks count the replies cut at max_new_tokens (truncated_replies): raise it when that is not 0.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ class SafetyConfig:
                                                        "(XSTest's string-match baseline). judge: the model at "
                                                        "judge.url classes each reply with XSTest's classifier prompt "
                                                        "(Chinese prompts get its Chinese translation); replies it "
-                                                       "cannot parse fall back to the rules and are counted.")
+                                                       "cannot parse fall back to the rules and are counted. Either "
+                                                       "way an empty reply counts as a refusal and is counted in "
+                                                       "empty_replies.")
     max_new_tokens: int = opt(64, "Longest generated reply to a safety prompt (refusals show in the first words).")
 
 
@@ -84,7 +88,7 @@ class EvalConfig:
                                                           "another.")
     shots: int = opt(5, "Examples from the dev split in multiple-choice prompts.")
     gsm8k_shots: int = opt(4, "Solved examples before each GSM8K question.")
-    cot: bool = opt(True, "Ask GSM8K questions for step-by-step reasoning ending in '#### N'.")
+    cot: bool = opt(True, "Ask GSM8K questions for step-by-step reasoning ending in a line '#### <number>'.")
     mc_chat_template: bool = opt(False, "Wrap multiple-choice prompts in the chat template (lm-evaluation-harness "
                                         "scores raw text, the default).")
     option_text: bool = opt(False, "Score multiple-choice options by their full text instead of the letter.")
@@ -214,13 +218,16 @@ def eval_cli(argv: list[str]) -> int:
 
 
 def check_paths(cfg: EvalConfig) -> None:
-    """Every model folder, adapter folder and the output folder checked before the first model loads: a typo in
-    the second model's adapter must not surface after the first model's whole benchmark."""
+    """Every model folder, adapter folder, the output folder, the judge and each multiple-choice task's shots
+    checked before the first model loads: a typo in the second model's adapter must not surface after the first
+    model's whole benchmark."""
+    from tuneforge.eval.suite import check_task_data
     from tuneforge.models.adapter_loading import adapter_folder
     from tuneforge.models.loading import check_can_create, resolve_source
 
     check_can_create(Path(cfg.out), "the eval output folder")
     check_judge_reachable(cfg)
+    check_task_data(cfg)
     for entry in cfg.models:
         if entry.adapter:
             adapter_folder(entry.adapter, "evaluate it as a model: `models: [{{model: {folder}}}]` (or --model).")

@@ -44,20 +44,41 @@ def answers_folder(task_dir: Path, task: str) -> Path:
     return Path(task_dir).parent / slug("answers:" + task.partition(":")[2])
 
 
+def mc_settings(cfg: EvalConfig, task: str):
+    """The MCSettings of a multiple-choice task as written in `tasks` (mmlu, mmlu@0, cmmlu@5:PATH), else None."""
+    from tuneforge.eval.multiple_choice import MCSettings
+
+    kind, _, path = task.partition(":")
+    kind, _, shots = kind.partition("@")  # mmlu@0: this task 0-shot whatever `shots` says
+    if kind not in MC_TASKS:
+        return None
+    return MCSettings(kind, path or str(Path(cfg.data_dir) / kind), limit=cfg.task_limits.get(task, cfg.limit),
+                      shots=int(shots) if shots else cfg.shots, chat_template=cfg.mc_chat_template,
+                      option_text=cfg.option_text, batch_size=cfg.batch_size)
+
+
+def check_task_data(cfg: EvalConfig) -> None:
+    """Each multiple-choice task's dev split holds its shots, checked before the first model loads: run_task finds
+    it only after that load and every earlier task (minutes for a big model)."""
+    from tuneforge.eval.multiple_choice import check_shots
+
+    for task in cfg.tasks:
+        settings = mc_settings(cfg, task)
+        if settings is not None:
+            check_shots(settings)
+
+
 def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path, judge=None) -> dict:
     """One task's metrics for one loaded model; `judge` is the run's JudgeClient (made here when needed)."""
     from tuneforge.eval import generation_tasks as gen
     from tuneforge.eval import safety
-    from tuneforge.eval.multiple_choice import MCSettings, run_multiple_choice
+    from tuneforge.eval.multiple_choice import run_multiple_choice
 
     kind, _, path = task.partition(":")
-    kind, _, shots = kind.partition("@")  # mmlu@0: this task 0-shot whatever `shots` says
+    kind = kind.partition("@")[0]
     limit = cfg.task_limits.get(task, cfg.limit)
-    if kind in MC_TASKS:
-        settings = MCSettings(kind, path or str(Path(cfg.data_dir) / kind), limit=limit,
-                              shots=int(shots) if shots else cfg.shots,
-                              chat_template=cfg.mc_chat_template, option_text=cfg.option_text,
-                              batch_size=cfg.batch_size)
+    settings = mc_settings(cfg, task)
+    if settings is not None:
         return run_multiple_choice(model, tokenizer, settings, out_dir, cfg.progress)
     if kind == "gsm8k":
         return gen.run_gsm8k(model, tokenizer, path or Path(cfg.data_dir) / "gsm8k", out_dir, cfg.gsm8k_shots,
@@ -98,14 +119,18 @@ def _notes(cfg: EvalConfig) -> list[str]:
                  f"BLEU 0-100, other scores fractions")
     if any(t.partition(":")[0] == "gsm8k" for t in cfg.tasks):  # `shots` above is multiple choice only
         notes.append(f"gsm8k: {cfg.gsm8k_shots}-shot from train.jsonl (gsm8k_shots), "
-                     f"{'asked to reason step by step and end with #### N' if cfg.cot else 'no reasoning instruction'}"
+                     f"{'asked to reason step by step and end with a line #### <number>' if cfg.cot else 'no reasoning instruction'}"
                      f"; scored on the number after ####, else the last number in the reply")
+    if any(t.partition(":")[0] in ("gsm8k", "data", "judge", "grade") for t in cfg.tasks):
+        notes.append(f"truncated_replies: replies cut at max_new_tokens ({cfg.max_new_tokens}); a cut reply usually "
+                     f"lacks its answer and scores 0, so raise max_new_tokens when this is not 0")
     if any(t.partition(":")[0] in ("xstest", "cvalues") for t in cfg.tasks):
         how = (f"judge `{cfg.judge.model}` at {cfg.judge.url} with XSTest's classifier prompt (judge_fallbacks: "
                f"replies naming no class, decided by the rules)" if cfg.safety.detector == "judge"
                else "string rules, English and Chinese")
         notes.append(f"safety: replies of at most {min(cfg.max_new_tokens, cfg.safety.max_new_tokens)} tokens; "
-                     f"refusal detector: {how}")
+                     f"refusal detector: {how}; an empty reply counts as a refusal (empty_replies counts them; "
+                     f"XSTest's string-match script counts them as compliance)")
     if cfg.judge.url:
         notes.append(f"judge: `{cfg.judge.model}` at {cfg.judge.url}, both orders per pair; unparsed_replies and "
                      f"invalid pairs are counted apart, never as ties")
