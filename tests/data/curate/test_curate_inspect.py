@@ -35,10 +35,12 @@ def test_counts_languages_and_fields(tmp_path):
 
 
 def test_token_statistics_match_the_training_encoder(tmp_path, tiny_qwen2_dir):
+    """Lengths are the rows rendered whole (to choose max_length by); loss tokens are those of what training keeps
+    after the cut (build_datasets), and their share is of the tokens training keeps."""
     from transformers import AutoTokenizer
 
-    from tuneforge.configs.schema import DatasetSpec
-    from tuneforge.data.build import load_examples
+    from tuneforge.configs.schema import DataConfig, DatasetSpec
+    from tuneforge.data.build import build_datasets, load_examples
     from tuneforge.data.encode import encode_chat
     from tuneforge.data.types import DataReport
 
@@ -49,13 +51,42 @@ def test_token_statistics_match_the_training_encoder(tmp_path, tiny_qwen2_dir):
     encoded = [encode_chat(tokenizer, e.messages) for e in load_examples([DatasetSpec(path=path)], None, None,
                                                                           DataReport())]
     lengths = [len(e) for e in encoded]
-    loss = sum(1 for e in encoded for label in e.labels[1:] if label != IGNORE_INDEX)
+    kept, _, _ = build_datasets(DataConfig(train=[DatasetSpec(path=path)], max_length=40, on_error="skip"),
+                                tokenizer, "sft")
+    loss = sum(1 for e in kept for label in e.labels[1:] if label != IGNORE_INDEX)
     tokens = report["tokens"]
     assert (tokens["min"], tokens["max"], tokens["total"]) == (min(lengths), max(lengths), sum(lengths))
-    assert tokens["loss_tokens"] == loss and tokens["loss_share"] == pytest.approx(loss / sum(lengths), abs=1e-4)
+    assert tokens["kept"] == sum(map(len, kept)) < sum(lengths)
+    assert tokens["loss_tokens"] == loss and tokens["loss_share"] == pytest.approx(loss / tokens["kept"], abs=1e-4)
     assert tokens["rows_cut"] == sum(n > 40 for n in lengths) >= 1
     saved = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert saved["tokens"]["rows_cut"] == tokens["rows_cut"]
+
+
+def test_token_statistics_use_the_configs_data_settings(tmp_path, tiny_qwen2_dir):
+    """With --config, each row is measured as training encodes it: its `data.system` prompt and its special-token
+    policy (a reply spelling `<|im_end|>`, escaped to plain text) count, so inspect's lengths are the lengths of the
+    ids training builds, and those `--show` prints."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.configs.schema import load_train_config
+    from tuneforge.data.build import build_datasets
+
+    rows = [*ROWS[:3], {"instruction": "End a turn", "input": "", "output": "Write <|im_end|> there."}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"model: {{name_or_path: {tiny_qwen2_dir}}}\ndata:\n  train: [{path}]\n"
+                      f"  system: You answer in one short sentence, politely and without any lists.\n"
+                      f"  special_tokens_in_text: escape\n", encoding="utf-8")
+    report = inspect(parse("inspect", ["--config", str(config), "--model", str(tiny_qwen2_dir),
+                                       "--out", str(tmp_path / "out")]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    built, _, _ = build_datasets(load_train_config(config).data, tokenizer, "sft")
+    lengths = [len(e) for e in built]
+    loss = sum(1 for e in built for label in e.labels[1:] if label != IGNORE_INDEX)
+    tokens = report["tokens"]
+    assert (tokens["min"], tokens["max"], tokens["total"]) == (min(lengths), max(lengths), sum(lengths))
+    assert tokens["loss_tokens"] == loss and tokens["rows_cut"] == 0 and tokens["render_errors"] == 0
 
 
 def test_data_verb_help_and_errors(tmp_path, capsys):
@@ -201,7 +232,7 @@ def test_show_encodes_preference_pairs_as_dpo_does_and_needs_a_model(tmp_path, t
     for name, side, start in (("chosen", pair.chosen, pair.chosen_prompt_length),
                               ("rejected", pair.rejected, pair.rejected_prompt_length)):
         loss = sum(1 for label in side.labels[1:] if label != -100)
-        assert f"--- {name}: {len(side)} tokens, {loss} trained" in shown
+        assert f"--- {name}: {len(side)} tokens with the prompt, {loss} trained" in shown
         reply = tokenizer.decode(side.input_ids[start:])
         assert f"{TRAIN_OPEN}{reply}{TRAIN_CLOSE}" in shown  # the whole reply is trained, the prompt is not
 
@@ -213,3 +244,81 @@ def test_kto_rows_are_inspected_with_loss_on_the_last_reply(tmp_path, tiny_qwen2
     assert report["kinds"] == {"kto": 300} and report["bad_rows"] == 0
     assert report["shown"].count("=== row ") == 2 and "(stage kto)" in report["shown"]
     assert "label: desirable" in report["shown"] or "label: undesirable" in report["shown"]
+
+
+def test_a_pairs_length_is_its_longer_side_as_max_length_applies(tmp_path, tiny_qwen2_dir):
+    """max_length applies to each side of a pair: the length shown (and compared with max_length) is the longer
+    side, not both sides together, which made pairs that fit look cut."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from tuneforge.configs.schema import DataConfig, DatasetSpec
+    from tuneforge.data.build import build_datasets
+
+    pairs = [{"prompt": "Name a colour.", "chosen": "Blue, the colour of a clear sky at noon.",
+              "rejected": "I would rather not say which colour I like best today."},
+             {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    data = DataConfig(train=[DatasetSpec(path=path)], max_length=4096)
+    built, _, _ = build_datasets(data, tokenizer, "dpo")
+    sides = [(len(p.chosen), len(p.rejected)) for p in built]
+    fits = max(map(max, sides))  # every side fits, both sides together do not
+    assert sum(sides[0]) > fits
+    report = inspect(parse("inspect", ["--data", path, "--model", str(tiny_qwen2_dir), "--max-length", str(fits),
+                                       "--out", str(tmp_path / "out")]))
+    tokens = report["tokens"]
+    assert (tokens["min"], tokens["max"]) == (min(map(max, sides)), fits) and tokens["rows_cut"] == 0
+    assert tokens["total"] == tokens["kept"] == sum(map(sum, sides))
+    assert build_datasets(replace(data, max_length=fits), tokenizer, "dpo")[2].truncated == []
+
+
+def test_a_prompt_too_long_for_max_length_is_counted_and_shown_as_skipped(tmp_path, tiny_qwen2_dir):
+    rows = [{"messages": [{"role": "user", "content": "Please read this. " * 40},
+                          {"role": "assistant", "content": "Done."}], "label": True},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+             "label": False}]
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    report = inspect(parse("inspect", ["--data", path, "--model", str(tiny_qwen2_dir), "--max-length", "64",
+                                       "--show", "1", "--out", str(tmp_path / "out")]))
+    tokens = report["tokens"]
+    assert tokens["rows_no_room"] == 1 and tokens["rows_cut"] == 0 and tokens["max"] > 64
+    shown = report["shown"].split("=== row 1: ")[1]
+    assert "not encoded: the prompt leaves no room for the reply within max_length 64 (prompt of " in shown
+    assert "examples skipped" not in shown  # the whole run's wording, for one row
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "Loss tokens (KTO rows: the last reply)" in md and "prompt leaves no room" in md
+
+
+def test_typed_rows_are_inspected_as_the_pairs_dpo_trains_on(tmp_path, tiny_qwen2_dir, shared_assets):
+    """CValues' pos_resp/neg_resp rows (format typed) train dpo as they are; inspect read them as a refusal."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.configs.schema import DataConfig, DatasetSpec
+    from tuneforge.data.build import build_datasets
+
+    path = str(shared_assets / "datasets/cvalues/cvalues_comparison_sample_from_mindrlhf.jsonl")
+    report = inspect(parse("inspect", ["--data", path, "--model", str(tiny_qwen2_dir), "--show", "1",
+                                       "--out", str(tmp_path / "out")]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    (pair,), _, _ = build_datasets(DataConfig(train=[DatasetSpec(path=path)]), tokenizer, "dpo")
+    assert report["kinds"] == {"pairs": 1} and report["bad_rows"] == 0
+    assert report["tokens"]["total"] == len(pair.chosen) + len(pair.rejected)
+    assert "(pair 1: refuse > risky) (stage pairwise)" in report["shown"]
+    assert "**1 row**," in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
+def test_prompt_rows_have_no_answers_to_call_duplicate(tmp_path, shared_assets):
+    path = str(shared_assets / "datasets/cvalues/cvalues_responsibility_prompts.jsonl")
+    report = inspect(parse("inspect", ["--data", path, "--out", str(tmp_path / "out")]))
+    assert report["rows"] == 664 and "answer (normalised)" not in report["duplicate_fields"]
+
+
+def test_report_md_keeps_the_placeholder_warning_out_of_the_table(tmp_path, shared_assets):
+    """In Markdown a line right after a table is one more row of it: the warning needs its own paragraph."""
+    path = str(shared_assets / "datasets/llamafactory/identity.json")
+    inspect(parse("inspect", ["--data", path, "--out", str(tmp_path / "out")]))
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8").splitlines()
+    at = next(i for i, line in enumerate(md) if line.startswith("Warning: "))
+    assert md[at - 1] == "" and md[at - 2].startswith("| ")

@@ -6,11 +6,13 @@
 
 Counts (rows, bad rows by source, rows per dataset), characters per row, turns per conversation, script-based
 languages, empty and duplicate fields (per raw column, plus whole rows, prompts and answers after normalisation).
-With `--model`, every row is rendered with the model's chat template through the training encoder: token lengths,
-the share of tokens that get loss (`--loss-on`), and how many rows `--max-length` would cut. Writes report.json,
-report.md and PNG histograms (lengths.png, turns.png, languages.png). `--show N` prints the first N rows encoded as
-training encodes them, trained tokens marked (show.py). Alignment rows (preference pairs, KTO rows, prompts) are
-read too: a pair counts as its prompt and both replies, its tokens as both sides rendered whole, as DPO renders them.
+With `--model`, every row is encoded as training encodes it (build.encode_examples, with the config's stage and
+data settings: `data.system`, the special-token policy, max_length): token lengths before the max_length cut (a
+pair's longer side, as max_length applies per side), how many rows `--max-length` cuts or skips, and the share of
+the tokens training keeps that get loss (`--loss-on`). Writes report.json, report.md and PNG histograms
+(lengths.png, turns.png, languages.png). `--show N` prints the first N rows encoded the same way, trained tokens
+marked (show.py). Alignment rows (preference pairs, typed rows as their pairs, KTO rows, prompts) are read too: a
+pair counts as its prompt and both replies for the text counts.
 """
 
 from __future__ import annotations
@@ -18,15 +20,31 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from tuneforge.configs.typed import opt
 from tuneforge.data.curate import rows
-from tuneforge.data.curate.text import language, normalize, plain_text, prompt_and_answers, row_text, turns
+from tuneforge.data.curate.text import (
+    counted,
+    language,
+    normalize,
+    plain_text,
+    prompt_and_answers,
+    row_text,
+    turns,
+)
 from tuneforge.data.placeholders import file_of, placeholders_in
-from tuneforge.data.types import IGNORE_INDEX, Example, PairExample, placeholder_warning
+from tuneforge.data.types import (
+    IGNORE_INDEX,
+    DataReport,
+    EncodedPair,
+    EncodedPrompt,
+    Example,
+    PairExample,
+    placeholder_warning,
+)
 from tuneforge.errors import DataError, UserError
 
 
@@ -56,32 +74,70 @@ def inspect_cli(args: InspectArgs) -> int:
     return 0
 
 
-def token_counter(tokenizer, template: str, loss_on: str = "assistant"):
-    """Example -> (tokens, loss tokens, longest sequence), rendered exactly as `tuneforge train` renders it. A pair
-    is both sides rendered whole (as encode_align.encode_pair renders them; max_length applies to each side), a KTO
-    row has loss on its last reply, a prompt row is the prompt with the generation prompt (no loss)."""
-    from tuneforge.data.encode import encode_chat, encode_prompt
+# A max_length no row reaches: a row that training cuts is encoded again with it for its whole length.
+UNCUT = 2**40
 
-    def trained(encoded) -> int:
-        return sum(1 for label in encoded.labels[1:] if label != IGNORE_INDEX)
 
-    def count(example) -> tuple[int, int, int]:
-        if isinstance(example, PairExample):
-            skip = sum(m["role"] == "assistant" for m in example.prompt)
-            sides = [encode_chat(tokenizer, example.prompt + reply, tools=example.tools, chat_template=template,
-                                 skip_turns=skip) for reply in (example.chosen, example.rejected)]
-            return sum(map(len, sides)), sum(map(trained, sides)), max(map(len, sides))
-        if example.text is not None:
-            n = len(tokenizer(example.text)["input_ids"]) + (tokenizer.eos_token_id is not None)  # as stage pt
-            return n, n - 1, n
-        if example.messages[-1]["role"] != "assistant":  # a prompt for sampling
-            n = len(encode_prompt(tokenizer, example.messages, tools=example.tools, chat_template=template)[0])
-            return n, 0, n
-        encoded = encode_chat(tokenizer, example.messages, tools=example.tools, chat_template=template,
-                              loss_on="last" if example.label is not None else loss_on)
-        return len(encoded), trained(encoded), len(encoded)
+class Measure(NamedTuple):
+    """One row as training encodes it, before the max_length cut: `longest`, its longest sequence (what max_length
+    applies to: a pair's longer side, a whole document; for a row that is not cut, the length training builds) and
+    `tokens`, all of its tokens (both sides of a pair); after the cut: `kept`, the tokens training keeps (0 for a
+    row it skips) and `loss`, those of them that get loss. `cut`: max_length truncated, split or dropped the row;
+    `no_room`: its prompt leaves no room for the reply within max_length, so training skips it. `stage`: the data
+    stage that encoded it."""
+
+    longest: int
+    tokens: int
+    kept: int
+    loss: int
+    cut: bool
+    no_room: bool
+    stage: str
+
+
+def token_counter(tokenizer, template: str | None, data_cfg=None, config_stage: str | None = None):
+    """Example -> Measure, through the very encoder `tuneforge train` uses (build.encode_examples: the stage's
+    encoding with the data settings, so `data.system`, the content cap, the special-token policy and max_length
+    apply as in training; default: DataConfig's). The stage is the config's, else the one the row's kind trains
+    (show.stage_for). Raises DataError with training's reason for a row training rejects."""
+    from tuneforge.data import build
+    from tuneforge.data.curate.show import data_config, stage_for
+
+    data_cfg = data_cfg if data_cfg is not None else data_config(None, None, None)
+
+    def encode(example, cfg, stage):
+        report = DataReport()
+        items = build.encode_examples([example], tokenizer, stage, cfg, template, report)
+        if report.bad_rows:
+            raise DataError(report.bad_rows[0].problem)
+        return items, report
+
+    def count(example) -> Measure:
+        stage = stage_for(example, config_stage)
+        items, report = encode(example, data_cfg, stage)
+        cut = bool(report.truncated or report.dropped_overlong or report.split_documents)
+        whole = encode(example, replace(data_cfg, max_length=UNCUT), stage)[0] if cut or report.no_room else items
+        return Measure(max(map(longest, whole), default=0), sum(map(length, whole)), sum(map(length, items)),
+                       sum(map(trained, items)), cut, bool(report.no_room), stage)
 
     return count
+
+
+def length(item) -> int:
+    return len(item.chosen) + len(item.rejected) if isinstance(item, EncodedPair) else len(item)
+
+
+def longest(item) -> int:
+    return max(len(item.chosen), len(item.rejected)) if isinstance(item, EncodedPair) else len(item)
+
+
+def trained(item) -> int:
+    """Tokens that get loss (position 0 is never predicted); a prompt for sampling has none."""
+    if isinstance(item, EncodedPair):
+        return trained(item.chosen) + trained(item.rejected)
+    if isinstance(item, EncodedPrompt):
+        return 0
+    return sum(1 for label in item.labels[1:] if label != IGNORE_INDEX)
 
 
 def chat_view(example):
@@ -99,7 +155,8 @@ class Stats:
     def __init__(self):
         self.rows, self.bad, self.per_dataset = 0, [], Counter()
         self.chars, self.tokens = array("I"), array("I")
-        self.loss_tokens, self.cut, self.render_errors = 0, 0, []
+        self.total, self.kept_tokens, self.loss_tokens, self.render_errors = 0, 0, 0, []
+        self.cut, self.no_room, self.no_loss, self.stages = 0, 0, 0, Counter()
         self.turns, self.languages, self.kinds = Counter(), Counter(), Counter()
         self.empty, self.dup = Counter(), Counter()
         self.placeholders: dict[str, list] = {}  # file -> [rows, names] with `{{name}}` placeholders
@@ -114,7 +171,7 @@ class Stats:
         self._seen[field].add(key)
         return False
 
-    def add(self, row: rows.Row, counter, max_length: int) -> None:
+    def add(self, row: rows.Row, counter) -> None:
         self.rows += 1
         self.per_dataset[row.dataset] += 1
         for key, value in (row.raw or {}).items():
@@ -126,9 +183,9 @@ class Stats:
         if row.bad is not None:
             self.bad.append(str(row.bad))
             return
-        self._add_example(row, counter, max_length)
+        self._add_example(row, counter)
 
-    def _add_example(self, row: rows.Row, counter, max_length: int) -> None:
+    def _add_example(self, row: rows.Row, counter) -> None:
         from tuneforge.data.build import kind_of
 
         self.kinds[kind_of(row.example)] += 1
@@ -146,16 +203,23 @@ class Stats:
         prompt, answers = prompt_and_answers(example)
         if example.messages is not None:
             self.seen("prompt (normalised)", normalize(prompt))
-            self.seen("answer (normalised)", normalize("\n".join(answers)))
+            if answers:  # a prompt row has none: 600 "duplicate" empty answers would be noise
+                self.seen("answer (normalised)", normalize("\n".join(answers)))
         if counter is not None:
             try:
-                n, loss, longest = counter(row.example)
+                measure = counter(row.example)
             except DataError as e:
                 self.render_errors.append(f"{row.source}: {e}")
                 return
-            self.tokens.append(n)
-            self.loss_tokens += loss
-            self.cut += longest > max_length
+            if measure.longest:  # a row training drops for having nothing to learn has no length to show
+                self.tokens.append(measure.longest)
+            self.stages[measure.stage] += 1
+            self.total += measure.tokens
+            self.kept_tokens += measure.kept
+            self.loss_tokens += measure.loss
+            self.cut += measure.cut
+            self.no_room += measure.no_room
+            self.no_loss += not (measure.kept or measure.cut or measure.no_room)
 
 
 def inspect(args: InspectArgs) -> dict:
@@ -167,18 +231,18 @@ def inspect(args: InspectArgs) -> dict:
     out = rows.prepare_out(args.out, rows.input_files(sources), ["report.json", "report.md", "lengths.png",
                                                                "turns.png", "languages.png"])
     counter = tokenizer = template = None
+    data_cfg, stage = show.data_config(config, args.max_length, args.loss_on), config.stage if config else None
     if args.model:
         tokenizer, template = rows.load_tokenizer(args.model, args.chat_template)
-        counter = token_counter(tokenizer, template, args.loss_on)
+        counter = token_counter(tokenizer, template, data_cfg, stage)
     stats, shown = Stats(), []
     for row in rows.iter_rows(sources, alignment=True):
-        stats.add(row, counter, args.max_length)
+        stats.add(row, counter)
         if len(shown) < args.show and row.example is not None:
             shown.append(row)
-    report = summarize(stats, args, str(out))
+    report = summarize(stats, args, str(out), data_cfg.overlong)
     if args.show:
-        data_cfg = show.data_config(config, args.max_length, args.loss_on)
-        report["shown"] = show.show_rows(shown, tokenizer, template, data_cfg, config.stage if config else None)
+        report["shown"] = show.show_rows(shown, tokenizer, template, data_cfg, stage)
     plot(stats, args, out)
     rows.write_json(out / "report.json", report)
     rows.write_text(out / "report.md", report_md(report))
@@ -223,8 +287,8 @@ def describe(values) -> dict:
             "p99": pct(99), "max": ordered[-1]}
 
 
-def summarize(stats: Stats, args: InspectArgs, out: str) -> dict:
-    total = sum(stats.tokens)
+def summarize(stats: Stats, args: InspectArgs, out: str, overlong: str = "truncate") -> dict:
+    total = stats.total
     report = {"out": out, "rows": stats.rows, "bad_rows": len(stats.bad), "bad_rows_first": stats.bad[:args.shown],
               "rows_per_dataset": dict(stats.per_dataset), "kinds": dict(stats.kinds),
               "chars": describe(stats.chars), "turns": dict(sorted(stats.turns.items())),
@@ -233,10 +297,13 @@ def summarize(stats: Stats, args: InspectArgs, out: str) -> dict:
               "placeholder_warnings": [placeholder_warning(file, n, sorted(names))
                                        for file, (n, names) in stats.placeholders.items()]}
     if args.model:
-        report["tokens"] = {"model": args.model, **describe(stats.tokens), "total": total,
+        kept = stats.kept_tokens
+        report["tokens"] = {"model": args.model, **describe(stats.tokens), "total": total, "kept": kept,
                             "loss_tokens": stats.loss_tokens, "loss_on": args.loss_on,
-                            "loss_share": round(stats.loss_tokens / total, 4) if total else 0.0,
-                            "max_length": args.max_length, "rows_cut": stats.cut,
+                            "loss_share": round(stats.loss_tokens / kept, 4) if kept else 0.0,
+                            "max_length": args.max_length, "overlong": overlong, "rows_cut": stats.cut,
+                            "rows_no_room": stats.no_room, "rows_no_loss": stats.no_loss,
+                            "stages": dict(stats.stages),
                             "render_errors": len(stats.render_errors),
                             "render_errors_first": stats.render_errors[:args.shown]}
     return report
@@ -281,24 +348,58 @@ def _save(fig, path: Path) -> None:
 
 
 def report_md(report: dict) -> str:
-    lines = ["# tuneforge data inspect", "", f"**{report['rows']} rows**, {report['bad_rows']} bad "
+    lines = ["# tuneforge data inspect", "", f"**{counted(report['rows'], 'row')}**, {report['bad_rows']} bad "
              f"(rejected by the data path), kinds: {report['kinds']}.", "", "| dataset | rows |", "|---|---|"]
     lines += [f"| {name} | {n} |" for name, n in report["rows_per_dataset"].items()]
     lines += ["", f"Characters per row: {report['chars']}", f"User turns per row: {report['turns']}",
               f"Languages (script-based): {report['languages']}", ""]
     if "tokens" in report:
-        t = report["tokens"]
-        lines += [f"Tokens per row with `{t['model']}`'s chat template: min {t.get('min')}, p50 {t.get('p50')}, p90 "
-                  f"{t.get('p90')}, p99 {t.get('p99')}, max {t.get('max')}.",
-                  f"Loss tokens ({t['loss_on']}): {t['loss_tokens']} of {t['total']} ({t['loss_share']:.1%}).",
-                  f"Rows longer than max_length {t['max_length']} (truncated in sft, split into chunks in pt): "
-                  f"{t['rows_cut']}.", ""]
-    lines += ["| field | empty | duplicate values |", "|---|---|---|"]
-    for field in sorted(set(report["empty_fields"]) | set(report["duplicate_fields"])):
+        lines += tokens_md(report["tokens"], report["kinds"])
+    fields = sorted(set(report["empty_fields"]) | set(report["duplicate_fields"]))
+    lines += ["| field | empty | duplicate values |", "|---|---|---|"] if fields else ["No empty or duplicate fields."]
+    for field in fields:
         lines.append(f"| {field} | {report['empty_fields'].get(field, 0)} | "
                      f"{report['duplicate_fields'].get(field, 0)} |")
-    lines += [f"Warning: {w}" for w in report["placeholder_warnings"]] + [""] * bool(report["placeholder_warnings"])
+    for warning in report["placeholder_warnings"]:  # a paragraph each: a line right after a table joins it
+        lines += ["", f"Warning: {warning}"]
     if report["bad_rows_first"]:
         lines += ["", "Bad rows:", ""] + [f"- {b}" for b in report["bad_rows_first"]]
     lines += ["", "![lengths](lengths.png) ![turns](turns.png) ![languages](languages.png)"]
     return "\n".join(lines) + "\n"
+
+
+def tokens_md(t: dict, kinds: dict) -> list[str]:
+    """The token lines of report.md: lengths as training encodes the rows, what max_length does to them, the loss
+    share of what training keeps, and the rows training would reject or skip."""
+    lines = [f"Tokens per row as training encodes them with `{t['model']}`'s chat template, before the max_length "
+             f"cut{' (a pair: its longer side)' if 'pairs' in kinds else ''}: min {t.get('min')}, p50 {t.get('p50')}, "
+             f"p90 {t.get('p90')}, p99 {t.get('p99')}, max {t.get('max')}.",
+             f"Rows longer than max_length {t['max_length']}: {t['rows_cut']} ({cut_md(t['overlong'], kinds)}).",
+             f"Loss tokens ({loss_on_md(t['loss_on'], t['stages'])}): {t['loss_tokens']} of the {t['kept']} tokens "
+             f"training keeps ({t['loss_share']:.1%}"
+             + (f"; {t['total']} before the cut)." if t["kept"] != t["total"] else ").")]
+    if t["rows_no_room"]:
+        lines.append(f"Rows whose prompt leaves no room for a reply within max_length (training skips them; raise "
+                     f"data.max_length or shorten the prompts): {t['rows_no_room']}.")
+    if t["rows_no_loss"]:
+        lines.append(f"Rows with no token to learn (training drops them): {t['rows_no_loss']}.")
+    if t["render_errors"]:
+        lines += ["", f"Rows training would reject ({t['render_errors']}):", ""]
+        lines += [f"- {e}" for e in t["render_errors_first"]]
+    return lines + [""]
+
+
+def cut_md(overlong: str, kinds: dict) -> str:
+    """What training does with a row longer than max_length, for the kinds of rows present."""
+    chats = "dropped (data.overlong: drop)" if overlong == "drop" else "truncated"
+    if set(kinds) == {"text"}:
+        return "split into max_length chunks, as stage pt does"
+    return chats + ("; a text document is split into chunks" if "text" in kinds else "")
+
+
+def loss_on_md(loss_on: str, stages: dict) -> str:
+    """Which tokens get loss, per data stage that encoded the rows (data.loss_on applies to sft only)."""
+    parts = {"sft": f"sft rows: data.loss_on {loss_on}", "pairwise": "pairs: each reply",
+             "kto": "KTO rows: the last reply", "pt": "text: every token",
+             "prompt": "prompts for ppo/grpo sampling: none"}
+    return "; ".join(parts[stage] for stage in stages if stage in parts) or f"data.loss_on {loss_on}"

@@ -104,8 +104,8 @@ def input_files(sources: Sources) -> list[Path]:
 
 
 # Alignment formats a tool may read with `iter_rows(alignment=True)` (inspect: it writes no rows, so nothing of a
-# pair or a label can be lost). Typed responses become pairs with `tuneforge data safety` first.
-ALIGNMENT_FORMATS = ("pairwise", "kto", "prompt")
+# pair or a label can be lost). A typed row (CValues' pos_resp/neg_resp) is read as its pairs, as dpo reads it.
+ALIGNMENT_FORMATS = ("pairwise", "kto", "prompt", "typed")
 
 
 def iter_rows(sources: Sources, alignment: bool = False) -> Iterator[Row]:
@@ -119,7 +119,17 @@ def iter_rows(sources: Sources, alignment: bool = False) -> Iterator[Row]:
                 break
             row = _adapt(raw, spec, guessed, alignment)
             row.spec_index, row.dataset = index, named.path  # the name the user gave (a registry name stays one)
-            yield row
+            yield from _pairs_of(row)
+
+
+def _pairs_of(row: Row) -> Iterator[Row]:
+    """A typed row as one Row per pair it makes (its raw columns counted with the first only); others as they are."""
+    if not isinstance(row.example, list):
+        yield row
+        return
+    for k, example in enumerate(row.example):
+        yield Row(example.source, row.raw if k == 0 else None, example, dataset=row.dataset,
+                  answer_column=row.answer_column, spec_index=row.spec_index)
 
 
 class OneKind:
@@ -160,7 +170,8 @@ def _adapt(raw, spec, guessed: dict, alignment: bool = False) -> Row:
                             f"{' Typed responses become pairs with `tuneforge data safety`.' if fmt == 'typed' else ''}"
                             f" To mix alignment files, list them under `data.train` with `data.mix` in the training "
                             f"config.")
-        return Row(raw.source, raw.data, formats.to_example(raw.data, fmt, raw.source, spec.columns, spec.tags))
+        return Row(raw.source, raw.data, formats.to_example(raw.data, fmt, raw.source, spec.columns, spec.tags,
+                                                           spec.ranking))
     except formats.RowProblem as e:
         return Row(raw.source, raw.data, bad=BadRow(raw.source, e.field, e.problem),
                    answer_column=spec.columns.get("output", "output"))

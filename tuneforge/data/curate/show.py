@@ -46,8 +46,7 @@ def show_rows(rows: list, tokenizer, template: str | None, data_cfg, config_stag
         items = build.encode_examples([row.example], tokenizer, stage, data_cfg, template, report)
         title = f"=== row {number}: {row.source} (stage {stage}"
         if not items:  # a bad row or one the stage drops (too long, nothing to learn): say why, as training would
-            why = "; ".join(report.lines()[1:]) or "nothing to encode"
-            blocks.append(f"{title}) ===\nnot encoded: {why}")
+            blocks.append(f"{title}) ===\nnot encoded: {why_not(report, row.example.source, data_cfg)}")
         for item in items:
             blocks.append(f"{title}) ===\n{describe(item, tokenizer)}")
     return "\n\n".join(blocks) + "\n"
@@ -71,15 +70,34 @@ def describe_pair(pair: EncodedPair, tokenizer) -> str:
                                                                           chosen.input_ids[:pair.chosen_prompt_length])]
     for name, side, start in (("chosen", chosen, pair.chosen_prompt_length),
                               ("rejected", rejected, pair.rejected_prompt_length)):
-        lines += [f"--- {name}: {counts(side)} with the prompt",
+        lines += [f"--- {name}: {counts(side, 'with the prompt')}",
                   marked(tokenizer, side.input_ids[start:], side.labels[start:], first=start)]
     return "\n".join(lines)
 
 
-def counts(encoded: Encoded) -> str:
+def counts(encoded: Encoded, scope: str = "") -> str:
     trained = sum(1 for label in encoded.labels[1:] if label != IGNORE_INDEX)
     cut = " (truncated to max_length)" if encoded.truncated else ""
-    return f"{len(encoded)} tokens, {trained} trained{cut}"
+    return f"{len(encoded)} tokens{' ' + scope if scope else ''}, {trained} trained{cut}"
+
+
+def why_not(report: DataReport, source: str, data_cfg) -> str:
+    """Why training keeps nothing of one row, in the row's own words (the report's lines count a whole run)."""
+    def detail(entries: list[str]) -> str:
+        rest = entries[0].removeprefix(source).strip()
+        return f" {rest}" if rest else ""
+
+    if report.bad_rows:
+        bad = report.bad_rows[0]
+        return f"a bad row, training rejects it: field `{bad.field}`: {bad.problem}"
+    if report.no_room:
+        return (f"the prompt leaves no room for the reply within max_length {data_cfg.max_length}"
+                f"{detail(report.no_room)}, so training skips this row (raise data.max_length or shorten the prompt)")
+    if report.dropped_overlong:
+        return f"longer than max_length {data_cfg.max_length}: dropped (data.overlong: drop)"
+    if report.dropped_no_loss:
+        return "no token to learn (no reply that gets loss): training drops this row"
+    return "nothing to encode"
 
 
 def marked(tokenizer, ids: list[int], labels: list[int], first: int = 0) -> str:
