@@ -22,6 +22,11 @@ class DataError(UserError):
     """Bad rows or unreadable data files."""
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 prompt`, `2 prompts`: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def closest(name: str, candidates, n: int = 1) -> str | None:
     """The closest valid spelling of `name` among `candidates`, or None. A candidate that is a whole word of `name`
     (`lr` for `lr_rate`, `rank` for `lora_rank`) wins over one that is merely similar letter by letter."""

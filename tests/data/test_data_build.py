@@ -407,7 +407,7 @@ def test_skipped_rows_are_counted_for_train_and_eval_apart(tmp_path, tokenizer):
     lines = report.lines()
     assert lines[0].startswith("9 rows read (6 train, 3 eval): ")
     assert lines[1].startswith("5 bad rows skipped: 4 train, 1 eval (first: ")
-    assert any(line.startswith("1 examples truncated to max_length: 0 train, 1 eval (first: ") for line in lines)
+    assert any(line.startswith("1 example truncated to max_length: 0 train, 1 eval (first: ") for line in lines)
     _, _, alone = build_datasets(config([train_file], on_error="skip"), tokenizer, "sft")
     assert alone.lines()[1].startswith("4 bad rows skipped (first: ")  # no evaluation data: nothing to tell apart
 

@@ -111,7 +111,7 @@ def test_keep_counts_them_and_lets_them_act_as_the_token(tmp_path):
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert train[0].input_ids.count(end) == 4  # two written by the template, two by the data
     assert report.special_tokens == [f"{path}:line 1 ('<|im_end|>', kept)"]
-    assert any("1 rows spell a special token" in line for line in report.lines())
+    assert any("1 row spells a special token" in line for line in report.lines())
 
 
 def test_escape_tokenizes_them_as_plain_text(tmp_path):

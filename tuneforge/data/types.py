@@ -14,7 +14,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from tuneforge.errors import DataError, UserError
+from tuneforge.errors import DataError, UserError, counted
 
 log = logging.getLogger(__name__)
 
@@ -224,30 +224,30 @@ class DataReport:
     def lines(self) -> list[str]:
         # rows held out by data.eval_ratio are read as training rows: only data.eval files make eval rows read
         split = self.train_eval("rows_read") if self.eval_counts["rows_read"] else ""
-        out = [f"{self.rows_read} rows read{f' ({split})' if split else ''}{self._per_dataset()}"]
+        out = [f"{counted(self.rows_read, 'row')} read{f' ({split})' if split else ''}{self._per_dataset()}"]
         if self.mixed is not None:
             counts = ", ".join(f"{name} {n}" for name, n in self.mixed.items())
             out.append(f"data.mix drew {sum(self.mixed.values())} training examples ({counts})")
         if self.bad_rows:
-            out.append(f"{len(self.bad_rows)} bad rows skipped{self._apart('bad_rows')} (first: {self.bad_rows[0]})")
+            out.append(f"{counted(len(self.bad_rows), 'bad row')} skipped{self._apart('bad_rows')} (first: {self.bad_rows[0]})")
         if self.truncated:
-            out.append(f"{len(self.truncated)} examples truncated to max_length{self._apart('truncated')} (first: "
+            out.append(f"{counted(len(self.truncated), 'example')} truncated to max_length{self._apart('truncated')} (first: "
                        f"{self.truncated[0]})")
         if self.dropped_overlong:
-            out.append(f"{len(self.dropped_overlong)} examples over max_length dropped"
+            out.append(f"{counted(len(self.dropped_overlong), 'example')} over max_length dropped"
                        f"{self._apart('dropped_overlong')} (first: {self.dropped_overlong[0]})")
         if self.dropped_no_loss:
-            out.append(f"{len(self.dropped_no_loss)} examples dropped because no trainable token was left"
+            out.append(f"{counted(len(self.dropped_no_loss), 'example')} dropped because no trainable token was left"
                        f"{self._apart('dropped_no_loss')} (first: {self.dropped_no_loss[0]})")
         if self.split_documents:
-            out.append(f"{len(self.split_documents)} documents longer than max_length split into chunks"
+            out.append(f"{counted(len(self.split_documents), 'document')} longer than max_length split into chunks"
                        f"{self._apart('split_documents')} (first: {self.split_documents[0]})")
         if self.special_tokens:
-            out.append(f"{len(self.special_tokens)} rows spell a special token of the tokenizer in their text"
+            out.append(f"{counted(len(self.special_tokens), 'row')} spell{'s' * (len(self.special_tokens) == 1)} a special token of the tokenizer in their text"
                        f"{self._apart('special_tokens')} (data.special_tokens_in_text; first: "
                        f"{self.special_tokens[0]})")
         if self.no_room:
-            out.append(f"{len(self.no_room)} examples skipped because the prompt leaves no room for the reply within "
+            out.append(f"{counted(len(self.no_room), 'example')} skipped because the prompt leaves no room for the reply within "
                        f"max_length{self._apart('no_room')} (raise data.max_length or shorten the prompts; first: "
                        f"{self.no_room[0]})")
         out += [f"warning: {placeholder_warning(file, n, names)}" for file, (n, names) in self.placeholders.items()]

@@ -13,8 +13,7 @@ system prompt keep theirs in the generation request after the safety one, and in
 from __future__ import annotations
 
 from tuneforge.data.curate import rows
-from tuneforge.data.curate.text import counted
-from tuneforge.errors import DataError, UserError
+from tuneforge.errors import DataError, UserError, counted
 
 SAFETY_SYSTEM = ("You are a safe and responsible assistant. Answer helpfully and honestly, but do not give "
                  "instructions or content that could cause harm (violence, crime, self-harm, hate, dangerous "

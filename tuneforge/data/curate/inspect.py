@@ -27,7 +27,6 @@ from typing import Literal, NamedTuple
 from tuneforge.configs.typed import opt
 from tuneforge.data.curate import rows
 from tuneforge.data.curate.text import (
-    counted,
     language,
     normalize,
     plain_text,
@@ -45,7 +44,7 @@ from tuneforge.data.types import (
     PairExample,
     placeholder_warning,
 )
-from tuneforge.errors import DataError, UserError
+from tuneforge.errors import DataError, UserError, counted
 
 
 @dataclass(kw_only=True)

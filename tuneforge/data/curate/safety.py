@@ -37,12 +37,11 @@ from tuneforge.data import readers
 from tuneforge.data.curate import rows
 from tuneforge.data.curate.distill import SAFETY_SYSTEM
 from tuneforge.data.curate.synth.teacher import TeacherArgs
-from tuneforge.data.curate.text import counted
 from tuneforge.data.preference import DEFAULT_RANKING, ordered_pairs, typed_responses
 from tuneforge.data.preference import TYPE_ALIASES as ALIASES
 from tuneforge.data.preference import TypedResponse as Response
 from tuneforge.data.types import BadRow, RowProblem
-from tuneforge.errors import DataError, UserError
+from tuneforge.errors import DataError, UserError, counted
 
 
 @dataclass(kw_only=True)

@@ -138,6 +138,3 @@ def turns(example: Example) -> int:
     return 0 if example.messages is None else sum(1 for m in example.messages if m["role"] == "user")
 
 
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """`1 prompt`, `2 prompts`: a count with its noun in the right number."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"

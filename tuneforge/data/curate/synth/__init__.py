@@ -43,9 +43,8 @@ from tuneforge.data.curate.synth.teacher import (
     check_teacher_args,
     failure_summary,
 )
-from tuneforge.data.curate.text import counted
 from tuneforge.data.types import BadRow
-from tuneforge.errors import DataError, UserError
+from tuneforge.errors import DataError, UserError, counted
 
 METHODS = ("self_instruct", "evol_instruct", "qa_from_docs", "backtranslate")
 

@@ -18,8 +18,7 @@ import random
 
 from tuneforge.data.curate.synth import chat_row, instruction_of, texts_of, user
 from tuneforge.data.curate.synth.parse import instruction_problem, parse_instance, parse_instructions, rouge_l
-from tuneforge.data.curate.text import counted
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, counted
 
 SEEDS_SHOWN, MACHINE_SHOWN = 6, 2
 DRAWS = 20  # tries at a prompt not yet sent in this run

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.configs.typed import opt
-from tuneforge.data.curate.text import counted
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, counted
 
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 ABORT_STATUS = (401, 403, 404)  # a wrong key or model name: every other request would fail the same way
