@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -463,3 +464,66 @@ def test_an_adapter_named_like_a_peft_prefix_loads_right(method, tiny_llama_dir,
     assert not [w for w in caught if "prefix" in str(w.message)], [str(w.message) for w in caught]
     assert ids == ["tiny-llama", "first", method]
     assert text == chat_reply(tiny_llama_dir, folder, 8) != chat_reply(tiny_llama_dir, None, 8)
+
+
+# ---- the chat template an adapter run trained with ---------------------------------------------------------------
+
+def record_template(folder, template: str):
+    """What a TuneForge run writes next to its adapter: the config with its `model.chat_template` override."""
+    (folder / "tuneforge_config.yaml").write_text(f"model:\n  chat_template: {template}\n", encoding="utf-8")
+    return folder
+
+
+def test_each_adapter_is_served_with_the_template_it_was_trained_with(tiny_llama_dir, adapters, tmp_path):
+    """serve rendered every request with the base tokenizer's template, while `chat --adapter` (and export) use
+    the run's recorded `model.chat_template`: the adapter was served prompts in a format it never saw."""
+    import shutil
+
+    from tuneforge.data.encode import encode_prompt
+    from tuneforge.data.templates import BUILTIN_TEMPLATES
+    from tuneforge.inference.serve.tools import tool_family
+
+    chatml = record_template(Path(shutil.copytree(adapters["math"], tmp_path / "chatml_run")), "chatml")
+    args = ServeArgs(model=str(tiny_llama_dir), adapter=[f"c={chatml}", f"poet={adapters['poet']}"])
+    state = build_state(args)
+    with ServerThread(create_app(state)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        answers = {m: client.chat.completions.create(model=m, messages=HI, max_tokens=6, temperature=0)
+                   for m in ("c", "poet", "tiny-llama")}
+    engine = state.engine
+    assert answers["c"].usage.prompt_tokens == len(encode_prompt(engine.tokenizer, HI, None, "chatml")[0])
+    assert answers["c"].usage.prompt_tokens != len(engine.encode_chat(HI))
+    assert answers["c"].choices[0].message.content.strip() == chat_reply(tiny_llama_dir, chatml, 6)
+    for plain in ("poet", "tiny-llama"):  # no recorded template: the model's own, as before
+        assert answers[plain].usage.prompt_tokens == len(engine.encode_chat(HI))
+    assert state.tool_family_for("c") == tool_family(BUILTIN_TEMPLATES["chatml"])
+    assert state.tool_family_for("poet") == tool_family(engine.tokenizer.chat_template)
+    # --chat-template sets one template for every served id, the adapter's included (as for chat --adapter)
+    assert build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"c={chatml}"], chat_template="llama3")
+                       ).served.templates == {}
+
+
+def test_serve_says_which_adapter_uses_its_own_template(tiny_llama_dir, adapters, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import uvicorn
+
+    from tuneforge.cli import main as cli_main
+
+    chatml = record_template(Path(shutil.copytree(adapters["math"], tmp_path / "chatml_run")), "chatml")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--adapter", f"c={chatml}",
+                     f"poet={adapters['poet']}"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter `c` was trained with the chat template `chatml`" in out and "`tiny-llama`" in out
+    assert "adapter `poet`" not in out
+
+
+def test_a_built_in_adapter_is_served_with_its_trained_template(tiny_llama_dir, tmp_path):
+    from tuneforge.data.templates import BUILTIN_TEMPLATES
+
+    bottleneck = make_method_adapter("adapter", tiny_llama_dir, tmp_path / "bottleneck", bottleneck_size=8)
+    record_template(bottleneck, "chatml")
+    args = ServeArgs(model=str(tiny_llama_dir), adapter=[f"b={bottleneck}"])
+    assert build_state(args).engine.tokenizer.chat_template == BUILTIN_TEMPLATES["chatml"]  # the base is not served
+    assert served_reply(args, "b", 8)[1] == chat_reply(tiny_llama_dir, bottleneck, 8)

@@ -85,7 +85,7 @@ class ScriptedEngine:
     def __init__(self, reply: str):
         self.reply, self.tokenizer, self.running, self.prompts = reply, _Tokenizer(), True, []
 
-    def encode_chat(self, messages, tools=None):
+    def encode_chat(self, messages, tools=None, chat_template=None):
         self.prompts.append((messages, tools))
         return [1, 2, 3]
 

@@ -702,3 +702,49 @@ def test_loftq_and_paged_optimizer_on_cuda(base_dirs, batch, tmp_path):
     reloaded = method.load(tiny_model(path=base_dirs["llama"], **method.load_kwargs(cfg.options("qlora"), cfg)),
                            tmp_path)
     torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), atol=1e-5, rtol=0)
+
+
+def test_prompt_tuning_text_init_loads_the_tokenizer_once(base_dirs, monkeypatch):
+    """`apply` loaded the tokenizer to check the text had tokens, then PEFT loaded it again (it takes no tokenizer
+    or ids): PEFT's load is now the only one."""
+    from transformers import AutoTokenizer
+
+    method = METHODS["prompt_tuning"]
+    cfg = make_cfg("prompt_tuning", {"prompt_tuning": {"num_virtual_tokens": 4, "init": "text", "init_text": "t1 t2"}})
+    loads, load = [], AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a) or load(*a, **k))
+    method.apply(tiny_model(path=base_dirs["llama"]), cfg.options(method.section), cfg)
+    assert len(loads) == 1
+
+
+def _stripping_tokenizer(folder: Path, bos: bool) -> None:
+    """A word tokenizer whose normaliser deletes every 'x' (so 'xx' has no tokens), with or without a bos token."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"t0": 0, "<s>": 1, "t2": 2}, unk_token="t0"))
+    tok.normalizer = normalizers.Replace("x", "")
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0",
+                            bos_token="<s>" if bos else None).save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_prompt_tuning_init_text_of_no_tokens(bos, tmp_path):
+    """No tokens at all: a config error naming the key (PEFT divides by zero). Only a bos token: PEFT starts the
+    prompt from it, and the note says so (it was an error, from a second tokenizer load of TuneForge's own)."""
+    from transformers import AutoTokenizer
+
+    tiny_model("llama").save_pretrained(str(tmp_path))
+    _stripping_tokenizer(tmp_path, bos)
+    method = METHODS["prompt_tuning"]
+    cfg = make_cfg("prompt_tuning", {"prompt_tuning": {"num_virtual_tokens": 3, "init": "text", "init_text": "xx"}})
+    if not bos:
+        with pytest.raises(ConfigError, match=r"`prompt_tuning.init_text` 'xx' gives no tokens with the tokenizer in"):
+            method.apply(tiny_model(path=tmp_path), cfg.options(method.section), cfg)
+        return
+    model = method.apply(tiny_model(path=tmp_path), cfg.options(method.section), cfg)
+    (note,) = method.notes(model, AutoTokenizer.from_pretrained(str(tmp_path)), cfg)
+    assert "`prompt_tuning.init_text` 'xx' gives no tokens of its own" in note and "'<s>'" in note

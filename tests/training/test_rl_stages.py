@@ -380,8 +380,8 @@ def test_rewards_are_resolved_before_the_model_and_data_load(tmp_path, rewards_m
 
 
 def test_sampling_settings_are_refused_naming_their_key(tmp_path):
-    for stage, setting, said in [("grpo", "top_p=2", "`grpo.top_p` must be in (0, 1]"),
-                                 ("ppo", "top_k=-5", "`ppo.top_k` must be >= 0")]:
+    for stage, setting, said in [("grpo", "top_p=2", "`grpo.top_p` is 2.0; it must be in (0, 1]"),
+                                 ("ppo", "top_k=-5", "`ppo.top_k` is -5; it must be >= 0")]:
         with pytest.raises(ConfigError, match=re.escape(said)):
             config(stage, tmp_path, tmp_path / "run", f"{stage}.{setting}")
 

@@ -78,19 +78,27 @@ def rl_problems(cfg) -> list[str]:
     if cfg.stage == "grpo" and cfg.grpo.num_generations < 2:
         problems.append(f"`grpo.num_generations` must be at least 2 (advantages compare completions within a group), "
                         f"got {cfg.grpo.num_generations}.")
-    if section.temperature <= 0:
-        problems.append(f"`{cfg.stage}.temperature` must be > 0: greedy rollouts are all alike and teach nothing.")
-    if not 0 < section.top_p <= 1:
-        problems.append(f"`{cfg.stage}.top_p` must be in (0, 1] (1 = off), got {section.top_p}.")
-    if section.top_k < 0:
-        problems.append(f"`{cfg.stage}.top_k` must be >= 0 (0 = off), got {section.top_k}.")
+    problems += sampling_problems(cfg.stage, section)
     for name in section.reward:
         if name not in BUILTIN_REWARDS and ":" not in name and not Path(name).is_dir():
             problems.append(f"`{cfg.stage}.reward` names `{name}`: neither a built-in ({', '.join(BUILTIN_REWARDS)}), "
                             f"a `module:function` nor an existing rm output folder.{reward_form_hint(name)}")
-    if section.epochs < 1 or section.max_new_tokens < 1:
-        problems.append(f"`{cfg.stage}.epochs` and `{cfg.stage}.max_new_tokens` must be at least 1.")
+    if section.epochs < 1:
+        problems.append(f"`{cfg.stage}.epochs` must be at least 1, got {section.epochs}.")
     return problems + range_problems(cfg, section)
+
+
+def sampling_problems(stage: str, section) -> list[str]:
+    """The rollouts' sampling settings through the engine's own check (the ranges chat and serve enforce), spelled
+    as config keys. RL adds one rule: temperature > 0, said in its words alone (0 is greedy decoding, valid
+    elsewhere, and the engine's ">= 0" would mislead)."""
+    from tuneforge.inference.types import SamplingParams
+
+    greedy = [] if section.temperature > 0 else [
+        f"`{stage}.temperature` must be > 0: greedy rollouts are all alike and teach nothing, got {section.temperature}."]
+    params = SamplingParams(max_new_tokens=section.max_new_tokens, top_p=section.top_p, top_k=section.top_k,
+                            temperature=1.0 if greedy else section.temperature)
+    return greedy + params.problems(spell=lambda name: f"{stage}.{name}")
 
 
 def range_problems(cfg, section) -> list[str]:

@@ -50,13 +50,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def encode_chat(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
+def encode_chat(tokenizer, messages: list[dict], tools: list | None = None,
+                chat_template: str | None = None) -> list[int]:
     """Prompt ids for `messages`, ending with the assistant header: the training data path's own prompt encoder (the
     same template choice and the same adaptations, e.g. a system prompt merged into the first user turn for templates
-    that refuse one), so training and serving formats cannot drift."""
+    that refuse one), so training and serving formats cannot drift. `chat_template`: another template than the
+    tokenizer's (the server renders an adapter's requests with the one it was trained with)."""
     from tuneforge.data.encode import encode_prompt
 
-    return encode_prompt(tokenizer, messages, tools)[0]
+    return encode_prompt(tokenizer, messages, tools, chat_template)[0]
 
 
 class Engine:
@@ -77,8 +79,9 @@ class Engine:
         self._step_lock = threading.Lock()
 
     # ---- prompts ------------------------------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict], tools: list | None = None) -> list[int]:
-        return encode_chat(self.tokenizer, messages, tools)
+    def encode_chat(self, messages: list[dict], tools: list | None = None,
+                    chat_template: str | None = None) -> list[int]:
+        return encode_chat(self.tokenizer, messages, tools, chat_template)
 
     def encode(self, prompt) -> list[int]:
         """A message list (chat template), a string (raw text, the tokenizer's own special tokens) or ids."""

@@ -27,9 +27,16 @@ class SamplingParams:
     ignore_eos: bool = False  # run to max_new_tokens through end-of-turn tokens (benchmarks); stop strings still apply
 
     def validate(self, spell: Callable[[str], str] | None = None) -> SamplingParams:
-        """Raise UserError naming the bad field and its valid range; returns self for chaining. `spell` gives the
+        """Raise UserError naming each bad field and its valid range; returns self for chaining. `spell` gives the
         name the user typed for a field (chat: `--top-p` for top_p); by default the field name, which is also the
         server's JSON field."""
+        problems = self.problems(spell)
+        if problems:
+            raise UserError(" ".join(problems))
+        return self
+
+    def problems(self, spell: Callable[[str], str] | None = None) -> list[str]:
+        """Every field outside its valid range, one sentence each (a config check collects them with its own)."""
         spell = spell or (lambda name: name)
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
@@ -41,14 +48,12 @@ class SamplingParams:
              "> 0 (1.0 is off)"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "in [0, 20]"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise UserError(f"Sampling parameter `{spell(name)}` is {getattr(self, name)!r}; it must be "
-                                f"{expected}.")
+        problems = [f"Sampling parameter `{spell(name)}` is {getattr(self, name)!r}; it must be {expected}."
+                    for name, ok, expected in checks if not ok]
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise UserError(f"Sampling parameter `{spell('stop')}` must be a list of non-empty strings, got "
+            problems.append(f"Sampling parameter `{spell('stop')}` must be a list of non-empty strings, got "
                             f"{self.stop!r}.")
-        return self
+        return problems
 
 
 @dataclass

@@ -90,21 +90,26 @@ class PromptTuning(PromptMethod):
         if o.init == "text" and not (o.init_text or "").strip():
             raise ConfigError("`prompt_tuning.init: text` needs `prompt_tuning.init_text`, e.g. 'Answer briefly:'.")
 
+    def apply(self, model, opts, cfg):
+        """PEFT loads the tokenizer itself to tokenize init_text (it takes no tokenizer or ids), so none is loaded
+        here; a text of no tokens makes it divide by zero, which is said as a config error."""
+        try:
+            return super().apply(model, opts, cfg)
+        except ZeroDivisionError as e:  # PEFT repeats the text's tokens len(prompt) / len(tokens) times
+            if opts.init != "text":
+                raise
+            raise ConfigError(f"`prompt_tuning.init_text` {opts.init_text!r} gives no tokens with the tokenizer in "
+                              f"{tokenizer_path(model, cfg)}; use a text of real words.") from e
+
     def peft_config(self, opts, model, cfg):
         from peft import PromptTuningConfig
 
         if opts.init == "random":
             return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=opts.num_virtual_tokens,
                                       prompt_tuning_init="RANDOM")
-        from transformers import AutoTokenizer
-
-        folder = tokenizer_path(model, cfg)
-        if not AutoTokenizer.from_pretrained(folder)(opts.init_text, add_special_tokens=False)["input_ids"]:
-            raise ConfigError(f"`prompt_tuning.init_text` {opts.init_text!r} gives no tokens with the tokenizer in "
-                              f"{folder}; use a text of real words.")
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=opts.num_virtual_tokens,
                                   prompt_tuning_init="TEXT", prompt_tuning_init_text=opts.init_text,
-                                  tokenizer_name_or_path=folder)
+                                  tokenizer_name_or_path=tokenizer_path(model, cfg))
 
     def notes(self, model, tokenizer, cfg):
         """PEFT cuts an init_text longer than num_virtual_tokens to its first tokens without a word. Counted with the
@@ -112,7 +117,12 @@ class PromptTuning(PromptMethod):
         config = getattr(unwrap(model), "peft_config", {}).get("default")
         if config is None or not getattr(config, "prompt_tuning_init_text", None):
             return []
-        ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+        text = config.prompt_tuning_init_text
+        ids = tokenizer(text)["input_ids"]
+        if not tokenizer(text, add_special_tokens=False)["input_ids"]:  # PEFT started from the special tokens alone
+            return [f"note: `{self.section}.init_text` {text!r} gives no tokens of its own with this tokenizer: the "
+                    f"prompt starts from its special tokens only ({tokenizer.decode(ids)!r}). Use a text of real "
+                    f"words, or `{self.section}.init: random`"]
         return init_text_cut_note(self.section, ids, config.num_virtual_tokens, tokenizer,
                                   " (counting the tokenizer's special tokens, as PEFT does)")
 

@@ -198,7 +198,7 @@ def trained_template(folder: Path) -> str | None:
     """The `model.chat_template` override recorded in the run's tuneforge_config.yaml (None without one), in a form
     that works from any directory: a .jinja path becomes the template text the run saved with its tokenizer, as a
     relative path counts from where training ran and the run folder may have been moved or copied since."""
-    recorded = _recorded_template(folder)
+    recorded = recorded_template(folder)
     if not recorded or not _is_template_path(recorded):
         return recorded  # a built-in name or the Jinja source itself
     saved = saved_template(folder)
@@ -213,7 +213,8 @@ def trained_template(folder: Path) -> str | None:
                     f"it to `tuneforge chat` / `tuneforge serve` with --chat-template PATH.")
 
 
-def _recorded_template(folder: Path) -> str | None:
+def recorded_template(folder: Path) -> str | None:
+    """`model.chat_template` as the run's tuneforge_config.yaml wrote it (a name, a path or Jinja source), or None."""
     import yaml
 
     try:

@@ -59,6 +59,7 @@ class ServerState:
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None
     tool_family: str | None = "hermes"  # None: never parse tool calls
+    tool_families: dict[str, str | None] = field(default_factory=dict)  # model id -> its own (its own template)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def adapter_for(self, model_id: str) -> str | None:
@@ -66,6 +67,9 @@ class ServerState:
             raise OpenAIError(404, f"The model `{model_id}` does not exist. This server serves: "
                                    f"{', '.join(self.served.ids())}.", param="model", code="model_not_found")
         return self.served.adapter_for(model_id)
+
+    def tool_family_for(self, model_id: str) -> str | None:
+        return self.tool_families.get(model_id, self.tool_family)
 
 
 def _error(e: OpenAIError) -> JSONResponse:
@@ -236,10 +240,10 @@ async def _chat(req: ChatCompletionRequest, request: Request, state: ServerState
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = max_new_tokens(asked, state.limits, "max_completion_tokens" if req.max_completion_tokens
                                 else "max_tokens")
-    tools, prefill, family = tool_plan(req, state.tool_family)
+    tools, prefill, family = tool_plan(req, state.tool_family_for(req.model))
     engine = state.engine
     try:
-        ids = engine.encode_chat(chat_messages(req), tools)
+        ids = engine.encode_chat(chat_messages(req), tools, state.served.template_for(req.model))
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (jinja raise_exception)

@@ -48,7 +48,9 @@ class ServeArgs:
                                               "name).")
     tool_parser: Literal["auto", "hermes", "llama3", "mistral", "none"] = opt(
         "auto", "How tool calls are read from replies; auto picks from the chat template.")
-    chat_template: str | None = opt(None, "Override the chat template (chatml, llama3, qwen, default or a .jinja).")
+    chat_template: str | None = opt(None, "Override the chat template (chatml, llama3, qwen, default or a .jinja) "
+                                          "for the base and every adapter. Default: each adapter's requests use the "
+                                          "template its run trained with (model.chat_template), the base its own.")
     trust_remote_code: bool = opt(False, "Run Python code shipped with the model (only for sources you trust).")
     allow_pickle: bool = opt(False, "Allow pickle (.bin/.pt) weights, which can execute code when loaded.")
     vllm_args: list[str] = opt(factory=list, help="Extra arguments passed to vLLM's server as they are "
@@ -90,9 +92,10 @@ def build_state(args: ServeArgs):
     family = None if args.tool_parser == "none" else (
         tool_family(getattr(served.tokenizer, "chat_template", None)) if args.tool_parser == "auto"
         else args.tool_parser)
+    families = {name: tool_family(t) for name, t in served.templates.items()} if args.tool_parser == "auto" else {}
     limits = Limits(max_tokens=args.max_tokens_limit, max_n=args.max_n, max_body_bytes=args.max_body_bytes)
     return ServerState(engine=engine, served=served, limits=limits, api_key=resolve_api_key(args),
-                       tool_family=family)
+                       tool_family=family, tool_families=families)
 
 
 def serve_cli(args: ServeArgs) -> int:
@@ -112,6 +115,8 @@ def serve_cli(args: ServeArgs) -> int:
     if state.served.built_in:
         print(f"note: adapter `{state.served.ids()[0]}` is built into the model (a TuneForge adapter cannot be switched "
               f"off per request): every request gets it, and the base model alone is not served.", flush=True)
+    for note in state.served.template_notes():
+        print(note, flush=True)
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

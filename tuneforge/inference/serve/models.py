@@ -9,6 +9,10 @@ its parameter prefixes) or cannot hold (`v1.2`: a dot) still loads right. PEFT h
 so one server takes adapters of one PEFT type. A TuneForge `adapter` (bottleneck) folder cannot be switched off per
 request: it is served alone, built into the model, under its name only (the plain base is not served then).
 
+An adapter run that trained with its own chat template (`model.chat_template`, which `chat` and `export` also read)
+has its requests rendered with that template; the base model's requests keep the model's own. `--chat-template`
+sets one template for every served id instead (as it does for `chat --adapter`).
+
 Every adapter is checked at load: each tensor in its weights file must land on a module of the base model. An
 adapter trained for another architecture (or saved with other module names) would otherwise load as nothing and
 every answer would silently be the base model's (a known trap of multi-LoRA servers), so that is an error here.
@@ -17,7 +21,7 @@ every answer would silently be the base model's (a known trap of multi-LoRA serv
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tuneforge.errors import UserError
@@ -34,6 +38,7 @@ class ServedModels:
     adapters: dict[str, str] = field(default_factory=dict)  # name -> folder
     peft_names: dict[str, str] = field(default_factory=dict)  # name -> the adapter's name in the PEFT model
     built_in: bool = False  # the one adapter is part of the model (TuneForge `adapter`): every request gets it
+    templates: dict[str, str] = field(default_factory=dict)  # name -> Jinja source it trained with (if not the base's)
 
     def ids(self) -> list[str]:
         return list(self.adapters) if self.built_in else [self.base_id, *self.adapters]
@@ -43,6 +48,25 @@ class ServedModels:
 
     def adapter_for(self, model_id: str) -> str | None:
         return self.peft_names.get(model_id, model_id) if model_id in self.adapters and not self.built_in else None
+
+    def template_for(self, model_id: str) -> str | None:
+        """The chat template to render `model_id`'s requests with; None: the tokenizer's own."""
+        return self.templates.get(model_id)
+
+    def template_notes(self) -> list[str]:
+        """One line per adapter served with its own trained template (printed at start)."""
+        from tuneforge.models.adapter_loading import recorded_template
+
+        notes = []
+        for name in self.templates:
+            folder = Path(self.adapters[name]).expanduser()
+            recorded = recorded_template(folder) or ""
+            shown = recorded if "{%" not in recorded and "{{" not in recorded else "Jinja source"
+            others = "" if self.built_in else f"; `{self.base_id}` and adapters without one keep the model's own"
+            notes.append(f"note: adapter `{name}` was trained with the chat template `{shown}` (model.chat_template "
+                         f"in {folder / 'tuneforge_config.yaml'}): its requests are rendered with it{others}. "
+                         f"--chat-template sets one template for all.")
+        return notes
 
 
 def base_model_id(name_or_path: str) -> str:
@@ -244,14 +268,36 @@ def load_served(model_cfg, adapters: dict[str, str], served_name: str | None = N
     if base_id in adapters and not built_in:  # built in: the base is not served, so no clash
         raise UserError(f"The adapter name {base_id!r} is also the base model's id; give the adapter another name "
                         f"(--adapter OTHER=DIR) or the base another one (--served-model-name).")
+    trained = trained_templates(adapters, model_cfg.chat_template)
+    if built_in and trained:  # the base is not served: the adapter's template becomes the tokenizer's own
+        model_cfg = replace(model_cfg, chat_template=next(iter(trained.values())))
     device, dtype = placement or ("cpu", torch.float32)
     model, tokenizer = load_model_and_tokenizer(model_cfg, dtype=dtype, device=device)
     if built_in:
         (name, folder), = adapters.items()
         model = build_in(model, name, folder, model_cfg.name_or_path)
         return ServedModels(model=model.eval(), tokenizer=tokenizer, base_id=base_id, adapters=dict(adapters),
-                            built_in=True)
+                            built_in=True, templates={name: tokenizer.chat_template} if trained else {})
     names = peft_names(adapters)
     model = attach_adapters(model, adapters, model_cfg.allow_pickle, model_cfg.name_or_path, names)
     return ServedModels(model=model.eval(), tokenizer=tokenizer, base_id=base_id, adapters=dict(adapters),
-                        peft_names=names)
+                        peft_names=names, templates=own_templates(tokenizer, trained))
+
+
+def trained_templates(adapters: dict[str, str], override: str | None) -> dict[str, str]:
+    """name -> the `model.chat_template` each adapter's run trained with (as `chat --adapter` reads it); none when
+    --chat-template sets one template for all."""
+    from tuneforge.models.adapter_loading import trained_template
+
+    if override:
+        return {}
+    found = {name: trained_template(Path(folder).expanduser()) for name, folder in adapters.items()}
+    return {name: template for name, template in found.items() if template}
+
+
+def own_templates(tokenizer, trained: dict[str, str]) -> dict[str, str]:
+    """The trained templates as Jinja source (read once, checked at load), leaving out any that is the base's own."""
+    from tuneforge.data.templates import resolve_chat_template
+
+    sources = {name: resolve_chat_template(tokenizer, template) for name, template in trained.items()}
+    return {name: source for name, source in sources.items() if source != tokenizer.chat_template}
