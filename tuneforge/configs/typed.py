@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from tuneforge.errors import ConfigError, closest, did_you_mean
+from tuneforge.errors import ConfigError, did_you_mean
 
 # Extra advice for an unknown key, (section prefix, key) -> " Did you mean ...?" or None; the training config sets
 # it to name other tools' keys (foreign.py) while this module stays generic.
@@ -107,8 +107,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            match = closest(str(value), [str(c) for c in choices])  # a suggestion only: the choices are listed
-            hint = f" Did you mean `{match}`?" if match else ""
+            hint = did_you_mean(str(value), [str(c) for c in choices], list_choices=False)  # they are listed
             raise ConfigError(f"`{key}` must be one of {', '.join(map(str, choices))}; got {value!r}.{hint}")
         return value
     if origin is list:

@@ -8,7 +8,7 @@ not later as a puzzling count of bad rows.
 from __future__ import annotations
 
 from tuneforge.data.formats import COLUMN_ROLES
-from tuneforge.errors import closest
+from tuneforge.errors import did_you_mean
 
 ALL_ROLES = tuple(dict.fromkeys(role for roles in COLUMN_ROLES.values() for role in roles))  # format auto
 
@@ -43,8 +43,7 @@ def column_role_problem(where: str, fmt: str, role: str) -> str:
     """`columns` maps our role names (keys) to the user's column names (values); a key that is no role is ignored
     by every adapter, so the column the user meant to map would be reported missing on every row."""
     roles = COLUMN_ROLES.get(fmt, ALL_ROLES)
-    match = closest(role, roles)
-    hint = f" Did you mean `{match}`?" if match else ""
+    hint = did_you_mean(role, roles, list_choices=False)
     named = f"format {fmt}" if fmt in COLUMN_ROLES else "the formats (format auto)"
     return (f"{where}: `columns` maps the unknown role `{role}`; the roles of {named} are {', '.join(roles)} "
             f"(keys are these roles, values your column names).{hint}")
@@ -58,9 +57,8 @@ def mix_problems(mix) -> list[str]:
         return []
     problems = []
     if mix.strategy not in STRATEGIES:  # typed configs refuse it earlier; a DataConfig built in code may not
-        match = closest(str(mix.strategy), STRATEGIES)
         problems.append(f"`data.mix.strategy` must be one of {', '.join(STRATEGIES)}; got {mix.strategy!r}."
-                        + (f" Did you mean `{match}`?" if match else ""))
+                        + did_you_mean(str(mix.strategy), STRATEGIES, list_choices=False))
     if not mix.T > 0:
         problems.append(f"`data.mix.T` must be > 0 (1 = proportional, larger = closer to equal), got {mix.T}.")
     if mix.K is not None and mix.K < 1:
