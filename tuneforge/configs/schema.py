@@ -430,6 +430,10 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
     if t.eval_suite and (cfg.stage not in ("pt", "sft") or not t.eval_steps):
         problems.append("`training.eval_suite` runs at eval steps of stages pt and sft: set `training.eval_steps` "
                         "(and use stage pt or sft), or evaluate the saved model with `tuneforge eval`.")
+    if t.eval_suite:  # its tasks' files too, read now: at the first eval step they could fail hours in
+        from tuneforge.eval.during_training import suite_problems
+
+        problems += suite_problems(t.eval_suite)
     if t.resume is not None and cfg.overwrite_output_dir:
         problems.append("`training.resume` continues the run in output_dir and `overwrite_output_dir` deletes it: "
                         "set only one.")

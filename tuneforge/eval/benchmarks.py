@@ -101,8 +101,8 @@ def subject_files(bench: Benchmark, folder: Path, split: str) -> dict[str, Path]
     """{subject: csv path} of one split folder, sorted by subject."""
     split_dir = Path(folder) / split
     if not split_dir.is_dir():
-        raise UserError(f"{bench.name}: no `{split}` folder in {folder}. Point --data-dir at a folder holding the "
-                        f"published layout ({bench.name}/{split}/*.csv).")
+        raise UserError(f"{bench.name}: no `{split}` folder in {folder}. Point `data_dir` (--data-dir) at a folder "
+                        f"holding the published layout ({bench.name}/{split}/*.csv).")
     suffix = bench.file_pattern.format(subject="", split=split)
     return {p.name[: len(p.name) - len(suffix)]: p for p in sorted(split_dir.glob("*.csv"))
             if p.name.endswith(suffix)}

@@ -13,15 +13,40 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneforge.configs.typed import from_dict
+from tuneforge.errors import ConfigError
 
 HEADLINE_SKIP = {"questions", "examples", "prompts", "tokens", "shots", "chat_template", "pairs", "invalid"}
+UNUSED_KEYS = ("models", "baseline", "out")  # the suite scores the model being trained, under OUTPUT/eval_suite/
+
+
+def suite_config(suite: dict):
+    from tuneforge.eval.run import EvalConfig
+
+    return from_dict(EvalConfig, {**suite, "progress": False}, prefix="training.eval_suite")
+
+
+def suite_problems(suite: dict) -> list[str]:
+    """`training.eval_suite` checked as `tuneforge eval` checks its config and task files, when the training config
+    loads: a bad key, `shots` or benchmark folder would otherwise fail at the first eval step, maybe hours in."""
+    from tuneforge.configs.typed import problems_of
+    from tuneforge.eval.run import check_tasks
+    from tuneforge.eval.suite import task_data_problems
+
+    problems = [f"`training.eval_suite.{key}` is not used: the suite evaluates the model being trained and writes "
+                f"under OUTPUT/eval_suite/step-N/. Drop it." for key in UNUSED_KEYS if key in suite]
+    try:
+        cfg = suite_config({k: v for k, v in suite.items() if k not in UNUSED_KEYS})
+        check_tasks(cfg)
+    except ConfigError as e:
+        return problems + [p if "`training.eval_suite" in p else f"`training.eval_suite`: {p}"
+                           for p in problems_of(e)]
+    return problems + [f"`training.eval_suite`: {p}" for p in task_data_problems(cfg)]
 
 
 def suite_metrics(model, tokenizer, suite: dict, output_dir, step: int) -> dict[str, float]:
-    from tuneforge.eval.run import EvalConfig
     from tuneforge.eval.suite import run_task, slug
 
-    cfg = from_dict(EvalConfig, {**suite, "progress": False}, prefix="training.eval_suite")
+    cfg = suite_config(suite)
     out = Path(output_dir) / "eval_suite" / f"step-{step}"
     was_training = model.training
     model.eval()

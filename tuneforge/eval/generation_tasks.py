@@ -88,11 +88,41 @@ def gsm8k_messages(question: str, shots: list[dict], cot: bool) -> list[dict]:
     return messages + [{"role": "user", "content": content}]
 
 
+def _gsm8k_rows(path: Path) -> list[dict]:
+    rows = _jsonl(path)
+    if not rows:
+        raise DataError(f"{path} holds no rows: GSM8K files hold one {{question, answer}} object per line.")
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not {"question", "answer"} <= set(row):
+            found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{path}: row {i} lacks GSM8K's `question` and `answer` fields (found {found}).")
+    return rows
+
+
+def gsm8k_examples(folder: Path, shots: int) -> list[dict]:
+    """The first `shots` solved examples of train.jsonl. Fewer than asked would silently ask with fewer, under the
+    report's "K-shot" label, so it is an error."""
+    if not shots:
+        return []
+    examples = _gsm8k_rows(folder / "train.jsonl")
+    if len(examples) < shots:
+        raise UserError(f"gsm8k_shots={shots}, but {folder / 'train.jsonl'} holds {len(examples)} example(s). Set "
+                        f"`gsm8k_shots` to {len(examples)} or less.")
+    return examples[:shots]
+
+
+def check_gsm8k(data_dir, shots: int) -> None:
+    """The task's test questions and its few-shot examples read as run_gsm8k reads them (before any model loads)."""
+    folder = Path(data_dir)
+    _gsm8k_rows(folder / "test.jsonl")
+    gsm8k_examples(folder, shots)
+
+
 def run_gsm8k(model, tokenizer, data_dir, out_dir, shots: int = 4, limit: int | None = None, cot: bool = True,
               max_new_tokens: int = 256, progress: bool = True) -> dict:
     folder = Path(data_dir)
-    tests = _jsonl(folder / "test.jsonl")[:limit]
-    examples = _jsonl(folder / "train.jsonl")[:shots] if shots else []
+    tests = _gsm8k_rows(folder / "test.jsonl")[:limit]
+    examples = gsm8k_examples(folder, shots)
     items = [{"id": str(i), "messages": gsm8k_messages(row["question"], examples, cot),
               "answer": extract_number(row["answer"])} for i, row in enumerate(tests)]
     store = ItemStore(Path(out_dir) / "predictions.jsonl", {"task": "gsm8k", "shots": shots, "cot": cot,
@@ -147,6 +177,24 @@ def task_items(path: str, limit: int | None = None, fmt: str = "auto", need_refe
                             f"alone use judge:{path} or grade:{path}.")
         items.append({"id": ex.source, "messages": messages, "reference": reference})
     return items
+
+
+def check_dataset(path: str, limit: int | None, need_reference: bool, text: bool = False) -> None:
+    """A data:/judge:/grade: (or, `text`, ppl:) task's file read as its task reads it, before any model loads. A hub
+    dataset is left to its task (reading it here would download it)."""
+    from tuneforge.data.build import find_local
+    from tuneforge.data.readers import looks_like_local_path
+    from tuneforge.models.loading import looks_local
+
+    if find_local(path, None) is None:
+        if looks_like_local_path(path) or path.startswith("builtin:") or looks_local(path):
+            raise DataError(f"{path}: no such file or folder (a relative path counts from the current folder, "
+                            f"{Path.cwd()}).")
+        return
+    if text:
+        _dataset_examples(path)
+    else:
+        task_items(path, limit, need_reference=need_reference)
 
 
 def run_dataset(model, tokenizer, path: str, out_dir, limit: int | None = None, fmt: str = "auto",

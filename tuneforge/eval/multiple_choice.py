@@ -62,15 +62,19 @@ def _check_shots(settings: MCSettings, dev: dict[str, list]) -> None:
                         f"to {n} or less.")
 
 
-def check_shots(settings: MCSettings) -> None:
-    """The shots check on its own, reading only the dev split: `tuneforge eval` runs it for every task before the
-    first model loads, so a bad `shots` fails in a second instead of after that model's load and earlier tasks."""
-    if not settings.shots:
-        return
+def check_benchmark(settings: MCSettings) -> None:
+    """The benchmark's folder (or zip) has test questions and its dev split holds the shots, reading only the dev
+    split: `tuneforge eval` runs it for every task before the first model loads, so a bad `shots` or folder fails
+    in a second instead of after that model's load and earlier tasks."""
     bench = benchmark(settings.benchmark)
     folder = unpacked(Path(settings.data_dir))
     subjects = settings.subjects or list(subject_files(bench, folder, bench.eval_split))
-    _check_shots(settings, load_subjects(settings.benchmark, folder, "dev", subjects))
+    if not subjects:
+        raise UserError(f"{settings.benchmark}: no question files in {folder / bench.eval_split} (expected "
+                        f"{bench.file_pattern.format(subject='SUBJECT', split=bench.eval_split)}). Point `data_dir` "
+                        f"(or {settings.benchmark}:PATH) at a folder in the published layout.")
+    if settings.shots:
+        _check_shots(settings, load_subjects(settings.benchmark, folder, "dev", subjects))
 
 
 def _pending(settings: MCSettings, store: ItemStore):

@@ -29,8 +29,9 @@ from typing import Literal
 
 import yaml
 
+from tuneforge.configs.schema import absolute_template_path
 from tuneforge.configs.typed import apply_overrides, from_dict, opt
-from tuneforge.errors import ArgParser, ConfigError, UserError
+from tuneforge.errors import ArgParser, ConfigError, UserError, did_you_mean
 
 
 @dataclass
@@ -38,7 +39,8 @@ class ModelEntry:
     model: str | None = opt(None, "Base model (folder, hub id or builtin:<name>); default: the adapter's base.")
     adapter: str | None = opt(None, "Adapter folder to put on the model.")
     name: str | None = opt(None, "Column name in the report (default: the adapter or model folder name).")
-    chat_template: str | None = opt(None, "Chat template override for generation tasks.")
+    chat_template: str | None = opt(None, "Chat template override for generation tasks: a built-in name (chatml, "
+                                          "llama3, qwen, default) or a .jinja file (relative to the current folder).")
 
     @classmethod
     def from_str(cls, text: str) -> ModelEntry:
@@ -112,6 +114,8 @@ def load_eval_config(path: str | None, overrides: list[str], base: dict | None =
             raise ConfigError(f"{path} must hold a mapping of eval config keys at the top level.")
         data.update(loaded)
     cfg = from_dict(EvalConfig, apply_overrides(data, overrides))
+    for entry in cfg.models:  # as training does: results.json and model.json record a path that works from anywhere
+        entry.chat_template = absolute_template_path(entry.chat_template)
     if not cfg.models:
         raise ConfigError("No model to evaluate: set `models:` (a list of {model, adapter, name}) or pass --model.")
     names = [m.label() for m in cfg.models]
@@ -119,11 +123,11 @@ def load_eval_config(path: str | None, overrides: list[str], base: dict | None =
         raise ConfigError(f"Two models share the report name {names}: give each a distinct `name:`.")
     if cfg.baseline is not None and cfg.baseline not in names:
         raise ConfigError(f"baseline `{cfg.baseline}` is not one of the models ({', '.join(names)}).")
-    _check_tasks(cfg)
+    check_tasks(cfg)
     return cfg
 
 
-def _check_tasks(cfg: EvalConfig) -> None:
+def check_tasks(cfg: EvalConfig) -> None:
     """Fail before any model is loaded, not after an hour of generation: a bad shot count, a judge without URL."""
     if not cfg.tasks:
         raise ConfigError("No task to run: list at least one in `tasks` (or --tasks), e.g. mmlu,gsm8k or "
@@ -218,8 +222,8 @@ def eval_cli(argv: list[str]) -> int:
 
 
 def check_paths(cfg: EvalConfig) -> None:
-    """Every model folder, adapter folder, the output folder, the judge and each multiple-choice task's shots
-    checked before the first model loads: a typo in the second model's adapter must not surface after the first
+    """Every model folder, adapter folder and chat template file, the output folder, the judge and each task's
+    files checked before the first model loads: a typo in the second model's adapter must not surface after the first
     model's whole benchmark."""
     from tuneforge.eval.suite import check_task_data
     from tuneforge.models.adapter_loading import adapter_folder
@@ -229,10 +233,26 @@ def check_paths(cfg: EvalConfig) -> None:
     check_judge_reachable(cfg)
     check_task_data(cfg)
     for entry in cfg.models:
+        check_chat_template(entry)
         if entry.adapter:
             adapter_folder(entry.adapter, "evaluate it as a model: `models: [{{model: {folder}}}]` (or --model).")
         if entry.model and not entry.model.startswith("builtin:"):
             resolve_source(entry.model)
+
+
+def check_chat_template(entry: ModelEntry) -> None:
+    """A `chat_template` that is no built-in name, no Jinja source and no file: the loader would say so only when
+    this model's turn comes, after every model before it."""
+    from tuneforge.data.templates import BUILTIN_TEMPLATES
+
+    template = entry.chat_template
+    if not template or template in BUILTIN_TEMPLATES or "{%" in template or "{{" in template \
+            or Path(template).expanduser().is_file():
+        return
+    hint = (f" (a relative path counts from the current folder, {Path.cwd()})" if template.endswith(".jinja")
+            else did_you_mean(template, BUILTIN_TEMPLATES))
+    raise UserError(f"Model `{entry.label()}`: `chat_template` is {template!r}, not a built-in template "
+                    f"({', '.join(BUILTIN_TEMPLATES)}) and not an existing .jinja file.{hint}")
 
 
 def judge_needed(cfg: EvalConfig) -> list[str]:

@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from tuneforge.errors import DataError, UserError
-from tuneforge.eval.generation_tasks import _generate_pending
+from tuneforge.eval.generation_tasks import _generate_pending, _jsonl
 from tuneforge.eval.store import ItemStore
 
 REFUSAL_EN = ("i'm sorry", "i am sorry", "i apologize", "i apologise", "sorry, but", "i cannot", "i can't", "i can not",
@@ -139,7 +139,10 @@ def read_cvalues(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass CValues' cvalues_responsibility_prompts.jsonl.")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = _jsonl(path)
+    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or "prompt" not in r), None)
+    if bad is not None:
+        raise DataError(f"{path}: row {bad} has no `prompt` field (CValues rows: id_, prompt, domain_en).")
     return [{"id": str(r.get("id_", i)), "prompt": r["prompt"], "category": r.get("domain_en", "all"), "harmful": False}
             for i, r in enumerate(rows)]
 

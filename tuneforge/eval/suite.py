@@ -58,14 +58,52 @@ def mc_settings(cfg: EvalConfig, task: str):
 
 
 def check_task_data(cfg: EvalConfig) -> None:
-    """Each multiple-choice task's dev split holds its shots, checked before the first model loads: run_task finds
-    it only after that load and every earlier task (minutes for a big model)."""
-    from tuneforge.eval.multiple_choice import check_shots
+    """Every task's files, checked before the first model loads (see task_data_problems), all in one error."""
+    from tuneforge.configs.typed import config_error
 
+    problems = task_data_problems(cfg)
+    if problems:
+        raise config_error(problems, where="the eval tasks")
+
+
+def task_data_problems(cfg: EvalConfig) -> list[str]:
+    """Each task's files exist and read in their format, and each shot count fits its examples: run_task finds a
+    problem only after the model's load and every earlier task (minutes for a big model; hours into training for
+    `training.eval_suite`). Each problem names its task."""
+    problems = []
     for task in cfg.tasks:
-        settings = mc_settings(cfg, task)
-        if settings is not None:
-            check_shots(settings)
+        try:
+            _check_task(cfg, task)
+        except UserError as e:  # a message that names its task already (`mmlu: shots=5, ...`) is kept as it is
+            named = str(e).startswith(("Task ", task.partition(":")[0].partition("@")[0] + ": "))
+            problems.append(str(e) if named else f"Task `{task}`: {e}")
+    return problems
+
+
+def _check_task(cfg: EvalConfig, task: str) -> None:
+    from tuneforge.eval import generation_tasks as gen
+    from tuneforge.eval import safety
+    from tuneforge.eval.multiple_choice import check_benchmark
+
+    kind, _, path = task.partition(":")
+    kind = kind.partition("@")[0]
+    settings = mc_settings(cfg, task)
+    if settings is not None:
+        check_benchmark(settings)
+    elif kind == "gsm8k":
+        gen.check_gsm8k(path or Path(cfg.data_dir) / "gsm8k", cfg.gsm8k_shots)
+    elif kind in ("data", "judge", "grade", "ppl") and path:
+        gen.check_dataset(path, cfg.task_limits.get(task, cfg.limit), need_reference=kind == "data",
+                          text=kind == "ppl")
+    elif kind in ("xstest", "cvalues"):
+        (safety.read_xstest if kind == "xstest" else safety.read_cvalues)(_safety_path(cfg, task))
+    else:
+        raise unknown_task(task)
+
+
+def unknown_task(task: str) -> UserError:
+    return UserError(f"Task `{task}` is unknown. Tasks: mmlu, ceval, cmmlu, gsm8k, xstest, cvalues, data:PATH, "
+                     f"ppl:PATH, judge:PATH, grade:PATH.")
 
 
 def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path, judge=None) -> dict:
@@ -94,8 +132,7 @@ def run_task(cfg: EvalConfig, model, tokenizer, task: str, out_dir: Path, judge=
         detector = (judge or judge_client(cfg, Path(out_dir))) if cfg.safety.detector == "judge" else None
         return safety.run_safety(model, tokenizer, reader(_safety_path(cfg, task)), out_dir, kind, limit,
                                  min(cfg.max_new_tokens, cfg.safety.max_new_tokens), cfg.progress, detector)
-    raise UserError(f"Unknown task `{task}`. Tasks: mmlu, ceval, cmmlu, gsm8k, xstest, cvalues, data:PATH, "
-                    f"ppl:PATH, judge:PATH, grade:PATH.")
+    raise unknown_task(task)
 
 
 def load_model(entry: ModelEntry):

@@ -1,0 +1,112 @@
+"""`tuneforge eval` reads every task's files before the first model loads: a missing gsm8k folder, too many
+gsm8k_shots, a data:/ppl:/judge:/grade:/xstest:/cvalues: file that is not there or not in its format, a chat
+template file that does not exist. Each was found only when its task (or its model) came up, after every earlier
+model and task had run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tuneforge.cli import main
+from tuneforge.errors import UserError
+from tuneforge.eval.run import load_eval_config
+from tuneforge.eval.suite import check_task_data
+
+MODEL = {"model": "builtin:smollm2-135m-instruct"}
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    monkeypatch.setattr("tuneforge.eval.suite.load_model", lambda entry: pytest.fail("loaded a model"))
+
+
+def _gsm8k(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True)
+    rows = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(n)]
+    for name in ("train.jsonl", "test.jsonl"):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _problems(tasks: list[str], **settings) -> str:
+    cfg = load_eval_config(None, [], {"models": [MODEL], "tasks": tasks, **settings})
+    with pytest.raises(UserError) as err:
+        check_task_data(cfg)
+    return str(err.value)
+
+
+def test_every_task_file_is_checked_and_named_at_once(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    tasks = ["gsm8k", f"data:{missing}", f"ppl:{missing}", f"judge:{missing}", f"grade:{missing}",
+             f"xstest:{tmp_path / 'missing.csv'}", f"cvalues:{missing}", "mmlu", "gsm8k_typo"]
+    message = _problems(tasks, data_dir=str(tmp_path / "nowhere"), judge={"url": "http://127.0.0.1:9/v1"})
+    assert message.startswith(f"{len(tasks)} problems")
+    for task in tasks:
+        assert f"Task `{task}`" in message or task == "mmlu", task
+    assert re.search(r"Task `gsm8k`: .*nowhere/gsm8k/test.jsonl does not exist", message)
+    assert re.search(rf"Task `data:{missing}`: {missing}: no such file", message)
+    assert re.search(r"mmlu: no `test` folder in .*nowhere/mmlu", message)  # with shots, as with shots=0 below
+    assert "Task `gsm8k_typo` is unknown" in message
+    assert "no `test` folder" in _problems(["mmlu@0"], data_dir=str(tmp_path / "nowhere"))
+
+
+def test_task_files_are_read_in_their_format(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"messages": [}\n')
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    (tmp_path / "xs.csv").write_text("id,text\n1,hello\n")
+    (tmp_path / "cv.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    _gsm8k(tmp_path / "gsm8k", 2)
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"q": "?", "a": "1"}) + "\n")
+    cases = [(f"data:{tmp_path / 'bad.jsonl'}", r"bad.jsonl"),
+             (f"data:{tmp_path / 'prompts.jsonl'}", r"scores each reply against a reference"),
+             (f"xstest:{tmp_path / 'xs.csv'}", r"expected XSTest columns prompt, type, label"),
+             (f"cvalues:{tmp_path / 'cv.jsonl'}", r"cv.jsonl:2: not valid JSON"),
+             (f"gsm8k:{tmp_path / 'gsm8k'}", r"row 1 lacks GSM8K's `question` and `answer` fields \(found q, a\)")]
+    for task, expected in cases:
+        assert re.search(rf"Task `{re.escape(task)}`: .*{expected}", _problems([task])), task
+    cfg = load_eval_config(None, [], {"models": [MODEL], "tasks": [f"judge:{tmp_path / 'prompts.jsonl'}"],
+                                      "judge": {"url": "http://127.0.0.1:9/v1"}})
+    check_task_data(cfg)  # judged prompts need no reference
+
+
+def test_more_gsm8k_shots_than_train_holds_fail_before_any_model_loads(tmp_path, no_model_loads, capsys):
+    """gsm8k_shots above the examples in train.jsonl silently asked with fewer, under the report's K-shot label."""
+    from tuneforge.eval.generation_tasks import run_gsm8k
+
+    folder = _gsm8k(tmp_path / "gsm8k", 3)
+    argv = ["eval", "--model", MODEL["model"], "--tasks", "gsm8k", "--data-dir", str(tmp_path), "--out",
+            str(tmp_path / "out"), "gsm8k_shots=4"]
+    assert main(argv) == 2
+    assert re.search(r"Task `gsm8k`: gsm8k_shots=4, but .*train.jsonl holds 3 example\(s\). Set `gsm8k_shots` to 3 "
+                     r"or less", capsys.readouterr().err)
+    with pytest.raises(UserError, match="gsm8k_shots=4"):  # the task itself says so too (a config built in code)
+        run_gsm8k(None, None, folder, tmp_path / "o", shots=4)
+
+
+def test_a_relative_chat_template_is_absolute_and_checked_before_any_model_loads(tmp_path, monkeypatch,
+                                                                                  no_model_loads, capsys):
+    """As training does: a relative .jinja path counts from the working directory and is recorded absolute (in
+    model.json); a template file that is not there fails before the first model loads, naming the model."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "mine.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    cfg = load_eval_config(None, [], {"models": [MODEL | {"chat_template": "tpl/mine.jinja"}]})
+    assert cfg.models[0].chat_template == str(tmp_path / "tpl" / "mine.jinja")
+    builtin = load_eval_config(None, [], {"models": [MODEL | {"chat_template": "chatml"}]})
+    assert builtin.models[0].chat_template == "chatml"
+
+    _gsm8k(tmp_path / "gsm8k", 1)
+    config = {"models": [MODEL | {"name": "a"}, MODEL | {"name": "b", "chat_template": "tpl/typo.jinja"}],
+              "tasks": ["gsm8k"], "gsm8k_shots": 0, "data_dir": str(tmp_path), "out": str(tmp_path / "out")}
+    (tmp_path / "eval.yaml").write_text(json.dumps(config))
+    assert main(["eval", "eval.yaml"]) == 2
+    assert re.search(r"Model `b`: `chat_template` is .*tpl/typo.jinja'?, not a built-in template .*not an existing "
+                     r".jinja file", capsys.readouterr().err)
+    config["models"][1]["chat_template"] = "chatlm"
+    (tmp_path / "eval.yaml").write_text(json.dumps(config))
+    assert main(["eval", "eval.yaml"]) == 2
+    assert "Did you mean `chatml`?" in capsys.readouterr().err
