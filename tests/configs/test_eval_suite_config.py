@@ -44,3 +44,13 @@ def test_eval_suite_keys_and_settings_are_checked_at_config_load(tmp_path):
         in str(e.value)
     with pytest.raises(ConfigError, match=r"`training.eval_suite`: `limit` is 0"):
         load_train_config(None, _suite("{tasks: [mmlu], limit: 0}"))
+
+
+@pytest.mark.parametrize("kind", ["judge", "grade"])
+def test_judged_tasks_are_refused_in_the_suite(tmp_path, kind):
+    """The suite runs no judge: a judge:/grade: task would generate replies every eval step and log no score."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "hi", "output": "there"}\n')
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, _suite(f"{{tasks: ['{kind}:{prompts}'], data_dir: {tmp_path}}}"))
+    assert f"task `{kind}:{prompts}` is scored by a judge model, which the suite does not call" in str(e.value)

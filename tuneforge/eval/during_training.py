@@ -16,6 +16,7 @@ from tuneforge.configs.typed import from_dict
 from tuneforge.errors import ConfigError
 
 HEADLINE_SKIP = {"questions", "examples", "prompts", "tokens", "shots", "chat_template", "pairs", "invalid"}
+JUDGED = ("judge:", "grade:")  # tasks scored by tuneforge eval's judge step, which the suite does not run
 UNUSED_KEYS = ("models", "baseline", "out")  # the suite scores the model being trained, under OUTPUT/eval_suite/
 
 
@@ -34,6 +35,12 @@ def suite_problems(suite: dict) -> list[str]:
 
     problems = [f"`training.eval_suite.{key}` is not used: the suite evaluates the model being trained and writes "
                 f"under OUTPUT/eval_suite/step-N/. Drop it." for key in UNUSED_KEYS if key in suite]
+    tasks = suite.get("tasks") or []
+    tasks = tasks.split(",") if isinstance(tasks, str) else tasks
+    problems += [f"`training.eval_suite`: task `{task}` is scored by a judge model, which the suite does not call "
+                 f"(it would generate replies and score nothing). Evaluate the saved checkpoints with `tuneforge eval "
+                 f"--tasks {task} ...` instead, or use `data:{task.partition(':')[2]}` here for BLEU/ROUGE."
+                 for task in tasks if isinstance(task, str) and task.strip().startswith(JUDGED)]
     try:
         cfg = suite_config({k: v for k, v in suite.items() if k not in UNUSED_KEYS})
         check_tasks(cfg)
