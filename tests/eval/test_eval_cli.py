@@ -93,6 +93,22 @@ def test_a_column_pointed_at_another_model_is_evaluated_again(tiny_llama_dir, ti
     assert "another model" not in capsys.readouterr().out
     assert next((d / "out" / "cand").rglob("predictions.jsonl")).read_text() == second
 
+def test_a_chat_template_file_edited_in_place_is_another_model(tmp_path):
+    """The template is part of the prompt: answers made with the old text must not be reused under the new one."""
+    import os
+
+    from tuneforge.eval.run import ModelEntry
+    from tuneforge.eval.suite import model_identity
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    entry = ModelEntry(model="builtin:tiny", chat_template=str(template))
+    before = model_identity(entry)
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}")
+    os.utime(template, ns=(1, 1))  # even with a modification time that went backwards
+    assert model_identity(entry) != before
+
+
 def test_flags_form_evaluates_base_and_adapter_side_by_side():
     from tuneforge.eval.run import _flags_to_dict
 

@@ -178,13 +178,16 @@ def model_identity(entry: ModelEntry) -> dict:
     """What a model column's predictions came from: the model and adapter as resolved, each local weight file's
     size and modification time (a retrained adapter in the same folder is another model) and the chat template."""
     identity: dict = {"chat_template": entry.chat_template}
+    template = Path(entry.chat_template) if entry.chat_template and entry.chat_template.endswith(".jinja") else None
+    if template is not None and template.is_file():  # a template edited in place is another prompt
+        identity["chat_template_file"] = [template.stat().st_size, template.stat().st_mtime_ns]
     for role, source in (("model", entry.model), ("adapter", entry.adapter)):
         folder = Path(source) if source and not source.startswith("builtin:") else None
         if folder is None or not folder.exists():
             identity[role] = source
             continue
         files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt",
-                                                                                   ".pth", ".gguf", ".json"))
+                                                                                   ".pth", ".gguf", ".json", ".jinja"))
         identity[role] = str(folder.resolve())
         identity[role + "_files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
     return identity
