@@ -90,3 +90,20 @@ def test_report_shows_a_missing_rate_as_a_dash_and_count_deltas_whole():
     assert rows[0] == ["task", "metric", "base", "tuned", "tuned - base"]
     assert ["grade:p", "judge_score", "6.5000", "-", "-"] in rows
     assert ["grade:p", "judge_invalid", "1", "3", "+2"] in rows
+
+
+def test_perplexity_of_a_preference_file_is_that_of_its_prompts_and_chosen_replies(tiny_llama_dir, tmp_path):
+    """ppl:PAIRS.json raised AttributeError ('PairExample' has no `text`); it scores the text the data prefers."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.eval.generation_tasks import run_perplexity
+    from tuneforge.eval.loglik import perplexity
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."}) + "\n")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    got = run_perplexity(model, tokenizer, str(pairs), tmp_path / "out")
+    assert got == perplexity(model, tokenizer, ["Name a colour.\nBlue."])

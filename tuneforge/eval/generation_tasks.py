@@ -212,12 +212,26 @@ def run_dataset(model, tokenizer, path: str, out_dir, limit: int | None = None, 
     return text_metrics([r["prediction"] for r in records], [r["reference"] for r in records]) | counts
 
 
+def _plain_text(example) -> str:
+    """A row as held-out text: a text row as it is, a conversation's contents joined by newlines, a preference pair
+    as its prompt and chosen reply (the text the data prefers, as `data:` takes it for the reference)."""
+    from tuneforge.data.types import PairExample
+
+    if isinstance(example, PairExample):
+        messages = example.prompt + example.chosen
+    elif example.text is not None:
+        return example.text
+    else:
+        messages = example.messages
+    return "\n".join(m.get("content") or "" for m in messages)
+
+
 def run_perplexity(model, tokenizer, path: str, out_dir, limit: int | None = None, max_length: int = 1024) -> dict:
-    """Perplexity of held-out text: `text` rows as they are, chat rows as their contents joined by newlines."""
+    """Perplexity of held-out text: `text` rows as they are, chat rows as their contents joined by newlines,
+    preference pairs as prompt and chosen reply."""
     from tuneforge.eval.loglik import perplexity
 
-    texts = [ex.text if ex.text is not None else "\n".join(m.get("content") or "" for m in ex.messages)
-             for ex in _dataset_examples(path)[:limit]]
+    texts = [_plain_text(ex) for ex in _dataset_examples(path)[:limit]]
     result = perplexity(model, tokenizer, texts, max_length)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return result
