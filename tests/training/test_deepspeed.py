@@ -128,12 +128,47 @@ def test_user_json_auto_values_are_filled_and_others_kept(tmp_path, tiny_llama_d
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
 
 
+def hf_style_json(tmp_path, schedule: str = "WarmupLR"):
+    """A ds_config as Hugging Face's DeepSpeed docs give it: optimizer and scheduler sections of "auto" values."""
+    user = tmp_path / "ds_hf.json"
+    user.write_text(json.dumps({
+        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16}, "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                  "weight_decay": "auto"}},
+        "scheduler": {"type": schedule, "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                   "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                              "overlap_comm": True, "reduce_bucket_size": "auto",
+                              "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"},
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False}))
+    return str(user)
+
+
+def test_hf_style_json_with_auto_optimizer_and_scheduler_sections_works(tmp_path, tiny_llama_dir):
+    """HF Trainer fills such sections from its arguments, as TuneForge's own AdamW and schedule take training.*:
+    they are accepted (and left out of what DeepSpeed gets) when the schedule is the one training.scheduler runs."""
+    user = hf_style_json(tmp_path)
+    t = training(tmp_path, tiny_llama_dir, "training.scheduler=constant", "training.batch_size=2")
+    c = dz.load_user_config(user, t, world_size=2, hidden_size=64)
+    assert "optimizer" not in c and "scheduler" not in c
+    assert c["train_batch_size"] == 4 and c["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    linear = training(tmp_path, tiny_llama_dir, "training.scheduler=linear", "training.lr=2e-5")
+    assert "scheduler" not in dz.load_user_config(hf_style_json(tmp_path, "WarmupDecayLR"), linear, 1, 64)
+
+
 @pytest.mark.parametrize("content, match", [
     ("{not json", "not valid JSON \\(line 1"),
     (json.dumps({"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 2}}),
      "train_micro_batch_size_per_gpu to 7, but this run has \\d+ \\(training.batch_size\\)"),
     (json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}), "training.precision"),
-    (json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}), "has a `optimizer` section"),
+    (json.dumps({"optimizer": {"type": "Lamb"}, "zero_optimization": {"stage": 2}}),
+     "has an `optimizer` section that TuneForge cannot run \\(type 'Lamb'"),
+    (json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 5e-5}}, "zero_optimization": {"stage": 2}}),
+     "optimizer.params.lr to 5e-05, but this run has 0.001 \\(training.lr\\)"),
+    (json.dumps({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}),
+     "scheduler of type WarmupLR \\(constant after warmup\\), but training.scheduler is cosine. Set "
+     "`training.scheduler=constant`"),
     (json.dumps({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}),
      "zero_optimization.sub_group_size to \"auto\""),
     (json.dumps({"zero_optimization": {"stage": 5}}), "stage 5"),
@@ -201,6 +236,21 @@ def test_missing_deepspeed_package_is_a_clear_error(tiny_llama_dir, tmp_path, mo
     with pytest.raises(UserError, match=r"needs the DeepSpeed package.*pip install 'tuneforge\[deepspeed\]'"):
         train(tiny_llama_dir, tmp_path / "out", *COMMON, *DS)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_deprecation_warnings_of_deepspeeds_torch_calls_are_not_shown(monkeypatch):
+    """Every rank printed torch's FutureWarning about the collectives DeepSpeed's ZeRO calls: noise the user cannot
+    act on. Other FutureWarnings still show."""
+    import warnings
+
+    monkeypatch.setitem(sys.modules, "deepspeed", object())  # the filter goes on whether DeepSpeed imports or not
+    with warnings.catch_warnings(record=True) as seen:
+        dz.import_deepspeed(torch.device("cpu"))
+        for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+            warnings.warn(f"`torch.distributed.{name}` is deprecated. Please use `torch.distributed.x` instead.",
+                          FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
 
 
 @pytest.mark.gpu

@@ -130,3 +130,44 @@ def test_decoder_blocks_are_the_no_split_modules(tiny_llama_dir):
     assert resolve_engine("ddp", 1) == "none" and resolve_engine("fsdp", 1) == "fsdp"
     with pytest.raises(UserError, match="each would train its own copy"):
         resolve_engine("none", 2)
+
+
+@pytest.mark.parametrize("engine, nproc, batch, says", [
+    ("fsdp", 1, 2, "To resume with 1 process\\(es\\) instead of 2, set `training.batch_size=4`"),
+    ("fsdp", 3, 2, "3 process\\(es\\) cannot keep its global micro-batch of 4 examples"),
+    ("deepspeed", 1, 2, "start torchrun with --nproc-per-node 2 and training.batch_size=2"),
+])
+def test_resume_with_another_process_count_names_the_batch_size_to_set(tiny_llama_dir, tmp_path, engine, nproc,
+                                                                        batch, says):
+    """A checkpoint of 2 processes x batch 2 resumed by another process count: the error says which
+    training.batch_size keeps the global micro-batch (or that none does, or that DeepSpeed needs the same count)."""
+    import json
+
+    from tests.test_training import config
+    from tuneforge.training.checkpoint import check_same_run, run_fingerprint
+
+    cfg = config(tiny_llama_dir, tmp_path / "out", f"training.distributed={engine}", "training.batch_size=2")
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"world_size": 2, "run": run_fingerprint(cfg, 2, None)}))
+    cfg.training.batch_size = batch
+    with pytest.raises(UserError, match=says):
+        check_same_run(checkpoint, run_fingerprint(cfg, nproc, None), nproc)
+    cfg.training.batch_size = 4
+    if engine == "fsdp":  # 1 x 4 is the same global micro-batch
+        assert check_same_run(checkpoint, run_fingerprint(cfg, 1, None), 1)
+
+
+def test_fsdp_cpu_offload_on_cpu_trains_and_says_there_is_nothing_to_offload(tiny_llama_dir, tmp_path):
+    """On CPU the shards are in CPU memory already; FSDP2's offload policy pins memory, which needs an accelerator
+    (it crashed in fully_shard: "Cannot access accelerator device when none is available")."""
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT.replace("log=lambda _: None", "log=print"))
+    args = [str(ROOT / "examples" / "sft_full_tiny.yaml"), f"model.name_or_path={tiny_llama_dir}", *COMMON,
+            "training.max_steps=1", f"output_dir={tmp_path / 'out'}", "training.distributed=fsdp",
+            "training.fsdp_cpu_offload=true"]
+    done = subprocess.run([sys.executable, str(script), *args], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "fsdp_cpu_offload: this run trains on the CPU" in done.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -185,7 +185,8 @@ class TrainingConfig:
         None, "With distributed=deepspeed: the ZeRO stage, 2 (gradients and optimizer state sharded) or 3 (the "
         "weights too), built from batch_size, grad_accum, max_grad_norm and precision; or the path of your own "
         "DeepSpeed JSON, used as is with its \"auto\" values filled from this config (as Hugging Face Trainer does; "
-        "no optimizer/scheduler sections: those come from training.lr etc.). Default: 2.")
+        "optimizer/scheduler sections only with \"auto\" values or values that agree with training.*: TuneForge's "
+        "AdamW and schedule run). Default: 2.")
     deepspeed_offload: Literal["none", "optimizer", "all"] = opt(
         "none", "With a ZeRO stage in training.deepspeed: keep the optimizer state (optimizer) or also the weights "
                 "(all, stage 3 only) in CPU memory (fits bigger models, runs slower).")

@@ -129,7 +129,7 @@ def run_fingerprint(cfg, world_size: int, train_items: list | None) -> dict:
     sections = getattr(method, "uses_sections", None) or ((method.section,) if method.section else ())
     found = {"stage": cfg.stage, "model.name_or_path": cfg.model.name_or_path, "method": cfg.method,
              "method options": {s: to_dict(cfg.options(s)) for s in sections},
-             "global micro-batch (training.batch_size x processes)": cfg.training.batch_size * world_size,
+             GLOBAL_MICRO_BATCH: cfg.training.batch_size * world_size,
              "training.grad_accum": cfg.training.grad_accum, "data.seed": cfg.data.seed}
     if cfg.training.distributed == "deepspeed":  # ZeRO-2 optimizer shards do not load into ZeRO-3 (or another file)
         found["training.deepspeed"] = cfg.training.deepspeed
@@ -156,19 +156,47 @@ def data_hash(items: list) -> str:
     return h.hexdigest()[:16]
 
 
-def check_same_run(path: Path, current: dict) -> bool:
+def check_same_run(path: Path, current: dict, world_size: int | None = None) -> bool:
     """Raise naming every difference between the run that wrote checkpoint `path` and this one (the keys of
-    `current` only). False when the checkpoint predates fingerprints (nothing to compare)."""
-    saved = json.loads((path / "trainer_state.json").read_text()).get("run")
+    `current` only). False when the checkpoint predates fingerprints (nothing to compare). `world_size`: this run's
+    process count, to say which training.batch_size resumes with it."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = state.get("run")
     if saved is None:
         return False
     diffs = fingerprint_differences(saved, current)
     if diffs:
+        hint = process_count_hint(state, current, world_size)
         raise UserError(
-            f"Cannot resume from {path}: it was written by a different run ({'; '.join(diffs)}). Resume with the "
-            f"settings of that run (its output_dir holds them in tuneforge_config.yaml), or start a new run in "
+            f"Cannot resume from {path}: it was written by a different run ({'; '.join(diffs)}). {hint}Resume with "
+            f"the settings of that run (its output_dir holds them in tuneforge_config.yaml), or start a new run in "
             f"another output_dir (or with `overwrite_output_dir=true` and without `training.resume`).")
     return True
+
+
+GLOBAL_MICRO_BATCH = "global micro-batch (training.batch_size x processes)"
+
+
+def process_count_hint(state: dict, current: dict, world_size: int | None) -> str:
+    """When only the process count moved the global micro-batch: the training.batch_size that keeps it (a run
+    resumes with another number of processes when batch_size x processes stays the same), or why none does."""
+    saved_global, now_global = state["run"].get(GLOBAL_MICRO_BATCH), current.get(GLOBAL_MICRO_BATCH)
+    written_by = state.get("world_size")
+    if not world_size or saved_global == now_global or not isinstance(saved_global, int) or not written_by:
+        return ""
+    if world_size == written_by:
+        return (f"The checkpoint's micro-batch is training.batch_size={saved_global // written_by} per process "
+                f"({written_by} process(es)). ")
+    if "training.deepspeed" in current:  # ZeRO's optimizer shards are cut per process
+        return (f"A DeepSpeed checkpoint resumes with the number of processes that wrote it: start torchrun with "
+                f"--nproc-per-node {written_by} and training.batch_size={saved_global // written_by}. ")
+    if saved_global % world_size:
+        return (f"{world_size} process(es) cannot keep its global micro-batch of {saved_global} examples (training."
+                f"batch_size x processes): start a process count that divides {saved_global} (it was written by "
+                f"{written_by}). ")
+    return (f"To resume with {world_size} process(es) instead of {written_by}, set `training.batch_size="
+            f"{saved_global // world_size}`: the global micro-batch (batch_size x processes, {saved_global} "
+            f"examples) must stay the same, and with it the batches and the loss curve. ")
 
 
 def fingerprint_differences(saved: dict, current: dict) -> list[str]:

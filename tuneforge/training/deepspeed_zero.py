@@ -4,7 +4,8 @@
     training.deepspeed: 3          ZeRO-3: the weights too (gathered block by block for forward and backward)
     training.deepspeed_offload: optimizer | all      optimizer state (and with `all` the weights) in CPU memory
     training.deepspeed: ds.json    your own DeepSpeed config, used as is; its "auto" values are filled from this
-                                   config the way Hugging Face Trainer fills them
+                                   config the way Hugging Face Trainer fills them (optimizer and scheduler sections
+                                   too, when they agree with training.*: TuneForge's own AdamW and schedule run)
 
 The engine takes over what the loop does itself for the other engines: the micro-batch boundary
 (`set_gradient_accumulation_boundary`), backward, gradient clipping and the optimizer step. TuneForge still builds
@@ -23,12 +24,14 @@ import contextlib
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
 from tuneforge.errors import UserError
 from tuneforge.methods.base import unwrap
+from tuneforge.training.checkpoint import GLOBAL_MICRO_BATCH
 from tuneforge.training.distributed import Strategy, load_into_plain
 from tuneforge.training.runtime import Runtime
 
@@ -40,6 +43,10 @@ def import_deepspeed(device: torch.device):
     """DeepSpeed picks its accelerator at import time; make it the device this run trains on (a CUDA machine running
     `training.device=cpu` would otherwise get the CUDA accelerator)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    # DeepSpeed's ZeRO calls torch collectives that torch now deprecates: every rank warned at the first step, about
+    # library code the user cannot change
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            r"is deprecated", category=FutureWarning)
     try:
         import deepspeed
     except ImportError:
@@ -85,16 +92,88 @@ def load_user_config(path: str, t, world_size: int, hidden_size: int) -> dict:
                         f"{e.msg}). Fix the file, or give a ZeRO stage (2 or 3) instead.") from None
     if not isinstance(user, dict) or not isinstance(user.get("zero_optimization", {}), dict):
         raise UserError(f"training.deepspeed: {path} must hold a JSON object with a `zero_optimization` object.")
-    for section in ("optimizer", "scheduler"):
+    for section, check in (("optimizer", _check_optimizer), ("scheduler", _check_scheduler)):
         if section in user:
-            raise UserError(f"training.deepspeed: {path} has a `{section}` section. TuneForge builds the optimizer "
-                            f"and learning-rate schedule from training.lr, adam_betas, weight_decay, scheduler and "
-                            f"warmup (and the method's parameter groups); remove `{section}` from the file and set "
-                            f"those keys instead.")
+            check(user[section], t, path)  # it says what training.* already runs: TuneForge's own runs instead
+            user = {k: v for k, v in user.items() if k != section}
     stage = user.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise UserError(f"training.deepspeed: {path} has zero_optimization.stage {stage!r}; use 0, 1, 2 or 3.")
     return fill_auto(user, _ours(t, world_size), hidden_size, path)
+
+
+# ---- optimizer / scheduler sections: Hugging Face's example ds_configs carry both, full of "auto" ------------------
+# HF Trainer fills them from TrainingArguments, which is what TuneForge's own AdamW and schedule take from training.*:
+# such a section is accepted (and dropped, TuneForge's run instead) when each value is "auto" or agrees with
+# training.*; one that asks for something else (another optimizer, schedule shape or value) is an error naming both.
+_ANY = "any value"  # a setting of how DeepSpeed computes, not of what: TuneForge's own optimizer runs either way
+_SCHEDULES = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
+
+
+def _check_optimizer(section, t, path) -> None:
+    kind = section.get("type") if isinstance(section, dict) else None
+    if not isinstance(kind, str) or kind.lower() not in ("adam", "adamw"):
+        _foreign_section(path, "optimizer", f"type {kind!r}; TuneForge runs AdamW")
+    ours = {"lr": (t.lr, "training.lr"), "betas": (list(t.adam_betas), "training.adam_betas"),
+            "eps": (1e-8, "torch AdamW's default eps"),
+            "weight_decay": (t.weight_decay, "training.weight_decay"),
+            "adam_w_mode": (True, "AdamW's decoupled weight decay"), "torch_adam": (None, _ANY)}
+    _check_params(section, ours, path, "optimizer")
+
+
+def _check_scheduler(section, t, path) -> None:
+    kind = section.get("type") if isinstance(section, dict) else None
+    if kind not in _SCHEDULES:
+        _foreign_section(path, "scheduler", f"type {kind!r}; TuneForge runs training.scheduler linear, cosine or "
+                                            f"constant, as WarmupDecayLR, WarmupCosineLR or WarmupLR")
+    if _SCHEDULES[kind] != t.scheduler:
+        raise UserError(f"training.deepspeed: {path} has a scheduler of type {kind} ({_SCHEDULES[kind]} after "
+                        f"warmup), but training.scheduler is {t.scheduler}. Set `training.scheduler="
+                        f"{_SCHEDULES[kind]}` to run the file's schedule, or remove its `scheduler` section "
+                        f"(training.scheduler and training.warmup_* then decide, as they do without a file).")
+    warmup = (t.warmup_steps, "training.warmup_steps") if t.warmup_steps > 0 or t.warmup_ratio == 0 else \
+        (None, "training.warmup_ratio")  # a ratio's steps depend on the run's length: only "auto" agrees
+    total = (t.max_steps, "training.max_steps") if t.max_steps > 0 else (None, "training.epochs")
+    ours = {"warmup_min_lr": (0, "a warmup that starts from 0"), "warmup_max_lr": (t.lr, "training.lr"),
+            "warmup_num_steps": warmup, "total_num_steps": total,
+            "warmup_type": ("linear", "TuneForge's linear warmup"),
+            "warmup_min_ratio": (0, "a warmup that starts from 0"),
+            "cos_min_ratio": (0, "training.scheduler cosine, which ends at 0")}
+    _check_params(section, ours, path, "scheduler")
+
+
+def _check_params(section: dict, ours: dict, path, name: str) -> None:
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        _foreign_section(path, name, "its `params` is not an object")
+    for key, given in params.items():
+        if key not in ours:
+            _foreign_section(path, name, f"params.{key}, which TuneForge's own {name} has no setting for")
+        value, source = ours[key]
+        if given == "auto" or source == _ANY or _same(given, value):
+            continue
+        if source.startswith("training.") and value is not None:
+            _mismatch(path, f"{name}.params.{key}", given, value, source)
+        runs = f"{source}" if value is None else f"{value!r} ({source})"
+        raise UserError(f"training.deepspeed: {path} sets {name}.params.{key} to {given!r}, but this run "
+                        f"{'derives it from' if value is None else 'runs'} {runs}. Set it to \"auto\" (or remove "
+                        f"it) so the file follows the config.")
+
+
+def _same(given, value) -> bool:
+    if isinstance(value, list):
+        return isinstance(given, list) and len(given) == len(value) and all(map(_same, given, value))
+    if isinstance(value, bool) or isinstance(value, str):
+        return given == value
+    return isinstance(given, (int, float)) and not isinstance(given, bool) and float(given) == float(value)
+
+
+def _foreign_section(path, section: str, why: str):
+    raise UserError(f"training.deepspeed: {path} has an `{section}` section that TuneForge cannot run ({why}). "
+                    f"TuneForge builds the optimizer and learning-rate schedule itself from training.lr, "
+                    f"adam_betas, weight_decay, scheduler and warmup_* (and the method's parameter groups): remove "
+                    f"`{section}` from the file and set those keys instead. (A Hugging Face-style section of "
+                    f"\"auto\" values is read as those keys.)")
 
 
 # what HF Trainer puts for these "auto" bucket sizes (transformers.integrations.deepspeed)
@@ -145,6 +224,18 @@ def _autos(tree, prefix="") -> list[str]:
     if isinstance(tree, dict):
         return [k for key, v in tree.items() for k in _autos(v, f"{prefix}{key}.")]
     return [prefix.rstrip(".")] if tree == "auto" else []
+
+
+def check_same_process_count(path: Path, world_size: int) -> None:
+    """ZeRO's optimizer shards are cut per process: a checkpoint resumes with the process count that wrote it."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    written_by = state.get("world_size")
+    if written_by != world_size:
+        micro = state.get("run", {}).get(GLOBAL_MICRO_BATCH)
+        batch = f" and training.batch_size={micro // written_by}" if isinstance(micro, int) and written_by else ""
+        raise UserError(f"{path} was written by {written_by} DeepSpeed processes and this run has {world_size}; its "
+                        f"ZeRO optimizer shards resume with that same number of processes. Start torchrun with "
+                        f"--nproc-per-node {written_by}{batch} (or use fsdp, whose checkpoints reshard).")
 
 
 # ---- the strategy --------------------------------------------------------------------------------------------------
@@ -211,11 +302,7 @@ class DeepSpeedStrategy(Strategy):
         model.save_checkpoint(str(tmp / SHARD_DIR), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
 
     def load_shards(self, path: Path, model, optimizer) -> None:
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state.get("world_size") != torch.distributed.get_world_size():
-            raise UserError(f"{path} was written by {state.get('world_size')} DeepSpeed processes; its ZeRO "
-                            f"optimizer shards resume with that same number of processes. Start torchrun with "
-                            f"--nproc-per-node {state.get('world_size')} (or use fsdp, whose checkpoints reshard).")
+        check_same_process_count(path, torch.distributed.get_world_size())
         loaded, _ = model.load_checkpoint(str(path / SHARD_DIR), tag=TAG, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:

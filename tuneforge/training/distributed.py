@@ -134,8 +134,8 @@ class FSDPStrategy(Strategy):
         kwargs = {}
         if runtime.dtype != torch.float32:  # compute in bf16/fp16, reduce gradients in fp32
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=runtime.dtype, reduce_dtype=torch.float32)
-        if self.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+        if self.cpu_offload and runtime.device.type != "cpu":  # on CPU the shards are in CPU memory already (and
+            kwargs["offload_policy"] = CPUOffloadPolicy()  # its pinned copies need an accelerator: setup_run says so)
         for block in decoder_blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)

@@ -440,7 +440,7 @@ class Trainer:
             if self.t.resume == "auto":
                 self.say(f"resume: auto found no checkpoint in {self.output_dir}; starting from step 0")
             return []
-        if not ckpt.check_same_run(path, self.fingerprint):
+        if not ckpt.check_same_run(path, self.fingerprint, self.rt.world_size):
             self.say(f"note: {path} does not record its run's settings; cannot check they match this run")
         if self.strategy.sharded_checkpoints:
             state = load_sharded(path, self.strategy, self.model, self.optimizer, self.scheduler)

@@ -35,7 +35,11 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     check_output_dir(cfg)
     resume_from = find_resume(cfg.training.resume, Path(cfg.output_dir))
     if resume_from is not None:  # settings now, before a long model load; the data is compared once encoded
-        check_same_run(resume_from, run_fingerprint(cfg, runtime.world_size, None))
+        check_same_run(resume_from, run_fingerprint(cfg, runtime.world_size, None), runtime.world_size)
+        if runtime.engine == "deepspeed":  # before the model loads, not in the engine's load_checkpoint after it
+            from tuneforge.training.deepspeed_zero import check_same_process_count
+
+            check_same_process_count(resume_from, runtime.world_size)
     seed_everything(cfg.seed)
     if runtime.is_main:
         t = cfg.training
@@ -43,6 +47,9 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
         engine = f" ({runtime.engine})" if runtime.engine != "none" else ""
         log(f"runtime: device {runtime.device}, precision {runtime.precision}, {runtime.world_size} process(es)"
             + engine + (asked if "auto" in (t.device, t.precision) else ""))
+        if runtime.engine == "fsdp" and t.fsdp_cpu_offload and runtime.device.type == "cpu":
+            log("note: training.fsdp_cpu_offload: this run trains on the CPU, where the shards already are; nothing "
+                "to offload (the setting applies on GPUs)")
         note = compile_note(cfg, runtime)
         if note:
             log(note)
