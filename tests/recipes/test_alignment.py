@@ -64,6 +64,8 @@ def test_stage_learns(stage, method, tiny_qwen2_dir, tmp_path):
         assert sum(metric(out, key)[-3:]) / 3 >= 0.75, metric(out, key)
     adapter = (out / "adapter_config.json").is_file() or (out / "adapter" / "adapter_config.json").is_file()
     assert adapter == (method == "lora")
+    described = [line for line in logs if line.startswith(f"method {method}: ")]  # what is trained, said once
+    assert len(described) == 1 and " trainable of " in described[0], described
 
 
 @pytest.mark.parametrize("stage,extra", [("rm", []), ("dpo", ["dpo.precompute_reference=true"]),

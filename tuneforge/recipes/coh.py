@@ -22,7 +22,7 @@ import random
 
 from tuneforge.data.types import Example, PairExample
 from tuneforge.recipes.sft import SFTStage
-from tuneforge.training.loop import Trainer, TrainResult, describe_model
+from tuneforge.training.loop import Trainer, TrainResult
 from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
 
@@ -44,9 +44,7 @@ def run(cfg, log=print) -> TrainResult:
     train_rows, eval_rows, report = read_data(cfg)  # preference pairs
     rows = ([hindsight_example(p, cfg.coh, cfg.data.seed) for p in train_rows],
             [hindsight_example(p, cfg.coh, cfg.data.seed) for p in eval_rows], report)
-    model, tokenizer, method = setup_model(cfg, runtime)
-    if runtime.is_main:
-        log(describe_model(model, method, tokenizer, cfg))
+    model, tokenizer, method = setup_model(cfg, runtime, log=log)
     train, evals, collate = setup_data(cfg, tokenizer, "sft", runtime, log, read=rows)
     result = Trainer(cfg, runtime, model, method, train, evals, collate, SFTStage(), log).train()
     if result.finished:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.losses import dpo_loss, orpo_loss, simpo_loss
-from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
+from tuneforge.training.loop import Stage, Trainer, TrainResult
 from tuneforge.training.reference import Reference, precompute, response_logps, with_reference
 from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
@@ -65,9 +65,7 @@ class DPOStage(Stage):
 def run(cfg, log=print) -> TrainResult:
     runtime = setup_run(cfg, log)
     rows = read_data(cfg)
-    model, tokenizer, method = setup_model(cfg, runtime)
-    if runtime.is_main:
-        log(describe_model(model, method, tokenizer, cfg))
+    model, tokenizer, method = setup_model(cfg, runtime, log=log)
     train, evals, collate = setup_data(cfg, tokenizer, "dpo", runtime, log, read=rows)
 
     reference = None

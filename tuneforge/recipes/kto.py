@@ -22,7 +22,7 @@ import torch
 from tuneforge.data.encode_align import kto_balance
 from tuneforge.data.types import IGNORE_INDEX
 from tuneforge.losses import kto_loss
-from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
+from tuneforge.training.loop import Stage, Trainer, TrainResult
 from tuneforge.training.reference import Reference, response_logps
 from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
@@ -97,9 +97,7 @@ def split_mismatched(batch: dict, n: int) -> tuple[dict, dict]:
 def run(cfg, log=print) -> TrainResult:
     runtime = setup_run(cfg, log)
     rows = read_data(cfg)
-    model, tokenizer, method = setup_model(cfg, runtime)
-    if runtime.is_main:
-        log(describe_model(model, method, tokenizer, cfg))
+    model, tokenizer, method = setup_model(cfg, runtime, log=log)
     train, evals, collate = setup_data(cfg, tokenizer, "kto", runtime, log, read=rows)
     if runtime.is_main:
         for line in kto_balance(train, cfg.kto.desirable_weight, cfg.kto.undesirable_weight):

@@ -23,7 +23,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.losses import reward_pairwise_loss
 from tuneforge.methods.base import unwrap
 from tuneforge.models.reward import RewardModel, pick_pad_token, save_reward_model, transformer_of
-from tuneforge.training.loop import Stage, Trainer, TrainResult, describe_model
+from tuneforge.training.loop import Stage, Trainer, TrainResult
 from tuneforge.training.metrics import record_metric
 from tuneforge.training.model_card import record_base
 from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
@@ -70,9 +70,7 @@ def pairwise_accuracy(model, items: list, collate, batch_size: int, device) -> f
 def run(cfg, log=print) -> TrainResult:
     runtime = setup_run(cfg, log)
     rows = read_data(cfg)
-    model, tokenizer, method = setup_model(cfg, runtime, extend=RewardModel)
-    if runtime.is_main:
-        log(describe_model(model, method, tokenizer, cfg))
+    model, tokenizer, method = setup_model(cfg, runtime, extend=RewardModel, log=log)
     train, evals, collate = setup_data(cfg, tokenizer, "rm", runtime, log, read=rows)
     result = Trainer(cfg, runtime, model, method, train, evals, collate, RewardStage(cfg.rm.margin), log).train()
     if not result.finished:

@@ -490,7 +490,6 @@ def run_rl(cfg, make_stage, log=print, extend=None):
     first: a bad row, or a missing reference answer a reward needs, fails before the model loads), model + method
     (`extend`: what the stage adds to the model before DDP wraps it, PPO's value head), the stage (reference,
     rewards), the RL trainer, the final save, and the reward errors skipped over the run."""
-    from tuneforge.training.loop import describe_model
     from tuneforge.training.setup import done_line, save_final, setup_data, setup_model, setup_run
 
     needs, reads = check_rewards(getattr(cfg, cfg.stage), cfg.stage)
@@ -501,8 +500,7 @@ def run_rl(cfg, make_stage, log=print, extend=None):
                         f"`training.distributed=ddp` (or auto).")
     main_log = log if runtime.is_main else (lambda _: None)
     rows = read_prompts(cfg, needs, reads, main_log)
-    model, tokenizer, method = setup_model(cfg, runtime, extend=extend)
-    main_log(describe_model(model, method, tokenizer, cfg))
+    model, tokenizer, method = setup_model(cfg, runtime, extend=extend, log=log)
     prompts, evals, _ = setup_data(cfg, tokenizer, cfg.stage, runtime, log, read=rows)
     if evals:
         main_log(f"note: stage {cfg.stage} does not score the {len(evals)} held-out prompts during training; the "

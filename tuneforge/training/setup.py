@@ -82,11 +82,13 @@ def compile_note(cfg: TrainConfig, runtime: Runtime) -> str | None:
             f"training.compile off on CPU unless you have measured a gain")
 
 
-def setup_model(cfg: TrainConfig, runtime: Runtime, extend=None):
+def setup_model(cfg: TrainConfig, runtime: Runtime, extend=None, log=None):
     """Load the base model in the compute dtype, apply the method, keep trainable weights in fp32; then the
     distributed engine (DDP, FSDP2) wraps it from outside. `extend`: a stage's addition to the model (rm: a scalar
-    head), `extend(model) -> model`, applied before the wrapping."""
+    head), `extend(model) -> model`, applied before the wrapping. With `log`, the main process logs what is
+    trained (describe_model)."""
     from tuneforge.training.distributed import build_strategy, check_method_supported
+    from tuneforge.training.loop import describe_model
 
     check_method_supported(runtime.engine, cfg.method)
     model, tokenizer, method = build_model(cfg, runtime, runtime.device, extend)
@@ -94,6 +96,8 @@ def setup_model(cfg: TrainConfig, runtime: Runtime, extend=None):
         compile_blocks(model)
     model = build_strategy(cfg, runtime).wrap(model, runtime)
     model.tuneforge_extend = extend  # the FSDP export rebuilds the plain model the same way
+    if log is not None and runtime.is_main:
+        log(describe_model(model, method, tokenizer, cfg))
     return model, tokenizer, method
 
 
@@ -233,13 +237,11 @@ def run_stage(cfg: TrainConfig, data_kind: str, stage, log=print):
     """The whole run of a stage whose only specific part is its `Stage` (the loss): runtime, model + method, data
     (`data_kind`: "pt" or "sft" rendering), train, save. Stages that need more (a reference model, generation)
     call the steps above themselves."""
-    from tuneforge.training.loop import Trainer, describe_model
+    from tuneforge.training.loop import Trainer
 
     runtime = setup_run(cfg, log)
     rows = read_data(cfg)
-    model, tokenizer, method = setup_model(cfg, runtime)
-    if runtime.is_main:
-        log(describe_model(model, method, tokenizer, cfg))
+    model, tokenizer, method = setup_model(cfg, runtime, log=log)
     train, evals, collate = setup_data(cfg, tokenizer, data_kind, runtime, log, read=rows)
     trainer = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log)
     trainer.tokenizer = tokenizer
