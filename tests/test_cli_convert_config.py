@@ -262,3 +262,41 @@ def test_print_to_stdout_without_out(tmp_path, capsys):
     assert cli_main(["convert-config", str(path)]) == 0
     printed = capsys.readouterr().out
     assert load_train_config(None, base=yaml.safe_load(printed)).training.grad_accum == 8
+
+
+def test_a_deepspeed_json_not_copied_yet_still_converts(tmp_path, monkeypatch, capsys):
+    """LLaMA-Factory's examples name `examples/deepspeed/ds_z3_config.json`, a file of its repository: converting
+    elsewhere writes the config (the path kept, a note saying to copy the file), rather than failing to load it."""
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "llama3_full_sft.yaml"
+    source.write_text(yaml.safe_dump({"model_name_or_path": "m", "dataset": "a", "finetuning_type": "full",
+                                      "deepspeed": "examples/deepspeed/ds_z3_config.json"}), encoding="utf-8")
+    assert cli_main(["convert-config", str(source), "--out", "out.yaml"]) == 0
+    training = yaml.safe_load((tmp_path / "out.yaml").read_text(encoding="utf-8"))["training"]
+    assert training["deepspeed"] == "examples/deepspeed/ds_z3_config.json" and training["distributed"] == "deepspeed"
+    assert "ds_z3_config.json does not exist here: copy LLaMA-Factory's JSON" in capsys.readouterr().out
+
+
+def test_a_warmup_steps_below_one_is_a_share():
+    """LLaMA-Factory's galore example has `warmup_steps: 0.1`, which Hugging Face reads as a share of the steps."""
+    conv = convert({"model_name_or_path": "m", "dataset": "a", "warmup_steps": 0.1, "warmup_ratio": 0.05})
+    training = conv.config["training"]
+    assert training["warmup_ratio"] == 0.1 and "warmup_steps" not in training and conv.dropped == []
+    assert any("warmup_steps 0.1" in n for n in conv.notes) and any("warmup_ratio 0.05" in n for n in conv.notes)
+    assert load_train_config(None, base=conv.config).training.warmup_ratio == 0.1
+    assert convert({"model_name_or_path": "m", "dataset": "a", "warmup_steps": 20.0}).config["training"][
+        "warmup_steps"] == 20
+
+
+def test_llamafactory_features_without_equivalent_say_why_once():
+    """galore, badam, llama_pro, ...: the reason and the nearest TuneForge way, on the feature's first key."""
+    conv = convert({"model_name_or_path": "m", "dataset": "a", "finetuning_type": "full", "use_galore": True,
+                    "galore_rank": 128, "galore_target": "mlp,self_attn", "mixture_of_depths": "convert",
+                    "pissa_iter": 16, "resize_vocab": True, "bf16": True, "pure_bf16": True})
+    dropped = dict(d.split(": ", 1) for d in conv.dropped)
+    assert "GaLore" in dropped["use_galore"] and "method: lora" in dropped["use_galore"]
+    assert dropped["galore_rank"] == "128 (see use_galore)" and dropped["galore_target"].endswith("(see use_galore)")
+    assert all("no TuneForge equivalent" not in why for why in dropped.values()), dropped
+    assert "pure_bf16" not in dropped and conv.config["training"]["precision"] == "bf16"
+    pro = convert({"model_name_or_path": "m", "dataset": "a", "finetuning_type": "freeze", "use_llama_pro": True})
+    assert any(d.startswith("use_llama_pro: True (") and "freeze.trainable_modules" in d for d in pro.dropped)

@@ -181,3 +181,29 @@ def test_rows_with_media_are_refused_not_trained_as_text(column, value):
     assert problem({"instruction": "<image>Name it.", "output": "A cat.", "pics": value}, "alpaca",
                    columns={"images": "pics"})[0] == "pics"  # a registry's column mapping names the user's column
     assert example({**row, column: []}, "openai").messages[1]["content"] == "A cat."  # an empty column is no media
+
+
+def test_llamafactory_v1_reasoning_and_tool_call_parts():
+    """LLaMA-Factory v1 rows (its reason_tool_use_demo) give an assistant turn `reasoning` and `tool_call` parts."""
+    ex = example({"messages": [
+        {"role": "user", "content": [{"type": "text", "value": "Weather in Rome?"}]},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "Call the tool. "},
+                                          {"type": "tool_call", "value": '{"name": "w", "arguments": {"c": "Rome"}}'}]},
+        {"role": "tool", "content": [{"type": "text", "value": "sunny"}]},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "It is sunny."},
+                                          {"type": "text", "value": "Sunny."}]}]}, "openai")
+    call, reply = ex.messages[1], ex.messages[3]
+    assert call["tool_calls"] == [{"type": "function", "function": {"name": "w", "arguments": {"c": "Rome"}}}]
+    assert call["content"] == "<think>\nCall the tool.\n</think>\n\n"
+    assert reply == {"role": "assistant", "content": "<think>\nIt is sunny.\n</think>\n\nSunny."}
+
+
+@pytest.mark.parametrize("messages, field, words", [
+    ([{"role": "user", "content": [{"type": "reasoning", "value": "x"}]}], "messages[0].content[0]",
+     "only text parts are supported in a `user` message"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "tool_call", "value": "oops"}]}],
+     "messages[1].content[0].value", "expected {\"type\": \"function\""),
+])
+def test_llamafactory_v1_parts_in_the_wrong_place(messages, field, words):
+    got_field, got_problem = problem({"messages": messages}, "openai")
+    assert got_field == field and words in got_problem, (got_field, got_problem)

@@ -147,3 +147,34 @@ def test_hub_entry_with_the_hub_unreachable_says_it_is_a_hub_dataset(tmp_path, m
     _hub_fails(monkeypatch, reachable=True)
     with pytest.raises(DataError, match=r"loading it from the hub failed \(ConnectionError: no route to host\)"):
         read_spec(DatasetSpec(path="alpaca_en"), registry, None)
+
+
+def test_hub_entries_keep_their_split_and_refuse_a_subset(tmp_path):
+    """LLaMA-Factory's adgen_eval is the `validation` split of a hub dataset; dpo_mix_en the `en` configuration."""
+    path = tmp_path / "dataset_info.json"
+    path.write_text(json.dumps({
+        "adgen_eval": {"hf_hub_url": "HasturOfficial/adgen", "split": "validation",
+                       "columns": {"prompt": "content", "response": "summary"}},
+        "dpo_mix_en": {"hf_hub_url": "llamafactory/DPO-En-Zh-20k", "subset": "en", "ranking": True},
+        "local": {"file_name": "local.json", "split": "train"}}))
+    registry = Registry(path)
+    assert registry.resolve(DatasetSpec(path="adgen_eval")).split == "validation"
+    assert registry.resolve(DatasetSpec(path="adgen_eval", split="test")).split == "test"  # the spec's own wins
+    assert registry.resolve(DatasetSpec(path="local")).split == "train"
+    with pytest.raises(DataError, match=r"entry `dpo_mix_en`.*subset: en.*file_name"):
+        registry.resolve(DatasetSpec(path="dpo_mix_en"))
+
+
+@needs_registry
+def test_llamafactory_v1_reasoning_tool_use_demo():
+    """Its rows have reasoning and tool_call parts; only the conversations that end on a tool call are refused."""
+    path = REGISTRY.parent / "reason_tool_use_demo_50.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    ends_on_call = {i for i, r in enumerate(rows, start=1)
+                    if any(p["type"] == "tool_call" for p in r["messages"][-1]["content"])}
+    report = DataReport()
+    examples = load_examples([DatasetSpec(path=str(path))], None, None, report)
+    assert {int(b.source.rsplit(" ", 1)[1]) for b in report.bad_rows} == ends_on_call
+    assert len(examples) == len(rows) - len(ends_on_call)
+    assert any(m.get("tool_calls") for e in examples for m in e.messages)
+    assert all("<think>" in m["content"] for e in examples for m in e.messages if m["role"] == "assistant")

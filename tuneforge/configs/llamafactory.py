@@ -70,6 +70,27 @@ ALIGN_NO_EQUIVALENT = {
     "reward_model_quantization_bit": "the reward model runs in the training precision.",
     "reward_model_type": "TuneForge reads a reward-model folder written by its own `stage: rm`.",
 }
+# LLaMA-Factory features TuneForge does not implement, by the key (`use_X`) or prefix (`X_`) that names them: why, and
+# the nearest TuneForge way
+FEATURE_NO_EQUIVALENT = {
+    "galore": "GaLore's low-rank gradient projection is not implemented, so this converts to a full fine-tune with "
+              "AdamW, which needs far more optimizer memory. For less memory use `method: lora` or `method: freeze`.",
+    "badam": "BAdam (block-wise Adam) is not implemented, so this converts to a full fine-tune updating every block "
+             "each step, with far more optimizer memory. Nearest: `method: freeze` with freeze.trainable_layers.",
+    "apollo": "APOLLO's low-rank optimizer state is not implemented, so this converts to a full fine-tune with "
+              "AdamW, which needs far more optimizer memory. For less memory use `method: lora` or `method: freeze`.",
+    "adam_mini": "Adam-mini is not implemented; AdamW runs (more optimizer memory).",
+    "muon": "the Muon optimizer is not implemented; AdamW runs.",
+    "mixture_of_depths": "Mixture-of-Depths conversion is not implemented; the model trains as it is.",
+    "llama_pro": "TuneForge's freeze trains the last N blocks (freeze.trainable_layers), not LLaMA Pro's expanded "
+                 "blocks spread through the model (every (layers / N)-th block). To train those, set "
+                 "freeze.trainable_layers: 0 and name them in freeze.trainable_modules, e.g. "
+                 "['re:.*layers\\.(3|7|11)\\..*'].",
+    "pissa_iter": "TuneForge's pissa initialises from PEFT's exact SVD, not the fast randomized one of pissa_iter "
+                  "steps: the same start up to the SVD's precision, slower to set up on big models.",
+    "resize_vocab": "TuneForge resizes the embeddings itself when the tokenizer has more tokens than the model (and "
+                    "saves them with the adapter).",
+}
 # the alignment keys and the LLaMA-Factory stages that read them: in a config of another stage they do nothing
 STAGE_OF = {"pref_beta": ("dpo", "kto"), "pref_ftx": ("dpo", "kto"), "pref_loss": ("dpo",),
             "dpo_label_smoothing": ("dpo",), "simpo_gamma": ("dpo",), "pref_bco_weight": ("dpo",),
@@ -103,6 +124,12 @@ def _split(value) -> list[str]:
     return [str(v).strip() for v in items if str(v).strip()]
 
 
+def _feature(key: str) -> str | None:
+    """The FEATURE_NO_EQUIVALENT entry a key belongs to: `use_galore` and `galore_rank` both name galore."""
+    name = key.removeprefix("use_")
+    return next((f for f in FEATURE_NO_EQUIVALENT if name == f or key.startswith(f + "_")), None)
+
+
 def _put(config: dict, dotted: str, value) -> None:
     node = config
     *parents, last = dotted.split(".")
@@ -132,8 +159,18 @@ class _Converter:
         for key, dotted in RENAMES.items():
             if key in self.lf and key not in self.used:
                 _put(self.config, dotted, self.take(key))
-        dropped = [f"{key}: {self.lf[key]!r} ({self._why(key)})" for key in self.lf if key not in self.used]
-        return Conversion(self.config, dropped, self.notes)
+        return Conversion(self.config, self._dropped(), self.notes)
+
+    def _dropped(self) -> list[str]:
+        """"key: value (why)" for every key not carried over; a feature's other keys point at its first one."""
+        dropped, first_of = [], {}
+        for key in (k for k in self.lf if k not in self.used):
+            feature = _feature(key)
+            why = f"see {first_of[feature]}" if feature in first_of else self._why(key)
+            if feature:
+                first_of.setdefault(feature, key)
+            dropped.append(f"{key}: {self.lf[key]!r} ({why})")
+        return dropped
 
     def _why(self, key: str) -> str:
         stage = self.config["stage"]
@@ -141,6 +178,9 @@ class _Converter:
             return f"only LLaMA-Factory's stage {' and '.join(STAGE_OF[key])} reads it; this config is stage {stage}"
         if key in ALIGN_NO_EQUIVALENT:
             return ALIGN_NO_EQUIVALENT[key]
+        feature = _feature(key)
+        if feature:
+            return FEATURE_NO_EQUIVALENT[feature]
         if key in NO_EQUIVALENT:
             return NO_EQUIVALENT[key]
         if FOREIGN.get(key, ("", ""))[1]:
@@ -289,16 +329,34 @@ class _Converter:
         t["scheduler"] = SCHEDULERS.get(scheduler, "cosine")
         if scheduler not in SCHEDULERS:
             self.notes.append(f"lr_scheduler_type {scheduler}: not available; converted to cosine.")
-        if self.take("bf16", False) or self.take("pure_bf16", False):
+        if self.take("bf16", False) | self.take("pure_bf16", False):  # both taken: either means bf16
             t["precision"] = "bf16"
         elif self.take("fp16", False):
             t["precision"] = "fp16"
         if "adam_beta1" in self.lf or "adam_beta2" in self.lf:
             t["adam_betas"] = [self.take("adam_beta1", 0.9), self.take("adam_beta2", 0.999)]
         t["gradient_checkpointing"] = not self.take("disable_gradient_checkpointing", False)
+        self._warmup(t)
         self._deepspeed(t)
         self._eval_and_resume(t)
         self.config["training"] = {**self.config.get("training", {}), **t}
+
+    def _warmup(self, t: dict) -> None:
+        """Hugging Face reads a `warmup_steps` below 1 as a share of the steps (transformers 5), as LLaMA-Factory's
+        galore example uses it (`warmup_steps: 0.1`); it wins over warmup_ratio, as there."""
+        steps = self.lf.get("warmup_steps")
+        if not isinstance(steps, float):
+            return  # an integer count (or none) carries over as it is (RENAMES)
+        self.take("warmup_steps")
+        if 0 < steps < 1:
+            t["warmup_ratio"] = steps
+            self.notes.append(f"warmup_steps {steps}: a share of the training steps, as Hugging Face reads a value "
+                              f"below 1; converted to training.warmup_ratio {steps}.")
+            if "warmup_ratio" in self.lf:
+                self.notes.append(f"warmup_ratio {self.take('warmup_ratio')} dropped: warmup_steps wins, as in "
+                                  f"Hugging Face.")
+        else:
+            t["warmup_steps"] = round(steps)
 
     def _deepspeed(self, t: dict) -> None:
         """LLaMA-Factory's DeepSpeed JSONs are Hugging Face style ("auto" values, no optimizer section), which
@@ -424,12 +482,16 @@ class _Converter:
 
 
 def loadable(config: dict) -> dict:
-    """The converted config as `load_train_config` can check it now: a PPO reward-model folder that does not exist
-    yet (trained later from the converted rm config) is swapped for a built-in reward; the rest is unchanged."""
+    """The converted config as `load_train_config` can check it now. What exists only where the run will happen is
+    swapped for a stand-in: a PPO reward-model folder not trained yet (from the converted rm config) for a built-in
+    reward, a DeepSpeed JSON not copied here yet for a ZeRO stage (the notes say so); the rest is unchanged."""
     ppo = config.get("ppo")
-    if not ppo or all(Path(name).is_dir() for name in ppo["reward"]):
-        return config
-    return {**config, "ppo": {**ppo, "reward": {"exact_match": 1.0}}}
+    if ppo and not all(Path(name).is_dir() for name in ppo["reward"]):
+        config = {**config, "ppo": {**ppo, "reward": {"exact_match": 1.0}}}
+    ds = config.get("training", {}).get("deepspeed")
+    if isinstance(ds, str) and not Path(ds).is_file():
+        config = {**config, "training": {**config["training"], "deepspeed": 2}}
+    return config
 
 
 def _our_key(name: str) -> str | None:

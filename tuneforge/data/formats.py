@@ -10,7 +10,8 @@ Formats (column names are the defaults; `DatasetSpec.columns` maps our names to 
   observation turn becomes a `tool` message answering it. Optional `system` and `tools` columns.
 - openai: `messages`, a list of {role, content} with roles system/user/assistant/tool (assistant `tool_calls`
   and `tool_call_id` as in the OpenAI API; content may be a list of text parts). Optional `tools` column.
-  LLaMA-Factory's v1 `loss_weight` per message: 0 on an assistant turn masks it (kept as `loss_weight: 0`).
+  LLaMA-Factory's v1 `loss_weight` per message: 0 on an assistant turn masks it (kept as `loss_weight: 0`); its
+  assistant `reasoning` parts go before the reply as `<think>...</think>`, its `tool_call` parts become tool calls.
 - text: `text`, plain text for pre-training.
 - pairwise, kto, typed, prompt: alignment data (preference pairs, KTO rows, ranked typed responses, prompts for
   sampling); see tuneforge/data/preference.py.
@@ -341,7 +342,9 @@ def _openai_message(message: Any, field: str) -> dict:
     role = message.get("role")
     if role not in ROLES:
         raise RowProblem(f"{field}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    out = {"role": role, "content": _content_text(message.get("content"), f"{field}.content")}
+    out = {"role": role, "content": _content_text(message.get("content"), f"{field}.content", role)}
+    if isinstance(out["content"], tuple):  # LLaMA-Factory v1 parts: the reply and its tool calls
+        out["content"], out["tool_calls"] = out["content"]
     if role == "assistant" and message.get("tool_calls"):
         calls = _maybe_json(message["tool_calls"])
         if not isinstance(calls, list):
@@ -371,21 +374,31 @@ def _no_loss(message: dict, role: str, field: str) -> bool:
     return weight == 0
 
 
-def _content_text(content: Any, field: str) -> str:
-    """A string, or the text of a list of parts ({type: text, text|value: ...}); None reads as ''."""
+def _content_text(content: Any, field: str, role: str = "assistant") -> str | tuple[str, list]:
+    """A string, or the text of a list of parts ({type: text, text|value: ...}); None reads as ''. An assistant's
+    LLaMA-Factory v1 parts may also be `reasoning` (written before the reply as `<think>...</think>`, as reasoning
+    templates render it) and `tool_call` (JSON {name, arguments}): then (text, tool calls)."""
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list):
-        texts = []
-        for k, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text"):
-                raise RowProblem(f"{field}[{k}]", f"only text parts are supported, got {_short(part)}")
-            text = part.get("text", part.get("value"))
-            if text is not None and not isinstance(text, str):
-                raise RowProblem(f"{field}[{k}].text", f"expected a string, got {_kind(text)}")
-            texts.append(text or "")
-        return "".join(texts)
-    raise RowProblem(field, f"expected a string, got {_kind(content)}")
+    if not isinstance(content, list):
+        raise RowProblem(field, f"expected a string, got {_kind(content)}")
+    parts: dict[str, list] = {"text": [], "reasoning": [], "tool_call": []}
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in parts or (kind != "text" and role != "assistant"):
+            allowed = "text, reasoning and tool_call parts" if role == "assistant" else "only text parts"
+            raise RowProblem(f"{field}[{k}]", f"{allowed} are supported in a `{role}` message, got {_short(part)}")
+        text = part.get("text", part.get("value"))
+        if text is not None and not isinstance(text, str):
+            raise RowProblem(f"{field}[{k}].{'text' if 'text' in part else 'value'}",
+                             f"expected a string, got {_kind(text)}")
+        parts[kind].append((text or "", f"{field}[{k}]"))
+    text = "".join(t for t, _ in parts["text"])
+    if parts["reasoning"]:
+        text = "<think>\n" + "".join(t for t, _ in parts["reasoning"]).strip() + "\n</think>\n\n" + text
+    if not parts["tool_call"]:
+        return text
+    return text, [_openai_call({"function": _maybe_json(t)}, f"{where}.value") for t, where in parts["tool_call"]]
 
 
 def _openai_call(call: Any, field: str) -> dict:

@@ -10,6 +10,8 @@ sharegpt), `columns` and `tags` (sharegpt role names). LLaMA-Factory's column na
 (prompt -> instruction, query -> input, response -> output); an entry whose only column is `prompt` is plain text
 for pre-training (LLaMA-Factory's c4_demo/wiki_demo). `ranking: true` entries are preference pairs (format
 pairwise; LLaMA-Factory's `chosen`/`rejected` columns); a `kto_tag` column makes an entry KTO data (format kto).
+A hub entry's `split` is read (adgen_eval: validation); a hub entry's `subset` (a dataset configuration) is
+refused with the fix, since the hub reader cannot select it.
 """
 
 from __future__ import annotations
@@ -83,11 +85,12 @@ class Registry:
         if not isinstance(entry, dict):
             raise DataError(f"{where}: expected an object with `file_name` or `hf_hub_url`.")
         fmt, columns = _format_and_columns(entry, where)
+        split = _hub_split(entry, spec.split, where)
         if entry.get("ranking"):
             fmt = "pairwise"
         elif "kto_tag" in columns:
             fmt, columns = "kto", {("label" if k == "kto_tag" else k): v for k, v in columns.items()}
-        return replace(spec, path=self._location(entry, where),
+        return replace(spec, path=self._location(entry, where), split=split,
                        format=spec.format if spec.format != "auto" else fmt,
                        columns={**columns, **spec.columns}, tags={**(entry.get("tags") or {}), **spec.tags})
 
@@ -98,6 +101,20 @@ class Registry:
             return entry["hf_hub_url"]
         raise DataError(f"{where}: needs `file_name` (relative to the registry) or `hf_hub_url`; other sources "
                         f"(ModelScope, scripts) are not supported.")
+
+
+def _hub_split(entry: dict, split: str, where: str) -> str:
+    """The split of a hub entry: the entry's `split` (LLaMA-Factory's adgen_eval reads `validation`) unless the spec
+    names another than the default. An entry's `subset` (a dataset configuration) cannot be passed on: say so
+    rather than read another configuration's rows."""
+    if entry.get("file_name"):
+        return split  # a local file has no splits (LLaMA-Factory reads its only one, train)
+    if entry.get("subset"):
+        raise DataError(f"{where}: the hub dataset `{entry.get('hf_hub_url')}` is read with its configuration "
+                        f"(`subset: {entry['subset']}`), which TuneForge cannot pass on to the hub. Download that "
+                        f"configuration's files and point the entry at them with `file_name`.")
+    default = DatasetSpec.__dataclass_fields__["split"].default
+    return entry.get("split", split) if split == default else split
 
 
 def _format_and_columns(entry: dict, where: str) -> tuple[str, dict]:
