@@ -333,3 +333,23 @@ def test_the_varlen_hook_finds_the_decoder_under_the_reward_model(tiny_qwen2_dir
        sequence_ids=torch.tensor([[0, 0, 0, 1, 1]]))
     handle.remove()
     assert "cu_seq_lens_q" in seen[0]
+
+
+@pytest.mark.parametrize("padding_free", ["never", "always"])
+def test_train_packed_sft_equals_unpacked(tiny_llama_dir, tmp_path, padding_free):
+    """`tuneforge train` with `data.packing: true`: one step over every example, packed into rows, logs the loss of
+    the same examples unpacked in one batch (the first label of each packed example is ignored and no example sees
+    its neighbour), padded and padding-free, with the CPU default `auto` attention."""
+    from tests.test_training import config, train
+    from tuneforge.data.build import build_datasets
+
+    cfg = config(tiny_llama_dir, tmp_path / "probe", "data.packing=true")
+    rows, _, _ = build_datasets(cfg.data, load_tokenizer(cfg.model), "sft")
+    n_examples = sum(len(row.sources) for row in rows)
+    assert len(rows) < n_examples  # really packed
+    runs = {}
+    for packing, batch in (("true", len(rows)), ("false", n_examples)):
+        result = train(tiny_llama_dir, tmp_path / packing, f"data.packing={packing}", f"training.batch_size={batch}",
+                       "training.max_steps=1", "training.grad_accum=1", f"training.padding_free={padding_free}")
+        runs[packing] = result.history[0]["loss"]
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)

@@ -501,8 +501,7 @@ def encode_examples(examples: list, tokenizer, stage: str, data_cfg, template: s
 
 def encode_sft(example: Example, tokenizer, data_cfg, template: str, report: DataReport) -> Encoded:
     if example.messages is None:
-        raise RowProblem("text", "stage sft needs conversations (alpaca, sharegpt or openai rows); this is a "
-                                 "plain-text row, which is for stage pt")
+        raise encode_align.wrong_kind("sft")
     escape = special_tokens_policy(example, tokenizer, data_cfg, report)
     messages = example.messages
     if data_cfg.system and messages[0]["role"] != "system":
@@ -556,8 +555,7 @@ def fit_length(encoded: Encoded, data_cfg, report: DataReport) -> list[Encoded]:
 def encode_pt(example: Example, tokenizer, data_cfg, report: DataReport) -> list[Encoded]:
     """Text + eos (+ bos where the tokenizer adds one) in max_length chunks; labels are the ids."""
     if example.text is None:
-        raise RowProblem("messages", "stage pt trains on plain text (format text, a `text` column or .txt files); "
-                                     "this row is a conversation, which is for stage sft")
+        raise encode_align.wrong_kind("pt")
     max_length = data_cfg.max_length
     escape = special_tokens_policy(example, tokenizer, data_cfg, report)
     ids = tokenize_document(tokenizer, example.text, max_length * CHARS_PER_TOKEN, escape)
@@ -566,15 +564,24 @@ def encode_pt(example: Example, tokenizer, data_cfg, report: DataReport) -> list
         ids.append(eos)
     if len(ids) > max_length:
         report.split_documents.append(example.source)
-    chunks = []
-    for k, start in enumerate(range(0, len(ids), max_length)):
-        piece = ids[start:start + max_length]
+    chunks, starts = [], chunk_starts(len(ids), max_length)
+    for k, (start, end) in enumerate(zip(starts, starts[1:] + [len(ids)])):
+        piece = ids[start:end]
         source = example.source if start == 0 else f"{example.source} (part {k + 1})"
         if len(piece) < 2:  # one token predicts nothing
             report.dropped_no_loss.append(source)
             continue
         chunks.append(Encoded(piece, list(piece), source))
     return chunks
+
+
+def chunk_starts(n: int, max_length: int) -> list[int]:
+    """Where each chunk of a document's n ids starts: every max_length ids, except that a last chunk of one id (its
+    only id is never a target, so it would train nothing: usually the document's eos) takes the id before it."""
+    starts = list(range(0, n, max_length))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts[-1] -= 1
+    return starts
 
 
 def tokenize_document(tokenizer, text: str, window: int, escape: bool = False) -> list[int]:

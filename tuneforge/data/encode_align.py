@@ -128,6 +128,15 @@ def kto_balance(examples: list[EncodedKTO], desirable_weight: float, undesirable
 
 # ---- what each stage accepts ----------------------------------------------------------------------------------
 
+def wrong_kind(stage: str) -> RowProblem:
+    """A conversation given to stage pt, or plain text to stage sft."""
+    if stage == "pt":
+        return RowProblem("messages", "stage pt trains on plain text (format text, a `text` column or .txt files); "
+                                      "this row is a conversation, which is for stage sft")
+    return RowProblem("text", "stage sft needs conversations (alpaca, sharegpt or openai rows); this is a "
+                              "plain-text row, which is for stage pt")
+
+
 def for_stage(example, stage: str, name: str | None = None) -> list:
     """The examples `stage` trains on from one read example; RowProblem, naming the training stage `name` (dpo
     for pairwise) when given, when the row's kind does not fit.
@@ -142,6 +151,8 @@ def for_stage(example, stage: str, name: str | None = None) -> list:
         raise RowProblem("chosen" if is_pair else "label",
                          f"this is alignment data ({'a preference pair' if is_pair else 'a KTO row'}), which stages "
                          f"pt and sft do not train on; use it with rm, dpo or kto")
+    if (stage == "pt" and example.text is None) or (stage == "sft" and example.messages is None):
+        raise wrong_kind(stage)  # said while reading, so a file of the other kind is one error, before the model
     if stage in ("pt", "sft"):
         return [example]
     if stage == "pairwise" and not is_pair:
