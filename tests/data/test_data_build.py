@@ -133,9 +133,11 @@ def test_pretraining_chunks_eos_and_packing_by_default(tmp_path, tokenizer):
 def test_the_size_line_says_how_many_examples_were_packed_into_how_many_rows(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [qa(f"Question {i}?", f"Answer {i}.") for i in range(12)])
     train, evals, report = build_datasets(config([path], max_length=128, packing=True), tokenizer, "sft")
-    assert report.packed == (12, 0, 128) and len(train) < 12
+    tokens = sum(len(row) for row in train)
+    assert report.packed == (12, 0, 128, tokens) and len(train) < 12
+    filled = f"{100 * tokens / (len(train) * 128):.1f}% filled"  # how much of the rows is real tokens, not padding
     assert report.sizes_line(len(train), len(evals)) == (f"12 training examples packed into {len(train)} rows of 128 "
-                                                         f"tokens; 0 evaluation examples")
+                                                         f"tokens, {filled}; 0 evaluation examples")
     train, evals, report = build_datasets(config([path], eval_ratio=0.25), tokenizer, "sft")
     assert report.packed is None and report.sizes_line(len(train), len(evals)) == ("9 training and 3 evaluation "
                                                                                    "examples")

@@ -111,8 +111,9 @@ def build_datasets(data_cfg, tokenizer, stage: str, chat_template: str | None = 
                         f"left after encoding ({report.rows_read} rows read in all, training and evaluation). "
                         + "; ".join(report.lines()[1:]))
     if stage in ("pt", "sft") and (data_cfg.packing if data_cfg.packing is not None else stage == "pt"):
-        report.packed = (len(train), len(evals), data_cfg.max_length)
+        n_train, n_eval = len(train), len(evals)
         train, evals = pack(train, data_cfg.max_length), pack(evals, data_cfg.max_length)
+        report.packed = (n_train, n_eval, data_cfg.max_length, sum(len(row) for row in train))
     return train, evals, report
 
 

@@ -159,7 +159,7 @@ class DataReport:
     special_tokens: list[str] = field(default_factory=list)  # rows whose text spells a special token (kept/escaped)
     no_room: list[str] = field(default_factory=list)  # prompts that leave no room for a reply within max_length
     # (training examples, evaluation examples, max_length) before packing, when they were packed into rows
-    packed: tuple[int, int, int] | None = None
+    packed: tuple[int, int, int, int] | None = None  # examples (train, eval), max_length, tokens in train rows
     notes: list[str] = field(default_factory=list)  # settings that had no effect on this data, said once
     # dataset (as named in data.train / data.eval) -> [rows read, bad rows]; and with data.mix, the rows drawn
     rows_per_dataset: dict[str, list[int]] = field(default_factory=dict)
@@ -203,9 +203,10 @@ class DataReport:
         "examples" from 64 rows would think 45 were lost, so packing names both counts."""
         if self.packed is None:
             return f"{n_train} training and {n_eval} evaluation examples"
-        train, evals, length = self.packed
+        train, evals, length, tokens = self.packed
         held_out = f"{evals} evaluation examples into {n_eval} rows" if evals else "0 evaluation examples"
-        return f"{train} training examples packed into {n_train} rows of {length} tokens; {held_out}"
+        filled = f", {100 * tokens / max(n_train * length, 1):.1f}% filled" if n_train else ""
+        return f"{train} training examples packed into {n_train} rows of {length} tokens{filled}; {held_out}"
 
     def count_row(self, dataset: str, bad: bool) -> None:
         counts = self.rows_per_dataset.setdefault(dataset, [0, 0])
