@@ -36,10 +36,14 @@ Memory model (per GPU, bytes; e = bytes per element of --dtype: 2 for bf16/fp16,
   activations while it is recomputed.
   Blocks below the lowest trainable one (freeze's last N, llama_adapter's top layers) keep nothing: backward
   stops there (`grad_path`).
-- total per GPU: the sum of the rows (with or without checkpointing as chosen). It is an upper bound on the peak:
-  in reality gradients fill up while activations are freed during backward. Not counted: the CUDA context and
-  kernels' workspace (~0.5-1 GB), allocator fragmentation, and the one moment-sized temporary (4 bytes per trainable
-  param) that torch's default foreach AdamW allocates during `step()` (fused AdamW avoids it).
+- total per GPU: the peak of one optimizer step. Weights, master weights and optimizer states stay the whole step;
+  gradients (set to None after each step) fill during backward while the activations are freed, so with
+  --grad-accum 1 the total is weights + master + states + max(activations + the LM head's gradient, gradients +
+  the tied embedding's two accumulation temporaries); with --grad-accum > 1 the gradients of the earlier
+  micro-batches stay through the next one's activations, so it is the sum of the rows (`step_peak`). Not counted:
+  the CUDA context and kernels' workspace (~0.5-1 GB), allocator fragmentation, and the one moment-sized temporary
+  (4 bytes per trainable param) that torch's default foreach AdamW allocates during `step()` (fused AdamW, which
+  TuneForge uses, avoids it).
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ class EstimateArgs:
     offload: Literal["none", "optimizer", "all"] = opt(
         "none", "As `training.deepspeed_offload`: optimizer keeps the master weights and optimizer states in CPU "
                 "memory (0 on the GPU; their CPU size goes in the notes), all the weights too (ZeRO-3 only).")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step (training.grad_accum). Above 1 the gradients stay "
+                              "while the next micro-batch's activations are built, so the total adds them.")
     gradient_checkpointing: bool = opt(False, "Count activations with gradient checkpointing in the total (both "
                                               "variants are always shown).")
     lora_rank: int = opt(8, "LoRA rank r (LoRA family and QLoRA).")
@@ -281,8 +287,9 @@ def layer_activation_bytes(shape: ModelShape, e: int, trains: bool) -> int:
     Against the paper's 34*s*b*h (LayerNorm inputs 4, attention 11, MLP 19, in 16-bit): RMSNorm keeps fp32
     internals, SwiGLU has one more I-wide tensor than GeLU, there are no dropout masks, and flash attention saves
     its output and logsumexp instead of the s*s probabilities (`eager_attention_bytes` adds those back).
-    Checked against torch.cuda's peak on an H100 (full/LoRA, bf16/fp32, with/without checkpointing, sdpa/eager):
-    within 2% (tests/test_estimate.py, `pytest -m gpu`)."""
+    Measured in fp32 on CPU (full and LoRA, saved bytes from torch.profiler's allocation events): within 7% of
+    what the blocks hold (bench/bench_estimate_cpu.py). Not yet measured on a GPU (`pytest -m gpu` holds the check
+    that would: tests/test_estimate.py)."""
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     if trains:
         return 2 * (4 + 2 * e) * h + e * (3 * q + 2 * kv) + 4 * e * i + 4 * shape.heads
@@ -296,11 +303,15 @@ def eager_attention_bytes(shape: ModelShape, e: int, seq: int) -> int:
 
 
 def logits_bytes(shape: ModelShape, e: int) -> tuple[int, int]:
-    """Per token: (held, backward). Held from the forward into backward: the logits in the compute dtype (kept by the
-    model output) and the fp32 log-probabilities cross-entropy saves, V*(e + 4). Added at the start of backward: the
-    two fp32 gradients of that size that exist at once in log_softmax's backward, 8V. (Korthikanti et al. count 4V
-    for fp32 logits only.) Measured on an H100: the peak is exactly forward + 8V per token, in every dtype."""
-    return shape.vocab * (e + 4), shape.vocab * 8
+    """Per token: (held, backward). Held from the loss into backward: only the fp32 log-probabilities cross-entropy
+    saves, 4V. The logits themselves (e*V, the model output) die when the loss has been computed: TuneForge's
+    `Stage.loss` returns the loss alone (so does Hugging Face's Trainer), and neither log_softmax nor the fp32 cast
+    saves its input. Added in backward: the two fp32 gradients of that size that exist at once in log_softmax's
+    backward, 8V. The forward's own moment in the loss (logits + their fp32 copy + the log-probabilities, (e + 8)V
+    at most) stays under that 12V in every dtype. (Korthikanti et al. count 4V for fp32 logits only.) Measured on
+    CPU with torch.profiler's allocation events (tests/test_estimate.py; bench/bench_estimate_cpu.py): the loss adds
+    12V per token above the blocks in fp32; the same autograd graph runs on GPUs, not yet measured there."""
+    return shape.vocab * 4, shape.vocab * 8
 
 
 def method_extra_bytes(shape: ModelShape, method: str, args: EstimateArgs, e: int) -> int:
@@ -325,12 +336,13 @@ def method_extra_bytes(shape: ModelShape, method: str, args: EstimateArgs, e: in
 
 
 def activation_bytes(shape: ModelShape, method: str, args: EstimateArgs, checkpointing: bool) -> float:
-    """Peak activation memory of one micro-batch (T tokens): blocks, final norm and logits.
+    """Peak activation memory of one micro-batch (T tokens): blocks, final norm and the loss over the logits.
 
-    Without checkpointing the peak is at the start of backward: T * (sum of blocks + final norm + V*(e + 12)).
-    With checkpointing, forward keeps each block's input (e*h per token) and the logits; backward first peaks in the
-    loss (final norm + V*(e + 12)), then while one block is recomputed (its full activations + the e*V logits still
-    held): T * (layers*e*h + e*V + max(final norm + 12V, largest block)). Both checked against torch.cuda's peak."""
+    Without checkpointing the peak is at the start of backward: T * (sum of blocks + final norm + 12V).
+    With checkpointing, forward keeps each block's input (e*h per token); backward first peaks in the loss (final
+    norm + 12V), then while one block is recomputed (its full activations; nothing vocabulary-sized is left by then):
+    T * (layers*e*h + max(final norm + 12V, largest block)). Both measured on CPU against torch.profiler's
+    allocation events (bench/bench_estimate_cpu.py, tests/test_estimate.py); not yet measured on a GPU."""
     e = DTYPE_BYTES[args.dtype]
     seq = args.seq_len + (args.num_virtual_tokens if method in PROMPT_INPUT_METHODS else 0)
     tokens = args.batch_size * seq
@@ -338,11 +350,10 @@ def activation_bytes(shape: ModelShape, method: str, args: EstimateArgs, checkpo
     path = sum(grad_path(shape, method, args))
     final_norm = (4 + 2 * e if method == "full" else 4) * shape.hidden
     held, backward = logits_bytes(shape, e)
+    loss_phase = final_norm + held + backward
     if not checkpointing:
-        return float(tokens * (sum(blocks) + final_norm + held + backward))
-    logits_held = e * shape.vocab  # the log-probabilities are freed once the loss has been differentiated
-    loss_phase = final_norm + held - logits_held + backward
-    return float(tokens * (path * e * shape.hidden + logits_held + max(loss_phase, max(blocks))))
+        return float(tokens * (sum(blocks) + loss_phase))
+    return float(tokens * (path * e * shape.hidden + max(loss_phase, max(blocks))))
 
 
 def grad_path(shape: ModelShape, method: str, args: EstimateArgs) -> list[bool]:
@@ -429,9 +440,25 @@ def column(shape: ModelShape, method: str, args: EstimateArgs) -> Column:
                  optimizer_unsharded=master + states)
     if args.offload != "none":
         offload(col, args.offload)
-    act = col.activations_checkpointed if args.gradient_checkpointing else col.activations
-    col.total = col.before_activations + act
+    col.total = step_peak(shape, method, args, col)
     return col
+
+
+def step_peak(shape: ModelShape, method: str, args: EstimateArgs, col: Column) -> float:
+    """Per GPU, the peak of one optimizer step. The loop sets gradients to None after each step, so with one
+    micro-batch they appear only during backward, as the activations are freed: the peak is at the start of
+    backward (activations; for methods that train the LM head, its gradient, created first, rides along) or at its
+    end (every gradient). A tied embedding gets its gradient twice, from the LM head and from the embedding: at the
+    end, the embedding's dense gradient and the sum of the two exist beside the first (2*V*h more, measured). With
+    gradient accumulation the gradients of the earlier micro-batches stay: the sum of the rows."""
+    act = col.activations_checkpointed if args.gradient_checkpointing else col.activations
+    if args.grad_accum > 1:
+        return col.before_activations + act
+    shard = col.gradients / col.gradients_unsharded if col.gradients_unsharded else 0.0  # ZeRO-2/3 share
+    e = DTYPE_BYTES[args.dtype]
+    head = shape.vocab * shape.hidden * e * shard if method == "full" else 0.0
+    tied = 2 * head if shape.tied_embeddings else 0.0
+    return col.weights + col.master_weights + col.optimizer_states + max(act + head, col.gradients + tied)
 
 
 def offload(col: Column, what: str) -> None:
@@ -456,7 +483,8 @@ def parse_methods(args: EstimateArgs) -> list[str]:
 
 def validate(args: EstimateArgs, shape: ModelShape) -> list[str]:
     """Raise UserError for impossible settings; return notes for legal but pointless ones."""
-    for key in ("batch_size", "seq_len", "lora_rank", "num_virtual_tokens", "adapter_bottleneck", "llama_adapter_len"):
+    for key in ("batch_size", "seq_len", "grad_accum", "lora_rank", "num_virtual_tokens", "adapter_bottleneck",
+                "llama_adapter_len"):
         if getattr(args, key) < 1:
             raise UserError(f"`--{key.replace('_', '-')}` must be at least 1, got {getattr(args, key)}.")
     if args.gpus < 1:
@@ -629,7 +657,8 @@ def render_table(report: Report) -> str:
     lines += [f"{label:<{label_w}}" + "".join(f"{v:>{col_w}}" for v in values) for label, values in rows]
     if report.notes:
         lines += ["", "notes:"] + [f"  - {n}" for n in report.notes]
-    lines.append("  - total = sum of the rows: an upper bound (gradients fill while activations are freed); add "
+    lines.append("  - total = weights + master weights + optimizer states + the larger of activations and gradients "
+                 "(gradients fill as activations are freed; with --grad-accum > 1 the sum of the rows); add "
                  "~0.5-1 GB for the CUDA context.")
     return "\n".join(lines)
 
