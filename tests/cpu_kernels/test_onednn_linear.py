@@ -83,6 +83,26 @@ def test_only_needed_gradients_are_computed():
     assert calls == [] and layer.bias.grad is not None and layer.weight.grad is None
 
 
+def test_a_frozen_layer_keeps_no_copy_of_its_input_for_the_backward():
+    """Only the weight's gradient reads the input: a frozen layer saves the weight alone (an activation per frozen
+    layer was kept for nothing: LoRA on q/v leaves o_proj, the MLP and lm_head frozen)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(4, 16, requires_grad=True)
+    for frozen in (True, False):
+        layer = torch.nn.Linear(16, 8, bias=False)
+        layer.weight.requires_grad_(not frozen)
+        saved.clear()
+        with onednn_linears("cpu"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x).sum().backward()
+        assert any(t.data_ptr() == x.data_ptr() for t in saved) == (not frozen)
+        assert x.grad is not None
+
+
 def test_leaves_other_dtypes_subclasses_and_autocast_alone():
     layer = torch.nn.Linear(8, 4)
     x = torch.randn(2, 8)

@@ -71,7 +71,9 @@ class OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x2d, weight)
+        # the input is kept only for the weight's gradient: a frozen layer (LoRA's untargeted o_proj, down_proj)
+        # would otherwise hold an activation per layer that nothing reads
+        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
         return _onednn(x2d, weight, bias)
 
