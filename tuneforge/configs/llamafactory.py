@@ -265,7 +265,9 @@ class _Converter:
         template = self.take("template")
         if template:
             self.notes.append(f"template {template}: TuneForge renders with the tokenizer's own chat template (the "
-                              f"one the model was trained with); set model.chat_template to override it.")
+                              f"one the model was trained with); set model.chat_template to override it (a .jinja "
+                              f"file, or TuneForge's own chatml, llama3, qwen or default: these are not LLaMA-Factory's "
+                              f"templates of those names, e.g. its `default` is another layout).")
         self.config.setdefault("model", {})
 
     def _data(self) -> None:
