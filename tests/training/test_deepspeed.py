@@ -231,6 +231,23 @@ def test_user_json_is_checked_before_the_model_loads(tmp_path, tiny_llama_dir, m
     with pytest.raises(UserError, match="gradient_accumulation_steps to 5, but this run has 2"):
         check_deepspeed(cfg, Runtime(device=torch.device("cpu"), dtype=torch.float32))
 
+def test_a_scheduler_without_warmup_type_is_said_to_warm_up_linearly(tmp_path, tiny_llama_dir, monkeypatch):
+    """DeepSpeed's WarmupLR defaults to a log-shaped warmup; TuneForge runs its linear one: said when there is one."""
+    from tuneforge.training.distributed import check_deepspeed
+    from tuneforge.training.runtime import Runtime
+
+    monkeypatch.setattr(dz, "import_deepspeed", lambda device: None)
+    runtime = Runtime(device=torch.device("cpu"), dtype=torch.float32)
+    user = hf_style_json(tmp_path)  # WarmupLR, every value "auto", no warmup_type (Hugging Face's example files)
+    warm = config(tiny_llama_dir, tmp_path / "out", *DS, f"training.deepspeed={user}", "training.scheduler=constant",
+                  "training.warmup_steps=3")
+    notes = check_deepspeed(warm, runtime)
+    assert len(notes) == 1 and "no warmup_type" in notes[0] and "linear warmup" in notes[0]
+    cold = config(tiny_llama_dir, tmp_path / "out", *DS, f"training.deepspeed={user}", "training.scheduler=constant",
+                  "training.warmup_steps=0", "training.warmup_ratio=0")
+    assert check_deepspeed(cold, runtime) == []  # no warmup: nothing differs
+
+
 def test_missing_deepspeed_package_is_a_clear_error(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` sees when it is not installed
     with pytest.raises(UserError, match=r"needs the DeepSpeed package.*pip install 'tuneforge\[deepspeed\]'"):

@@ -142,6 +142,19 @@ def _check_scheduler(section, t, path) -> None:
     _check_params(section, ours, path, "scheduler")
 
 
+def warmup_note(path: str, t) -> str | None:
+    """A scheduler section without `warmup_type` would make DeepSpeed warm up log-shaped (its default); TuneForge
+    runs its own linear warmup. Said when the run warms up at all (Hugging Face's example files leave it out)."""
+    section = json.loads(Path(path).read_text(encoding="utf-8")).get("scheduler")  # read and checked already
+    if not isinstance(section, dict) or "warmup_type" in section.get("params", {}):
+        return None
+    if t.warmup_steps <= 0 and t.warmup_ratio <= 0:
+        return None
+    return (f"note: training.deepspeed: {path}'s {section.get('type')} sets no warmup_type, so DeepSpeed alone "
+            f"would warm up log-shaped (its default); TuneForge runs its own linear warmup (training.warmup_*) "
+            f"instead. Add \"warmup_type\": \"linear\" to the file's scheduler params to make it say what runs.")
+
+
 def _check_params(section: dict, ours: dict, path, name: str) -> None:
     params = section.get("params", {})
     if not isinstance(params, dict):

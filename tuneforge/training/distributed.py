@@ -205,14 +205,18 @@ def load_into_plain(trained: dict, build_plain):
     return plain
 
 
-def check_deepspeed(cfg, runtime: Runtime) -> None:
+def check_deepspeed(cfg, runtime: Runtime) -> list[str]:
     """Before the model loads: DeepSpeed is installed (it picks the run's device as its accelerator) and a user's
-    DeepSpeed JSON reads and agrees with training.* (its bucket sizes are filled later, from the model)."""
-    from tuneforge.training.deepspeed_zero import DeepSpeedStrategy, import_deepspeed, load_user_config
+    DeepSpeed JSON reads and agrees with training.* (its bucket sizes are filled later, from the model). Returns
+    notes on what runs differently from what the file would make DeepSpeed do."""
+    from tuneforge.training.deepspeed_zero import DeepSpeedStrategy, import_deepspeed, load_user_config, warmup_note
 
     import_deepspeed(runtime.device)
-    if DeepSpeedStrategy(cfg).is_user_file:
-        load_user_config(cfg.training.deepspeed, cfg.training, runtime.world_size, hidden_size=1)
+    if not DeepSpeedStrategy(cfg).is_user_file:
+        return []
+    load_user_config(cfg.training.deepspeed, cfg.training, runtime.world_size, hidden_size=1)
+    note = warmup_note(cfg.training.deepspeed, cfg.training)
+    return [note] if note else []
 
 
 def build_strategy(cfg, runtime: Runtime) -> Strategy:

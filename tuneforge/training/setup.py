@@ -27,10 +27,11 @@ from tuneforge.training.runtime import Runtime, seed_everything, setup_runtime
 def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     """Runtime and seeds, and the output_dir check (nothing is written there until training starts)."""
     runtime = setup_runtime(cfg.training.device, cfg.training.precision, cfg.training.distributed)
+    notes = []
     if runtime.engine == "deepspeed":
         from tuneforge.training.distributed import check_deepspeed
 
-        check_deepspeed(cfg, runtime)
+        notes += check_deepspeed(cfg, runtime)
     # every rank checks, after the process group is up: no rank can have started writing the folder yet
     check_output_dir(cfg)
     resume_from = find_resume(cfg.training.resume, Path(cfg.output_dir))
@@ -50,9 +51,9 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
         if runtime.engine == "fsdp" and t.fsdp_cpu_offload and runtime.device.type == "cpu":
             log("note: training.fsdp_cpu_offload: this run trains on the CPU, where the shards already are; nothing "
                 "to offload (the setting applies on GPUs)")
-        note = compile_note(cfg, runtime)
-        if note:
-            log(note)
+        for note in [*notes, compile_note(cfg, runtime)]:
+            if note:
+                log(note)
         ignored = getattr(cfg, "ignored_sections", [])
         if ignored:
             log(f"note: method {cfg.method} reads none of the options under {', '.join(f'`{s}:`' for s in ignored)}: "
