@@ -303,9 +303,9 @@ def absolute_template_path(template: str | None) -> str | None:
     """A relative .jinja path made absolute (from the working directory, where it is read): the run's
     tuneforge_config.yaml records it, and chat, serve, export and a re-run read it from other directories. Built-in
     names, Jinja source and paths that do not exist (an error when the tokenizer loads) stay as they are."""
-    from tuneforge.data.templates import BUILTIN_TEMPLATES
+    from tuneforge.data.templates import names_a_file
 
-    if not template or template in BUILTIN_TEMPLATES or "{%" in template or "{{" in template:
+    if not template or not names_a_file(template):
         return template
     path = Path(template).expanduser()
     return str(path.resolve()) if not path.is_absolute() and path.is_file() else template

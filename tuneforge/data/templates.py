@@ -114,10 +114,20 @@ def fallback_template_name(tokenizer) -> str:
     return "default"
 
 
+def is_jinja_source(override: str) -> bool:
+    """A `model.chat_template` value that is the template's Jinja text itself."""
+    return "{%" in override or "{{" in override
+
+
+def names_a_file(override: str) -> bool:
+    """A `model.chat_template` value that is a path (neither a built-in name nor Jinja source)."""
+    return override not in BUILTIN_TEMPLATES and not is_jinja_source(override)
+
+
 def _template_from_override(override: str) -> str:
     if override in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[override]
-    if "{%" in override or "{{" in override:
+    if is_jinja_source(override):
         return override  # the Jinja source itself
     path = Path(override).expanduser()
     if path.is_file():

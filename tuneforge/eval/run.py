@@ -243,11 +243,10 @@ def check_paths(cfg: EvalConfig) -> None:
 def check_chat_template(entry: ModelEntry) -> None:
     """A `chat_template` that is no built-in name, no Jinja source and no file: the loader would say so only when
     this model's turn comes, after every model before it."""
-    from tuneforge.data.templates import BUILTIN_TEMPLATES
+    from tuneforge.data.templates import BUILTIN_TEMPLATES, names_a_file
 
     template = entry.chat_template
-    if not template or template in BUILTIN_TEMPLATES or "{%" in template or "{{" in template \
-            or Path(template).expanduser().is_file():
+    if not template or not names_a_file(template) or Path(template).expanduser().is_file():
         return
     hint = (f" (a relative path counts from the current folder, {Path.cwd()})" if template.endswith(".jinja")
             else did_you_mean(template, BUILTIN_TEMPLATES))

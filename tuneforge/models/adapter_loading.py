@@ -198,8 +198,10 @@ def trained_template(folder: Path) -> str | None:
     """The `model.chat_template` override recorded in the run's tuneforge_config.yaml (None without one), in a form
     that works from any directory: a .jinja path becomes the template text the run saved with its tokenizer, as a
     relative path counts from where training ran and the run folder may have been moved or copied since."""
+    from tuneforge.data.templates import names_a_file
+
     recorded = recorded_template(folder)
-    if not recorded or not _is_template_path(recorded):
+    if not recorded or not names_a_file(recorded):
         return recorded  # a built-in name or the Jinja source itself
     saved = saved_template(folder)
     if saved:
@@ -222,14 +224,6 @@ def recorded_template(folder: Path) -> str | None:
         return (config.get("model") or {}).get("chat_template")
     except (OSError, yaml.YAMLError, AttributeError):
         return None
-
-
-def _is_template_path(override: str) -> bool:
-    """A `model.chat_template` value that names a file (not a built-in name, not Jinja source): data/templates.py's
-    reading of it."""
-    from tuneforge.data.templates import BUILTIN_TEMPLATES
-
-    return override not in BUILTIN_TEMPLATES and "{%" not in override and "{{" not in override
 
 
 def saved_template(folder: Path) -> str | None:

@@ -55,13 +55,14 @@ class ServedModels:
 
     def template_notes(self) -> list[str]:
         """One line per adapter served with its own trained template (printed at start)."""
+        from tuneforge.data.templates import is_jinja_source
         from tuneforge.models.adapter_loading import recorded_template
 
         notes = []
         for name in self.templates:
             folder = Path(self.adapters[name]).expanduser()
             recorded = recorded_template(folder) or ""
-            shown = recorded if "{%" not in recorded and "{{" not in recorded else "Jinja source"
+            shown = "Jinja source" if is_jinja_source(recorded) else recorded
             others = "" if self.built_in else f"; `{self.base_id}` and adapters without one keep the model's own"
             notes.append(f"note: adapter `{name}` was trained with the chat template `{shown}` (model.chat_template "
                          f"in {folder / 'tuneforge_config.yaml'}): its requests are rendered with it{others}. "
