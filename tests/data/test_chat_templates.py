@@ -158,6 +158,49 @@ def test_tool_calls_with_native_templates(name):
     assert reply == ("It is sunny in Paris." + EXPECTED_END[name][1]).strip()
 
 
+def without_ids(messages: list[dict]) -> list[dict]:
+    return [{**{k: v for k, v in m.items() if k != "tool_call_id"},
+             **({"tool_calls": [{k: v for k, v in c.items() if k != "id"} for c in m["tool_calls"]]}
+                if m.get("tool_calls") else {})} for m in messages]
+
+
+@needs_templates
+@pytest.mark.parametrize("name", ["mistral-7b-instruct-v0.3", "mistral-nemo-instruct-2407"])
+@pytest.mark.parametrize("ids", ["none", "openai"])
+def test_mistral_tool_calls_get_ids_the_template_accepts(name, ids):
+    """Mistral's templates write each call's id and the result's tool_call_id, and refuse a conversation without
+    them (Nemo: 9 letters or digits). sharegpt/glaive rows carry no ids, OpenAI clients send `call_...` ones: both
+    used to be refused (or, through the fallback, render the result as a user turn)."""
+    tokenizer = tokenizer_for(name)
+    conversation = without_ids(TOOL_CONVERSATION)
+    if ids == "openai":
+        conversation[1]["tool_calls"][0]["id"] = conversation[2]["tool_call_id"] = "call_Ab12Cd34Ef56Gh78"
+    encoded = encode_chat(tokenizer, conversation, tools=TOOLS)
+    text = tokenizer.decode(encoded.input_ids)
+    call_id = re.search(r'"id": "(\w+)"', text).group(1)
+    if ids == "openai" and name == "mistral-7b-instruct-v0.3":  # v0.3 takes any id: the client's is kept
+        assert call_id == "call_Ab12Cd34Ef56Gh78"
+    else:
+        assert len(call_id) == 9 and call_id.isalnum()
+    assert text.count(call_id) == 2  # the call and the result that answers it
+    assert "[TOOL_RESULTS]" in text and "[INST]" not in text.split("[TOOL_RESULTS]", 1)[1]  # not a user turn
+    assert encode_chat(tokenizer, conversation, tools=TOOLS).input_ids == encoded.input_ids  # reproducible
+
+
+@needs_templates
+@pytest.mark.parametrize("name", ["qwen2.5-instruct", "qwen3", "llama-3.1-instruct", "mistral-7b-instruct-v0.3",
+                                  "mistral-nemo-instruct-2407", "chatml-openhermes", "gemma-2-it"])
+def test_a_conversation_may_end_on_a_tool_call(name):
+    """LLaMA-Factory trains rows that end on a function_call (a model learning when to call a tool): the call is
+    the last trained turn, ended as the template ends a turn."""
+    tokenizer = tokenizer_for(name)
+    encoded = encode_chat(tokenizer, without_ids(TOOL_CONVERSATION[:2]), tools=TOOLS)
+    *_, call = [s.strip() for s in labelled_segments(encoded, tokenizer)]
+    assert "get_weather" in call and "Paris" in call
+    assert "What is the weather" not in call
+    assert tokenizer.decode(encoded.input_ids).rstrip().endswith(call)
+
+
 @needs_templates
 def test_tool_calls_become_text_for_templates_without_tool_support():
     tokenizer = tokenizer_for("chatml-openhermes")

@@ -64,6 +64,15 @@ def test_sharegpt_with_tools_function_calls_and_observations():
     assert ex.tools == [{"type": "function", "function": json.loads(tools)[0]}]
 
 
+def test_sharegpt_ending_on_a_function_call_is_read():
+    """LLaMA-Factory trains such rows (the call is the target); they used to be refused as bad rows."""
+    ex = example({"conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'}]}, "sharegpt")
+    assert ex.messages[-1]["role"] == "assistant"
+    assert ex.messages[-1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
 def test_sharegpt_custom_tags():
     tags = {"role_tag": "role", "content_tag": "text", "user_tag": "q", "assistant_tag": "a"}
     ex = example({"chat": [{"role": "q", "text": "Hi"}, {"role": "a", "text": "Hello"}]}, "sharegpt",
@@ -85,6 +94,9 @@ def test_sharegpt_custom_tags():
      "conversations[1].value", "function call must be JSON"),
     ([{"from": "human", "value": "Hi"}, {"from": "observation", "value": "42"}], "conversations[1]",
      "cannot follow a `user` turn"),
+    ([{"from": "human", "value": "Hi"}, {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
+      {"from": "observation", "value": "42"}], "conversations", "ends with a `tool` turn; it must end with the "
+                                                                 "assistant's reply or tool call"),
     ([], "conversations", "empty conversation"),
 ])
 def test_sharegpt_bad_rows(turns, field, words):

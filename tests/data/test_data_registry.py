@@ -167,14 +167,15 @@ def test_hub_entries_keep_their_split_and_refuse_a_subset(tmp_path):
 
 @needs_registry
 def test_llamafactory_v1_reasoning_tool_use_demo():
-    """Its rows have reasoning and tool_call parts; only the conversations that end on a tool call are refused."""
+    """Its rows have reasoning and tool_call parts; every row reads, those that end on a tool call too (the call is
+    the last trained turn, as LLaMA-Factory trains it)."""
     path = REGISTRY.parent / "reason_tool_use_demo_50.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     ends_on_call = {i for i, r in enumerate(rows, start=1)
                     if any(p["type"] == "tool_call" for p in r["messages"][-1]["content"])}
     report = DataReport()
     examples = load_examples([DatasetSpec(path=str(path))], None, None, report)
-    assert {int(b.source.rsplit(" ", 1)[1]) for b in report.bad_rows} == ends_on_call
-    assert len(examples) == len(rows) - len(ends_on_call)
+    assert not report.bad_rows and len(examples) == len(rows) and ends_on_call
+    assert {i for i, e in enumerate(examples, start=1) if e.messages[-1].get("tool_calls")} == ends_on_call
     assert any(m.get("tool_calls") for e in examples for m in e.messages)
     assert all("<think>" in m["content"] for e in examples for m in e.messages if m["role"] == "assistant")

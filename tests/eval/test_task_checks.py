@@ -110,3 +110,14 @@ def test_a_relative_chat_template_is_absolute_and_checked_before_any_model_loads
     (tmp_path / "eval.yaml").write_text(json.dumps(config))
     assert main(["eval", "eval.yaml"]) == 2
     assert "Did you mean `chatml`?" in capsys.readouterr().err
+
+
+def test_a_data_task_row_ending_on_a_tool_call_is_named(tmp_path):
+    """Such a row trains (the call is its target), but a data: task has no text reply to score it against: it used
+    to be scored against an empty reference."""
+    row = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}]}
+    (tmp_path / "calls.jsonl").write_text(json.dumps(row) + "\n")
+    task = f"data:{tmp_path / 'calls.jsonl'}"
+    assert re.search(r"calls.jsonl.*1.*ends on a tool call.*scores text replies", _problems([task]))

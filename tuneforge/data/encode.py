@@ -33,6 +33,7 @@ special token (`<|im_end|>` in a reply) as plain text instead of as that token.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -284,7 +285,9 @@ def render(tokenizer, template: str, messages: list[dict], tools=None, add_gener
 def adapt_to_template(tokenizer, messages: list[dict], tools: list | None,
                       template: str) -> tuple[list[dict], list | None]:
     """Tool calls (and tool schemas) as text, and tool results as user turns, for templates that do not know them;
-    everything else unchanged."""
+    ids for tool calls where the template writes them (Mistral); everything else unchanged."""
+    if "tool_call_id" in template and any(m.get("tool_calls") for m in messages):
+        messages = with_tool_call_ids(messages, nine_chars="length != 9" in template)
     if "tool_calls" not in template and any(m.get("tool_calls") for m in messages):
         messages = [_tool_calls_as_text(m) if m.get("tool_calls") else m for m in messages]
         _warn_once("tool_calls", "The chat template has no tool-call support; tool calls are written into the "
@@ -299,6 +302,33 @@ def adapt_to_template(tokenizer, messages: list[dict], tools: list | None,
         _warn_once("tools", "The chat template does not render tool schemas; they are added to the system prompt.")
         tools = None
     return messages, tools
+
+
+def with_tool_call_ids(messages: list[dict], nine_chars: bool = False) -> list[dict]:
+    """Tool calls without an `id`, and the results that answer them, given one. Mistral's templates write both and
+    refuse a conversation without them; datasets in the sharegpt/glaive layout carry none. An id is a hash of the
+    conversation up to the call, so an encoding is reproducible; results without `tool_call_id` answer the open
+    calls in order, as the formats pair them. `nine_chars` (Mistral Nemo: 9 letters or digits, as mistral-common
+    makes them) also maps other ids, such as OpenAI's `call_...`, to 9 characters, the same on call and result."""
+    def fit(call_id: str) -> str:
+        ok = not nine_chars or (len(call_id) == 9 and call_id.isalnum())
+        return call_id if ok else hashlib.sha1(call_id.encode()).hexdigest()[:9]
+
+    out, open_ids = [], []
+    for i, m in enumerate(messages):
+        if m.get("tool_calls"):
+            calls = []
+            for k, call in enumerate(m["tool_calls"]):
+                seed = json.dumps([messages[:i], k], sort_keys=True, ensure_ascii=False, default=str)
+                call_id = str(call["id"]) if call.get("id") else hashlib.sha1(seed.encode()).hexdigest()[:9]
+                calls.append({**call, "id": fit(call_id)})
+            m, open_ids = {**m, "tool_calls": calls}, [c["id"] for c in calls]
+        elif m["role"] == "tool" and m.get("tool_call_id"):
+            m = {**m, "tool_call_id": fit(str(m["tool_call_id"]))}
+        elif m["role"] == "tool" and open_ids:
+            m = {**m, "tool_call_id": open_ids.pop(0)}
+        out.append(m)
+    return out
 
 
 def _tool_calls_as_text(message: dict) -> dict:

@@ -20,7 +20,7 @@ Formats (column names are the defaults; `DatasetSpec.columns` maps our names to 
 Rows with media (non-empty `images`, `videos`, `audios`) are refused: text only.
 List-valued cells may also hold JSON text (CSV files, LLaMA-Factory's `tools` column). Every conversation is
 checked by `validate_conversation`: known roles, non-empty contents, a system message only first, turns that
-alternate user -> assistant (tool results after a tool call) and a final assistant reply.
+alternate user -> assistant (tool results after a tool call) and a final assistant reply or tool call.
 """
 
 from __future__ import annotations
@@ -441,9 +441,9 @@ def validate_conversation(messages: list[dict], field: str) -> None:
         if kind != "call" and not m["content"].strip():
             raise RowProblem(where, f"empty `{m['role']}` content")
         state = kind
-    if state != "assistant":
+    if state not in ("assistant", "call"):  # ending on a tool call trains the call (LLaMA-Factory does too)
         raise RowProblem(field, f"the conversation ends with {_describe(state)}; it must end with the assistant's "
-                                f"reply")
+                                f"reply or tool call")
 
 
 def _describe(state: str) -> str:

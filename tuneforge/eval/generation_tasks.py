@@ -162,6 +162,10 @@ def task_items(path: str, limit: int | None = None, fmt: str = "auto", need_refe
         if isinstance(ex, PairExample):
             messages = ex.prompt
             reference = next((m.get("content") for m in ex.chosen if m.get("role") == "assistant"), None)
+        elif ex.messages and ex.messages[-1].get("tool_calls"):
+            raise DataError(f"{ex.source}: the conversation ends on a tool call, and data:{path} scores text replies "
+                            f"against a reference. Give rows that end with the assistant's text reply (a tool call "
+                            f"trains, but there is no text to score).")
         elif ex.messages and ex.messages[-1]["role"] == "assistant":
             messages = ex.messages[:-1]
             reference = ex.messages[-1]["content"] if ex.label is not False else None  # not an undesirable reply
