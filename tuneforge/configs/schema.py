@@ -431,7 +431,7 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
     if t.eval_suite and (cfg.stage not in ("pt", "sft") or not t.eval_steps):
         problems.append("`training.eval_suite` runs at eval steps of stages pt and sft: set `training.eval_steps` "
                         "(and use stage pt or sft), or evaluate the saved model with `tuneforge eval`.")
-    if t.eval_suite:  # its tasks' files too, read now: at the first eval step they could fail hours in
+    if t.eval_suite:  # its keys and settings now; its task files as training starts (setup_run)
         from tuneforge.eval.during_training import suite_problems
 
         problems += suite_problems(t.eval_suite)

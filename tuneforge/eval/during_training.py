@@ -27,11 +27,12 @@ def suite_config(suite: dict):
 
 
 def suite_problems(suite: dict) -> list[str]:
-    """`training.eval_suite` checked as `tuneforge eval` checks its config and task files, when the training config
-    loads: a bad key, `shots` or benchmark folder would otherwise fail at the first eval step, maybe hours in."""
+    """`training.eval_suite`'s keys and settings, checked as `tuneforge eval` checks its config, when the training
+    config loads: a bad key or `shots` would otherwise fail at the first eval step, maybe hours in. Its task files
+    are read later, before the model loads (`suite_file_problems`): tools that only read the config's data
+    (`tuneforge data inspect --config`) need no benchmark folder."""
     from tuneforge.configs.typed import problems_of
     from tuneforge.eval.run import check_tasks
-    from tuneforge.eval.suite import task_data_problems
 
     problems = [f"`training.eval_suite.{key}` is not used: the suite evaluates the model being trained and writes "
                 f"under OUTPUT/eval_suite/step-N/. Drop it." for key in UNUSED_KEYS if key in suite]
@@ -42,12 +43,25 @@ def suite_problems(suite: dict) -> list[str]:
                  f"--tasks {task} ...` instead, or use `data:{task.partition(':')[2]}` here for BLEU/ROUGE."
                  for task in tasks if isinstance(task, str) and task.strip().startswith(JUDGED)]
     try:
-        cfg = suite_config({k: v for k, v in suite.items() if k not in UNUSED_KEYS})
-        check_tasks(cfg)
+        check_tasks(suite_config({k: v for k, v in suite.items() if k not in UNUSED_KEYS}))
     except ConfigError as e:
         return problems + [p if "`training.eval_suite" in p else f"`training.eval_suite`: {p}"
                            for p in problems_of(e)]
-    return problems + [f"`training.eval_suite`: {p}" for p in task_data_problems(cfg)]
+    return problems
+
+
+def check_suite_files(suite: dict | None) -> None:
+    """Each suite task's files exist and read in their format, and each shot count fits: checked as training starts,
+    before the model loads, since run_task would find a problem only at the first eval step."""
+    from tuneforge.configs.typed import config_error
+    from tuneforge.eval.suite import task_data_problems
+
+    if not suite:
+        return
+    problems = [f"`training.eval_suite`: {p}"
+                for p in task_data_problems(suite_config({k: v for k, v in suite.items() if k not in UNUSED_KEYS}))]
+    if problems:
+        raise config_error(problems, where="the config's training.eval_suite")
 
 
 def suite_metrics(model, tokenizer, suite: dict, output_dir, step: int) -> dict[str, float]:

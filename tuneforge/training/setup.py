@@ -34,6 +34,10 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
         notes += check_deepspeed(cfg, runtime)
     # every rank checks, after the process group is up: no rank can have started writing the folder yet
     check_output_dir(cfg)
+    if cfg.training.eval_suite:  # its task files before the model loads, not at the first eval step
+        from tuneforge.eval.during_training import check_suite_files
+
+        check_suite_files(cfg.training.eval_suite)
     resume_from = find_resume(cfg.training.resume, Path(cfg.output_dir))
     if resume_from is not None:  # settings now, before a long model load; the data is compared once encoded
         check_same_run(resume_from, run_fingerprint(cfg, runtime.world_size, None), runtime.world_size)
