@@ -107,3 +107,34 @@ def test_perplexity_of_a_preference_file_is_that_of_its_prompts_and_chosen_repli
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     got = run_perplexity(model, tokenizer, str(pairs), tmp_path / "out")
     assert got == perplexity(model, tokenizer, ["Name a colour.\nBlue."])
+
+
+def test_perplexity_scores_every_token_of_a_long_text_in_strided_windows(tiny_llama_dir):
+    """A text longer than max_length was cut: its tail went unscored and `tokens` undercounted. Now every token is
+    scored; a text that fits one window is scored with its whole context, exactly as one forward pass does, and a
+    longer one in windows whose first half is context only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.eval.loglik import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    ids = tokenizer(text).input_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+    whole = perplexity(model, tokenizer, [text], max_length=len(ids))
+    assert whole["tokens"] == len(ids) - 1
+    assert whole["nll_per_token"] == pytest.approx(nll.mean().item(), rel=1e-5)
+    windowed = perplexity(model, tokenizer, [text], max_length=16)  # windows 0-15, 8-23, 16-31, ...: stride 8
+    assert len(ids) % 8 == 0 and len(ids) > 16  # whole windows, as the reference below reads them
+    assert windowed["tokens"] == len(ids) - 1
+    expected = nll[:15].sum().item()
+    for begin in range(8, len(ids) - 8, 8):
+        window = torch.tensor([ids[begin:begin + 16]])
+        with torch.no_grad():
+            part = model(input_ids=window).logits[0, -9:-1]
+        expected += torch.nn.functional.cross_entropy(part, window[0, -8:], reduction="sum").item()
+    assert windowed["nll_per_token"] == pytest.approx(expected / (len(ids) - 1), rel=1e-5)

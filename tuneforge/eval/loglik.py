@@ -96,21 +96,36 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[str | list[int]
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 1024) -> dict[str, float]:
-    """Token-level perplexity over held-out texts (each truncated to max_length tokens): exp(mean NLL)."""
+    """Token-level perplexity over held-out texts, exp(mean NLL), every token of a text scored. A text longer than
+    `max_length` tokens is read in windows of that length, each window after the first scoring only its last half
+    with the half before as context: the strided evaluation of Hugging Face's "Perplexity of fixed-length models"
+    (a text cut at max_length would leave the rest unscored; disjoint windows would score tokens without context)."""
     import math
 
     device = _device(model)
     total_nll, total_tokens = 0.0, 0
     for text in texts:
-        ids = tokenizer(text).input_ids[:max_length]
-        if len(ids) < 2:
-            continue
-        x = torch.tensor([ids], device=device)
-        logits = model(input_ids=x).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
-        total_nll += nll.item()
-        total_tokens += len(ids) - 1
+        nll, scored = _text_nll(model, tokenizer(text).input_ids, max_length, device)
+        total_nll, total_tokens = total_nll + nll, total_tokens + scored
     if total_tokens == 0:
         return {"perplexity": float("nan"), "tokens": 0}
     return {"perplexity": math.exp(total_nll / total_tokens), "nll_per_token": total_nll / total_tokens,
             "tokens": total_tokens}
+
+
+def _text_nll(model, ids: list[int], max_length: int, device) -> tuple[float, int]:
+    """Summed NLL of ids[1:] and how many tokens it covers, in windows of max_length with a stride of half."""
+    stride = max(1, max_length // 2)
+    nll, scored_up_to = 0.0, 1  # the first token has no prediction
+    for begin in range(0, max(len(ids) - 1, 1), stride):
+        window = ids[begin:begin + max_length]
+        new = begin + len(window) - scored_up_to  # tokens this window scores for the first time
+        if len(window) < 2 or new <= 0:
+            break
+        x = torch.tensor([window], device=device)
+        logits = model(input_ids=x).logits[0, -new - 1:-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, x[0, -new:], reduction="sum").item()
+        scored_up_to += new
+        if scored_up_to >= len(ids):
+            break
+    return nll, scored_up_to - 1
