@@ -101,7 +101,13 @@ def test_examples_past_the_last_full_batch_are_announced(tiny_llama_dir, tmp_pat
     logs = []
     run_config(config(tiny_llama_dir, tmp_path / "run", f"data.train=[{rows}]", "training.batch_size=4",
                       "training.max_steps=1"), log=logs.append)
-    assert any("2 of the 10 training examples do not fill a global batch (4 examples)" in line for line in logs), logs
+    assert any("2 of the 10 training examples do not fill a global batch (4 training examples)" in line
+               for line in logs), logs
+    logs = []  # packed, a batch holds rows of several examples: the note counts rows, as the batch does
+    run_config(config(tiny_llama_dir, tmp_path / "packed", f"data.train=[{rows}]", "training.batch_size=2",
+                      "data.packing=true", "training.max_steps=1"), log=logs.append)
+    assert any(re.search(r"\b\d of the \d packed rows do not fill a global batch \(2 packed rows\)", line)
+               for line in logs), logs
     logs = []
     run_config(config(tiny_llama_dir, tmp_path / "run2", f"data.train=[{rows}]", "training.batch_size=5",
                       "training.max_steps=1"), log=logs.append)

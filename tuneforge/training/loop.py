@@ -239,7 +239,7 @@ class Trainer:
         self.order = DataOrder(len(train_items), self.t.batch_size, runtime.world_size, runtime.rank,
                                cfg.data.seed, lengths)
         if self.order.per_epoch == 0:
-            raise UserError(f"Only {len(train_items)} training examples, fewer than one global batch "
+            raise UserError(f"Only {len(train_items)} {_item_noun(train_items)}, fewer than one global batch "
                             f"(batch_size {self.t.batch_size} x {runtime.world_size} processes). Lower "
                             f"`training.batch_size` or add data.")
         self.total_steps = total_steps_for(self.t, self.order.per_epoch)
@@ -249,7 +249,7 @@ class Trainer:
         # DeepSpeed wraps model and optimizer in its engine here (the others wrapped the model in setup_model)
         self.model, self.optimizer = self.strategy.prepare(model, self.optimizer, runtime)
         self.say = log if runtime.is_main else (lambda _: None)
-        self._say_partial_batch(len(train_items))
+        self._say_partial_batch(train_items)
         self._say_past_the_context()
         self.step, self.position = 0, 0
         self.window = MetricWindow()
@@ -493,14 +493,15 @@ class Trainer:
                 truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         self.rt.barrier()
 
-    def _say_partial_batch(self, n_items: int) -> None:
-        """Every global batch is full (the same batches on 1 or N processes, exact resume), so the examples past the
+    def _say_partial_batch(self, items: list) -> None:
+        """Every global batch is full (the same batches on 1 or N processes, exact resume), so the items past the
         last full one sit out each epoch: say how many, as a run should never drop rows silently."""
         width = self.t.batch_size * self.rt.world_size
-        left = n_items - self.order.per_epoch * width
+        left = len(items) - self.order.per_epoch * width
         if left:
-            self.say(f"note: {left} of the {n_items} training examples do not fill a global batch ({width} "
-                     f"examples) and sit out each epoch; each epoch's shuffle picks other ones")
+            noun = _item_noun(items)
+            self.say(f"note: {left} of the {len(items)} {noun} do not fill a global batch ({width} {noun}) and sit "
+                     f"out each epoch; each epoch's shuffle picks other ones")
 
     def _say_past_the_context(self) -> None:
         """Rows longer than the positions the model was built for train it where it never was (RoPE
@@ -613,3 +614,10 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     tmp.replace(path)
+
+
+def _item_noun(items: list) -> str:
+    """What a batch holds, as the log counts it: packed rows (several examples each) or examples."""
+    from tuneforge.data.packing import PackedRow
+
+    return "packed rows" if items and isinstance(items[0], PackedRow) else "training examples"
