@@ -519,6 +519,33 @@ def test_serve_says_which_adapter_uses_its_own_template(tiny_llama_dir, adapters
     assert "adapter `poet`" not in out
 
 
+def test_another_tools_adapter_uses_the_template_saved_beside_it(tiny_llama_dir, adapters, tmp_path, monkeypatch,
+                                                                 capsys):
+    """LLaMA-Factory and TRL save the tokenizer, with the chat template they trained with, in the adapter folder,
+    and write no tuneforge_config.yaml: chat, serve and export used the base model's template instead."""
+    import shutil
+
+    import uvicorn
+
+    from tuneforge.cli import main as cli_main
+    from tuneforge.data.templates import BUILTIN_TEMPLATES
+    from tuneforge.inference.chat import ChatArgs, load_for_chat
+
+    foreign = Path(shutil.copytree(adapters["math"], tmp_path / "llamafactory_run"))
+    (foreign / "chat_template.jinja").write_text(BUILTIN_TEMPLATES["chatml"], encoding="utf-8")
+    assert not (foreign / "tuneforge_config.yaml").exists()
+    _, tokenizer = load_for_chat(ChatArgs(adapter=str(foreign), model=str(tiny_llama_dir)))
+    assert tokenizer.chat_template == BUILTIN_TEMPLATES["chatml"]
+    _, tokenizer = load_for_chat(ChatArgs(adapter=str(adapters["poet"]), model=str(tiny_llama_dir)))
+    assert tokenizer.chat_template != BUILTIN_TEMPLATES["chatml"]  # nothing saved beside it: the model's own
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--adapter", f"lf={foreign}",
+                     f"poet={adapters['poet']}"]) == 0
+    out = capsys.readouterr().out
+    assert f"adapter `lf` was trained with the chat template saved beside it in {foreign}" in out
+    assert "adapter `poet`" not in out
+
+
 def test_a_built_in_adapter_is_served_with_its_trained_template(tiny_llama_dir, tmp_path):
     from tuneforge.data.templates import BUILTIN_TEMPLATES
 

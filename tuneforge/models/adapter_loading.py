@@ -197,9 +197,13 @@ def base_for(adapter: str | None, model: str | None, chat_template: str | None) 
 def trained_template(folder: Path) -> str | None:
     """The `model.chat_template` override recorded in the run's tuneforge_config.yaml (None without one), in a form
     that works from any directory: a .jinja path becomes the template text the run saved with its tokenizer, as a
-    relative path counts from where training ran and the run folder may have been moved or copied since."""
+    relative path counts from where training ran and the run folder may have been moved or copied since. An adapter
+    another tool trained (LLaMA-Factory, TRL: no tuneforge_config.yaml) gets the template saved beside it, which is
+    the one it trained with (LLaMA-Factory writes its `template` there; TRL its ChatML for a base without one)."""
     from tuneforge.data.templates import names_a_file
 
+    if not (folder / "tuneforge_config.yaml").is_file():
+        return saved_template(folder)
     recorded = recorded_template(folder)
     if not recorded or not names_a_file(recorded):
         return recorded  # a built-in name or the Jinja source itself

@@ -63,10 +63,11 @@ class ServedModels:
             folder = Path(self.adapters[name]).expanduser()
             recorded = recorded_template(folder) or ""
             shown = "Jinja source" if is_jinja_source(recorded) else recorded
+            source = (f"the chat template `{shown}` (model.chat_template in {folder / 'tuneforge_config.yaml'})"
+                      if recorded else f"the chat template saved beside it in {folder} (not the model's own)")
             others = "" if self.built_in else f"; `{self.base_id}` and adapters without one keep the model's own"
-            notes.append(f"note: adapter `{name}` was trained with the chat template `{shown}` (model.chat_template "
-                         f"in {folder / 'tuneforge_config.yaml'}): its requests are rendered with it{others}. "
-                         f"--chat-template sets one template for all.")
+            notes.append(f"note: adapter `{name}` was trained with {source}: its requests are rendered with "
+                         f"it{others}. --chat-template sets one template for all.")
         return notes
 
 
