@@ -748,3 +748,29 @@ def test_prompt_tuning_init_text_of_no_tokens(bos, tmp_path):
     model = method.apply(tiny_model(path=tmp_path), cfg.options(method.section), cfg)
     (note,) = method.notes(model, AutoTokenizer.from_pretrained(str(tmp_path)), cfg)
     assert "`prompt_tuning.init_text` 'xx' gives no tokens of its own" in note and "'<s>'" in note
+
+
+@pytest.mark.parametrize("modules", [["embed_tokens", "lm_head"], ["lm_head"]])
+def test_lora_modules_to_save_on_tied_embeddings_stay_one_tensor(modules, batch, tmp_path):
+    """Qwen2.5-0.5B, SmolLM2 and Llama-3.2-1B tie lm_head to embed_tokens. Training either through
+    `lora.modules_to_save` gave each its own copy (PEFT warned; twice the trainable weights), so they drifted apart,
+    and a merged export, whose config still ties them, kept only one: the exported model was not the trained one."""
+    from transformers import AutoModelForCausalLM
+
+    method = METHODS["lora"]
+    cfg = make_cfg("lora", {"lora": {"rank": RANK, "target_modules": ["q_proj"], "modules_to_save": modules}})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ensure_weight_tying")
+        model = method.apply(tiny_model("qwen2"), cfg.options(method.section), cfg)
+    base = model.get_base_model()
+    embedding_copy = base.model.embed_tokens.modules_to_save["default"].weight
+    assert embedding_copy is base.lm_head.modules_to_save["default"].weight
+    vocab, hidden = embedding_copy.shape
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert count_parameters(model)[0] == lora + vocab * hidden  # one trained copy, not two
+    train_steps(model, batch, steps=3, lr=1e-2)
+    expected = logits(model, batch)
+    merged = method.merge(model)
+    merged.save_pretrained(str(tmp_path / "merged"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-4, rtol=0)

@@ -71,12 +71,16 @@ class Lora(Method):
         if not o.target_modules:
             raise ConfigError("`lora.target_modules` is empty; use [all-linear] or name modules like [q_proj, v_proj].")
 
-    def peft_config(self, opts: LoraOptions):
+    def peft_config(self, opts: LoraOptions, tied: bool = False):
+        """`tied`: the model ties lm_head to embed_tokens and the adapter trains one of them; PEFT then keeps the two
+        one tensor (ensure_weight_tying). Without it each got its own trained copy, twice the trainable weights, and
+        a merged export (tie_word_embeddings still true) kept only one of the two."""
         from peft import LoraConfig
 
         return LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
                           target_modules=peft_target_modules(opts), modules_to_save=opts.modules_to_save or None,
-                          bias=opts.bias, task_type="CAUSAL_LM", **self.extra_peft_kwargs(opts))
+                          bias=opts.bias, task_type="CAUSAL_LM", **({"ensure_weight_tying": True} if tied else {}),
+                          **self.extra_peft_kwargs(opts))
 
     def extra_peft_kwargs(self, opts) -> dict:
         """What a LoRA variant changes in `peft.LoraConfig`."""
@@ -88,7 +92,7 @@ class Lora(Method):
         check_target_names(model, opts.target_modules, f"{self.section}.target_modules")
         check_target_names(model, opts.modules_to_save or [], f"{self.section}.modules_to_save", any_module=True)
         try:
-            return get_peft_model(model, self.peft_config(opts))
+            return get_peft_model(model, self.peft_config(opts, trains_tied_embeddings(model, opts)))
         except ValueError as e:  # PEFT says which target modules were not found
             raise ConfigError(f"`{self.section}.target_modules`: {e}") from e
 
@@ -124,3 +128,14 @@ class Lora(Method):
 
 
 register(Lora())
+
+
+def trains_tied_embeddings(model, opts: LoraOptions) -> bool:
+    """Whether `model` ties its output layer to its input embeddings and the adapter names either of them, in
+    modules_to_save or an explicit target_modules list."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or inputs.weight is not outputs.weight:
+        return False
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in (inputs, outputs)}
+    targets = opts.target_modules if isinstance(opts.target_modules, list) else []
+    return any(str(n).rsplit(".", 1)[-1] in names for n in [*(opts.modules_to_save or []), *targets])
