@@ -13,7 +13,7 @@ from tuneforge.inference import Engine, SamplingParams
 from tuneforge.models.loading import load_model_and_tokenizer
 
 QUESTIONS = ["Hi", "Convert 3 km to meters.", "把字符串“hello”反转。这是一个比较长的问题。", "What is 12 + 30?",
-             "Reverse 'forge'.", "Name three colours, please, in a list.", "ok"]
+             "Reverse 'forge'.", "Name three colours, please, in a list.", "ok", "Say it twice.", "Go on."]
 PARAMS = [
     SamplingParams(max_new_tokens=12),
     SamplingParams(max_new_tokens=20, temperature=0.9, seed=1),
@@ -22,6 +22,8 @@ PARAMS = [
     SamplingParams(max_new_tokens=16, temperature=0.7, top_p=0.8, min_p=0.05, seed=3),
     SamplingParams(max_new_tokens=3),
     SamplingParams(max_new_tokens=18, temperature=1.0, seed=4, logprobs=True),
+    SamplingParams(max_new_tokens=14, presence_penalty=-1.5, frequency_penalty=-0.5),  # reply counts join a batch
+    SamplingParams(max_new_tokens=40, temperature=0.8, seed=5, frequency_penalty=1.0, logit_bias={11: 4.0}),
 ]
 
 

@@ -177,8 +177,39 @@ def test_repetition_penalty_changes_greedy_output(engine):
         assert all(a != b for a, b in zip(c.token_ids, c.token_ids[1:]))
 
 
+def test_presence_and_frequency_penalties_equal_a_step_by_step_reference(engine, loaded):
+    """Greedy decoding with OpenAI's penalties, in a batch with rows that use none, equals decoding one token at a
+    time with the full model and the formula applied by hand (the counts are the reply's tokens, not the prompt's).
+    Negative penalties, as this random model's greedy replies repeat no token: they pull the reply to its tokens."""
+    model, _ = loaded
+    params = SamplingParams(max_new_tokens=12, presence_penalty=-1.5, frequency_penalty=-0.7)
+    plain, penalised, _ = engine.generate(PROMPTS[:3], [SamplingParams(max_new_tokens=12), params,
+                                                        SamplingParams(max_new_tokens=12, logit_bias={5: 3.0})])
+    ids = engine.encode(PROMPTS[1])
+    reply: list[int] = []
+    for _ in range(len(penalised.token_ids)):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + reply])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(reply, dtype=torch.long), minlength=logits.shape[0]).float()
+        reply.append(int((logits + 0.7 * counts + 1.5 * (counts > 0)).argmax()))
+    assert penalised.token_ids == reply[:len(penalised.token_ids)]
+    assert penalised.token_ids != engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=12))[0].token_ids
+    assert plain.token_ids == engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=12))[0].token_ids
+
+
+def test_logit_bias_forces_and_bans_tokens(engine):
+    forced = engine.generate([HI], SamplingParams(max_new_tokens=4, ignore_eos=True, logit_bias={7: 100.0}))[0]
+    assert forced.token_ids == [7, 7, 7, 7]
+    plain = engine.generate([HI], SamplingParams(max_new_tokens=6))[0]
+    banned = engine.generate([HI], SamplingParams(max_new_tokens=6, logit_bias={plain.token_ids[0]: -100.0}))[0]
+    assert banned.token_ids[0] != plain.token_ids[0]
+    with pytest.raises(UserError, match=r"`logit_bias` names token id\(s\) \[999999\], outside this model's vocab"):
+        engine.submit([1, 2, 3], SamplingParams(logit_bias={999999: 1.0}))
+
+
 @pytest.mark.parametrize("bad, match", [
-    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1), "temperature"), (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"), (dict(logit_bias={3: 101.0}), "logit_bias"), (dict(top_p=0), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(top_k=-2), "top_k"), (dict(min_p=2), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(stop=[""]), "stop"), (dict(top_logprobs=50), "top_logprobs"),
 ])

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge.inference.sampling import BatchParams, apply_repetition_penalty, choose_tokens, filtered_probs
+from tuneforge.inference.sampling import (
+    BatchParams,
+    apply_openai_penalties,
+    apply_repetition_penalty,
+    choose_tokens,
+    filtered_probs,
+)
 from tuneforge.inference.types import SamplingParams
 
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
@@ -41,6 +47,22 @@ def test_repetition_penalty_equals_transformers():
     seen = torch.zeros(2, 10, dtype=torch.bool).scatter_(1, history, True)
     expected = RepetitionPenaltyLogitsProcessor(1.7)(history, logits.clone())
     torch.testing.assert_close(apply_repetition_penalty(logits, seen, torch.tensor([1.7, 1.7])), expected)
+
+
+def test_openai_penalties_and_logit_bias_by_hand():
+    """OpenAI's formula: logit - frequency x count - presence x [count > 0], over the reply's tokens; logit_bias
+    added. Greedy rows pick what the adjusted logits say."""
+    logits = torch.tensor([[3.0, 2.9, 1.0, 0.0], [3.0, 2.9, 1.0, 0.0]])
+    counts = torch.tensor([[2.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    got = apply_openai_penalties(logits, counts, torch.tensor([0.5, 0.0]), torch.tensor([0.25, -1.0]))
+    torch.testing.assert_close(got, torch.tensor([[2.0, 2.9, 1.0, 0.0], [4.0, 2.9, 1.0, 0.0]]))
+    rows = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+            SamplingParams(logit_bias={3: 10.0}), SamplingParams()]
+    params = BatchParams.of(rows, "cpu", vocab_size=4)
+    chosen = choose_tokens(torch.tensor([[3.0, 2.9, 1.0, 0.0]] * 3), params, _generators(1, 2, 3),
+                           counts=torch.tensor([[2.0, 0, 0, 0], [2.0, 0, 0, 0], [2.0, 0, 0, 0]]))
+    assert chosen.tolist() == [1, 3, 0]  # penalised away from 0; biased to 3; a row without either keeps 0
+    assert BatchParams.of([SamplingParams()], "cpu", vocab_size=4).bias is None  # no [B, V] table unless asked
 
 
 def _generators(*seeds):

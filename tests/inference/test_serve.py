@@ -184,6 +184,21 @@ def test_auth_required(server):
     assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_penalties_and_logit_bias_reach_the_engine(client, server):
+    """presence/frequency_penalty were refused with a 400 and logit_bias silently ignored (unknown fields are)."""
+    tokenizer = server[1].engine.tokenizer
+    forced = client.chat.completions.create(model="math", messages=HI, max_tokens=3, temperature=0,
+                                            logit_bias={"7": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].message.content == tokenizer.decode([7, 7, 7])
+    plain = client.chat.completions.create(model="math", messages=HI, max_tokens=8, temperature=0)
+    pulled = client.chat.completions.create(model="math", messages=HI, max_tokens=8, temperature=0,
+                                            presence_penalty=-2, frequency_penalty=-2)
+    assert pulled.choices[0].message.content != plain.choices[0].message.content
+    text = client.completions.create(model="math", prompt="Hi", max_tokens=2, temperature=0, logit_bias={"9": 100},
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert text == tokenizer.decode([9, 9])
+
+
 @pytest.mark.parametrize("kwargs, status, param", [
     (dict(model="nope"), 404, "model"),
     (dict(max_tokens=2001), 400, "max_tokens"),
@@ -191,7 +206,8 @@ def test_auth_required(server):
     (dict(temperature=3.5), 400, "temperature"),
     (dict(top_p=0), 400, "top_p"),
     (dict(n=5), 400, "n"),
-    (dict(presence_penalty=0.5), 400, "presence_penalty"),
+    (dict(presence_penalty=2.5), 400, "presence_penalty"),
+    (dict(logit_bias={"x": 1}), 400, "logit_bias"),
     (dict(messages=[]), 400, "messages"),
     (dict(tool_choice="required"), 400, "tool_choice"),
 ])

@@ -73,6 +73,8 @@ class Engine:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids, default=0)
         config = getattr(self.runner.model, "config", None)
         self.context_length = getattr(config, "max_position_embeddings", None) or sys.maxsize
+        head = getattr(self.runner.model, "get_output_embeddings", lambda: None)()
+        self.vocab_size = head.weight.shape[0] if head is not None else getattr(config, "vocab_size", sys.maxsize)
         self.scheduler = Scheduler(self.runner, tokenizer, max_batch_size, pad_id)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -99,6 +101,10 @@ class Engine:
                adapter: str | None = None) -> Handle:
         """Queue one request (thread-safe); it joins the running batch at the next step."""
         params = (params or SamplingParams()).validate()
+        outside = sorted(t for t in params.logit_bias if t >= self.vocab_size)
+        if outside:
+            raise UserError(f"`logit_bias` names token id(s) {outside[:5]}, outside this model's vocabulary of "
+                            f"{self.vocab_size} tokens (ids 0 to {self.vocab_size - 1}).")
         adapter = adapter if adapter is not None else self.default_adapter
         self.runner.check(adapter)
         if not prompt_ids:

@@ -1,7 +1,8 @@
 """Choosing the next token of every row of a batch at once, on tensors.
 
-The order follows transformers' logits processors: repetition penalty on the raw logits, then temperature, top-k,
-top-p and min-p, then one draw from what is left. Filtering sorts only the few hundred most likely tokens when that
+The order follows transformers' logits processors: repetition penalty on the raw logits, then OpenAI's presence and
+frequency penalties and logit_bias (additive, as OpenAI and vLLM apply them), then temperature, top-k, top-p and
+min-p, then one draw from what is left. Filtering sorts only the few hundred most likely tokens when that
 provably covers every kept token (see `filtered_probs`): a whole-vocabulary sort per row costs more than a model
 step on CPU. Greedy rows (temperature 0) take the argmax of the penalised
 logits. Each sampling row draws its random numbers from its own `torch.Generator` (the same amount every token), so
@@ -35,19 +36,49 @@ class BatchParams:
     sample_rows: torch.Tensor  # indices of rows with temperature > 0
     any_penalty: bool
     top_logprobs: int  # the most any row asked for
+    presence: torch.Tensor | None = None  # [B] float, when a row has a presence or frequency penalty
+    frequency: torch.Tensor | None = None  # [B] float
+    bias: torch.Tensor | None = None  # [B, V] float, when a row has a logit_bias
 
     @classmethod
-    def of(cls, params: list[SamplingParams], device) -> BatchParams:
+    def of(cls, params: list[SamplingParams], device, vocab_size: int | None = None) -> BatchParams:
         def tensor(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
 
         temperature = [p.temperature for p in params]
+        counted = any(counts_reply_tokens(p) for p in params)
         return cls(temperature=tensor(temperature), top_p=tensor([p.top_p for p in params]),
                    top_k=tensor([p.top_k for p in params], torch.long), min_p=tensor([p.min_p for p in params]),
                    penalty=tensor([p.repetition_penalty for p in params]),
                    sample_rows=tensor([i for i, t in enumerate(temperature) if t > 0], torch.long),
                    any_penalty=any(p.repetition_penalty != 1.0 for p in params),
-                   top_logprobs=max((p.top_logprobs for p in params), default=0))
+                   top_logprobs=max((p.top_logprobs for p in params), default=0),
+                   presence=tensor([p.presence_penalty for p in params]) if counted else None,
+                   frequency=tensor([p.frequency_penalty for p in params]) if counted else None,
+                   bias=_bias_rows(params, vocab_size, device))
+
+
+def counts_reply_tokens(params: SamplingParams) -> bool:
+    """Whether a row needs the count of each token in its reply so far (presence or frequency penalty)."""
+    return params.presence_penalty != 0 or params.frequency_penalty != 0
+
+
+def _bias_rows(params: list[SamplingParams], vocab_size: int | None, device) -> torch.Tensor | None:
+    """Each row's logit_bias as a dense [B, V] row (a token id past the vocabulary is refused before this)."""
+    if vocab_size is None or not any(p.logit_bias for p in params):
+        return None
+    bias = torch.zeros((len(params), vocab_size), device=device)
+    for i, p in enumerate(params):
+        for token, value in p.logit_bias.items():
+            bias[i, token] = value
+    return bias
+
+
+def apply_openai_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                           frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties (its API reference, "Parameter details"; as vLLM applies them):
+    logit - frequency x count - presence x [count > 0], counted over the reply's tokens so far. counts: [B, V]."""
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -101,11 +132,17 @@ def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, params: BatchParams, generators: list[torch.Generator],
-                  seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The next token of each row. logits: [B, V] float32; generators: one per row (used by sampling rows only).
-    Rows without top-k/top-p/min-p draw from the whole distribution in vocabulary order (no sort needed)."""
+                  seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of each row. logits: [B, V] float32; generators: one per row (used by sampling rows only);
+    seen: [B, V] bool, the prompt's and reply's tokens (repetition penalty); counts: [B, V], the reply's tokens
+    (presence/frequency penalties). Rows without top-k/top-p/min-p draw from the whole distribution in vocabulary
+    order (no sort needed)."""
     if params.any_penalty and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.penalty)
+    if params.presence is not None and counts is not None:
+        logits = apply_openai_penalties(logits, counts, params.presence, params.frequency)
+    if params.bias is not None:
+        logits = logits + params.bias
     tokens = logits.argmax(dim=-1)
     rows = params.sample_rows
     if rows.numel() == 0:

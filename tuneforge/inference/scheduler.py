@@ -19,7 +19,7 @@ import torch
 from tuneforge.inference import kv
 from tuneforge.inference.adapters import ModelRunner
 from tuneforge.inference.requests import Sequence, wants_logprobs
-from tuneforge.inference.sampling import BatchParams, choose_tokens, token_logprobs
+from tuneforge.inference.sampling import BatchParams, choose_tokens, counts_reply_tokens, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,15 @@ MIN_SHARED_PREFIX = 8  # shorter common prompt starts are not worth a separate f
 
 class Batch:
     """Rows decoding together: their cache, 2-D attention mask (columns of the cache + 1 per step), next positions
-    and last tokens, the sampling parameters as tensors, and which tokens each row has seen (repetition penalty)."""
+    and last tokens, the sampling parameters as tensors, which tokens each row has seen (prompt and reply: repetition
+    penalty) and how often each is in its reply (presence/frequency penalties); those two only when a row needs them."""
 
     def __init__(self, rows: list[Sequence], cache, mask: torch.Tensor, positions: torch.Tensor,
-                 seen: torch.Tensor | None, vocab_size: int):
+                 seen: torch.Tensor | None, vocab_size: int, counts: torch.Tensor | None = None):
         self.rows, self.cache, self.mask, self.positions, self.seen = rows, cache, mask, positions, seen
-        self.vocab_size = vocab_size
+        self.counts, self.vocab_size = counts, vocab_size
         self.last: torch.Tensor | None = None
-        self.params = BatchParams.of([r.params for r in rows], mask.device)
+        self.params = BatchParams.of([r.params for r in rows], mask.device, vocab_size)
         self.generators = [r.generator for r in rows]
         self.adapters = [r.adapter for r in rows]
 
@@ -45,11 +46,9 @@ class Batch:
     def merge(self, other: Batch) -> Batch:
         t = max(self.mask.shape[1], other.mask.shape[1])
         mask = torch.cat([_pad_mask(self.mask, t), _pad_mask(other.mask, t)])
-        seen = None
-        if self.seen is not None or other.seen is not None:
-            seen = torch.cat([_seen_or_empty(b) for b in (self, other)])
         merged = Batch(self.rows + other.rows, kv.join(self.cache, other.cache), mask,
-                       torch.cat([self.positions, other.positions]), seen, self.vocab_size)
+                       torch.cat([self.positions, other.positions]), _stack(self, other, "seen", torch.bool),
+                       self.vocab_size, _stack(self, other, "counts", torch.float32))
         merged.last = torch.cat([self.last, other.last])
         return merged
 
@@ -63,7 +62,8 @@ class Batch:
         mask = self.mask[index]
         drop = int(mask.any(dim=0).int().argmax())  # first column some kept row uses
         batch = Batch([self.rows[i] for i in keep], kv.select(self.cache, index, drop), mask[:, drop:],
-                      self.positions[index], self.seen[index] if self.seen is not None else None, self.vocab_size)
+                      self.positions[index], self.seen[index] if self.seen is not None else None, self.vocab_size,
+                      self.counts[index] if self.counts is not None else None)
         batch.last = self.last[index]
         return batch
 
@@ -72,10 +72,13 @@ def _pad_mask(mask: torch.Tensor, t: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros((mask.shape[0], t - mask.shape[1])), mask], dim=1)
 
 
-def _seen_or_empty(batch: Batch) -> torch.Tensor:
-    if batch.seen is not None:
-        return batch.seen
-    return torch.zeros((len(batch), batch.vocab_size), dtype=torch.bool, device=batch.mask.device)
+def _stack(first: Batch, second: Batch, name: str, dtype) -> torch.Tensor | None:
+    """Two batches' per-row token tables (`seen` or `counts`) as one; a batch without one gets zeros."""
+    tables = [getattr(b, name) for b in (first, second)]
+    if all(t is None for t in tables):
+        return None
+    return torch.cat([t if t is not None else torch.zeros((len(b), b.vocab_size), dtype=dtype, device=b.mask.device)
+                      for t, b in zip(tables, (first, second))])
 
 
 class Scheduler:
@@ -182,7 +185,9 @@ class Scheduler:
         positions = (mask[:, cached:].cumsum(dim=1) - 1).clamp(min=0) + torch.tensor(before, device=device)[:, None]
         logits = self.runner.forward(ids, mask, positions, cache, [r.adapter for r in rows])
         seen = self._seen(rows, logits) if any(r.params.repetition_penalty != 1.0 for r in rows) else None
-        batch = Batch(rows, cache, mask, positions[:, -1] + 1, seen, logits.shape[-1])
+        counts = torch.zeros(logits.shape, device=logits.device) if any(
+            counts_reply_tokens(r.params) for r in rows) else None
+        batch = Batch(rows, cache, mask, positions[:, -1] + 1, seen, logits.shape[-1], counts)
         self._advance(batch, logits)
         return batch.keep([i for i, r in enumerate(batch.rows) if not r.finished])
 
@@ -222,9 +227,11 @@ class Scheduler:
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> None:
         """Choose every row's next token, record it and hand it to its request."""
-        tokens = choose_tokens(logits, batch.params, batch.generators, batch.seen)
+        tokens = choose_tokens(logits, batch.params, batch.generators, batch.seen, batch.counts)
         if batch.seen is not None:
             batch.seen.scatter_(1, tokens[:, None], True)
+        if batch.counts is not None:
+            batch.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=batch.counts.dtype))
         batch.last = tokens
         chosen_lp, top = self._logprobs(batch, logits, tokens)
         for i, (seq, token) in enumerate(zip(batch.rows, tokens.tolist())):

@@ -19,6 +19,9 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens (0: off)
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
     repetition_penalty: float = 1.0  # CTRL-style, on every token of the prompt and reply (1.0: off)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from each token the reply already holds, in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time the reply already holds a token, in [-2, 2]
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before the first one
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's own eos/end-of-turn ids
     seed: int | None = None  # same seed -> same text alone; in a batch too, but for float-rounding ties (sampling.py)
@@ -47,9 +50,16 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
              "> 0 (1.0 is off)"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "in [0, 20]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2] (0 is off)"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2] (0 is off)"),
         ]
         problems = [f"Sampling parameter `{spell(name)}` is {getattr(self, name)!r}; it must be {expected}."
                     for name, ok, expected in checks if not ok]
+        bad_bias = {k: v for k, v in self.logit_bias.items()
+                    if not isinstance(k, int) or k < 0 or not -100 <= v <= 100}
+        if bad_bias:
+            problems.append(f"Sampling parameter `{spell('logit_bias')}` maps token ids (integers >= 0) to biases in "
+                            f"[-100, 100]; got {bad_bias!r}.")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append(f"Sampling parameter `{spell('stop')}` must be a list of non-empty strings, got "
                             f"{self.stop!r}.")

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from tuneforge.errors import UserError
-from tuneforge.inference.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from tuneforge.inference.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, logit_bias
 from tuneforge.inference.serve.tools import ToolCall, ToolCallParser
 
 
@@ -79,6 +79,8 @@ def sampling(req, max_tokens: int, index: int, logprobs: bool, top_logprobs: int
 
     return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                           top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                          presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                          logit_bias=logit_bias(req),
                           stop=stop_list(req.stop), stop_token_ids=list(req.stop_token_ids or []),
                           seed=None if req.seed is None else req.seed + index, ignore_eos=req.ignore_eos,
                           logprobs=logprobs, top_logprobs=top_logprobs)

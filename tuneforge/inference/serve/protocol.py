@@ -1,8 +1,8 @@
 """OpenAI's request bodies (the fields TuneForge serves) and its error shape.
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send newer options still work;
-options that would change the answer and that the engine cannot honour (presence/frequency penalties, JSON mode,
-`suffix`, `best_of` > n) are refused with a 400 naming the field rather than silently ignored.
+options that would change the answer and that the engine cannot honour (JSON mode, `suffix`, `best_of` > n) are
+refused with a 400 naming the field rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as JSON keys are strings) -> bias in [-100, 100]
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -88,10 +89,6 @@ class CompletionRequest(_Sampling):
 
 def refuse_unsupported(req: _Sampling) -> None:
     """400 for options whose effect the engine cannot give (better than an answer that silently differs)."""
-    if req.presence_penalty or req.frequency_penalty:
-        name = "presence_penalty" if req.presence_penalty else "frequency_penalty"
-        raise OpenAIError(400, f"`{name}` is not supported by this server; use `repetition_penalty` (extra_body) "
-                               f"instead, or leave it at 0.", param=name)
     if isinstance(req, ChatCompletionRequest) and req.response_format and \
             req.response_format.get("type", "text") != "text":
         raise OpenAIError(400, "`response_format` other than text (JSON mode, JSON schema) is not supported.",
@@ -104,3 +101,15 @@ def refuse_unsupported(req: _Sampling) -> None:
         if req.echo and req.logprobs is not None:
             raise OpenAIError(400, "`echo` together with `logprobs` (prompt log-probabilities) is not supported.",
                               param="echo")
+
+
+def logit_bias(req: _Sampling) -> dict[int, float]:
+    """`logit_bias` with its token ids as integers; a key that is not one, or a bias outside [-100, 100], is a 400
+    naming it (OpenAI's range)."""
+    out = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not key.strip().isdigit() or not -100 <= value <= 100:
+            raise OpenAIError(400, f"`logit_bias` maps token ids (\"50256\") to biases in [-100, 100]; got {key!r}: "
+                                   f"{value!r}.", param="logit_bias")
+        out[int(key)] = float(value)
+    return out
