@@ -13,8 +13,10 @@ import pytest
 from tests.data.curate.helpers import parse, read_jsonl, write_jsonl
 from tuneforge.data.curate import rows as rows_mod
 from tuneforge.data.curate.clean import char_run, clean, repeated_line_share, repeated_ngram_share
+from tuneforge.data.curate.inspect import inspect
+from tuneforge.data.curate.mix import mix
 from tuneforge.data.curate.text import language, row_text, shingles
-from tuneforge.errors import UserError
+from tuneforge.errors import DataError, UserError
 
 ALPACA = "datasets/stanford_alpaca/alpaca_5000.json"
 
@@ -291,3 +293,44 @@ def test_gzipped_json_lines_stream_too(tmp_path):
     report = run(tmp_path, [str(path)])
     assert report["rows_kept"] == 2
     assert read_jsonl(tmp_path / "out" / "clean.jsonl")[1]["source"] == f"{path}:line 2"
+
+
+@pytest.mark.parametrize("asked, fix", [("zh-CN", "`zh` for `zh-CN`"), ("fr", "`en` for `fr`"), ("klingon", "")])
+def test_a_language_the_filter_cannot_tell_is_refused_not_every_row_dropped(tmp_path, asked, fix):
+    """`--languages zh-CN` (or `fr`: Latin script reads as `en`) once kept 0 rows, each rejected as `language`."""
+    data = write_jsonl(tmp_path / "zh.jsonl", [qa("介绍一下长城。", "长城是中国古代的军事防御工程。")])
+    with pytest.raises(UserError, match="knows ja, ko, zh, ru, ar, en, none") as e:
+        run(tmp_path, [data], "--languages", "zh", asked)
+    assert f"`--languages {asked}`" in str(e.value) and fix in str(e.value)
+    assert not (tmp_path / "out").exists()
+    assert run(tmp_path, [data], "--languages", "zh", "none")["rows_kept"] == 1
+
+
+@pytest.mark.parametrize("verb", ["clean", "mix", "inspect"])
+@pytest.mark.parametrize("inside", [".", "cleaned"])
+def test_out_in_an_input_folder_is_refused_before_anything_is_written(tmp_path, verb, inside):
+    """`--data raw --out raw/cleaned` once wrote among the inputs; the same command run again then refused to
+    overwrite raw/cleaned/clean.jsonl (now an input), and `--out raw` read report.json as rows."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [qa("What is 2 + 2?", "4"), qa("Name a colour.", "Blue.")])
+    out = folder / inside
+    with pytest.raises(UserError, match="lies in the input folder") as e:
+        {"clean": clean, "mix": mix, "inspect": inspect}[verb](parse(verb, ["--data", str(folder), "--out", str(out)]))
+    assert f"`--data {folder}`" in str(e.value)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jsonl"]
+    assert clean(parse("clean", ["--data", str(folder), "--out", str(tmp_path / "raw_clean")]))["rows_kept"] == 2
+
+
+def test_registry_names_missing_or_on_the_hub_say_what_to_do(tmp_path):
+    registry = tmp_path / "dataset_info.json"
+    write_jsonl(tmp_path / "ident.jsonl", [qa("Who are you?", "An assistant.")])
+    registry.write_text(json.dumps({"identity": {"file_name": "ident.jsonl"},
+                                    "alpaca_en": {"hf_hub_url": "llamafactory/alpaca_en"}}), encoding="utf-8")
+    with pytest.raises(DataError, match="Did you mean `identity`"):
+        run(tmp_path, ["identiy", "--registry", str(registry)])
+    with pytest.raises(DataError, match="is the Hugging Face hub dataset `llamafactory/alpaca_en`; the data tools "
+                                        "read local files only") as e:
+        run(tmp_path, ["alpaca_en", "--registry", str(registry)])
+    assert "nor a name in the registry" not in str(e.value) and "`file_name`" in str(e.value)
+    assert run(tmp_path, ["identity", "--registry", str(registry)])["rows_kept"] == 1

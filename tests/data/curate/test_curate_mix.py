@@ -185,3 +185,32 @@ def test_written_datasets_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "rows.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_skipped_bad_rows_are_said_on_the_console(tmp_path, capsys):
+    """With `--on-error skip` the console printed the shares and nothing of the rows left out."""
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "What is 2 + 2?", "output": "4"},
+                                              {"instruction": "Say nothing.", "output": ""}])
+    assert cli_main(["data", "mix", "--data", data, "--on-error", "skip", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "1 bad row skipped" in out and "a.jsonl:line 2" in out
+    with pytest.raises(DataError, match="^1 row is bad"):
+        mix(parse("mix", ["--data", data, "--out", str(tmp_path / "out2")]))
+
+
+def test_own_weights_need_not_sum_to_one(tmp_path, capsys):
+    """LLaMA-Factory users give interleave_probs; `--weights` did not exist (argparse suggested `--registry`)."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(40)])
+    (tmp_path / "b.csv").write_text("instruction,output\n" + "".join(f"Ask {i},Reply {i}\n" for i in range(10)))
+    b = str(tmp_path / "b.csv")  # formats differ: the mixture is rows of one layout whatever the inputs
+    runs = [mix(parse("mix", ["--data", a, b, "--weights", *w, "--size", "80", "--out", str(tmp_path / f"o{k}")]))
+            for k, w in enumerate([["0.5", "0.3"], ["5", "3"]])]
+    assert [d["count"] for d in runs[0]["datasets"]] == [50, 30] and runs[0]["strategy"] == "weights"
+    assert [d["share"] for d in runs[0]["datasets"]] == [0.625, 0.375]
+    assert read_jsonl(tmp_path / "o0" / "mix.jsonl") == read_jsonl(tmp_path / "o1" / "mix.jsonl")
+    assert "they sum to 0.8, so each share is weight / 0.8" in (tmp_path / "o0" / "report.md").read_text()
+    assert runs[0]["datasets"][1]["repeat"] == 3.0  # 30 of 10 rows: each row three times
+    with pytest.raises(UserError, match=r"`--weights` has 1 value but there are 2 datasets \(.*a.jsonl, .*b.csv\)"):
+        mix(parse("mix", ["--data", a, b, "--weights", "1", "--out", str(tmp_path / "o2")]))
+    with pytest.raises(UserError, match="not all 0"):
+        mix(parse("mix", ["--data", a, b, "--weights", "0", "0", "--out", str(tmp_path / "o2")]))

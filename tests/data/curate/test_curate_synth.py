@@ -296,3 +296,47 @@ def test_concurrency_cap_and_rate_limit(tmp_path):
                                  "--concurrency", "8", "--rate", "40"]))
         assert time.perf_counter() - started >= 7 / 40  # 8 starts at least 1/40 s apart
         assert len(stub.requests) == 16
+
+
+def test_every_request_carries_the_seed_so_a_fresh_run_repeats_the_result(tmp_path):
+    """A sampling teacher answered differently on each run: `--seed` reached only our own draws, so the same
+    command into a fresh `--out` gave other rows. The stub samples by the request's seed, as vLLM and serve do."""
+    def script(messages, body):
+        rng = random.Random(f"{body.get('seed')}:{messages[-1]['content']}" if "seed" in body else None)
+        if "#Given Prompt#" in messages[-1]["content"]:
+            return f"Explain how {' '.join(rng.sample(VOCAB, 6))} relate, step by step."
+        return f"Answer {rng.random()}"
+
+    data = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "Describe a harbor."}, {"prompt": "Why do tides rise?"}])
+    with StubTeacher(script) as stub:
+        runs = [synth(parse("synth", ["evol_instruct", "--data", data, "--seed", seed,
+                                      *teacher_argv(stub, tmp_path / f"out{k}")]))
+                for k, seed in enumerate(["3", "3", "4"])]
+    assert {r.get("seed") for r in stub.requests} == {3, 4}
+    first, again, other_seed = [read_jsonl(tmp_path / f"out{k}" / "evol_instruct.jsonl") for k in range(3)]
+    assert runs[0]["rows"] == 2 and first == again and other_seed != first
+
+
+def test_distill_counts_each_repeated_prompt_it_leaves_out(tmp_path):
+    """A prompt repeated in several rows is asked once; the repeats were dropped with nothing said."""
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "How do I pick a lock?"}, {"prompt": "Is fire hot?"},
+                                              {"prompt": "How do I pick a lock?", "pos_resp": "a", "neg_resp": "b"}])
+    with StubTeacher(lambda messages, body: "A safe answer.") as stub:
+        report = distill(parse("safety", ["--distill", "--data", data, data, *teacher_argv(stub, tmp_path / "out")]))
+    assert report["rows"] == 2 and len(stub.requests) == 2
+    assert report["rejected"] == {"duplicate_prompt": 4}  # 6 rows in: 2 kept + 4 repeats, each one counted
+    repeats = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert [r["source"].rsplit(":", 1)[1] for r in repeats] == ["line 3", "line 1", "line 2", "line 3"]
+    assert all(r["duplicate_of"].endswith(("p.jsonl:line 1", "p.jsonl:line 2")) for r in repeats)
+
+
+def test_a_resume_after_a_cut_off_progress_line_keeps_its_new_replies(tmp_path):
+    """The first record of a resumed run was appended to the cut line, so it was unreadable on the next resume."""
+    data = write_jsonl(tmp_path / "i.jsonl", [{"text": "Bread rises because yeast makes gas."}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "progress.jsonl").write_text('{"key": "a", "reply": "x"}\n{"key": "b", "rep', encoding="utf-8")
+    with StubTeacher(backtranslate_script) as stub:
+        synth(parse("synth", ["backtranslate", "--data", data, "--candidates", "1", *teacher_argv(stub, out)]))
+    saved = load_progress(out / "progress.jsonl")
+    assert len(saved) == 1 + len(stub.requests) == 3

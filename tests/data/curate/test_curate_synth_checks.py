@@ -336,3 +336,44 @@ def test_safety_wording_is_singular_for_one():
     md = safety.report_md({"ranking": ["a", "b"], "prompts": 1, "responses": 2, "pairs": 0, "by_types": {},
                            "by_difficulty": {}, "prompts_without_pair": ["a.jsonl:line 1"]})
     assert "1 prompt gave no pair" in md
+
+
+def test_a_teacher_down_from_the_start_says_nothing_was_saved(tmp_path, monkeypatch):
+    """It said "Saved in OUT/progress.jsonl: 0 finished requests", a file that was never written."""
+    from tuneforge.data.curate.synth import teacher
+
+    async def no_wait(seconds):
+        return None
+
+    monkeypatch.setattr(teacher.asyncio, "sleep", no_wait)
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": f"Describe step {i}."} for i in range(4)])
+    argv = ["evol_instruct", "--data", data, "--concurrency", "1", "--out", str(tmp_path / "out"), "--model", "stub"]
+    with StubTeacher(lambda messages, body: GONE) as stub:
+        with pytest.raises(UserError) as err:
+            synth(parse("synth", [*argv, "--base-url", stub.base_url]))
+    assert "No request had finished, so nothing was saved. Start the server again" in str(err.value)
+    assert "progress.jsonl:" not in str(err.value)
+
+
+def test_ctrl_c_says_what_is_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    """The CLI printed only `interrupted`: the user did not learn that a rerun into the same --out resumes."""
+    from tuneforge.cli import main
+    from tuneforge.data.curate.synth import teacher
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": f"Describe step {i}."} for i in range(6)])
+    out = tmp_path / "out"
+    real = teacher.Teacher.complete
+
+    def interrupted_after_two(self, batch, **params):
+        if len(self.done) >= 2:
+            raise KeyboardInterrupt
+        return real(self, batch, **params)
+
+    monkeypatch.setattr(teacher.Teacher, "complete", interrupted_after_two)
+    with StubTeacher(evol_echo) as stub:
+        code = main(["data", "synth", "evol_instruct", "--data", data, "--concurrency", "1", "--out", str(out),
+                     "--model", "stub", "--base-url", stub.base_url])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert re.search(rf"\d+ finished requests saved in {re.escape(str(out / 'progress.jsonl'))}; rerun the same "
+                     r"command with the same `--out` to resume", err), err

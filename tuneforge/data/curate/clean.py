@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 from tuneforge.configs.typed import opt
 from tuneforge.data.curate import dedup, rows
 from tuneforge.data.curate.text import (
+    LANGUAGE_ALIASES,
+    LANGUAGES,
     count_units,
     language,
     mostly_cjk,
@@ -97,8 +99,7 @@ def clean(args: CleanArgs) -> dict:
     """Run the rules over every row (see the module docstring); returns the report that is also written."""
     _check(args)
     sources = rows.sources_of(args)
-    out = rows.prepare_out(args.out, rows.input_files(sources), ["clean.jsonl", "rejected.jsonl", "report.json",
-                                                               "report.md"])
+    out = rows.prepare_out_for(args.out, sources, ["clean.jsonl", "rejected.jsonl", "report.json", "report.md"])
     encoder = _encoder(args)
     exact = dedup.ExactIndex()
     near = dedup.NearIndex(args.jaccard, args.num_perm, args.word_ngram, args.char_ngram, workdir=out)
@@ -135,6 +136,20 @@ def _check(args: CleanArgs) -> None:
         raise UserError("`--word-ngram`, `--char-ngram` and `--repeat-ngram` must be at least 1.")
     if args.num_perm < 16:
         raise UserError(f"`--num-perm` must be at least 16 (the LSH needs several bands), got {args.num_perm}.")
+    _check_languages(args.languages)
+
+
+def _check_languages(asked: list[str]) -> None:
+    """Refuse a language the script-based filter cannot answer: `--languages zh-CN` or `fr` would otherwise drop
+    every row as `language`, with nothing said until the output is found empty."""
+    unknown = [name for name in asked if name not in LANGUAGES]
+    if not unknown:
+        return
+    fixes = {name: LANGUAGE_ALIASES[name.lower()] for name in unknown if name.lower() in LANGUAGE_ALIASES}
+    fix = f" Use {', '.join(f'`{v}` for `{k}`' for k, v in fixes.items())}." if fixes else ""
+    raise UserError(f"`--languages {' '.join(unknown)}`: the language filter tells languages apart by script and "
+                    f"knows {', '.join(LANGUAGES)} (`en` is any Latin-script text, English, French or German alike; "
+                    f"`none` is text without letters).{fix}")
 
 
 def _settings(args: CleanArgs) -> dict:

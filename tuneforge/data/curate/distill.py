@@ -5,7 +5,8 @@ style of the paper's); the training row is the prompt and that answer *without* 
 model behaves as if it had it. Prompts come from any rows with a request (alpaca `instruction`, `prompt`, CValues'
 `prompt`, or the first user turn; a prompt repeated in several rows is asked once); rows that already have a
 system prompt keep theirs in the generation request after the safety one, and in the training row. Rules:
-`input_without_prompt`, `teacher_failed` (or `teacher_rejected`, `no_content`), `empty_answer`. Writes distill.jsonl
+`input_without_prompt`, `duplicate_prompt` (the prompt and system prompt of an earlier row: asked and written once),
+`teacher_failed` (or `teacher_rejected`, `no_content`), `empty_answer`. Writes distill.jsonl
 (OpenAI `messages` rows with `source`), rejected.jsonl, report.json / report.md, progress.jsonl (resumable, as for
 `data synth`).
 """
@@ -23,8 +24,10 @@ SAFETY_SYSTEM = ("You are a safe and responsible assistant. Answer helpfully and
 
 def distill_cli(args) -> int:
     from tuneforge.data.curate.synth import print_notes, teacher_counts
+    from tuneforge.data.curate.synth.teacher import resume_hint
 
-    report = distill(args)
+    with resume_hint(args.out):
+        report = distill(args)
     print(f"{counted(report['rows'], 'distilled row')} -> {report['out']}/distill.jsonl (teacher: "
           f"{teacher_counts(report['teacher'])}); dropped: {report['rejected'] or 'none'}")
     print_notes(report)
@@ -45,10 +48,12 @@ def distill(args) -> dict:
     out = rows.prepare_out(args.out, files, ["distill.jsonl", "rejected.jsonl", "report.json", "report.md",
                                              "progress.jsonl"])
     result = Result()
-    prompts, seen = [], set()
+    prompts, first = [], {}
     for source, (text, own) in texts_of(files, result, _prompt_and_system, "prompt"):
-        if (text, own) not in seen:  # CValues has several rows per prompt: each prompt once
-            seen.add((text, own))
+        if (text, own) in first:  # CValues has several rows per prompt: each prompt once, the rest counted
+            result.reject("duplicate_prompt", source=source, prompt=text, duplicate_of=first[text, own])
+        else:
+            first[text, own] = source
             prompts.append((source, text, own))
     if not prompts:
         raise DataError(f"No prompts in {', '.join(map(str, files))}: rows need `instruction`, `prompt` or a user "

@@ -227,8 +227,8 @@ def inspect(args: InspectArgs) -> dict:
     config = load_config(args)
     args = settled(args, config)
     sources = rows.sources_of(args)
-    out = rows.prepare_out(args.out, rows.input_files(sources), ["report.json", "report.md", "lengths.png",
-                                                               "turns.png", "languages.png"])
+    out = rows.prepare_out_for(args.out, sources, ["report.json", "report.md", "lengths.png", "turns.png",
+                                                   "languages.png"])
     counter = tokenizer = template = None
     data_cfg, stage = show.data_config(config, args.max_length, args.loss_on), config.stage if config else None
     if args.model:

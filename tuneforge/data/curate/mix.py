@@ -26,7 +26,7 @@ from typing import Literal
 
 from tuneforge.configs.typed import opt
 from tuneforge.data.curate import rows
-from tuneforge.errors import DataError, UserError
+from tuneforge.errors import DataError, UserError, counted
 
 STRATEGIES = ("proportional", "temperature", "equal")
 
@@ -42,6 +42,9 @@ class MixArgs(rows.SourceArgs):
     seed: int = opt(0, "Seed for sampling and shuffling (same seed, same mixture).")
     shuffle: bool = opt(True, "Shuffle the mixture (else datasets follow one another in the order given).")
     on_error: Literal["raise", "skip"] = opt("raise", "Bad rows: raise (list them and stop) or skip (count them).")
+    weights: list[float] = opt(factory=list, help="Your own share per dataset, in the order of the datasets (as "
+                                                  "LLaMA-Factory's interleave_probs); relative, so 0.5 0.3 or 5 3 "
+                                                  "give the same mixture. Given: replaces --strategy.")
 
 
 def weights(sizes: list[int], strategy: str, T: float = 1.0, K: int | None = None) -> list:
@@ -83,10 +86,11 @@ def sample(n_rows: int, count: int, rng: random.Random) -> list[int]:
 
 
 def draw(groups: list[list], strategy: str, T: float, K: int | None, size: int, seed: int,
-         shuffle: bool = True) -> tuple[list[tuple[int, object]], list[int]]:
+         shuffle: bool = True, given: list | None = None) -> tuple[list[tuple[int, object]], list[int]]:
     """The mixture of `groups` (one list of items per dataset): ([(group index, item)], counts per group). The one
-    implementation behind `tuneforge data mix` and a training config's `data.mix`; a function of the seed alone."""
-    counts = allocate(size, weights([len(g) for g in groups], strategy, T, K))
+    implementation behind `tuneforge data mix` and a training config's `data.mix`; a function of the seed alone.
+    `given`: the user's own weights (`--weights`), used instead of the strategy's."""
+    counts = allocate(size, given or weights([len(g) for g in groups], strategy, T, K))
     rng = random.Random(seed)
     picked = [(m, group[i]) for m, (group, count) in enumerate(zip(groups, counts))
               for i in sample(len(group), count, rng)]
@@ -97,27 +101,34 @@ def draw(groups: list[list], strategy: str, T: float, K: int | None, size: int, 
 
 def mix_cli(args: MixArgs) -> int:
     report = mix(args)
-    print(f"{report['size']} rows ({args.strategy}) -> {report['out']}/mix.jsonl")
+    print(f"{report['size']} rows ({report['strategy']}{settings(report)}; seed {report['seed']}) -> "
+          f"{report['out']}/mix.jsonl")
     for d in report["datasets"]:
         note = f"  repeated x{d['repeat']:.2f}" if d["repeat"] > 1 else ""
         print(f"  {d['share']:7.2%}  {d['count']:>8} of {d['rows']:>8}  {d['name']}{note}")
+    bad = report["bad_rows_skipped"]
+    if bad:  # the rows --on-error skip left out: said where the user looks, not only in report.json
+        print(f"  {counted(len(bad), 'bad row')} skipped (--on-error skip; each listed in report.json), first: "
+              f"{bad[0]}")
     return 0
 
 
 def mix(args: MixArgs) -> dict:
     _check(args)
     sources = rows.sources_of(args)
-    out = rows.prepare_out(args.out, rows.input_files(sources), ["mix.jsonl", "report.json", "report.md"])
+    out = rows.prepare_out_for(args.out, sources, ["mix.jsonl", "report.json", "report.md"])
+    given = own_weights(args.weights, sources.specs)
     datasets, bad = _read(sources, args)
     sizes = [len(examples) for _, examples in datasets]
-    shares = rates(sizes, args.strategy, args.T, args.K)
+    shares = [float(w / sum(given)) for w in given] if given else rates(sizes, args.strategy, args.T, args.K)
     size = args.size if args.size is not None else sum(sizes)
     picked, counts = draw([examples for _, examples in datasets], args.strategy, args.T, args.K, size, args.seed,
-                          args.shuffle)
+                          args.shuffle, given)
     with rows.AtomicWriter(out / "mix.jsonl") as w:
         for m, (source, example) in picked:
             w.write_row(rows.example_row(example, source=source, dataset=datasets[m][0]))
-    report = {"out": str(out), "strategy": args.strategy, "T": args.T, "K": args.K, "seed": args.seed, "size": size,
+    report = {"out": str(out), "strategy": "weights" if given else args.strategy, "weights": args.weights or None,
+              "T": args.T, "K": args.K, "seed": args.seed, "size": size,
               "bad_rows_skipped": bad,
               "datasets": [{"name": name, "rows": e, "share": round(s, 6), "count": c, "repeat": round(c / e, 4)}
                            for (name, _), e, s, c in zip(datasets, sizes, shares, counts)]}
@@ -135,6 +146,21 @@ def _check(args: MixArgs) -> None:
         raise UserError(f"`--size` must be at least 1, got {args.size}.")
 
 
+def own_weights(given: list[float], specs: list) -> list[Fraction]:
+    """`--weights` as exact fractions (0.3 is 3/10, not the nearest binary float), or [] when not given; one per
+    dataset, none negative, not all zero. They need not sum to 1: the shares are weight / sum."""
+    if not given:
+        return []
+    if len(given) != len(specs):
+        names = ", ".join(spec.path for spec in specs)
+        raise UserError(f"`--weights` has {counted(len(given), 'value')} but there are "
+                        f"{counted(len(specs), 'dataset')} ({names}): give one weight per dataset, in the same order.")
+    if any(not w >= 0 or math.isinf(w) for w in given) or not sum(given) > 0:
+        raise UserError(f"`--weights {' '.join(map(str, given))}`: weights must be finite, 0 or more, and not all 0 "
+                        f"(they are relative: 0.5 0.3 0.2 or 5 3 2).")
+    return [Fraction(str(w)) for w in given]
+
+
 def _read(sources: rows.Sources, args: MixArgs) -> tuple[list[tuple[str, list]], list[str]]:
     """[(dataset name, [(source, Example)])] per spec, and the bad rows (raised unless on_error is skip)."""
     per_spec: list[list] = [[] for _ in sources.specs]
@@ -147,8 +173,8 @@ def _read(sources: rows.Sources, args: MixArgs) -> tuple[list[tuple[str, list]],
             per_spec[row.spec_index].append((row.source, row.example))
     if bad and args.on_error == "raise":
         listing = "\n".join(f"  - {b}" for b in bad[:20])
-        raise DataError(f"{len(bad)} rows are bad:\n{listing}\nFix them, clean the data first (`tuneforge data "
-                        f"clean`), or pass `--on-error skip` to mix without them.")
+        raise DataError(f"{counted(len(bad), 'row is', 'rows are')} bad:\n{listing}\nFix them, clean the data first "
+                        f"(`tuneforge data clean`), or pass `--on-error skip` to mix without them.")
     named = [(spec.path, examples) for spec, examples in zip(sources.specs, per_spec)]
     empty = [name for name, examples in named if not examples]
     if empty:
@@ -157,13 +183,24 @@ def _read(sources: rows.Sources, args: MixArgs) -> tuple[list[tuple[str, list]],
     return named, bad
 
 
+def settings(report: dict) -> str:
+    """The settings the strategy used (T and K mean nothing to the others), for the console and report.md."""
+    if report["strategy"] == "temperature":
+        return f" T={report['T']}, K={report['K']}"
+    if report["strategy"] == "weights":
+        total = sum(Fraction(str(w)) for w in report["weights"])
+        scaled = "" if total == 1 else f"; they sum to {float(total):g}, so each share is weight / {float(total):g}"
+        return f" {' '.join(f'{w:g}' for w in report['weights'])}{scaled}"
+    return ""
+
+
 def report_md(report: dict) -> str:
-    lines = ["# tuneforge data mix", "", f"{report['size']} rows, strategy `{report['strategy']}` (T={report['T']}, "
-             f"K={report['K']}), seed {report['seed']}.", "", "| dataset | rows | share | count | note |",
-             "|---|---|---|---|---|"]
+    lines = ["# tuneforge data mix", "", f"{report['size']} rows, strategy `{report['strategy']}`{settings(report)}; "
+             f"seed {report['seed']}.", "", "| dataset | rows | share | count | note |", "|---|---|---|---|---|"]
     for d in report["datasets"]:
         note = f"repeated x{d['repeat']:.2f}" if d["repeat"] > 1 else ""
         lines.append(f"| {d['name']} | {d['rows']} | {d['share']:.2%} | {d['count']} | {note} |")
     if report["bad_rows_skipped"]:
-        lines += ["", f"{len(report['bad_rows_skipped'])} bad rows skipped (first: {report['bad_rows_skipped'][0]})."]
+        bad = report["bad_rows_skipped"]
+        lines += ["", f"{counted(len(bad), 'bad row')} skipped (first: {bad[0]})."]
     return "\n".join(lines) + "\n"

@@ -82,15 +82,23 @@ def sources_of(args: SourceArgs) -> Sources:
 
 def resolved(spec, sources: Sources):
     """(spec with registry settings applied, local path)."""
-    if sources.registry is not None and spec.path in sources.registry:
-        missing = sources.registry.missing_file(spec.path)
+    registry, name = sources.registry, spec.path
+    if registry is not None and name in registry:
+        missing = registry.missing_file(name)
         if missing is not None:
-            raise sources.registry.missing_file_error(spec.path, missing)
-        spec = sources.registry.resolve(spec)
+            raise registry.missing_file_error(name, missing)
+        spec = registry.resolve(spec)
     local = build.find_local(spec.path, sources.base_dir)
+    if local is None and spec.path != name:  # a registry entry naming a hub dataset (`hf_hub_url`), not a file
+        raise DataError(f"Registry entry `{name}` ({registry.path}) is the Hugging Face hub dataset `{spec.path}`; "
+                        f"the data tools read local files only. Download its files and point the entry at them with "
+                        f"`file_name` (relative to the registry's folder), or give the file with `--data PATH`.")
     if local is None:
-        raise DataError(f"Dataset {spec.path}: no such file or folder (nor a name in the registry). The data tools "
-                        f"read local files; give a path relative to the current folder or an absolute one.")
+        bare = "/" not in name and not Path(name).suffix  # looks like a registry name, not a path
+        hint = registry.hint(name) if registry is not None else (
+            " (A name of a dataset_info.json needs `--registry PATH`.)" if bare else "")
+        raise DataError(f"Dataset {name}: no such file or folder.{hint} The data tools read local files; give a "
+                        f"path relative to the current folder or an absolute one.")
     build.check_no_split(spec, local)
     return spec, local
 
@@ -199,6 +207,21 @@ def example_row(example: Example, **extra) -> dict:
     if example.tools:
         row["tools"] = example.tools
     return {**row, **extra}
+
+
+def prepare_out_for(out: str, sources: Sources, names: list[str]) -> Path:
+    """`prepare_out` for the inputs of `sources`, refusing first an `--out` that is, or lies inside, a folder given
+    as input: the outputs would be written among the inputs and read back as input by the next run (which then
+    refuses to overwrite them, or fails on report.json's rows)."""
+    folder = Path(out).expanduser().resolve()
+    for spec in sources.specs:
+        _, local = resolved(spec, sources)
+        local = local.resolve()
+        if local.is_dir() and (folder == local or local in folder.parents):
+            raise UserError(f"`--out {out}` lies in the input folder {local} (`--data {spec.path}`): the outputs "
+                            f"would be written among the inputs and read as input by the next run. Write to a "
+                            f"folder outside it, e.g. `--out {local.name}_out` next to it.")
+    return prepare_out(out, input_files(sources), names)
 
 
 def prepare_out(out: str, inputs: list[Path], names: list[str]) -> Path:

@@ -106,7 +106,7 @@ def safety(args: SafetyArgs) -> dict:
     if len(set(ranking)) != len(ranking) or len(ranking) < 2:
         raise UserError(f"`--ranking` needs two or more distinct types, best first; got {args.ranking}.")
     sources = rows.Sources([_spec(p) for p in args.data], None, None)
-    out = rows.prepare_out(args.out, rows.input_files(sources), ["pairs.jsonl", "report.json", "report.md"])
+    out = rows.prepare_out_for(args.out, sources, ["pairs.jsonl", "report.json", "report.md"])
     prompts, skipped = read_prompts(sources, ranking, args.unknown_types)
     counts, levels, no_pair = Counter(), Counter(), []
     with rows.AtomicWriter(out / "pairs.jsonl") as w:

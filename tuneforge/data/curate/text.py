@@ -34,6 +34,14 @@ _SCRIPTS = (
     ("en", re.compile(r"[A-Za-z\u00c0-\u024f]+")),
 )
 
+# What `language` can answer: the `--languages` a filter may ask for ("none": text without letters).
+LANGUAGES = (*(name for name, _ in _SCRIPTS), "none")
+# Names users type for a script's code (a locale, the language's name, a Latin-script language): for the error.
+LANGUAGE_ALIASES = {"cn": "zh", "chinese": "zh", "zh-cn": "zh", "zh_cn": "zh", "zh-tw": "zh", "zh_tw": "zh",
+                    "zh-hans": "zh", "zh-hant": "zh", "english": "en", "japanese": "ja", "jp": "ja", "korean": "ko",
+                    "kr": "ko", "russian": "ru", "arabic": "ar", "fr": "en", "de": "en", "es": "en", "it": "en",
+                    "pt": "en", "nl": "en", "latin": "en"}
+
 _CODE_BLOCK = re.compile(r"```.*?(?:```|$)", re.S)  # a fenced markdown code block (to the end when unclosed)
 
 

@@ -42,6 +42,7 @@ from tuneforge.data.curate.synth.teacher import (
     check_answered,
     check_teacher_args,
     failure_summary,
+    resume_hint,
 )
 from tuneforge.data.types import BadRow
 from tuneforge.errors import DataError, UserError, counted
@@ -56,7 +57,6 @@ class SynthArgs(TeacherArgs):
     out: str = opt(help="Output folder (created; rerun into it to resume an interrupted run).")
     data: list[str] = opt(factory=list, help="Input files or folders: seed tasks (self_instruct), instructions "
                                              "(evol_instruct), documents (qa_from_docs), responses (backtranslate).")
-    seed: int = opt(0, "Seed for sampling (same seed and replies, same result).")
     num_instructions: int = opt(100, "self_instruct: instructions to keep.")
     batch: int = opt(8, "self_instruct: generation prompts per round.")
     max_rounds: int = opt(50, "self_instruct: most rounds before giving up on reaching --num-instructions.")
@@ -73,7 +73,8 @@ class SynthArgs(TeacherArgs):
 
 
 def synth_cli(args: SynthArgs) -> int:
-    report = synth(args)
+    with resume_hint(args.out):
+        report = synth(args)
     print(f"{args.method}: {counted(report['rows'], 'row')} -> {report['out']}/{args.method}.jsonl "
           f"(teacher: {teacher_counts(report['teacher'])})")
     for rule, count in report["rejected"].items():

@@ -17,9 +17,11 @@ full back-off (31 s each with the defaults).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,8 @@ class TeacherArgs:
     timeout: float = opt(120.0, "Seconds to wait for one reply.")
     temperature: float = opt(0.7, "Sampling temperature of the teacher.")
     max_tokens: int = opt(1024, "Most tokens per teacher reply.")
+    seed: int = opt(0, "Seed for sampling, here and in every teacher request (OpenAI's `seed`): the same seed "
+                       "gives the same result from a server that honours it (vLLM, `tuneforge serve`).")
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class Teacher:
         self.base_url, self.model, self.api_key = endpoint(args)
         self.path = Path(progress_path)
         self.done = load_progress(self.path)
+        end_last_line(self.path)
         self.earlier = set(self.done)  # keys answered by an earlier run (the rest of `done` is this run's)
         self.stats = Stats()
         self.unreachable = 0  # requests in a row that failed to connect (reset by any HTTP answer)
@@ -126,8 +131,11 @@ class Teacher:
 
     def complete(self, batch: list[list[dict]], **params) -> list[str | Failed]:
         """The reply text for each conversation of `batch` (a Failed where there is none), in order.
-        `params` (e.g. n=candidate index as `seed`) are part of the request and of its key."""
-        params = {"temperature": self.args.temperature, "max_tokens": self.args.max_tokens, **params}
+        `params` (e.g. a per-candidate `seed`) are part of the request and of its key. Every request carries a
+        `seed` (`--seed` unless `params` sets one): without it a sampling teacher answers differently on each run,
+        and a rerun into a fresh `--out` could not reproduce a result."""
+        params = {"temperature": self.args.temperature, "max_tokens": self.args.max_tokens,
+                  "seed": self.args.seed, **params}
         return asyncio.run(self._all(batch, params))
 
     async def _all(self, batch, params) -> list[str | Failed]:
@@ -206,14 +214,14 @@ class Teacher:
         if self.unreachable < DOWN_AFTER:
             return
         this_run = len(self.done) - len(self.earlier)
+        saved = (f"Saved in {self.path}: {counted(len(self.done), 'finished request')} ({this_run} from this run); "
+                 f"the rows file is written only when a run completes, so none was written now" if self.done else
+                 "No request had finished, so nothing was saved")
         raise UserError(f"The teacher at {self.base_url} is unreachable: {DOWN_AFTER} requests in a row could not "
                         f"connect after {counted(self.args.retries, 'retry', 'retries')} each (last error: "
                         f"{reply.error}), so the run stops instead of waiting out the back-off of every remaining "
-                        f"request. Saved in {self.path}: {counted(len(self.done), 'finished request')} ({this_run} "
-                        f"from this run); the rows file is written only when "
-                        f"a run completes, so none was written now. Start the server again (or fix `--base-url`) "
-                        f"and rerun the same command with the same `--out`: saved replies are reused, only the "
-                        f"rest is asked.")
+                        f"request. {saved}. Start the server again (or fix `--base-url`) and rerun the same command "
+                        f"with the same `--out`: saved replies are reused, only the rest is asked.")
 
     async def _throttle(self) -> None:
         if self.args.rate <= 0:
@@ -273,6 +281,33 @@ def _retry_after(header: str | None, default: float) -> float:
         return min(float(header), 60.0) if header else default
     except ValueError:
         return default
+
+
+@contextlib.contextmanager
+def resume_hint(out: str):
+    """On Ctrl-C, say where the finished requests are and how to go on (the CLI itself prints only `interrupted`)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        progress = Path(out).expanduser() / "progress.jsonl"
+        done = len(load_progress(progress)) if progress.is_file() else 0
+        print(f"{counted(done, 'finished request')} saved in {progress}; rerun the same command with the same "
+              f"`--out` to resume (saved replies are reused)." if done else
+              "No teacher request had finished: nothing to resume.", file=sys.stderr)
+        raise
+
+
+def end_last_line(path: Path) -> None:
+    """End a last line cut short by an interruption, so this run's first record starts a line of its own (glued
+    to the cut line it would be unreadable, and its reply asked again on the next resume)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        cut = f.read(1) != b"\n"
+    if cut:
+        with path.open("a", encoding="utf-8") as f:
+            f.write("\n")
 
 
 def load_progress(path: Path) -> dict[str, str]:
