@@ -128,3 +128,20 @@ def test_a_utf16_file_is_one_file_error(tmp_path, encoding, bom):
     assert str(err.value).startswith(f"{path} is UTF-16 (byte order mark {bom}); save it as UTF-8")
     with pytest.raises(DataError, match="is UTF-16"):
         list(readers.iter_jsonl(path))  # the data tools' streaming reader too
+
+
+def test_a_data_tool_output_folder_names_its_rows_file(tmp_path):
+    """`--data data/alpaca_clean` (the folder `tuneforge data clean` wrote) read its rejected.jsonl as training rows
+    (or, empty, failed on it) and its report.json as a dataset: now one error naming clean.jsonl."""
+    from tuneforge.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    assert main(["data", "clean", "--data", str(rows), "--out", str(tmp_path / "cleaned")]) == 0
+    with pytest.raises(DataError, match=r"cleaned is the output folder of a `tuneforge data` command: "
+                                        r"rejected.jsonl, report.json are its reports .* `.*cleaned/clean.jsonl`"):
+        read_local(tmp_path / "cleaned")
+    assert len(read_local(tmp_path / "cleaned" / "clean.jsonl")) == 1
+    (tmp_path / "plain").mkdir()  # a folder of data that merely holds a report.json is read as before
+    (tmp_path / "plain" / "report.json").write_text('[{"instruction": "x", "output": "y"}]', encoding="utf-8")
+    assert len(read_local(tmp_path / "plain")) == 1

@@ -72,11 +72,33 @@ def no_rows(path: Path) -> DataError:
 
 
 def read_folder(folder: Path) -> Rows:
+    return [row for file in folder_files(folder) for row in read_local(file)]
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The data files under a folder (sorted, recursive; hidden files and a registry's dataset_info.json aside)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and data_suffix(p) in READERS
                    and not p.name.startswith(".") and p.name != "dataset_info.json")
     if not files:
         raise DataError(f"{folder} is a folder without data files ({', '.join(SUFFIXES)}).")
-    return [row for file in files for row in read_local(file)]
+    refuse_tool_reports(files)
+    return files
+
+
+TOOL_REPORTS = ("rejected.jsonl", "report.json", "progress.jsonl")  # what `tuneforge data` writes beside its rows
+
+
+def refuse_tool_reports(files: list[Path]) -> None:
+    """A `tuneforge data` output folder given whole would train on its removed rows (rejected.jsonl) and fail on
+    its report.json: say which file holds the rows instead. Its report.md beside them tells such a folder."""
+    reports = [p for p in files if p.name in TOOL_REPORTS and (p.parent / "report.md").is_file()]
+    if not reports:
+        return
+    rows = [p for p in files if p.parent == reports[0].parent and p.name not in TOOL_REPORTS]
+    given = f" Give its rows file instead: `{rows[0]}`." if rows else ""
+    raise DataError(f"{reports[0].parent} is the output folder of a `tuneforge data` command: "
+                    f"{', '.join(sorted({p.name for p in reports}))} are its reports (removed rows, counts, "
+                    f"saved teacher replies), not training rows.{given}")
 
 
 def data_suffix(path: Path) -> str:

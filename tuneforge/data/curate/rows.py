@@ -187,9 +187,7 @@ def _adapt(raw, spec, guessed: dict, alignment: bool = False) -> Row:
 
 def _raw_rows(local: Path) -> Iterator:
     if local.is_dir():
-        files = sorted(p for p in local.rglob("*") if p.is_file() and readers.data_suffix(p) in readers.READERS
-                       and not p.name.startswith(".") and p.name != "dataset_info.json")
-        for file in files:
+        for file in readers.folder_files(local):
             yield from _raw_rows(file)
     elif readers.data_suffix(local) == ".jsonl":  # streamed (also .jsonl.gz): 100k rows are not held
         yield from readers.iter_jsonl(local)
