@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -197,6 +198,29 @@ def test_vllm_command_line(tiny_llama_dir, tmp_path):
     save_file({k.replace("layers", "blocks"): v for k, v in load_file(weights).items()}, weights)
     with pytest.raises(UserError, match="match no weight of the base model"):
         vllm_command(args, "tiny-llama", python="python")
+
+
+def test_vllm_gets_a_template_it_can_read_and_adapters_trained_with_another_are_named(tiny_llama_dir, tmp_path):
+    """`--chat-template chatml` went to vLLM as the word "chatml" (it reads a file or Jinja text), and an adapter
+    trained with its own template was served by vLLM with the base model's, unsaid."""
+    import shutil
+
+    from tests.inference.test_serve import make_lora, record_template
+    from tuneforge.data.templates import BUILTIN_TEMPLATES
+    from tuneforge.inference.serve.vllm import vllm_chat_template, vllm_command
+
+    assert vllm_chat_template(ServeArgs(model=str(tiny_llama_dir), chat_template="chatml")) == \
+        BUILTIN_TEMPLATES["chatml"]
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora", 1)
+    assert vllm_chat_template(ServeArgs(model=str(tiny_llama_dir), adapter=[f"math={lora}"])) is None
+    own = record_template(Path(shutil.copytree(lora, tmp_path / "own")), "chatml")
+    with pytest.raises(UserError, match=r"Adapter\(s\) own were trained with another chat template .* "
+                                        r"--chat-template"):
+        vllm_chat_template(ServeArgs(model=str(tiny_llama_dir), adapter=[f"math={lora}", f"own={own}"]))
+    assert vllm_chat_template(ServeArgs(model=str(tiny_llama_dir), adapter=[f"own={own}"],
+                                        chat_template="chatml")) == BUILTIN_TEMPLATES["chatml"]
+    cmd = vllm_command(ServeArgs(model=str(tiny_llama_dir)), "m", python="python", template_file=tmp_path / "t.jinja")
+    assert cmd[cmd.index("--chat-template") + 1] == str(tmp_path / "t.jinja")
 
 
 def test_vllm_backend_is_a_clear_error_without_vllm_or_gpu(capsys):

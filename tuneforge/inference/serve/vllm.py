@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tuneforge.errors import UserError
@@ -82,8 +83,9 @@ def check_lora_against_checkpoint(name: str, adapter_dir: Path, base_names: set[
     return int(config.get("r", 8))
 
 
-def vllm_command(args, base_id: str, python: str = sys.executable) -> list[str]:
-    """vLLM's OpenAI server command line for the same model ids, address and limits as `tuneforge serve`."""
+def vllm_command(args, base_id: str, python: str = sys.executable, template_file: Path | None = None) -> list[str]:
+    """vLLM's OpenAI server command line for the same model ids, address and limits as `tuneforge serve`;
+    `template_file`: the chat template for every request (see `vllm_chat_template`)."""
     from tuneforge.inference.serve.models import parse_adapter_specs
 
     model = _model_folder(args.model)
@@ -100,19 +102,54 @@ def vllm_command(args, base_id: str, python: str = sys.executable) -> list[str]:
         rank = next((r for r in LORA_RANKS if r >= max(ranks)), max(ranks))
         cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank), "--lora-modules",
                 *(f"{name}={Path(folder).expanduser()}" for name, folder in adapters.items())]
-    if args.chat_template:
-        cmd += ["--chat-template", args.chat_template]
+    if template_file is not None:
+        cmd += ["--chat-template", str(template_file)]
     if args.trust_remote_code:
         cmd.append("--trust-remote-code")
     return cmd + list(args.vllm_args)
 
 
+def vllm_chat_template(args) -> str | None:
+    """The Jinja source vLLM should render every request with, or None for the model's own. vLLM reads a file or
+    Jinja text, not TuneForge's built-in names (`--chat-template chatml` would render the word), so a name is
+    resolved here. vLLM has one template for all ids: an adapter trained with another template than the base's
+    (recorded in its run, or saved beside it) is refused unless --chat-template says which to use."""
+    from tuneforge.data.templates import resolve_chat_template
+    from tuneforge.inference.serve.models import parse_adapter_specs, trained_templates
+    from tuneforge.models.adapter_loading import saved_template
+
+    if args.chat_template:
+        return resolve_chat_template(None, args.chat_template)
+    model = Path(args.model).expanduser()
+    base = saved_template(model) if model.is_dir() else None
+    trained = trained_templates(parse_adapter_specs(args.adapter), None)
+    differ = sorted(name for name, template in trained.items() if resolve_chat_template(None, template) != base)
+    if differ:
+        raise UserError(f"Adapter(s) {', '.join(differ)} were trained with another chat template than the base "
+                        f"model's, and vLLM renders every request with one template. Pass the one to use with "
+                        f"--chat-template (a built-in name, a .jinja file or Jinja text; it applies to the base "
+                        f"model's requests too), or serve with the default --backend tuneforge, which renders each "
+                        f"adapter's requests with its own.")
+    return None
+
+
 def run_vllm(args) -> int:
-    from tuneforge.inference.serve.main import is_loopback, resolve_api_key
     from tuneforge.inference.serve.models import base_model_id
 
     check_vllm_available()
-    cmd = vllm_command(args, args.served_model_name or base_model_id(args.model))
+    template = vllm_chat_template(args)
+    with tempfile.TemporaryDirectory(prefix="tuneforge-vllm-") as folder:  # vLLM reads it at start; kept while it runs
+        template_file = None
+        if template is not None:
+            template_file = Path(folder) / "chat_template.jinja"
+            template_file.write_text(template, encoding="utf-8")
+        return _exec_vllm(args, vllm_command(args, args.served_model_name or base_model_id(args.model),
+                                             template_file=template_file))
+
+
+def _exec_vllm(args, cmd: list[str]) -> int:
+    from tuneforge.inference.serve.main import is_loopback, resolve_api_key
+
     env = dict(os.environ)
     key = resolve_api_key(args)
     if key:
