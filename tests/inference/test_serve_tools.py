@@ -138,6 +138,22 @@ def test_tool_calls_through_the_openai_client(family):
         assert none.choices[0].message.tool_calls is None and engine.prompts[-1][1] is None
 
 
+@pytest.mark.parametrize("family", ["hermes", "mistral"])
+def test_parallel_tool_calls_false_returns_one_call(family):
+    """`parallel_tool_calls: false` was accepted and ignored: a model writing two calls returned both, where OpenAI
+    returns one at most. Whole and streamed alike."""
+    _, server = _scripted_client(REPLIES[family], family)
+    with server as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        ask = dict(model="m", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                   parallel_tool_calls=False)
+        calls = client.chat.completions.create(**ask).choices[0].message.tool_calls
+        assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris"]
+        streamed = [tc.function.arguments for chunk in client.chat.completions.create(**ask, stream=True)
+                    for tc in chunk.choices[0].delta.tool_calls or [] if tc.function.arguments]
+        assert [json.loads(a)["city"] for a in streamed] == ["Paris"]
+
+
 def test_named_tool_choice_starts_the_call_for_the_model():
     engine, server = _scripted_client(REPLIES["hermes"].split("\n", 1)[1], "hermes")
     with server as url:

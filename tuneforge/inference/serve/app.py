@@ -255,7 +255,8 @@ async def _chat(req: ChatCompletionRequest, request: Request, state: ServerState
     logprobs, top = bool(req.logprobs), int(req.top_logprobs or 0) if req.logprobs else 0
     jobs = [(ids, sampling(req, max_tokens, i, logprobs, top)) for i in range(req.n)]
     handles = submit_all(engine, jobs, adapter)
-    choices = [Choice(index=i, handle=h, parser=ToolCallParser(family) if family else None, prefill=prefill)
+    most = 1 if req.parallel_tool_calls is False else None  # OpenAI: at most one call when parallel calls are off
+    choices = [Choice(index=i, handle=h, parser=ToolCallParser(family, most) if family else None, prefill=prefill)
                for i, h in enumerate(handles)]
     first_events = start_parsers(choices)
     token_text = TokenText(engine.tokenizer)

@@ -89,10 +89,12 @@ class ToolCallParser:
     """Incremental parser for one reply: `feed` text pieces, then `finish`; both return a list of events, each
     either a str (content) or a ToolCall."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, max_calls: int | None = None):
+        """`max_calls`: 1 for a request with `parallel_tool_calls: false` (OpenAI then returns one call at most; a
+        model may still write several, and the later ones are dropped)."""
         if family not in FAMILIES:
             raise ValueError(f"unknown tool-call family {family!r}; one of {FAMILIES}")
-        self.family = family
+        self.family, self.max_calls = family, max_calls
         self.buffer = ""
         self.in_call = False  # inside a call (hermes) or past the start of the calls block (llama3, mistral)
         self.decided = False  # llama3/mistral: whether the reply's start has been classified
@@ -115,9 +117,10 @@ class ToolCallParser:
             return events
         return [e for e in events if not (isinstance(e, str) and not e.strip())]
 
-    def _call(self, call: ToolCall) -> ToolCall:
-        self.calls += 1
-        return call
+    def _calls(self, calls: list[ToolCall]) -> list[ToolCall]:
+        room = len(calls) if self.max_calls is None else max(0, self.max_calls - self.calls)
+        self.calls += len(calls)
+        return calls[:room]
 
     def _feed_hermes(self, final: bool) -> list:
         start, end = "<tool_call>", "</tool_call>"
@@ -130,7 +133,7 @@ class ToolCallParser:
                 body = self.buffer[:close] if close >= 0 else self.buffer
                 raw = start + (self.buffer[:close + len(end)] if close >= 0 else body)
                 calls = _calls_from_text(body)  # an unterminated call at the very end counts when its JSON is whole
-                events += [self._call(c) for c in calls] if calls else [raw]
+                events += self._calls(calls) if calls else [raw]
                 self.buffer = self.buffer[close + len(end):] if close >= 0 else ""
                 self.in_call = False
                 continue
@@ -179,7 +182,7 @@ class ToolCallParser:
         for marker in ("<|python_tag|>", "[TOOL_CALLS]"):
             body = body.removeprefix(marker)
         calls = _calls_from_text(body)
-        return [self._call(c) for c in calls] if calls else [text]
+        return self._calls(calls) if calls else [text]
 
 
 def parse_tool_calls(text: str, family: str) -> tuple[str, list[ToolCall]]:
