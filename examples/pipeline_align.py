@@ -4,7 +4,8 @@
 
 Every stage starts from the SFT model (trained with method full, so it is a plain model folder the next stages load
 as `model.name_or_path`): sft -> rm -> ppo (reward: the rm folder) and sft -> dpo. Extra key=value overrides apply to
-every stage (e.g. training.max_steps=2 for a quick run; a test runs it so in the default suite).
+every stage (e.g. training.max_steps=2 for a quick run; a test runs it so in the default suite), except
+`model.name_or_path=M`, the model SFT starts from (default runs/tiny-qwen2), and `output_dir=D`, the same as OUT.
 """
 
 from __future__ import annotations
@@ -39,8 +40,24 @@ def run_pipeline(out: str | Path = "outputs/pipeline_align", model: str = "runs/
     return folders
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
+def main(args: list[str]) -> int:
+    """The command line: OUT and key=value overrides. `model.name_or_path=M` is the model the pipeline starts from
+    and `output_dir=D` is OUT: applied to every stage they would replace the SFT model the later stages start from
+    (or put all four runs in one folder). A user mistake is one paragraph, as `tuneforge train` prints it."""
+    from tuneforge.errors import UserError
+
     positional = [a for a in args if "=" not in a]
-    run_pipeline(positional[0] if positional else "outputs/pipeline_align",
-                 overrides=[a for a in args if "=" in a])
+    overrides = [a for a in args if "=" in a]
+    model = [a.partition("=")[2] for a in overrides if a.startswith("model.name_or_path=")]
+    out = [a.partition("=")[2] for a in overrides if a.startswith("output_dir=")] + positional
+    overrides = [a for a in overrides if not a.startswith(("model.name_or_path=", "output_dir="))]
+    try:
+        run_pipeline(out[-1] if out else "outputs/pipeline_align", *(model[-1:]), overrides=overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

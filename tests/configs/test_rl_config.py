@@ -33,3 +33,36 @@ def test_a_temperature_of_zero_or_below_is_refused_once_in_rls_words(temperature
         load_train_config(None, ["stage=grpo", "data.train=[x]", f"grpo.temperature={temperature}"])
     assert "`grpo.temperature` must be > 0: greedy rollouts" in str(e.value)
     assert "Sampling parameter `grpo.temperature`" not in str(e.value)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_a_reward_folder_that_is_not_there_yet_is_said_as_such(stage, tmp_path, monkeypatch):
+    """examples/ppo_rm_tiny.yaml before examples/rm_tiny.yaml: the reward folder is missing, which was said as
+    "neither a built-in, a module:function nor an existing rm output folder", not naming where it looked."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, [f"stage={stage}", "data.train=[x]", f"{stage}.reward={{outputs/rm_tiny: 1.0}}"])
+    msg = str(e.value)
+    assert "names the folder `outputs/rm_tiny`, which does not exist" in msg and str(tmp_path) in msg
+    assert "train the reward model first" in msg
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError) as e:  # a file of the reward model, not its folder
+        load_train_config(None, [f"stage={stage}", "data.train=[x]", f"{stage}.reward={{./model.safetensors: 1}}"])
+    assert "names the file `./model.safetensors`; a reward model is a folder" in str(e.value)
+
+
+def test_a_misspelled_built_in_reward_gets_the_name_it_meant():
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["stage=grpo", "data.train=[x]", "grpo.reward={exact_matc: 1.0}"])
+    assert "Did you mean `exact_match`?" in str(e.value)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_rewards_all_weighted_zero_are_refused(stage):
+    """Every completion scored 0: GRPO's groups all constant, PPO learning from the KL penalty alone, and the run
+    said "done" as if it had trained on the reward."""
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, [f"stage={stage}", "data.train=[x]", f"{stage}.reward={{length: 0, format: 0}}"])
+    assert f"`{stage}.reward` weighs every reward 0 (length, format)" in str(e.value)
+    cfg = load_train_config(None, [f"stage={stage}", "data.train=[x]", f"{stage}.reward={{length: 1, format: 0}}"])
+    assert getattr(cfg, stage).reward == {"length": 1.0, "format": 0.0}  # a 0 beside others: logged, not trained on

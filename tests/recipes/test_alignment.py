@@ -165,6 +165,35 @@ def test_lora_reference_is_the_untouched_base_model(tiny_qwen2_dir):
     assert Reference(peft_model).copy is None  # no second copy of the model is held
 
 
+@pytest.mark.parametrize("noise", ["dropout", "neftune"])
+def test_a_live_reference_is_the_base_model_in_eval_mode(noise, tiny_qwen2_dir):
+    """With adapters the reference is the policy itself, which is in training mode: its pass got the model's dropout
+    and NEFTune's noise, so it changed from call to call and was not the precomputed reference (eval mode)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.training.reference import Reference, response_logps
+    from tuneforge.tricks import neftune_hook
+
+    noisy = {"attention_dropout": 0.5, "attn_implementation": "eager"} if noise == "dropout" else {}
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, **noisy),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    if noise == "neftune":
+        neftune_hook(model, alpha=15.0)
+    ids = torch.randint(3, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        want = response_logps(model, batch).sum
+    model.train()
+    reference = Reference(model)
+    for _ in range(2):
+        assert torch.allclose(reference.logps(batch).sum, want, atol=1e-5)
+    assert all(m.training for m in model.modules())  # the policy goes on training in training mode
+
+
 def test_full_reference_is_a_frozen_copy_of_the_start(tiny_qwen2_dir):
     from transformers import AutoModelForCausalLM
 
@@ -300,6 +329,33 @@ def test_chain_of_hindsight_puts_feedback_in_user_turns_and_loss_on_answers(tiny
     enc = encode_chat(tok, example.messages, loss_on="assistant")
     learned = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100])
     assert "4" in learned and "5" in learned and "answer" not in learned and "2+2" not in learned
+
+
+def test_chain_of_hindsight_gives_no_loss_to_the_replies_of_a_multi_turn_prompt(tiny_qwen2_dir, tmp_path):
+    """An hh-rlhf or multi-turn pair's earlier replies are context (dpo and rm give them no loss); coh trained on
+    them as answers."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.configs.schema import CoHConfig
+    from tuneforge.data.encode import encode_chat
+    from tuneforge.data.types import PairExample
+    from tuneforge.recipes.coh import hindsight_example
+
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+              {"role": "user", "content": "2+2?"}]
+    pair = PairExample("f:1", prompt, [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}])
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    enc = encode_chat(tok, hindsight_example(pair, CoHConfig(order="good_first"), seed=0).messages,
+                      loss_on="assistant")
+    learned = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100])
+    assert "4" in learned and "5" in learned and "Hello" not in learned
+    rows = tmp_path / "pairs.jsonl"  # and through a run: the earlier reply stays in the conversation, unlabelled
+    rows.write_text("".join(json.dumps({"messages": prompt, "chosen": str(i), "rejected": str(i + 1)}) + "\n"
+                            for i in range(8)), encoding="utf-8")
+    result = run_config(load_train_config(str(ROOT / "examples" / "coh_tiny.yaml"), [
+        f"model.name_or_path={tiny_qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train=[{rows}]", *FAST,
+        "training.max_steps=1", "training.batch_size=4"]), log=lambda _: None)
+    assert result.finished
 
 
 DDP_SCRIPT = """

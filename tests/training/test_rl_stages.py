@@ -302,26 +302,44 @@ def test_settings_that_cannot_work_are_refused_up_front():
     assert "grpo.num_generations` must be at least 2" in str(e.value) and "grpo.temperature` must be > 0" in str(e.value)
 
 
-def test_pipeline_sft_rm_ppo_and_dpo(tiny_qwen2_dir, tmp_path, monkeypatch):
-    """examples/pipeline_align.py, shortened: each stage starts from the SFT model; PPO's reward is the rm folder."""
+def _pipeline_module():
     import importlib.util
 
-    monkeypatch.chdir(ROOT)
     spec = importlib.util.spec_from_file_location("pipeline_align", ROOT / "examples" / "pipeline_align.py")
     pipeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline)
-    lines = []
-    folders = pipeline.run_pipeline(tmp_path, str(tiny_qwen2_dir), [
-        "training.max_steps=2", "training.batch_size=2", "training.save_steps=0", "training.eval_steps=0",
-        "training.progress_bar=false", "training.plot_loss=false", "data.max_length=64", "data.eval_ratio=0"],
-        log=lines.append)
-    assert set(folders) == {"sft", "rm", "ppo", "dpo"}
+    return pipeline
+
+
+def test_pipeline_sft_rm_ppo_and_dpo(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """examples/pipeline_align.py, shortened: each stage starts from the SFT model; PPO's reward is the rm folder."""
+    monkeypatch.chdir(ROOT)
+    pipeline = _pipeline_module()
+    # the command line, as a user runs it: model.name_or_path= is the model SFT starts from (applied to every stage,
+    # as it was, rm, ppo and dpo started from the base model instead of the SFT model, and nothing said so)
+    assert pipeline.main([str(tmp_path), f"model.name_or_path={tiny_qwen2_dir}",
+                          "training.max_steps=2", "training.batch_size=2", "training.save_steps=0",
+                          "training.eval_steps=0", "training.progress_bar=false", "training.plot_loss=false",
+                          "data.max_length=64", "data.eval_ratio=0"]) == 0
+    folders = {name: tmp_path / name for name in ("sft", "rm", "ppo", "dpo")}
+    for name in ("rm", "dpo"):
+        assert load_train_config(str(folders[name] / "tuneforge_config.yaml")).model.name_or_path == str(folders["sft"])
     assert (folders["sft"] / "model.safetensors").is_file() and (folders["rm"] / "config.json").is_file()
     ppo_cfg = load_train_config(str(folders["ppo"] / "tuneforge_config.yaml"))
     assert ppo_cfg.model.name_or_path == str(folders["sft"]) and ppo_cfg.ppo.reward == {str(folders["rm"]): 1.0}
     rewards = rewards_of(folders["ppo"])
     assert len(rewards) == 2 and all(r == r for r in rewards)  # scored by the reward model, finite
     assert (folders["dpo"] / "adapter_model.safetensors").is_file()
+
+
+def test_pipeline_reports_a_user_mistake_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """`python examples/pipeline_align.py` before `tuneforge init-model`: the missing model was a traceback."""
+    monkeypatch.chdir(ROOT)
+    pipeline = _pipeline_module()
+    assert pipeline.main([f"output_dir={tmp_path / 'out'}", f"model.name_or_path={tmp_path / 'no-model'}",
+                          "training.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-model" in err and "Traceback" not in err
 
 
 def test_a_reward_folder_of_the_wrong_kind_is_a_clear_error(tiny_qwen2_dir, tmp_path):

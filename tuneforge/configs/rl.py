@@ -12,6 +12,7 @@ Rewards (`reward:` in either section) map a reward to its weight; the total is t
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -78,14 +79,39 @@ def rl_problems(cfg) -> list[str]:
     if cfg.stage == "grpo" and cfg.grpo.num_generations < 2:
         problems.append(f"`grpo.num_generations` must be at least 2 (advantages compare completions within a group), "
                         f"got {cfg.grpo.num_generations}.")
-    problems += sampling_problems(cfg.stage, section)
-    for name in section.reward:
-        if name not in BUILTIN_REWARDS and ":" not in name and not Path(name).is_dir():
-            problems.append(f"`{cfg.stage}.reward` names `{name}`: neither a built-in ({', '.join(BUILTIN_REWARDS)}), "
-                            f"a `module:function` nor an existing rm output folder.{reward_form_hint(name)}")
+    problems += sampling_problems(cfg.stage, section) + reward_problems(cfg.stage, section.reward)
     if section.epochs < 1:
         problems.append(f"`{cfg.stage}.epochs` must be at least 1, got {section.epochs}.")
     return problems + range_problems(cfg, section)
+
+
+def reward_problems(stage: str, rewards: dict) -> list[str]:
+    """Rewards that name nothing usable, and weights that leave no signal (every completion would score 0: GRPO's
+    groups all constant, PPO's reward the KL penalty alone, while the run says it trains)."""
+    problems = [unknown_reward(stage, name) for name in rewards
+                if name not in BUILTIN_REWARDS and ":" not in name and not Path(name).is_dir()]
+    weights = [w for w in rewards.values() if isinstance(w, (int, float))]  # a non-number is said by the typing
+    if rewards and weights and not any(weights):
+        problems.append(f"`{stage}.reward` weighs every reward 0 ({', '.join(rewards)}), so every completion scores 0 "
+                        f"and the run learns nothing from them: give at least one reward a non-zero weight (a weight "
+                        f"of 0 beside others keeps that reward in the log without training on it).")
+    return problems
+
+
+def unknown_reward(stage: str, name: str) -> str:
+    """Why `stage.reward` cannot use `name`, and the fix: a missing rm folder (the usual case: ppo_rm_tiny.yaml run
+    before rm_tiny.yaml) said as such, naming the folder it looked in, rather than as an unknown reward."""
+    if Path(name).is_file():
+        return (f"`{stage}.reward` names the file `{name}`; a reward model is a folder (the output_dir of a "
+                f"`stage: rm` run, holding config.json): name that folder.")
+    if "/" in name or "\\" in name or name.startswith(("~", ".")):
+        return (f"`{stage}.reward` names the folder `{name}`, which does not exist (looked in {Path.cwd()}): train the "
+                f"reward model first (a `stage: rm` run with this output_dir, e.g. `tuneforge train "
+                f"examples/rm_tiny.yaml` for outputs/rm_tiny), or fix the path.")
+    close = difflib.get_close_matches(name, BUILTIN_REWARDS, n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else reward_form_hint(name)
+    return (f"`{stage}.reward` names `{name}`: neither a built-in ({', '.join(BUILTIN_REWARDS)}), a `module:function` "
+            f"nor an existing rm output folder.{hint}")
 
 
 def sampling_problems(stage: str, section) -> list[str]:

@@ -513,6 +513,11 @@ def _dpo_problems(d: DPOConfig) -> list[str]:
         problems.append(f"`dpo.beta` must be > 0, got {d.beta}.")
     if d.sft_weight < 0:
         problems.append(f"`dpo.sft_weight` must be >= 0, got {d.sft_weight}.")
+    if d.simpo_gamma < 0:
+        problems.append(f"`dpo.simpo_gamma` is SimPO's target reward margin, >= 0; got {d.simpo_gamma}.")
+    elif d.simpo_gamma != 1.0 and d.loss != "simpo":
+        problems.append(f"`dpo.simpo_gamma` ({d.simpo_gamma}) is read by `dpo.loss: simpo` only; `dpo.loss: {d.loss}` "
+                        f"ignores it: drop it, or set dpo.loss=simpo.")
     if d.precompute_reference and d.loss in ("simpo", "orpo"):
         problems.append(f"`dpo.loss: {d.loss}` uses no reference model: drop `dpo.precompute_reference`.")
     return problems
@@ -553,6 +558,9 @@ def _stage_problems(cfg: TrainConfig) -> list[str]:
     if cfg.stage == "rm" and cfg.method in METHODS and not METHODS[cfg.method].mergeable:
         problems.append(f"Stage rm saves a merged sequence-classification model, and method `{cfg.method}` cannot be "
                         f"merged into the base weights. Use lora, full, freeze or another mergeable method.")
+    if cfg.stage in ("rm", "dpo", "kto", "ppo", "grpo") and cfg.data.loss_on != "assistant":
+        problems.append(f"`data.loss_on: {cfg.data.loss_on}` chooses which chat turns get loss in stages sft and coh; "
+                        f"stage {cfg.stage} scores the reply alone and would ignore it: drop it.")
     if cfg.stage in ("rm", "dpo", "kto") and cfg.data.packing:
         problems.append(f"Stage {cfg.stage} never packs (each pair or reply is scored as a whole): drop "
                         f"`data.packing`.")

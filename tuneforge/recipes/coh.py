@@ -12,8 +12,9 @@ A pair (prompt, chosen, rejected) becomes one conversation:
     assistant: <rejected>
 
 (which reply comes first: `coh.order`, random per row by default). The feedback phrases sit in user turns, so the
-SFT loss covers the model's answers only; the rest is the SFT stage unchanged (same encoder, same loss). At
-inference, end the prompt with the good phrase to ask for a good answer.
+SFT loss covers the two answers only (the earlier replies of a multi-turn prompt are context, without loss, as in
+dpo); the rest is the SFT stage unchanged (same encoder, same loss). At inference, end the prompt with the good
+phrase to ask for a good answer.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def hindsight_example(pair: PairExample, opts, seed: int) -> Example:
                                                 .random() < 0.5)
     (first_phrase, first), (second_phrase, second) = (good, bad) if good_first else (bad, good)
     *before, question = pair.prompt
+    # the prompt's own replies (a multi-turn prompt, hh-rlhf's earlier turns) are context, not answers: no loss, as
+    # in dpo/rm (encode_pair's skip_turns); `loss_weight: 0` is how a row says that to the SFT encoder
+    before = [{**m, "loss_weight": 0} if m["role"] == "assistant" else m for m in before]
     asked = {**question, "content": f"{question['content']}\n\n{first_phrase}"}
     messages = [*before, asked, *first, {"role": "user", "content": second_phrase}, *second]
     return Example(pair.source, messages=messages, tools=pair.tools)

@@ -72,8 +72,27 @@ class Reference:
 
     @torch.no_grad()
     def logps(self, batch: dict, at_labels: bool = True) -> SequenceLogps:
-        with self._context():
+        with self._context(), eval_mode(self.module):
             return response_logps(self._forward(), batch, at_labels)
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """`module` in eval mode for one reference pass, its modes back afterwards. Why: with adapters (or a prompt
+    method) the reference is the policy itself, which is in training mode, so the reference pass got the model's
+    dropout and NEFTune's embedding noise: a reference that changed from call to call and was not the precomputed
+    one (computed in eval mode). The frozen copy is in eval mode already."""
+    if not module.training:
+        yield
+        return
+    kept_in_eval = [m for m in module.modules() if not m.training]
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
+        for m in kept_in_eval:  # a submodule the run keeps in eval mode stays so
+            m.training = False
 
 
 @torch.inference_mode()

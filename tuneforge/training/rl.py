@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.configs.rl import BUILTIN_REWARDS, reward_form_hint
+from tuneforge.configs.rl import BUILTIN_REWARDS, reward_form_hint, unknown_reward
 from tuneforge.data.example_task import exact_match
 from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, EncodedPrompt
 from tuneforge.errors import ConfigError, DataError, UserError
@@ -135,8 +135,7 @@ def check_rewards(section, key: str) -> tuple[list[str], list[str]]:
         elif ":" in name:
             reads += [name] if _reads_reference(_import_function(name)) else []
         else:
-            raise ConfigError(f"`{key}.reward` names `{name}`: neither a built-in ({', '.join(BUILTIN_REWARDS)}), "
-                              f"a `module:function` nor an existing rm output folder.{reward_form_hint(name)}")
+            raise ConfigError(unknown_reward(key, name))
     return needs, reads
 
 
