@@ -763,3 +763,32 @@ def test_distributed_deepspeed_is_training_s_default_stage_and_offload_needs_dee
 def test_one_gpu_note_names_the_engine_asked_for():
     notes = estimate(EstimateArgs(model="llama3-8b", methods="full", distributed="fsdp")).notes
     assert any(n.startswith("--distributed fsdp with 1 GPU shards nothing") for n in notes), notes
+
+
+def test_a_seq_len_past_the_model_s_context_is_said(tmp_path):
+    """`--seq-len 100000` on llama-7b (2048 positions) or 4096 on a folder whose config says 2048 gave figures with no
+    word that the model was never built for that length (`tuneforge train` notes it for data.max_length)."""
+    _, folder = saved_config(tmp_path, "qwen2", max_position_embeddings=512)
+    past = estimate(EstimateArgs(model=str(folder), methods="lora", seq_len=1024))
+    assert any("--seq-len 1024 is past the 512 positions" in n and "Lower --seq-len to 512" in n for n in past.notes)
+    within = estimate(EstimateArgs(model=str(folder), methods="lora", seq_len=512))
+    assert not any("positions" in n for n in within.notes)
+    assert any("past the 2048 positions llama-7b" in n for n in
+               estimate(EstimateArgs(model="llama-7b", methods="lora", seq_len=4096)).notes)
+    assert not any("positions" in n for n in  # Llama-2-7b shares llama-7b's shapes, with 4096 positions
+                   estimate(EstimateArgs(model="llama2-7b", methods="lora", seq_len=4096)).notes)
+    assert all(shape.context >= 2048 for shape in PRESETS.values())
+
+
+def test_a_weights_file_or_an_adapter_folder_as_model_says_what_to_pass(tmp_path):
+    """A file that exists was reported as "no such folder", and an adapter folder as a missing config.json."""
+    _, folder = saved_config(tmp_path, "llama")
+    weights = tmp_path / "llama" / "model.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(UserError, match=f"is a file; pass the model folder that holds config.json \\({folder}\\)"):
+        resolve_shape(str(weights))
+    adapter = tmp_path / "lora-run"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": folder}))
+    with pytest.raises(UserError, match=f"holds an adapter .*: --model {folder}, with the adapter's method"):
+        resolve_shape(str(adapter))

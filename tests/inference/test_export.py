@@ -385,3 +385,85 @@ def test_adapter_folder_export_keeps_the_trained_template_for_chat(adapters, tmp
     assert "library_name: peft\n" in card and "## Use it" not in card and "cannot be merged" in card
     _, tokenizer = load_for_chat(ChatArgs(model=str(base), adapter=str(out), device="cpu"))
     assert "<|im_start|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_a_bare_shard_size_is_refused_not_read_as_bytes(tiny_llama_dir, tmp_path):
+    """LLaMA-Factory's `export_size: 5` means 5 GB; `--max-shard-size 5` was read as 5 bytes and wrote one file per
+    tensor (27 shards for the tiny model, hundreds for a 7B one)."""
+    with pytest.raises(UserError, match="'5' has no unit; write 5GB"):
+        export_cli(ExportArgs(out=str(tmp_path / "x"), model=str(tiny_llama_dir), max_shard_size="5"))
+    assert not (tmp_path / "x").exists()
+    assert parse_shard_size("2G") == 2 * 10**9 and parse_shard_size("500M") == 500 * 10**6
+    assert parse_shard_size("1000B") == 1000
+
+
+def test_overwrite_never_deletes_a_folder_that_holds_folders(tiny_llama_dir, tmp_path, monkeypatch):
+    """--overwrite replaces the whole --out folder; a project folder given by mistake (it has subfolders, which no
+    export writes) used to be deleted with everything in it."""
+    from tuneforge.inference.export import source
+
+    monkeypatch.setattr(source, "load_merged", lambda *a, **k: pytest.fail("loaded before checking --out"))
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds folders \(src\).*would delete all of it"):
+        export_cli(ExportArgs(out=str(project), model=str(tiny_llama_dir), overwrite=True))
+    assert (project / "notes.txt").read_text() == "mine" and (project / "src").is_dir()
+
+
+def test_options_an_export_cannot_use_are_said_not_dropped(adapters, tmp_path, capsys):
+    """--dtype on an adapter folder (its weights are copied as trained) and --max-shard-size on GGUF or adapter
+    folders did nothing, silently."""
+    adapter = adapters["prompt-llama"][1]
+    assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "a"), "--dtype", "bf16",
+                 "--max-shard-size", "1GB"]) == 0
+    err = capsys.readouterr().err
+    assert "--dtype bf16 does not apply to an adapter folder" in err
+    assert "--max-shard-size 1GB does not apply" in err
+    base, lora = adapters["lora-llama"]
+    assert main(["export", "--adapter", str(lora), "--out", str(tmp_path / "g"), "--format", "gguf",
+                 "--max-shard-size", "1GB"]) == 0
+    assert "--max-shard-size 1GB does not apply: a GGUF export is one file" in capsys.readouterr().err
+    assert main(["export", "--adapter", str(lora), "--out", str(tmp_path / "h"), "--dtype", "bf16"]) == 0
+    assert "does not apply" not in capsys.readouterr().err  # a merged folder uses both
+
+
+SIGTERM_MID_WRITE = r"""
+import os, signal, sys
+from tuneforge.cli import main
+from tuneforge.inference.export import hf
+real = hf.write_hf_folder
+def write_then_terminated(model, tokenizer, folder, dtype, shard):
+    (folder / "config.json").write_text("{}")
+    os.kill(os.getpid(), signal.SIGTERM)  # `kill PID` or a scheduler's time limit, mid-write
+    return real(model, tokenizer, folder, dtype, shard)
+hf.write_hf_folder = write_then_terminated
+sys.exit(main(["export", "--model", sys.argv[1], "--out", sys.argv[2]]))
+"""
+
+
+def test_sigterm_mid_export_leaves_nothing_half_written(tiny_llama_dir, tmp_path):
+    """SIGTERM ended Python without unwinding, so the temp folder next to --out (a whole model's worth of
+    shards) stayed behind; Ctrl-C already cleaned up."""
+    out = tmp_path / "exports" / "model"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_MID_WRITE, str(tiny_llama_dir), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (143, -15), proc.stderr[-2000:]
+    assert list(out.parent.iterdir()) == [], [p.name for p in out.parent.iterdir()]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_moved_base_is_named_once(adapters, tmp_path):
+    """adapter_config.json and the run's tuneforge_config.yaml both name the base: a moved base was listed twice
+    ("it names /gone/base, /gone/base, which does not exist")."""
+    _, lora = adapters["lora-llama"]
+    run = tmp_path / "run"
+    run.mkdir()
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "/gone/base"}))
+    (run / "tuneforge_config.yaml").write_text("method: lora\nmodel:\n  name_or_path: /gone/base\n")
+    with pytest.raises(UserError) as raised:
+        source.base_reference(run)
+    assert str(raised.value).count("/gone/base") == 1 and "(it names /gone/base, which does not exist" in str(
+        raised.value)

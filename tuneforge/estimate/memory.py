@@ -503,7 +503,7 @@ def validate(args: EstimateArgs, shape: ModelShape) -> list[str]:
             raise UserError(f"`--{key.replace('_', '-')}` must be 0 (the default size) or positive, "
                             f"got {getattr(args, key)}.")
     validate_freeze_layers(args.freeze_layers, shape)
-    notes = []
+    notes = [past_the_context(shape, args.seq_len)] if shape.context and args.seq_len > shape.context else []
     if args.zero and args.gpus == 1:
         engine = f"--distributed {args.distributed}" if args.distributed else f"ZeRO-{args.zero}"
         notes.append(f"{engine} with 1 GPU shards nothing: the numbers equal one process without sharding. "
@@ -518,6 +518,15 @@ def validate(args: EstimateArgs, shape: ModelShape) -> list[str]:
     if args.optimizer == "sgd":
         notes.append("sgd: plain SGD keeps no state (momentum would add 4 bytes per trainable param).")
     return notes
+
+
+def past_the_context(shape: ModelShape, seq_len: int) -> str:
+    """Legal (long-context fine-tuning does it on purpose) but usually a typo or a wrong model, so said next to the
+    figures, as `tuneforge train` says it for data.max_length."""
+    return (f"--seq-len {seq_len} is past the {shape.context} positions {shape.name} was built for "
+            f"(max_position_embeddings): training at that length runs it at positions it has never seen. Lower "
+            f"--seq-len to {shape.context} or less unless you extend the context on purpose (rope scaling); the "
+            f"figures are the memory of {seq_len} tokens either way.")
 
 
 def validate_freeze_layers(n: int, shape: ModelShape) -> None:

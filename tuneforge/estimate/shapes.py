@@ -10,7 +10,8 @@ runs with no network. Their parameter counts match the published totals exactly 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from tuneforge.errors import UserError, did_you_mean
 
@@ -35,6 +36,7 @@ class ModelShape:
     qk_norm: bool = False  # Qwen3 normalises q and k per head (two RMSNorm weights of head_dim per layer)
     model_type: str = "llama"
     source: str = "preset"
+    context: int = 0  # max_position_embeddings: the positions the model was built for (0: unknown)
 
     @property
     def d_head(self) -> int:
@@ -84,31 +86,33 @@ def _preset(name, hidden, layers, heads, kv_heads, intermediate, vocab, tied, **
 
 
 # Numbers from each checkpoint's config.json on the Hugging Face Hub (hidden_size, num_hidden_layers,
-# num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings).
+# num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings,
+# max_position_embeddings as `context`).
 PRESETS: dict[str, ModelShape] = {p.name: p for p in [
-    # huggyllama/llama-7b (same shapes as meta-llama/Llama-2-7b-hf): 6,738,415,616 params
-    _preset("llama-7b", 4096, 32, 32, 32, 11008, 32000, False),
+    # huggyllama/llama-7b (same shapes as meta-llama/Llama-2-7b-hf, whose context is 4096): 6,738,415,616 params
+    _preset("llama-7b", 4096, 32, 32, 32, 11008, 32000, False, context=2048),
     # meta-llama/Llama-2-13b-hf: 13,015,864,320 params
-    _preset("llama2-13b", 5120, 40, 40, 40, 13824, 32000, False),
+    _preset("llama2-13b", 5120, 40, 40, 40, 13824, 32000, False, context=4096),
     # meta-llama/Meta-Llama-3-8B: 8,030,261,248 params (GQA, 8 kv heads)
-    _preset("llama3-8b", 4096, 32, 32, 8, 14336, 128256, False),
+    _preset("llama3-8b", 4096, 32, 32, 8, 14336, 128256, False, context=8192),
     # meta-llama/Meta-Llama-3-70B: 70,553,706,496 params
-    _preset("llama3-70b", 8192, 80, 64, 8, 28672, 128256, False),
+    _preset("llama3-70b", 8192, 80, 64, 8, 28672, 128256, False, context=8192),
     # Qwen/Qwen2-7B: 7,615,616,512 params (q/k/v biases)
-    _preset("qwen2-7b", 3584, 28, 28, 4, 18944, 152064, False, qkv_bias=True, model_type="qwen2"),
+    _preset("qwen2-7b", 3584, 28, 28, 4, 18944, 152064, False, qkv_bias=True, model_type="qwen2", context=131072),
     # Qwen/Qwen2.5-0.5B: 494,032,768 params (tied embeddings)
-    _preset("qwen2.5-0.5b", 896, 24, 14, 2, 4864, 151936, True, qkv_bias=True, model_type="qwen2"),
+    _preset("qwen2.5-0.5b", 896, 24, 14, 2, 4864, 151936, True, qkv_bias=True, model_type="qwen2", context=32768),
     # Qwen/Qwen2.5-7B: same shapes as Qwen2-7B
-    _preset("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, False, qkv_bias=True, model_type="qwen2"),
+    _preset("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, False, qkv_bias=True, model_type="qwen2", context=131072),
     # mistralai/Mistral-7B-v0.1: 7,241,732,096 params
-    _preset("mistral-7b", 4096, 32, 32, 8, 14336, 32000, False, model_type="mistral"),
+    _preset("mistral-7b", 4096, 32, 32, 8, 14336, 32000, False, model_type="mistral", context=32768),
     # HuggingFaceTB/SmolLM2-135M (and -Instruct): 134,515,008 params (tied embeddings)
-    _preset("smollm2-135m", 576, 30, 9, 3, 1536, 49152, True),
+    _preset("smollm2-135m", 576, 30, 9, 3, 1536, 49152, True, context=8192),
 ]}
 
 # TuneForge's built-in model (`model.name_or_path: builtin:smollm2-135m-instruct`) and other spellings of a preset
 ALIASES = {"builtin:smollm2-135m-instruct": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
            "llama2-7b": "llama-7b", "mistral-7b-v0.1": "mistral-7b"}
+ALIAS_CONTEXT = {"llama2-7b": 4096}  # an alias with the shapes of its preset but a longer context (Llama-2-7b-hf)
 
 
 def shape_from_hf_config(cfg, name: str, source: str) -> ModelShape:
@@ -128,19 +132,22 @@ def shape_from_hf_config(cfg, name: str, source: str) -> ModelShape:
         qkv_bias=True if model_type == "qwen2" else (attention_bias and model_type != "mistral"),
         o_bias=attention_bias and model_type in ("llama", "qwen3"),
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)) and model_type == "llama",
-        qk_norm=model_type == "qwen3", model_type=model_type, source=source)
+        qk_norm=model_type == "qwen3", model_type=model_type, source=source,
+        context=int(getattr(cfg, "max_position_embeddings", None) or 0))
 
 
 def resolve_shape(model: str) -> ModelShape:
     """`model` is a folder (or file) with config.json, a preset name, or a Hugging Face Hub id (`org/name`)."""
-    from pathlib import Path
-
     path = Path(model).expanduser()
     if path.is_dir() or path.name == "config.json":
         return _from_local(path, model)
+    if path.is_file():  # a weights file or a config of another name: "no such folder" sent users looking for it
+        raise UserError(f"`--model {model}` is a file; pass the model folder that holds config.json "
+                        f"({path.parent}), or a preset ({', '.join(PRESETS)}).")
     name = ALIASES.get(model.lower(), model.lower())
     if name in PRESETS:
-        return PRESETS[name]
+        context = ALIAS_CONTEXT.get(model.lower())
+        return replace(PRESETS[name], context=context) if context else PRESETS[name]
     from tuneforge.models.loading import looks_local
 
     if "/" not in model or model.startswith((".", "/", "~")) or looks_local(model):
@@ -157,6 +164,9 @@ def _from_local(path, model: str) -> ModelShape:
     from transformers import AutoConfig
 
     config_file = path if path.name == "config.json" else path / "config.json"
+    if not config_file.is_file() and (path / "adapter_config.json").is_file():
+        raise UserError(f"`--model {model}` holds an adapter (adapter_config.json), not a model; estimate the base it "
+                        f"was trained on instead{_recorded_base(path)}, with the adapter's method in --methods.")
     if not config_file.is_file():
         raise UserError(f"`--model {model}`: {config_file} does not exist. Pass a Hugging Face model folder "
                         f"(it holds config.json) or a preset ({', '.join(PRESETS)}).")
@@ -181,3 +191,14 @@ def _from_hub(model: str) -> ModelShape:
                         f"Without network access, download config.json and pass its folder, or use a preset "
                         f"({', '.join(PRESETS)}).") from e
     return shape_from_hf_config(cfg, model, f"hub:{model}")
+
+
+def _recorded_base(adapter: Path) -> str:
+    """`: --model BASE` from the adapter's own record, or "" when it names none."""
+    import json
+
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f": --model {base}" if isinstance(base, str) and base else ""

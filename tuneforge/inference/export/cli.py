@@ -13,9 +13,13 @@ half-written; an existing non-empty --out is refused unless --overwrite.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +54,10 @@ class ExportArgs:
     quant: Literal["none", "q8_0", "nf4", "int8"] = opt(
         "none", "Quantize: q8_0 (GGUF, 8-bit blocks of 32, runs on CPU), nf4 or int8 (Hugging Face folder through "
                 "bitsandbytes; needs a CUDA GPU).")
-    max_shard_size: str = opt("2GB", "Largest safetensors file in a Hugging Face folder (e.g. 500MB, 5GB).")
-    overwrite: bool = opt(False, "Replace --out when it exists and is not empty.")
+    max_shard_size: str = opt("2GB", "Largest safetensors file in a Hugging Face folder, with its unit (e.g. 500MB, "
+                                     "5GB, 2GiB; a bare number is refused).")
+    overwrite: bool = opt(False, "Replace --out when it exists and is not empty (a folder of files, such as an earlier "
+                                 "export; one that holds folders is never deleted).")
     trust_remote_code: bool = opt(False, "Run Python code shipped with the model (only for sources you trust).")
     allow_pickle: bool = opt(False, "Allow pickle (.bin/.pt) weights, which can execute code when loaded.")
 
@@ -83,6 +89,11 @@ def check_out(out: Path, overwrite: bool, sources: list[Path]) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} already exists and is not empty. Choose another folder or pass --overwrite "
                         f"to replace it.")
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
+    if folders:  # --overwrite deletes the whole folder: never a project or home folder given by mistake
+        raise UserError(f"--out {out} holds folders ({', '.join(folders[:5])}), so it is not an earlier export "
+                        f"(an export is a folder of files only), and --overwrite would delete all of it. Choose a "
+                        f"new folder such as {out / 'export'}, or remove {out} yourself if it may go.")
     from tuneforge.models.loading import check_can_create
 
     check_can_create(out, "--out")  # a read-only place or a file on the way: say so before loading and merging
@@ -106,6 +117,19 @@ def config_dtype(folder: Path) -> torch.dtype:
 
 
 GGUF_KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def unused_options(args: ExportArgs, mergeable: bool) -> list[str]:
+    """Options the chosen export has no use for, said instead of silently dropped."""
+    notes = []
+    if not mergeable and args.dtype != "auto":
+        notes.append(f"--dtype {args.dtype} does not apply to an adapter folder: its weights are copied as trained "
+                     f"(load them in another dtype with from_pretrained(..., dtype=...)).")
+    shard_default = ExportArgs.__dataclass_fields__["max_shard_size"].default
+    if args.max_shard_size != shard_default and (not mergeable or args.format == "gguf"):
+        what = "a GGUF export is one file" if mergeable else "an adapter folder keeps the adapter's own file"
+        notes.append(f"--max-shard-size {args.max_shard_size} does not apply: {what}.")
+    return notes
 
 
 def _report(out: Path, started: float) -> None:
@@ -196,7 +220,30 @@ def _loading_note(args: ExportArgs, method, adapter: Path | None, base: str, out
             f"`tuneforge chat --model {out}`.")
 
 
+@contextlib.contextmanager
+def stop_cleanly_on_sigterm():
+    """SIGTERM (`kill`, a scheduler's time limit) ends Python without unwinding, which left the half-written temp
+    folder next to --out behind; as an exception it goes through atomic_folder's clean-up, as Ctrl-C does."""
+    def stop(signum, frame):
+        print("interrupted (SIGTERM): the export stops and removes its temp folder", file=sys.stderr)
+        raise SystemExit(128 + signum)  # the exit status a process killed by the signal has
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def export_cli(args: ExportArgs) -> int:
+    with stop_cleanly_on_sigterm():
+        return _export(args)
+
+
+def _export(args: ExportArgs) -> int:
     from tuneforge.inference.export import source
     from tuneforge.models.loading import atomic_folder, resolve_source
 
@@ -221,6 +268,8 @@ def export_cli(args: ExportArgs) -> int:
         check_bitsandbytes()  # before minutes of loading and merging
     model_cfg = ModelConfig(name_or_path=base, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
                             chat_template=trained_template(adapter) if adapter is not None else None)  # as trained
+    for note in unused_options(args, method is None or method.mergeable):
+        print(f"note: {note}", file=sys.stderr)
     if method is not None and not method.mergeable:
         _export_adapter(args, base, adapter, method, model_cfg, out)
         _report(out, started)

@@ -20,14 +20,18 @@ import torch
 from tuneforge.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9,
+              "T": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_shard_size(text: str) -> int:
-    """Bytes in "2GB", "500MB", "1GiB" or a plain number. Parsed here (not by huggingface_hub, whose parser is
-    private and takes no GiB) so a typo is a UserError naming the option before any model loads."""
+    """Bytes in "2GB", "500MB", "1GiB", "2G" or "1000000B". Parsed here (not by huggingface_hub, whose parser is
+    private and takes no GiB) so a typo is a UserError naming the option before any model loads. A bare number is
+    refused: LLaMA-Factory's `export_size: 5` means 5 GB, and read as 5 bytes it wrote one file per tensor."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if match and not match.group(2):
+        raise UserError(f"--max-shard-size {text!r} has no unit; write {match.group(1)}GB for gigabytes "
+                        f"(LLaMA-Factory's export_size counts GB), or a size like 500MB or 1GiB.")
     unit = match.group(2).upper() if match else None
     if unit not in SIZE_UNITS or float(match.group(1)) <= 0:
         raise UserError(f"--max-shard-size {text!r} is not a size; write it like 2GB, 500MB or 1GiB.")

@@ -75,14 +75,14 @@ def base_reference(folder: Path) -> str:
 
     recorded = _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
     run_model = (_run_config(folder).get("model") or {}).get("name_or_path")
-    refs = [str(r) for r in (recorded, run_model) if r]
+    refs = list(dict.fromkeys(str(r) for r in (recorded, run_model) if r))  # both usually name the same base
     for ref in refs:
         if _usable(ref):
             return ref
     for ref in refs:
         if HUB_ID.match(ref):
             return ref
-    named = f" (it names {', '.join(refs)}, which does not exist here)" if refs else ""
+    named = f" (it names {' and '.join(refs)}, which {'do' if len(refs) > 1 else 'does'} not exist here)" if refs else ""
     raise UserError(f"Cannot tell which base model the adapter in {folder} belongs to{named}. Pass it with "
                     f"--model (the folder, hub id or builtin:<name> the adapter was trained on).")
 
