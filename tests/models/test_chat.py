@@ -199,11 +199,12 @@ def test_a_stopped_run_says_where_it_stopped_and_how_to_finish_it(tiny_llama_dir
             assert cli_main(verb) == 2
             err = capsys.readouterr().err
             assert "stopped at step 2 of 4 (checkpoint-2)" in err and f"`{command}`" in err, (verb, err)
+            assert "To use it as it is at step 2, end the run there: add `training.max_steps=2`" in err
             assert "not a PEFT adapter folder" not in err and "Traceback" not in err
     with pytest.raises(UserError, match=r"^Adapter `x`: .*stopped at step 2 of 4 \(checkpoint-2\)"):
         build_state(ServeArgs(model=str(tiny_llama_dir), adapter=[f"x={run}"]))
-    args = shlex.split(command)
-    run_config(load_train_config(args[2], args[3:]), log=lambda _: None)  # the advice, followed
+    args = shlex.split(command) + ["training.max_steps=2"]  # the advice for the model as it is at step 2, followed
+    assert run_config(load_train_config(args[2], args[3:]), log=lambda _: None).steps == 2
     assert (run / "adapter_config.json").is_file()
     load_for_chat(ChatArgs(adapter=str(run)))
     for args in (ChatArgs(adapter=str(run / "checkpoint-2")), ChatArgs(model=str(run / "checkpoint-2"))):

@@ -92,6 +92,11 @@ def test_folders_that_are_not_models(tmp_path, tiny_llama_dir, tiny_qwen2_dir):
     with pytest.raises(UserError, match=r"To train on from it \(e.g. DPO after SFT\), merge it first: `tuneforge "
                                         r"export --adapter .*adapter --out .*adapter-merged`"):
         load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "adapter")))
+    for config, name in (('{"peft_type": "PROMPT_TUNING"}', "prompt_tuning"), ('{"tuneforge_method": "adapter"}',
+                                                                              "adapter")):
+        (tmp_path / "adapter" / "adapter_config.json").write_text(config)  # its export is no merged model
+        with pytest.raises(UserError, match=rf"Its method \({name}\) cannot be merged into the base weights"):
+            load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "adapter")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "empty")))

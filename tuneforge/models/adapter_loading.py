@@ -65,7 +65,8 @@ def training_run_note(folder: Path) -> str | None:
     what = f"a checkpoint (step {_steps(folder)[0]}) of an" if is_checkpoint else "an"
     return (f"{folder} is {what} unfinished training run: it stopped at step {step} of {total} ({latest.name}), "
             f"and a checkpoint holds training state (weights and optimizer), not a model or adapter. Finish it with "
-            f"`{_resume_command(run)}`; the adapter (or model) is written to {run} when training ends.")
+            f"`{_resume_command(run)}`; the adapter (or model) is written to {run} when training ends. To use it as "
+            f"it is at step {step}, end the run there: add `training.max_steps={step}` to that command.")
 
 
 def check_model_folder(model: str) -> None:

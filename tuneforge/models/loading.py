@@ -105,6 +105,22 @@ def looks_local(name: str) -> bool:
     return "/" in name and Path(first).is_dir()
 
 
+def _train_on_advice(folder: Path) -> str:
+    """How another run (e.g. DPO after SFT) starts from an adapter: from its merge, where its method merges."""
+    from tuneforge.inference.export.source import adapter_method  # the export's own reading of the folder
+
+    try:
+        method = adapter_method(folder)
+    except UserError:
+        method = None
+    if method is not None and not method.mergeable:
+        return (f"Its method ({method.name}) cannot be merged into the base weights, so no model folder can be made "
+                f"from it for another run to start from: train that stage on the base model, with a method that "
+                f"merges (lora) if it should start from this fine-tune.")
+    return (f"To train on from it (e.g. DPO after SFT), merge it first: `tuneforge export --adapter {folder} --out "
+            f"{folder}-merged`, then `model.name_or_path={folder}-merged`.")
+
+
 def check_local_folder(folder: Path) -> None:
     """Refuse what is not a loadable model folder, saying what it looks like instead."""
     if not folder.is_dir():
@@ -116,9 +132,7 @@ def check_local_folder(folder: Path) -> None:
     if (folder / "adapter_config.json").is_file():
         raise UserError(f"{folder} holds an adapter (adapter_config.json), not a full model. To chat, serve or "
                         f"evaluate, pass the base model as the model and this folder as the adapter (`tuneforge chat "
-                        f"--adapter {folder}`). To train on from it (e.g. DPO after SFT), merge it first: "
-                        f"`tuneforge export --adapter {folder} --out {folder}-merged`, then "
-                        f"`model.name_or_path={folder}-merged`.")
+                        f"--adapter {folder}`). {_train_on_advice(folder)}")
     raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder. Point "
                     f"`model.name_or_path` (or `--model`) at the folder written by save_pretrained (or by "
                     f"`tuneforge init-model`).")
