@@ -223,3 +223,22 @@ def test_a_folder_without_config_names_the_key_and_the_flag(tmp_path):
         check_local_folder(tmp_path)
     with pytest.raises(UserError, match=r"is a file; the model \(`model.name_or_path`, or `--model`\)"):
         check_local_folder(tmp_path / "weights.bin")
+
+
+def test_atomic_folder_removes_temp_folders_of_killed_writers(tmp_path):
+    """A SIGKILLed export left `.out.tmp-PID/` (a partial model) beside --out for good; the next write of that
+    folder removes it, and leaves one whose process still runs."""
+    import os
+
+    from tuneforge.models.loading import atomic_folder
+
+    dead = tmp_path / ".out.tmp-99999999"  # above any pid_max: no such process
+    alive = tmp_path / f".out.tmp-{os.getppid()}"
+    other = tmp_path / ".other.tmp-99999999"  # another folder's write: not ours to judge
+    for folder in (dead, alive, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert not dead.exists() and alive.is_dir() and other.is_dir()

@@ -11,6 +11,7 @@ pickle weights (.bin/.pt/.pth) are refused unless `model.allow_pickle: true`, be
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ def atomic_folder(final: Path, replace: bool = True):
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    _remove_killed_writes(final)
     _make_folder(tmp, final)
     try:
         yield tmp
@@ -50,6 +52,19 @@ def atomic_folder(final: Path, replace: bool = True):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+
+
+def _remove_killed_writes(final: Path) -> None:
+    """Temp folders of earlier writes of `final` whose process is gone (SIGKILL, a crashed machine: no clean-up ran)
+    are removed; a live one (another export at work) is left alone."""
+    from tuneforge.training.output_dir import pid_alive
+
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and p.is_dir() and not p.is_symlink() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def check_can_create(final: Path, what: str = "") -> None:
