@@ -126,7 +126,10 @@ def test_resume_from_explicit_path_and_bad_path(tiny_llama_dir, tmp_path, capsys
     out = tmp_path / "run"
     train(tiny_llama_dir, out, "training.max_steps=4", "training.save_steps=2")
     result = train(tiny_llama_dir, tmp_path / "other", "training.max_steps=4", f"training.resume={out}/checkpoint-2")
-    assert result.steps == 4 and len(losses(tmp_path / "other")) == 2  # only steps 3 and 4 were run
+    # steps 1-2 come from the checkpoint's own record (this output_dir had no log), 3-4 were run: the same curve as
+    # the run that wrote it, so loss.png and the model card cover the whole run
+    assert result.steps == 4 and losses(tmp_path / "other") == losses(out)
+    assert [r["step"] for r in read_metrics(tmp_path / "other" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
     code = cli_main(["train", str(ROOT / "examples" / "sft_lora_tiny.yaml"), f"model.name_or_path={tiny_llama_dir}",
                      f"training.resume={tmp_path}"])
     assert code == 2 and "not a TuneForge checkpoint" in capsys.readouterr().err

@@ -441,6 +441,7 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
     if t.save_total_limit < 0 or t.save_steps < 0:
         problems.append(f"`training.save_total_limit` (0 keeps every checkpoint) and `training.save_steps` (0: "
                         f"none mid-run) must be >= 0; got {t.save_total_limit} and {t.save_steps}.")
+    problems += training_number_problems(t)
     if t.neftune_alpha < 0 or t.rdrop_alpha < 0:
         problems.append("`training.neftune_alpha` and `training.rdrop_alpha` must be >= 0 (0 disables).")
     if cfg.stage == "pt" and cfg.data.loss_on != "assistant":
@@ -462,6 +463,22 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
         except ConfigError as e:
             problems += typed.problems_of(e)
     return problems
+
+
+def training_number_problems(t) -> list[str]:
+    """Numbers the loop would misread rather than refuse: logging_steps 0 divided by zero after the first step, a
+    negative eval_steps evaluated at every step, a negative stop_after_steps 'stopped' at step 0 naming a checkpoint
+    it never wrote, and a negative lr or weight_decay ended in torch's traceback."""
+    found = []
+    if t.logging_steps < 1:
+        found.append(f"`training.logging_steps` must be at least 1 (1: a metrics line every step), got "
+                     f"{t.logging_steps}.")
+    for key, what in (("eval_steps", "0: evaluate only at the end"), ("stop_after_steps", "0: run to the end"),
+                      ("lr", "the peak learning rate"), ("weight_decay", "0: none"),
+                      ("max_grad_norm", "0: no clipping")):
+        if getattr(t, key) < 0:
+            found.append(f"`training.{key}` must be >= 0 ({what}), got {getattr(t, key)}.")
+    return found
 
 
 def _chunked_loss_problems(t) -> list[str]:

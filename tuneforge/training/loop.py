@@ -21,7 +21,7 @@ import torch
 from tuneforge.configs.schema import ALIGN_SECTIONS, dump_config
 from tuneforge.configs.typed import to_dict
 from tuneforge.data.types import IGNORE_INDEX
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, counted
 from tuneforge.kernels import onednn_linear
 from tuneforge.losses import causal_lm_loss, label_positions, selected_positions_loss
 from tuneforge.methods.base import Method, unwrap
@@ -251,6 +251,8 @@ class Trainer:
         self.say = log if runtime.is_main else (lambda _: None)
         self._say_partial_batch(train_items)
         self._say_past_the_context()
+        self._say_settings_without_effect()
+        self._say_epochs_rounded_up()
         self.step, self.position = 0, 0
         self.window = MetricWindow()
         self.fingerprint = ckpt.run_fingerprint(cfg, runtime.world_size, train_items)
@@ -479,7 +481,7 @@ class Trainer:
         self._resumed = True
         return state.get("history", [])
 
-    def _open_output_dir(self) -> None:
+    def _open_output_dir(self, history: list[dict]) -> None:
         """Create (or clear) output_dir and write the resolved config: only now, once everything before training
         worked, so a run that fails during setup leaves no half-made folder."""
         if self.rt.is_main:
@@ -490,7 +492,8 @@ class Trainer:
             if not self._resumed and (self.output_dir / "metrics.jsonl").exists():
                 (self.output_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old run's log
             if self._resumed:
-                truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+                truncate_metrics(self.output_dir / "metrics.jsonl", self.step, history,
+                                 ends_here=self.step == self.total_steps)
         self.rt.barrier()
 
     def _say_partial_batch(self, items: list) -> None:
@@ -502,6 +505,39 @@ class Trainer:
             noun = _item_noun(items)
             self.say(f"note: {left} of the {len(items)} {noun} do not fill a global batch ({width} {noun}) and sit "
                      f"out each epoch; each epoch's shuffle picks other ones")
+
+    def _say_settings_without_effect(self) -> None:
+        """Settings this run's sizes make do nothing (or less than asked): said, as a silently ignored key reads as a
+        bug hours later (no eval curve, no checkpoint to resume, a learning rate that never reached training.lr)."""
+        t, steps = self.t, self.total_steps
+        if t.eval_steps and not self.eval_items:
+            self.say(f"note: training.eval_steps {t.eval_steps} has no held-out set to evaluate (data.eval is empty "
+                     f"and data.eval_ratio is 0): no eval loss is logged. Set data.eval or data.eval_ratio (e.g. "
+                     f"0.05) to get one")
+        if t.save_steps > steps:
+            self.say(f"note: training.save_steps {t.save_steps} is more than this run's {steps} steps: no "
+                     f"checkpoint is written before the end (Ctrl-C, SIGTERM and stop_after_steps still write "
+                     f"one); the final model is saved as usual")
+        warmup = t.warmup_steps if t.warmup_steps > 0 else int(t.warmup_ratio * steps)
+        if warmup > steps:
+            self.say(f"note: training.warmup_steps {warmup} is more than this run's {steps} steps: the learning "
+                     f"rate rises for the whole run and ends at {steps / warmup:.0%} of training.lr {t.lr:g}, never "
+                     f"decaying. Lower training.warmup_steps (or use training.warmup_ratio) below {steps}")
+
+    def _say_epochs_rounded_up(self) -> None:
+        """Every optimizer step takes grad_accum whole micro-batches (the same batches on resume and on N processes),
+        so `epochs` rounds up to whole steps: with an epoch of fewer micro-batches than grad_accum, `epochs: 1` ran
+        each example twice or more without a word. Said when the run is 5% or more past what was asked."""
+        t, per_epoch = self.t, self.order.per_epoch
+        if t.max_steps > 0:
+            return
+        run = self.total_steps * t.grad_accum / per_epoch
+        if run >= 1.05 * t.epochs:
+            self.say(f"note: training.epochs {t.epochs:g} is {t.epochs * per_epoch:g} micro-batches, not a whole "
+                     f"number of optimizer steps of training.grad_accum {t.grad_accum}: the run takes "
+                     f"{counted(self.total_steps, 'step')} ({self.total_steps * t.grad_accum} micro-batches of "
+                     f"{t.batch_size * self.rt.world_size}), {run:.3g} epochs. Lower training.grad_accum or set "
+                     f"training.max_steps to train less")
 
     def _say_past_the_context(self) -> None:
         """Rows longer than the positions the model was built for train it where it never was (RoPE
@@ -525,7 +561,7 @@ class Trainer:
     def train(self) -> TrainResult:
         with StopRequest() as stop:  # from here on SIGINT/SIGTERM stop after a whole step, with a checkpoint
             history = self.maybe_resume()
-            self._open_output_dir()
+            self._open_output_dir(history)
             logger = MetricsLogger(self.output_dir, self.rt.is_main, self.total_steps, self.step, self.t.progress_bar)
             last_eval, self.work, self._t0 = None, WorkTally(), time.perf_counter()
             if self.meter.peak:
@@ -560,7 +596,8 @@ class Trainer:
                                           copies=metrics.pop("train_copies", self.stage.train_copies),
                                           other_flops_per_token=self.work.other_flops_per_token))
         self.window.add(metrics)
-        if self.t.eval_steps and self.step % self.t.eval_steps == 0 and self.step < self.total_steps:
+        if self.t.eval_steps and self.eval_items and self.step % self.t.eval_steps == 0 \
+                and self.step < self.total_steps:
             metrics["eval_loss"] = self.evaluate()
             metrics.update(self.eval_metrics)
             metrics.update(self.run_eval_suite())
@@ -605,12 +642,21 @@ def describe_model(model: torch.nn.Module, method: Method, tokenizer, cfg) -> st
 
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint we resume from (they will be written again)."""
+def truncate_metrics(path: Path, step: int, history: list[dict] | None = None, ends_here: bool = False) -> None:
+    """Drop log rows written after the checkpoint we resume from (they will be written again). Resuming a
+    checkpoint of another output_dir (`training.resume: path`) finds no log here: start it from the rows the
+    checkpoint carries, so metrics.jsonl, loss.png and the model card cover steps 1.. and not only the new ones.
+    `ends_here`: the checkpoint is this run's last step, whose end-of-run rows (final eval: no `loss`) this run
+    writes again; kept, they would be in the log twice."""
     if not path.exists():
+        if history:
+            from tuneforge.training.metrics import as_record
+
+            write_atomic(path, "".join(json.dumps(as_record(row["step"], row)) + "\n" for row in history))
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    rows = [(line, json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep = [line for line, row in rows
+            if row["step"] < step or (row["step"] == step and ("loss" in row or not ends_here))]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     tmp.replace(path)

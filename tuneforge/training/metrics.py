@@ -63,6 +63,13 @@ def record_metric(path: Path, step: int, key: str, value: float) -> None:
         f.write(json.dumps({"step": step, key: float(f"{value:.9g}"), "time": round(time.time(), 3)}) + "\n")
 
 
+def as_record(step: int, metrics: dict) -> dict:
+    """A metrics.jsonl row (without its time). 9 significant digits, not 8 decimals: a tiny model's model_tflops
+    (1e-4) or a late lr (1e-9) keeps its precision instead of collapsing to a few digits or to 0."""
+    return {"step": step, **{k: (float(f"{v:.9g}") if isinstance(v, float) else v) for k, v in metrics.items()
+                             if k != "step"}}
+
+
 def format_metrics(step: int, total: int, metrics: dict) -> str:
     """`step 10/100: loss 2.346, grad_norm 0.8123, lr 2.00e-04, tokens_per_s 5321`."""
     return f"step {step}/{total}: " + ", ".join(f"{k} {fmt(k, v)}" for k, v in metrics.items())
@@ -84,7 +91,10 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            # a resumed run writes steps start_step+1.. again: purge_step hides the earlier run's events from there
+            # on (those after its checkpoint), or TensorBoard draws both curves over the same steps
+            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
         except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
             self._tb = None
         if progress_bar:
@@ -95,10 +105,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        # 9 significant digits, not 8 decimals: a tiny model's model_tflops (1e-4) or a late lr (1e-9) keeps its
-        # precision instead of collapsing to a few digits or to 0
-        record = {"step": step, **{k: (float(f"{v:.9g}") if isinstance(v, float) else v) for k, v in metrics.items()},
-                  "time": round(time.time(), 3)}
+        record = {**as_record(step, metrics), "time": round(time.time(), 3)}
         self.history.append(record)
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
