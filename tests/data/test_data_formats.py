@@ -121,6 +121,9 @@ def test_openai_messages_with_parts_and_tool_calls():
 @pytest.mark.parametrize("messages, field, words", [
     ([{"role": "robot", "content": "x"}], "messages[0].role", "unknown role"),
     ([{"role": "user", "content": [{"type": "image"}]}], "messages[0].content[0]", "only text parts"),
+    ([{"role": "system", "content": [{"type": [], "value": "Be exact."}]}], "messages[0].content[0]",
+     "only text parts"),  # a part type that is no string was "cannot be processed (TypeError: unhashable type)"
+    ([{"role": "user", "content": [{"type": {"a": 1}, "text": "Hi"}]}], "messages[0].content[0]", "only text parts"),
     ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}], "messages[1]", "empty"),
     ("not a list", "messages", "expected a list"),
 ])

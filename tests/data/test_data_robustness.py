@@ -5,6 +5,7 @@ are not UTF-8 and huge rows are handled; a property-based test throws random JSO
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -303,8 +304,12 @@ def test_random_json_shapes_end_in_a_clear_error_or_are_accepted():
     from hypothesis import strategies as st
 
     tokenizer = make_tokenizer(CHATML)
+    # The same 200 cases every run, so CI cannot fail on a case no one ran before; explore new random ones with
+    # TUNEFORGE_FUZZ_EXAMPLES=5000 (a run of 3000 found the unhashable part `type` fixed in formats._content_text).
+    explore = int(os.environ.get("TUNEFORGE_FUZZ_EXAMPLES", "0"))
 
-    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=explore or 200, derandomize=not explore, deadline=None,
+              suppress_health_check=list(HealthCheck))
     @given(case=format_rows(), suffix=st.sampled_from([".jsonl", ".json", ".csv"]), first=st.booleans())
     def check(case, suffix, first):
         name, fmt, row = case

@@ -385,7 +385,7 @@ def _content_text(content: Any, field: str, role: str = "assistant") -> str | tu
     parts: dict[str, list] = {"text": [], "reasoning": [], "tool_call": []}
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in parts or (kind != "text" and role != "assistant"):
+        if not isinstance(kind, str) or kind not in parts or (kind != "text" and role != "assistant"):
             allowed = "text, reasoning and tool_call parts" if role == "assistant" else "only text parts"
             raise RowProblem(f"{field}[{k}]", f"{allowed} are supported in a `{role}` message, got {_short(part)}")
         text = part.get("text", part.get("value"))
