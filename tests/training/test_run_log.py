@@ -103,6 +103,7 @@ def test_examples_past_the_last_full_batch_are_announced(tiny_llama_dir, tmp_pat
                       "training.max_steps=1"), log=logs.append)
     assert any("2 of the 10 training examples do not fill a global batch (4 training examples)" in line
                for line in logs), logs
+    assert any(line.startswith("done: 1 step, final loss") for line in logs), logs  # it said "1 steps"
     logs = []  # packed, a batch holds rows of several examples: the note counts rows, as the batch does
     run_config(config(tiny_llama_dir, tmp_path / "packed", f"data.train=[{rows}]", "training.batch_size=2",
                       "data.packing=true", "training.max_steps=1"), log=logs.append)

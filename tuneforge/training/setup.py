@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.configs.schema import TrainConfig
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, counted
 from tuneforge.kernels.onednn_linear import checkpointing_kwargs
 from tuneforge.methods import METHODS, get_method
 from tuneforge.methods.base import Method
@@ -263,4 +263,4 @@ def done_line(result, output_dir, saved: str = "saved to") -> str:
     saved; every stage says the same things the same way."""
     losses = "".join(f", {label} {fmt('loss', value)}" for label, value in
                      (("final loss", result.final_loss), ("eval loss", result.eval_loss)) if value is not None)
-    return f"done: {result.steps} steps{losses}; {saved} {output_dir}"
+    return f"done: {counted(result.steps, 'step')}{losses}; {saved} {output_dir}"
