@@ -9,6 +9,7 @@ import re
 import pytest
 
 from tests.data.chat_fixtures import make_tokenizer
+from tests.data.curate.helpers import write_jsonl
 from tuneforge.configs.schema import DataConfig, DatasetSpec
 from tuneforge.data import IGNORE_INDEX, PackedRow, build_datasets
 from tuneforge.data.templates import CHATML
@@ -18,11 +19,6 @@ from tuneforge.errors import DataError
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer(CHATML)
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def qa(question: str, answer: str) -> dict:

@@ -5,11 +5,10 @@ The fixes: data/build.py `chunk_starts`, data/encode_align.py `for_stage`."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.data.chat_fixtures import make_tokenizer
+from tests.data.curate.helpers import write_jsonl
 from tuneforge.configs.schema import DataConfig, DatasetSpec
 from tuneforge.data import IGNORE_INDEX, build_datasets
 from tuneforge.data.build import read_datasets
@@ -22,11 +21,6 @@ DOCUMENT = "Anarchism is a political philosophy and movement that is sceptical o
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer(CHATML)
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def config(path: str, **kwargs) -> DataConfig:
