@@ -54,6 +54,26 @@ def test_bad_rows_raise_one_error_listing_them(tmp_path, tokenizer):
         build_datasets(config([path], max_errors_shown=2), tokenizer, "sft")
 
 
+def test_rows_of_one_file_with_one_problem_are_one_line(tmp_path, tokenizer):
+    """A preference file given to sft has every row bad for the same reason: one line naming the file, the rows and
+    the problem, not the first 20 of 30 identical lines; rows with other problems keep their own lines."""
+    pairs = [{"instruction": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(30)]
+    path = write_jsonl(tmp_path / "prefs.jsonl", pairs)
+    ok = write_jsonl(tmp_path / "ok.jsonl", [qa("Hi", "Hello"), {"instruction": 5, "output": "x"}])
+    with pytest.raises(DataError) as info:
+        build_datasets(config([str(ok), str(path)]), tokenizer, "sft")
+    lines = str(info.value).splitlines()
+    assert "31 of 32 data rows are bad" in lines[0]
+    assert len(lines) == 4, lines  # header, the 30 pairs, the odd row, the advice
+    assert re.search(rf"{re.escape(str(path))}:lines 1, 2, 3, 4, 5, \.\.\. \(30 rows\): field `chosen`: .*dpo",
+                     "\n".join(lines))
+    assert f"{ok}:line 2: field `instruction`: expected a string" in "\n".join(lines)
+    with pytest.raises(DataError) as info:  # the limit counts lines; "... and N more" counts the rows not shown
+        build_datasets(config([str(ok), str(path)], max_errors_shown=1), tokenizer, "sft")
+    shown = str(info.value).splitlines()[1]
+    assert str(info.value).splitlines()[2] == f"  ... and {1 if '(30 rows)' in shown else 30} more"
+
+
 def test_a_template_that_fails_on_every_row_is_one_template_error(tmp_path):
     """A template that needs a token the tokenizer lacks fails the same way on every row: that is one error about the
     template, not "N rows are bad, fix these rows" (also with on_error=skip, which would leave nothing)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -454,9 +455,7 @@ def check_bad_rows(report: DataReport, data_cfg) -> None:
     if not bad:
         return
     _check_template_renders_something(report)
-    shown = bad[:data_cfg.max_errors_shown]
-    listing = "\n".join(f"  - {b}" for b in shown)
-    more = f"\n  ... and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+    listing, more = bad_row_listing(bad, data_cfg.max_errors_shown)
     if data_cfg.on_error == "skip":
         split = report.train_eval("bad_rows")
         log.warning("Skipping %d bad rows of %d%s:\n%s%s", len(bad), report.rows_read, f" ({split})" if split else "",
@@ -464,6 +463,32 @@ def check_bad_rows(report: DataReport, data_cfg) -> None:
         return
     raise DataError(f"{len(bad)} of {report.rows_read} data rows are bad:\n{listing}{more}\nFix these rows, or set "
                     f"`data.on_error=skip` to train without them (they are then counted and listed).")
+
+
+def bad_row_listing(bad: list, limit: int) -> tuple[str, str]:
+    """The bad rows as lines, rows of one file with the same problem on one line (a DPO file given to sft has every
+    row bad for one reason: one line naming the rows, not 20 identical lines), at most `limit` lines."""
+    groups: dict[tuple, list] = {}
+    for b in bad:
+        where = _SOURCE_ROW.match(b.source)
+        key = (where.group(1), where.group(2), b.field, b.problem) if where else (id(b),)
+        groups.setdefault(key, []).append(b)
+    lines = [_bad_group_line(rows) for rows in groups.values()]
+    shown_rows = sum(len(rows) for rows in list(groups.values())[:limit])
+    more = f"\n  ... and {len(bad) - shown_rows} more" if len(lines) > limit else ""
+    return "\n".join(f"  - {line}" for line in lines[:limit]), more
+
+
+_SOURCE_ROW = re.compile(r"^(.*):(line|record) (\d+)$")  # a BadRow's source: `file:line N` or `file:record N`
+
+
+def _bad_group_line(rows: list) -> str:
+    if len(rows) == 1:
+        return str(rows[0])
+    path, unit = _SOURCE_ROW.match(rows[0].source).group(1, 2)
+    numbers = [_SOURCE_ROW.match(b.source).group(3) for b in rows]
+    listed = ", ".join(numbers[:5]) + (f", ... ({len(rows)} rows)" if len(rows) > 5 else "")
+    return f"{path}:{unit}s {listed}: field `{rows[0].field}`: {rows[0].problem}"
 
 
 def _check_template_renders_something(report: DataReport) -> None:

@@ -198,6 +198,19 @@ def test_skipped_bad_rows_are_said_on_the_console(tmp_path, capsys):
         mix(parse("mix", ["--data", data, "--out", str(tmp_path / "out2")]))
 
 
+def test_many_bad_rows_of_one_kind_are_one_line_and_the_rest_counted(tmp_path):
+    """mix listed the first 20 bad rows, one line each, and never said how many more there were."""
+    rows = [{"instruction": f"Q{i}", "output": ""} for i in range(25)]
+    rows += [{"instruction": f"R{i}"} for i in range(22)]
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Hi", "output": "Hello"}] + rows)
+    with pytest.raises(DataError) as err:
+        mix(parse("mix", ["--data", data, "--out", str(tmp_path / "out")]))
+    lines = str(err.value).splitlines()
+    assert lines[0] == "47 rows are bad:" and len(lines) == 4, lines
+    assert lines[1].startswith(f"  - {data}:lines 2, 3, 4, 5, 6, ... (25 rows): field `output`: empty")
+    assert lines[2].startswith(f"  - {data}:lines 27, 28, 29, 30, 31, ... (22 rows): field `output`: missing")
+
+
 def test_own_weights_need_not_sum_to_one(tmp_path, capsys):
     """LLaMA-Factory users give interleave_probs; `--weights` did not exist (argparse suggested `--registry`)."""
     a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(40)])

@@ -25,6 +25,7 @@ from fractions import Fraction
 from typing import Literal
 
 from tuneforge.configs.typed import opt
+from tuneforge.data.build import bad_row_listing
 from tuneforge.data.curate import rows
 from tuneforge.errors import DataError, UserError, counted
 
@@ -168,19 +169,19 @@ def _read(sources: rows.Sources, args: MixArgs) -> tuple[list[tuple[str, list]],
     for row in rows.iter_rows(sources):
         kinds.check(row)
         if row.bad is not None:
-            bad.append(str(row.bad))
+            bad.append(row.bad)
         else:
             per_spec[row.spec_index].append((row.source, row.example))
     if bad and args.on_error == "raise":
-        listing = "\n".join(f"  - {b}" for b in bad[:20])
-        raise DataError(f"{counted(len(bad), 'row is', 'rows are')} bad:\n{listing}\nFix them, clean the data first "
+        listing, more = bad_row_listing(bad, 20)
+        raise DataError(f"{counted(len(bad), 'row is', 'rows are')} bad:\n{listing}{more}\nFix them, clean the data first "
                         f"(`tuneforge data clean`), or pass `--on-error skip` to mix without them.")
     named = [(spec.path, examples) for spec, examples in zip(sources.specs, per_spec)]
     empty = [name for name, examples in named if not examples]
     if empty:
         raise DataError(f"Dataset {empty[0]} has no usable rows; a mixture cannot draw from it. Remove it from "
                         f"the list or fix its rows.")
-    return named, bad
+    return named, [str(b) for b in bad]
 
 
 def settings(report: dict) -> str:

@@ -34,6 +34,7 @@ from typing import Literal
 
 from tuneforge.configs.typed import opt
 from tuneforge.data import readers
+from tuneforge.data.build import bad_row_listing
 from tuneforge.data.curate import rows
 from tuneforge.data.curate.synth.teacher import (
     Teacher,
@@ -238,12 +239,12 @@ def raw_rows(files: list[Path], result: Result | None = None):
             continue
         for raw in readers.read_local(file):
             if isinstance(raw, BadRow):
-                bad.append(str(raw))
+                bad.append(raw)
             else:
                 yield raw.source, raw.data
     if bad:
-        listing = "\n".join(f"  - {b}" for b in bad[:20])
-        raise DataError(f"{len(bad)} input rows are bad:\n{listing}\nFix them or clean the data first "
+        listing, more = bad_row_listing(bad, 20)
+        raise DataError(f"{len(bad)} input rows are bad:\n{listing}{more}\nFix them or clean the data first "
                         f"(`tuneforge data clean`).")
 
 
