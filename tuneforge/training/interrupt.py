@@ -51,7 +51,11 @@ class StopRequest:
     # and forwarded by torchrun. Under torchrun a repeat that quick is that echo, not the user's second Ctrl-C.
     echo_window_s = 1.0
 
-    def __init__(self):
+    STEP_NOTICE = "finishing the current step, then saving a checkpoint"
+    FINAL_NOTICE = "finishing the final evaluation and saving the final model"  # the run is trained: keep it
+
+    def __init__(self, notice: str = STEP_NOTICE):
+        self.notice = notice  # what the first signal does, said when it comes
         self.signum: int | None = None
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
@@ -76,8 +80,8 @@ class StopRequest:
         if os.environ.get("LOCAL_RANK", "0") != "0":
             return  # under torchrun every process gets the signal: one notice per node, from its first process
         # os.write, not print: a handler that prints while the interrupted code prints raises "reentrant call"
-        os.write(2, f"\n{signal.Signals(signum).name} received: finishing the current step, then saving a "
-                    f"checkpoint (press Ctrl-C again to abort without saving)\n".encode())
+        os.write(2, f"\n{signal.Signals(signum).name} received: {self.notice} (press Ctrl-C again to abort "
+                    f"without saving)\n".encode())
 
     def agreed(self, runtime) -> bool:
         """Whether any rank was asked to stop (every rank gets the same answer at the same step)."""

@@ -580,7 +580,10 @@ class Trainer:
                     return self._stopped(logger, history, last_eval, stop.signum or signal.SIGTERM)
             if self.step < self.total_steps:
                 return self._stopped(logger, history, last_eval, None)
-        return self._finish(logger, history, last_eval)
+            # Every step is done: a signal now would lose the whole run (no checkpoint is due at the last step), so
+            # the first one only says that the final evaluation finishes and the model is saved (save_final).
+            stop.notice = StopRequest.FINAL_NOTICE
+            return self._finish(logger, history, last_eval)
 
     def _step_and_log(self, logger: MetricsLogger, history: list[dict]) -> dict:
         """One optimizer step, then eval / log lines as due. The logged loss is the window mean (MetricWindow)."""

@@ -18,6 +18,7 @@ from tuneforge.kernels.onednn_linear import checkpointing_kwargs
 from tuneforge.methods import METHODS, get_method
 from tuneforge.methods.base import Method
 from tuneforge.training.checkpoint import atomic_dir, check_same_run, find_resume, run_fingerprint
+from tuneforge.training.interrupt import StopRequest
 from tuneforge.training.metrics import fmt
 from tuneforge.training.model_card import finish_output_folder
 from tuneforge.training.output_dir import check_output_dir
@@ -214,14 +215,27 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
     instead (rm: a sequence-classification model). A sharded model (FSDP) is gathered to rank 0 first."""
     from tuneforge.training.distributed import build_strategy
 
-    extend = getattr(model, "tuneforge_extend", None)
-    plain = build_strategy(cfg, runtime).export_model(
-        model, lambda: build_model(cfg, runtime, torch.device("cpu"), extend)[0])
-    if not runtime.is_main:
-        runtime.barrier()
-        return None
-    out = Path(cfg.output_dir)
-    tmp = atomic_dir(out / "final")
+    # A first Ctrl-C / SIGTERM waits for the save (the run is trained: losing it to a signal is the worst outcome);
+    # a second one aborts, and the temp folder goes with it.
+    with StopRequest(StopRequest.FINAL_NOTICE):
+        extend = getattr(model, "tuneforge_extend", None)
+        plain = build_strategy(cfg, runtime).export_model(
+            model, lambda: build_model(cfg, runtime, torch.device("cpu"), extend)[0])
+        if not runtime.is_main:
+            runtime.barrier()
+            return None
+        out = Path(cfg.output_dir)
+        tmp = atomic_dir(out / "final")
+        try:
+            _write_final(cfg, method, tokenizer, plain, tmp, out, write)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    runtime.barrier()
+    return out
+
+
+def _write_final(cfg: TrainConfig, method: Method, tokenizer, plain, tmp: Path, out: Path, write) -> None:
     if write is not None:
         write(tmp)
     else:
@@ -234,8 +248,6 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
-    runtime.barrier()
-    return out
 
 
 def run_stage(cfg: TrainConfig, data_kind: str, stage, log=print):
