@@ -264,3 +264,11 @@ def test_a_problem_with_a_command_line_value_says_it_came_from_there(tmp_path):
     assert lr.endswith("got 'abc' (set on the command line: `training.lr=abc`).")
     assert method.endswith("(set on the command line: `method=lorra`)")
     assert "command line" not in lrr  # `Did you mean training.lr` names an override key, but not as its subject
+
+
+def test_null_for_a_list_says_how_to_give_none():
+    """`data.eval=null` (to drop an example config's eval files) was refused without saying what to give instead."""
+    with pytest.raises(ConfigError, match=r"`data.eval` must be a list, got None\. For none, give the empty list: "
+                                          r"`data.eval: \[\]` \(`data.eval=\[\]` on the command line\)"):
+        load(["data.eval=null"])
+    assert load(["data.eval=[]"]).data.eval == []

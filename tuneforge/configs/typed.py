@@ -115,7 +115,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (str, dict)) and not isinstance(value, list):
             value = [value]  # a single item where a list is expected is a common, unambiguous shorthand
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"`{key}` must be a list, got {value!r}.")
+            empty = f" For none, give the empty list: `{key}: []` (`{key}=[]` on the command line)." \
+                if value is None else ""
+            raise ConfigError(f"`{key}` must be a list, got {value!r}.{empty}")
         return _coerce_all(((i, v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)), list)
     if origin is dict:
         if not isinstance(value, dict):
