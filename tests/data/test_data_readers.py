@@ -45,6 +45,22 @@ def test_invalid_json_and_wrong_top_level_raise(tmp_path):
         read_local(mapping)
 
 
+def test_a_top_level_object_says_what_it_is_and_what_to_do(tmp_path):
+    """A LLaMA-Factory dataset_info.json given as data, and rows wrapped in {"data": [...]}, only heard "must be a
+    list"."""
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text(json.dumps({"identity": {"file_name": "identity.json"}, "hub": {"hf_hub_url": "a/b"}}))
+    with pytest.raises(DataError, match=r"dataset registry \(dataset_info.json\), not a dataset: give it as the "
+                                        r"registry \(`data.registry: .*dataset_info.json`; data tools: `--registry`\) "
+                                        r"and name its entries as datasets \(e.g. `identity`\)"):
+        read_local(registry)
+    wrapped = tmp_path / "squad.json"
+    wrapped.write_text(json.dumps({"version": "1", "data": [{"instruction": "a", "output": "b"}] * 3}))
+    with pytest.raises(DataError, match=r"Its key `data` holds a list of 3 objects: save that list as the file, "
+                                        r"e.g. `jq '.data' .*squad.json > rows.json`"):
+        read_local(wrapped)
+
+
 def test_csv_lines_count_multiline_cells(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('instruction,output\nfirst,"two\nlines"\nsecond,ok\nthird\n', encoding="utf-8")

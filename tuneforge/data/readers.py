@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.data.types import BadRow, bad_row
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, counted
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 GZIP_SUFFIXES = tuple(f"{s}.gz" for s in SUFFIXES if s != ".parquet")
@@ -150,8 +150,26 @@ def read_json(path: Path) -> Rows:
                         f"Fix the file, or use JSON lines (one object per line) with a .jsonl name.") from e
     if not isinstance(data, list):
         raise DataError(f"{path}: the top level must be a list of objects ([{{...}}, {{...}}]), got "
-                        f"{type(data).__name__}. Use a list, or JSON lines (one object per line).")
+                        f"{type(data).__name__}. {_not_a_list_hint(data, path)}")
     return [_row_or_bad(item, f"{path}:record {i}", "<record>", path) for i, item in enumerate(data, start=1)]
+
+
+REGISTRY_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
+
+
+def _not_a_list_hint(data, path: Path) -> str:
+    """What to do with a JSON file whose top level is not the rows: a LLaMA-Factory registry given as a dataset, or
+    rows wrapped in an object (`{"data": [...]}`, as SQuAD-style files and some exports have them)."""
+    if isinstance(data, dict) and data and all(isinstance(v, dict) and REGISTRY_KEYS & v.keys() for v in data.values()):
+        return (f"This is a LLaMA-Factory dataset registry (dataset_info.json), not a dataset: give it as the registry "
+                f"(`data.registry: {path}`; data tools: `--registry`) and name its entries as datasets (e.g. "
+                f"`{next(iter(data))}`), or name a data file.")
+    lists = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)] \
+        if isinstance(data, dict) else []
+    if lists:
+        return (f"Its key `{lists[0]}` holds a list of {counted(len(data[lists[0]]), 'object')}: save that list as the file, "
+                f"e.g. `jq '.{lists[0]}' {path} > rows.json`.")
+    return "Use a list, or JSON lines (one object per line)."
 
 
 def _json_records(text: str, path: Path):
