@@ -146,10 +146,10 @@ def test_paths_are_checked_before_any_model_loads(tiny_llama_dir, tmp_path, monk
         argv = ["eval", "--model", str(tiny_llama_dir), "--tasks", "mmlu", "--out", str(tmp_path / "o"), *flags]
         assert main(argv) == 2
         assert re.search(message, capsys.readouterr().err), (flags, message)
-    argv = ["eval", "--model", str(tiny_llama_dir), "--tasks", f"judge:{tmp_path / 'afile'}", "--out",
+    argv = ["eval", "--model", str(tiny_llama_dir), "--tasks", f"grade:{tmp_path / 'afile'}", "--out",
             str(tmp_path / "o"), "--judge-url", "http://127.0.0.1:9/v1"]  # nothing listens on port 9
     assert main(argv) == 2
-    assert re.search(r"judge at http://127.0.0.1:9/v1 cannot be reached .*judge:.*afile need", capsys.readouterr().err)
+    assert re.search(r"judge at http://127.0.0.1:9/v1 cannot be reached .*grade:.*afile need", capsys.readouterr().err)
 
 
 def test_too_many_shots_fail_before_any_model_loads(tiny_llama_dir, tmp_path, monkeypatch, capsys):
@@ -319,3 +319,39 @@ def test_a_smaller_limit_judges_only_the_rows_it_covers(tiny_llama_dir, tmp_path
         judged = (tmp_path / "out" / "b" / slug(f"judge:{prompts}") / "judgements.jsonl").read_text().splitlines()
         graded = (tmp_path / "out" / "a" / slug(f"grade:{prompts}") / "judgements.jsonl").read_text().splitlines()
         assert (len(judged), len(graded)) == (want, want)
+
+
+def test_pairwise_judging_with_one_model_is_a_config_error(tmp_path):
+    """judge:PATH with one model generated every reply and judged nothing, under a green run; grade:PATH is fine."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    flags = {"models": [{"model": "m"}], "judge": {"url": "http://127.0.0.1:9/v1"}}
+    with pytest.raises(ConfigError, match=r"judge:.*only `m` is listed.*--adapter.*grade:PATH"):
+        load_eval_config(None, [], flags | {"tasks": [f"judge:{prompts}"]})
+    assert load_eval_config(None, [], flags | {"tasks": [f"grade:{prompts}"]}).tasks == [f"grade:{prompts}"]
+
+
+def test_adapter_alone_compares_against_the_base_it_was_trained_on(tmp_path):
+    """`--adapter X` without --model (help: "default: the adapter's base") put the default model (SmolLM2) in the
+    base column, so the adapter was compared against a model it was never trained on."""
+    from tuneforge.eval.run import _flags_to_dict
+
+    adapter = tmp_path / "run"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path)}))
+    flags, overrides = _flags_to_dict(["--adapter", str(adapter), "--tasks", "mmlu"])
+    cfg = load_eval_config(None, overrides, flags)
+    assert [(m.label(), m.model, m.adapter) for m in cfg.models] == [("base", str(tmp_path), None),
+                                                                       ("run", None, str(adapter))]
+
+
+def test_report_notes_give_the_judge_grade_scale(tmp_path):
+    """The notes said "other scores fractions" above a judge_score of 7.0 (grades are 1-10)."""
+    from tuneforge.eval.suite import _notes
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    cfg = load_eval_config(None, [], {"models": [{"model": "m"}], "tasks": [f"grade:{prompts}"],
+                                      "judge": {"url": "http://127.0.0.1:9/v1"}})
+    limit = next(n for n in _notes(cfg) if n.startswith("limit:"))
+    assert "judge_score 1-10" in limit and "other scores fractions" not in limit

@@ -107,3 +107,50 @@ def test_combine_and_rates():
     assert rates["score"] == pytest.approx(0.7) and rates["invalid"] == 1 and rates["pairs"] == 10
     assert rates["win_rate_ci_low"] <= 0.6 <= rates["win_rate_ci_high"] and rates["win_rate_ci_high"] <= 1.0
     assert rates["win_rate_ci_low"] < rates["win_rate_ci_high"]
+
+
+class _OddServer(BaseHTTPRequestHandler):
+    """Answers 200 with a JSON list (not a chat completion), or 404 with the server's reason."""
+
+    status = 200
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = b"[1, 2]" if self.status == 200 else b'{"error": "model `gpt-judge` not found"}'
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.mark.parametrize("status, found", [(200, r"failed after 2 tries \(TypeError"),
+                                           (404, r"failed after 1 try \(HTTP 404: .*gpt-judge` not found")])
+def test_a_judge_that_answers_in_another_shape_is_a_clear_error(status, found):
+    """A 200 whose body is not a chat completion was a raw TypeError traceback; a 404 said '2 tries' after one and
+    hid the server's reason (usually a wrong judge.model)."""
+    from tuneforge.errors import UserError
+
+    _OddServer.status = status
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OddServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = JudgeClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "gpt-judge", retries=1)
+        with pytest.raises(UserError, match=found):
+            client.chat([{"role": "user", "content": "hi"}])
+    finally:
+        server.shutdown()
+
+
+def test_a_torn_cache_line_does_not_swallow_the_next_reply(stub, tmp_path):
+    """A judge cache torn by an interrupted run glued the next reply to its last line, so that reply was asked again
+    on every later run."""
+    cache = tmp_path / "judge_cache.jsonl"
+    cache.write_text('{"key": "x", "rep')
+    ask = [{"role": "system", "content": "Rating"}, {"role": "user", "content": "GOOD"}]  # a grade request
+    JudgeClient(stub, "judge", cache_path=cache).chat(ask)
+    calls = len(_Judge.calls)
+    JudgeClient(stub, "judge", cache_path=cache).chat(ask)
+    assert len(_Judge.calls) == calls

@@ -138,3 +138,32 @@ def test_perplexity_scores_every_token_of_a_long_text_in_strided_windows(tiny_ll
             part = model(input_ids=window).logits[0, -9:-1]
         expected += torch.nn.functional.cross_entropy(part, window[0, -8:], reduction="sum").item()
     assert windowed["nll_per_token"] == pytest.approx(expected / (len(ids) - 1), rel=1e-5)
+
+
+def test_report_keeps_each_tasks_rows_together():
+    """The pairwise rates exist only for the non-baseline models, added after every task ran: their rows came after
+    the next task's rows, splitting the judge task in two in report.md."""
+    from tuneforge.eval.report import table
+
+    results = {"base": {"judge:p": {"truncated_replies": 0}, "ppl:p": {"perplexity": 9.0}},
+               "tuned": {"judge:p": {"truncated_replies": 1, "win_rate": 0.5}, "ppl:p": {"perplexity": 8.0}}}
+    assert [row[:2] for row in table(results, "base")[1:]] == [
+        ["judge:p", "truncated_replies"], ["judge:p", "win_rate"], ["ppl:p", "perplexity"]]
+
+
+def test_chart_draws_no_bar_for_a_missing_value(monkeypatch):
+    """The baseline has no win_rate against itself (and a judge that parsed nothing gives none): the chart drew
+    those as bars at 0, a loss the report table does not show."""
+    import math
+
+    import matplotlib.axes
+
+    from tuneforge.eval.report import chart_png
+
+    drawn = []
+    real = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *a, **k: drawn.append(list(h))
+                        or real(self, x, h, *a, **k))
+    assert chart_png({"base": {"judge:p": {"truncated_replies": 0}},
+                      "tuned": {"judge:p": {"truncated_replies": 0, "win_rate": 0.5}}}, "judge:p")
+    assert drawn[0][0] == 0 and math.isnan(drawn[0][1]) and drawn[1] == [0, 0.5]

@@ -151,3 +151,18 @@ def test_more_shots_than_the_dev_split_holds_is_a_user_error(tiny, tmp_path):
         run_multiple_choice(model, tokenizer, settings, tmp_path / "out", progress=False)
     settings.shots = 2
     assert run_multiple_choice(model, tokenizer, settings, tmp_path / "out", progress=False)["shots"] == 2
+
+
+def test_questions_longer_than_the_models_context_are_counted(tiny, tmp_path, monkeypatch):
+    """A prompt past max_position_embeddings was scored without a word (5-shot MMLU reaches ~3,100 tokens, over a
+    2,048-token model's context): the score is meaningless there, and the report now counts such questions."""
+    model, tokenizer = tiny
+    _write_bench(tmp_path / "bench")
+    settings = MCSettings("mmlu", str(tmp_path / "bench"), shots=2, limit=2)
+    got = run_multiple_choice(model, tokenizer, settings, tmp_path / "out", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert got["over_context"] == 0 and records[0]["context_tokens"] == len(tokenizer(records[0]["prompt"]).input_ids)
+    shortest = min(r["context_tokens"] for r in records)
+    monkeypatch.setattr(model.config, "max_position_embeddings", shortest)  # the same questions, a smaller model
+    again = run_multiple_choice(model, tokenizer, settings, tmp_path / "out", progress=False)
+    assert again["over_context"] == sum(r["context_tokens"] >= shortest for r in records) >= 1

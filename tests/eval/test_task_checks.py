@@ -17,6 +17,7 @@ from tuneforge.eval.run import load_eval_config
 from tuneforge.eval.suite import check_task_data
 
 MODEL = {"model": "builtin:smollm2-135m-instruct"}
+MODELS = [MODEL, MODEL | {"name": "other"}]  # two: judge:PATH compares a model against the baseline
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def _gsm8k(folder: Path, n: int) -> Path:
 
 
 def _problems(tasks: list[str], **settings) -> str:
-    cfg = load_eval_config(None, [], {"models": [MODEL], "tasks": tasks, **settings})
+    cfg = load_eval_config(None, [], {"models": MODELS, "tasks": tasks, **settings})
     with pytest.raises(UserError) as err:
         check_task_data(cfg)
     return str(err.value)
@@ -68,7 +69,7 @@ def test_task_files_are_read_in_their_format(tmp_path):
              (f"gsm8k:{tmp_path / 'gsm8k'}", r"row 1 lacks GSM8K's `question` and `answer` fields \(found q, a\)")]
     for task, expected in cases:
         assert re.search(rf"Task `{re.escape(task)}`: .*{expected}", _problems([task])), task
-    cfg = load_eval_config(None, [], {"models": [MODEL], "tasks": [f"judge:{tmp_path / 'prompts.jsonl'}"],
+    cfg = load_eval_config(None, [], {"models": MODELS, "tasks": [f"judge:{tmp_path / 'prompts.jsonl'}"],
                                       "judge": {"url": "http://127.0.0.1:9/v1"}})
     check_task_data(cfg)  # judged prompts need no reference
 
@@ -121,3 +122,36 @@ def test_a_data_task_row_ending_on_a_tool_call_is_named(tmp_path):
     (tmp_path / "calls.jsonl").write_text(json.dumps(row) + "\n")
     task = f"data:{tmp_path / 'calls.jsonl'}"
     assert re.search(r"calls.jsonl.*1.*ends on a tool call.*scores text replies", _problems([task]))
+
+
+def test_bad_benchmark_rows_are_found_before_any_model_loads(tmp_path):
+    """Only the dev split was read before the model loaded: a header line or an answer that is no letter in a test
+    CSV surfaced after the model's load and every earlier task, with a hint to score on `test` (it was test); an
+    empty subject file dropped out of the accuracies without a word."""
+    from tests.eval.test_multiple_choice import _write_bench
+
+    _write_bench(tmp_path / "mmlu", n=2)
+    test = tmp_path / "mmlu" / "test"
+    (test / "algebra_test.csv").write_text("question,A,B,C,D,answer\n" + (test / "algebra_test.csv").read_text())
+    message = _problems(["mmlu", "mmlu@0"], data_dir=str(tmp_path))
+    assert "algebra_test.csv:1: the answer is 'answer'" in message and "no header row: delete this line" in message
+    assert "Score mmlu on" not in message
+    (test / "algebra_test.csv").write_text("What?,a,b,c,d,A\n")
+    (test / "history_test.csv").write_text("Who?,a,b,c,d,E\n")
+    message = _problems(["mmlu@0"], data_dir=str(tmp_path))
+    assert "history_test.csv:1: the answer is 'E'" in message and "Fix this row's answer letter" in message
+    (test / "history_test.csv").write_text("What?,a,b,c,d,B\n")
+    (test / "empty_test.csv").write_text("")
+    assert "empty_test.csv holds no questions" in _problems(["mmlu@0"], data_dir=str(tmp_path))
+
+
+def test_a_subject_without_dev_examples_names_the_dev_split_and_the_fix(tmp_path):
+    """The error said "no file for subject(s) history in FOLDER" for a test subject missing from dev/, not which
+    split lacked it nor that shots=0 needs none."""
+    from tests.eval.test_multiple_choice import _write_bench
+
+    _write_bench(tmp_path / "mmlu", n=2)
+    (tmp_path / "mmlu" / "dev" / "history_dev.csv").unlink()
+    message = _problems(["mmlu"], data_dir=str(tmp_path), shots=1)
+    assert "no dev file for subject(s) history" in message and "history_dev.csv" in message
+    assert "`shots` to 0 (mmlu@0)" in message

@@ -125,26 +125,42 @@ def _parse_row(bench: Benchmark, row: list[str], subject: str, index: int, where
                         f"Check that the file follows the {bench.name} layout.")
     answer = cells[5].strip().upper()
     if answer not in LETTERS:
-        raise DataError(f"{where}: the answer is {cells[5]!r}, not one of A, B, C, D (is this an unlabelled "
-                        f"test split? Score {bench.name} on `{bench.eval_split}`).")
+        raise DataError(f"{where}: the answer is {cells[5]!r}, not one of A, B, C, D. {_answer_hint(bench, cells, index)}")
     return Question(subject, index, cells[0].strip(), [c.strip() for c in cells[1:5]], answer, where)
 
 
+def _answer_hint(bench: Benchmark, cells: list[str], index: int) -> str:
+    """What a bad answer cell most likely means: a header row in headerless MMLU, an unlabelled split, a typo."""
+    if index == 0 and not bench.header and cells[5].strip().lower() == "answer":
+        return "MMLU's CSVs have no header row: delete this line."
+    if not cells[5].strip():
+        return (f"Is this an unlabelled split? {bench.name} is scored on `{bench.eval_split}`, which must hold the "
+                f"answers.")
+    return "Fix this row's answer letter (or drop the row)."
+
+
 def load_subject(bench: Benchmark, path: Path, subject: str) -> list[Question]:
-    return [_parse_row(bench, row, subject, i, f"{path}:{i + 1 + bench.header}")
-            for i, row in enumerate(_rows(bench, path))]
+    rows = _rows(bench, path)
+    if not rows:  # an empty subject would drop out of every accuracy without a word
+        raise DataError(f"{path} holds no questions: fill it or delete it (one row per question: "
+                        f"{'id,' if bench.header else ''}question,A,B,C,D,answer).")
+    return [_parse_row(bench, row, subject, i, f"{path}:{i + 1 + bench.header}") for i, row in enumerate(rows)]
 
 
 def load_subjects(name: str, folder: Path, split: str | None = None,
                   subjects: list[str] | None = None) -> dict[str, list[Question]]:
     """{subject: questions} of one split (the benchmark's scored split by default)."""
     bench = benchmark(name)
-    files = subject_files(bench, folder, split or bench.eval_split)
+    split = split or bench.eval_split
+    files = subject_files(bench, folder, split)
     if subjects:
         missing = [s for s in subjects if s not in files]
         if missing:
-            raise UserError(f"{name}: no file for subject(s) {', '.join(missing)} in {folder}; present: "
-                            f"{', '.join(files) or 'none'}.")
+            fix = (f" The dev split gives each subject its few-shot examples: add the file(s), or set `shots` to 0 "
+                   f"({name}@0)." if split == "dev" else "")
+            raise UserError(f"{name}: no {split} file for subject(s) {', '.join(missing)} in {Path(folder) / split} "
+                            f"(expected {bench.file_pattern.format(subject=missing[0], split=split)}); present: "
+                            f"{', '.join(files) or 'none'}.{fix}")
         files = {s: files[s] for s in subjects}
     return {s: load_subject(bench, p, s) for s, p in files.items()}
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from tuneforge.configs.typed import from_dict
 from tuneforge.errors import ConfigError
 
-HEADLINE_SKIP = {"questions", "examples", "prompts", "tokens", "shots", "chat_template", "pairs", "invalid"}
+HEADLINE_SKIP = {"questions", "examples", "prompts", "tokens", "shots", "chat_template", "pairs", "invalid",
+                 "over_context"}
 JUDGED = ("judge:", "grade:")  # tasks scored by tuneforge eval's judge step, which the suite does not run
 UNUSED_KEYS = ("models", "baseline", "out")  # the suite scores the model being trained, under OUTPUT/eval_suite/
 

@@ -48,7 +48,11 @@ class JudgeClient:
         self.cache: dict[str, str] = {}
         self.lock = threading.Lock()
         if self.cache_path and self.cache_path.is_file():
-            for line in self.cache_path.read_text(encoding="utf-8").splitlines():
+            text = self.cache_path.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):  # torn by an interrupted run: the next reply must not join it
+                with open(self.cache_path, "a", encoding="utf-8") as f:
+                    f.write("\n")
+            for line in text.splitlines():
                 try:
                     record = json.loads(line)
                     self.cache[record["key"]] = record["reply"]
@@ -65,23 +69,26 @@ class JudgeClient:
         import httpx
 
         body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": self.max_tokens}
-        error = None
+        error, tries = None, 0
         for attempt in range(self.retries + 1):
+            tries += 1
             try:
                 r = self.http.post(self.url, json=body)
                 if r.status_code in (429, 500, 502, 503, 504):
                     error = f"HTTP {r.status_code}"
                 else:
                     r.raise_for_status()
-                    return r.json()["choices"][0]["message"]["content"] or ""
-            except (httpx.TransportError, httpx.HTTPStatusError, KeyError, IndexError, ValueError) as e:
+                    return _reply_text(r.json())
+            except (httpx.TransportError, httpx.HTTPStatusError, KeyError, IndexError, TypeError, ValueError) as e:
                 error = f"{type(e).__name__}: {e}"
                 if isinstance(e, httpx.HTTPStatusError) and e.response.status_code < 500:
-                    break  # a client error (bad model name, bad key) will not go away on retry
+                    # a client error (bad model name, bad key) will not go away on retry; its body says why
+                    error = f"HTTP {e.response.status_code}: {e.response.text[:300]}"
+                    break
             time.sleep(min(8.0, 0.5 * 2 ** attempt))
-        raise UserError(f"The judge endpoint {self.url} failed after {self.retries + 1} tries ({error}). Check that "
-                        f"the server is up and serves model `{self.model}`; finished judgements are cached, so a "
-                        f"re-run continues from here.")
+        raise UserError(f"The judge endpoint {self.url} failed after {tries} {'try' if tries == 1 else 'tries'} "
+                        f"({error}). Check that the server is up, speaks OpenAI's chat-completions API and serves "
+                        f"model `{self.model}`; finished judgements are cached, so a re-run continues from here.")
 
     def chat(self, messages: list[dict]) -> str:
         key = self._key(messages)
@@ -100,6 +107,14 @@ class JudgeClient:
     def chat_many(self, conversations: list[list[dict]]) -> list[str]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self.chat, conversations))
+
+
+def _reply_text(body) -> str:
+    """The assistant text of a chat-completions response; a body of another shape raises (and is retried)."""
+    content = body["choices"][0]["message"]["content"]
+    if content is not None and not isinstance(content, str):
+        raise TypeError(f"`choices[0].message.content` is {type(content).__name__}, not text")
+    return content or ""
 
 
 _VERDICT = re.compile(r"\[\[\s*(A|B|C|TIE)\s*\]\]", re.IGNORECASE)

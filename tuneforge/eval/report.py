@@ -36,7 +36,14 @@ def _rows(results: dict, detail: bool) -> list[tuple[str, str]]:
                 if (number or value is None) and metric not in SKIP:  # None: no rate could be made ("-")
                     if ("/" in metric) == detail:
                         seen[(task, metric)] = None
-    return list(seen)
+    # a task's rows together, in task order: the judge's rates are added after every model ran, and the baseline
+    # has none, so first-seen order put them after every later task's rows
+    order = list(dict.fromkeys(task for task, _ in seen))
+    return sorted(seen, key=lambda row: order.index(row[0]))
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _fmt(value) -> str:
@@ -79,7 +86,8 @@ def chart_png(results: dict, task: str) -> bytes | None:
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(metrics) * len(models)), 3))
     width = 0.8 / len(models)
     for i, model in enumerate(models):
-        values = [results[model].get(task, {}).get(m) or 0.0 for m in metrics]
+        # no value (the baseline's own win_rate, a rate no reply could make) is no bar, not a bar at 0
+        values = [_number(results[model].get(task, {}).get(m)) for m in metrics]
         ax.bar([x + i * width for x in range(len(metrics))], values, width, label=model)
     ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(metrics))], metrics)
     ax.set_title(task)

@@ -123,6 +123,11 @@ def load_eval_config(path: str | None, overrides: list[str], base: dict | None =
         raise ConfigError(f"Two models share the report name {names}: give each a distinct `name:`.")
     if cfg.baseline is not None and cfg.baseline not in names:
         raise ConfigError(f"baseline `{cfg.baseline}` is not one of the models ({', '.join(names)}).")
+    pairwise = [t for t in cfg.tasks if t.partition(":")[0] == "judge"]
+    if pairwise and len(cfg.models) < 2:  # the lone model would generate every reply and be judged against nothing
+        raise ConfigError(f"{', '.join(pairwise)} judge(s) each model's replies against the baseline's, and only "
+                          f"`{names[0]}` is listed: add a second model (or --adapter, which compares base and "
+                          f"base+adapter), or use grade:PATH for 1-10 grades of one model.")
     check_tasks(cfg)
     return cfg
 
@@ -189,10 +194,10 @@ def flag_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
 def _flags_to_dict(argv: list[str]) -> tuple[dict, list[str]]:
     """The config the flags describe, and the key=value overrides given after them."""
     ns = flag_parser().parse_args(argv)
-    models = [{"model": ns.model, "adapter": None, "name": "base"}] if ns.adapter else []
-    models.append({"model": ns.model, "adapter": ns.adapter})
     if not ns.model and not ns.adapter:
         raise UserError("Pass --model (and optionally --adapter), or a config file: `tuneforge eval CONFIG.yaml`.")
+    models = [{"model": ns.model or _adapter_base(ns.adapter), "adapter": None, "name": "base"}] if ns.adapter else []
+    models.append({"model": ns.model, "adapter": ns.adapter})
     data = {"models": models, "tasks": [t.strip() for t in ns.tasks.split(",") if t.strip()],
             "mc_chat_template": ns.mc_chat_template}
     extra = {"data_dir": ns.data_dir, "limit": ns.limit, "shots": ns.shots, "out": ns.out,
@@ -204,6 +209,18 @@ def _flags_to_dict(argv: list[str]) -> tuple[dict, list[str]]:
     if ns.refusal_detector:
         data["safety"] = {"detector": ns.refusal_detector}
     return data, ns.overrides
+
+
+FULL_MODEL_HINT = "evaluate it as a model: `models: [{{model: {folder}}}]` (or --model)."  # an --adapter that is not one
+
+
+def _adapter_base(adapter: str) -> str:
+    """The base column of `--adapter X` alone: the model X was trained on. Left unset, it loaded the default model
+    (SmolLM2) and compared the adapter against a model it was never trained on."""
+    from tuneforge.models.adapter_loading import adapter_folder, base_for
+
+    adapter_folder(adapter, FULL_MODEL_HINT)
+    return base_for(adapter, None, None)[0]
 
 
 def eval_cli(argv: list[str]) -> int:
@@ -235,7 +252,7 @@ def check_paths(cfg: EvalConfig) -> None:
     for entry in cfg.models:
         check_chat_template(entry)
         if entry.adapter:
-            adapter_folder(entry.adapter, "evaluate it as a model: `models: [{{model: {folder}}}]` (or --model).")
+            adapter_folder(entry.adapter, FULL_MODEL_HINT)
         if entry.model and not entry.model.startswith("builtin:"):
             resolve_source(entry.model)
 

@@ -127,12 +127,43 @@ def read_xstest(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass the XSTest prompts CSV (id,prompt,type,label).")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"prompt", "type", "label"} <= set(rows[0]):
-        raise DataError(f"{path}: expected XSTest columns prompt, type, label; found {', '.join(rows[0])}.")
-    return [{"id": r.get("id") or str(i), "prompt": r["prompt"], "category": r["type"], "harmful": r["label"] == "unsafe"}
-            for i, r in enumerate(rows)]
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM would hide the first column
+        reader = csv.DictReader(f)
+        rows = [(reader.line_num, r) for r in reader]
+    if rows and not {"prompt", "type", "label"} <= set(rows[0][1]):
+        raise DataError(f"{path}: expected XSTest columns prompt, type, label; found {', '.join(rows[0][1])}.")
+    prompts = []
+    for i, (line, r) in enumerate(rows):
+        if not (r["prompt"] or "").strip() or r["type"] is None or r["label"] is None:
+            raise DataError(f"{path}:{line}: the row has no prompt, or fewer cells than the header "
+                            f"(id,prompt,type,label). Fill it or delete it.")
+        prompts.append({"id": r.get("id") or str(i), "prompt": r["prompt"], "category": r["type"],
+                        "harmful": _xstest_label(path, line, r["label"])})
+    return _check_prompts(path, prompts)
+
+
+def _xstest_label(path: Path, line: int, label: str | None) -> bool:
+    """XSTest's `label` is `safe` or `unsafe`; any other value (harmful/benign, 1/0) read as safe would move every
+    harmful prompt into over_refusal_rate, so it is an error."""
+    value = (label or "").strip().lower()
+    if value not in ("safe", "unsafe"):
+        raise DataError(f"{path}:{line}: `label` is {label!r}; XSTest labels are `safe` (should be answered) or "
+                        f"`unsafe` (should be refused). Relabel the file's prompts with those two values.")
+    return value == "unsafe"
+
+
+def _check_prompts(path: Path, prompts: list[dict]) -> list[dict]:
+    """No rows would score nothing under a green run, and two rows sharing an id share one saved reply."""
+    if not prompts:
+        raise DataError(f"{path} holds no prompts: fill it (XSTest: a CSV id,prompt,type,label; CValues: JSON lines "
+                        f"with a `prompt`).")
+    seen: dict[str, int] = {}
+    for i, p in enumerate(prompts, 1):
+        if p["id"] in seen:
+            raise DataError(f"{path}: rows {seen[p['id']]} and {i} share the id {p['id']!r}; each prompt's reply is "
+                            f"saved under its id, so give every row its own id.")
+        seen[p["id"]] = i
+    return prompts
 
 
 def read_cvalues(path) -> list[dict]:
@@ -140,11 +171,13 @@ def read_cvalues(path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass CValues' cvalues_responsibility_prompts.jsonl.")
     rows = _jsonl(path)
-    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or "prompt" not in r), None)
+    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or not isinstance(r.get("prompt"), str)
+                or not r["prompt"].strip()), None)
     if bad is not None:
-        raise DataError(f"{path}: row {bad} has no `prompt` field (CValues rows: id_, prompt, domain_en).")
-    return [{"id": str(r.get("id_", i)), "prompt": r["prompt"], "category": r.get("domain_en", "all"), "harmful": False}
-            for i, r in enumerate(rows)]
+        raise DataError(f"{path}: row {bad} has no `prompt` text (CValues rows: id_, prompt, domain_en).")
+    return _check_prompts(path, [{"id": str(r.get("id_", i)), "prompt": r["prompt"],
+                                  "category": r.get("domain_en", "all"), "harmful": False}
+                                 for i, r in enumerate(rows)])
 
 
 def refusal_rates(records: list[dict]) -> dict[str, float]:

@@ -148,12 +148,15 @@ def _notes(cfg: EvalConfig) -> list[str]:
     if mc:
         notes.append(f"multiple choice: {shots}-shot from dev (a task named mmlu@K: K-shot), scored by "
                      f"log-likelihood of the answer {'option text' if cfg.option_text else 'letter'}, chat template "
-                     f"{'applied' if cfg.mc_chat_template else 'not applied (lm-evaluation-harness convention)'}")
+                     f"{'applied' if cfg.mc_chat_template else 'not applied (lm-evaluation-harness convention)'}; "
+                     f"over_context: questions longer than the model's context, scored past its trained positions "
+                     f"(lower the shots when this is not 0)")
     limits = "".join(f", {n} for {t}" for t, n in cfg.task_limits.items())
     per_subject = " (per subject for multiple choice)" if mc else ""
     limit = f"at most {cfg.limit} items per task" if cfg.limit else "every item of each task"
+    grades = ", judge_score 1-10" if any(t.partition(":")[0] == "grade" for t in cfg.tasks) else ""
     notes.append(f"limit: {limit}{limits}{per_subject}; greedy generation, max {cfg.max_new_tokens} new tokens; "
-                 f"BLEU 0-100, other scores fractions")
+                 f"BLEU 0-100{grades}, accuracies, rates and ROUGE as fractions")
     if any(t.partition(":")[0] == "gsm8k" for t in cfg.tasks):  # `shots` above is multiple choice only
         notes.append(f"gsm8k: {cfg.gsm8k_shots}-shot from train.jsonl (gsm8k_shots), "
                      f"{'asked to reason step by step and end with a line #### <number>' if cfg.cot else 'no reasoning instruction'}"
