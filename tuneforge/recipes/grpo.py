@@ -41,6 +41,9 @@ class GRPOStage(RLStage):
         self.rewards = Rewards(self.s, runtime, log, key=cfg.stage)
         self.engine = make_engine(model, tokenizer)
         self._told_constant = False
+        n, G = cfg.training.batch_size * cfg.training.grad_accum, self.s.num_generations
+        self.log(f"grpo: each step samples {n} prompts x {G} completions = {n * G} completions per process "
+                 f"(training.batch_size counts prompts; TRL's per_device_train_batch_size counts completions)")
 
     def rl_step(self, trainer, prompts) -> dict:
         s, G = self.s, self.s.num_generations
@@ -57,15 +60,16 @@ class GRPOStage(RLStage):
         everything = torch.arange(len(rows))
         batch = roll.rows(everything)
         at = self.logits_at_labels  # lm_head only where completion tokens are predicted
+        T = s.temperature  # log-probs of the distribution sampled from (policy_forward)
         several_updates = s.epochs > 1 or 0 < s.mini_batch_size < len(rows)
         with torch.no_grad(), self.rt.autocast():
-            old = policy_forward(trainer.model, batch, at_labels=at)[0] if several_updates else None
-        ref = self.reference.token_logps(batch, at) if self.reference is not None else None
+            old = policy_forward(trainer.model, batch, at_labels=at, temperature=T)[0] if several_updates else None
+        ref = self.reference.token_logps(batch, at, T) if self.reference is not None else None
         losses, stats = [], []
         for epoch in range(s.epochs):
             for idx in trainer.minibatches(len(rows), s.mini_batch_size, epoch):
                 with self.rt.autocast():
-                    logps, mask, _, _ = policy_forward(trainer.model, roll.rows(idx), at_labels=at)
+                    logps, mask, _, _ = policy_forward(trainer.model, roll.rows(idx), at_labels=at, temperature=T)
                 total, count, m = grpo_loss(logps, None if old is None else old[idx],
                                             None if ref is None else ref[idx], advantages[idx], mask, s.beta,
                                             s.clip_eps, s.clip_eps_high, s.loss_type, s.max_new_tokens)

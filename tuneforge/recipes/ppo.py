@@ -66,9 +66,9 @@ class PPOStage(RLStage):
                                            step=trainer.step + 1)
         batch = roll.rows(torch.arange(len(prompts)))
         with torch.no_grad(), self.rt.autocast():
-            old, mask, _, hidden = policy_forward(model, batch, hidden=True)
+            old, mask, _, hidden = policy_forward(model, batch, hidden=True, temperature=s.temperature)
             old_values = self.values(model, hidden)
-        ref = self.reference.token_logps(batch, self.logits_at_labels)
+        ref = self.reference.token_logps(batch, self.logits_at_labels, s.temperature)
         rewards, kl = kl_shaped_rewards(scores.to(self.rt.device), old, ref, mask, s.kl_coef, s.kl_estimator)
         advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
         if s.whiten_advantages:
@@ -91,7 +91,7 @@ class PPOStage(RLStage):
         """One clipped policy + value update on a minibatch; the losses normalised by the tokens of all ranks."""
         s = self.s
         with self.rt.autocast():
-            logps, m, logits, hidden = policy_forward(trainer.model, rows, hidden=True)
+            logps, m, logits, hidden = policy_forward(trainer.model, rows, hidden=True, temperature=s.temperature)
             values = self.values(trainer.model, hidden)
         with torch.no_grad():
             entropy = token_entropy(logits[:, :-1])

@@ -6,8 +6,10 @@ from the data order like any batch) followed by `epochs` x minibatch optimizer u
 building, checkpoints (trainable tensors, optimizer, scheduler, RNG, data position), resume, metrics, the
 stop-on-signal handling and the final save are the loop's own. The learning-rate schedule advances once per
 rollout batch. Sampling seeds are derived from (seed, step, row), so a resumed run samples exactly the same
-completions. Dropout stays off for the whole run (rollout, reference and updates run in eval mode), as RL
-implementations do, so the policy ratio is exactly 1 at the first update.
+completions. The log-probs trained on (policy, old policy, reference) are those of logits / temperature, the
+distribution the rollouts are sampled from (`policy_forward`). Dropout stays off for the whole run (rollout,
+reference and updates run in eval mode), as RL implementations do, so the policy ratio is exactly 1 at the first
+update.
 
 Under torchrun (DDP) each process takes its share of the step's prompts (the data order's slice, as for any batch),
 samples and scores them itself, with seeds from the row's index in the global batch: rank r's rows get the seeds
@@ -112,6 +114,31 @@ def _reads_reference(fn) -> bool:
     return "reference" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
+PASSED = ("prompt", "reference", "completion_ids")  # the keywords a reward function may take (`_with_keywords`)
+
+
+def _check_signature(spec: str, fn) -> None:
+    """ConfigError when `fn` requires an argument a reward call never passes (TRL's `answer`, dataset columns): every
+    call would fail, and with on_reward_error: skip every completion would silently score 0."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): its calls say what is wrong
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_text = bool(positional) or any(p.kind == p.VAR_POSITIONAL for p in params)
+    text = positional[0] if positional else None  # it receives the completion
+    unmet = [p.name for p in params if p is not text and p.default is p.empty and p.name not in PASSED
+             and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if takes_text and not unmet:
+        return
+    what = (f"requires {', '.join(f'`{n}`' for n in unmet)}, which a reward call does not pass" if unmet
+            else "takes no argument for the completion")
+    raise ConfigError(f"Reward `{spec}` {what}: TuneForge calls a reward function once per completion as "
+                      f"`function(completion, prompt=messages, reference=answer_or_None, completion_ids=ids)`, with "
+                      f"the keywords it accepts of these. Take the row's answer (its `answer` or `reference` column) "
+                      f"as `reference`, or give the other arguments defaults.")
+
+
 def _with_keywords(fn):
     """`fn` called with the keywords it accepts of prompt, reference and completion_ids."""
     params = inspect.signature(fn).parameters
@@ -133,7 +160,9 @@ def check_rewards(section, key: str) -> tuple[list[str], list[str]]:
         elif Path(name).is_dir():
             check_reward_folder(name)
         elif ":" in name:
-            reads += [name] if _reads_reference(_import_function(name)) else []
+            fn = _import_function(name)
+            _check_signature(name, fn)
+            reads += [name] if _reads_reference(fn) else []
         else:
             raise ConfigError(unknown_reward(key, name))
     return needs, reads
@@ -323,8 +352,13 @@ def sampling_seed(seed: int, step: int, row: int) -> int:
     return (seed * 1_000_003 + step * 65_537 + row) % (2 ** 31 - 1)
 
 
-def policy_forward(model, batch: dict, hidden: bool = False, at_labels: bool = False):
+def policy_forward(model, batch: dict, hidden: bool = False, at_labels: bool = False, temperature: float = 1.0):
     """(per-token log-probs [B, T-1], mask [B, T-1], logits, last hidden state or None).
+
+    `temperature`: the rollouts' sampling temperature; the logits are divided by it, so the log-probs (and the
+    logits returned, e.g. for the entropy) are those of the distribution the completions were sampled from, as
+    TRL's GRPOTrainer, OpenRLHF and verl compute them. Without it the policy ratio, the KL and the gradient would
+    be those of the untempered policy on samples of another one.
 
     `at_labels` (the stage's `logits_at_labels`: the model takes `logits_to_keep`; ignored with `hidden`): the output
     layer runs only at positions that predict a completion token (`label_positions`) and `logits` holds only those;
@@ -334,15 +368,20 @@ def policy_forward(model, batch: dict, hidden: bool = False, at_labels: bool = F
     labels = batch["labels"]
     positions = label_positions(labels) if at_labels and not hidden else None
     if positions is not None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=positions).logits
+        logits = tempered(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                logits_to_keep=positions).logits, temperature)
         picked, _ = token_logps(logits, labels, positions)
         logps = picked.new_zeros(labels.shape[0], labels.shape[1] - 1).index_copy(1, positions, picked)
         return logps, labels[:, 1:] != IGNORE_INDEX, logits, None
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
-    logits = out.logits[:, -labels.shape[1]:]
+    logits = tempered(out.logits[:, -labels.shape[1]:], temperature)
     logps, mask = token_logps(logits, labels)
     return logps, mask, logits, (out.hidden_states[-1][:, -labels.shape[1]:] if hidden else None)
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature (the same tensor at 1: no copy of the batch's logits)."""
+    return logits if temperature == 1 else logits / temperature
 
 
 def rows_offset(runtime, n_rows: int) -> int:
@@ -409,9 +448,9 @@ class Reference(reference.Reference):
     component as dpo/kto), giving per-token log-probs of a rollout."""
 
     @torch.no_grad()
-    def token_logps(self, batch: dict, at_labels: bool = False) -> torch.Tensor:
+    def token_logps(self, batch: dict, at_labels: bool = False, temperature: float = 1.0) -> torch.Tensor:
         with self._context():
-            return policy_forward(self._forward(), batch, at_labels=at_labels)[0]
+            return policy_forward(self._forward(), batch, at_labels=at_labels, temperature=temperature)[0]
 
 
 # ---- the outer step ----------------------------------------------------------------------------------------------
@@ -505,6 +544,7 @@ def run_rl(cfg, make_stage, log=print, extend=None):
         main_log(f"note: stage {cfg.stage} does not score the {len(evals)} held-out prompts during training; the "
                  f"rewards logged per step are those of the training rollouts")
     stage = make_stage(cfg, model, tokenizer, runtime, log)
+    check_prompt_room(stage.engine, prompts)
     result = RLTrainer(cfg, runtime, model, method, prompts, stage, log).train()
     if result.finished:
         stage.before_save(model)
@@ -515,6 +555,18 @@ def run_rl(cfg, make_stage, log=print, extend=None):
     for line in stage.rewards.summary(runtime):
         main_log(line)
     return result
+
+
+def check_prompt_room(engine, prompts: list[EncodedPrompt]) -> None:
+    """Refuse, before the first step, prompts the model's context leaves no room to continue (data.max_length past
+    the context lets them through): the engine would stop the run at the step that samples one, naming no row."""
+    full = [p for p in prompts if engine.room_after(p.input_ids) <= 0]
+    if full:
+        first = full[0]
+        raise DataError(f"{len(full)} training prompt(s) leave no room for a reply in the model's context of "
+                        f"{engine.context_length} tokens (first: {first.source or 'a row'}, a prompt of {len(first)} "
+                        f"tokens). Set `data.max_length` to at most {engine.context_length - 1} (longer prompts are "
+                        f"then skipped and counted), or shorten those prompts.")
 
 
 def read_prompts(cfg, needs: list[str], reads: list[str], log=print) -> tuple[list, list, DataReport]:
