@@ -207,6 +207,38 @@ def test_logit_bias_forces_and_bans_tokens(engine):
         engine.submit([1, 2, 3], SamplingParams(logit_bias={999999: 1.0}))
 
 
+def test_a_completion_names_the_stop_token_that_ended_it(engine):
+    """A model stops on several ids (Qwen: <|im_end|> and <|endoftext|>); RL rollouts train on the stop token, so
+    the completion says which one was sampled (rl.sample appended the tokenizer's eos whichever it was)."""
+    assert len(engine.stop_ids) >= 2
+    for stop in sorted(engine.stop_ids):
+        done = engine.generate([HI], SamplingParams(max_new_tokens=4, logit_bias={stop: 100.0}))[0]
+        assert (done.token_ids, done.finish_reason, done.stop_token_id) == ([], "stop", stop)
+    cut = engine.generate([HI], SamplingParams(max_new_tokens=2, ignore_eos=True))[0]
+    assert cut.finish_reason == "length" and cut.stop_token_id is None
+
+
+def test_rollouts_train_on_the_stop_token_sampled(loaded):
+    """rl.sample puts the sampled stop id after the completion's tokens, in input_ids and labels alike."""
+    from types import SimpleNamespace
+
+    from tuneforge.data.types import EncodedPrompt
+    from tuneforge.training.rl import sample
+
+    model, tok = loaded
+    engine = Engine(model, tok)
+    other = max(engine.stop_ids - {tok.eos_token_id})  # a stop id that is not the tokenizer's eos
+    ids = _training_prompt_ids(tok, HI)
+    prompt = EncodedPrompt(list(ids), HI, None, "test:1")
+    section = SimpleNamespace(max_new_tokens=3, temperature=1.0, top_p=1.0, top_k=0)
+    real_generate = engine.generate
+    engine.generate = lambda prompts, params: real_generate(prompts, [
+        SamplingParams(**{**vars(p), "logit_bias": {other: 100.0}}) for p in params])
+    roll = sample(engine, [prompt], section, [1], "cpu")
+    assert roll.completion_ids == [[other]]
+    assert roll.labels[0, len(ids)].item() == other and roll.input_ids[0, len(ids)].item() == other
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(temperature=-1), "temperature"), (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"), (dict(logit_bias={3: 101.0}), "logit_bias"), (dict(top_p=0), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),

@@ -83,7 +83,7 @@ class Handle:
         top = [x for d in deltas for x in d.top_logprobs] if last.top_logprobs is not None else None
         return Completion(text="".join(d.text for d in deltas), token_ids=ids, logprobs=logprobs, top_logprobs=top,
                           finish_reason=last.finish_reason, prompt_tokens=self.prompt_tokens,
-                          completion_tokens=self.generated)
+                          completion_tokens=self.generated, stop_token_id=last.stop_token_id)
 
 
 def wants_logprobs(params: SamplingParams) -> bool:
@@ -109,6 +109,7 @@ class Sequence:
         self.generated = 0
         self.finished = False
         self._ids: list[int] = []
+        self._stop_token: int | None = None
         self._logprobs: list[float] = []
         self._top: list[dict[str, float]] = []
 
@@ -116,6 +117,7 @@ class Sequence:
         """Take the next generated token; emit a delta when there is text to show. Returns True when finished."""
         self.generated += 1
         if token in self.stop_ids:
+            self._stop_token = token
             self.finish("stop")
             return True
         self._ids.append(token)
@@ -150,6 +152,7 @@ class Sequence:
     def _emit(self, text: str, reason: str | None) -> None:
         p = self.params
         delta = Delta(text=text, token_ids=self._ids, logprobs=self._logprobs if wants_logprobs(p) else None,
-                      top_logprobs=self._top if p.top_logprobs else None, finish_reason=reason)
+                      top_logprobs=self._top if p.top_logprobs else None, finish_reason=reason,
+                      stop_token_id=self._stop_token if reason else None)
         self._ids, self._logprobs, self._top = [], [], []
         self.handle._push(delta)

@@ -78,12 +78,15 @@ class Delta:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[str, float]] | None = None
     finish_reason: str | None = None
+    stop_token_id: int | None = None  # on the last delta: the end-of-turn token that stopped the reply, if one did
 
 
 @dataclass
 class Completion:
-    """A whole reply. `token_ids` are the reply's tokens without the end-of-turn token that stopped it;
-    `completion_tokens` counts every generated token (that one included), as OpenAI's usage does."""
+    """A whole reply. `token_ids` are the reply's tokens without the end-of-turn token that stopped it, which is
+    `stop_token_id` (None when a stop string, the length or a cancel ended it; a model may have several, e.g.
+    `<|im_end|>` and `<|endoftext|>`); `completion_tokens` counts every generated token (that one included), as
+    OpenAI's usage does."""
 
     text: str
     token_ids: list[int]
@@ -92,3 +95,4 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    stop_token_id: int | None = None

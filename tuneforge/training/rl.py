@@ -322,15 +322,16 @@ def sample(engine, prompts: list[EncodedPrompt], section, seeds: list[int], devi
     params = [SamplingParams(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
                              top_p=section.top_p, top_k=section.top_k, seed=seed) for seed in seeds]
     completions = engine.generate([p.input_ids for p in prompts], params)
-    eos = engine_stop_id(engine)
     seqs, ids = [], []
     for prompt, c in zip(prompts, completions):
-        # the stop token is not in token_ids; train on it, so the policy learns when to stop
-        done = list(c.token_ids) + ([eos] if c.finish_reason == "stop" and eos is not None else [])
+        # the stop token is not in token_ids; train on the one sampled (a model may stop on several, e.g.
+        # <|im_end|> and <|endoftext|>), so the policy learns when to stop
+        done = list(c.token_ids) + ([c.stop_token_id] if c.stop_token_id is not None else [])
         ids.append(done)
         seqs.append((prompt.input_ids, done))
     width = max(len(p) + len(c) for p, c in seqs)
-    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else (eos or 0)
+    pad = engine.tokenizer.pad_token_id
+    pad = pad if pad is not None else min(engine.stop_ids, default=0)
     input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)  # masked out: any id does
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
@@ -340,11 +341,6 @@ def sample(engine, prompts: list[EncodedPrompt], section, seeds: list[int], devi
         labels[row, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
     return Rollout(input_ids.to(device), attention.to(device), labels.to(device),
                    [c.text for c in completions], ids, prompts)
-
-
-def engine_stop_id(engine) -> int | None:
-    eos = engine.tokenizer.eos_token_id
-    return eos if eos in engine.stop_ids else min(engine.stop_ids, default=None)
 
 
 def sampling_seed(seed: int, step: int, row: int) -> int:
