@@ -431,6 +431,27 @@ def test_prompts_without_the_reference_a_reward_needs_are_bad_rows_before_the_mo
     assert len(read_prompts(lengths, [], [], lines.append)[0]) == 3 and lines == []  # no reward needs one
 
 
+def test_chat_rows_ending_on_a_user_turn_are_prompts(tmp_path):
+    """A messages / sharegpt row ending on the user's turn (a prompt waiting for its reply) was refused for grpo and
+    ppo ("must end with the assistant's reply") unless the dataset said `format: prompt`."""
+    from tuneforge.training.rl import read_prompts
+
+    openai = _prompt_file(tmp_path, [
+        {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And 3 + 3?"}],
+         "answer": "6"}])
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": "What is 5 + 5?"}],
+                                     "answer": "10"}]))
+    cfg = config("grpo", tmp_path, tmp_path / "run", f"data.train=[{openai}, {sharegpt}]",
+                 "grpo.reward={exact_match: 1.0}")
+    train, _, report = read_prompts(cfg, ["exact_match"], [])
+    assert not report.bad_rows
+    assert [(e.messages[-1]["content"], e.reference) for e in train] == [
+        ("What is 2 + 2?", "4"), ("And 3 + 3?", "6"), ("What is 5 + 5?", "10")]
+    assert train[1].messages[0] == {"role": "system", "content": "Be brief."}
+
+
 def test_kto_rows_labelled_false_give_prompts_without_a_reference_and_say_so(tmp_path, rewards_module):
     from tuneforge.training.rl import read_prompts
 

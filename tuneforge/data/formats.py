@@ -165,7 +165,18 @@ def guess_format(data: dict, columns: dict, where: str, stage: str | None = None
         return "kto"
     if has("prompt") and not has("output"):
         return "prompt"
-    return guess_chat_format(data, columns, where)
+    chat = guess_chat_format(data, columns, where)
+    if stage == "prompt" and chat in ("openai", "sharegpt") and _ends_on_user(data, columns):
+        return "prompt"  # read for sampling (grpo, ppo): a conversation waiting for its reply is a prompt
+    return chat
+
+
+def _ends_on_user(data: dict, columns: dict) -> bool:
+    for name in ([columns["messages"]] if "messages" in columns else ["messages", "conversations"]):
+        turns = _maybe_json(data.get(name))
+        if isinstance(turns, list) and turns and isinstance(turns[-1], dict):
+            return (turns[-1].get("role") or turns[-1].get("from")) in ("user", "human")
+    return False
 
 
 # Columns a format reads under their default names besides those of COLUMN_ROLES (sharegpt's conversations, the
