@@ -365,6 +365,14 @@ def test_a_reward_folder_of_the_wrong_kind_is_a_clear_error(tiny_qwen2_dir, tmp_
     with pytest.raises(UserError, match=f"adapter that `stage: rm` keeps beside .*pass the run's output folder {rm} "):
         check_reward_folder(rm / "adapter")
     check_reward_folder(rm)  # the rm run's folder itself passes
+    checkpoint = rm / "checkpoint-30"  # what a user picks from an rm run's folder: it only said "no config.json"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError, match=f"It is a training checkpoint .*: pass the run's output folder {rm} instead"):
+        check_reward_folder(checkpoint)
+    (rm / "config.json").unlink()  # the run is still going
+    with pytest.raises(UserError, match=f"output folder {rm}, once that run has finished"):
+        check_reward_folder(checkpoint)
 
 
 @pytest.mark.parametrize("source,said,line", [

@@ -156,6 +156,12 @@ def check_reward_folder(folder: str | Path) -> None:
 
 def _adapter_hint(folder: Path) -> str:
     """What to pass instead of a folder without config.json."""
+    if folder.name.startswith("checkpoint-") and (folder / "trainer_state.json").is_file():
+        done = (folder.parent / "config.json").is_file()
+        return (f"It is a training checkpoint (what `training.resume` continues from, not a model): pass the run's "
+                f"output folder {folder.parent}" + (" instead." if done else ", once that run has finished (its "
+                                                    "final model is written there; `training.resume=auto` continues "
+                                                    "it)."))
     if not (folder / "adapter_config.json").is_file():
         return "Train a reward model with `stage: rm` and pass its output folder."
     parent = folder.parent / "config.json"
