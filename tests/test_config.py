@@ -272,3 +272,11 @@ def test_null_for_a_list_says_how_to_give_none():
                                           r"`data.eval: \[\]` \(`data.eval=\[\]` on the command line\)"):
         load(["data.eval=null"])
     assert load(["data.eval=[]"]).data.eval == []
+
+
+def test_trls_batch_size_name_says_grpo_counts_prompts():
+    """TRL's per_device_train_batch_size counts completions; carried over to a grpo run it sampled
+    num_generations times as many (the hint said the meaning was the same)."""
+    with pytest.raises(ConfigError, match=r"In grpo it counts prompts, each sampled grpo.num_generations times "
+                                          r"\(TRL's counts completions\)"):
+        load(["per_device_train_batch_size=8"])

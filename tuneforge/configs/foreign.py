@@ -15,7 +15,8 @@ FOREIGN: dict[str, tuple[str, str]] = {
     # Hugging Face TrainingArguments (LLaMA-Factory and TRL inherit them)
     "learning_rate": ("training.lr", ""),
     "num_train_epochs": ("training.epochs", ""),
-    "per_device_train_batch_size": ("training.batch_size", ""),
+    "per_device_train_batch_size": ("training.batch_size", "In grpo it counts prompts, each sampled "
+                                                           "grpo.num_generations times (TRL's counts completions)."),
     "train_batch_size": ("training.batch_size", ""),
     "micro_batch_size": ("training.batch_size", ""),
     "per_device_eval_batch_size": ("training.batch_size", "Evaluation uses the training batch size."),
