@@ -47,6 +47,8 @@ def test_exact_match_and_gsm8k_extraction():
     assert extract_number("She pays $18.00 in the end.") == "18"
     assert extract_number("The answer is -5.") == "-5"
     assert extract_number("no digits") is None
+    assert extract_number("#### 18\nQuestion: and twice that?\n#### 36") == "18"  # the first answer counts
+    assert extract_number("#### \n#### 7") == "7"
     assert extract_number("#### .5") == "0.5" == extract_number("#### 0.50") and extract_number("-.5 m") == "-0.5"
 
 

@@ -71,9 +71,11 @@ def _clean_number(text: str) -> str:
 
 
 def extract_number(text: str) -> str | None:
-    """GSM8K's answer: the number after the last `####`, else the last number in the text."""
-    if "####" in text:
-        found = _NUMBER.findall(text.rsplit("####", 1)[1])
+    """GSM8K's answer: the number after the first `####` that has one (lm-evaluation-harness' strict match: a model
+    that goes on to invent a follow-up question and its `#### N` is held to its first answer), else the last number
+    in the text."""
+    for after in text.split("####")[1:]:
+        found = _NUMBER.findall(after)
         if found:
             return _clean_number(found[0])
     found = _NUMBER.findall(text)
