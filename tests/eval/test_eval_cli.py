@@ -222,6 +222,27 @@ def test_judged_prompts_need_no_reference_and_generate_once(tiny_llama_dir, tmp_
         generation_tasks.task_items(str(prompts))
 
 
+def test_the_judge_reads_the_whole_conversation_of_a_multi_turn_row(tiny_llama_dir, tmp_path, judge_url):
+    """judge:/grade: sent only the last user message, so "And in French?" reached the judge without what it asks
+    about (or the system prompt the reply had to follow)."""
+    row = {"messages": [{"role": "system", "content": "Answer in one word."},
+                        {"role": "user", "content": "Say hello in German."},
+                        {"role": "assistant", "content": "Hallo"}, {"role": "user", "content": "And in French?"}]}
+    single = {"messages": [{"role": "user", "content": "Name a colour."}]}
+    prompts = tmp_path / "multi.jsonl"
+    prompts.write_text(json.dumps(row) + "\n" + json.dumps(single) + "\n")
+    config = {"models": [{"name": "a", "model": str(tiny_llama_dir)}, {"name": "b", "model": str(tiny_llama_dir)}],
+              "tasks": [f"judge:{prompts}", f"grade:{prompts}"], "out": str(tmp_path / "out"), "max_new_tokens": 2,
+              "progress": False, "judge": {"url": judge_url}}
+    (tmp_path / "judge.yaml").write_text(json.dumps(config))
+    assert main(["eval", str(tmp_path / "judge.yaml")]) == 0
+    asked = [c["messages"][-1]["content"] for c in _Judge.calls[1:]]  # the first call is the stub's 503
+    conversation = "[System]\nAnswer in one word.\n\n[User]\nSay hello in German.\n\n[Assistant]\nHallo\n\n" \
+                   "[User]\nAnd in French?"
+    assert sum(conversation in q for q in asked) == 3  # both orders of the pair, and the grade
+    assert sum(q.startswith(("[User Question]\nName a colour.\n", "[Question]\nName a colour.\n")) for q in asked) == 3
+
+
 def test_suite_metrics_during_training(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -137,12 +137,13 @@ def run_gsm8k(model, tokenizer, data_dir, out_dir, shots: int = 4, limit: int | 
             "truncated_replies": truncated_replies(records)}
 
 
-def _dataset_examples(path: str, fmt: str = "auto") -> list:
+def _dataset_examples(path: str, fmt: str = "auto", stage: str | None = None) -> list:
+    """The file's examples (`stage` "prompt": chat rows ending on the user's turn are prompts, as for grpo)."""
     from tuneforge.configs.schema import DatasetSpec
     from tuneforge.data.build import read_spec
     from tuneforge.data.types import BadRow
 
-    rows = read_spec(DatasetSpec(path=path, format=fmt), None, None)
+    rows = read_spec(DatasetSpec(path=path, format=fmt), None, None, stage)
     bad = [r for r in rows if isinstance(r, BadRow)]
     if bad:
         raise DataError(f"{path}: {len(bad)} row(s) could not be read, first: {bad[0]}. Fix them or drop them "
@@ -157,7 +158,7 @@ def task_items(path: str, limit: int | None = None, fmt: str = "auto", need_refe
     from tuneforge.data.types import PairExample
 
     items = []
-    for ex in _dataset_examples(path, fmt)[:limit]:
+    for ex in _dataset_examples(path, fmt, "prompt")[:limit]:
         reference = None
         if isinstance(ex, PairExample):
             messages = ex.prompt

@@ -248,10 +248,18 @@ def _answers(cfg: EvalConfig, model: str, task: str) -> list[dict]:
     from tuneforge.eval.generation_tasks import task_items
     from tuneforge.eval.store import ItemStore
 
-    wanted = {it["id"] for it in task_items(task.partition(":")[2], cfg.task_limits.get(task, cfg.limit),
-                                            need_reference=False)}
+    wanted = {it["id"]: it for it in task_items(task.partition(":")[2], cfg.task_limits.get(task, cfg.limit),
+                                                need_reference=False)}
     saved = ItemStore.read_all(answers_folder(Path(cfg.out) / slug(model) / slug(task), task) / "predictions.jsonl")
-    return [r for r in saved if r["id"] in wanted]
+    return [r | {"question": judge_question(wanted[r["id"]]["messages"])} for r in saved if r["id"] in wanted]
+
+
+def judge_question(messages: list[dict]) -> str:
+    """What the judge reads as the question: the user's message, or for a row with a system prompt or earlier turns
+    the whole conversation up to the reply (the last user message alone would hide what it refers to)."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"[{m['role'].capitalize()}]\n{m.get('content') or ''}" for m in messages)
 
 
 def _save_judgements(out: Path, model: str, task: str, rows: list[dict]) -> None:
@@ -266,7 +274,8 @@ def _grade(judge, cfg: EvalConfig, results: dict, task: str) -> None:
     out = Path(cfg.out)
     for name in results:
         rows = _answers(cfg, name, task)
-        grades = J.grade_many(judge, [(r["prompt"], r["prediction"]) for r in rows], cfg.judge.rubric or J.GRADE_RUBRIC)
+        grades = J.grade_many(judge, [(r["question"], r["prediction"]) for r in rows],
+                              cfg.judge.rubric or J.GRADE_RUBRIC)
         valid = [g for g in grades if g is not None]
         _save_judgements(out, name, task, [{"id": r["id"], "grade": g} for r, g in zip(rows, grades)])
         results[name][task] |= {"judge_score": sum(valid) / len(valid) if valid else None,
@@ -283,7 +292,7 @@ def _pairwise(judge, cfg: EvalConfig, results: dict, task: str, baseline: str) -
         if name == baseline:
             continue
         rows = [r for r in _answers(cfg, name, task) if r["id"] in base]
-        items = [(r["prompt"], r["prediction"], base[r["id"]]["prediction"]) for r in rows]
+        items = [(r["question"], r["prediction"], base[r["id"]]["prediction"]) for r in rows]
         verdicts = J.pairwise_many(judge, items, cfg.judge.rubric or J.PAIRWISE_RUBRIC)
         _save_judgements(out, name, task, [{"id": r["id"], "against": baseline} | v for r, v in zip(rows, verdicts)])
         unparsed = sum((v["verdict_first"] is None) + (v["verdict_swapped"] is None) for v in verdicts)
