@@ -280,3 +280,12 @@ def test_trls_batch_size_name_says_grpo_counts_prompts():
     with pytest.raises(ConfigError, match=r"In grpo it counts prompts, each sampled grpo.num_generations times "
                                           r"\(TRL's counts completions\)"):
         load(["per_device_train_batch_size=8"])
+
+
+def test_a_list_yaml_could_not_read_is_refused_not_taken_as_one_item():
+    """`lora.target_modules=[*proj]` is not YAML (`*` starts an alias): it became the one-item list ['[*proj]'],
+    a glob character class (for freeze.trainable_modules it matched every parameter and trained the whole model)."""
+    with pytest.raises(ConfigError, match=r"`lora.target_modules` is the text `\[\*proj, \*fc\]`, not a list.*"
+                                          r"\"lora.target_modules=\['\*proj', '\*fc'\]\""):
+        load(["lora.target_modules=[*proj, *fc]"])
+    assert load(["lora.target_modules=['*proj']"]).options("lora").target_modules == ["*proj"]

@@ -181,6 +181,24 @@ def test_non_mergeable_method_exports_an_adapter_folder_that_plain_peft_loads(ad
     assert (tmp_path / "m" / "adapter_config.json").is_file()
 
 
+def test_the_peft_loading_line_for_a_builtin_base_names_a_folder_transformers_loads(tiny_llama_dir, tmp_path,
+                                                                                    monkeypatch):
+    """An adapter trained on builtin:smollm2-135m-instruct was exported with the line
+    `AutoModelForCausalLM.from_pretrained('builtin:smollm2-135m-instruct')`, which plain transformers cannot load;
+    the line names the built-in's cached folder instead, and it runs."""
+    import tuneforge.models.builtin as builtin
+    from tuneforge.inference.export.cli import adapter_load_hint
+
+    adapter = make_adapter("prompt_tuning", tiny_llama_dir, tmp_path / "prompt", num_virtual_tokens=3)
+    monkeypatch.setattr(builtin, "resolve_builtin", lambda name: tiny_llama_dir)
+    hint = adapter_load_hint(METHODS["prompt_tuning"], "builtin:smollm2-135m-instruct", adapter)
+    assert "builtin:" not in hint and repr(str(tiny_llama_dir)) in hint
+    import peft  # noqa: F401 - the names the line uses
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    assert eval(hint).peft_config["default"].num_virtual_tokens == 3
+
+
 def test_bottleneck_adapter_exports_as_a_tuneforge_adapter_folder(tiny_qwen2_dir, tmp_path, capsys):
     from tuneforge.configs.schema import ModelConfig
 

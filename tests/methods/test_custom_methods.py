@@ -348,6 +348,19 @@ def test_bad_options_name_the_key(override, match):
         load_train_config(str(ROOT / "examples" / "adapter.yaml"), override)
 
 
+def test_freeze_modules_list_that_was_not_parsed_is_refused_not_trained_in_full():
+    """`freeze.trainable_modules=[*.mlp.*]` unquoted on the command line is not YAML, so it arrived as the pattern
+    '[*.mlp.*]', a glob character class that matched every parameter: the run trained 100% of the model."""
+    said = r"`freeze.trainable_modules` is the text `\[\*\.mlp\.\*\]`, not a list.*\"freeze\.trainable_modules=\['\*\.mlp\.\*'\]\""
+    with pytest.raises(ConfigError, match=said):
+        load_train_config(str(ROOT / "examples" / "sft_freeze_tiny.yaml"),
+                          ["freeze.trainable_layers=0", "freeze.trainable_modules=[*.mlp.*]"])
+    cfg = load_train_config(str(ROOT / "examples" / "sft_freeze_tiny.yaml"),
+                            ["freeze.trainable_layers=0", "freeze.trainable_modules=['*.mlp.*']"])
+    model = METHODS["freeze"].apply(tiny_model("llama"), cfg.options("freeze"), cfg)
+    assert trainable_names(model) and all(".mlp." in name for name in trainable_names(model))
+
+
 def test_freeze_layer_lr_decay_gives_each_block_its_own_rate():
     """`freeze.layer_lr_decay`: block k below the top trains at lr * decay**k; modules outside the blocks at lr."""
     model = METHODS["freeze"].apply(tiny_model("llama"), FreezeOptions(trainable_layers=2, trainable_modules=[

@@ -375,6 +375,14 @@ def test_config_errors():
         make_cfg("p_tuning", {"p_tuning": {"num_virtual_tokens": 0}})
 
 
+def test_prompt_tuning_init_text_without_text_init_is_refused():
+    """PEFT ignores `prompt_tuning.init_text` under the default random init, so a user who set only the text got a
+    random soft prompt without a word (p_tuning_v2 already refused the same combination)."""
+    with pytest.raises(ConfigError, match=r"`prompt_tuning.init_text` is set but `prompt_tuning.init` is `random`"):
+        make_cfg("prompt_tuning", {"prompt_tuning": {"init_text": "Answer briefly:"}})
+    make_cfg("prompt_tuning", {"prompt_tuning": {"init": "text", "init_text": "Answer briefly:"}})
+
+
 def test_llama_adapter_refuses_unsupported_architecture():
     cfg = make_cfg("llama_adapter", {})
     with pytest.raises(ConfigError, match=r"supports model types gpt2, llama, mistral .*this model is `qwen2`"):

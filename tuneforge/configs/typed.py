@@ -112,6 +112,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         (item_tp,) = get_args(tp)
+        if isinstance(value, str) and value.strip().startswith("[") and value.strip().endswith("]"):
+            raise ConfigError(_unread_list(key, value.strip()))
         if isinstance(value, (str, dict)) and not isinstance(value, list):
             value = [value]  # a single item where a list is expected is a common, unambiguous shorthand
         if not isinstance(value, (list, tuple)):
@@ -253,6 +255,16 @@ def to_dict(obj) -> Any:
 FLAG_HABITS = {"resume": "training.resume=auto", "resume_from_checkpoint": "training.resume=auto",
                "output_dir": "output_dir=runs/x", "overwrite_output_dir": "overwrite_output_dir=true",
                "max_steps": "training.max_steps=100", "learning_rate": "training.lr=1e-4"}
+
+
+def _unread_list(key: str, text: str) -> str:
+    """`freeze.trainable_modules=[*.mlp.*]` is not YAML (`*` starts an alias), so it arrived as the text; taken as one
+    item, the glob `[*.mlp.*]` (any one of those characters) matched every parameter and freeze trained the whole
+    model without a word."""
+    items = ", ".join(f"'{item.strip()}'" for item in text[1:-1].split(",") if item.strip())
+    return (f"`{key}` is the text `{text}`, not a list: YAML could not read it as one (a bare `*`, `&` or `:` is "
+            f"YAML syntax). Quote the items and, on the command line, the whole argument: \"{key}=[{items}]\"; in a "
+            f"YAML file write them as a list.")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

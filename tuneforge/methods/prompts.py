@@ -89,6 +89,9 @@ class PromptTuning(PromptMethod):
         o = cfg.options(self.section)
         if o.init == "text" and not (o.init_text or "").strip():
             raise ConfigError("`prompt_tuning.init: text` needs `prompt_tuning.init_text`, e.g. 'Answer briefly:'.")
+        if o.init != "text" and o.init_text:  # PEFT ignores the text under random init: the prompt would start random
+            raise ConfigError("`prompt_tuning.init_text` is set but `prompt_tuning.init` is `random`, which ignores "
+                              "it; set `prompt_tuning.init: text` to start from the text, or remove init_text.")
 
     def apply(self, model, opts, cfg):
         """PEFT loads the tokenizer itself to tokenize init_text (it takes no tokenizer or ids), so none is loaded

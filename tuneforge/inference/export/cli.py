@@ -152,8 +152,7 @@ def _export_adapter(args: ExportArgs, base: str, adapter: Path, method, model_cf
                         f"Export them as an adapter folder (--format hf, no --quant), or train a mergeable method "
                         f"(lora, dora, ia3, ...) for GGUF/quantized export.")
     _, tokenizer = load_with_adapter(base, adapter, model_cfg, torch.float32)
-    how = (f"tuneforge chat --model {base} --adapter {out}" if method.name == "adapter" else
-           f"peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r})")
+    how = adapter_load_hint(method, base, out)
     note = (f"`{method.name}` cannot be merged into the base weights (it adds computation with no weight "
             f"equivalent), so {out} is an adapter folder for the base model, not a standalone model. Load it with: "
             f"{how}")
@@ -161,6 +160,18 @@ def _export_adapter(args: ExportArgs, base: str, adapter: Path, method, model_cf
         write_adapter_folder(adapter, tokenizer, tmp, args.model)
         write_export_card(tmp, adapter, note)  # library_name stays: it is still the run's PEFT/TuneForge adapter
     print(f"note: {note}")
+
+
+def adapter_load_hint(method, base: str, out: Path) -> str:
+    """How to load an exported adapter folder. Plain transformers cannot read `builtin:<name>`, so the PEFT line
+    names the built-in's cached Hugging Face folder instead (tuneforge chat reads either)."""
+    if method.name == "adapter":
+        return f"tuneforge chat --model {base} --adapter {out}"
+    if base.startswith("builtin:"):
+        from tuneforge.models.loading import resolve_source
+
+        base = resolve_source(base)
+    return f"peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r})"
 
 
 USE_IT = re.compile(r"^## Use it\n.*?(?=^## |\Z)", re.S | re.M)  # the training card's section on loading the run
