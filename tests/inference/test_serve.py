@@ -352,6 +352,28 @@ def test_adapter_values_are_checked_after_loading(tiny_llama_dir, adapters):
         check_adapter_matches(model, "math", weights)
 
 
+def test_the_adapter_check_does_not_look_a_builtin_base_up_on_the_hub(tiny_llama_dir, adapters, monkeypatch):
+    """An adapter trained on builtin:smollm2-135m-instruct: PEFT's save_embedding_layers="auto" asked the Hub about
+    that name at serve start-up (a network wait offline, then a raw "Could not find a config file" warning)."""
+    import warnings
+
+    import peft.utils.save_and_load as peft_save
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.inference.serve.models import check_adapter_matches
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(adapters["math"]),
+                                      adapter_name="math")
+    model.peft_config["math"].base_model_name_or_path = "builtin:smollm2-135m-instruct"
+    asked = []
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda *a, **k: asked.append(a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_adapter_matches(model, "math", adapters["math"] / "adapter_model.safetensors")
+    assert asked == []
+
+
 def test_serve_verb_end_to_end_in_its_own_process(tiny_llama_dir, adapters):
     """The real `tuneforge serve` process: starts, answers the openai client, and stops cleanly on SIGTERM."""
     import signal

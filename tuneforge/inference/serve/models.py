@@ -141,8 +141,12 @@ def check_adapter_matches(model, name: str, weights: Path) -> None:
     import torch
     from peft import get_peft_model_state_dict
 
+    from tuneforge.methods.base import vocab_resized
+
     in_file = _weight_file(weights)
-    placed = get_peft_model_state_dict(model, adapter_name=name)
+    # as the adapter was saved (save_peft); PEFT's "auto" looks the base's name up on the Hub, which a built-in's
+    # name is not: a raw "Could not find a config file" warning and a network wait at start-up
+    placed = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=vocab_resized(model))
     unmatched = [k for k in in_file if k not in placed]
     if not in_file or not placed or unmatched:
         shown = ", ".join(unmatched[:3]) or "(the file holds no tensors)"
