@@ -361,6 +361,14 @@ def test_freeze_modules_list_that_was_not_parsed_is_refused_not_trained_in_full(
     assert trainable_names(model) and all(".mlp." in name for name in trainable_names(model))
 
 
+def test_more_layers_than_the_model_has_says_the_most_it_may_be():
+    """It said only "is 99 but the model has only 2 blocks"; now also what to set (or which method trains it all)."""
+    model = tiny_model("llama")
+    n = model.config.num_hidden_layers
+    with pytest.raises(ConfigError, match=rf"has only {n} blocks: set it to at most {n} .* or use `method: full`"):
+        METHODS["freeze"].apply(model, FreezeOptions(trainable_layers=99), None)
+
+
 def test_freeze_layer_lr_decay_gives_each_block_its_own_rate():
     """`freeze.layer_lr_decay`: block k below the top trains at lr * decay**k; modules outside the blocks at lr."""
     model = METHODS["freeze"].apply(tiny_model("llama"), FreezeOptions(trainable_layers=2, trainable_modules=[

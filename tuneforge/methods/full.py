@@ -77,7 +77,9 @@ class Freeze(Method):
         stack_name, layers = decoder_layers(model)
         n = opts.trainable_layers
         if abs(n) > len(layers):
-            raise ConfigError(f"`freeze.trainable_layers` is {n} but the model has only {len(layers)} blocks.")
+            raise ConfigError(f"`freeze.trainable_layers` is {n} but the model has only {len(layers)} blocks: set "
+                              f"it to at most {len(layers)} (from the top; -N counts from the bottom), or use "
+                              f"`method: full` to train every weight.")
         idx = range(len(layers) - n, len(layers)) if n > 0 else range(0, -n)
         return [(len(layers) - 1 - i, f"{stack_name}.{i}.") for i in idx]
 

@@ -61,7 +61,7 @@ class LlamaAdapter(Method):
         n_layers = config.num_hidden_layers
         if opts.adapter_layers > n_layers:
             raise ConfigError(f"`llama_adapter.adapter_layers` is {opts.adapter_layers} but the model has only "
-                              f"{n_layers} layers.")
+                              f"{n_layers} layers: set it to at most {n_layers} (0: every layer).")
         peft_config = AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=opts.adapter_len,
                                            adapter_layers=opts.adapter_layers or n_layers)
         return get_peft_model(model, peft_config)
