@@ -164,3 +164,19 @@ def test_training_with_rdrop_lowers_the_loss():
     with torch.no_grad():
         total, n = causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
     assert total.item() / n.item() < first
+
+
+def test_a_run_says_which_tricks_are_on(tiny_qwen2_dir, tmp_path):
+    """NEFTune and R-Drop showed only in the loss: nothing in the log confirmed the config had turned them on."""
+    from tests.test_training import config
+    from tuneforge.train import run_config
+
+    lines = []
+    run_config(config(tiny_qwen2_dir, tmp_path / "on", "training.max_steps=1", "training.neftune_alpha=5",
+                      "training.rdrop_alpha=1", "lora.dropout=0.1"), log=lines.append)
+    said = [line for line in lines if line.startswith("training tricks:")]
+    assert said == ["training tricks: NEFTune (noise alpha 5 on the input embeddings while training); R-Drop (alpha "
+                    "1: two dropout passes per batch, their KL as `rdrop_kl`)"]
+    lines.clear()
+    run_config(config(tiny_qwen2_dir, tmp_path / "off", "training.max_steps=1"), log=lines.append)
+    assert not [line for line in lines if "training tricks" in line]

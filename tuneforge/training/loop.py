@@ -268,6 +268,13 @@ class Trainer:
         if self.t.rdrop_alpha > 0:
             check_rdrop_applicable(unwrap(self.model))
             self.stage.rdrop_alpha = self.t.rdrop_alpha
+        on = []  # neither shows otherwise but in the loss: a user checking their config could not tell
+        if self._neftune is not None:
+            on.append(f"NEFTune (noise alpha {self.t.neftune_alpha:g} on the input embeddings while training)")
+        if self.t.rdrop_alpha > 0:
+            on.append(f"R-Drop (alpha {self.t.rdrop_alpha:g}: two dropout passes per batch, their KL as `rdrop_kl`)")
+        if on:
+            self.say(f"training tricks: {'; '.join(on)}")
         self.stage.logits_at_labels = accepts_logits_to_keep(self.model)
         self._varlen = install_varlen_hook(self.model) if uses_flash_attention(self.model) else None
         self.stage.chunked_loss = use_chunked_loss(self.t.chunked_loss, self.model, self.stage, self.rt)
