@@ -111,6 +111,34 @@ def test_perplexity_of_a_preference_file_is_that_of_its_prompts_and_chosen_repli
     assert got == perplexity(model, tokenizer, ["Name a colour.\nBlue."])
 
 
+def test_perplexity_saves_each_text_and_a_rerun_scores_only_new_or_edited_rows(tiny_llama_dir, tmp_path,
+                                                                                monkeypatch):
+    """ppl: wrote no predictions.jsonl and recomputed everything on every run, unlike every other task (the README
+    promises a re-run redoes nothing)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.eval import loglik
+    from tuneforge.eval.generation_tasks import run_perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("One fish.", "Two fish.", "Red fish.")))
+    first = run_perplexity(model, tokenizer, str(data), tmp_path / "out")
+    assert first == loglik.perplexity(model, tokenizer, ["One fish.", "Two fish.", "Red fish."])
+    records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"{data}:line {i}" for i in (1, 2, 3)] and all(r["tokens"] for r in records)
+    scored = []
+    real = loglik._text_nll
+    monkeypatch.setattr(loglik, "_text_nll", lambda *a: scored.append(a[1]) or real(*a))
+    assert run_perplexity(model, tokenizer, str(data), tmp_path / "out") == first and scored == []
+    data.write_text(data.read_text().replace("Two fish.", "Blue fish."))
+    again = run_perplexity(model, tokenizer, str(data), tmp_path / "out")
+    assert len(scored) == 1 and again == loglik.perplexity(model, tokenizer, ["One fish.", "Blue fish.", "Red fish."])
+
+
 def test_perplexity_scores_every_token_of_a_long_text_in_strided_windows(tiny_llama_dir):
     """A text longer than max_length was cut: its tail went unscored and `tokens` undercounted. Now every token is
     scored; a text that fits one window is scored with its whole context, exactly as one forward pass does, and a

@@ -234,9 +234,16 @@ def _plain_text(example) -> str:
 def run_perplexity(model, tokenizer, path: str, out_dir, limit: int | None = None, max_length: int = 1024) -> dict:
     """Perplexity of held-out text: `text` rows as they are, chat rows as their contents joined by newlines,
     preference pairs as prompt and chosen reply."""
-    from tuneforge.eval.loglik import perplexity
+    from tuneforge.eval.loglik import perplexity_of, text_nll
 
-    texts = [_plain_text(ex) for ex in _dataset_examples(path)[:limit]]
-    result = perplexity(model, tokenizer, texts, max_length)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return result
+    store = ItemStore(Path(out_dir) / "predictions.jsonl", {"task": "ppl", "max_length": max_length})
+    done, nlls = store.done(), []
+    for ex in _dataset_examples(path)[:limit]:  # each text's NLL is saved: a re-run scores only new or edited rows
+        text = _plain_text(ex)
+        record = done.get(ex.source)
+        if record is None or record.get("input_key") != input_key(text):
+            nll, tokens = text_nll(model, tokenizer, text, max_length)
+            record = {"id": ex.source, "nll": nll, "tokens": tokens, "input_key": input_key(text)}
+            store.add(record)
+        nlls.append((record["nll"], record["tokens"]))
+    return perplexity_of(nlls)

@@ -100,13 +100,19 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 1024) -> di
     `max_length` tokens is read in windows of that length, each window after the first scoring only its last half
     with the half before as context: the strided evaluation of Hugging Face's "Perplexity of fixed-length models"
     (a text cut at max_length would leave the rest unscored; disjoint windows would score tokens without context)."""
+    return perplexity_of([text_nll(model, tokenizer, text, max_length) for text in texts])
+
+
+def text_nll(model, tokenizer, text: str, max_length: int = 1024) -> tuple[float, int]:
+    """(summed NLL, tokens scored) of one text, as `perplexity` scores it."""
+    return _text_nll(model, tokenizer(text).input_ids, max_length, _device(model))
+
+
+def perplexity_of(nlls: list[tuple[float, int]]) -> dict[str, float]:
+    """exp(mean NLL per token) of texts' (summed NLL, tokens scored)."""
     import math
 
-    device = _device(model)
-    total_nll, total_tokens = 0.0, 0
-    for text in texts:
-        nll, scored = _text_nll(model, tokenizer(text).input_ids, max_length, device)
-        total_nll, total_tokens = total_nll + nll, total_tokens + scored
+    total_nll, total_tokens = sum(n for n, _ in nlls), sum(t for _, t in nlls)
     if total_tokens == 0:
         return {"perplexity": float("nan"), "tokens": 0}
     return {"perplexity": math.exp(total_nll / total_tokens), "nll_per_token": total_nll / total_tokens,
