@@ -324,6 +324,26 @@ def test_report_notes_state_the_gsm8k_shots_apart_from_multiple_choice():
     assert any(n.startswith("gsm8k: 3-shot from train.jsonl") and "no reasoning instruction" in n for n in notes)
 
 
+def test_report_notes_name_an_adapters_base_and_speak_of_generation_only_when_a_task_generates(tmp_path):
+    """An adapter column without `model` was noted as "model=(adapter base)", and a multiple-choice-only report said
+    "greedy generation, max 256 new tokens" although nothing was generated."""
+    from tuneforge.eval.run import _flags_to_dict
+    from tuneforge.eval.suite import _notes
+
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base-7b",
+                                                             "peft_type": "LORA"}))
+    flags, overrides = _flags_to_dict(["--adapter", str(adapter), "--tasks", "mmlu@0,cmmlu,ppl:x.jsonl"])
+    notes = _notes(load_eval_config(None, overrides, flags))
+    assert "base: model=org/base-7b adapter=-" in notes
+    assert any(n.endswith(f": model=org/base-7b adapter={adapter}") for n in notes)
+    assert not any("greedy generation" in n for n in notes)
+    flags, overrides = _flags_to_dict(["--adapter", str(adapter), "--tasks", "mmlu,gsm8k"])
+    notes = _notes(load_eval_config(None, overrides, flags))
+    assert any("greedy generation, max" in n for n in notes) and any("after the first ####" in n for n in notes)
+
+
 def test_a_smaller_limit_judges_only_the_rows_it_covers(tiny_llama_dir, tmp_path, judge_url):
     """The shared answers folder keeps the replies of an earlier, larger run: a re-run with limit=1 must judge and
     grade one prompt, not every reply on disk."""

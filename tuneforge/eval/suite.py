@@ -141,8 +141,19 @@ def load_model(entry: ModelEntry):
     return load_for_chat(ChatArgs(model=entry.model, adapter=entry.adapter, chat_template=entry.chat_template))
 
 
+def _adapter_base(adapter: str) -> str:
+    """The base an adapter column without `model` loads (its recorded base), for the report's notes."""
+    from tuneforge.models.adapter_loading import base_for
+
+    try:
+        return base_for(adapter, None, None)[0]
+    except UserError:  # the run itself says why it cannot load; the notes only describe
+        return "(adapter base)"
+
+
 def _notes(cfg: EvalConfig) -> list[str]:
-    notes = [f"{m.label()}: model={m.model or '(adapter base)'} adapter={m.adapter or '-'}" for m in cfg.models]
+    notes = [f"{m.label()}: model={m.model or _adapter_base(m.adapter)} adapter={m.adapter or '-'}"
+             for m in cfg.models]
     mc = [t.partition(":")[0].partition("@") for t in cfg.tasks if t.partition(":")[0].partition("@")[0] in MC_TASKS]
     shots = "/".join(sorted({k or str(cfg.shots) for _, _, k in mc}, key=int)) or str(cfg.shots)
     if mc:
@@ -155,12 +166,14 @@ def _notes(cfg: EvalConfig) -> list[str]:
     per_subject = " (per subject for multiple choice)" if mc else ""
     limit = f"at most {cfg.limit} items per task" if cfg.limit else "every item of each task"
     grades = ", judge_score 1-10" if any(t.partition(":")[0] == "grade" for t in cfg.tasks) else ""
-    notes.append(f"limit: {limit}{limits}{per_subject}; greedy generation, max {cfg.max_new_tokens} new tokens; "
-                 f"BLEU 0-100{grades}, accuracies, rates and ROUGE as fractions")
+    generates = any(t.partition(":")[0].partition("@")[0] not in (*MC_TASKS, "ppl") for t in cfg.tasks)
+    greedy = f"greedy generation, max {cfg.max_new_tokens} new tokens; " if generates else ""
+    notes.append(f"limit: {limit}{limits}{per_subject}; {greedy}BLEU 0-100{grades}, accuracies, rates and ROUGE as "
+                 f"fractions")
     if any(t.partition(":")[0] == "gsm8k" for t in cfg.tasks):  # `shots` above is multiple choice only
         notes.append(f"gsm8k: {cfg.gsm8k_shots}-shot from train.jsonl (gsm8k_shots), "
                      f"{'asked to reason step by step and end with a line #### <number>' if cfg.cot else 'no reasoning instruction'}"
-                     f"; scored on the number after ####, else the last number in the reply")
+                     f"; scored on the number after the first ####, else the last number in the reply")
     if any(t.partition(":")[0] in ("gsm8k", "data", "judge", "grade") for t in cfg.tasks):
         notes.append(f"truncated_replies: replies cut at max_new_tokens ({cfg.max_new_tokens}); a cut reply usually "
                      f"lacks its answer and scores 0, so raise max_new_tokens when this is not 0")
