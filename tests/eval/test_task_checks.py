@@ -145,6 +145,17 @@ def test_bad_benchmark_rows_are_found_before_any_model_loads(tmp_path):
     assert "empty_test.csv holds no questions" in _problems(["mmlu@0"], data_dir=str(tmp_path))
 
 
+def test_a_csv_not_named_as_a_subject_is_named_not_skipped(tmp_path):
+    """`physics.csv` (not physics_test.csv) in mmlu/test was left out of both accuracies without a word."""
+    from tests.eval.test_multiple_choice import _write_bench
+
+    _write_bench(tmp_path / "mmlu", n=2)
+    (tmp_path / "mmlu" / "test" / "physics.csv").write_text("What?,a,b,c,d,A\n")
+    message = _problems(["mmlu@0"], data_dir=str(tmp_path))
+    assert "holds physics.csv, not named as a subject's file (SUBJECT_test.csv)" in message
+    assert "Rename it (physics_test.csv)" in message
+
+
 def test_a_subject_without_dev_examples_names_the_dev_split_and_the_fix(tmp_path):
     """The error said "no file for subject(s) history in FOLDER" for a test subject missing from dev/, not which
     split lacked it nor that shots=0 needs none."""

@@ -70,6 +70,8 @@ def check_benchmark(settings: MCSettings) -> None:
     bench = benchmark(settings.benchmark)
     folder = unpacked(Path(settings.data_dir))
     subjects = settings.subjects or list(subject_files(bench, folder, bench.eval_split))
+    if not settings.subjects:
+        _check_no_stray_files(bench, folder, bench.eval_split)
     if not subjects:
         raise UserError(f"{settings.benchmark}: no question files in {folder / bench.eval_split} (expected "
                         f"{bench.file_pattern.format(subject='SUBJECT', split=bench.eval_split)}). Point `data_dir` "
@@ -77,6 +79,19 @@ def check_benchmark(settings: MCSettings) -> None:
     load_subjects(settings.benchmark, folder, None, subjects)
     if settings.shots:
         _check_shots(settings, load_subjects(settings.benchmark, folder, "dev", subjects))
+
+
+def _check_no_stray_files(bench, folder: Path, split: str) -> None:
+    """A CSV in the scored split not named as the layout names subjects (`college_physics.csv` in mmlu/test) would
+    be left out of both accuracies without a word."""
+    named = {p.name for p in subject_files(bench, folder, split).values()}
+    stray = [p.name for p in sorted((folder / split).glob("*.csv")) if p.name not in named]
+    if stray:
+        more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+        expected = bench.file_pattern.format(subject=Path(stray[0]).stem, split=split)
+        raise UserError(f"{bench.name}: {folder / split} holds {stray[0]}{more}, not named as a subject's file "
+                        f"({bench.file_pattern.format(subject='SUBJECT', split=split)}), so it would not be scored. "
+                        f"Rename it ({expected}) or move it out of the folder.")
 
 
 def _pending(settings: MCSettings, store: ItemStore):
