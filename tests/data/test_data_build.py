@@ -448,3 +448,14 @@ def test_placeholders_are_warned_about_once_per_file(tmp_path, tokenizer, shared
 
 def rows_as_messages(rows: list[dict]) -> list[dict]:
     return [{"content": r["output"]} for r in rows]
+
+
+def test_bad_rows_of_parquet_files_and_hub_splits_group_too():
+    from tuneforge.data.build import bad_row_listing
+    from tuneforge.data.types import BadRow
+
+    bad = [BadRow(f"d.parquet:row {i}", "output", "empty") for i in range(1, 8)]
+    bad += [BadRow(f"org/set[train]:row {i}", "output", "empty") for i in (3, 9)]
+    listing, more = bad_row_listing(bad, 5)
+    assert listing.splitlines() == ["  - d.parquet:rows 1, 2, 3, 4, 5, ... (7 rows): field `output`: empty",
+                                    "  - org/set[train]:rows 3, 9: field `output`: empty"] and more == ""

@@ -129,38 +129,43 @@ def test_one_stop_notice_per_node(local_rank, says, monkeypatch, capfd):
 
 def test_a_signal_after_the_last_step_still_saves_the_trained_model(tiny_qwen2_dir, tmp_path, monkeypatch, capfd):
     """Ctrl-C / SIGTERM during the final evaluation or the final save lost the whole run (KeyboardInterrupt, no
-    checkpoint at the last step with save_steps=0): the first signal now lets both finish; a second one aborts the
-    save and leaves no temp folder behind."""
+    checkpoint at the last step with save_steps=0): a first signal now lets both finish; a second one, in the save or
+    after a first in the evaluation, aborts the save and leaves no temp folder behind."""
     from tuneforge.training import loop, setup
 
     real_evaluate, real_finish = loop.Trainer.evaluate, setup.finish_output_folder
 
-    def evaluate_then_signal(self):  # the final evaluation is the one after the last step
-        if self.step == self.total_steps:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_evaluate(self)
+    def signals_in_final_eval(signals):
+        def evaluate(self):  # the final evaluation is the one after the last step
+            for sig in signals * (self.step == self.total_steps):
+                os.kill(os.getpid(), sig)
+            return real_evaluate(self)
+        return evaluate
 
-    def finish_after(signals):
+    def signals_in_save(signals):
         def finish(*args):
             for sig in signals:
                 os.kill(os.getpid(), sig)
             return real_finish(*args)
         return finish
 
-    monkeypatch.setattr(loop.Trainer, "evaluate", evaluate_then_signal)
-    monkeypatch.setattr(setup, "finish_output_folder", finish_after([signal.SIGTERM]))
-    out = tmp_path / "run"
-    result = train(tiny_qwen2_dir, out, *COMMON[:2], "training.max_steps=3", "data.eval_ratio=0.01")
-    assert result.finished and result.eval_loss is not None
-    assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("*.tmp-*"))
-    err = capfd.readouterr().err
-    assert "SIGINT received: finishing the final evaluation and saving the final model" in err
-    assert "SIGTERM received: finishing the final evaluation and saving the final model" in err
-    monkeypatch.setattr(setup, "finish_output_folder", finish_after([signal.SIGINT, signal.SIGINT]))
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_qwen2_dir, tmp_path / "aborted", *COMMON[:2], "training.max_steps=3", "data.eval_ratio=0.01")
-    aborted = tmp_path / "aborted"
-    assert not list(aborted.glob("*.tmp-*")) and not (aborted / "adapter_model.safetensors").exists()
+    def run(name, in_eval, in_save):
+        monkeypatch.setattr(loop.Trainer, "evaluate", signals_in_final_eval(in_eval))
+        monkeypatch.setattr(setup, "finish_output_folder", signals_in_save(in_save))
+        return train(tiny_qwen2_dir, tmp_path / name, *COMMON[:2], "training.max_steps=3", "data.eval_ratio=0.01")
+
+    for name, in_eval, in_save in [("eval", [signal.SIGINT], []), ("save", [], [signal.SIGTERM])]:
+        result = run(name, in_eval, in_save)
+        assert result.finished and result.eval_loss is not None
+        assert (tmp_path / name / "adapter_model.safetensors").is_file() and not list((tmp_path / name).glob("*.tmp-*"))
+        said = "received: finishing the final evaluation and saving the final model (press Ctrl-C again to abort"
+        assert said in capfd.readouterr().err
+    for name, in_eval, in_save in [("twice", [], [signal.SIGINT, signal.SIGINT]),
+                                   ("eval_then_save", [signal.SIGINT], [signal.SIGTERM])]:
+        with pytest.raises(KeyboardInterrupt):
+            run(name, in_eval, in_save)
+        aborted = tmp_path / name
+        assert not list(aborted.glob("*.tmp-*")) and not (aborted / "adapter_model.safetensors").exists()
 
 
 def worker_pids(launcher_pid: int) -> dict[int, int]:

@@ -444,7 +444,8 @@ def test_chat_rows_ending_on_a_user_turn_are_prompts(tmp_path):
     ppo ("must end with the assistant's reply") unless the dataset said `format: prompt`."""
     from tuneforge.training.rl import read_prompts
 
-    openai = _prompt_file(tmp_path, [
+    openai = _prompt_file(tmp_path, [  # a first row with its reply: the format is guessed from it
+        {"messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"}]},
         {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4"},
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And 3 + 3?"}],
          "answer": "6"}])
@@ -456,8 +457,8 @@ def test_chat_rows_ending_on_a_user_turn_are_prompts(tmp_path):
     train, _, report = read_prompts(cfg, ["exact_match"], [])
     assert not report.bad_rows
     assert [(e.messages[-1]["content"], e.reference) for e in train] == [
-        ("What is 2 + 2?", "4"), ("And 3 + 3?", "6"), ("What is 5 + 5?", "10")]
-    assert train[1].messages[0] == {"role": "system", "content": "Be brief."}
+        ("What is 1 + 1?", "2"), ("What is 2 + 2?", "4"), ("And 3 + 3?", "6"), ("What is 5 + 5?", "10")]
+    assert train[2].messages[0] == {"role": "system", "content": "Be brief."}
 
 
 def test_kto_rows_labelled_false_give_prompts_without_a_reference_and_say_so(tmp_path, rewards_module):

@@ -91,7 +91,8 @@ class DataConfig:
                                                             "either way the count is reported.")
     on_error: Literal["raise", "skip"] = opt("raise", "raise: refuse to train when any row is bad and list them; "
                                                       "skip: drop bad rows and report how many and which.")
-    max_errors_shown: int = opt(20, "How many bad rows to list in one error message.")
+    max_errors_shown: int = opt(20, "How many lines of bad rows to list in one error message (the rows of one "
+                                      "file with the same problem share a line).")
     loss_on: Literal["assistant", "all", "last"] = opt("assistant", "Which tokens get loss in chat data: every "
                                                                     "assistant turn, all tokens, or the last turn.")
     packing: bool | None = opt(None, "Pack several examples per row (attention never crosses examples). Default: "

@@ -263,8 +263,8 @@ def _unread_list(key: str, text: str) -> str:
     model without a word."""
     items = ", ".join(f"'{item.strip()}'" for item in text[1:-1].split(",") if item.strip())
     return (f"`{key}` is the text `{text}`, not a list: YAML could not read it as one (a bare `*`, `&` or `:` is "
-            f"YAML syntax). Quote the items and, on the command line, the whole argument: \"{key}=[{items}]\"; in a "
-            f"YAML file write them as a list.")
+            f"YAML syntax), or it was quoted as a whole. Quote the items and, on the command line, the whole "
+            f"argument: \"{key}=[{items}]\"; in a YAML file write them as a list.")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -479,7 +479,8 @@ def bad_row_listing(bad: list, limit: int) -> tuple[str, str]:
     return "\n".join(f"  - {line}" for line in lines[:limit]), more
 
 
-_SOURCE_ROW = re.compile(r"^(.*):(line|record) (\d+)$")  # a BadRow's source: `file:line N` or `file:record N`
+# a BadRow's source: `file:line N`, `file:record N`, or a parquet file's or hub split's `...:row N`
+_SOURCE_ROW = re.compile(r"^(.*):(line|record|row) (\d+)$")
 
 
 def _bad_group_line(rows: list) -> str:

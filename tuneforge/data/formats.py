@@ -166,17 +166,11 @@ def guess_format(data: dict, columns: dict, where: str, stage: str | None = None
     if has("prompt") and not has("output"):
         return "prompt"
     chat = guess_chat_format(data, columns, where)
-    if stage == "prompt" and chat in ("openai", "sharegpt") and _ends_on_user(data, columns):
-        return "prompt"  # read for sampling (grpo, ppo): a conversation waiting for its reply is a prompt
+    if stage == "prompt" and chat in ("openai", "sharegpt"):
+        # read for sampling (grpo, ppo, generation tasks): a conversation that waits for its reply is a prompt, and
+        # one with its reply gives the same prompt and reference as a chat row would (whatever the file's first row)
+        return "prompt"
     return chat
-
-
-def _ends_on_user(data: dict, columns: dict) -> bool:
-    for name in ([columns["messages"]] if "messages" in columns else ["messages", "conversations"]):
-        turns = _maybe_json(data.get(name))
-        if isinstance(turns, list) and turns and isinstance(turns[-1], dict):
-            return (turns[-1].get("role") or turns[-1].get("from")) in ("user", "human")
-    return False
 
 
 # Columns a format reads under their default names besides those of COLUMN_ROLES (sharegpt's conversations, the

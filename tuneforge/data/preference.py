@@ -253,9 +253,11 @@ def prompt_example(data: dict, source: str, columns: dict, tags: dict) -> Exampl
     prompt_col = columns.get("prompt", "prompt")
     if field in data and prompt_col not in data:
         messages = chat_messages(formats.required_list(data, field), field, tags)
-        if messages and messages[-1]["role"] == "assistant":  # a chat row: its final reply is the reference
-            reference = reference if reference is not None else messages[-1]["content"]
-            messages = messages[:-1]
+        if messages and messages[-1]["role"] != "user" and any(m["role"] == "user" for m in messages):
+            # a chat row: the conversation before its last reply, that reply the reference (as_prompt, as a chat
+            # row read for a sampling stage gives it)
+            chat = as_prompt(Example(source, messages=messages, reference=reference))
+            messages, reference = chat.messages, chat.reference
         _validate_prompt(messages, field)
         system = optional_text(data, columns.get("system", "system"))
         if system and messages[0]["role"] != "system":

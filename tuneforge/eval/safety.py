@@ -133,11 +133,11 @@ def read_xstest(path) -> list[dict]:
     if rows and not {"prompt", "type", "label"} <= set(rows[0][1]):
         raise DataError(f"{path}: expected XSTest columns prompt, type, label; found {', '.join(rows[0][1])}.")
     prompts = []
-    for i, (line, r) in enumerate(rows):
+    for line, r in rows:
         if not (r["prompt"] or "").strip() or r["type"] is None or r["label"] is None:
             raise DataError(f"{path}:{line}: the row has no prompt, or fewer cells than the header "
                             f"(id,prompt,type,label). Fill it or delete it.")
-        prompts.append({"id": r.get("id") or str(i), "prompt": r["prompt"], "category": r["type"],
+        prompts.append({"id": r.get("id") or f"line {line}", "prompt": r["prompt"], "category": r["type"],
                         "harmful": _xstest_label(path, line, r["label"])})
     return _check_prompts(path, prompts)
 
@@ -175,7 +175,7 @@ def read_cvalues(path) -> list[dict]:
                 or not r["prompt"].strip()), None)
     if bad is not None:
         raise DataError(f"{path}: row {bad} has no `prompt` text (CValues rows: id_, prompt, domain_en).")
-    return _check_prompts(path, [{"id": str(r.get("id_", i)), "prompt": r["prompt"],
+    return _check_prompts(path, [{"id": str(r.get("id_", f"row {i + 1}")), "prompt": r["prompt"],
                                   "category": r.get("domain_en", "all"), "harmful": False}
                                  for i, r in enumerate(rows)])
 

@@ -54,6 +54,10 @@ class StopRequest:
     STEP_NOTICE = "finishing the current step, then saving a checkpoint"
     FINAL_NOTICE = "finishing the final evaluation and saving the final model"  # the run is trained: keep it
 
+    # A signal taken after the last step (the loop's final evaluation) is handed to the final save's request, so the
+    # user's next Ctrl-C there is the second one, which aborts, as the first notice said
+    _final_signal: tuple[int, float] | None = None
+
     def __init__(self, notice: str = STEP_NOTICE):
         self.notice = notice  # what the first signal does, said when it comes
         self.signum: int | None = None
@@ -61,15 +65,20 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
+        if self.notice == self.FINAL_NOTICE and StopRequest._final_signal is not None:
+            self.signum, self._first_at = StopRequest._final_signal
+        StopRequest._final_signal = None
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self.notice == self.FINAL_NOTICE and self.signum is not None and exc_type is None:
+            StopRequest._final_signal = (self.signum, self._first_at)
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:

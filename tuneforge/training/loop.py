@@ -577,6 +577,8 @@ class Trainer:
             self._say_fused_layers()
             stop_at = self.step + self.t.stop_after_steps if self.t.stop_after_steps else self.total_steps
             while self.step < min(stop_at, self.total_steps):
+                if self.step + 1 == self.total_steps:  # a signal in the last step: no checkpoint, the final save
+                    stop.notice = StopRequest.FINAL_NOTICE
                 metrics = self._step_and_log(logger, history)
                 last_eval = metrics.get("eval_loss", last_eval)
                 interrupted = stop.agreed(self.rt) and self.step < self.total_steps

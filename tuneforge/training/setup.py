@@ -216,8 +216,8 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
     from tuneforge.training.distributed import build_strategy
 
     # A first Ctrl-C / SIGTERM waits for the save (the run is trained: losing it to a signal is the worst outcome);
-    # a second one aborts, and the temp folder goes with it.
-    with StopRequest(StopRequest.FINAL_NOTICE):
+    # a second one (also after a first during the final evaluation) aborts, and the temp folder goes with it.
+    with StopRequest(StopRequest.FINAL_NOTICE) as stop:
         extend = getattr(model, "tuneforge_extend", None)
         plain = build_strategy(cfg, runtime).export_model(
             model, lambda: build_model(cfg, runtime, torch.device("cpu"), extend)[0])
@@ -231,6 +231,7 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        stop.notice = StopRequest.STEP_NOTICE  # consumed: nothing is handed on past the save
     runtime.barrier()
     return out
 
