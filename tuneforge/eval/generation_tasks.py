@@ -158,7 +158,8 @@ def task_items(path: str, limit: int | None = None, fmt: str = "auto", need_refe
     from tuneforge.data.types import PairExample
 
     items = []
-    for ex in _dataset_examples(path, fmt, "prompt")[:limit]:
+    # judged prompts: every chat row is a prompt (one ending on the user's turn too); scored rows keep their reply
+    for ex in _dataset_examples(path, fmt, None if need_reference else "prompt")[:limit]:
         reference = None
         if isinstance(ex, PairExample):
             messages = ex.prompt
