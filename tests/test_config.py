@@ -289,3 +289,17 @@ def test_a_list_yaml_could_not_read_is_refused_not_taken_as_one_item():
                                           r"\"lora.target_modules=\['\*proj', '\*fc'\]\""):
         load(["lora.target_modules=[*proj, *fc]"])
     assert load(["lora.target_modules=['*proj']"]).options("lora").target_modules == ["*proj"]
+
+
+def test_only_the_files_own_keys_make_it_look_like_a_llamafactory_config(tmp_path):
+    """LLaMA-Factory keys typed as overrides on a TuneForge config got "This looks like a LLaMA-Factory config:
+    convert-config ..." about a file that is TuneForge's; a LLaMA-Factory file still gets that advice."""
+    ours = tmp_path / "ours.yaml"
+    ours.write_text("data: {train: [x.jsonl]}\n")
+    with pytest.raises(ConfigError) as info:
+        load_train_config(str(ours), ["per_device_train_batch_size=2", "lora_target=all", "val_size=0.1"])
+    assert "convert-config" not in str(info.value) and "training.batch_size" in str(info.value)
+    theirs = tmp_path / "lf.yaml"
+    theirs.write_text("stage: sft\nfinetuning_type: lora\nlora_target: all\ndataset: alpaca_en_demo\n")
+    with pytest.raises(ConfigError, match="This looks like a LLaMA-Factory config: `tuneforge convert-config"):
+        load_train_config(str(theirs))

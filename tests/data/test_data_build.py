@@ -4,6 +4,7 @@ split, system prompts, and every file format end to end."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -191,7 +192,8 @@ def test_max_samples_and_builtin_example_task(tokenizer):
 
 
 def test_missing_local_path_is_not_looked_up_on_the_hub(tokenizer):
-    with pytest.raises(DataError, match="no such file or folder"):
+    with pytest.raises(DataError, match=rf"no such file or folder \(relative paths are looked up in the current "
+                                        rf"folder, {re.escape(os.getcwd())}\)"):  # named, as for models
         build_datasets(config(["data/missing.jsonl"]), tokenizer, "sft")
 
 

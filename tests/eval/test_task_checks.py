@@ -50,8 +50,10 @@ def test_every_task_file_is_checked_and_named_at_once(tmp_path):
         assert f"Task `{task}`" in message or task == "mmlu", task
     assert re.search(r"Task `gsm8k`: .*nowhere/gsm8k/test.jsonl does not exist", message)
     assert re.search(rf"Task `data:{missing}`: {missing}: no such file", message)
-    assert re.search(r"mmlu: no `test` folder in .*nowhere/mmlu", message)  # with shots, as with shots=0 below
+    assert re.search(r"mmlu: .*nowhere/mmlu does not exist", message)  # with shots, as with shots=0 below
     assert "Task `gsm8k_typo` is unknown" in message
+    assert "does not exist" in _problems(["mmlu@0"], data_dir=str(tmp_path / "nowhere"))
+    (tmp_path / "nowhere" / "mmlu" / "dev").mkdir(parents=True)
     assert "no `test` folder" in _problems(["mmlu@0"], data_dir=str(tmp_path / "nowhere"))
 
 
@@ -166,3 +168,11 @@ def test_a_subject_without_dev_examples_names_the_dev_split_and_the_fix(tmp_path
     message = _problems(["mmlu"], data_dir=str(tmp_path), shots=1)
     assert "no dev file for subject(s) history" in message and "history_dev.csv" in message
     assert "`shots` to 0 (mmlu@0)" in message
+
+
+def test_a_missing_data_dir_is_said_as_missing_not_as_a_missing_split(tmp_path):
+    """`--data-dir ../shared/assets/eval` from another folder said "no `test` folder in .../mmlu", as if the
+    benchmark folder existed and lacked a split."""
+    message = _problems(["mmlu@0"], data_dir=str(tmp_path / "nowhere"))
+    assert f"mmlu: {tmp_path / 'nowhere' / 'mmlu'} does not exist (a relative path counts from the current folder" \
+           in message and "no `test` folder" not in message

@@ -37,6 +37,21 @@ def test_new_run_into_an_earlier_runs_folder_is_refused_and_overwrite_starts_ove
     assert result.finished and result.steps == 2
 
 
+def test_resume_auto_on_a_finished_run_without_checkpoints_is_refused(tiny_llama_dir, tmp_path):
+    """The "not empty" error offered `training.resume=auto` for a finished run with no checkpoint; following it
+    trained from step 0 and replaced the finished model."""
+    out = tmp_path / "run"
+    train(tiny_llama_dir, out, *FAST)  # save_steps 0: the final model only
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError) as info:
+        train(tiny_llama_dir, out, *FAST)
+    assert "resume=auto" not in str(info.value) and "overwrite_output_dir=true" in str(info.value)
+    with pytest.raises(UserError, match=r"found no checkpoint in .*run, which holds a finished run's model: this run "
+                                        r"would start from step 0 and replace it"):
+        train(tiny_llama_dir, out, *FAST, "training.resume=auto")
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
 def test_overwrite_never_deletes_a_folder_tuneforge_did_not_write(tiny_llama_dir, tmp_path):
     out = tmp_path / "home"
     out.mkdir()

@@ -40,7 +40,7 @@ class ModelConfig:
                                            "auto: sdpa (eager for models that cannot run it, e.g. Gemma2), but eager "
                                            "for bf16 batches of up to 192 positions on CPU, where it is faster, and "
                                            "per sequence for a padding-free row, without a mask over the whole row "
-                                           "(models/attention.py).")
+                                           "(tuneforge/models/attention.py).")
     chat_template: str | None = opt(None, "Override the tokenizer's chat template: a built-in name (chatml, llama3, "
                                           "qwen, default) or a path to a .jinja file. Default: the tokenizer's own.")
 
@@ -290,9 +290,10 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, base
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must contain a mapping of config keys at the top level.")
         data.update(loaded)
+    own_keys = set(data)  # the file's (or base's) keys: foreign names typed as overrides do not make it foreign
     apply_overrides(data, overrides or [])
     try:
-        cfg = _typed_config(data, path)
+        cfg = _typed_config(data, path, own_keys)
         validate(cfg, where=path)
     except ConfigError as e:
         raise _named_overrides(e, overrides or [], path) from None
@@ -330,7 +331,7 @@ def _named_overrides(err: ConfigError, overrides: list[str], path: str | None) -
     return typed.config_error([named(p) for p in typed.problems_of(err)], where=path or "the config")
 
 
-def _typed_config(data: dict, path: str | None) -> TrainConfig:
+def _typed_config(data: dict, path: str | None, own_keys: set | None = None) -> TrainConfig:
     """The typed config, or one ConfigError listing every unknown key and bad value of every section."""
     from tuneforge.configs.foreign import LLAMAFACTORY_MARKERS, foreign_hint
 
@@ -352,7 +353,7 @@ def _typed_config(data: dict, path: str | None) -> TrainConfig:
     problems += [f"`{name}:` holds options of stage {name}, and this run is stage {stage}, which would ignore them: "
                  f"drop the section (or set `stage: {name}`)." for name in ALIGN_SECTIONS if data.get(name)
                  and name != stage]
-    if problems and len(LLAMAFACTORY_MARKERS & set(data)) >= 2:
+    if problems and len(LLAMAFACTORY_MARKERS & (set(data) if own_keys is None else own_keys)) >= 2:
         problems.insert(0, f"This looks like a LLaMA-Factory config: `tuneforge convert-config {path or 'FILE'} --out "
                         f"tuneforge.yaml` translates it and lists what has no equivalent.")
     if problems:

@@ -291,7 +291,7 @@ def read_source(spec, registry: Registry | None, base_dir) -> list:
     if local is not None:
         return read_local_spec(spec, local)
     if readers.looks_like_local_path(spec.path) or spec.path.startswith("builtin:") or looks_local(spec.path):
-        where = f"the current folder{' or ' + str(base_dir) if base_dir else ''}"
+        where = f"the current folder, {Path.cwd()}{', or ' + str(base_dir) if base_dir else ''}"
         hint = registry.suggestion(spec.path) if registry is not None else " (no `data.registry` is set)"
         raise DataError(f"Dataset {spec.path}: no such file or folder (relative paths are looked up in {where})."
                         f"{hint}")

@@ -100,6 +100,10 @@ def unpacked(folder: Path) -> Path:
 def subject_files(bench: Benchmark, folder: Path, split: str) -> dict[str, Path]:
     """{subject: csv path} of one split folder, sorted by subject."""
     split_dir = Path(folder) / split
+    if not Path(folder).exists():  # the whole folder is missing, not a split of it
+        raise UserError(f"{bench.name}: {folder} does not exist (a relative path counts from the current folder, "
+                        f"{Path.cwd()}). Point `data_dir` (--data-dir) at a folder holding "
+                        f"{bench.name}/{split}/*.csv, or {bench.name}:PATH at the benchmark's own folder or zip.")
     if not split_dir.is_dir():
         raise UserError(f"{bench.name}: no `{split}` folder in {folder}. Point `data_dir` (--data-dir) at a folder "
                         f"holding the published layout ({bench.name}/{split}/*.csv).")

@@ -51,6 +51,11 @@ def looks_like_run_folder(out: Path) -> bool:
     return (out / "tuneforge_config.yaml").is_file() or any(out.glob("checkpoint-*/trainer_state.json"))
 
 
+def _holds_final_model(out: Path) -> bool:
+    """A finished run's export (save_final writes these; a run stopped before its end leaves checkpoints instead)."""
+    return any((out / name).is_file() for name in ("adapter_config.json", "config.json"))
+
+
 def _shown(entries: list[Path], n: int = 8) -> str:
     names = [p.name + ("/" if p.is_dir() else "") for p in entries[:n]]
     return ", ".join(names) + (f" and {len(entries) - n} more" if len(entries) > n else "")
@@ -64,13 +69,19 @@ def check_output_dir(cfg) -> None:
             raise UserError(f"output_dir {out}: {p} is a file, not a folder. Pick another `output_dir` (or move "
                             f"the file away).")
     entries = existing_entries(cfg, out)
+    checkpoints = any(out.glob("checkpoint-*/trainer_state.json"))
+    if entries and cfg.training.resume == "auto" and not checkpoints and _holds_final_model(out):
+        raise UserError(f"`training.resume=auto` found no checkpoint in {out}, which holds a finished run's model: "
+                        f"this run would start from step 0 and replace it. To train that model further, give it as "
+                        f"`model.name_or_path` with another `output_dir`; to start over, `overwrite_output_dir=true`.")
     if not entries or cfg.training.resume is not None:
         return
     if not cfg.overwrite_output_dir:
+        resume = "Continue the earlier run with `training.resume=auto`, " if checkpoints else ""
         raise UserError(
             f"output_dir {out} is not empty (it holds {_shown(entries)}). A new run there would mix its "
-            f"checkpoints with the old ones. Continue the earlier run with `training.resume=auto`, start over with "
-            f"`overwrite_output_dir=true` (deletes what is there), or pick another `output_dir`.")
+            f"checkpoints with the old ones. {resume}Start over with `overwrite_output_dir=true` (deletes what is "
+            f"there), or pick another `output_dir`.")
     if not looks_like_run_folder(out):
         raise UserError(
             f"output_dir {out} is not empty and does not look like a TuneForge output folder (no "
