@@ -40,7 +40,7 @@ def test_eval_suite_task_data_is_checked_before_the_model_loads(tmp_path, monkey
     with pytest.raises(ConfigError) as e:
         _train(no_folder, tmp_path, monkeypatch)
     message = str(e.value)
-    assert message.startswith("2 problems") and re.search(r"mmlu: no `test` folder in .*nowhere/mmlu", message)
+    assert message.startswith("2 problems") and re.search(r"mmlu: .*nowhere/mmlu does not exist", message)
     assert f"Task `data:{tmp_path / 'none.jsonl'}`: {tmp_path / 'none.jsonl'}: no such" in message
     assert not (tmp_path / "run").exists()
     # the data tools read the same config without the benchmark folder
