@@ -396,3 +396,11 @@ def test_report_notes_give_the_judge_grade_scale(tmp_path):
                                       "judge": {"url": "http://127.0.0.1:9/v1"}})
     limit = next(n for n in _notes(cfg) if n.startswith("limit:"))
     assert "judge_score 1-10" in limit and "other scores fractions" not in limit
+
+
+def test_eval_help_shows_each_flags_default(capsys):
+    """`tuneforge eval --help` alone among the verbs showed no defaults (--shots, --limit, --max-new-tokens)."""
+    assert main(["eval", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(config key `shots`) [int; default: 5]" in out and "(config key `out`) [str; default: eval_out]" in out
+    assert "(config key `max_new_tokens`) [int; default: 256]" in out

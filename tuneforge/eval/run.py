@@ -171,14 +171,14 @@ INT_KEYS = ("limit", "shots", "max_new_tokens", "batch_size")
 
 def flag_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """`tuneforge eval`'s flags (its --help too), each with its config key's help text."""
-    from tuneforge.configs.typed import field_help_rows
+    from tuneforge.configs.typed import field_help_rows, type_name
 
     parser = parser or ArgParser(prog="tuneforge eval")
-    rows = {key: (tp, text) for key, tp, _, text in field_help_rows(EvalConfig)}
-    rows |= {f"models.{key}": (tp, text) for key, tp, _, text in field_help_rows(ModelEntry)}
+    rows = {key: (tp, default, text) for key, tp, default, text in field_help_rows(EvalConfig)}
+    rows |= {f"models.{key}": (tp, default, text) for key, tp, default, text in field_help_rows(ModelEntry)}
     for flag, key in FLAGS.items():
-        tp, text = rows[key]
-        text = f"{text} (config key `{key.removeprefix('models.')}`)"
+        tp, default, text = rows[key]  # the default shown is the config's, which a flag left out keeps
+        text = f"{text} (config key `{key.removeprefix('models.')}`) [{type_name(tp)}; default: {default}]"
         if key == "mc_chat_template":
             parser.add_argument(flag, action="store_true", help=text)
         elif key == "safety.detector":
