@@ -468,12 +468,12 @@ def check_bad_rows(report: DataReport, data_cfg) -> None:
 def bad_row_listing(bad: list, limit: int) -> tuple[str, str]:
     """The bad rows as lines, rows of one file with the same problem on one line (a DPO file given to sft has every
     row bad for one reason: one line naming the rows, not 20 identical lines), at most `limit` lines."""
-    groups: dict[tuple, list] = {}
+    groups: dict[tuple, list] = {}  # (file, unit, field, problem) -> [(row number, BadRow)]; other sources: alone
     for b in bad:
         where = _SOURCE_ROW.match(b.source)
         key = (where.group(1), where.group(2), b.field, b.problem) if where else (id(b),)
-        groups.setdefault(key, []).append(b)
-    lines = [_bad_group_line(rows) for rows in groups.values()]
+        groups.setdefault(key, []).append((where.group(3) if where else None, b))
+    lines = [_bad_group_line(key, rows) for key, rows in groups.items()]
     shown_rows = sum(len(rows) for rows in list(groups.values())[:limit])
     more = f"\n  ... and {len(bad) - shown_rows} more" if len(lines) > limit else ""
     return "\n".join(f"  - {line}" for line in lines[:limit]), more
@@ -483,13 +483,13 @@ def bad_row_listing(bad: list, limit: int) -> tuple[str, str]:
 _SOURCE_ROW = re.compile(r"^(.*):(line|record|row) (\d+)$")
 
 
-def _bad_group_line(rows: list) -> str:
+def _bad_group_line(key: tuple, rows: list) -> str:
     if len(rows) == 1:
-        return str(rows[0])
-    path, unit = _SOURCE_ROW.match(rows[0].source).group(1, 2)
-    numbers = [_SOURCE_ROW.match(b.source).group(3) for b in rows]
+        return str(rows[0][1])
+    path, unit, field, problem = key
+    numbers = [n for n, _ in rows]
     listed = ", ".join(numbers[:5]) + (f", ... ({len(rows)} rows)" if len(rows) > 5 else "")
-    return f"{path}:{unit}s {listed}: field `{rows[0].field}`: {rows[0].problem}"
+    return f"{path}:{unit}s {listed}: field `{field}`: {problem}"
 
 
 def _check_template_renders_something(report: DataReport) -> None:

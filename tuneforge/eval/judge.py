@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tuneforge.errors import UserError
+from tuneforge.eval.store import end_torn_line
 
 PAIRWISE_RUBRIC = ("Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
                    "assistants to the user question below. Consider helpfulness, relevance, accuracy, depth and "
@@ -48,11 +49,8 @@ class JudgeClient:
         self.cache: dict[str, str] = {}
         self.lock = threading.Lock()
         if self.cache_path and self.cache_path.is_file():
-            text = self.cache_path.read_text(encoding="utf-8")
-            if text and not text.endswith("\n"):  # torn by an interrupted run: the next reply must not join it
-                with open(self.cache_path, "a", encoding="utf-8") as f:
-                    f.write("\n")
-            for line in text.splitlines():
+            end_torn_line(self.cache_path)
+            for line in self.cache_path.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
                     self.cache[record["key"]] = record["reply"]

@@ -26,22 +26,23 @@ def input_key(value) -> str:
     return settings_key(value)
 
 
+def end_torn_line(path: Path) -> None:
+    """An interrupted run can leave a JSON-lines file's last line without its newline: the next record appended
+    would join it and be unreadable too (a reply lost to the judge, which reads them back; a judge reply re-sent)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+
+
 class ItemStore:
     def __init__(self, path: Path, settings: dict):
         self.path = Path(path)
         self.key = settings_key(settings)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._end_torn_line()
-
-    def _end_torn_line(self) -> None:
-        """An interrupted run can leave a last line without its newline: the next record appended would join it
-        and be unreadable too (lost to the judge, which reads the replies back from this file)."""
-        if not self.path.is_file() or self.path.stat().st_size == 0:
-            return
-        with open(self.path, "rb+") as f:
-            f.seek(-1, 2)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+        end_torn_line(self.path)
 
     def done(self) -> dict[str, dict]:
         found: dict[str, dict] = {}
