@@ -52,7 +52,7 @@ def test_the_bench_probes_both_peaks_before_it_runs(bench, tmp_path, capsys):
 
     bench.refresh_peaks(sys.executable, {**os.environ, "TUNEFORGE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"})
     printed = capsys.readouterr().out
-    cached = json.loads((tmp_path / "cpu_peak.json").read_text(encoding="utf-8"))
+    cached = json.loads((tmp_path / "cpu_probes.json").read_text(encoding="utf-8"))
     peaks = {key.split("|")[3]: value for key, value in cached.items() if key != "probed_at"}
     assert set(peaks) == {"torch.float32", "torch.bfloat16"} and all(v > 0 for v in peaks.values())
     assert set(cached["probed_at"]) == set(cached) - {"probed_at"}

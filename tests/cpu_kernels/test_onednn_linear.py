@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,17 +131,55 @@ def test_the_environment_turns_it_off(monkeypatch):
     assert ONEDNN not in names
 
 
-def test_the_engine_decodes_through_it(tiny_llama_dir):
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_engine_decodes_through_it_where_it_is_faster(tiny_llama_dir, monkeypatch, faster):
     from tuneforge.configs.schema import ModelConfig
     from tuneforge.inference import Engine, SamplingParams
     from tuneforge.models.loading import load_model_and_tokenizer
 
+    monkeypatch.setattr(onednn_linear, "faster_here", lambda: faster)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir)))
     engine = Engine(model.eval(), tokenizer)
     hi = [{"role": "user", "content": "Hi"}]
     names = ops_called(lambda: engine.generate([hi, hi], SamplingParams(max_new_tokens=2)))
-    assert ONEDNN in names
-    assert "aten::addmm" not in names and "aten::mm" not in names  # every projection and lm_head went to oneDNN
+    if faster:
+        assert ONEDNN in names
+        assert "aten::addmm" not in names and "aten::mm" not in names  # every projection and lm_head went to oneDNN
+    else:
+        assert ONEDNN not in names
+
+
+# ---- which library auto picks: measured per machine ----------------------------------------------------------------
+def test_the_probe_measures_a_real_difference(monkeypatch):
+    """measure_speedup times both paths on the same products: oneDNN made 5 ms slower per product reads as slower
+    (a probe that returned a constant, or timed one path twice, would not see it)."""
+    assert 0.1 < onednn_linear.measure_speedup(rows=64, size=128, rounds=2) < 10
+    with torch.inference_mode():  # where the engine first asks: autograd must still run for the probe
+        assert 0.1 < onednn_linear.measure_speedup(rows=64, size=128, rounds=2) < 10
+    real = onednn_linear._onednn
+
+    def slow(*args):
+        time.sleep(0.005)
+        return real(*args)
+
+    monkeypatch.setattr(onednn_linear, "_onednn", slow)
+    assert onednn_linear.measure_speedup(rows=64, size=128, rounds=2) < 0.5
+
+
+def test_auto_probes_once_per_machine_and_keeps_the_figure(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(onednn_linear, "_FASTER", {})
+    measured = []
+    monkeypatch.setattr(onednn_linear, "measure_speedup", lambda: measured.append(1) or 0.86)  # an Intel Xeon's
+    assert not onednn_linear.faster_here() and not onednn_linear.faster_here()
+    monkeypatch.setattr(onednn_linear, "_FASTER", {})  # a new process: the cached figure, no second probe
+    assert not onednn_linear.faster_here() and len(measured) == 1
+    assert list(json.loads((tmp_path / "cpu_probes.json").read_text(encoding="utf-8")).values()) == [0.86]
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "amd"))  # another machine, where oneDNN measured 1.7x
+    monkeypatch.setattr(onednn_linear, "_FASTER", {})
+    monkeypatch.setattr(onednn_linear, "measure_speedup", lambda: 1.7)
+    assert onednn_linear.faster_here()
 
 
 # ---- the training loop (training.cpu_matmul) ----------------------------------------------------------------------
@@ -162,13 +203,17 @@ def test_the_switch_turns_it_off(tiny_llama_dir, tmp_path):
     assert ONEDNN not in {e.name for e in prof.events()}
 
 
-def test_auto_and_onednn_resolve_per_run():
+def test_auto_and_onednn_resolve_per_run(monkeypatch):
     from tuneforge.errors import UserError
     from tuneforge.training.loop import use_onednn_matmul
     from tuneforge.training.runtime import Runtime
 
     cpu = Runtime(device=torch.device("cpu"), dtype=torch.float32, rank=0, world_size=1, local_rank=0)
     bf16 = Runtime(device=torch.device("cpu"), dtype=torch.bfloat16, rank=0, world_size=1, local_rank=0)
+    monkeypatch.setattr(onednn_linear, "faster_here", lambda: False)  # where torch's own path measured as fast
+    assert not use_onednn_matmul("auto", cpu, compile_blocks=False)
+    assert use_onednn_matmul("onednn", cpu, compile_blocks=False)  # asked for: used whatever the probe said
+    monkeypatch.setattr(onednn_linear, "faster_here", lambda: True)
     assert use_onednn_matmul("auto", cpu, compile_blocks=False)
     assert not use_onednn_matmul("auto", cpu, compile_blocks=True)
     assert not use_onednn_matmul("auto", bf16, compile_blocks=False)

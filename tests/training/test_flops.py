@@ -86,7 +86,7 @@ def test_cpu_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(flops, "probe_cpu_peak", lambda dtype, **kw: calls.append(dtype) or 1e11)
     assert flops.cpu_peak(torch.float32) == 1e11 and flops.cpu_peak(torch.float32) == 1e11
-    assert calls == [torch.float32] and (tmp_path / "cpu_peak.json").is_file()
+    assert calls == [torch.float32] and (tmp_path / "cpu_probes.json").is_file()
 
 
 def test_a_day_old_peak_is_probed_again_and_never_lowered(tmp_path, monkeypatch):

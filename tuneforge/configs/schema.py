@@ -153,9 +153,10 @@ class TrainingConfig:
                                "rows): 0.96x per step, measured (bench/RESULTS.md).")
     cpu_matmul: Literal["auto", "onednn", "default"] = opt(
         "auto", "Which library multiplies fp32 matrices on CPU, forward and backward. onednn: oneDNN (measured ~2x "
-        "faster than PyTorch's default MKL sgemm on an AMD EPYC; same fp32 results to rounding; "
-        "tuneforge/kernels/onednn_linear.py); default: PyTorch's own choice. auto: onednn for fp32 runs on CPU "
-        "where this torch build has it, except with compile or distributed=fsdp/deepspeed.")
+        "faster than PyTorch's default MKL sgemm on an AMD EPYC, 0.86x on an Intel Xeon; same fp32 results to "
+        "rounding; tuneforge/kernels/onednn_linear.py); default: PyTorch's own choice. auto: onednn for fp32 runs "
+        "on CPU where a short probe (~1 s, once per machine and thread count, cached) measured it at least 5% "
+        "faster, except with compile or distributed=fsdp/deepspeed.")
     fused_layers: Literal["auto", "always", "never"] = opt(
         "auto", "RMSNorm layers (Llama formula) and plain LoRA layers each as one autograd node with a hand-written "
         "backward (tuneforge/kernels/rms_norm.py, lora_linear.py): the same values to rounding, fewer full-size "

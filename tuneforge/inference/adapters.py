@@ -20,7 +20,7 @@ import torch
 
 from tuneforge.errors import UserError
 from tuneforge.inference import kv
-from tuneforge.kernels.onednn_linear import onednn_linears
+from tuneforge.kernels.onednn_linear import auto_linears
 from tuneforge.methods.base import unwrap
 
 
@@ -119,7 +119,7 @@ class ModelRunner:
 
     def forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]) -> torch.Tensor:
         """Logits of the last position of every row, [B, V] float32."""
-        with onednn_linears(input_ids.device):  # fp32 on CPU: oneDNN's GEMMs (see kernels/onednn_linear.py)
+        with auto_linears(input_ids.device):  # fp32 on CPU: oneDNN's GEMMs where faster (kernels/onednn_linear.py)
             return self._forward(input_ids, attention_mask, position_ids, cache, adapters)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]) -> torch.Tensor:

@@ -4,7 +4,10 @@ Why this is hand-written: PyTorch's CPU build sends fp32 `linear` (and `mm`) to 
 sends fp32 at full precision to oneDNN instead (its oneDNN matmul flags are for bf16/fp16 or reduced-precision
 fp32). On the machines we measured (a 2-core AMD EPYC with AVX512, torch 2.13, 1 thread) MKL runs the same fp32
 products about 2x slower than oneDNN: SmolLM2's projections at 1024 rows 61-82 vs 150-250 GFLOP/s, its lm_head 70 vs
-120-145 (probably a non-AVX512 path on AMD). The results are fp32 products like MKL's, to rounding.
+120-145 (probably a non-AVX512 path on AMD). On an Intel Xeon with AVX-512 the same code is the slower one (MKL
+~120 GFLOP/s, oneDNN ~105; 0.86x per SmolLM2 LoRA step), so `training.cpu_matmul: auto` and the engine use oneDNN
+only where `measure_speedup` found it faster on this CPU (`faster_here`). The results are fp32 products like MKL's,
+to rounding.
 
 `onednn_linears()` is a TorchFunctionMode: it applies to the calling thread, inside the `with` only, and changes
 nothing on the model (no patched modules, nothing that survives a deepcopy or a save). It takes over
@@ -28,11 +31,15 @@ conversion each call). Set TUNEFORGE_ONEDNN_LINEAR=0 to turn the mode off everyw
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+
+from tuneforge.kernels import cpu_cache
 
 _LINEAR = torch._C._nn.linear  # what torch.nn.functional.linear (and so nn.Linear) calls
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor (FSDP), not 4-bit/8-bit parameter classes
@@ -41,6 +48,57 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor (FSDP), not 4-bit/8-b
 def available() -> bool:
     return (os.environ.get("TUNEFORGE_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+SPEEDUP_NEEDED = 1.05  # oneDNN takes over only where it measured this much faster than torch's own path
+
+
+def measure_speedup(rows: int = 512, size: int = 1024, rounds: int = 5) -> float:
+    """How many times faster oneDNN runs a training product than torch's own path (MKL) on this process's threads:
+    forward, grad_input and grad_weight of a trainable [size, size] fp32 weight over `rows` rows, the two paths
+    alternating, the best round of each (~1 s on one core). Why measure: the gain is the CPU's, not the code's
+    (AMD EPYC with AVX-512: 1.5-2x; an Intel Xeon with AVX-512: 0.86x per SmolLM2 step; bench/RESULTS.md)."""
+    # autograd on even when asked from inside inference mode (the engine's first decoding step)
+    with torch.inference_mode(False), torch.enable_grad():
+        gen = torch.Generator().manual_seed(0)  # never the global RNG: a probe must not change a run's dropout
+        x = torch.randn(rows, size, generator=gen).requires_grad_()
+        weight = torch.randn(size, size, generator=gen).requires_grad_()
+        grad = torch.randn(rows, size, generator=gen)
+
+        def seconds(use: bool) -> float:
+            x.grad = weight.grad = None
+            start = time.perf_counter()
+            with onednn_linears("cpu", enabled=use):
+                torch.nn.functional.linear(x, weight).backward(grad)
+            return time.perf_counter() - start
+
+        best = {False: math.inf, True: math.inf}
+        for use in best:
+            seconds(use)  # warm-up: thread pool, kernel selection
+        for _ in range(rounds):
+            for use in best:
+                best[use] = min(best[use], seconds(use))
+    return best[False] / best[True]
+
+
+_FASTER: dict[int, bool] = {}  # per thread count, for this process (the engine asks at every decoding step)
+
+
+def faster_here() -> bool:
+    """Whether oneDNN should multiply this machine's fp32 CPU linears (`training.cpu_matmul: auto`, the engine's
+    decoding): where it measured at least SPEEDUP_NEEDED x faster than torch's own path on this CPU and thread
+    count (`measure_speedup`, cached for good per machine, threads and torch build in kernels/cpu_cache.py)."""
+    if not available():
+        return False
+    threads = torch.get_num_threads()
+    if threads not in _FASTER:
+        key = f"{cpu_cache.machine_key()}|torch={torch.__version__}|onednn_speedup"
+        speedup = cpu_cache.read().get(key)
+        if not isinstance(speedup, (int, float)):
+            speedup = measure_speedup()
+            cpu_cache.update({key: speedup})
+        _FASTER[threads] = speedup >= SPEEDUP_NEEDED
+    return _FASTER[threads]
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,3 +192,8 @@ def onednn_linears(device: torch.device | str = "cpu", enabled: bool = True):
     if not enabled or torch.device(device).type != "cpu" or not available():
         return contextlib.nullcontext()
     return _OneDNNLinears()
+
+
+def auto_linears(device: torch.device | str = "cpu"):
+    """`onednn_linears` where oneDNN measured faster on this CPU (`faster_here`); a no-op context elsewhere."""
+    return onednn_linears(device, enabled=torch.device(device).type == "cpu" and available() and faster_here())

@@ -30,18 +30,15 @@ probed again once a day (`cpu_peak`); processes that share one machine's cores c
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from tuneforge.data.packing import PackedRow
 from tuneforge.data.types import EncodedPair
-from tuneforge.kernels import onednn_linear
+from tuneforge.kernels import cpu_cache, onednn_linear
 
 # dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' datasheets; the first name found wins
 GPU_PEAK_BF16 = [
@@ -167,10 +164,6 @@ def gpu_peak(name: str) -> float | None:
     return next((peak for key, peak in GPU_PEAK_BF16 if key.lower() in name.lower()), None)
 
 
-def cache_file() -> Path:
-    return Path(os.environ.get("TUNEFORGE_CACHE") or "~/.cache/tuneforge").expanduser() / "cpu_peak.json"
-
-
 def probe_cpu_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
     """FLOP/s of a square matmul in `dtype` on this process's threads (the best of several timed runs), by the
     faster of torch's own matmul (MKL for fp32) and oneDNN: training may use either (`training.cpu_matmul`), and
@@ -198,19 +191,10 @@ def _best_rate(product, flops: float, seconds: float) -> float:
 def _peak_key(dtype: torch.dtype) -> str:
     # probe=2: the best of MKL and oneDNN (figures cached by the MKL-only probe were too low on AMD CPUs);
     # probe=3: peaks cached since were raised by runs whose count charged lm_head at every position (too high)
-    return (f"{platform.processor() or platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}"
-            f"|probe=3")
+    return f"{cpu_cache.machine_key()}|{dtype}|probe=3"
 
 
 PEAK_MAX_AGE_S = 24 * 3600  # a cached peak older than this is probed again (and kept if the new probe is lower)
-
-
-def _read_peaks() -> dict:
-    try:
-        cached = json.loads(cache_file().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return cached if isinstance(cached, dict) else {}
 
 
 def cpu_peak(dtype: torch.dtype) -> float:
@@ -218,7 +202,7 @@ def cpu_peak(dtype: torch.dtype) -> float:
     probed again once the figure is a day old, and raised by any run that achieves more. Why not probe once for
     good: a probe on a busy or throttled CPU reads low and then overstated every later run's MFU (a 1-thread figure
     cached at 232 GFLOP/s on a loaded evening read 253 on a quiet morning; bench/RESULTS.md run 16)."""
-    cached, key = _read_peaks(), _peak_key(dtype)
+    cached, key = cpu_cache.read(), _peak_key(dtype)
     probed_at = cached.get("probed_at", {}).get(key, 0.0) if isinstance(cached.get("probed_at"), dict) else 0.0
     if key in cached and time.time() - probed_at < PEAK_MAX_AGE_S:
         return float(cached[key])
@@ -227,7 +211,7 @@ def cpu_peak(dtype: torch.dtype) -> float:
 
 def refresh_cpu_peak(dtype: torch.dtype, seconds: float = 0.3) -> float:
     """Probe now and cache the better of the new figure and the cached one (a peak never goes down)."""
-    peak = max(probe_cpu_peak(dtype, seconds=seconds), float(_read_peaks().get(_peak_key(dtype), 0.0)))
+    peak = max(probe_cpu_peak(dtype, seconds=seconds), float(cpu_cache.read().get(_peak_key(dtype), 0.0)))
     _write_peak(dtype, peak, probed=True)
     return peak
 
@@ -235,33 +219,16 @@ def refresh_cpu_peak(dtype: torch.dtype, seconds: float = 0.3) -> float:
 def raise_cpu_peak(dtype: torch.dtype, achieved: float) -> None:
     """A run achieved more than the cached peak: the probe ran on a busy machine. A peak is at least what was
     achieved, so the cache is raised to it (it only ever goes up; a busy probe never lowers a good figure)."""
-    if achieved > float(_read_peaks().get(_peak_key(dtype), 0.0)):
+    if achieved > float(cpu_cache.read().get(_peak_key(dtype), 0.0)):
         _write_peak(dtype, achieved)
 
 
 def _write_peak(dtype: torch.dtype, peak: float, probed: bool = False) -> None:
-    path, cached = cache_file(), _read_peaks()
-    cached[_peak_key(dtype)] = peak
+    entries: dict = {_peak_key(dtype): peak}
     if probed:
-        stamps = cached.get("probed_at") if isinstance(cached.get("probed_at"), dict) else {}
-        cached["probed_at"] = {**stamps, _peak_key(dtype): time.time()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
-        tmp.replace(path)
-    except OSError:  # a read-only home: measure again next time
-        pass
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+        stamps = cpu_cache.read().get("probed_at")
+        entries["probed_at"] = {**(stamps if isinstance(stamps, dict) else {}), _peak_key(dtype): time.time()}
+    cpu_cache.update(entries)
 
 
 def cpu_share() -> tuple[float, int, int, int]:

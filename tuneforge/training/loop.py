@@ -156,8 +156,9 @@ class StepMetrics:
 
 def use_onednn_matmul(setting: str, runtime: Runtime, compile_blocks: bool) -> bool:
     """`training.cpu_matmul`: whether fp32 CPU linears (forward and backward) run through oneDNN
-    (kernels/onednn_linear.py). auto leaves out what it is not tested with: compiled blocks (Dynamo would trace
-    the mode) and sharded engines (FSDP2 and DeepSpeed swap parameters around the forward)."""
+    (kernels/onednn_linear.py). auto: where oneDNN measured faster on this CPU (`faster_here`), leaving out what it
+    is not tested with: compiled blocks (Dynamo would trace the mode) and sharded engines (FSDP2 and DeepSpeed swap
+    parameters around the forward)."""
     if setting == "default":
         return False
     applies = runtime.device.type == "cpu" and runtime.dtype == torch.float32
@@ -168,8 +169,8 @@ def use_onednn_matmul(setting: str, runtime: Runtime, compile_blocks: bool) -> b
             raise UserError(f"training.cpu_matmul: onednn cannot apply: {why}. Set `training.cpu_matmul=auto` "
                             f"(oneDNN where it applies) or default.")
         return True
-    return applies and onednn_linear.available() and not compile_blocks and runtime.engine not in ("fsdp",
-                                                                                                  "deepspeed")
+    return (applies and onednn_linear.available() and not compile_blocks
+            and runtime.engine not in ("fsdp", "deepspeed") and onednn_linear.faster_here())
 
 
 @dataclass

@@ -76,7 +76,7 @@ def compile_note(cfg: TrainConfig, runtime: Runtime) -> str | None:
         return None  # on GPU nothing is turned off; the sharded engines have none of these paths anyway
     lost = [name for name, applies in (
         ("oneDNN linears (training.cpu_matmul)", t.cpu_matmul == "auto" and runtime.dtype == torch.float32
-         and onednn_linear.available()),
+         and onednn_linear.available() and onednn_linear.faster_here()),
         ("fused layers (training.fused_layers)", t.fused_layers == "auto"),
         ("padding-free rows attended per sequence (model.attn_implementation)", cfg.model.attn_implementation
          == "auto" and not t.rdrop_alpha and not t.neftune_alpha)) if applies]
