@@ -231,6 +231,8 @@ def _main(argv: list[str]) -> int:
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise the user cannot act on
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if not argv or argv[0] in ("-h", "--help", "help"):
+        if len(argv) > 1 and argv[1] in {v.name for v in VERBS}:  # `tuneforge help train`: that verb's help
+            return _main([argv[1], "--help"])
         print(_top_help())
         return 0
     if argv[0] in ("-V", "--version", "version"):

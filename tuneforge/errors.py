@@ -63,5 +63,8 @@ class ArgParser(argparse.ArgumentParser):
             for flag in (a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("--")):
                 match = closest(flag, known)
                 hints += [f"`{flag}`: did you mean `{match}`?"] if match else []
+        if "-h/--help: ignored explicit argument" in message:  # `-help`: argparse read it as -h with value `elp`
+            typed = "-h" + message.rsplit(" ", 1)[-1].strip("'")
+            message, hints = f"`{typed}` is not an option", ["For the help, write `--help` (two dashes) or `-h`."]
         hint = (" " + " ".join(hints)) if hints else ""
         self.exit(2, f"{self.prog}: error: {message}.{hint} (`{self.prog} --help` lists every option)\n")

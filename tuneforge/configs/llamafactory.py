@@ -29,6 +29,7 @@ import yaml
 from tuneforge.configs.foreign import FOREIGN, NO_EQUIVALENT
 from tuneforge.configs.llamafactory_keys import LLAMAFACTORY_KEYS, training_argument_names
 from tuneforge.configs.typed import opt
+from tuneforge.configs.yaml_file import read_yaml_mapping
 from tuneforge.errors import ConfigError, UserError, closest
 
 # LLaMA-Factory key -> TuneForge dotted key, where the value carries over as it is
@@ -524,17 +525,30 @@ def render(conv: Conversion, source: str) -> str:
     return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
+def _write_whole(out: Path, text: str) -> None:
+    """Write `out` through a temp file beside it (a reader never sees half a config), creating missing parent
+    folders as `output_dir` is; a path that cannot be written is the user's to change, said without a traceback."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"Cannot write --out {out}: {blocking} is a file, not a folder. Pick another path.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as e:
+        if tmp.is_file():  # no half-written temp file left beside the user's files
+            tmp.unlink()
+        raise UserError(f"Cannot write --out {out}: {e.strerror or e}. Pick a file path in a folder you can "
+                        f"write to.") from None
+
+
 def convert_cli(args: ConvertArgs) -> int:
     from tuneforge.configs.schema import load_train_config
 
     path = Path(args.source)
-    if not path.is_file():
-        raise ConfigError(f"{args.source} does not exist. Pass a LLaMA-Factory training YAML, e.g. "
-                          f"examples/train_lora/llama3_lora_sft.yaml from the LLaMA-Factory repository.")
-    try:
-        lf = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{args.source} is not valid YAML: {e}") from e
+    lf = read_yaml_mapping(args.source, "LLaMA-Factory config", "examples/train_lora/llama3_lora_sft.yaml from the "
+                           "LLaMA-Factory repository")
     if isinstance(lf, dict) and ("method" in lf or isinstance(lf.get("training"), dict)
                                  or isinstance(lf.get("data"), dict)):
         raise UserError(f"{args.source} is already a TuneForge config (it has `method`, `training:` or `data:`): "
@@ -542,16 +556,16 @@ def convert_cli(args: ConvertArgs) -> int:
     if args.out is not None and Path(args.out).resolve() == path.resolve():
         raise UserError(f"--out {args.out} is the LLaMA-Factory config being converted: writing there would replace "
                         f"it. Write the TuneForge config to another file.")
+    if args.out is not None and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder; --out takes the file to write: e.g. "
+                        f"`--out {Path(args.out) / 'tuneforge.yaml'}`.")
     conv = convert(lf, path)
     text = render(conv, args.source)
     load_train_config(None, base=loadable(yaml.safe_load(text)))  # what we write must load; else it is our bug
     if args.out is None:
         print(text, end="")
         return 0
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    _write_whole(Path(args.out), text)
     print(f"wrote {args.out}; run it with `tuneforge train {args.out}`")
     for title, items in (("not carried over (no TuneForge equivalent)", conv.dropped),
                          ("differences to check", conv.notes)):

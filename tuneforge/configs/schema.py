@@ -22,6 +22,7 @@ import yaml
 from tuneforge.configs import typed
 from tuneforge.configs.rl import GRPOConfig, PPOConfig, rl_problems
 from tuneforge.configs.typed import apply_overrides, from_dict, opt, to_dict
+from tuneforge.configs.yaml_file import read_yaml_mapping
 from tuneforge.errors import ConfigError, did_you_mean
 
 STAGES = ("pt", "sft", "rm", "dpo", "kto", "coh", "ppo", "grpo")
@@ -281,15 +282,10 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, base
     """Read YAML (or `base`), apply `key=value` overrides, type-check everything, check combinations."""
     data: dict = copy.deepcopy(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Config file {path} does not exist. Pass a YAML file, e.g. examples/sft_lora_tiny.yaml.")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must contain a mapping of config keys at the top level.")
+        loaded = read_yaml_mapping(path, "Config file", "examples/sft_lora_tiny.yaml")
+        if not loaded and not overrides and not data:  # else `data.train is empty` blames one key of many
+            raise ConfigError(f"{path} is empty (no config keys, or only comments). Start from an example such as "
+                              f"examples/sft_lora_tiny.yaml and edit it.")
         data.update(loaded)
     own_keys = set(data)  # the file's (or base's) keys: foreign names typed as overrides do not make it foreign
     apply_overrides(data, overrides or [])

@@ -267,16 +267,33 @@ def _unread_list(key: str, text: str) -> str:
             f"argument: \"{key}=[{items}]\"; in a YAML file write them as a list.")
 
 
+def _no_equals_error(item: str) -> ConfigError:
+    """Why `item` (an override without `=`) is not one, in the words of the habit that most likely produced it."""
+    if item.lstrip("-") == "help":
+        return ConfigError("`help` is not an override: `--help` after the verb lists the options and every config "
+                           "key, e.g. `tuneforge train --help`.")
+    if item.startswith("-"):  # a Trainer / LLaMA-Factory habit: `--resume`, `--output_dir runs/x`
+        name = item.lstrip("-").replace("-", "_")
+        example = FLAG_HABITS.get(name, f"{name}=VALUE")
+        return ConfigError(f"`{item}` is a command-line flag; overrides are config keys written key=value after "
+                           f"the config file, e.g. `{example}`.")
+    if item.endswith((".yaml", ".yml")):  # `tuneforge train a.yaml b.yaml`: configs do not stack
+        return ConfigError(f"`{item}` looks like a second config file, but one config file is read: merge the "
+                           f"two into one file, or give its keys as key=value overrides after the first.")
+    if ":" in item:  # YAML's `key: value` typed on the command line
+        key, value = (part.strip() for part in item.split(":", 1))
+        return ConfigError(f"Override `{item}` has no `=`: on the command line write `{key}={value or 'VALUE'}`.")
+    return ConfigError(f"Override `{item}` has no `=`: overrides are written key=value after the config file, "
+                       f"e.g. `{item}=VALUE`.")
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=3` -> (['a', 'b'], 3). The value is read as YAML so lists, numbers and booleans work."""
     if "=" not in item:
-        if item.startswith("-"):  # a Trainer / LLaMA-Factory habit: `--resume`, `--output_dir runs/x`
-            name = item.lstrip("-").replace("-", "_")
-            example = FLAG_HABITS.get(name, f"{name}=VALUE")
-            raise ConfigError(f"`{item}` is a command-line flag; overrides are config keys written key=value after "
-                              f"the config file, e.g. `{example}`.")
-        raise ConfigError(f"Override `{item}` is not of the form key=value (for example `training.lr=1e-4`).")
+        raise _no_equals_error(item)
     key, raw = item.split("=", 1)
+    if key.startswith("-"):  # `--training.lr=1e-4`: a flag's dashes on a config key
+        raise ConfigError(f"`{item}`: overrides are config keys without dashes: write `{key.lstrip('-')}={raw}`.")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -284,16 +301,33 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _check_no_spaces_around_equals(overrides: list[str]) -> None:
+    """`training.lr = 1e-4` reaches us as three arguments (the shell splits at spaces): name the joined form
+    rather than complain that `training.lr` has no `=`."""
+    for i, item in enumerate(overrides[:-1]):
+        after = overrides[i + 1]
+        spaced_before = "=" not in item and after.startswith("=")
+        spaced_after = item.endswith("=") and "=" not in after
+        if spaced_before or spaced_after:
+            rest = overrides[i + 2] if spaced_before and after == "=" and i + 2 < len(overrides) else ""
+            joined = (item + after + rest).replace(" ", "")
+            raise ConfigError(f"Override `{' '.join(overrides[i:i + (3 if rest else 2)])}`: no spaces around `=` "
+                              f"(the shell splits the argument there). Write `{joined}`.")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    _check_no_spaces_around_equals(overrides)
     for item in overrides:
         path, value = parse_override(item)
         node = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], start=1):
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"Override `{item}`: `{part}` is not a section.")
+                key = ".".join(path[:depth])
+                raise ConfigError(f"Override `{item}`: `{key}` is a single value, not a section with keys under "
+                                  f"it. Set it as `{key}=VALUE`, or check the key's spelling in `--help`.")
             node = nxt
         node[path[-1]] = value
     return data

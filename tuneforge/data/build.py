@@ -27,6 +27,7 @@ dpo), one error names each file and what it holds instead of listing every row. 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import random
 import re
@@ -124,9 +125,27 @@ def open_registry(path: str | None, base_dir) -> Registry | None:
     if not path:
         return None
     found = find_local(path, base_dir)
-    if found is None or not found.is_file():
+    if found is not None and found.is_dir():  # LLaMA-Factory names the folder (dataset_dir); we want the file
+        inside = found / "dataset_info.json"
+        fix = (f"give the file inside it, {Path(path) / 'dataset_info.json'}" if inside.is_file()
+               else "give the dataset_info.json file itself")
+        raise DataError(f"The dataset registry (`data.registry`, or --registry of the data tools) is {path}, a "
+                        f"folder: {fix}.")
+    if found is None:
         raise DataError(f"`data.registry` is {path}: no such file. Point it at a dataset_info.json.")
     return Registry(found)
+
+
+def nearby_file_hint(path: str) -> str:
+    """' Did you mean `d/train.jsonl`?' for a missing data path whose folder holds a file of a close name (a typo,
+    a wrong extension), or a note that the folder itself is missing; '' when neither helps."""
+    wanted = Path(path).expanduser()
+    folder = wanted.parent
+    if not folder.is_dir():
+        return f" Its folder {folder} does not exist either." if str(folder) not in ("", ".") else ""
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    close = difflib.get_close_matches(wanted.name, names, n=1, cutoff=0.75)
+    return f" Did you mean `{folder / close[0] if str(folder) != '.' else close[0]}`?" if close else ""
 
 
 def find_local(path: str, base_dir) -> Path | None:
@@ -292,14 +311,15 @@ def read_source(spec, registry: Registry | None, base_dir) -> list:
         return read_local_spec(spec, local)
     if readers.looks_like_local_path(spec.path) or spec.path.startswith("builtin:") or looks_local(spec.path):
         where = f"the current folder, {Path.cwd()}{', or ' + str(base_dir) if base_dir else ''}"
-        hint = registry.suggestion(spec.path) if registry is not None else " (no `data.registry` is set)"
+        hint = (registry.suggestion(spec.path) if registry is not None else "") or nearby_file_hint(spec.path)
         raise DataError(f"Dataset {spec.path}: no such file or folder (relative paths are looked up in {where})."
-                        f"{hint}")
+                        f"{hint or ' Check the path, or set it relative to the folder you run tuneforge from.'}")
     try:
         return read_hub_or_cache(spec)
     except DataError as e:
-        if registry is None:
-            raise
+        if registry is None:  # a LLaMA-Factory name (alpaca_en_demo) without the dataset_info.json that lists it
+            raise DataError(f"{e} For a name listed in a dataset_info.json (LLaMA-Factory's data/dataset_info.json), "
+                            f"set `data.registry` to that file.") from e
         raise DataError(f"{e}{registry.hint(spec.path)}") from e
 
 
@@ -314,7 +334,7 @@ def read_hub_or_cache(spec) -> list:
         except DataError as e:
             raise DataError(f"Dataset {spec.path}: no such file or folder, and not a Hugging Face dataset in the "
                             f"local cache either: the hub is unreachable from here. Check the path (relative paths "
-                            f"start from the current folder) or add the name to the registry.") from e
+                            f"start from the current folder).") from e
 
 
 def read_local_spec(spec, local: Path) -> list:

@@ -146,8 +146,9 @@ def read_json(path: Path) -> Rows:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several JSON values one after another: JSON lines under a .json name
             return read_jsonl(path)
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}){_bytes_note(text)}. "
-                        f"Fix the file, or use JSON lines (one object per line) with a .jsonl name.") from e
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}){_bytes_note(text)}"
+                        f"{_trailing_comma_note(e)}. Fix the file, or use JSON lines (one object per line) with a "
+                        f".jsonl name.") from e
     if not isinstance(data, list):
         raise DataError(f"{path}: the top level must be a list of objects ([{{...}}, {{...}}]), got "
                         f"{type(data).__name__}. {_not_a_list_hint(data, path)}")
@@ -255,16 +256,47 @@ def iter_jsonl(path: Path):
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            empty = False
+            empty_before, empty = empty, False
             source = f"{path}:line {n}"
             try:
                 yield _row_or_bad(json.loads(line), source, "<line>", path)
             except json.JSONDecodeError as e:
+                if empty_before and line.lstrip().startswith("["):  # a pretty-printed JSON list under a .jsonl name
+                    yield from _json_list_in_jsonl(path)
+                    return
                 yield BadRow(source, "<line>", f"not valid JSON ({e.msg} at column {e.colno}){_bytes_note(line, n)}")
             except Exception as e:  # noqa: BLE001 - the row guard (see types.bad_row)
                 yield bad_row(e, source, "<line>")
     if empty:
         raise no_rows(path)
+
+
+def _trailing_comma_note(err: json.JSONDecodeError) -> str:
+    """'; a comma before `]` at line 3 ...' when the parser stopped at a closing bracket right after a comma (JSON,
+    unlike Python and JavaScript, allows no trailing comma); '' otherwise."""
+    text, at = err.doc, err.pos
+    before = text[:at].rstrip()
+    if at >= len(text) or text[at] not in "]}" or not before.endswith(","):
+        return ""
+    comma = len(before) - 1
+    line, column = before.count("\n") + 1, comma - before.rfind("\n")
+    return (f"; the comma at line {line}, column {column} comes right before `{text[at]}`: JSON allows no trailing "
+            f"comma, delete it")
+
+
+def _json_list_in_jsonl(path: Path) -> Rows:
+    """The records of a JSON list (`[` then one object over several lines) saved with a .jsonl name, as a .json file
+    would be read: line by line, every line of it was a bad row and nothing said why."""
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: starts with `[` like a JSON list, but is named .jsonl (one object per line) and is "
+                        f"not valid JSON either ({e.msg} at line {e.lineno}, column {e.colno}"
+                        f"{_trailing_comma_note(e)}). Fix the list and name "
+                        f"the file .json, or write one object per line.") from None
+    items = data if isinstance(data, list) else [data]
+    return [_row_or_bad(item, f"{path}:record {i}", "<record>", path) for i, item in enumerate(items, start=1)]
 
 
 def read_csv(path: Path) -> Rows:

@@ -99,8 +99,10 @@ class Registry:
             return str(self.path.parent / entry["file_name"])
         if entry.get("hf_hub_url"):
             return entry["hf_hub_url"]
+        close = difflib.get_close_matches("file_name", [k for k in entry if isinstance(k, str)], n=1, cutoff=0.7)
+        typo = f" It has `{close[0]}`: did you mean `file_name`?" if close else ""
         raise DataError(f"{where}: needs `file_name` (relative to the registry) or `hf_hub_url`; other sources "
-                        f"(ModelScope, scripts) are not supported.")
+                        f"(ModelScope, scripts) are not supported.{typo}")
 
 
 def _hub_split(entry: dict, split: str, where: str) -> str:

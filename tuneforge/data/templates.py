@@ -133,5 +133,7 @@ def _template_from_override(override: str) -> str:
     if path.is_file():
         return path.read_text(encoding="utf-8")
     hint = did_you_mean(override, BUILTIN_TEMPLATES) if not override.endswith(".jinja") else ""
-    raise ConfigError(f"`model.chat_template` is {override!r}: not a built-in template "
-                      f"({', '.join(BUILTIN_TEMPLATES)}) and not an existing .jinja file.{hint}")
+    raise ConfigError(f"`model.chat_template` (--chat-template) is {override!r}: not a built-in template "
+                      f"({', '.join(BUILTIN_TEMPLATES)}) and not an existing .jinja file (relative paths count from "
+                      f"the current folder, {Path.cwd()})."
+                      f"{hint or ' Give a built-in name or the path of a .jinja file.'}")

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from tuneforge.configs.schema import absolute_template_path
 from tuneforge.configs.typed import apply_overrides, from_dict, opt
+from tuneforge.configs.yaml_file import read_yaml_mapping
 from tuneforge.errors import ArgParser, ConfigError, UserError, did_you_mean
 
 
@@ -106,13 +105,7 @@ class EvalConfig:
 def load_eval_config(path: str | None, overrides: list[str], base: dict | None = None) -> EvalConfig:
     data: dict = copy.deepcopy(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Eval config {path} does not exist. Pass a YAML file, e.g. examples/eval/base_vs_quickstart.yaml.")
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of eval config keys at the top level.")
-        data.update(loaded)
+        data.update(read_yaml_mapping(path, "Eval config", "examples/eval/base_vs_quickstart.yaml"))
     cfg = from_dict(EvalConfig, apply_overrides(data, overrides))
     for entry in cfg.models:  # as training does: results.json and model.json record a path that works from anywhere
         entry.chat_template = absolute_template_path(entry.chat_template)

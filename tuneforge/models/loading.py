@@ -10,6 +10,7 @@ pickle weights (.bin/.pt/.pth) are refused unless `model.allow_pickle: true`, be
 
 from __future__ import annotations
 
+import difflib
 import functools
 import glob
 import os
@@ -103,8 +104,9 @@ def resolve_source(name_or_path: str) -> str:
         return str(path)
     if looks_local(name_or_path):
         raise UserError(f"Model folder {name_or_path} does not exist (relative paths count from the current folder, "
-                        f"{Path.cwd()}). Pass an existing Hugging Face folder (with config.json), a hub id like "
-                        f"Qwen/Qwen2.5-0.5B-Instruct, or builtin:smollm2-135m-instruct.")
+                        f"{Path.cwd()}).{_close_folder_hint(name_or_path)} Pass an existing Hugging Face folder "
+                        f"(with config.json), a hub id like Qwen/Qwen2.5-0.5B-Instruct, or "
+                        f"builtin:smollm2-135m-instruct.")
     return name_or_path
 
 
@@ -224,6 +226,18 @@ def _probe(host: str, port: int, timeout: float) -> bool:
         return False
 
 
+def _close_folder_hint(source: str) -> str:
+    """' Did you mean the folder `runs/tiny`?' for a model name one typo away from a folder next to where it points
+    (`runs/tyni`): such a name is otherwise taken for a hub id and blamed on the unreachable hub."""
+    wanted = Path(source).expanduser()
+    parent = wanted.parent
+    if not parent.is_dir():
+        return ""
+    folders = [p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    close = difflib.get_close_matches(wanted.name, folders, n=1, cutoff=0.75)
+    return f" Did you mean the folder `{parent / close[0] if str(parent) != '.' else close[0]}`?" if close else ""
+
+
 def _from_pretrained(fn, source: str, what: str, **kwargs):
     """Call a `from_pretrained`, turning the usual failures into one-paragraph UserErrors."""
     local = Path(source).is_dir()
@@ -236,9 +250,9 @@ def _from_pretrained(fn, source: str, what: str, **kwargs):
             raise UserError(f"Could not load the {what} from {source}: {e}") from e
         if kwargs.get("local_files_only"):
             raise UserError(f"`{source}` is not a local folder and the Hugging Face hub is unreachable from here "
-                            f"(and the model is not in the local hub cache). Download the model on a machine with "
-                            f"access and pass its local folder as `model.name_or_path` (or `--model`), or use "
-                            f"builtin:smollm2-135m-instruct.") from e
+                            f"(and the model is not in the local hub cache).{_close_folder_hint(source)} Download the "
+                            f"model on a machine with access and pass its local folder as `model.name_or_path` (or "
+                            f"`--model`), or use builtin:smollm2-135m-instruct.") from e
         hint = "" if kwargs.get("use_safetensors") is not True else (
             " If the repository has only pickle weights and you trust it, set `model.allow_pickle: true`.")
         raise UserError(f"Could not load the {what} `{source}` from the hub: {e}.{hint}") from e

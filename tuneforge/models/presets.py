@@ -187,6 +187,19 @@ def write_model(model, tokenizer, folder: Path, **save_kwargs) -> None:
     tok_config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _check_replaceable(out: Path) -> None:
+    """--force replaces a model folder, never a file or a folder of other things: a mistyped --out (the project
+    folder, a data folder) would otherwise be deleted whole, without a word."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a model folder; --force does not replace files. Pick another "
+                        f"--out folder.")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and "config.json" not in entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise UserError(f"--out {out} is not a model folder (no config.json; it holds {shown}), so --force will not "
+                        f"delete it. Pick another --out folder, or empty this one yourself.")
+
+
 def init_model(name: str, out: str | Path, seed: int = 0, hidden_size: int | None = None,
                layers: int | None = None, vocab_size: int = 1536, tie_embeddings: bool = False,
                force: bool = False) -> Path:
@@ -195,6 +208,7 @@ def init_model(name: str, out: str | Path, seed: int = 0, hidden_size: int | Non
 
     preset = get_preset(name)
     out = Path(out).expanduser()
+    _check_replaceable(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists. Choose another --out folder or pass --force to replace it.")
     if vocab_size < 300:
