@@ -226,3 +226,10 @@ def test_the_eval_config_reads_yaml_as_train_does(tmp_path):
         load_eval_config(str(twice), [])
     with pytest.raises(ConfigError, match="is a folder"):
         load_eval_config(str(tmp_path), [])
+
+
+def test_overrides_before_the_config_file_say_the_order(capsys):
+    # `tuneforge train training.lr=1e-4 run.yaml` said only "Usage: ..."
+    assert cli_main(["train", "training.lr=1e-4", "run.yaml", "method=lora"]) == 2
+    assert ("The config file comes first, then the overrides: `tuneforge train run.yaml training.lr=1e-4 "
+            "method=lora`") in capsys.readouterr().err

@@ -20,6 +20,10 @@ def run_config(cfg, log=print):
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        config = next((a for a in argv if a.endswith((".yaml", ".yml")) and "=" not in a), None)
+        if config is not None:  # `tuneforge train training.lr=1e-4 run.yaml`
+            rest = " ".join(a for a in argv if a != config)
+            raise UserError(f"The config file comes first, then the overrides: `tuneforge train {config} {rest}`.")
         raise UserError("Usage: tuneforge train CONFIG.yaml [key=value ...]; see `tuneforge train --help`.")
     cfg = load_train_config(argv[0], argv[1:])
     set_command(argv)

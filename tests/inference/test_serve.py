@@ -329,11 +329,31 @@ def test_serve_verb_binds_loopback_and_warns_when_open_without_key(tiny_llama_di
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and state.api_key is None
     assert "warning" not in capsys.readouterr().err
     monkeypatch.setenv("TUNEFORGE_API_KEY", "from-env")
-    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0"]) == 0
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0", "--port", "0"]) == 0
     assert calls[-1][0].api_key == "from-env" and "warning" not in capsys.readouterr().err
     monkeypatch.delenv("TUNEFORGE_API_KEY")
-    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0"]) == 0
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0", "--port", "0"]) == 0
     assert "without an API key" in capsys.readouterr().err
+
+
+def test_a_taken_or_impossible_port_is_refused_before_the_model_loads(tiny_llama_dir, monkeypatch, capsys):
+    # a taken port loaded the model, then ended in uvicorn's "[Errno 98]" (exit 3); --port 99999 in OverflowError
+    import socket
+
+    from tuneforge.cli import main as cli_main
+    from tuneforge.inference.serve import main as serve_main
+
+    monkeypatch.setattr(serve_main, "build_state", lambda args: pytest.fail("the model loaded"))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert cli_main(["serve", "--model", str(tiny_llama_dir), "--port", str(port)]) == 2
+    assert f"Port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--port", "99999"]) == 2
+    assert "--port 99999 is not a TCP port" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "no-such-host.invalid"]) == 2
+    assert "--host no-such-host.invalid is not an address" in capsys.readouterr().err
 
 
 def test_adapter_values_are_checked_after_loading(tiny_llama_dir, adapters):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,15 @@ def test_output_dir_that_is_a_file_is_a_clear_error(tiny_llama_dir, tmp_path):
     for out in (target, target / "sub"):
         with pytest.raises(UserError, match=r"is a file, not a folder"):
             train(tiny_llama_dir, out, *FAST)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder that takes no new folders")
+def test_an_output_dir_that_cannot_be_created_is_refused_before_the_model_loads(tiny_llama_dir, tmp_path):
+    # it ended in a FileNotFoundError traceback from the first mkdir, after loading the model
+    with pytest.raises(UserError, match=r"output_dir /proc/tfrun/run cannot be created: /proc takes no new folders"):
+        train(tiny_llama_dir, Path("/proc/tfrun/run"), *FAST)
+    train(tiny_llama_dir, tmp_path / "new" / "run", *FAST)  # where it can: created, and the probe removed
+    assert (tmp_path / "new" / "run").is_dir() and not list(tmp_path.glob(".tuneforge-probe-*"))
 
 
 def test_resume_and_overwrite_together_are_refused(tiny_llama_dir, tmp_path):

@@ -511,8 +511,9 @@ class Trainer:
         left = len(items) - self.order.per_epoch * width
         if left:
             noun = _item_noun(items)
-            self.say(f"note: {left} of the {len(items)} {noun} do not fill a global batch ({width} {noun}) and sit "
-                     f"out each epoch; each epoch's shuffle picks other ones")
+            fill, sit = ("does", "sits") if left == 1 else ("do", "sit")
+            self.say(f"note: {left} of the {len(items)} {noun} {fill} not fill a global batch ({width} {noun}) and "
+                     f"{sit} out each epoch; each epoch's shuffle picks other ones")
 
     def _say_settings_without_effect(self) -> None:
         """Settings this run's sizes make do nothing (or less than asked): said, as a silently ignored key reads as a

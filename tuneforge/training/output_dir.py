@@ -68,6 +68,8 @@ def check_output_dir(cfg) -> None:
         if p.exists() and not p.is_dir():
             raise UserError(f"output_dir {out}: {p} is a file, not a folder. Pick another `output_dir` (or move "
                             f"the file away).")
+    if not out.exists():
+        _check_creatable(out)
     entries = existing_entries(cfg, out)
     checkpoints = any(out.glob("checkpoint-*/trainer_state.json"))
     if entries and cfg.training.resume == "auto" and not checkpoints and _holds_final_model(out):
@@ -91,6 +93,20 @@ def check_output_dir(cfg) -> None:
     if model.exists() and model.resolve() == out.resolve():
         raise UserError(f"`model.name_or_path` is the output_dir {out} itself: `overwrite_output_dir` would delete "
                         f"the model this run starts from. Pick another `output_dir`.")
+
+
+def _check_creatable(out: Path) -> None:
+    """The folder `out` could be created: its nearest existing parent takes a new folder (a probe, removed at once).
+    Otherwise the run would fail after loading the model, in a traceback of the first mkdir."""
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    probe = parent / f".tuneforge-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise UserError(f"output_dir {out} cannot be created: {parent} takes no new folders "
+                        f"({(e.strerror or str(e)).lower()}). Pick an `output_dir` in a folder you can write "
+                        f"to.") from None
 
 
 def prepare_output_dir(cfg, log=print) -> Path:

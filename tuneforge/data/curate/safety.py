@@ -94,7 +94,8 @@ def safety_cli(args: SafetyArgs) -> int:
 
         return distill_cli(args)
     report = safety(args)
-    print(f"{report['prompts']} prompts, {report['responses']} responses -> {report['pairs']} pairs "
+    print(f"{counted(report['prompts'], 'prompt')}, {counted(report['responses'], 'response')} -> "
+          f"{counted(report['pairs'], 'pair')} "
           f"({report['by_difficulty']}) -> {report['out']}/pairs.jsonl")
     return 0
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -98,6 +99,27 @@ def build_state(args: ServeArgs):
                        tool_family=family, tool_families=families)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port out of range, a host that is not an address of this machine, or a port another program holds,
+    by binding it once as uvicorn will (SO_REUSEADDR, as uvicorn sets it)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port: give one from 1 to 65535 (e.g. 8000).")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host} is not an address of this machine ({e.strerror}): give an address such as "
+                        f"127.0.0.1 (this machine only) or 0.0.0.0 (every interface).") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            taken = e.errno == errno.EADDRINUSE
+            why = "is in use (another `tuneforge serve`?)" if taken else f"cannot be bound ({e.strerror})"
+            raise UserError(f"Port {port} on {host} {why}: stop what holds it, or pass another --port.") from None
+
+
 def serve_cli(args: ServeArgs) -> int:
     if args.backend == "vllm":
         from tuneforge.inference.serve.vllm import run_vllm
@@ -107,6 +129,7 @@ def serve_cli(args: ServeArgs) -> int:
 
     from tuneforge.inference.serve.app import create_app
 
+    check_port_free(args.host, args.port)  # before the model loads: a taken port is said at once, not a minute on
     state = build_state(args)
     if not is_loopback(args.host) and not state.api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
