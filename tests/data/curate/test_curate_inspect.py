@@ -4,6 +4,7 @@ training encoder produces; plus the `tuneforge data` CLI surface."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -98,6 +99,19 @@ def test_data_verb_help_and_errors(tmp_path, capsys):
     assert "No datasets given" in capsys.readouterr().err
     assert cli_main(["data", "inspect", "--data", "missing.jsonl", "--out", str(tmp_path)]) == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["inspect", "clean"])
+def test_an_out_folder_that_cannot_be_created_is_one_paragraph(tmp_path, capsys, verb):
+    # a FileNotFoundError traceback from mkdir (/proc takes no folders); a file on the way is named
+    write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "output": "a"}])
+    (tmp_path / "taken").write_text("x")
+    for out, why in (("/proc/tf-out", "cannot be created: no such file or directory"),
+                     (str(tmp_path / "taken" / "sub"), f"{tmp_path / 'taken'} is a file, not a folder")):
+        if out.startswith("/proc") and not os.path.isdir("/proc/self"):
+            continue
+        assert cli_main(["data", verb, "--data", str(tmp_path / "d.jsonl"), "--out", out]) == 2
+        assert why in capsys.readouterr().err
 
 
 def test_config_datasets_are_read_like_training(tmp_path):

@@ -231,7 +231,12 @@ def prepare_out(out: str, inputs: list[Path], names: list[str]) -> Path:
         target = (folder / name).resolve()
         if target in inputs:
             raise UserError(f"`--out {out}` would overwrite the input {target}. Write to another folder.")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only place, a file on the way, /proc: said, not a traceback
+        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e)).lower()
+        raise UserError(f"`--out {out}` cannot be created: {why}. Pick a folder you can write to.") from None
     return folder
 
 
