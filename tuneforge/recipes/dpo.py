@@ -62,6 +62,19 @@ class DPOStage(Stage):
                         label_smoothing=o.label_smoothing)
 
 
+def make_reference(model, cfg, runtime, keep_copy: bool = True) -> Reference:
+    """`Reference(model, keep_copy)`, except where the reference is a frozen copy (full, freeze, ...) of a model
+    sharded by FSDP, which cannot be deep-copied: there a second sharded model holds the starting weights."""
+    if runtime.engine != "fsdp" or not keep_copy:
+        return Reference(model, keep_copy)
+    own = Reference(model, keep_copy=False)  # no copy made: says whether this method needs one
+    if own.uses_adapters or own.initial is not None:
+        return Reference(model, keep_copy)
+    from tuneforge.training.distributed import sharded_frozen_copy
+
+    return Reference(sharded_frozen_copy(model, cfg, runtime), keep_copy=False)
+
+
 def run(cfg, log=print) -> TrainResult:
     runtime = setup_run(cfg, log)
     rows = read_data(cfg)
@@ -70,7 +83,7 @@ def run(cfg, log=print) -> TrainResult:
 
     reference = None
     if cfg.dpo.loss not in REFERENCE_FREE:  # made now, before any step (and before a resume loads weights)
-        reference = Reference(model, keep_copy=not cfg.dpo.precompute_reference)
+        reference = make_reference(model, cfg, runtime, keep_copy=not cfg.dpo.precompute_reference)
     stage = DPOStage(cfg.dpo, reference)
     trainer = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log)
     stage.reference_forwards = int(reference is not None and not cfg.dpo.precompute_reference)  # for the MFU

@@ -5,10 +5,12 @@
 Data: kto rows (a conversation and a boolean `label`), or preference pairs (chosen: desirable, rejected: not).
 Each micro-batch of B rows also carries B mismatched rows (row i's prompt with row i+1's reply, built by
 `collate_kto`): their policy/reference log-ratio estimates KL(pi || ref), KTO's reference point z0, averaged over
-all processes under DDP so that 1 and N processes compute the same z0. The mismatched rows carry no gradient (z0 is
-detached, as in the paper and TRL), so the policy runs them in a forward pass of their own without autograd (as TRL
-does): a joint pass would also run the backward through them, a third more work per step. The reference runs all 2B
-rows in one pass.
+all processes under DDP. Under torchrun every process collates the whole global micro-batch and keeps its own
+rows (`KTOTrainer`), so row i is mismatched with row i + 1 of the global micro-batch, as in one process with
+batch_size x processes: 1 and N processes compute the same z0 and loss curve. The mismatched rows carry no
+gradient (z0 is detached, as in the paper and TRL), so the policy runs them in a forward pass of their own without
+autograd (as TRL does): a joint pass would also run the backward through them, a third more work per step. The
+reference runs all 2B rows in one pass.
 
 The reference is live: an adapter method runs the same model with its adapters off; other methods keep a frozen
 copy. The loss (tuneforge/losses/preference.py, `kto_loss`) weighs desirable and undesirable rows by
@@ -22,6 +24,8 @@ import torch
 from tuneforge.data.encode_align import kto_balance
 from tuneforge.data.types import IGNORE_INDEX
 from tuneforge.losses import kto_loss
+from tuneforge.recipes.dpo import make_reference
+from tuneforge.training.flops import fed_counts
 from tuneforge.training.loop import Stage, Trainer, TrainResult
 from tuneforge.training.reference import Reference, response_logps
 from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
@@ -94,6 +98,51 @@ def split_mismatched(batch: dict, n: int) -> tuple[dict, dict]:
     return rows, mismatched
 
 
+class KTOTrainer(Trainer):
+    """Under torchrun, each rank collates the whole global micro-batch and keeps its own rows: the mismatched rows
+    then pair across process boundaries exactly as one process with batch_size x processes pairs them (collated per
+    rank, row i met row i + 1 of its own share only, and 2 x 2 drifted from 1 x 4 once z0 was above 0)."""
+
+    def _micro_batches(self) -> list[tuple[dict, int]]:
+        if not self.rt.distributed:
+            return super()._micro_batches()
+        out, size, rank = [], self.t.batch_size, self.rt.rank
+        for _ in range(self.t.grad_accum):
+            whole = [self.train_items[i] for i in self._global_indices(self.position)]
+            self.position += 1
+            batch = own_rows(self.collate(whole), rank * size, size, len(whole))
+            out.append(({k: v.to(self.rt.device) for k, v in batch.items()}, fed_counts(whole[rank * size:][:size])))
+        return out
+
+    def _global_indices(self, position: int) -> list[int]:
+        """Every rank's indices of micro-batch `position`, in rank order (the global micro-batch)."""
+        order, mine, found = self.order, self.order.rank, []
+        try:
+            for rank in range(self.rt.world_size):
+                order.rank = rank  # the same DataOrder: its cached epoch order serves every rank
+                found += order.indices(position)
+        finally:
+            order.rank = mine
+        return found
+
+
+def own_rows(batch: dict, first: int, size: int, total: int) -> dict:
+    """Rows first..first+size of a KTO batch collated from all `total` rows: padded batches by row; a padding-free row
+    by its sequences (the conversations, then the mismatched ones), renumbered from 0 as `collate_kto_padding_free`
+    numbers them."""
+    if "sequence_ids" not in batch:
+        return {k: v[first:first + size] if v.shape[0] == total else v for k, v in batch.items()}
+    ids = batch["sequence_ids"][0]
+    conversation = (ids >= first) & (ids < first + size)
+    mismatched = (ids >= total + first) & (ids < total + first + size)
+    keep = conversation | mismatched
+    out = {k: v[:, keep] for k, v in batch.items() if k not in ("sequence_ids", "kto_label")}
+    renumbered = torch.where(conversation, ids - first, ids - total - first + size)
+    out["sequence_ids"] = renumbered[keep].unsqueeze(0)
+    out["kto_label"] = batch["kto_label"][first:first + size]
+    return out
+
+
 def run(cfg, log=print) -> TrainResult:
     runtime = setup_run(cfg, log)
     rows = read_data(cfg)
@@ -102,9 +151,9 @@ def run(cfg, log=print) -> TrainResult:
     if runtime.is_main:
         for line in kto_balance(train, cfg.kto.desirable_weight, cfg.kto.undesirable_weight):
             log(f"data: {line}")
-    reference = Reference(model)  # made now, before any step (and before a resume loads weights)
+    reference = make_reference(model, cfg, runtime)  # made now, before any step (and before a resume loads weights)
     stage = KTOStage(cfg.kto, reference, runtime)
-    result = Trainer(cfg, runtime, model, method, train, evals, collate, stage, log).train()
+    result = KTOTrainer(cfg, runtime, model, method, train, evals, collate, stage, log).train()
     if result.finished:
         save_final(cfg, model, method, tokenizer, runtime)
         if runtime.is_main:

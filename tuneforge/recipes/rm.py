@@ -75,25 +75,41 @@ def run(cfg, log=print) -> TrainResult:
     result = Trainer(cfg, runtime, model, method, train, evals, collate, RewardStage(cfg.rm.margin), log).train()
     if not result.finished:
         return result
-    if runtime.is_main and evals:
+    sharded = runtime.engine in SHARDED_ENGINES
+    if evals and (runtime.is_main or sharded):  # a sharded model's forward gathers its weights: every rank runs it
         accuracy = pairwise_accuracy(unwrap(model), evals, collate, cfg.training.batch_size, runtime.device)
-        log(f"eval pairwise accuracy {accuracy:.3f} on {len(evals)} pairs")
-        record_metric(Path(cfg.output_dir) / "metrics.jsonl", result.steps, "eval_pairwise_accuracy", accuracy)
+        if runtime.is_main:
+            log(f"eval pairwise accuracy {accuracy:.3f} on {len(evals)} pairs")
+            record_metric(Path(cfg.output_dir) / "metrics.jsonl", result.steps, "eval_pairwise_accuracy", accuracy)
     last_ids = {side.input_ids[-1] for pair in train + evals for side in (pair.chosen, pair.rejected)}
     pad_id = pick_pad_token(tokenizer, last_ids)
     if pad_id is None:
         raise ConfigError("Every special token of this tokenizer ends some training text, so no pad token keeps "
                           "transformers' sequence-classification pooling (last token that is not pad) right.")
+    trained = gathered_reward_model(cfg, runtime, model) if sharded else unwrap(model)
 
     def write(folder):
-        rm = unwrap(model)
         if method.saves_adapter:
-            method.save(rm.lm, folder / "adapter")  # the adapter kept beside the merged model
+            method.save(trained.lm, folder / "adapter")  # the adapter kept beside the merged model
             record_base(folder / "adapter", cfg.model.name_or_path)
-        lm = method.merge(rm.lm)
-        save_reward_model(transformer_of(lm), rm.score, lm.config, tokenizer, folder, pad_id)
+        lm = method.merge(trained.lm)
+        save_reward_model(transformer_of(lm), trained.score, lm.config, tokenizer, folder, pad_id)
 
     save_final(cfg, model, method, tokenizer, runtime, write=write)
     if runtime.is_main:
         log(done_line(result, cfg.output_dir, "reward model saved to"))
     return result
+
+
+SHARDED_ENGINES = ("fsdp", "deepspeed")  # each rank holds a shard of the weights (ZeRO-2: fp32 masters in shards)
+
+
+def gathered_reward_model(cfg, runtime, model) -> RewardModel | None:
+    """The trained reward model gathered into a plain copy on rank 0 (None elsewhere; a collective, every rank
+    calls it): the sharded model's own tensors are shards, which the folder writer cannot save (FSDP failed in
+    safetensors with "invalid python storage")."""
+    from tuneforge.training.distributed import build_strategy
+    from tuneforge.training.setup import build_model
+
+    return build_strategy(cfg, runtime).export_model(
+        model, lambda: build_model(cfg, runtime, torch.device("cpu"), RewardModel)[0])

@@ -223,6 +223,8 @@ def build_strategy(cfg, runtime: Runtime) -> Strategy:
     t = cfg.training
     engine = runtime.engine
     if engine == "fsdp":
+        if runtime.world_size > 1:  # in one process rank 0 holds every shard
+            check_eval_suite_unsharded(t)
         return FSDPStrategy(cpu_offload=t.fsdp_cpu_offload)
     if engine == "deepspeed":
         from tuneforge.training.deepspeed_zero import DeepSpeedStrategy
@@ -232,6 +234,16 @@ def build_strategy(cfg, runtime: Runtime) -> Strategy:
     if runtime.dtype == torch.float16:
         strategy.scaler = torch.amp.GradScaler(runtime.device.type)
     return strategy
+
+
+def check_eval_suite_unsharded(t) -> None:
+    """training.eval_suite runs on rank 0 alone (the others wait at a barrier): with FSDP each forward of rank 0
+    gathers the weight shards from every rank, which never join, and the run hung at the first eval step."""
+    if t.eval_suite:
+        raise UserError("training.eval_suite runs on the first process alone, which cannot run a model sharded with "
+                        "training.distributed=fsdp (the run would hang at the first eval step). Use "
+                        "`training.distributed=ddp` with the eval suite, or drop `training.eval_suite` and score the "
+                        "checkpoints or the final model with `tuneforge eval`.")
 
 
 def check_method_supported(engine: str, method_name: str) -> None:
@@ -270,3 +282,17 @@ def shared_temp_name(final: Path, runtime: Runtime) -> Path:
     if runtime.distributed:
         dist.broadcast_object_list(names, src=0)
     return final.with_name(names[0])
+
+
+def sharded_frozen_copy(model, cfg, runtime: Runtime):
+    """A frozen copy of an FSDP-sharded model with its current weights (FSDP2 refuses `copy.deepcopy`: DPO's and
+    KTO's reference for full/freeze crashed with "FSDP does not support deepcopy"): a second model built as
+    training built it, sharded the same way, then given the model's own shards (same placements: no gathering)."""
+    from tuneforge.training.setup import build_model
+
+    plain = build_model(cfg, runtime, runtime.device, getattr(model, "tuneforge_extend", None))[0]
+    frozen = FSDPStrategy().wrap(plain, runtime)
+    with torch.no_grad():
+        frozen.load_state_dict(model.state_dict())
+    frozen.requires_grad_(False)
+    return frozen.eval()

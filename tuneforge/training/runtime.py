@@ -104,8 +104,22 @@ def setup_runtime(device: str, precision: str, distributed: str = "auto") -> Run
         else:  # one process started without torchrun
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                     world_size=1)
+    if rank != 0:
+        quiet_progress_bars()
     dtype = DTYPES[resolve_precision(precision, dev)]
     return Runtime(device=dev, dtype=dtype, rank=rank, world_size=world_size, local_rank=local_rank, engine=engine)
+
+
+def quiet_progress_bars() -> None:
+    """On ranks other than 0: transformers' and the Hub's progress bars (`Loading weights`, downloads) off, as every
+    rank loads the same model and a torchrun log showed each bar once per process; rank 0's bars still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def free_port() -> int:
