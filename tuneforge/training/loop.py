@@ -386,11 +386,14 @@ class Trainer:
             return None
         self.model.eval()
         mine = self.eval_items[self.rt.rank::self.rt.world_size]
+        batches = [mine[start:start + self.t.batch_size] for start in range(0, len(mine), self.t.batch_size)]
         total, extra = torch.zeros(2, device=self.rt.device, dtype=torch.float64), StepMetrics()
-        for start in range(0, len(mine), self.t.batch_size):
-            batch = {k: v.to(self.rt.device) for k, v in self.collate(mine[start:start + self.t.batch_size]).items()}
+        for i, items in enumerate(batches + self._eval_fillers(batches)):
+            batch = {k: v.to(self.rt.device) for k, v in self.collate(items).items()}
             with self.rt.autocast(), self.matmuls():
                 loss_sum, metrics = self.stage.loss(self.model, batch)
+            if i >= len(batches):  # a filler: run for the other ranks' sake, counted nowhere
+                continue
             total += torch.tensor([loss_sum.item(), self.stage.targets(batch)], device=self.rt.device,
                                   dtype=torch.float64)
             extra.add(metrics)
@@ -401,6 +404,16 @@ class Trainer:
             if len(self.eval_items) >= self.rt.world_size else {}
         self.model.train()
         return float(total[0] / max(total[1], 1))
+
+    def _eval_fillers(self, batches: list[list]) -> list[list]:
+        """Batches a rank runs and discards so that every rank runs as many eval forwards as rank 0 (which holds the
+        most: items are dealt rank by rank). Only sharded engines need them: each forward of an FSDP (or ZeRO-3)
+        model gathers weight shards from every rank, and a held-out set that did not split evenly hung the run."""
+        if self.rt.world_size == 1 or self.rt.engine not in ("fsdp", "deepspeed"):
+            return []
+        most = math.ceil(math.ceil(len(self.eval_items) / self.rt.world_size) / self.t.batch_size)
+        filler = batches[-1] if batches else self.eval_items[:1]
+        return [filler] * (most - len(batches))
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _state(self, history: list[dict]) -> dict:
