@@ -91,8 +91,8 @@ def test_fsdp_lora_resumes_exactly_and_exports_a_peft_adapter(tiny_qwen2_dir, tm
 
 @pytest.mark.slow
 def test_two_nodes_on_one_machine_match_two_processes(tiny_llama_dir, tmp_path):
-    """Multi-node as on a cluster: two torchrun launchers (node rank 0 and 1, 1 process each) meet at a rendezvous
-    endpoint; the run equals 1 process x batch 4."""
+    """Multi-node as on a cluster: two torchrun launchers (1 process each) meet at a c10d rendezvous endpoint, which
+    numbers the nodes; the run equals 1 process x batch 4."""
     one, nodes = tmp_path / "one", tmp_path / "nodes"
     train(tiny_llama_dir, one, *COMMON, "method=full", "training.batch_size=4")
     script = tmp_path / "run.py"
@@ -100,11 +100,11 @@ def test_two_nodes_on_one_machine_match_two_processes(tiny_llama_dir, tmp_path):
     args = [str(ROOT / "examples" / "sft_lora_tiny.yaml"), f"model.name_or_path={tiny_llama_dir}", *COMMON,
             f"output_dir={nodes}", "method=full", "training.batch_size=2", "training.distributed=fsdp"]
     endpoint_port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2",  # as README: no --node-rank
                                "--nproc-per-node=1", "--rdzv-backend=c10d",
                                f"--rdzv-endpoint=127.0.0.1:{endpoint_port}",
                                "--rdzv-id=tuneforge-test", str(script), *args], env=ENV, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert losses(one) == pytest.approx(losses(nodes), abs=1e-5)

@@ -40,7 +40,8 @@ def pooled_scores(transformer, score: torch.nn.Linear, input_ids, attention_mask
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
     else:  # each sequence ends where the next begins
         last = hidden[0, torch.bincount(sequence_ids[0]).cumsum(0) - 1]
-    return score(last.to(score.weight.dtype)).squeeze(-1).float()
+    # a fresh tensor, not a view of the head's output: FSDP warns once per rank about a module returning a view
+    return score(last.to(score.weight.dtype))[:, 0].float().contiguous().clone()
 
 
 class RewardModel(torch.nn.Module):
