@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,22 @@ from tuneforge.train import run_config
 cfg = load_train_config(sys.argv[1], sys.argv[2:])
 run_config(cfg, log=lambda _: None)
 """
+
+
+def run_in_own_group(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a training command (torchrun and its workers, or one process) in a session of its own, stdout and stderr
+    together; past `timeout` kill the whole group and fail. subprocess.run's timeout kills only torchrun, leaving its
+    workers spinning for the rest of the suite, and a hang is what the distributed tests are there to catch."""
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"still running after {timeout} s (killed with its workers): {' '.join(args[:4])} ...\n"
+                    f"{out[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out)
 
 
 def test_two_cpu_processes_match_one(tiny_llama_dir, tmp_path):

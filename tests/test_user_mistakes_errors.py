@@ -146,6 +146,11 @@ def test_a_json_list_saved_as_jsonl_is_read_as_the_list(tmp_path):
     path.write_text(json.dumps([ALPACA, ALPACA], indent=2), encoding="utf-8")
     rows = read_jsonl(path)
     assert [row.data for row in rows] == [ALPACA, ALPACA]
+    path.write_text(json.dumps([ALPACA, ALPACA]) + "\n", encoding="utf-8")  # the list on one line
+    assert [row.data for row in read_jsonl(path)] == [ALPACA, ALPACA]
+    path.write_text("[\n]\n", encoding="utf-8")  # an empty list: no rows, said as for any empty file
+    with pytest.raises(DataError, match="no data rows"):
+        read_jsonl(path)
 
 
 @pytest.mark.parametrize("name", ["rows.json", "rows.jsonl"])
@@ -233,3 +238,5 @@ def test_overrides_before_the_config_file_say_the_order(capsys):
     assert cli_main(["train", "training.lr=1e-4", "run.yaml", "method=lora"]) == 2
     assert ("The config file comes first, then the overrides: `tuneforge train run.yaml training.lr=1e-4 "
             "method=lora`") in capsys.readouterr().err
+    assert cli_main(["train", "--resume", "run.yaml"]) == 2  # no suggestion that would fail on the flag next
+    assert "`--resume` is a command-line flag" in capsys.readouterr().err

@@ -321,6 +321,7 @@ def test_serve_verb_binds_loopback_and_warns_when_open_without_key(tiny_llama_di
     import uvicorn
 
     from tuneforge.cli import main as cli_main
+    from tuneforge.training.runtime import free_port
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app.state.tf, kw)))
@@ -329,10 +330,10 @@ def test_serve_verb_binds_loopback_and_warns_when_open_without_key(tiny_llama_di
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and state.api_key is None
     assert "warning" not in capsys.readouterr().err
     monkeypatch.setenv("TUNEFORGE_API_KEY", "from-env")
-    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0", "--port", "0"]) == 0
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0", "--port", str(free_port())]) == 0
     assert calls[-1][0].api_key == "from-env" and "warning" not in capsys.readouterr().err
     monkeypatch.delenv("TUNEFORGE_API_KEY")
-    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0", "--port", "0"]) == 0
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "0.0.0.0", "--port", str(free_port())]) == 0
     assert "without an API key" in capsys.readouterr().err
 
 
@@ -352,6 +353,13 @@ def test_a_taken_or_impossible_port_is_refused_before_the_model_loads(tiny_llama
     assert f"Port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(tiny_llama_dir), "--port", "99999"]) == 2
     assert "--port 99999 is not a TCP port" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(tiny_llama_dir), "--port", "0"]) == 2
+    assert "--port 0 is not a TCP port" in capsys.readouterr().err
+
+    def no_such_host(host, *args, **kwargs):  # as a resolver answers, without waiting on one
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(serve_main.socket, "getaddrinfo", no_such_host)
     assert cli_main(["serve", "--model", str(tiny_llama_dir), "--host", "no-such-host.invalid"]) == 2
     assert "--host no-such-host.invalid is not an address" in capsys.readouterr().err
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.test_training import DDP_SCRIPT, ROOT
+from tests.test_training import DDP_SCRIPT, ROOT, run_in_own_group
 from tuneforge.training.metrics import read_metrics
 from tuneforge.training.runtime import free_port
 
@@ -32,12 +31,12 @@ def test_fsdp_evaluates_an_uneven_held_out_set_as_one_process(tiny_llama_dir, tm
               "training.save_steps=0", "training.progress_bar=false", "training.plot_loss=false",
               "training.device=cpu", "training.precision=fp32", "training.batch_size=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
-                    "training.batch_size=4"], check=True, env=env, cwd=ROOT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(script), *common, f"output_dir={tmp_path / 'fsdp'}",
-                           "training.distributed=fsdp"],
-                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    done = run_in_own_group([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
+            "training.batch_size=4"], env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    done = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            f"--master_port={free_port()}", str(script), *common, f"output_dir={tmp_path / 'fsdp'}",
+            "training.distributed=fsdp"], env)
     assert done.returncode == 0, done.stdout[-3000:]
     one, fsdp = _eval_losses(tmp_path / "one"), _eval_losses(tmp_path / "fsdp")
     assert len(one) == len(fsdp) >= 2 and fsdp == pytest.approx(one, abs=1e-5)

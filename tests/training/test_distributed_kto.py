@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_training import DDP_SCRIPT, ROOT, losses
+from tests.test_training import DDP_SCRIPT, ROOT, losses, run_in_own_group
 from tuneforge.data.collate import collate_kto, collate_kto_padding_free
 from tuneforge.data.types import IGNORE_INDEX, EncodedKTO
 from tuneforge.training.metrics import read_metrics
@@ -66,11 +65,13 @@ def test_kto_two_processes_match_one_with_the_kl_point_above_zero(tiny_qwen2_dir
               "training.save_steps=0", "training.device=cpu", "training.precision=fp32",
               f"training.padding_free={padding_free}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}", "training.batch_size=4"],
-                   check=True, env=env, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                    str(script), *common, f"output_dir={tmp_path / 'two'}", "training.batch_size=2"],
-                   check=True, env=env, cwd=ROOT)
+    done = run_in_own_group([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
+            "training.batch_size=4"], env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    done = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            f"--master_port={free_port()}", str(script), *common, f"output_dir={tmp_path / 'two'}",
+            "training.batch_size=2"], env)
+    assert done.returncode == 0, done.stdout[-3000:]
     assert max(r["kl"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "kl" in r) > 0.1
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
     kl = [[r["kl"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "kl" in r] for run in ("one", "two")]

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.test_training import DDP_SCRIPT, ROOT, losses
+from tests.test_training import DDP_SCRIPT, ROOT, losses, run_in_own_group
 from tuneforge.training.runtime import free_port
 
 
@@ -23,12 +22,12 @@ def test_full_fine_tune_reference_under_fsdp_matches_one_process(tiny_qwen2_dir,
               "training.max_steps=3", "data.eval=[]", "training.progress_bar=false", "training.plot_loss=false",
               "training.eval_steps=0", "training.save_steps=0", "training.device=cpu", "training.precision=fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}", "training.batch_size=4"],
-                   check=True, env=env, cwd=ROOT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(script), *common, f"output_dir={tmp_path / 'fsdp'}",
-                           "training.batch_size=2", "training.distributed=fsdp"],
-                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    done = run_in_own_group([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
+            "training.batch_size=4"], env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    done = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            f"--master_port={free_port()}", str(script), *common, f"output_dir={tmp_path / 'fsdp'}",
+            "training.batch_size=2", "training.distributed=fsdp"], env)
     assert done.returncode == 0, done.stdout[-3000:]
     one, sharded = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     if example == "dpo_tiny.yaml":  # the reference is the starting policy: DPO's first loss is ln 2

@@ -259,7 +259,11 @@ def iter_jsonl(path: Path):
             empty_before, empty = empty, False
             source = f"{path}:line {n}"
             try:
-                yield _row_or_bad(json.loads(line), source, "<line>", path)
+                value = json.loads(line)
+                if empty_before and isinstance(value, list):  # a one-line JSON list under a .jsonl name
+                    yield from _json_list_in_jsonl(path)
+                    return
+                yield _row_or_bad(value, source, "<line>", path)
             except json.JSONDecodeError as e:
                 if empty_before and line.lstrip().startswith("["):  # a pretty-printed JSON list under a .jsonl name
                     yield from _json_list_in_jsonl(path)
@@ -296,6 +300,8 @@ def _json_list_in_jsonl(path: Path) -> Rows:
                         f"{_trailing_comma_note(e)}). Fix the list and name "
                         f"the file .json, or write one object per line.") from None
     items = data if isinstance(data, list) else [data]
+    if not items:
+        raise no_rows(path)
     return [_row_or_bad(item, f"{path}:record {i}", "<record>", path) for i, item in enumerate(items, start=1)]
 
 

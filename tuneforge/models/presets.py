@@ -208,7 +208,8 @@ def init_model(name: str, out: str | Path, seed: int = 0, hidden_size: int | Non
 
     preset = get_preset(name)
     out = Path(out).expanduser()
-    _check_replaceable(out)
+    if force:
+        _check_replaceable(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists. Choose another --out folder or pass --force to replace it.")
     if vocab_size < 300:

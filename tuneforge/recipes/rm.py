@@ -67,6 +67,9 @@ def pairwise_accuracy(model, items: list, collate, batch_size: int, device) -> f
     return wins / max(len(items), 1)
 
 
+SHARDED_ENGINES = ("fsdp", "deepspeed")  # each rank holds a shard of the weights (ZeRO-2: fp32 masters in shards)
+
+
 def run(cfg, log=print) -> TrainResult:
     runtime = setup_run(cfg, log)
     rows = read_data(cfg)
@@ -86,9 +89,8 @@ def run(cfg, log=print) -> TrainResult:
     if pad_id is None:
         raise ConfigError("Every special token of this tokenizer ends some training text, so no pad token keeps "
                           "transformers' sequence-classification pooling (last token that is not pad) right.")
-    trained = gathered_reward_model(cfg, runtime, model) if sharded else unwrap(model)
 
-    def write(folder):
+    def write(folder, trained: RewardModel):  # `trained`: gathered to this process when the model is sharded
         if method.saves_adapter:
             method.save(trained.lm, folder / "adapter")  # the adapter kept beside the merged model
             record_base(folder / "adapter", cfg.model.name_or_path)
@@ -99,17 +101,3 @@ def run(cfg, log=print) -> TrainResult:
     if runtime.is_main:
         log(done_line(result, cfg.output_dir, "reward model saved to"))
     return result
-
-
-SHARDED_ENGINES = ("fsdp", "deepspeed")  # each rank holds a shard of the weights (ZeRO-2: fp32 masters in shards)
-
-
-def gathered_reward_model(cfg, runtime, model) -> RewardModel | None:
-    """The trained reward model gathered into a plain copy on rank 0 (None elsewhere; a collective, every rank
-    calls it): the sharded model's own tensors are shards, which the folder writer cannot save (FSDP failed in
-    safetensors with "invalid python storage")."""
-    from tuneforge.training.distributed import build_strategy
-    from tuneforge.training.setup import build_model
-
-    return build_strategy(cfg, runtime).export_model(
-        model, lambda: build_model(cfg, runtime, torch.device("cpu"), RewardModel)[0])

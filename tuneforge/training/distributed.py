@@ -223,8 +223,6 @@ def build_strategy(cfg, runtime: Runtime) -> Strategy:
     t = cfg.training
     engine = runtime.engine
     if engine == "fsdp":
-        if runtime.world_size > 1:  # in one process rank 0 holds every shard
-            check_eval_suite_unsharded(t)
         return FSDPStrategy(cpu_offload=t.fsdp_cpu_offload)
     if engine == "deepspeed":
         from tuneforge.training.deepspeed_zero import DeepSpeedStrategy
@@ -236,14 +234,33 @@ def build_strategy(cfg, runtime: Runtime) -> Strategy:
     return strategy
 
 
-def check_eval_suite_unsharded(t) -> None:
-    """training.eval_suite runs on rank 0 alone (the others wait at a barrier): with FSDP each forward of rank 0
-    gathers the weight shards from every rank, which never join, and the run hung at the first eval step."""
-    if t.eval_suite:
-        raise UserError("training.eval_suite runs on the first process alone, which cannot run a model sharded with "
-                        "training.distributed=fsdp (the run would hang at the first eval step). Use "
-                        "`training.distributed=ddp` with the eval suite, or drop `training.eval_suite` and score the "
-                        "checkpoints or the final model with `tuneforge eval`.")
+def check_eval_suite_unsharded(t, runtime: Runtime) -> None:
+    """training.eval_suite runs on rank 0 alone (the others wait at a barrier): with FSDP or ZeRO-3 each forward of
+    rank 0 gathers the weight shards from every rank, which never join, and the run hung at the first eval step. In
+    one process rank 0 holds every shard. Called before the model loads."""
+    if not t.eval_suite or runtime.world_size == 1:
+        return
+    zero3 = False
+    if runtime.engine == "deepspeed":
+        from tuneforge.training.deepspeed_zero import zero_setting
+
+        setting = zero_setting(t)
+        zero3 = setting == "3" or (not setting.isdigit() and _json_zero_stage(setting) == 3)
+    if runtime.engine == "fsdp" or zero3:
+        engine = "fsdp" if runtime.engine == "fsdp" else "deepspeed with ZeRO-3"
+        raise UserError(f"training.eval_suite runs on the first process alone, which cannot run a model sharded with "
+                        f"training.distributed={engine} (the run would hang at the first eval step). Use "
+                        f"`training.distributed=ddp` (or ZeRO-2) with the eval suite, or drop `training.eval_suite` "
+                        f"and score the checkpoints or the final model with `tuneforge eval`.")
+
+
+def _json_zero_stage(path: str) -> int | None:
+    """zero_optimization.stage of a user's DeepSpeed JSON, None where it cannot be read (said later, when loaded)."""
+    try:
+        stage = json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, int) else None
 
 
 def check_method_supported(engine: str, method_name: str) -> None:
@@ -291,7 +308,7 @@ def sharded_frozen_copy(model, cfg, runtime: Runtime):
     from tuneforge.training.setup import build_model
 
     plain = build_model(cfg, runtime, runtime.device, getattr(model, "tuneforge_extend", None))[0]
-    frozen = FSDPStrategy().wrap(plain, runtime)
+    frozen = FSDPStrategy(cpu_offload=cfg.training.fsdp_cpu_offload).wrap(plain, runtime)  # as the policy's
     with torch.no_grad():
         frozen.load_state_dict(model.state_dict())
     frozen.requires_grad_(False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from tuneforge.errors import UserError
@@ -99,10 +100,8 @@ def _check_creatable(out: Path) -> None:
     """The folder `out` could be created: its nearest existing parent takes a new folder (a probe, removed at once).
     Otherwise the run would fail after loading the model, in a traceback of the first mkdir."""
     parent = next((p for p in out.parents if p.exists()), Path("."))
-    probe = parent / f".tuneforge-probe-{os.getpid()}"
-    try:
-        probe.mkdir()
-        probe.rmdir()
+    try:  # a unique name: ranks on other nodes of a shared file system may have the same pid
+        Path(tempfile.mkdtemp(prefix=".tuneforge-probe-", dir=parent)).rmdir()
     except OSError as e:
         raise UserError(f"output_dir {out} cannot be created: {parent} takes no new folders "
                         f"({(e.strerror or str(e)).lower()}). Pick an `output_dir` in a folder you can write "

@@ -37,7 +37,9 @@ def setup_run(cfg: TrainConfig, log=print) -> Runtime:
     check_output_dir(cfg)
     if cfg.training.eval_suite:  # its task files before the model loads, not at the first eval step
         from tuneforge.eval.during_training import check_suite_files
+        from tuneforge.training.distributed import check_eval_suite_unsharded
 
+        check_eval_suite_unsharded(cfg.training, runtime)
         check_suite_files(cfg.training.eval_suite)
     resume_from = find_resume(cfg.training.resume, Path(cfg.output_dir))
     if resume_from is not None:  # settings now, before a long model load; the data is compared once encoded
@@ -211,8 +213,9 @@ def setup_data(cfg: TrainConfig, tokenizer, stage: str, runtime: Runtime, log=pr
 
 def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runtime, write=None) -> Path | None:
     """The method's export (HF model folder or PEFT adapter) plus the tokenizer, written into output_dir file by
-    file through a temp folder so a crash never leaves a half-written model. `write(folder)`: a stage's own export
-    instead (rm: a sequence-classification model). A sharded model (FSDP) is gathered to rank 0 first."""
+    file through a temp folder so a crash never leaves a half-written model. `write(folder, plain)`: a stage's own
+    export instead (rm: a sequence-classification model), of `plain`, the model gathered to rank 0 first when it is
+    sharded (FSDP, ZeRO)."""
     from tuneforge.training.distributed import build_strategy
 
     # A first Ctrl-C / SIGTERM waits for the save (the run is trained: losing it to a signal is the worst outcome);
@@ -238,7 +241,7 @@ def save_final(cfg: TrainConfig, model, method: Method, tokenizer, runtime: Runt
 
 def _write_final(cfg: TrainConfig, method: Method, tokenizer, plain, tmp: Path, out: Path, write) -> None:
     if write is not None:
-        write(tmp)
+        write(tmp, plain)
     else:
         method.save(plain, tmp)
         tokenizer.save_pretrained(tmp)

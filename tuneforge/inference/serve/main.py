@@ -102,14 +102,15 @@ def build_state(args: ServeArgs):
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port out of range, a host that is not an address of this machine, or a port another program holds,
     by binding it once as uvicorn will (SO_REUSEADDR, as uvicorn sets it)."""
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port {port} is not a TCP port: give one from 1 to 65535 (e.g. 8000).")
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port to serve on: give one from 1 to 65535 (e.g. 8000).")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it (`localhost`: IPv4)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise UserError(f"--host {host} is not an address of this machine ({e.strerror}): give an address such as "
                         f"127.0.0.1 (this machine only) or 0.0.0.0 (every interface).") from None
-    family, _, _, _, address = infos[0]
+    address = infos[0][4]
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
