@@ -19,7 +19,7 @@ import torch
 
 from tuneforge.losses import dpo_loss, orpo_loss, simpo_loss
 from tuneforge.training.loop import Stage, Trainer, TrainResult
-from tuneforge.training.reference import Reference, precompute, response_logps, with_reference
+from tuneforge.training.reference import Reference, make_reference, precompute, response_logps, with_reference
 from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -60,19 +60,6 @@ class DPOStage(Stage):
             return dpo_loss(*policy.mean.chunk(2), *(ref_sums / length).chunk(2), beta=o.beta, loss_type="ipo")
         return dpo_loss(*policy.sum.chunk(2), *ref_sums.chunk(2), beta=o.beta, loss_type=o.loss,
                         label_smoothing=o.label_smoothing)
-
-
-def make_reference(model, cfg, runtime, keep_copy: bool = True) -> Reference:
-    """`Reference(model, keep_copy)`, except where the reference is a frozen copy (full, freeze, ...) of a model
-    sharded by FSDP, which cannot be deep-copied: there a second sharded model holds the starting weights."""
-    if runtime.engine != "fsdp" or not keep_copy:
-        return Reference(model, keep_copy)
-    own = Reference(model, keep_copy=False)  # no copy made: says whether this method needs one
-    if own.uses_adapters or own.initial is not None:
-        return Reference(model, keep_copy)
-    from tuneforge.training.distributed import sharded_frozen_copy
-
-    return Reference(sharded_frozen_copy(model, cfg, runtime), keep_copy=False)
 
 
 def run(cfg, log=print) -> TrainResult:

@@ -24,10 +24,9 @@ import torch
 from tuneforge.data.encode_align import kto_balance
 from tuneforge.data.types import IGNORE_INDEX
 from tuneforge.losses import kto_loss
-from tuneforge.recipes.dpo import make_reference
 from tuneforge.training.flops import fed_counts
 from tuneforge.training.loop import Stage, Trainer, TrainResult
-from tuneforge.training.reference import Reference, response_logps
+from tuneforge.training.reference import Reference, make_reference, response_logps
 from tuneforge.training.setup import done_line, read_data, save_final, setup_data, setup_model, setup_run
 
 

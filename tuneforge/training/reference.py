@@ -130,3 +130,16 @@ def with_reference(collate, table: dict[int, tuple[float, float]]):
         return batch
 
     return collate_fn
+
+
+def make_reference(model, cfg, runtime, keep_copy: bool = True) -> Reference:
+    """`Reference(model, keep_copy)`, except where the reference is a frozen copy (full, freeze, ...) of a model
+    sharded by FSDP, which cannot be deep-copied: there a second sharded model holds the starting weights."""
+    if runtime.engine != "fsdp" or not keep_copy:
+        return Reference(model, keep_copy)
+    own = Reference(model, keep_copy=False)  # no copy made: says whether this method needs one
+    if own.uses_adapters or own.initial is not None:
+        return Reference(model, keep_copy)
+    from tuneforge.training.distributed import sharded_frozen_copy
+
+    return Reference(sharded_frozen_copy(model, cfg, runtime), keep_copy=False)
