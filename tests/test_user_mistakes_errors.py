@@ -45,7 +45,9 @@ def test_an_unclosed_quote_points_at_the_line_that_opens_it(tmp_path):
 
 def test_a_key_written_twice_is_refused_not_silently_overwritten(tmp_path):
     message = _config_error(tmp_path, "stage: sft\ntraining:\n  lr: 1.0e-3\n  lr: 1.0e-4\n")
-    assert "`lr` twice" in message and "line 4" in message
+    assert "`lr` twice" in message and "lines 3 and 4" in message
+    message = _config_error(tmp_path, "stage: sft\n~: 1\nnull: 2\n")  # two spellings of the null key
+    assert "`null` twice" in message and "lines 2 and 3" in message
 
 
 def test_a_merge_key_may_still_be_overridden(tmp_path):

@@ -14,9 +14,9 @@ from tuneforge.errors import ConfigError
 
 
 class _DuplicateKey(Exception):
-    def __init__(self, key, line: int):
-        super().__init__(key, line)
-        self.key, self.line = key, line
+    def __init__(self, key, first: int, line: int):
+        super().__init__(key, first, line)
+        self.key, self.first, self.line = key, first, line
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -24,14 +24,16 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = set()
+    seen: dict = {}  # key -> the line it was first written on
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
             continue
         key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, (str, int, float, bool)) and key in seen:
-            raise _DuplicateKey(key, key_node.start_mark.line + 1)
-        seen.add(key if isinstance(key, (str, int, float, bool)) else id(key_node))
+        if not (key is None or isinstance(key, (str, int, float, bool))):
+            continue  # a list or mapping as a key: never one of ours
+        if key in seen:  # named as written: `on:` and `yes:` are both the key True to YAML
+            raise _DuplicateKey(getattr(key_node, "value", key), seen[key], key_node.start_mark.line + 1)
+        seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -77,8 +79,8 @@ def read_yaml_mapping(path: str, what: str, example: str) -> dict:
     try:
         loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as e:
-        raise ConfigError(f"{path} sets `{e.key}` twice in the same section (the second time at line {e.line}); "
-                          f"YAML would keep only the last value. Delete the one you do not want.") from None
+        raise ConfigError(f"{path} sets `{e.key}` twice in the same section (lines {e.first} and {e.line}); YAML "
+                          f"would keep only the last value. Delete the one you do not want.") from None
     except yaml.YAMLError as e:
         raise ConfigError(_yaml_error_text(path, e)) from None
     if loaded is None:
