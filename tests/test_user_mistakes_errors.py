@@ -125,6 +125,13 @@ def test_a_missing_data_file_suggests_the_file_of_a_close_name(tmp_path, monkeyp
     with pytest.raises(DataError) as err:
         read_source(DatasetSpec(path="d/alpaca.jsonl"), None, None)
     assert "Did you mean `d/alpaca.json`?" in str(err.value) and "data.registry" not in str(err.value)
+    elsewhere = tmp_path / "elsewhere"  # a config's folder, where relative data paths are looked up too
+    (elsewhere / "data").mkdir(parents=True)
+    (elsewhere / "data" / "train.jsonl").write_text(json.dumps(ALPACA) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_source(DatasetSpec(path="data/trian.jsonl"), None, elsewhere)
+    assert f"Did you mean `{elsewhere / 'data' / 'train.jsonl'}`?" in str(err.value)
+    assert "does not exist either" not in str(err.value)
 
 
 def test_a_registry_given_as_its_folder_names_the_file_inside(tmp_path, monkeypatch):

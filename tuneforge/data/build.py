@@ -136,16 +136,22 @@ def open_registry(path: str | None, base_dir) -> Registry | None:
     return Registry(found)
 
 
-def nearby_file_hint(path: str) -> str:
-    """' Did you mean `d/train.jsonl`?' for a missing data path whose folder holds a file of a close name (a typo,
-    a wrong extension), or a note that the folder itself is missing; '' when neither helps."""
+def nearby_file_hint(path: str, base_dir=None) -> str:
+    """' Did you mean `d/train.jsonl`?' for a missing data path whose folder (from the current folder, or from the
+    config's, as find_local looks) holds a file of a close name (a typo, a wrong extension), or a note that the
+    folder itself is missing; '' when neither helps."""
     wanted = Path(path).expanduser()
-    folder = wanted.parent
-    if not folder.is_dir():
+    roots = [Path(".")] + ([Path(base_dir)] if base_dir and not wanted.is_absolute() else [])
+    folders = [root / wanted.parent for root in roots if (root / wanted.parent).is_dir()]
+    if not folders:
+        folder = wanted.parent
         return f" Its folder {folder} does not exist either." if str(folder) not in ("", ".") else ""
-    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
-    close = difflib.get_close_matches(wanted.name, names, n=1, cutoff=0.75)
-    return f" Did you mean `{folder / close[0] if str(folder) != '.' else close[0]}`?" if close else ""
+    for folder in folders:
+        names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+        close = difflib.get_close_matches(wanted.name, names, n=1, cutoff=0.75)
+        if close:
+            return f" Did you mean `{folder / close[0] if str(folder) != '.' else close[0]}`?"
+    return ""
 
 
 def find_local(path: str, base_dir) -> Path | None:
@@ -311,7 +317,7 @@ def read_source(spec, registry: Registry | None, base_dir) -> list:
         return read_local_spec(spec, local)
     if readers.looks_like_local_path(spec.path) or spec.path.startswith("builtin:") or looks_local(spec.path):
         where = f"the current folder, {Path.cwd()}{', or ' + str(base_dir) if base_dir else ''}"
-        hint = (registry.suggestion(spec.path) if registry is not None else "") or nearby_file_hint(spec.path)
+        hint = (registry.suggestion(spec.path) if registry is not None else "") or nearby_file_hint(spec.path, base_dir)
         raise DataError(f"Dataset {spec.path}: no such file or folder (relative paths are looked up in {where})."
                         f"{hint or ' Check the path, or set it relative to the folder you run tuneforge from.'}")
     try:
