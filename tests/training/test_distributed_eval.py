@@ -19,7 +19,8 @@ def _eval_losses(out) -> list[float]:
     return [r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
 
 
-@pytest.mark.parametrize("rows", [5, 1])  # rank 0: 2 batches of 2, rank 1: 1; one row: rank 1 holds none
+# rank 0: 2 batches of 2, rank 1: 1; one row: rank 1 holds none (the same code path: slow, opt-in)
+@pytest.mark.parametrize("rows", [5, pytest.param(1, marks=pytest.mark.slow)])
 def test_fsdp_evaluates_an_uneven_held_out_set_as_one_process(tiny_llama_dir, tmp_path, rows):
     held_out = tmp_path / "eval.jsonl"
     held_out.write_text("".join(json.dumps({"instruction": f"What is {i} + {i}?", "output": f"{2 * i}"}) + "\n"
