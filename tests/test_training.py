@@ -183,6 +183,21 @@ def run_in_own_group(args: list[str], env: dict, timeout: float = 300) -> subpro
     return subprocess.CompletedProcess(args, proc.returncode, out)
 
 
+def one_process_and_two(tmp_path: Path, common: list[str], two: str = "two", *two_extra: str) -> None:
+    """`tuneforge train` of the arguments `common` (config path first) in 1 process x batch 4 (output_dir
+    tmp_path/one) and under torchrun in 2 processes x batch 2 (tmp_path/`two`, plus `two_extra`), each with one
+    thread and in a process group of its own; both must succeed."""
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = ([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}", "training.batch_size=4"],
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+             str(script), *common, f"output_dir={tmp_path / two}", "training.batch_size=2", *two_extra])
+    for args in runs:
+        done = run_in_own_group(args, env)
+        assert done.returncode == 0, done.stdout[-3000:]
+
+
 def test_two_cpu_processes_match_one(tiny_llama_dir, tmp_path):
     """torchrun with 2 gloo processes x batch 2 gives the loss curve of 1 process x batch 4."""
     script = tmp_path / "run.py"

@@ -5,14 +5,11 @@ runs filler batches it does not count, so the eval loss is that of one process o
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
-from tests.test_training import DDP_SCRIPT, ROOT, run_in_own_group
+from tests.test_training import ROOT, one_process_and_two
 from tuneforge.training.metrics import read_metrics
-from tuneforge.training.runtime import free_port
 
 
 def _eval_losses(out) -> list[float]:
@@ -25,19 +22,10 @@ def test_fsdp_evaluates_an_uneven_held_out_set_as_one_process(tiny_llama_dir, tm
     held_out = tmp_path / "eval.jsonl"
     held_out.write_text("".join(json.dumps({"instruction": f"What is {i} + {i}?", "output": f"{2 * i}"}) + "\n"
                                 for i in range(rows)), encoding="utf-8")
-    script = tmp_path / "run.py"
-    script.write_text(DDP_SCRIPT)
     common = [str(ROOT / "examples" / "sft_lora_tiny.yaml"), f"model.name_or_path={tiny_llama_dir}",
               f"data.eval=[{held_out}]", "data.eval_ratio=0", "training.max_steps=2", "training.eval_steps=1",
               "training.save_steps=0", "training.progress_bar=false", "training.plot_loss=false",
               "training.device=cpu", "training.precision=fp32", "training.batch_size=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = run_in_own_group([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
-            "training.batch_size=4"], env)
-    assert done.returncode == 0, done.stdout[-3000:]
-    done = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={free_port()}", str(script), *common, f"output_dir={tmp_path / 'fsdp'}",
-            "training.distributed=fsdp"], env)
-    assert done.returncode == 0, done.stdout[-3000:]
+    one_process_and_two(tmp_path, common, "fsdp", "training.distributed=fsdp")
     one, fsdp = _eval_losses(tmp_path / "one"), _eval_losses(tmp_path / "fsdp")
     assert len(one) == len(fsdp) >= 2 and fsdp == pytest.approx(one, abs=1e-5)

@@ -5,18 +5,15 @@ process, the pairs stayed within each process's share and the loss drifted (0.00
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_training import DDP_SCRIPT, ROOT, losses, run_in_own_group
+from tests.test_training import ROOT, losses, one_process_and_two
 from tuneforge.data.collate import collate_kto, collate_kto_padding_free
 from tuneforge.data.types import IGNORE_INDEX, EncodedKTO
 from tuneforge.training.metrics import read_metrics
-from tuneforge.training.runtime import free_port
 
 PAIRS = ROOT / "tuneforge" / "assets" / "example_prefs" / "train.jsonl"
 
@@ -57,21 +54,12 @@ def desirable_rows(path: Path, n: int = 200) -> Path:
 
 @pytest.mark.parametrize("padding_free", ["auto", pytest.param("never", marks=pytest.mark.slow)])
 def test_kto_two_processes_match_one_with_the_kl_point_above_zero(tiny_qwen2_dir, tmp_path, padding_free):
-    script = tmp_path / "run.py"
-    script.write_text(DDP_SCRIPT)
     common = [str(ROOT / "examples" / "kto_tiny.yaml"), f"model.name_or_path={tiny_qwen2_dir}",
               f"data.train=[{desirable_rows(tmp_path / 'kto.jsonl')}]", "data.eval=[]", "training.max_steps=5",
               "training.lr=2e-2", "training.progress_bar=false", "training.plot_loss=false", "training.eval_steps=0",
               "training.save_steps=0", "training.device=cpu", "training.precision=fp32",
               f"training.padding_free={padding_free}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = run_in_own_group([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
-            "training.batch_size=4"], env)
-    assert done.returncode == 0, done.stdout[-3000:]
-    done = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={free_port()}", str(script), *common, f"output_dir={tmp_path / 'two'}",
-            "training.batch_size=2"], env)
-    assert done.returncode == 0, done.stdout[-3000:]
+    one_process_and_two(tmp_path, common, "two")
     assert max(r["kl"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "kl" in r) > 0.1
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
     kl = [[r["kl"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "kl" in r] for run in ("one", "two")]

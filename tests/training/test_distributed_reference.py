@@ -5,30 +5,18 @@ first step). Now a second model is built and sharded the same way; 2 processes x
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 
-from tests.test_training import DDP_SCRIPT, ROOT, losses, run_in_own_group
-from tuneforge.training.runtime import free_port
+from tests.test_training import ROOT, losses, one_process_and_two
 
 
 @pytest.mark.parametrize("example", ["dpo_tiny.yaml", pytest.param("kto_tiny.yaml", marks=pytest.mark.slow)])
 def test_full_fine_tune_reference_under_fsdp_matches_one_process(tiny_qwen2_dir, tmp_path, example):
-    script = tmp_path / "run.py"
-    script.write_text(DDP_SCRIPT)
     common = [str(ROOT / "examples" / example), f"model.name_or_path={tiny_qwen2_dir}", "method=full",
               "training.max_steps=3", "data.eval=[]", "training.progress_bar=false", "training.plot_loss=false",
               "training.eval_steps=0", "training.save_steps=0", "training.device=cpu", "training.precision=fp32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = run_in_own_group([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
-            "training.batch_size=4"], env)
-    assert done.returncode == 0, done.stdout[-3000:]
-    done = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={free_port()}", str(script), *common, f"output_dir={tmp_path / 'fsdp'}",
-            "training.batch_size=2", "training.distributed=fsdp"], env)
-    assert done.returncode == 0, done.stdout[-3000:]
+    one_process_and_two(tmp_path, common, "fsdp", "training.distributed=fsdp")
     one, sharded = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     if example == "dpo_tiny.yaml":  # the reference is the starting policy: DPO's first loss is ln 2
         assert sharded[0] == pytest.approx(math.log(2), abs=1e-6)

@@ -5,31 +5,18 @@ rank 0 alone with the sharded model, so the accuracy's forward met rank 1 in ano
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 from safetensors.torch import load_file
 
-from tests.test_training import DDP_SCRIPT, ROOT, run_in_own_group
+from tests.test_training import ROOT, one_process_and_two
 from tuneforge.training.metrics import read_metrics
-from tuneforge.training.runtime import free_port
 
 
 def test_fsdp_reward_model_reports_accuracy_and_writes_the_folder_of_one_process(tiny_qwen2_dir, tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(DDP_SCRIPT)
     common = [str(ROOT / "examples" / "rm_tiny.yaml"), f"model.name_or_path={tiny_qwen2_dir}", "training.max_steps=2",
               "training.progress_bar=false", "training.plot_loss=false", "training.eval_steps=0",
               "training.save_steps=0", "training.device=cpu", "training.precision=fp32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = run_in_own_group([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
-            "training.batch_size=4"], env)
-    assert done.returncode == 0, done.stdout[-3000:]
-    done = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={free_port()}", str(script), *common, f"output_dir={tmp_path / 'fsdp'}",
-            "training.batch_size=2", "training.distributed=fsdp"], env)
-    assert done.returncode == 0, done.stdout[-3000:]
+    one_process_and_two(tmp_path, common, "fsdp", "training.distributed=fsdp")
     accuracy = [[r["eval_pairwise_accuracy"] for r in read_metrics(tmp_path / run / "metrics.jsonl")
                  if "eval_pairwise_accuracy" in r] for run in ("one", "fsdp")]
     assert len(accuracy[1]) == 1 and accuracy[0] == accuracy[1]
