@@ -200,19 +200,11 @@ def one_process_and_two(tmp_path: Path, common: list[str], two: str = "two", *tw
 
 def test_two_cpu_processes_match_one(tiny_llama_dir, tmp_path):
     """torchrun with 2 gloo processes x batch 2 gives the loss curve of 1 process x batch 4."""
-    script = tmp_path / "run.py"
-    script.write_text(DDP_SCRIPT)
     common = [str(ROOT / "examples" / "sft_lora_tiny.yaml"), f"model.name_or_path={tiny_llama_dir}",
               f"data.train=[{TASK}]", "training.max_steps=4", "training.progress_bar=false", "training.plot_loss=false",
               "data.eval_ratio=0.0", "training.eval_steps=0", "training.save_steps=0", "data.max_length=96",
               "method=full", "training.device=cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
-                    "training.batch_size=4"], check=True, env=env, cwd=ROOT)
-    port = free_port()
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                    str(script), *common, f"output_dir={tmp_path / 'two'}", "training.batch_size=2"],
-                   check=True, env=env, cwd=ROOT)
+    one_process_and_two(tmp_path, common)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert one == pytest.approx(two, abs=1e-5)

@@ -4,21 +4,18 @@ across reference strategies and process counts, and refuse bad input clearly."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.test_training import one_process_and_two
 from tuneforge.configs.schema import load_train_config
 from tuneforge.errors import ConfigError, DataError, UserError
 from tuneforge.train import run_config
 from tuneforge.training.metrics import read_metrics
-from tuneforge.training.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFS = ROOT / "tuneforge" / "assets" / "example_prefs" / "train.jsonl"
@@ -358,27 +355,12 @@ def test_chain_of_hindsight_gives_no_loss_to_the_replies_of_a_multi_turn_prompt(
     assert result.finished
 
 
-DDP_SCRIPT = """
-import sys
-from tuneforge.configs.schema import load_train_config
-from tuneforge.train import run_config
-cfg = load_train_config(sys.argv[1], sys.argv[2:])
-run_config(cfg, log=lambda _: None)
-"""
 
-
-def _one_vs_two_processes(stage, model_dir, tmp_path, port, *extra):
-    script = tmp_path / "run.py"
-    script.write_text(DDP_SCRIPT)
+def _one_vs_two_processes(stage, model_dir, tmp_path, *extra):
     common = [str(ROOT / "examples" / f"{stage}_tiny.yaml"), f"model.name_or_path={model_dir}",
               f"data.train=[{{path: {PREFS}, format: pairwise, max_samples: 16}}]", "training.max_steps=3",
               "training.device=cpu", "training.lr=5e-3", *FAST, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
-                    "training.batch_size=4"], check=True, env=env, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                    str(script), *common, f"output_dir={tmp_path / 'two'}", "training.batch_size=2"],
-                   check=True, env=env, cwd=ROOT)
+    one_process_and_two(tmp_path, common)
     one, two = metric(tmp_path / "one"), metric(tmp_path / "two")
     assert len(one) == len(two) == 3 and one == pytest.approx(two, abs=1e-5), (one, two)
     # the stage's metrics are the step's over both ranks, not rank 0's half of the batch
@@ -388,12 +370,12 @@ def _one_vs_two_processes(stage, model_dir, tmp_path, port, *extra):
 
 
 def test_dpo_two_processes_match_one(tiny_qwen2_dir, tmp_path):
-    _one_vs_two_processes("dpo", tiny_qwen2_dir, tmp_path, free_port(), "method=full")
+    _one_vs_two_processes("dpo", tiny_qwen2_dir, tmp_path, "method=full")
 
 
 @pytest.mark.slow
 def test_rm_two_processes_match_one(tiny_qwen2_dir, tmp_path):
-    _one_vs_two_processes("rm", tiny_qwen2_dir, tmp_path, free_port())
+    _one_vs_two_processes("rm", tiny_qwen2_dir, tmp_path)
 
 
 

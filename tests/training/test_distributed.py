@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_training import DDP_SCRIPT, ROOT, TASK, losses, train
+from tests.test_training import DDP_SCRIPT, ROOT, TASK, losses, run_in_own_group, train
 from tuneforge.errors import UserError
 from tuneforge.training.runtime import free_port
 
@@ -36,7 +36,7 @@ def launch(tmp_path: Path, model_dir, out: Path, *overrides, nproc: int = 1, por
         cmd = [sys.executable, "-m", "torch.distributed.run", *(torchrun or (f"--nproc_per_node={nproc}",
                                                                             f"--master_port={port or free_port()}")),
                str(script), *args]
-    done = subprocess.run(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = run_in_own_group(cmd, ENV)
     assert done.returncode == 0, done.stdout[-3000:]
     return done
 

@@ -492,16 +492,16 @@ run_config(cfg, log=lambda _: None)
 def _run_processes(tmp_path, out, args, nproc: int, port: int) -> None:
     """`tuneforge train`'s code path in fresh processes (torchrun with gloo for nproc > 1)."""
     import os
-    import subprocess
     import sys
+
+    from tests.test_training import run_in_own_group
 
     script = tmp_path / "rl_run.py"
     script.write_text(RL_SCRIPT)
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                                       f"--master_port={port}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    done = subprocess.run([sys.executable, *launcher, str(script), *args, f"output_dir={out}"], env=env, cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = run_in_own_group([sys.executable, *launcher, str(script), *args, f"output_dir={out}"], env)
     assert done.returncode == 0, done.stdout[-3000:]
 
 
