@@ -223,7 +223,7 @@ def test_a_misspelt_model_folder_suggests_the_folder_of_a_close_name(tmp_path):
     from tuneforge.models.loading import resolve_source
 
     (tmp_path / "tiny").mkdir()
-    with pytest.raises(UserError, match=rf"Did you mean the folder `{tmp_path / 'tiny'}`\?"):
+    with pytest.raises(UserError, match=rf"Did you mean `{tmp_path / 'tiny'}`\?"):
         resolve_source(str(tmp_path / "tinny"))
 
 

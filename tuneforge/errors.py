@@ -27,6 +27,34 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def cannot_write(path, err: OSError, what: str = "") -> UserError:
+    """The error for a folder or file at `path` that could not be created (`err`): the file that stands where a
+    folder must be, else the system's reason, and the fix. One wording for every verb that writes."""
+    from pathlib import Path
+
+    path = Path(path)
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    why = f"{blocker} is a file, not a folder" if blocker else (err.strerror or str(err)).lower()
+    return UserError(f"Cannot write {what + ' ' if what else ''}{path}: {why}. Pick a path you can write to.")
+
+
+def close_name_near(path, base_dirs=(), folders_only: bool = False) -> str:
+    """' Did you mean `d/train.jsonl`?' for a missing `path` whose folder (from the current folder, or from each of
+    `base_dirs` for a relative path) holds an entry of a close name (a typo, a wrong extension); else ''."""
+    from pathlib import Path
+
+    wanted = Path(path).expanduser()
+    roots = [Path(".")] + ([Path(b) for b in base_dirs if b] if not wanted.is_absolute() else [])
+    for folder in (root / wanted.parent for root in roots):
+        if not folder.is_dir():
+            continue
+        names = [p.name for p in folder.iterdir() if not p.name.startswith(".") and (p.is_dir() or not folders_only)]
+        match = difflib.get_close_matches(wanted.name, names, n=1, cutoff=0.75)
+        if match:
+            return f" Did you mean `{folder / match[0] if str(folder) != '.' else match[0]}`?"
+    return ""
+
+
 def closest(name: str, candidates, n: int = 1) -> str | None:
     """The closest valid spelling of `name` among `candidates`, or None. A candidate that is a whole word of `name`
     (`lr` for `lr_rate`, `rank` for `lora_rank`) wins over one that is merely similar letter by letter."""

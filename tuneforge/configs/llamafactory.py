@@ -30,7 +30,7 @@ from tuneforge.configs.foreign import FOREIGN, NO_EQUIVALENT
 from tuneforge.configs.llamafactory_keys import LLAMAFACTORY_KEYS, training_argument_names
 from tuneforge.configs.typed import opt
 from tuneforge.configs.yaml_file import read_yaml_mapping
-from tuneforge.errors import ConfigError, UserError, closest
+from tuneforge.errors import ConfigError, UserError, cannot_write, closest
 
 # LLaMA-Factory key -> TuneForge dotted key, where the value carries over as it is
 RENAMES = {
@@ -529,9 +529,6 @@ def _write_whole(out: Path, text: str) -> None:
     """Write `out` through a temp file beside it (a reader never sees half a config), creating missing parent
     folders as `output_dir` is; a path that cannot be written is the user's to change, said without a traceback."""
     tmp = out.with_name(f".{out.name}.tmp")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"Cannot write --out {out}: {blocking} is a file, not a folder. Pick another path.")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
@@ -539,8 +536,7 @@ def _write_whole(out: Path, text: str) -> None:
     except OSError as e:
         if tmp.is_file():  # no half-written temp file left beside the user's files
             tmp.unlink()
-        raise UserError(f"Cannot write --out {out}: {e.strerror or e}. Pick a file path in a folder you can "
-                        f"write to.") from None
+        raise cannot_write(out, e, "--out") from None
 
 
 def convert_cli(args: ConvertArgs) -> int:

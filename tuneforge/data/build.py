@@ -27,7 +27,6 @@ dpo), one error names each file and what it holds instead of listing every row. 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import random
 import re
@@ -43,7 +42,7 @@ from tuneforge.data.registry import Registry
 from tuneforge.data.specs import check_data_config
 from tuneforge.data.templates import resolve_chat_template
 from tuneforge.data.types import IGNORE_INDEX, BadRow, DataReport, Encoded, Example, PairExample, RowProblem, bad_row
-from tuneforge.errors import ConfigError, DataError
+from tuneforge.errors import ConfigError, DataError, close_name_near
 from tuneforge.models.loading import hub_offline, hub_reachable, looks_local
 
 log = logging.getLogger(__name__)
@@ -137,21 +136,13 @@ def open_registry(path: str | None, base_dir) -> Registry | None:
 
 
 def nearby_file_hint(path: str, base_dir=None) -> str:
-    """' Did you mean `d/train.jsonl`?' for a missing data path whose folder (from the current folder, or from the
-    config's, as find_local looks) holds a file of a close name (a typo, a wrong extension), or a note that the
-    folder itself is missing; '' when neither helps."""
-    wanted = Path(path).expanduser()
-    roots = [Path(".")] + ([Path(base_dir)] if base_dir and not wanted.is_absolute() else [])
-    folders = [root / wanted.parent for root in roots if (root / wanted.parent).is_dir()]
-    if not folders:
-        folder = wanted.parent
-        return f" Its folder {folder} does not exist either." if str(folder) not in ("", ".") else ""
-    for folder in folders:
-        names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
-        close = difflib.get_close_matches(wanted.name, names, n=1, cutoff=0.75)
-        if close:
-            return f" Did you mean `{folder / close[0] if str(folder) != '.' else close[0]}`?"
-    return ""
+    """A close name in the missing data path's folder (`close_name_near`, from the current folder or the config's,
+    as find_local looks), or a note that the folder itself is missing; '' when neither helps."""
+    hint = close_name_near(path, [base_dir])
+    folder = Path(path).expanduser().parent
+    beside_config = base_dir is not None and not folder.is_absolute() and (Path(base_dir) / folder).is_dir()
+    there = folder.is_dir() or beside_config
+    return hint or ("" if there or str(folder) in ("", ".") else f" Its folder {folder} does not exist either.")
 
 
 def find_local(path: str, base_dir) -> Path | None:

@@ -10,7 +10,6 @@ pickle weights (.bin/.pt/.pth) are refused unless `model.allow_pickle: true`, be
 
 from __future__ import annotations
 
-import difflib
 import functools
 import glob
 import os
@@ -23,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, cannot_write, close_name_near
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `gpt2` or `org/name`
@@ -86,10 +85,7 @@ def _make_folder(folder: Path, final: Path, what: str = "") -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         folder.mkdir()
     except OSError as e:
-        blocker = next((p for p in [final, *final.parents] if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e)).lower()
-        raise UserError(f"Cannot write {what + ' ' if what else ''}{final}: {why}. Pick a folder you can write "
-                        f"to.") from None
+        raise cannot_write(final, e, what) from None
 
 
 def resolve_source(name_or_path: str) -> str:
@@ -104,8 +100,8 @@ def resolve_source(name_or_path: str) -> str:
         return str(path)
     if looks_local(name_or_path):
         raise UserError(f"Model folder {name_or_path} does not exist (relative paths count from the current folder, "
-                        f"{Path.cwd()}).{_close_folder_hint(name_or_path)} Pass an existing Hugging Face folder "
-                        f"(with config.json), a hub id like Qwen/Qwen2.5-0.5B-Instruct, or "
+                        f"{Path.cwd()}).{close_name_near(name_or_path, folders_only=True)} Pass an existing Hugging "
+                        f"Face folder (with config.json), a hub id like Qwen/Qwen2.5-0.5B-Instruct, or "
                         f"builtin:smollm2-135m-instruct.")
     return name_or_path
 
@@ -226,18 +222,6 @@ def _probe(host: str, port: int, timeout: float) -> bool:
         return False
 
 
-def _close_folder_hint(source: str) -> str:
-    """' Did you mean the folder `runs/tiny`?' for a model name one typo away from a folder next to where it points
-    (`runs/tyni`): such a name is otherwise taken for a hub id and blamed on the unreachable hub."""
-    wanted = Path(source).expanduser()
-    parent = wanted.parent
-    if not parent.is_dir():
-        return ""
-    folders = [p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    close = difflib.get_close_matches(wanted.name, folders, n=1, cutoff=0.75)
-    return f" Did you mean the folder `{parent / close[0] if str(parent) != '.' else close[0]}`?" if close else ""
-
-
 def _from_pretrained(fn, source: str, what: str, **kwargs):
     """Call a `from_pretrained`, turning the usual failures into one-paragraph UserErrors."""
     local = Path(source).is_dir()
@@ -250,7 +234,8 @@ def _from_pretrained(fn, source: str, what: str, **kwargs):
             raise UserError(f"Could not load the {what} from {source}: {e}") from e
         if kwargs.get("local_files_only"):
             raise UserError(f"`{source}` is not a local folder and the Hugging Face hub is unreachable from here "
-                            f"(and the model is not in the local hub cache).{_close_folder_hint(source)} Download the "
+                            f"(and the model is not in the local hub cache)."
+                            f"{close_name_near(source, folders_only=True)} Download the "
                             f"model on a machine with access and pass its local folder as `model.name_or_path` (or "
                             f"`--model`), or use builtin:smollm2-135m-instruct.") from e
         hint = "" if kwargs.get("use_safetensors") is not True else (

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, cannot_write
 
 TEMP_RE = re.compile(r"^(?P<final>.+)\.tmp-(?P<pid>\d+)$")  # what atomic_dir / write_atomic leave when killed
 OLD_RE = re.compile(r"^(?P<final>checkpoint-\d+)\.old$")  # checkpoint.commit's backup while replacing a checkpoint
@@ -103,9 +103,7 @@ def _check_creatable(out: Path) -> None:
     try:  # a unique name: ranks on other nodes of a shared file system may have the same pid
         Path(tempfile.mkdtemp(prefix=".tuneforge-probe-", dir=parent)).rmdir()
     except OSError as e:
-        raise UserError(f"output_dir {out} cannot be created: {parent} takes no new folders "
-                        f"({(e.strerror or str(e)).lower()}). Pick an `output_dir` in a folder you can write "
-                        f"to.") from None
+        raise cannot_write(out, e, "output_dir") from None
 
 
 def prepare_output_dir(cfg, log=print) -> Path:

@@ -106,7 +106,7 @@ def test_an_out_folder_that_cannot_be_created_is_one_paragraph(tmp_path, capsys,
     # a FileNotFoundError traceback from mkdir (/proc takes no folders); a file on the way is named
     write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "output": "a"}])
     (tmp_path / "taken").write_text("x")
-    for out, why in (("/proc/tf-out", "cannot be created: no such file or directory"),
+    for out, why in (("/proc/tf-out", "Cannot write --out /proc/tf-out: no such file or directory"),
                      (str(tmp_path / "taken" / "sub"), f"{tmp_path / 'taken'} is a file, not a folder")):
         if out.startswith("/proc") and not os.path.isdir("/proc/self"):
             continue

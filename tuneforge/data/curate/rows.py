@@ -21,7 +21,7 @@ from typing import Literal
 from tuneforge.configs.typed import opt
 from tuneforge.data import build, formats, readers
 from tuneforge.data.types import BadRow, Example
-from tuneforge.errors import DataError, UserError
+from tuneforge.errors import DataError, UserError, cannot_write
 
 
 @dataclass(kw_only=True)
@@ -234,9 +234,7 @@ def prepare_out(out: str, inputs: list[Path], names: list[str]) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only place, a file on the way, /proc: said, not a traceback
-        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e)).lower()
-        raise UserError(f"`--out {out}` cannot be created: {why}. Pick a folder you can write to.") from None
+        raise cannot_write(folder, e, "--out") from None
     return folder
 
 
