@@ -67,9 +67,6 @@ def pairwise_accuracy(model, items: list, collate, batch_size: int, device) -> f
     return wins / max(len(items), 1)
 
 
-SHARDED_ENGINES = ("fsdp", "deepspeed")  # each rank holds a shard of the weights (ZeRO-2: fp32 masters in shards)
-
-
 def run(cfg, log=print) -> TrainResult:
     runtime = setup_run(cfg, log)
     rows = read_data(cfg)
@@ -78,8 +75,7 @@ def run(cfg, log=print) -> TrainResult:
     result = Trainer(cfg, runtime, model, method, train, evals, collate, RewardStage(cfg.rm.margin), log).train()
     if not result.finished:
         return result
-    sharded = runtime.engine in SHARDED_ENGINES
-    if evals and (runtime.is_main or sharded):  # a sharded model's forward gathers its weights: every rank runs it
+    if evals and (runtime.is_main or runtime.sharded):  # a sharded model's forward gathers its weights: every rank runs it
         accuracy = pairwise_accuracy(unwrap(model), evals, collate, cfg.training.batch_size, runtime.device)
         if runtime.is_main:
             log(f"eval pairwise accuracy {accuracy:.3f} on {len(evals)} pairs")

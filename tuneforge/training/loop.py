@@ -115,7 +115,7 @@ def use_chunked_loss(setting: str, model, stage: Stage, runtime: Runtime) -> boo
     ok, why = supports_chunked_loss(model)
     if not stage.logits_at_labels:
         ok, why = False, "the model does not take `logits_to_keep` (prompt-learning methods shift positions)"
-    elif runtime.engine in ("fsdp", "deepspeed"):
+    elif runtime.sharded:
         ok, why = False, f"with distributed={runtime.engine} the output layer may be sharded"
     elif stage.rdrop_alpha > 0:
         ok, why = False, "R-Drop compares full logits of two passes"
@@ -170,7 +170,7 @@ def use_onednn_matmul(setting: str, runtime: Runtime, compile_blocks: bool) -> b
                             f"(oneDNN where it applies) or default.")
         return True
     return (applies and onednn_linear.available() and not compile_blocks
-            and runtime.engine not in ("fsdp", "deepspeed") and onednn_linear.faster_here())
+            and not runtime.sharded and onednn_linear.faster_here())
 
 
 @dataclass
@@ -409,7 +409,7 @@ class Trainer:
         """Batches a rank runs and discards so that every rank runs as many eval forwards as rank 0 (which holds the
         most: items are dealt rank by rank). Only sharded engines need them: each forward of an FSDP (or ZeRO-3)
         model gathers weight shards from every rank, and a held-out set that did not split evenly hung the run."""
-        if self.rt.world_size == 1 or self.rt.engine not in ("fsdp", "deepspeed"):
+        if self.rt.world_size == 1 or not self.rt.sharded:
             return []
         most = math.ceil(math.ceil(len(self.eval_items) / self.rt.world_size) / self.t.batch_size)
         filler = batches[-1] if batches else self.eval_items[:1]

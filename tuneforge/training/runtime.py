@@ -38,6 +38,11 @@ class Runtime:
         return next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
 
     @property
+    def sharded(self) -> bool:
+        """Each process holds a part of the weights (FSDP, DeepSpeed ZeRO): a forward is a collective."""
+        return self.engine in ("fsdp", "deepspeed")
+
+    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 

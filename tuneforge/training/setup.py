@@ -74,7 +74,7 @@ def compile_note(cfg: TrainConfig, runtime: Runtime) -> str | None:
     from tuneforge.kernels import onednn_linear
 
     t = cfg.training
-    if not t.compile or runtime.device.type != "cpu" or runtime.engine in ("fsdp", "deepspeed"):
+    if not t.compile or runtime.device.type != "cpu" or runtime.sharded:
         return None  # on GPU nothing is turned off; the sharded engines have none of these paths anyway
     lost = [name for name, applies in (
         ("oneDNN linears (training.cpu_matmul)", t.cpu_matmul == "auto" and runtime.dtype == torch.float32
